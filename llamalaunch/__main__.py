@@ -1,0 +1,3 @@
+from llamalaunch.cli import main
+
+main()

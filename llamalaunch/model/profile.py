@@ -1,0 +1,56 @@
+"""ModelProfile: everything the planner needs from a GGUF header, never the tensor data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SlotWeights:
+    """Weight bytes of one slot (a block, or the output slot), padded as llama.cpp pads them."""
+
+    bytes: int
+    cuda_extra_bytes: int = 0  # one padding row per quantized tensor with ne0 % 512 != 0, on CUDA only
+    expert_bytes: int = 0  # part of `bytes` in MoE expert tensors (what `-ot exps=CPU` would move)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Shape and sizes of a model. Per-layer tuples have one entry per block (n_layer)."""
+
+    path: str
+    shard_paths: tuple[str, ...]
+    arch: str
+    name: str
+    file_type: str
+    file_bytes: int
+    n_layer: int
+    slots: tuple[SlotWeights, ...]  # n_layer + 1 entries; the last is the output slot
+    host_bytes: int  # token_embd and the rest that always stays in host memory
+    output_is_token_embd: bool  # no output.weight: the output slot holds a copy of token_embd
+    n_vocab: int
+    n_ctx_train: int
+    n_embd: int
+    n_ff: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    head_dim_k: int
+    head_dim_v: int
+    n_swa: int  # sliding window length; 0 when the model has none
+    swa_layers: tuple[bool, ...]
+    kv_lora_rank: int  # MLA: K/V stored compressed; 0 otherwise
+    rope_dim: int  # MLA rope part of the key
+    recurrent_layers: tuple[bool, ...]  # layers with a recurrent state instead of a KV cache
+    recurrent_r_bytes_per_seq: int  # conv state per layer and sequence (f32)
+    recurrent_s_bytes_per_seq: int  # ssm state per layer and sequence (f32)
+    n_expert: int
+    n_expert_used: int
+    n_embd_out: int = 0  # 0: same as n_embd
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_layer + 1
+
+    @property
+    def output_slot(self) -> int:
+        return self.n_layer

@@ -1,0 +1,35 @@
+"""Every on-disk location, resolved in one place; LLAMALAUNCH_HOME moves them all (tests use it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home_dir() -> Path | None:
+    value = os.environ.get("LLAMALAUNCH_HOME")
+    return Path(value) if value else None
+
+
+def cache_dir() -> Path:
+    """Builds and the demo model; LLAMALAUNCH_CACHE overrides so tests can share one build."""
+    if value := os.environ.get("LLAMALAUNCH_CACHE"):
+        return Path(value)
+    if home := home_dir():
+        return home / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamalaunch"
+
+
+def config_dir() -> Path:
+    if home := home_dir():
+        return home / "config"
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "llamalaunch"
+
+
+def state_dir() -> Path:
+    """Run state files and child logs (private to the user)."""
+    if home := home_dir():
+        return home / "state"
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / "llamalaunch"
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "llamalaunch"

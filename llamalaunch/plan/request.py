@@ -1,0 +1,46 @@
+"""What the user asks for: context, slots, cache types, reservations, budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from llamalaunch.units import MIB
+
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+FLASH_ATTN = ("on", "off", "auto")
+# Default safety margin per device. llama.cpp's --fit keeps 1024 MiB; we plan exactly and keep
+# only what the run-time growth of the CUDA memory pool needed in measured runs (10-50 MiB).
+DEFAULT_MARGIN_BYTES = 64 * MIB
+
+
+def _frozen(mapping: Mapping[str, int] | None) -> Mapping[str, int]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class Request:
+    """A plan request. `ctx_tokens=None` means the largest context that fits (`--ctx max`)."""
+
+    ctx_tokens: int | None = 4096
+    ctx_min_tokens: int = 256
+    n_parallel: int = 4  # llama-server's -np auto: 4 slots, unified KV cache of n_ctx cells
+    kv_unified: bool = True
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    swa_full: bool = False
+    margin_bytes: int = DEFAULT_MARGIN_BYTES
+    reserve_bytes: Mapping[str, int] = field(default_factory=lambda: _frozen(None))
+    budget_bytes: Mapping[str, int] = field(default_factory=lambda: _frozen(None))
+    devices: tuple[str, ...] | None = None  # -dev: which devices, in which order (None: all)
+    exclude: tuple[str, ...] = ()
+    cpu_spill: bool = False
+    n_gpu_layers: int | None = None  # force a layer count (partial offload); None: as many as fit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reserve_bytes", _frozen(self.reserve_bytes))
+        object.__setattr__(self, "budget_bytes", _frozen(self.budget_bytes))

@@ -1,0 +1,57 @@
+"""Plan: where every slot goes, what each device holds, and the llama-server argv."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.request import Request
+from llamalaunch.probe.device import Device
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes one device (or the host) holds, by component."""
+
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    compute_bytes: int = 0
+    overhead_bytes: int = 0  # outside llama.cpp's accounting: CUDA context, cuBLAS, pool
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: Device
+    excluded: bool
+    reason: str | None
+    first_slot: int | None
+    n_layers: int
+    memory: MemoryUse
+    reserved_bytes: int
+    limit_bytes: int  # what we allow ourselves to use here: min(free, budget) - reserved - margin
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.memory.total_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Free memory left after the plan and the reservations (the margin is part of it)."""
+        free = self.device.free_bytes
+        return free - self.reserved_bytes - self.planned_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelProfile
+    request: Request
+    ctx_tokens: int
+    devices: tuple[DevicePlan, ...]  # llama.cpp's device order
+    host: MemoryUse
+    n_gpu_layers: int  # slots offloaded (the last ones); n_slots means all
+    argv: tuple[str, ...]  # llama-server arguments after the binary
+    notes: tuple[str, ...] = ()

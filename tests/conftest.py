@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import RpcWorker, start_rpc_worker
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own LLAMALAUNCH_HOME; the build cache stays shared (LLAMALAUNCH_CACHE)."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("LLAMALAUNCH_HOME", str(home))
+    monkeypatch.setenv("LLAMALAUNCH_CACHE", os.environ.get("LLAMALAUNCH_CACHE", str(_default_cache())))
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamalaunch"
+
+
+@pytest.fixture(scope="session")
+def llama_bin_dir() -> Path:
+    """Directory holding llama-server, ggml-rpc-server and llama-fit-params (built by scripts/setup)."""
+    from llamalaunch.toolchain.discover import cached_bin_dir
+
+    candidates = [os.environ.get("LLAMALAUNCH_BIN_DIR"), cached_bin_dir(_default_cache())]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "llama-server").exists():
+            return Path(candidate)
+    pytest.skip("llama.cpp binaries not built: run scripts/setup (or set LLAMALAUNCH_BIN_DIR)")
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    from llamalaunch.toolchain.demo import demo_model_path
+
+    return demo_model_path(_default_cache())
+
+
+@pytest.fixture
+def rpc_workers(llama_bin_dir: Path, tmp_path: Path) -> Iterator[Callable[..., RpcWorker]]:
+    """Factory: start real ggml-rpc-server workers on loopback; all stopped at teardown."""
+    started: list[RpcWorker] = []
+
+    def start(address_space_bytes: int | None = None) -> RpcWorker:
+        worker = start_rpc_worker(llama_bin_dir, tmp_path, address_space_bytes)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
