@@ -46,6 +46,10 @@ class ModelProfile:
     n_expert: int
     n_expert_used: int
     n_embd_out: int = 0  # 0: same as n_embd
+    generic_estimate: bool = False  # arch unknown to llamalaunch: hparams guessed from generic keys
+    per_device_bytes: int = 0  # rope_freqs & co.: one copy on every device that holds a block
+    n_nextn_layers: int = 0  # the last blocks are NextN/MTP layers ({arch}.nextn_predict_layers)
+    n_ff_exp: int = 0  # MoE: feed-forward length of one expert
 
     @property
     def n_slots(self) -> int:

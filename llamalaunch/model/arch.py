@@ -1,0 +1,213 @@
+"""Per-architecture quirks, as llama.cpp's src/models/<arch>.cpp and llama-hparams.cpp apply them.
+
+Everything here is a pure function of the GGUF key/values: which layers use a sliding window, which
+are recurrent and how large their states are, whether K/V are stored MLA-compressed, and which
+top-level (non-`blk.`) tensors llama.cpp puts on the input (host) device, the output device, or on
+every device that holds a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from llamalaunch.errors import ModelError
+from llamalaunch.model.gguf_header import GgufArray, GgufValue
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "phi3",
+                   "mamba2", "granitehybrid", "lfm2")
+# Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
+INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
+OUTPUT_TENSORS = ("output", "output_norm", "cls", "cls.output", "cls.norm", "enc.output_norm",
+                  "dec.output_norm", "dense_2", "dense_3")
+# Repeating-layer tensors without a block number: llama.cpp creates one copy per device that holds
+# a layer (TENSOR_DUPLICATED, one per buffer type).
+PER_DEVICE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+F32_BYTES = 4  # recurrent states default to f32 (cparams type_r/type_s)
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The per-layer attention shape llama.cpp derives before any arch quirk."""
+
+    n_layer: int
+    n_embd: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ArchLayout:
+    n_swa: int = 0
+    swa_layers: tuple[bool, ...] = ()
+    recurrent_layers: tuple[bool, ...] = ()
+    recurrent_r_bytes_per_seq: int = 0
+    recurrent_s_bytes_per_seq: int = 0
+    kv_lora_rank: int = 0
+    rope_dim: int = 0
+
+
+class Keys:
+    """Typed access to `{arch}.*` keys with errors that name the key."""
+
+    def __init__(self, kv: Mapping[str, GgufValue], arch: str, path: str) -> None:
+        self.kv = kv
+        self.arch = arch
+        self.path = path
+
+    def missing(self, key: str) -> ModelError:
+        return ModelError(f"{self.path}: required key {key!r} is missing",
+                          "the file is incomplete or was converted by an old tool; convert it again")
+
+    def int(self, name: str, default: int | None = None) -> int:
+        key = f"{self.arch}.{name}"
+        value = self.kv.get(key)
+        if value is None:
+            if default is None:
+                raise self.missing(key)
+            return default
+        if isinstance(value, GgufArray) or isinstance(value, (str, float)):
+            raise ModelError(f"{self.path}: key {key!r} is not an integer", "the file is damaged")
+        if int(value) < 0:
+            raise ModelError(f"{self.path}: key {key!r} is negative ({value})", "the file is damaged")
+        return int(value)
+
+    def per_layer(self, name: str, n_layer: int, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """A key that is a scalar or an array of one value per layer (llama.cpp get_key_or_arr)."""
+        key = f"{self.arch}.{name}"
+        value = self.kv.get(key)
+        if value is None:
+            if default is None:
+                raise self.missing(key)
+            return default
+        if isinstance(value, GgufArray):
+            if value.values is None or value.count != n_layer:
+                raise ModelError(f"{self.path}: key {key!r} has {value.count} entries, expected {n_layer}",
+                                 "the file is damaged")
+            numbers = value.values
+        else:
+            numbers = (value,) * n_layer
+        if not all(isinstance(x, (int, bool)) and not isinstance(x, bool) and x >= 0 for x in numbers):
+            raise ModelError(f"{self.path}: key {key!r} holds something other than counts", "the file is damaged")
+        return tuple(int(x) for x in numbers)  # type: ignore[arg-type]
+
+    def bools(self, name: str) -> tuple[bool, ...] | None:
+        value = self.kv.get(f"{self.arch}.{name}")
+        if isinstance(value, GgufArray) and value.values is not None:
+            return tuple(bool(x) for x in value.values)
+        return None
+
+    def has(self, name: str) -> bool:
+        return f"{self.arch}.{name}" in self.kv
+
+
+def swa_pattern(n_layer: int, n_pattern: int, dense_first: bool = False) -> tuple[bool, ...]:
+    """llama_hparams::set_swa_pattern: with n=6, layers 0-4 slide and layer 5 is full, and so on."""
+    if dense_first:
+        return tuple(n_pattern == 0 or il % n_pattern != 0 for il in range(n_layer))
+    return tuple(n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layer))
+
+
+def _swa_layers(keys: Keys, n_layer: int, default_pattern: int) -> tuple[bool, ...]:
+    """llama_model_base::load_swa_pattern: a per-layer bool array, else a period (default per arch)."""
+    explicit = keys.bools("attention.sliding_window_pattern")
+    if explicit is not None:
+        if len(explicit) != n_layer:
+            raise ModelError(f"{keys.path}: sliding_window_pattern has {len(explicit)} entries, expected {n_layer}",
+                             "the file is damaged")
+        return explicit
+    return swa_pattern(n_layer, keys.int("attention.sliding_window_pattern", default_pattern))
+
+
+def _none(keys: Keys, hp: Hparams) -> ArchLayout:
+    return ArchLayout()
+
+
+def _gemma2(keys: Keys, hp: Hparams) -> ArchLayout:
+    return ArchLayout(n_swa=keys.int("attention.sliding_window", 4096), swa_layers=_swa_layers(keys, hp.n_layer, 2))
+
+
+def _gemma3(keys: Keys, hp: Hparams) -> ArchLayout:
+    n_swa = keys.int("attention.sliding_window", 0)
+    if n_swa == 0:
+        return ArchLayout()
+    return ArchLayout(n_swa=n_swa, swa_layers=_swa_layers(keys, hp.n_layer, 6))
+
+
+def _ssm_state_bytes(keys: Keys) -> tuple[int, int]:
+    """llama_hparams::n_embd_r / n_embd_s for Mamba-style layers, in f32 bytes per sequence."""
+    d_conv = keys.int("ssm.conv_kernel")
+    d_inner = keys.int("ssm.inner_size")
+    d_state = keys.int("ssm.state_size")
+    n_group = keys.int("ssm.group_count", 0)
+    conv = (d_conv - 1 if d_conv > 0 else 0) * (d_inner + 2 * n_group * d_state)
+    return conv * F32_BYTES, d_state * d_inner * F32_BYTES
+
+
+def _mamba2(keys: Keys, hp: Hparams) -> ArchLayout:
+    r_bytes, s_bytes = _ssm_state_bytes(keys)
+    return ArchLayout(recurrent_layers=(True,) * hp.n_layer, recurrent_r_bytes_per_seq=r_bytes,
+                      recurrent_s_bytes_per_seq=s_bytes)
+
+
+def _granitehybrid(keys: Keys, hp: Hparams) -> ArchLayout:
+    # "A layer is recurrent IFF the n_head_kv value is set to 0"
+    r_bytes, s_bytes = _ssm_state_bytes(keys)
+    return ArchLayout(recurrent_layers=tuple(n == 0 for n in hp.n_head_kv), recurrent_r_bytes_per_seq=r_bytes,
+                      recurrent_s_bytes_per_seq=s_bytes)
+
+
+def _lfm2(keys: Keys, hp: Hparams) -> ArchLayout:
+    recurrent = tuple(n == 0 for n in hp.n_head_kv)
+    l_cache = keys.int("shortconv.l_cache")
+    n_swa = keys.int("attention.sliding_window", 0)
+    swa = tuple(not r for r in recurrent) if n_swa > 0 else ()
+    # n_embd_r for LFM2's short convolutions; n_embd_s is d_state*d_inner, 0 without ssm keys.
+    return ArchLayout(n_swa=n_swa, swa_layers=swa, recurrent_layers=recurrent,
+                      recurrent_r_bytes_per_seq=hp.n_embd * max(l_cache - 1, 0) * F32_BYTES)
+
+
+def _deepseek2(keys: Keys, hp: Hparams) -> ArchLayout:
+    """MLA. With key_length_mla/value_length_mla in the file (newer converts) llama.cpp caches only
+    K = kv_lora_rank + rope_dim per token and layer (one KV head, V is a view of K). Without them it
+    rebuilds full per-head K/V and caches those: an ordinary KV cache, so kv_lora_rank is reported 0."""
+    kv_lora_rank = keys.int("attention.kv_lora_rank")
+    rope_dim = keys.int("rope.dimension_count", 0)
+    is_mla = keys.int("attention.key_length_mla", 0) > 0 and keys.int("attention.value_length_mla", 0) > 0
+    return ArchLayout(kv_lora_rank=kv_lora_rank if is_mla else 0, rope_dim=rope_dim)
+
+
+_LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
+    "llama": _none, "qwen2": _none, "qwen3": _none, "qwen3moe": _none,
+    "phi3": _none,  # llama.cpp disables phi3's sliding window (PR 13676): all layers full
+    "gemma2": _gemma2, "gemma3": _gemma3, "deepseek2": _deepseek2,
+    "mamba2": _mamba2, "granitehybrid": _granitehybrid, "lfm2": _lfm2,
+}
+
+
+def is_supported(arch: str) -> bool:
+    return arch in _LAYOUTS
+
+
+def arch_layout(arch: str, keys: Keys, hp: Hparams) -> ArchLayout:
+    """The quirks of a supported arch; unknown archs get none (the caller labels that a guess)."""
+    return _LAYOUTS.get(arch, _none)(keys, hp)
+
+
+def head_dims(arch: str, keys: Keys, hp: Hparams) -> tuple[int, int]:
+    """(key_length, value_length) per head; llama.cpp defaults both to n_embd / n_head."""
+    n_head = max(hp.n_head, default=0)
+    default = hp.n_embd // n_head if n_head else 0
+    return keys.int("attention.key_length", default), keys.int("attention.value_length", default)
+
+
+def top_level_role(arch: str, name: str) -> str:
+    """'input', 'output' or 'per_device' for a tensor outside the blocks ('output' if unknown)."""
+    base = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    if arch == "lfm2" and base == "token_embd_norm":
+        return "output"  # LLM_TENSOR_OUTPUT_NORM_LFM2: the name is a historical mistake
+    if base in INPUT_TENSORS:
+        return "input"
+    if base in PER_DEVICE_TENSORS:
+        return "per_device"
+    return "output"  # conservative: the output slot is on a device, never free

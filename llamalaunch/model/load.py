@@ -1,0 +1,244 @@
+"""GGUF header(s) → ModelProfile: per-slot weight bytes as llama.cpp allocates them, and the hparams.
+
+Weights per slot follow ggml_backend_alloc_ctx_tensors_from_buft: each tensor takes
+GGML_PAD(alloc_size, buffer alignment). CPU buffers (and RPC workers backed by a CPU) align to 32 and
+allocate ggml_nbytes; CUDA buffers (local or behind an RPC worker) align to 128 and pad a quantized
+tensor whose ne0 % 512 != 0 up to the next 512 elements of one row (MATRIX_ROW_PADDING). `bytes` is the
+CPU figure; `cuda_extra_bytes` is what a CUDA buffer needs on top of it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamalaunch.errors import ModelError
+from llamalaunch.model import arch as arches
+from llamalaunch.model.gguf_header import GgufArray, GgufHeader, TensorInfo, file_type_name, pad, read_header, row_bytes
+from llamalaunch.model.profile import ModelProfile, SlotWeights
+
+CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT, ggml-impl.h
+CUDA_ALIGNMENT = 128  # ggml_backend_cuda_buffer_type_get_alignment
+MATRIX_ROW_PADDING = 512  # ggml-cuda/common.cuh
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+_SHARD = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+_EXPERTS = re.compile(r"_exps(\.|$)")
+
+
+def load_profile(path: str | Path, allow_unknown_arch: bool = False) -> ModelProfile:
+    """Read a model's header(s) — one file or all shards of a split model — into a ModelProfile."""
+    shard_paths = shard_set(Path(path))
+    headers = [read_header(shard) for shard in shard_paths]
+    _check_shards(headers)
+    first = headers[0]
+    arch = _string(first, "general.architecture")
+    if not arches.is_supported(arch) and not allow_unknown_arch:
+        raise ModelError(f"{first.path}: architecture {arch!r} is not supported by llamalaunch",
+                         f"supported: {', '.join(arches.SUPPORTED_ARCHS)}; "
+                         "--allow-unknown-arch gives a generic estimate")
+    keys = arches.Keys(first.kv, arch, first.path)
+    tensors = [t for header in headers for t in header.tensors]
+    return _profile(first, keys, tensors, shard_paths, sum(h.file_size for h in headers))
+
+
+def shard_set(path: Path) -> tuple[Path, ...]:
+    """All parts of a split model (`x-00001-of-00003.gguf` …), in order; just `path` otherwise."""
+    match = _SHARD.match(path.name)
+    if not match:
+        return (path,)
+    prefix, count = match["prefix"], int(match["count"])
+    if count < 1:
+        raise ModelError(f"{path}: a split model of {count} parts", "check the file name")
+    expected = [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in expected if not p.exists()]
+    if missing:
+        raise ModelError(f"{path}: split model part {missing[0]} is missing"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                         "download every part into the same directory")
+    extra = sorted(p.name for p in path.parent.glob(f"{_glob_escape(prefix)}-*-of-*.gguf")
+                   if _SHARD.match(p.name) and p not in expected)
+    if extra:
+        raise ModelError(f"{path}: extra split model part {extra[0]} does not belong to the {count}-part set",
+                         "remove the stray part, or keep one complete set per directory")
+    return tuple(expected)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _check_shards(headers: list[GgufHeader]) -> None:
+    """Each part must say it is part i of n (split.no is 0-based) and no tensor may appear twice."""
+    if len(headers) > 1:
+        for index, header in enumerate(headers):
+            count = header.get("split.count")
+            number = header.get("split.no")
+            if count != len(headers) or number != index:
+                raise ModelError(f"{header.path}: says it is part {number} of {count}, expected part {index} "
+                                 f"of {len(headers)}", "the parts come from different downloads; fetch them again")
+    seen: set[str] = set()
+    for header in headers:
+        for tensor in header.tensors:
+            if tensor.name in seen:
+                raise ModelError(f"{header.path}: tensor {tensor.name!r} appears in two parts", "the parts do not "
+                                 "belong together")
+            seen.add(tensor.name)
+    declared = headers[0].get("split.tensors.count")
+    if len(headers) > 1 and isinstance(declared, int) and declared != len(seen):
+        raise ModelError(f"{headers[0].path}: the parts hold {len(seen)} tensors, the first part declares {declared}",
+                         "a part is from another model or damaged")
+
+
+def _string(header: GgufHeader, key: str) -> str:
+    value = header.get(key)
+    if value is None:
+        raise ModelError(f"{header.path}: required key {key!r} is missing", "the file is not a llama.cpp model")
+    if not isinstance(value, str):
+        raise ModelError(f"{header.path}: key {key!r} is not a string", "the file is damaged")
+    return value
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    cpu: int = 0
+    cuda: int = 0
+    experts: int = 0
+
+    def __add__(self, other: _Sizes) -> _Sizes:
+        return _Sizes(self.cpu + other.cpu, self.cuda + other.cuda, self.experts + other.experts)
+
+    def slot(self) -> SlotWeights:
+        return SlotWeights(bytes=self.cpu, cuda_extra_bytes=self.cuda - self.cpu, expert_bytes=self.experts)
+
+
+def tensor_sizes(tensor: TensorInfo) -> _Sizes:
+    """What one tensor takes in a CPU buffer and in a CUDA buffer (ggml_backend_buft_get_alloc_size)."""
+    cpu = pad(tensor.nbytes, CPU_ALIGNMENT)
+    cuda_alloc = tensor.nbytes
+    ne0 = tensor.shape[0] if tensor.shape else 1
+    if tensor.is_quantized and ne0 % MATRIX_ROW_PADDING:
+        cuda_alloc += row_bytes(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
+    experts = cpu if _EXPERTS.search(tensor.name) else 0
+    return _Sizes(cpu, pad(cuda_alloc, CUDA_ALIGNMENT), experts)
+
+
+def _sum(tensors: Iterable[TensorInfo]) -> _Sizes:
+    total = _Sizes()
+    for tensor in tensors:
+        total = total + tensor_sizes(tensor)
+    return total
+
+
+@dataclass(frozen=True)
+class _Placement:
+    blocks: tuple[_Sizes, ...]
+    output: _Sizes
+    host: _Sizes
+    per_device: _Sizes
+    output_is_token_embd: bool
+
+
+def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Placement:
+    """Group tensors by where llama.cpp puts them: block i, the output slot, the host, every device."""
+    blocks: list[list[TensorInfo]] = [[] for _ in range(n_layer)]
+    roles: dict[str, list[TensorInfo]] = {"input": [], "output": [], "per_device": []}
+    for tensor in tensors:
+        match = _BLOCK.match(tensor.name)
+        if match:
+            index = int(match.group(1))
+            if index >= n_layer:
+                raise ModelError(f"{path}: tensor {tensor.name!r} belongs to block {index}, the model has {n_layer}",
+                                 "the file is damaged or block_count is wrong")
+            blocks[index].append(tensor)
+        else:
+            roles[arches.top_level_role(arch, tensor.name)].append(tensor)
+    names = {t.name for t in tensors}
+    if "token_embd.weight" not in names:
+        raise ModelError(f"{path}: tensor 'token_embd.weight' is missing", "the file is not a complete model")
+    tied = "output.weight" not in names
+    output = _sum(roles["output"])
+    if tied:
+        # llama.cpp loads token_embd a second time as the output tensor (TENSOR_DUPLICATED)
+        embd = tensor_sizes(_by_name(tensors, "token_embd.weight"))
+        output = output + _Sizes(embd.cpu, embd.cuda)
+    return _Placement(tuple(_sum(b) for b in blocks), output, _sum(roles["input"]), _sum(roles["per_device"]), tied)
+
+
+def _by_name(tensors: list[TensorInfo], name: str) -> TensorInfo:
+    return next(t for t in tensors if t.name == name)
+
+
+def _n_vocab(header: GgufHeader, keys: arches.Keys) -> int:
+    """{arch}.vocab_size, else the length of tokenizer.ggml.tokens (read without its strings)."""
+    if keys.has("vocab_size"):
+        return keys.int("vocab_size")
+    tokens = header.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, GgufArray):
+        return tokens.count
+    raise ModelError(f"{header.path}: no vocabulary (neither {keys.arch}.vocab_size nor tokenizer.ggml.tokens)",
+                     "the file is not a complete model")
+
+
+def _hparams(keys: arches.Keys, n_layer: int) -> arches.Hparams:
+    n_embd = keys.int("embedding_length")
+    zeros = (0,) * n_layer
+    n_head = keys.per_layer("attention.head_count", n_layer, zeros)
+    n_head_kv = keys.per_layer("attention.head_count_kv", n_layer, n_head)  # llama.cpp: defaults to n_head
+    return arches.Hparams(n_layer, n_embd, n_head, n_head_kv)
+
+
+def _profile(header: GgufHeader, keys: arches.Keys, tensors: list[TensorInfo], shard_paths: tuple[Path, ...],
+             file_bytes: int) -> ModelProfile:
+    arch = keys.arch
+    n_layer = keys.int("block_count")
+    if not 0 < n_layer <= MAX_LAYERS:
+        raise ModelError(f"{header.path}: block_count is {n_layer}", f"a model has 1 to {MAX_LAYERS} blocks")
+    hp = _hparams(keys, n_layer)
+    head_dim_k, head_dim_v = arches.head_dims(arch, keys, hp)
+    layout = arches.arch_layout(arch, keys, hp)
+    placement = _place(arch, tensors, n_layer, header.path)
+    n_ff = keys.per_layer("feed_forward_length", n_layer, (0,) * n_layer)
+    n_ff_exp = keys.per_layer("expert_feed_forward_length", n_layer, (0,) * n_layer)
+    name = header.get("general.name")
+    return ModelProfile(
+        path=str(shard_paths[0]),
+        shard_paths=tuple(str(p) for p in shard_paths),
+        arch=arch,
+        name=name if isinstance(name, str) else shard_paths[0].stem,
+        file_type=_file_type(header),
+        file_bytes=file_bytes,
+        n_layer=n_layer,
+        slots=tuple(b.slot() for b in placement.blocks) + (placement.output.slot(),),
+        host_bytes=placement.host.cpu,
+        output_is_token_embd=placement.output_is_token_embd,
+        n_vocab=_n_vocab(header, keys),
+        n_ctx_train=keys.int("context_length"),
+        n_embd=hp.n_embd,
+        n_ff=max(n_ff),
+        n_head=hp.n_head,
+        n_head_kv=hp.n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        n_swa=layout.n_swa,
+        swa_layers=layout.swa_layers or (False,) * n_layer,
+        kv_lora_rank=layout.kv_lora_rank,
+        rope_dim=layout.rope_dim or keys.int("rope.dimension_count", head_dim_k),
+        recurrent_layers=layout.recurrent_layers or (False,) * n_layer,
+        recurrent_r_bytes_per_seq=layout.recurrent_r_bytes_per_seq,
+        recurrent_s_bytes_per_seq=layout.recurrent_s_bytes_per_seq,
+        n_expert=keys.int("expert_count", 0),
+        n_expert_used=max(keys.per_layer("expert_used_count", n_layer, (0,) * n_layer)),
+        n_embd_out=keys.int("embedding_length_out", 0),
+        generic_estimate=not arches.is_supported(arch),
+        per_device_bytes=placement.per_device.cpu,
+        n_nextn_layers=keys.int("nextn_predict_layers", 0),
+        n_ff_exp=max(n_ff_exp),
+    )
+
+
+def _file_type(header: GgufHeader) -> str:
+    value = header.get("general.file_type")
+    return file_type_name(value) if isinstance(value, int) and not isinstance(value, bool) else "unknown"
