@@ -25,6 +25,7 @@ class Request:
 
     ctx_tokens: int | None = 4096
     ctx_min_tokens: int = 256
+    ctx_is_target: bool = False  # serve: fall back to the largest ctx >= ctx_min when ctx does not fit
     n_parallel: int = 4  # llama-server's -np auto: 4 slots, unified KV cache of n_ctx cells
     kv_unified: bool = True
     n_batch: int = 2048

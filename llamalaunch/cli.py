@@ -1,0 +1,219 @@
+"""The llamalaunch command line: parse, call the library, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from llamalaunch.errors import BadInputError, LaunchError
+
+app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven GPUs and RPC workers.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True)
+app.add_typer(toolchain_app, name="toolchain")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Every LaunchError becomes one line on stderr and its exit code; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LaunchError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# --- shared options -------------------------------------------------------------------------------
+
+LlamaServerOpt = Annotated[Optional[str], typer.Option("--llama-server", help="Path of llama-server to use.")]
+RpcOpt = Annotated[list[str], typer.Option("--rpc", help="RPC workers HOST:PORT (comma-separated or repeated).")]
+AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE[/TOTAL], e.g. CUDA0=24GiB; "
+                                                                "no probe runs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+CtxOpt = Annotated[str, typer.Option("-c", "--ctx-size", "--ctx", help="Context: 16k, 16384 or max.")]
+CtxMinOpt = Annotated[str, typer.Option("--ctx-min", help="Smallest context to accept when shrinking.")]
+ParallelOpt = Annotated[int, typer.Option("-np", "--parallel", help="Server slots (llama-server's default: 4).")]
+KvuOpt = Annotated[bool, typer.Option("-kvu/-no-kvu", "--kv-unified/--no-kv-unified", help="Unified KV cache.")]
+BatchOpt = Annotated[int, typer.Option("-b", "--batch-size", help="Logical batch size.")]
+UbatchOpt = Annotated[int, typer.Option("-ub", "--ubatch-size", help="Physical batch size.")]
+CtkOpt = Annotated[str, typer.Option("-ctk", "--cache-type-k", help="K cache type (f16, q8_0, q4_0, ...).")]
+CtvOpt = Annotated[str, typer.Option("-ctv", "--cache-type-v", help="V cache type (quantized needs -fa).")]
+FaOpt = Annotated[str, typer.Option("-fa", "--flash-attn", help="Flash attention: on, off or auto.")]
+SwaFullOpt = Annotated[bool, typer.Option("--swa-full", help="Full-size cache for sliding-window layers.")]
+DevOpt = Annotated[Optional[str], typer.Option("-dev", "--device", help="Devices to use, in order: CUDA0,RPC0.")]
+ExcludeOpt = Annotated[list[str], typer.Option("--exclude", help="Leave a device out (repeatable).")]
+ReserveOpt = Annotated[list[str], typer.Option("--reserve", help="Keep NAME=SIZE free on a device, e.g. "
+                                                                  "CUDA1=1.5GiB.")]
+BudgetOpt = Annotated[list[str], typer.Option("--budget", help="Never plan more than NAME=SIZE on a device.")]
+MarginOpt = Annotated[Optional[str], typer.Option("--margin", help="Free memory kept on every device "
+                                                                    "(default 64MiB).")]
+SpillOpt = Annotated[bool, typer.Option("--cpu-spill", help="Keep the first layers on the CPU when the model "
+                                                             "does not fit.")]
+NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="Force the number of offloaded "
+                                                                          "slots.")]
+OverheadOpt = Annotated[list[str], typer.Option("--overhead", help="Memory outside llama.cpp's accounting, "
+                                                                    "NAME=SIZE or BACKEND=SIZE (CUDA context).")]
+
+
+def plan_inputs(model: str | None, demo: bool, llama_server: str | None, rpc: list[str], assume: list[str],
+                overhead: list[str], request_kwargs: dict[str, Any], need_toolchain: bool = False) -> Any:
+    """Shared by plan and serve: everything the planner needs, gathered from the options."""
+    from llamalaunch.launch.serve import PlanInputs
+    from llamalaunch.plan.parse import build_request
+
+    if model is None and not demo:
+        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
+    return PlanInputs.gather(model=model, demo=demo, llama_server=llama_server, rpc=rpc, assume=assume,
+                             overhead=overhead, request=build_request(**request_kwargs),
+                             need_toolchain=need_toolchain)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+@toolchain_app.callback()
+@reports_errors
+def toolchain_show(ctx: typer.Context, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False) -> None:
+    """Show which llama-server, ggml-rpc-server and llama-fit-params will be used."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from llamalaunch.observe.render import toolchain_table
+    from llamalaunch.toolchain.discover import find_toolchain, toolchain_to_dict
+
+    toolchain = find_toolchain(llama_server)
+    if as_json:
+        print_json(toolchain_to_dict(toolchain))
+    else:
+        out.print(toolchain_table(toolchain))
+
+
+@toolchain_app.command("install")
+@reports_errors
+def toolchain_install(cuda: Annotated[bool, typer.Option("--cuda", help="Build with CUDA.")] = False,
+                      jobs: Annotated[Optional[int], typer.Option("-j", "--jobs", help="Parallel jobs.")] = None,
+                      sdist: Annotated[Optional[Path], typer.Option("--sdist", help="Local copy of the pinned "
+                                                                                     "sdist.")] = None) -> None:
+    """Build llama-server, ggml-rpc-server and llama-fit-params from the pinned llama.cpp sdist."""
+    from llamalaunch.toolchain.install import install
+
+    bin_dir = install(cuda=cuda, on_progress=lambda line: err.print(line, highlight=False), jobs=jobs,
+                      sdist=sdist)
+    out.print(f"llama.cpp binaries ready in {bin_dir}", highlight=False)
+
+
+@app.command()
+@reports_errors
+def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], as_json: JsonOpt = False) -> None:  # noqa: B006
+    """Show the free memory of every device llama.cpp would use, in its order."""
+    from llamalaunch.observe.render import devices_table
+    from llamalaunch.probe.inventory import inventory_to_dict, probe_devices
+
+    inventory = probe_devices(rpc=rpc, assume=assume)
+    if as_json:
+        print_json(inventory_to_dict(inventory))
+        return
+    out.print(devices_table(inventory.devices, inventory.host))
+    for problem in inventory.problems:
+        err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
+
+
+@app.command()
+@reports_errors
+def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")] = None,
+         demo: Annotated[bool, typer.Option("--demo", help="Plan the bundled demo model.")] = False,
+         ctx: CtxOpt = "4096", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
+         batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
+         cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
+         rpc: RpcOpt = [], assume: AssumeOpt = [], device: DevOpt = None,  # noqa: B006
+         exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
+         margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
+         overhead: OverheadOpt = [], llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,  # noqa: B006
+         verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
+         ) -> None:
+    """Show where every layer and buffer would go, and the exact llama-server command line."""
+    from llamalaunch.observe.render import plan_view
+    from llamalaunch.plan.schema import plan_to_dict
+
+    inputs = plan_inputs(model, demo, llama_server, rpc, assume, overhead, dict(
+        ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
+        cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
+        margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
+        gpu_layers=gpu_layers))
+    result = inputs.plan()
+    if as_json:
+        print_json(plan_to_dict(result))
+    else:
+        out.print(plan_view(result, inputs.server_name()))
+        for problem in inputs.problems:
+            err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
+    if verify:
+        from llamalaunch.observe.render import verify_table
+
+        out.print(verify_table(inputs.verify(result)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@reports_errors
+def serve(ctx_: typer.Context,
+          model: Annotated[Optional[str], typer.Argument(help="GGUF model; none: the bundled demo model.")] = None,
+          demo: Annotated[bool, typer.Option("--demo", help="Serve the bundled demo model.")] = False,
+          ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
+          batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
+          cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
+          rpc: RpcOpt = [], assume: AssumeOpt = [], device: DevOpt = None,  # noqa: B006
+          exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
+          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
+          overhead: OverheadOpt = [], llama_server: LlamaServerOpt = None,  # noqa: B006
+          host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+          port: Annotated[Optional[int], typer.Option("--port", help="Port (default: a free one).")] = None,
+          name: Annotated[str, typer.Option("--name", help="Run name, for `status --name`.")] = "default",
+          api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File with the API key.")]
+          = None,
+          max_attempts: Annotated[int, typer.Option("--max-attempts", help="Loads tried on out-of-memory.")] = 3,
+          max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after crashes.")] = 5,
+          load_timeout: Annotated[float, typer.Option("--load-timeout", help="Seconds without progress before "
+                                                                             "a load counts as stalled.")] = 600,
+          force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
+          no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines even on a terminal.")] = False,
+          ) -> None:
+    """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
+    from llamalaunch.launch.serve import run_serve, ServeRequest
+
+    inputs = plan_inputs(model, demo or model is None, llama_server, rpc, assume, overhead, dict(
+        ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
+        cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
+        margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
+        gpu_layers=gpu_layers, ctx_is_target=True), need_toolchain=True)
+    from llamalaunch.observe.live import ServeConsole
+
+    view = ServeConsole(out, tui=not no_tui and out.is_terminal)
+    code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=tuple(ctx_.args),
+                                          force=force, api_key_file=api_key_file, max_attempts=max_attempts,
+                                          max_restarts=max_restarts, load_timeout_s=load_timeout),
+                     view.handle)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()

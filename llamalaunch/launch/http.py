@@ -1,0 +1,54 @@
+"""The only module that speaks HTTP to llama-server (urllib, loopback or the user's URL)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int  # 0: no answer (refused, timeout)
+    body: Any  # parsed JSON, or text, or None
+    error: str | None = None
+
+
+def request(url: str, payload: dict[str, Any] | None = None, timeout_s: float = 2.0,
+            api_key: str | None = None) -> HttpResult:
+    data = json.dumps(payload).encode() if payload is not None else None
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+            return HttpResult(response.status, _decode(response.read()))
+    except urllib.error.HTTPError as error:
+        return HttpResult(error.code, _decode(error.read()), f"HTTP {error.code}")
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        return HttpResult(0, None, str(reason))
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def health(base_url: str, api_key: str | None = None) -> HttpResult:
+    return request(f"{base_url}/health", timeout_s=1.0, api_key=api_key)
+
+
+def complete_one_token(base_url: str, timeout_s: float = 60.0, api_key: str | None = None) -> HttpResult:
+    """Readiness: /health can say ok after a fatal allocation failure (llama.cpp #27309)."""
+    payload = {"prompt": "Hi", "n_predict": 1, "cache_prompt": False}
+    return request(f"{base_url}/completion", payload, timeout_s=timeout_s, api_key=api_key)
+
+
+def get_json(base_url: str, path: str, api_key: str | None = None, timeout_s: float = 1.0) -> HttpResult:
+    return request(f"{base_url}{path}", timeout_s=timeout_s, api_key=api_key)

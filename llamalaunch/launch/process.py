@@ -1,0 +1,135 @@
+"""Run one child (llama-server, ggml-rpc-server) in its own process group, streaming its lines.
+
+The child gets the kernel's parent-death signal, so it cannot outlive the launcher even when the
+launcher is killed with SIGKILL; stopping signals the whole group and escalates TERM → KILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildLine:
+    text: str
+    time: float
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    returncode: int
+    time: float
+
+
+ChildEvent = ChildLine | ChildExit
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the launcher dies (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class LogSink:
+    """Appends child lines to a file, rotating at `max_bytes` (one old file kept).
+
+    A full disk must not stop the server: write errors are counted and reported once.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.write_error: str | None = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8", opener=_private_opener)
+
+    def write(self, line: str) -> None:
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+            if self._file.tell() > self.max_bytes:
+                self._rotate()
+        except OSError as error:
+            self.write_error = self.write_error or f"cannot write the server log {self.path}: {error.strerror}"
+
+    def _rotate(self) -> None:
+        self._file.close()
+        os.replace(self.path, self.path.with_suffix(self.path.suffix + ".1"))
+        self._file = open(self.path, "a", encoding="utf-8", opener=_private_opener)
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+PopenFactory = Callable[..., "subprocess.Popen[bytes]"]
+
+
+class Child:
+    """A started child; its lines and its exit arrive as ChildEvents on `events`."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], events: "queue.Queue[ChildEvent]",
+                 sink: LogSink | None = None, popen: PopenFactory = subprocess.Popen) -> None:
+        self.argv = list(argv)
+        self.events = events
+        self.sink = sink
+        self.process = popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                             preexec_fn=_die_with_parent)
+        self.pid = self.process.pid
+        self._reader = threading.Thread(target=self._read, name=f"child-{self.pid}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            if self.sink is not None:
+                self.sink.write(text)
+            self.events.put(ChildLine(text, time.time()))
+        returncode = self.process.wait()
+        self.events.put(ChildExit(returncode, time.time()))
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM to the group, wait, then SIGKILL; returns the exit code (negative: signal)."""
+        if self.running():
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+        returncode = self.process.wait()
+        self._reader.join(timeout=2)
+        return returncode

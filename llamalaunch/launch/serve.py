@@ -1,0 +1,195 @@
+"""The plan-and-serve pipeline: probe → model → plan → argv → supervised llama-server."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from llamalaunch.errors import BadInputError, ServeError, ToolchainError
+from llamalaunch.launch.lessons import Lessons
+from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
+from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
+from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.paths import cache_dir, state_dir
+from llamalaunch.plan.argv import ArgvOptions
+from llamalaunch.plan.planner import make_plan
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.schema import plan_to_dict
+from llamalaunch.plan.types import Plan
+from llamalaunch.probe.assume import parse_device_sizes
+from llamalaunch.probe.device import Device
+from llamalaunch.probe.inventory import probe_devices
+from llamalaunch.toolchain.demo import demo_model_path
+from llamalaunch.toolchain.discover import Toolchain, find_toolchain
+
+
+@dataclass
+class PlanInputs:
+    """Everything one plan needs; `plan()` re-probes live devices each time it is called."""
+
+    model_path: str
+    profile: ModelProfile
+    request: Request
+    rpc: tuple[str, ...]
+    assume: tuple[str, ...]
+    overhead: Mapping[str, int]
+    toolchain: Toolchain | None
+    problems: list[str] = field(default_factory=list)
+    devices: tuple[Device, ...] = ()
+
+    @classmethod
+    def gather(cls, *, model: str | None, demo: bool, llama_server: str | None, rpc: Sequence[str],
+               assume: Sequence[str], overhead: Sequence[str], request: Request,
+               need_toolchain: bool = False) -> PlanInputs:
+        model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
+        profile = load_profile(model_path)
+        problems: list[str] = []
+        try:
+            toolchain: Toolchain | None = find_toolchain(llama_server)
+        except ToolchainError as error:
+            if need_toolchain:
+                raise
+            toolchain = None
+            problems.append(f"{error}; the command line assumes a current llama-server")
+        overheads = {**DEFAULT_OVERHEAD_BYTES, **parse_device_sizes(overhead, "--overhead")} if overhead \
+            else dict(DEFAULT_OVERHEAD_BYTES)
+        return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems)
+
+    def probe(self) -> tuple[Device, ...]:
+        inventory = probe_devices(rpc=self.rpc, assume=self.assume)
+        self.problems.extend(p for p in inventory.problems if p not in self.problems)
+        self.devices = inventory.devices
+        return inventory.devices
+
+    def plan(self, lessons: Lessons | None = None) -> Plan:
+        request = lessons.apply(self.request) if lessons is not None else self.request
+        options = ArgvOptions(self.model_path,
+                              self.toolchain.server.capabilities if self.toolchain is not None else None)
+        return make_plan(self.profile, self.probe(), request, options, self.overhead)
+
+    def server_name(self) -> str:
+        return str(self.toolchain.server.path) if self.toolchain is not None else "llama-server"
+
+
+# Options whose value the plan decides: passing them after -- would contradict it.
+PLANNED_FLAGS = frozenset({"-m", "--model", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
+                           "-ts", "--tensor-split", "-dev", "--device", "--rpc", "--host", "--port", "-np",
+                           "--parallel", "-fit", "--fit", "--api-key"})
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    name: str = "default"
+    host: str = "127.0.0.1"
+    port: int | None = None
+    extra_args: tuple[str, ...] = ()
+    force: bool = False
+    api_key_file: Path | None = None
+    max_attempts: int = 3
+    max_restarts: int = 5
+    load_timeout_s: float = 600.0
+
+
+def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
+    clashes = [arg.split("=", 1)[0] for arg in extra_args if arg.split("=", 1)[0] in PLANNED_FLAGS]
+    if "--api-key" in clashes:
+        raise BadInputError("--api-key on the command line would show the key in `ps` and the logs",
+                            "put the key in a file and pass --api-key-file FILE")
+    if clashes and not force:
+        raise BadInputError(f"{', '.join(clashes)} after -- would contradict the plan",
+                            "use llamalaunch's own options (--ctx, -dev, --budget ...) or add --force")
+
+
+def pick_port(host: str, port: int | None) -> int:
+    """A free port when none is given; a taken one is refused before anything starts."""
+    bind_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as sock:
+        try:
+            sock.bind((bind_host, port or 0))
+        except OSError as error:
+            raise ServeError(f"cannot listen on {host}:{port}: {error.strerror}",
+                             "choose another --port, or stop what listens there") from None
+        return int(sock.getsockname()[1])
+
+
+def check_not_running(name: str) -> None:
+    path = state_path(name)
+    if path.exists():
+        state = read_state(path)
+        if launcher_alive(state) and state.phase not in ("stopped", "failed"):
+            raise ServeError(f"a server named {name!r} is already running (pid {state.launcher_pid}, {state.url})",
+                             "stop it first, or give this one another --name")
+
+
+def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[SupervisorEvent], None]) -> int:
+    """Serve until a signal; returns the exit code (128 + signal after a clean stop)."""
+    assert inputs.toolchain is not None
+    check_extra_args(serve.extra_args, serve.force)
+    check_not_running(serve.name)
+    if serve.host not in ("127.0.0.1", "localhost", "::1"):
+        on_event(SupervisorEvent("warning", f"llama-server will listen on {serve.host}: reachable from the "
+                                            "network" + ("" if serve.api_key_file else " without an API key")))
+    port = pick_port(serve.host, serve.port)
+    log_path = state_dir() / f"{serve.name}.log"
+    options = ServeOptions(name=serve.name, server=inputs.toolchain.server.path, host=serve.host, port=port,
+                           extra_args=serve.extra_args, max_attempts=serve.max_attempts,
+                           max_restarts=serve.max_restarts, load_timeout_s=serve.load_timeout_s,
+                           api_key_file=serve.api_key_file, log_path=log_path)
+    recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
+    supervisor = Supervisor(options, inputs.plan, lambda event: (recorder.record(event, supervisor), on_event(event)))
+    recorder.url = supervisor.base_url
+    with forward_signals(supervisor):
+        return supervisor.run()
+
+
+@contextlib.contextmanager
+def forward_signals(supervisor: Supervisor) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP stop the server cleanly (the loop does the work)."""
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    for signum in handled:
+        signal.signal(signum, lambda number, _frame: supervisor.request_stop(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class StateRecorder:
+    """Keeps the run state file in step with the supervisor's events, for `status`."""
+
+    def __init__(self, name: str, model_path: str, log_path: str) -> None:
+        me = psutil.Process()
+        self.state = RunState(name=name, launcher_pid=me.pid, launcher_started_at=me.create_time(), url="",
+                              model_path=model_path, log_path=log_path, phase="starting", started_at=time.time())
+        self.url = ""
+
+    def record(self, event: SupervisorEvent, supervisor: Supervisor) -> None:
+        if event.kind == "line":
+            return
+        changes: dict[str, Any] = {"url": self.url, "phase": supervisor.phase, "restarts": supervisor.restarts,
+                                   "updated_at": time.time(),
+                                   "attempts": [dataclasses.asdict(a) for a in supervisor.attempts]}
+        if event.kind == "phase":
+            changes["phase_detail"] = event.message
+            if event.phase == "ready":
+                changes["ready_at"] = time.time()
+        if event.plan is not None:
+            changes["plan"] = plan_to_dict(event.plan)
+            changes["argv"] = [str(supervisor.options.server), *event.plan.argv]
+        if supervisor.child is not None:
+            changes["child_pid"] = supervisor.child.pid
+        self.state = dataclasses.replace(self.state, **changes)
+        write_state(self.state)

@@ -1,0 +1,84 @@
+"""The run state file `serve` keeps for `status`: pid, port, plan, log path, phase (mode 0600)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from llamalaunch.errors import BadInputError
+from llamalaunch.paths import state_dir
+
+
+@dataclass(frozen=True)
+class RunState:
+    name: str
+    launcher_pid: int
+    launcher_started_at: float  # psutil create_time: tells a reused pid from ours
+    url: str
+    model_path: str
+    log_path: str
+    phase: str
+    phase_detail: str = ""
+    child_pid: int | None = None
+    started_at: float = 0.0
+    ready_at: float | None = None
+    restarts: int = 0
+    plan: dict[str, Any] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    updated_at: float = 0.0
+
+
+def state_path(name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise BadInputError(f"run name {name!r} is not usable as a file name", "use letters, digits, - and _")
+    return state_dir() / f"{name}.json"
+
+
+def write_state(state: RunState) -> Path:
+    """Atomic write (temp file + rename) so `status` never reads half a file."""
+    path = state_path(state.name)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{state.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(state), handle)
+        os.chmod(temp, 0o600)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_state(path: Path) -> RunState:
+    try:
+        data = json.loads(path.read_text())
+        return RunState(**data)
+    except (OSError, ValueError, TypeError) as error:
+        raise BadInputError(f"run state {path} is unreadable: {error}", "remove it; `serve` writes a new one") \
+            from None
+
+
+def list_states() -> list[Path]:
+    folder = state_dir()
+    return sorted(folder.glob("*.json")) if folder.exists() else []
+
+
+def launcher_alive(state: RunState) -> bool:
+    """True only if the pid is alive AND is the same process (a reused pid is not ours)."""
+    try:
+        process = psutil.Process(state.launcher_pid)
+        return abs(process.create_time() - state.launcher_started_at) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def remove_state(name: str) -> None:
+    state_path(name).unlink(missing_ok=True)

@@ -1,0 +1,285 @@
+"""Supervise llama-server: plan, start, wait for real readiness, recover from OOM, restart, stop.
+
+Everything that happens arrives on one queue (child lines, child exit, readiness results, stop
+requests); the loop turns it into SupervisorEvents for whoever renders them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalaunch.errors import ServeError
+from llamalaunch.launch import http
+from llamalaunch.launch.failures import classify_failure
+from llamalaunch.launch.lessons import Lessons
+from llamalaunch.launch.notify import Notifier
+from llamalaunch.launch.oom import OomTracker, OutOfMemory
+from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
+from llamalaunch.plan.types import Plan
+
+PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "failed")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    name: str
+    server: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    extra_args: tuple[str, ...] = ()
+    max_attempts: int = 3  # OOM ladder: loads tried before giving up
+    max_restarts: int = 5  # crashes after ready before giving up
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    load_timeout_s: float = 600.0  # no progress for this long while loading: a stalled load
+    api_key_file: Path | None = None
+    log_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    ctx_tokens: int
+    n_gpu_layers: int
+    layers: str  # "RPC0=8 RPC1=23"
+    outcome: str = ""
+
+
+@dataclass(frozen=True)
+class SupervisorEvent:
+    kind: str  # "phase", "plan", "attempt", "line", "warning"
+    message: str
+    phase: str | None = None
+    plan: Plan | None = None
+    time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class _Ready:
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class _StopRequest:
+    signum: int
+
+
+_Item = ChildEvent | _Ready | _StopRequest
+
+
+class ServeFailed(ServeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, options: ServeOptions, make_plan: Callable[[Lessons], Plan],
+                 on_event: Callable[[SupervisorEvent], None], notifier: Notifier | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.options = options
+        self.make_plan = make_plan
+        self.on_event = on_event
+        self.notifier = notifier or Notifier()
+        self.sleep = sleep
+        self.queue: queue.Queue[_Item] = queue.Queue()
+        self.lessons = Lessons()
+        self.attempts: list[Attempt] = []
+        self.restarts = 0
+        self.phase = "starting"
+        self.child: Child | None = None
+        self.plan: Plan | None = None
+        self.recent: deque[str] = deque(maxlen=200)
+        self.sink = LogSink(options.log_path) if options.log_path else None
+        self._stop_signal: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "") else self.options.host
+        return f"http://{host}:{self.options.port}"
+
+    # --- public --------------------------------------------------------------------------------
+
+    def request_stop(self, signum: int) -> None:
+        """Safe from a signal handler: the loop does the stopping."""
+        self.queue.put(_StopRequest(signum))
+
+    def run(self) -> int:
+        """Serve until stopped; the exit code is 0 for a clean stop by signal, else non-zero."""
+        try:
+            return self._run()
+        finally:
+            if self.child is not None and self.child.running():
+                self.child.stop()
+            if self.sink is not None:
+                self.sink.close()
+
+    # --- loop ----------------------------------------------------------------------------------
+
+    def _run(self) -> int:
+        while True:
+            outcome = self._one_launch()
+            if outcome is not None:
+                return outcome
+
+    def _one_launch(self) -> int | None:
+        """Plan, start, and watch one llama-server; None means: launch again."""
+        self._set_phase("starting", "planning")
+        plan = self.make_plan(self.lessons)
+        self.plan = plan
+        self._start(plan)
+        ready = False
+        oom = OomTracker()
+        lines: list[str] = []
+        last_progress = time.monotonic()
+        while True:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                if not ready and time.monotonic() - last_progress > self.options.load_timeout_s:
+                    self._stop_child()
+                    raise ServeFailed(f"llama-server made no progress for {self.options.load_timeout_s:.0f} s "
+                                      "while loading", "raise --load-timeout, or check the workers and the log")
+                self._watchdog()
+                continue
+            if isinstance(item, _StopRequest):
+                return self._stop(item.signum)
+            if isinstance(item, ChildLine):
+                last_progress = time.monotonic()
+                lines.append(item.text)
+                self.recent.append(item.text)
+                self.on_event(SupervisorEvent("line", item.text))
+                oom.feed(item.text)
+                if not ready and "listening on" in item.text:
+                    self._check_ready_in_background()
+                continue
+            if isinstance(item, _Ready):
+                if item.ok and not ready:
+                    ready = True
+                    self._mark_ready(plan)
+                elif not item.ok and self.child is not None and self.child.running():
+                    self._stop_child()  # allocation failed but /health said ok (#27309)
+                continue
+            assert isinstance(item, ChildExit)
+            return self._after_exit(item.returncode, ready, oom.found, lines, plan)
+
+    def _after_exit(self, returncode: int, ready: bool, oom: OutOfMemory | None,
+                    lines: Sequence[str], plan: Plan) -> int | None:
+        if oom is not None and not ready:
+            return self._oom_retry(oom, plan)
+        if not ready:
+            failure = classify_failure(lines, returncode)
+            self._fail(failure.message)
+            raise ServeFailed(failure.message, failure.hint)
+        self.restarts += 1
+        lesson = self.lessons.learn_runtime_oom() if oom else f"llama-server exited with code {returncode}"
+        if self.restarts > self.options.max_restarts:
+            message = f"llama-server crashed {self.restarts} times; giving up ({lesson})"
+            self._fail(message)
+            raise ServeFailed(message, "see the server log; raise --max-restarts to keep trying")
+        delay = min(self.options.backoff_initial_s * 2 ** (self.restarts - 1), self.options.backoff_max_s)
+        self._set_phase("restarting", f"{lesson}; restart {self.restarts} of {self.options.max_restarts} "
+                                      f"in {delay:.0f} s")
+        return self._wait_backoff(delay)
+
+    def _wait_backoff(self, delay_s: float) -> int | None:
+        try:
+            item = self.queue.get(timeout=delay_s)
+        except queue.Empty:
+            return None
+        if isinstance(item, _StopRequest):
+            return self._stop(item.signum)
+        return None
+
+    def _oom_retry(self, oom: OutOfMemory, plan: Plan) -> int | None:
+        if oom.kind == "runtime":
+            lesson = self.lessons.learn_runtime_oom()
+        else:
+            lesson = self.lessons.learn_allocation_failure(plan, oom.device_name(plan), oom.kind, oom.size_bytes)
+        self._record_attempt(plan, lesson)
+        if len(self.attempts) >= self.options.max_attempts:
+            message = f"out of memory on {len(self.attempts)} attempts; last: {lesson}"
+            self._fail(message)
+            raise ServeFailed(message, "free memory on the devices, lower --ctx, or add --budget/--reserve")
+        self.on_event(SupervisorEvent("attempt", f"attempt {len(self.attempts)} failed: {lesson}; re-planning"))
+        return None
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _start(self, plan: Plan) -> None:
+        argv = [str(self.options.server), *plan.argv, *self._runtime_args(), *self.options.extra_args]
+        env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        self.child = Child(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
+        self.on_event(SupervisorEvent("plan", f"attempt {len(self.attempts) + 1}: ctx {plan.ctx_tokens}, "
+                                              f"{describe_layers(plan)}", plan=plan))
+        self._set_phase("loading", f"pid {self.child.pid}, ctx {plan.ctx_tokens}")
+
+    def _runtime_args(self) -> list[str]:
+        args = ["--host", self.options.host, "--port", str(self.options.port), "-lv", "4", "--metrics"]
+        if self.options.api_key_file is not None:
+            args += ["--api-key-file", str(self.options.api_key_file)]
+        return args
+
+    def _check_ready_in_background(self) -> None:
+        threading.Thread(target=self._check_ready, daemon=True, name="readiness").start()
+
+    def _check_ready(self) -> None:
+        api_key = self._api_key()
+        deadline = time.monotonic() + self.options.load_timeout_s
+        while time.monotonic() < deadline and self.child is not None and self.child.running():
+            if http.health(self.base_url, api_key).status == 200:
+                result = http.complete_one_token(self.base_url, api_key=api_key)
+                ok = result.status == 200
+                self.queue.put(_Ready(ok, result.error or ""))
+                return
+            time.sleep(0.1)
+
+    def _api_key(self) -> str | None:
+        if self.options.api_key_file is None:
+            return None
+        lines = [ln.strip() for ln in self.options.api_key_file.read_text().splitlines()]
+        return next((ln for ln in lines if ln and not ln.startswith("#")), None)
+
+    def _mark_ready(self, plan: Plan) -> None:
+        self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")
+        self.notifier.ready(f"ready: {self.base_url} ctx {plan.ctx_tokens}")
+
+    def _record_attempt(self, plan: Plan, outcome: str) -> None:
+        self.attempts.append(Attempt(len(self.attempts) + 1, plan.ctx_tokens, plan.n_gpu_layers,
+                                     describe_layers(plan), outcome))
+
+    def _set_phase(self, phase: str, detail: str) -> None:
+        self.phase = phase
+        self.on_event(SupervisorEvent("phase", detail, phase=phase))
+        self.notifier.status(f"{phase}: {detail}")
+
+    def _fail(self, message: str) -> None:
+        self._set_phase("failed", message)
+
+    def _watchdog(self) -> None:
+        if self.notifier.watchdog_interval_s is not None:
+            self.notifier.watchdog()
+
+    def _stop_child(self) -> int | None:
+        return self.child.stop() if self.child is not None else None
+
+    def _stop(self, signum: int) -> int:
+        self._set_phase("stopping", f"signal {signal.Signals(signum).name}")
+        self.notifier.stopping()
+        returncode = self._stop_child()
+        self._set_phase("stopped", f"llama-server exited with code {returncode}")
+        return 128 + signum
+
+
+def describe_layers(plan: Plan) -> str:
+    used = [f"{p.device.name}={p.n_layers}" for p in plan.devices if not p.excluded]
+    spilled = plan.model.n_slots - plan.n_gpu_layers
+    return " ".join(used + ([f"CPU={spilled}"] if spilled else [])) or "all on CPU"
+

@@ -1,0 +1,90 @@
+"""Rich renderables for plans, devices and the toolchain. Builds tables; the CLI prints them."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from llamalaunch.plan.types import DevicePlan, Plan
+from llamalaunch.probe.device import Device, HostMemory
+from llamalaunch.toolchain.discover import Binary, Toolchain
+from llamalaunch.units import format_bytes
+
+
+def _slots(plan: DevicePlan) -> str:
+    if plan.first_slot is None or plan.n_layers == 0:
+        return "-"
+    return f"{plan.first_slot}-{plan.first_slot + plan.n_layers - 1}"
+
+
+def plan_table(plan: Plan) -> Table:
+    model = plan.model
+    title = (f"{model.name or model.arch} ({model.arch}, {model.n_layer} blocks + output)  "
+             f"ctx {plan.ctx_tokens}  layers on devices {plan.n_gpu_layers}/{model.n_slots}")
+    table = Table(title=title, title_justify="left")
+    for column in ("device", "free", "slots", "layers", "weights", "KV", "compute", "overhead", "reserved",
+                   "planned", "headroom"):
+        table.add_column(column, justify="left" if column in ("device", "slots") else "right")
+    for device in plan.devices:
+        if device.excluded:
+            table.add_row(device.device.name, format_bytes(device.device.free_bytes), "-", "0",
+                          Text(f"left out: {device.reason}", style="yellow"), end_section=False)
+            continue
+        memory = device.memory
+        table.add_row(device.device.name, format_bytes(device.device.free_bytes), _slots(device),
+                      str(device.n_layers), format_bytes(memory.weights_bytes), format_bytes(memory.kv_bytes),
+                      format_bytes(memory.compute_bytes), format_bytes(memory.overhead_bytes),
+                      format_bytes(device.reserved_bytes), format_bytes(device.planned_bytes),
+                      format_bytes(device.headroom_bytes))
+    host = plan.host
+    table.add_row("host", "", f"0-{model.n_slots - plan.n_gpu_layers - 1}" if plan.n_gpu_layers < model.n_slots
+                  else "-", str(model.n_slots - plan.n_gpu_layers), format_bytes(host.weights_bytes),
+                  format_bytes(host.kv_bytes), format_bytes(host.compute_bytes), "", "",
+                  format_bytes(host.total_bytes), "", style="dim")
+    return table
+
+
+def command_line(server: str, argv: Sequence[str]) -> str:
+    return shlex.join([server, *argv])
+
+
+def plan_view(plan: Plan, server: str) -> Group:
+    parts: list[Table | Text] = [plan_table(plan)]
+    parts += [Text(note, style="yellow") for note in plan.notes]
+    parts.append(Text(command_line(server, plan.argv)))
+    return Group(*parts)
+
+
+def devices_table(devices: Sequence[Device], host: HostMemory | None) -> Table:
+    table = Table(title="devices in llama.cpp order", title_justify="left")
+    for column in ("#", "name", "backend", "description", "free", "total", "where"):
+        table.add_column(column, justify="right" if column in ("#", "free", "total") else "left")
+    for device in devices:
+        where = device.endpoint or device.pci_bus_id or ("what-if" if device.assumed else "")
+        description = device.description + (f" ({device.note})" if device.note else "")
+        table.add_row(str(device.order), device.name, device.backend, description,
+                      format_bytes(device.free_bytes), format_bytes(device.total_bytes), where)
+    if host is not None:
+        table.add_row("", "host", "CPU", f"{host.cpu_description} ({host.cpu_count} CPUs)",
+                      format_bytes(host.free_bytes), format_bytes(host.total_bytes), "", style="dim")
+    return table
+
+
+def toolchain_table(toolchain: Toolchain) -> Table:
+    table = Table(title=f"llama.cpp toolchain (llama-server found via {toolchain.source})", title_justify="left")
+    for column in ("binary", "path", "version", "backend", "knows"):
+        table.add_column(column)
+    binaries: list[tuple[str, Binary | None]] = [
+        ("llama-server", toolchain.server), ("ggml-rpc-server", toolchain.rpc_server),
+        ("llama-fit-params", toolchain.fit_params)]
+    for name, binary in binaries:
+        if binary is None:
+            table.add_row(name, Text("not found", style="yellow"), "", "", "")
+        else:
+            table.add_row(name, str(binary.path), binary.version, binary.backend,
+                          " ".join(sorted(binary.capabilities)))
+    return table

@@ -1,0 +1,81 @@
+"""The llama-server argv that reproduces a placement exactly. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.split import Choice
+from llamalaunch.probe.device import Device
+
+
+@dataclass(frozen=True)
+class ArgvOptions:
+    model_path: str
+    # Flags the llama-server binary knows (from its --help); None: assume a current build.
+    capabilities: frozenset[str] | None = None
+
+    def knows(self, flag: str) -> bool:
+        return self.capabilities is None or flag in self.capabilities
+
+
+def used_endpoints(all_devices: Sequence[Device], used: Sequence[Device]) -> list[str]:
+    """--rpc list: workers with at least one used device, in the user's order.
+
+    Workers left out entirely are not passed at all, so llama-server never waits on them.
+    """
+    wanted = {device.endpoint for device in used if device.endpoint}
+    ordered: list[str] = []
+    for device in all_devices:
+        if device.endpoint in wanted and device.endpoint not in ordered:
+            ordered.append(device.endpoint)
+    return ordered
+
+
+def child_names(all_devices: Sequence[Device], endpoints: Sequence[str]) -> dict[str, str]:
+    """Our device names → the names llama-server will give them with this --rpc list.
+
+    llama.cpp numbers RPC devices across workers in --rpc order; dropping a worker renumbers the rest.
+    """
+    names: dict[str, str] = {}
+    offset = 0
+    for endpoint in endpoints:
+        worker = [d for d in all_devices if d.endpoint == endpoint]
+        for device in worker:
+            names[device.name] = f"RPC{offset + (device.worker_index or 0)}"
+        offset += len(worker)
+    for device in all_devices:
+        names.setdefault(device.name, device.name)  # local GPUs, and what-if workers with no endpoint
+    return names
+
+
+def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> list[str]:
+    """Devices llama-server offloads to when no -dev is given: the workers' devices, then local GPUs."""
+    rpc = [d.name for endpoint in endpoints for d in all_devices if d.endpoint == endpoint]
+    unreachable = [d.name for d in all_devices if d.backend == "RPC" and not d.endpoint]
+    local = [d.name for d in all_devices if d.backend != "RPC" and not d.is_host]
+    return rpc + unreachable + local
+
+
+def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice: Choice,
+               all_devices: Sequence[Device], options: ArgvOptions) -> tuple[str, ...]:
+    argv = ["-m", options.model_path, "-c", str(ctx_tokens), "-ngl", str(choice.n_gpu_layers)]
+    endpoints = used_endpoints(all_devices, choice.order)
+    if endpoints:
+        argv += ["--rpc", ",".join(endpoints)]  # must come before -dev
+    names = child_names(all_devices, endpoints)
+    order = [device.name for device in choice.order]
+    if order != default_order(all_devices, endpoints):
+        argv += ["-dev", ",".join(names[name] for name in order) if order else "none"]
+    if len(order) > 1:
+        argv += ["-ts", ",".join(str(count) for count in choice.counts)]
+    argv += ["-np", str(request.n_parallel), "-kvu" if request.kv_unified else "-no-kvu"]
+    argv += ["-b", str(request.n_batch), "-ub", str(request.n_ubatch)]
+    argv += ["-ctk", request.cache_type_k, "-ctv", request.cache_type_v, "-fa", request.flash_attn]
+    if request.swa_full:
+        argv.append("--swa-full")
+    if options.knows("--fit"):
+        argv += ["--fit", "off"]
+    return tuple(argv)

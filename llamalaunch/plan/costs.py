@@ -1,0 +1,72 @@
+"""Per-context cost tables for the planner: slot bytes as prefix sums, compute buffers cached."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+from functools import lru_cache
+from itertools import accumulate
+
+from llamalaunch.model.estimate import Estimate, Placement, estimate
+from llamalaunch.model.kv import kv_bytes_per_layer
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.request import Request
+from llamalaunch.probe.device import Device
+
+
+class CostModel:
+    """What each slot and device costs at one context size.
+
+    Weights and KV are additive per slot, so a device's share is a difference of prefix sums and
+    the greedy fill is a binary search; compute buffers depend on the whole placement and come from
+    the estimator (cached, since the planner asks for the same placements many times).
+    """
+
+    def __init__(self, profile: ModelProfile, request: Request, ctx_tokens: int,
+                 overhead: Mapping[str, int]) -> None:
+        self.profile = profile
+        self.request = request
+        self.ctx_tokens = ctx_tokens
+        self.overhead = overhead
+        self._prefix = {backend: self._prefix_sums(backend) for backend in ("CUDA", "CPU")}
+        self._estimate = lru_cache(maxsize=4096)(self._estimate_uncached)
+
+    def _prefix_sums(self, backend: str) -> list[int]:
+        layer_kv = kv_bytes_per_layer(self.profile, self.request, self.ctx_tokens, backend)
+        slot_bytes = [slot.bytes + (slot.cuda_extra_bytes if backend == "CUDA" else 0)
+                      for slot in self.profile.slots]
+        for layer, kv in enumerate(layer_kv):
+            slot_bytes[layer] += kv
+        return [0, *accumulate(slot_bytes)]
+
+    def _sums(self, backend: str) -> list[int]:
+        return self._prefix["CUDA" if backend == "CUDA" else "CPU"]
+
+    def range_bytes(self, backend: str, first: int, count: int) -> int:
+        """Weights and KV of slots [first, first + count) on a device of this backend."""
+        sums = self._sums(backend)
+        return sums[first + count] - sums[first]
+
+    def max_slots(self, backend: str, first: int, max_count: int, room: int) -> int:
+        """The most slots from `first` (at most `max_count`) whose weights and KV fit in `room`."""
+        sums = self._sums(backend)
+        end = bisect.bisect_right(sums, sums[first] + room, lo=first, hi=first + max_count + 1) - 1
+        return max(end - first, 0)
+
+    def overhead_bytes(self, device: Device) -> int:
+        return self.overhead.get(device.name, self.overhead.get(device.backend, 0))
+
+    def estimate(self, placement: Placement) -> Estimate:
+        return self._estimate(placement)
+
+    def _estimate_uncached(self, placement: Placement) -> Estimate:
+        overhead = {r.device: self.overhead.get(r.device, self.overhead.get(r.backend, 0))
+                    for r in placement.ranges}
+        return estimate(self.profile, placement, self.request, self.ctx_tokens, overhead)
+
+    def compute_bytes(self, placement: Placement, device_name: str) -> int:
+        return self.estimate(placement).devices[device_name].compute_bytes
+
+    def largest_block_bytes(self, backend: str) -> int:
+        sums = self._sums(backend)
+        return max(sums[i + 1] - sums[i] for i in range(self.profile.n_layer)) if self.profile.n_layer else 0

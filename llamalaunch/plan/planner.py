@@ -1,0 +1,160 @@
+"""make_plan: the context search and CPU spill around the placement search in split.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from llamalaunch.errors import PlanError
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.argv import ArgvOptions, build_argv
+from llamalaunch.plan.costs import CostModel
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
+from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
+from llamalaunch.probe.device import Device
+from llamalaunch.units import format_bytes
+
+
+def round_ctx(tokens: int) -> int:
+    return -(-tokens // CTX_STEP) * CTX_STEP
+
+
+class Planner:
+    """Plans for one model, device set and request; `overhead` is bytes per device name or backend."""
+
+    def __init__(self, profile: ModelProfile, devices: Sequence[Device], request: Request,
+                 overhead: Mapping[str, int] | None = None) -> None:
+        self.profile = profile
+        self.all_devices = tuple(devices)
+        self.request = request
+        self.overhead = dict(overhead or {})
+        self.devices = select_devices(devices, request)
+
+    def choice_at(self, ctx_tokens: int, n_gpu_layers: int) -> Choice | None:
+        fitter = Fitter(CostModel(self.profile, self.request, ctx_tokens, self.overhead), self.request)
+        return choose_placement(fitter, self.devices, n_gpu_layers) if self.devices else None
+
+    def largest_ctx(self, n_gpu_layers: int, low: int, high: int) -> tuple[int, Choice] | None:
+        """Largest ctx in [low, high] (multiples of 256) that fits; feasibility falls as ctx grows."""
+        low, high = round_ctx(low), round_ctx(high)
+        found = self.choice_at(low, n_gpu_layers)
+        if found is None:
+            return None
+        best = (low, found)
+        top = self.choice_at(high, n_gpu_layers)
+        if top is not None:
+            return high, top
+        while high - low > CTX_STEP:
+            middle = round_ctx((low + high) // 2)
+            if middle in (low, high):
+                break
+            choice = self.choice_at(middle, n_gpu_layers)
+            if choice is None:
+                high = middle
+            else:
+                low, best = middle, (middle, choice)
+        return best
+
+    def most_layers(self, ctx_tokens: int) -> Choice | None:
+        """CPU spill: the most trailing slots that fit at this ctx (bisection on -ngl)."""
+        low, high = 0, self.profile.n_slots
+        best: Choice | None = None
+        while low < high:
+            middle = (low + high + 1) // 2
+            choice = self.choice_at(ctx_tokens, middle)
+            if choice is None:
+                high = middle - 1
+            else:
+                low, best = middle, choice
+        return best
+
+    def ctx_ceiling(self) -> int:
+        return max(self.profile.n_ctx_train or CTX_STEP, self.request.ctx_min_tokens)
+
+    def solve(self) -> tuple[int, Choice]:
+        full = self.profile.n_slots
+        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        if self.request.n_gpu_layers is not None:
+            full = min(self.request.n_gpu_layers, full)
+        if self.request.ctx_tokens is None:
+            found = self.largest_ctx(full, floor, self.ctx_ceiling())
+            if found is not None:
+                return found
+            return self.spill_or_fail(round_ctx(floor))
+        ctx = round_ctx(self.request.ctx_tokens)
+        choice = self.choice_at(ctx, full)
+        if choice is not None:
+            return ctx, choice
+        if self.request.ctx_is_target and ctx > floor:
+            found = self.largest_ctx(full, floor, ctx - CTX_STEP)
+            if found is not None:
+                return found
+        return self.spill_or_fail(ctx)
+
+    def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
+        if self.request.cpu_spill:
+            choice = self.most_layers(ctx_tokens)
+            if choice is not None and choice.n_gpu_layers > 0:
+                return ctx_tokens, choice
+        raise PlanError(*self.refusal(ctx_tokens))
+
+    def refusal(self, ctx_tokens: int) -> tuple[str, str]:
+        if not self.devices:
+            return "no device to place layers on", "give --rpc workers, --assume devices, or allow --cpu-spill"
+        need = f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} does not fit on " + \
+            ", ".join(f"{d.name} ({format_bytes(max(device_limit(d, self.request), 0))} usable)" for d in self.devices)
+        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        found = self.largest_ctx(self.profile.n_slots, floor, ctx_tokens)
+        if found is not None:
+            return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
+        spill = self.most_layers(ctx_tokens)
+        if spill is not None and spill.n_gpu_layers > 0:
+            return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit: add --cpu-spill"
+        return need, "no layer fits even at the smallest context: free memory, add devices, or lower margins"
+
+
+def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
+              options: ArgvOptions, overhead: Mapping[str, int] | None = None,
+              on_choice: Callable[[int, Choice], None] | None = None) -> Plan:
+    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does."""
+    planner = Planner(profile, devices, request, overhead)
+    ctx_tokens, choice = planner.solve()
+    if on_choice is not None:
+        on_choice(ctx_tokens, choice)
+    return assemble(planner, ctx_tokens, choice, options)
+
+
+def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:
+    costs = CostModel(planner.profile, planner.request, ctx_tokens, planner.overhead)
+    fitter = Fitter(costs, planner.request)
+    placement = fitter.placement(choice.order, choice.counts, choice.n_gpu_layers)
+    estimate = costs.estimate(placement)
+    plans: list[DevicePlan] = []
+    for device, slot_range in zip(choice.order, placement.ranges):
+        plans.append(device_plan(planner.request, device, None, slot_range.first_slot, slot_range.n_slots,
+                                 estimate.devices[device.name]))
+    for device in planner.all_devices:
+        if device.is_host or device in choice.order:
+            continue
+        plans.append(device_plan(planner.request, device, leave_out_reason(planner, device, choice),
+                                 None, 0, MemoryUse()))
+    argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
+    return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
+                choice.n_gpu_layers, argv)
+
+
+def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:
+    if device.name in choice.excluded:
+        return choice.excluded[device.name]
+    if device.name in planner.request.exclude:
+        return "left out by --exclude"
+    if device not in planner.devices:
+        return "not listed in -dev"
+    return "not needed: the other devices hold every layer with more headroom"
+
+
+def device_plan(request: Request, device: Device, reason: str | None, first_slot: int | None,
+                n_layers: int, memory: MemoryUse) -> DevicePlan:
+    return DevicePlan(device=device, excluded=reason is not None, reason=reason, first_slot=first_slot,
+                      n_layers=n_layers, memory=memory, reserved_bytes=request.reserve_bytes.get(device.name, 0),
+                      limit_bytes=device_limit(device, request))

@@ -1,0 +1,43 @@
+"""The stable JSON form of a Plan (`plan --json`, the run state file). Add keys, never rename."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
+
+SCHEMA_VERSION = 1
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    model = plan.model
+    return {
+        "schema": SCHEMA_VERSION,
+        "model": {"path": model.path, "arch": model.arch, "name": model.name, "n_layer": model.n_layer,
+                  "n_slots": model.n_slots},
+        "ctx": plan.ctx_tokens,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "devices": [device_to_dict(device) for device in plan.devices],
+        "host": memory_to_dict(plan.host),
+        "argv": list(plan.argv),
+        "notes": list(plan.notes),
+    }
+
+
+def memory_to_dict(memory: MemoryUse) -> dict[str, int]:
+    return {"weights_bytes": memory.weights_bytes, "kv_bytes": memory.kv_bytes,
+            "compute_bytes": memory.compute_bytes, "overhead_bytes": memory.overhead_bytes}
+
+
+def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
+    device = plan.device
+    return {
+        "name": device.name, "backend": device.backend, "description": device.description,
+        "endpoint": device.endpoint, "assumed": device.assumed,
+        "free_bytes": device.free_bytes, "total_bytes": device.total_bytes,
+        "excluded": plan.excluded, "reason": plan.reason,
+        "n_layers": plan.n_layers, "first_slot": plan.first_slot,
+        **memory_to_dict(plan.memory),
+        "reserved_bytes": plan.reserved_bytes, "limit_bytes": plan.limit_bytes,
+        "planned_bytes": plan.planned_bytes, "headroom_bytes": plan.headroom_bytes,
+    }
