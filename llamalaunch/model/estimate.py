@@ -1,0 +1,110 @@
+"""The analytic memory estimator: weights, KV cache, compute buffers and overhead per device.
+
+`estimate()` answers "what does llama-server allocate where" for a placement of slots on devices,
+from the GGUF header alone. Weights and KV are exact (kv.py); compute buffers come from compute.py;
+the per-backend overhead llama.cpp does not account is a parameter, never a hidden constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from llamalaunch.errors import BadInputError
+from llamalaunch.model import compute
+from llamalaunch.model.kv import check_cache_types, context_shape, layer_kv_bytes, output_buffer_bytes
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.types import MemoryUse
+from llamalaunch.units import MIB
+
+# Memory a backend takes outside llama.cpp's accounting when the caller has no measurement.
+# CUDA: context, cuBLAS workspace and memory pool were 597-599 MiB on an H100 (CUDA 13, driver 580)
+# whatever the context; 640 MiB covers that with room for pool growth. Measure it per GPU when you can.
+DEFAULT_OVERHEAD_BYTES: Mapping[str, int] = MappingProxyType({"CUDA": 640 * MIB, "RPC": 0, "CPU": 0})
+
+
+@dataclass(frozen=True)
+class SlotRange:
+    """`n_slots` consecutive slots from `first_slot` on one device."""
+
+    device: str
+    backend: str
+    first_slot: int
+    n_slots: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Devices in llama.cpp order, contiguous, covering slots [n_slots_total - n_gpu_layers, n_slots_total).
+
+    Slots before the first range stay on the host (CPU spill).
+    """
+
+    ranges: tuple[SlotRange, ...]
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return sum(r.n_slots for r in self.ranges)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    devices: Mapping[str, MemoryUse]
+    host: MemoryUse
+
+
+def slot_devices(profile: ModelProfile, placement: Placement) -> tuple[SlotRange | None, ...]:
+    """The range holding each slot, None for slots on the host."""
+    owners: list[SlotRange | None] = [None] * profile.n_slots
+    expected_first = profile.n_slots - placement.n_gpu_layers
+    if expected_first < 0:
+        raise BadInputError(f"placement offloads {placement.n_gpu_layers} slots of {profile.n_slots}",
+                            "offload at most one slot per block plus the output slot")
+    for slot_range in placement.ranges:
+        if slot_range.first_slot != expected_first or slot_range.n_slots < 0:
+            raise BadInputError(f"placement range {slot_range} is not contiguous",
+                                "ranges must follow each other and end at the output slot")
+        for slot in range(slot_range.first_slot, slot_range.first_slot + slot_range.n_slots):
+            owners[slot] = slot_range
+        expected_first += slot_range.n_slots
+    return tuple(owners)
+
+
+def overhead_for(slot_range: SlotRange, overhead_bytes: Mapping[str, int] | None) -> int:
+    """The caller's figure for this device (by name, then backend), else the backend's default."""
+    given = overhead_bytes or {}
+    if slot_range.device in given:
+        return given[slot_range.device]
+    if slot_range.backend in given:
+        return given[slot_range.backend]
+    return DEFAULT_OVERHEAD_BYTES.get(slot_range.backend, 0)
+
+
+def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_tokens: int,
+             overhead_bytes: Mapping[str, int] | None = None) -> Estimate:
+    """Bytes llama-server would allocate on each device of `placement` and on the host."""
+    check_cache_types(request)
+    shape = context_shape(request, ctx_tokens)
+    owners = slot_devices(profile, placement)
+    weights = {r.device: 0 for r in placement.ranges}
+    kv = {r.device: 0 for r in placement.ranges}
+    host_weights, host_kv = profile.host_bytes, output_buffer_bytes(profile, request)
+    for slot, owner in enumerate(owners):
+        layer_kv = 0
+        if slot < profile.n_layer:
+            layer_kv = layer_kv_bytes(profile, request, shape, slot, owner.backend if owner else "CPU")
+        if owner is None:
+            host_weights += profile.slots[slot].bytes
+            host_kv += layer_kv
+            continue
+        extra = profile.slots[slot].cuda_extra_bytes if owner.backend == "CUDA" else 0
+        weights[owner.device] += profile.slots[slot].bytes + extra
+        kv[owner.device] += layer_kv
+    device_compute, host_compute = compute.compute_buffers(profile, placement, request, shape)
+    devices = {r.device: MemoryUse(weights[r.device], kv[r.device], device_compute.get(r.device, 0),
+                                   overhead_for(r, overhead_bytes))
+               for r in placement.ranges}
+    host = MemoryUse(host_weights, host_kv, host_compute, 0)
+    return Estimate(MappingProxyType(devices), host)

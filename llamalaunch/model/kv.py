@@ -1,0 +1,175 @@
+"""KV cache and recurrent-state bytes, exactly as llama.cpp allocates them.
+
+Rules (llama.cpp src/llama-context.cpp, llama-kv-cache.cpp, llama-kv-cache-iswa.cpp,
+llama-memory-recurrent.cpp, llama-model.cpp `create_memory`):
+- n_ctx rounds up to 256. Unified cache: one stream of n_ctx cells. Not unified: n_parallel streams of
+  pad256(n_ctx / n_parallel) cells each (n_ctx becomes their sum).
+- Per layer: K is [n_embd_k_gqa(il), cells, streams] of type_k, V likewise of type_v. Without flash
+  attention V is stored transposed and, when the V width varies across layers, padded to the widest.
+- Sliding-window layers hold pad256(min(cells, n_swa * (unified ? n_parallel : 1) + n_ubatch)) cells
+  per stream (all cells with --swa-full).
+- MLA (deepseek2 with kv_lora_rank): K holds kv_lora_rank + rope_dim per token and there is no V.
+- Recurrent layers hold r and s states of max(1, n_parallel) rows each; they never grow with context.
+- Each layer's cache sits on the device holding that layer's slot; layers left on the host keep theirs
+  in host memory. Every tensor is padded to the buffer's alignment; on CUDA a quantized tensor whose
+  row is not a multiple of 512 elements gets a partial padding row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from llamalaunch.errors import BadInputError
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.request import CACHE_TYPES, Request
+
+CTX_PAD = 256  # llama.cpp rounds n_ctx (and per-stream and SWA cell counts) up to this
+CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT: CPU and RPC-to-CPU buffers
+CUDA_ALIGNMENT = 128
+CUDA_ROW_PADDING = 512  # MATRIX_ROW_PADDING: quantized tensors get their last row padded to this
+F32_BYTES = 4
+
+
+def pad(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """The context llama.cpp builds for a request: cells, streams, batch sizes, flash attention."""
+
+    n_ctx: int  # total cells over all streams (what llama.cpp logs as n_ctx)
+    n_ctx_seq: int  # cells per stream (the KV tensor's second dimension)
+    n_stream: int  # 1 when unified, else n_parallel
+    n_seq: int  # n_parallel (llama.cpp's n_seq_max)
+    n_batch: int
+    n_ubatch: int
+    flash_attn: bool
+
+    @property
+    def unified(self) -> bool:
+        return self.n_stream == 1
+
+
+def flash_attn_enabled(request: Request) -> bool:
+    """`auto` resolves to on: every backend we plan for (CPU, CUDA, RPC) runs FA for the layer's device."""
+    return request.flash_attn != "off"
+
+
+def context_shape(request: Request, ctx_tokens: int) -> ContextShape:
+    if ctx_tokens <= 0:
+        raise BadInputError(f"context of {ctx_tokens} tokens", "give a positive context size")
+    n_seq = max(1, request.n_parallel)
+    n_ctx = pad(ctx_tokens, CTX_PAD)
+    if request.kv_unified or n_seq == 1:
+        n_ctx_seq, n_stream = n_ctx, 1
+    else:
+        n_ctx_seq, n_stream = pad(n_ctx // n_seq, CTX_PAD), n_seq
+        n_ctx = n_ctx_seq * n_seq
+    n_batch = min(n_ctx, request.n_batch)  # causal attention: a batch never exceeds the context
+    n_ubatch = min(n_batch, request.n_ubatch or n_batch)
+    return ContextShape(n_ctx, n_ctx_seq, n_stream, n_seq, n_batch, n_ubatch, flash_attn_enabled(request))
+
+
+def check_cache_types(request: Request) -> None:
+    for what, name in (("K", request.cache_type_k), ("V", request.cache_type_v)):
+        if name not in CACHE_TYPES:
+            raise BadInputError(f"unknown {what} cache type {name!r}", f"use one of {', '.join(CACHE_TYPES)}")
+    if request.flash_attn == "off" and is_quantized(request.cache_type_v):
+        raise BadInputError(f"a {request.cache_type_v} V cache needs flash attention",
+                            "drop --flash-attn off or use an f16 V cache")
+
+
+def _type_block(type_name: str) -> tuple[int, int]:
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+
+
+def is_quantized(type_name: str) -> bool:
+    return type_name not in ("f32", "f16", "bf16")
+
+
+def row_size(type_name: str, n_elements: int) -> int:
+    """ggml_row_size: bytes of one row of `n_elements` of a ggml type."""
+    block_size, type_size = _type_block(type_name)
+    return type_size * n_elements // block_size
+
+
+def tensor_alloc_bytes(type_name: str, ne0: int, n_rows: int, backend: str) -> int:
+    """Bytes a [ne0, n_rows] tensor takes in a buffer of `backend`, padding included."""
+    size = row_size(type_name, ne0) * n_rows
+    if backend == "CUDA":
+        if is_quantized(type_name) and ne0 % CUDA_ROW_PADDING:
+            size += row_size(type_name, CUDA_ROW_PADDING - ne0 % CUDA_ROW_PADDING)
+        return pad(size, CUDA_ALIGNMENT)
+    return pad(size, CPU_ALIGNMENT)
+
+
+def is_mla(profile: ModelProfile) -> bool:
+    return profile.kv_lora_rank > 0
+
+
+def has_attention_kv(profile: ModelProfile, il: int) -> bool:
+    return not profile.recurrent_layers[il] if profile.recurrent_layers else True
+
+
+def n_embd_k_gqa(profile: ModelProfile, il: int) -> int:
+    if is_mla(profile):
+        return profile.kv_lora_rank + profile.rope_dim
+    return profile.head_dim_k * profile.n_head_kv[il]
+
+
+def n_embd_v_gqa(profile: ModelProfile, il: int) -> int:
+    return profile.head_dim_v * profile.n_head_kv[il]
+
+
+def swa_cells(profile: ModelProfile, request: Request, shape: ContextShape) -> int:
+    """Cells per stream of a sliding-window layer."""
+    if request.swa_full or profile.n_swa <= 0:
+        return shape.n_ctx_seq
+    window = profile.n_swa * (shape.n_seq if shape.unified else 1) + shape.n_ubatch
+    return pad(min(shape.n_ctx_seq, window), CTX_PAD)
+
+
+def layer_cells(profile: ModelProfile, request: Request, shape: ContextShape, il: int) -> int:
+    is_swa = bool(profile.swa_layers) and profile.swa_layers[il]
+    return swa_cells(profile, request, shape) if is_swa else shape.n_ctx_seq
+
+
+def _v_width(profile: ModelProfile, shape: ContextShape, il: int) -> int:
+    if shape.flash_attn:
+        return n_embd_v_gqa(profile, il)
+    # [TAG_V_CACHE_VARIABLE]: a transposed V cache is padded to the widest layer
+    return max(n_embd_v_gqa(profile, j) for j in range(profile.n_layer) if has_attention_kv(profile, j))
+
+
+def layer_kv_bytes(profile: ModelProfile, request: Request, shape: ContextShape, il: int,
+                   backend: str = "CPU") -> int:
+    """K + V (or the recurrent states) of layer `il` in a buffer of `backend`."""
+    if not has_attention_kv(profile, il):
+        rows = shape.n_seq  # max(1, n_seq_max) rows, one per sequence
+        return (pad(profile.recurrent_r_bytes_per_seq * rows, _alignment(backend))
+                + pad(profile.recurrent_s_bytes_per_seq * rows, _alignment(backend)))
+    rows = layer_cells(profile, request, shape, il) * shape.n_stream
+    size = tensor_alloc_bytes(request.cache_type_k, n_embd_k_gqa(profile, il), rows, backend)
+    if not is_mla(profile):
+        size += tensor_alloc_bytes(request.cache_type_v, _v_width(profile, shape, il), rows, backend)
+    return size
+
+
+def _alignment(backend: str) -> int:
+    return CUDA_ALIGNMENT if backend == "CUDA" else CPU_ALIGNMENT
+
+
+def kv_bytes_per_layer(profile: ModelProfile, request: Request, ctx_tokens: int,
+                       backend: str = "CPU") -> tuple[int, ...]:
+    """Cache bytes of every block (n_layer entries) on a device of `backend`."""
+    check_cache_types(request)
+    shape = context_shape(request, ctx_tokens)
+    return tuple(layer_kv_bytes(profile, request, shape, il, backend) for il in range(profile.n_layer))
+
+
+def output_buffer_bytes(profile: ModelProfile, request: Request) -> int:
+    """llama-server's logits buffer in host memory: n_vocab floats for each of n_parallel outputs."""
+    return profile.n_vocab * max(1, request.n_parallel) * F32_BYTES
