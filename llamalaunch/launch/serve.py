@@ -98,6 +98,7 @@ class ServeRequest:
     api_key_file: Path | None = None
     max_attempts: int = 3
     max_restarts: int = 5
+    backoff_initial_s: float = 1.0
     load_timeout_s: float = 600.0
 
 
@@ -145,6 +146,7 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     options = ServeOptions(name=serve.name, server=inputs.toolchain.server.path, host=serve.host, port=port,
                            extra_args=serve.extra_args, max_attempts=serve.max_attempts,
                            max_restarts=serve.max_restarts, load_timeout_s=serve.load_timeout_s,
+                           backoff_initial_s=serve.backoff_initial_s,
                            api_key_file=serve.api_key_file, log_path=log_path)
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
     supervisor = Supervisor(options, inputs.plan, lambda event: (recorder.record(event, supervisor), on_event(event)))

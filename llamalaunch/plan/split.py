@@ -50,19 +50,24 @@ class Fitter:
 
     def greedy(self, order: Sequence[Device], n_gpu_layers: int, spare_per_mille: int,
                compute_guess: Placement) -> tuple[int, ...] | None:
-        """Fill devices in order, each up to its limit less a spare share; None if slots remain."""
+        """Fill devices in order, each up to its limit less a spare share; None if slots remain.
+
+        Every device that can hold a slot at all gets at least one: a small card is used, not idled.
+        """
         counts: list[int] = []
         first = self.n_slots - n_gpu_layers
         for index, device in enumerate(order):
             limit = device_limit(device, self.request)
-            room = limit - limit * spare_per_mille // 1000
-            room -= self.costs.compute_bytes(compute_guess, device.name) + self.costs.overhead_bytes(device)
+            fixed = self.costs.compute_bytes(compute_guess, device.name) + self.costs.overhead_bytes(device)
+            room = limit - limit * spare_per_mille // 1000 - fixed
             if index == len(order) - 1:
                 count = self.n_slots - first
                 if self.costs.range_bytes(device.backend, first, count) > room:
                     return None
             else:
-                count = self.costs.max_slots(device.backend, first, self.n_slots - 1 - first, room)
+                most = self.n_slots - 1 - first
+                count = self.costs.max_slots(device.backend, first, most, room) or \
+                    self.costs.max_slots(device.backend, first, min(most, 1), limit - fixed)
             counts.append(count)
             first += count
         return tuple(counts)
