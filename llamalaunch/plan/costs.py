@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from itertools import accumulate
 
-from llamalaunch.model.estimate import Estimate, Placement, estimate
+from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES, Estimate, Placement, estimate
 from llamalaunch.model.kv import kv_bytes_per_layer
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
@@ -27,7 +27,7 @@ class CostModel:
         self.profile = profile
         self.request = request
         self.ctx_tokens = ctx_tokens
-        self.overhead = overhead
+        self.overhead = {**DEFAULT_OVERHEAD_BYTES, **overhead}
         self._prefix = {backend: self._prefix_sums(backend) for backend in ("CUDA", "CPU")}
         self._estimate = lru_cache(maxsize=4096)(self._estimate_uncached)
 

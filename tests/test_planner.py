@@ -1,0 +1,173 @@
+"""The planner on what-if devices: pure, no processes (the real-load checks are in test_plan_vs_llama.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.errors import BadInputError, PlanError
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.model.synthetic import write_preset
+from llamalaunch.plan.argv import ArgvOptions
+from llamalaunch.plan.planner import make_plan
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.types import Plan
+from llamalaunch.probe.device import Device
+from llamalaunch.units import GIB, MIB
+
+OPTIONS = ArgvOptions("m.gguf")
+
+
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory: pytest.TempPathFactory) -> ModelProfile:
+    return load_profile(write_preset(tmp_path_factory.mktemp("m") / "8b.gguf", "llama-8b"))
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory: pytest.TempPathFactory) -> ModelProfile:
+    return load_profile(write_preset(tmp_path_factory.mktemp("m") / "70b.gguf", "llama-70b"))
+
+
+def cuda(index: int, free: int, order: int | None = None) -> Device:
+    return Device(f"CUDA{index}", "CUDA", "what-if", free, free, index if order is None else order, assumed=True)
+
+
+def rpc(index: int, free: int, endpoint: str, worker_index: int = 0) -> Device:
+    return Device(f"RPC{index}", "RPC", endpoint, free, free, index, endpoint=endpoint, worker_index=worker_index)
+
+
+def used(plan: Plan) -> dict[str, int]:
+    return {p.device.name: p.n_layers for p in plan.devices if not p.excluded}
+
+
+def assert_consistent(plan: Plan) -> None:
+    """Layers add up, ranges are contiguous and end at the output slot, nothing exceeds its limit."""
+    active = [p for p in plan.devices if not p.excluded]
+    assert sum(p.n_layers for p in active) == plan.n_gpu_layers
+    first = plan.model.n_slots - plan.n_gpu_layers
+    for device_plan in active:
+        assert device_plan.first_slot == first
+        first += device_plan.n_layers
+        assert device_plan.planned_bytes <= device_plan.limit_bytes
+    assert first == plan.model.n_slots
+    argv = list(plan.argv)
+    assert argv[argv.index("-ngl") + 1] == str(plan.n_gpu_layers)
+    if len(active) > 1:
+        assert argv[argv.index("-ts") + 1] == ",".join(str(p.n_layers) for p in active)
+    if "--rpc" in argv and "-dev" in argv:
+        assert argv.index("--rpc") < argv.index("-dev")
+
+
+def test_seed_case_small_card_left_out_exactly_when_it_cannot_hold_a_layer(llama_8b: ModelProfile) -> None:
+    devices = [cuda(0, 24 * GIB), cuda(1, 1 * GIB)]
+    roomy = make_plan(llama_8b, devices, Request(ctx_tokens=4096), OPTIONS)
+    assert_consistent(roomy)
+    assert used(roomy)["CUDA1"] >= 1
+    tight = make_plan(llama_8b, devices, Request(ctx_tokens=32768), OPTIONS)
+    assert_consistent(tight)
+    small = next(p for p in tight.devices if p.device.name == "CUDA1")
+    assert small.excluded
+    assert small.reason is not None and small.reason.startswith("cannot hold one layer with its KV cache and compute")
+    assert "-dev" in tight.argv and tight.argv[tight.argv.index("-dev") + 1] == "CUDA0"
+
+
+def test_reservation_is_kept_free(llama_8b: ModelProfile) -> None:
+    devices = [cuda(0, 12 * GIB)]
+    plain = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS)
+    reserved = make_plan(llama_8b, devices, Request(ctx_tokens=None, reserve_bytes={"CUDA0": 2 * GIB}), OPTIONS)
+    assert_consistent(reserved)
+    assert reserved.ctx_tokens < plain.ctx_tokens
+    device = reserved.devices[0]
+    assert device.reserved_bytes == 2 * GIB
+    assert device.planned_bytes + device.reserved_bytes + reserved.request.margin_bytes <= 12 * GIB
+
+
+def test_ctx_max_grows_with_free_memory(llama_8b: ModelProfile) -> None:
+    contexts = [make_plan(llama_8b, [cuda(0, free * GIB)], Request(ctx_tokens=None), OPTIONS).ctx_tokens
+                for free in (6, 7, 8, 10, 14)]
+    assert contexts == sorted(contexts)
+    assert all(ctx % 256 == 0 for ctx in contexts)
+    assert contexts[-1] > contexts[0]
+
+
+def test_ctx_max_is_the_edge(llama_8b: ModelProfile) -> None:
+    """One step (256 tokens) more would not fit: the search stops at the edge, not before it."""
+    plan = make_plan(llama_8b, [cuda(0, 10 * GIB)], Request(ctx_tokens=None), OPTIONS)
+    with pytest.raises(PlanError):
+        make_plan(llama_8b, [cuda(0, 10 * GIB)], Request(ctx_tokens=plan.ctx_tokens + 256), OPTIONS)
+
+
+def test_budget_caps_a_device(llama_8b: ModelProfile) -> None:
+    devices = [rpc(0, 20 * GIB, "10.0.0.5:50052"), cuda(0, 20 * GIB, order=1)]
+    plan = make_plan(llama_8b, devices, Request(ctx_tokens=8192, budget_bytes={"RPC0": 1 * GIB}), OPTIONS)
+    assert_consistent(plan)
+    rpc_plan = next(p for p in plan.devices if p.device.name == "RPC0")
+    assert rpc_plan.planned_bytes <= 1 * GIB - plan.request.margin_bytes
+
+
+def test_too_big_says_what_would_fit(llama_70b: ModelProfile) -> None:
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=8192), OPTIONS)
+    assert "add --cpu-spill" in str(raised.value)
+    assert "does not fit on CUDA0" in str(raised.value)
+
+
+def test_too_long_context_says_the_largest_that_fits(llama_8b: ModelProfile) -> None:
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=131072), OPTIONS)
+    assert "the largest context that fits is" in str(raised.value)
+
+
+def test_cpu_spill_keeps_the_first_slots_on_the_host(llama_70b: ModelProfile) -> None:
+    plan = make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=8192, cpu_spill=True), OPTIONS)
+    assert_consistent(plan)
+    assert 0 < plan.n_gpu_layers < llama_70b.n_slots
+    assert plan.host.weights_bytes > llama_70b.host_bytes
+    one_more = Request(ctx_tokens=8192, n_gpu_layers=plan.n_gpu_layers + 1)
+    with pytest.raises(PlanError):
+        make_plan(llama_70b, [cuda(0, 24 * GIB)], one_more, OPTIONS)
+
+
+def test_dropped_worker_renumbers_the_rest(llama_8b: ModelProfile) -> None:
+    """A worker left out is not passed to --rpc, so llama.cpp's names for the next ones shift."""
+    devices = [rpc(0, 100 * MIB, "10.0.0.5:50052"), rpc(1, 30 * GIB, "10.0.0.6:50052"), cuda(0, 8 * GIB, order=2)]
+    plan = make_plan(llama_8b, devices, Request(ctx_tokens=8192), OPTIONS)
+    assert_consistent(plan)
+    argv = list(plan.argv)
+    assert argv[argv.index("--rpc") + 1] == "10.0.0.6:50052"
+    assert next(p for p in plan.devices if p.device.name == "RPC0").excluded
+    if "-dev" in argv:
+        assert "RPC1" not in argv[argv.index("-dev") + 1]
+
+
+def test_unknown_device_names_are_refused(llama_8b: ModelProfile) -> None:
+    with pytest.raises(BadInputError, match="unknown device 'CUDA7'"):
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(devices=("CUDA7",)), OPTIONS)
+    with pytest.raises(BadInputError, match="unknown device 'RPC3'"):
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(budget_bytes={"RPC3": GIB}), OPTIONS)
+
+
+def test_device_order_and_selection_follow_dev(llama_8b: ModelProfile) -> None:
+    devices = [cuda(0, 8 * GIB), cuda(1, 8 * GIB)]
+    plan = make_plan(llama_8b, devices, Request(ctx_tokens=4096, devices=("CUDA1",)), OPTIONS)
+    assert used(plan) == {"CUDA1": llama_8b.n_slots}
+    assert plan.argv[plan.argv.index("-dev") + 1] == "CUDA1"
+    left_out = next(p for p in plan.devices if p.device.name == "CUDA0")
+    assert left_out.reason == "not listed in -dev"
+
+
+def test_eight_devices_share_a_70b(llama_70b: ModelProfile) -> None:
+    devices = [cuda(i, (4 + 2 * i) * GIB) for i in range(8)]
+    plan = make_plan(llama_70b, devices, Request(ctx_tokens=None), OPTIONS)
+    assert_consistent(plan)
+    assert plan.n_gpu_layers == llama_70b.n_slots
+    assert plan.ctx_tokens >= 32768
+
+
+def test_models_profile_is_read_once(tmp_path: Path) -> None:
+    """Plans are pure: the same inputs give the same plan."""
+    profile = load_profile(write_preset(tmp_path / "t.gguf", "tiny-llama"))
+    devices = [cuda(0, 2 * GIB), cuda(1, 1 * GIB)]
+    assert make_plan(profile, devices, Request(), OPTIONS) == make_plan(profile, devices, Request(), OPTIONS)
