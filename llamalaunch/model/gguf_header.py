@@ -27,7 +27,8 @@ MAX_TENSOR_NAME = 63  # GGML_MAX_NAME (64) with its terminating zero
 MAX_TENSORS = 1 << 20
 MAX_KV = 1 << 16
 MAX_KEY_BYTES = 1 << 16
-MAX_STRING_BYTES = 64 << 20  # a chat template is tens of KiB; ggml's own cap is 1 GiB
+MAX_STRING_BYTES = 16 << 20  # a chat template is tens of KiB; ggml's own cap is 1 GiB
+MAX_STRING_ARRAY = 1 << 24  # the largest vocabularies and merge lists have under a million entries
 MAX_KEPT_ARRAY = 4096  # arrays longer than this keep their length only (tokens, merges, scores)
 _CHUNK = 1 << 20
 
@@ -209,8 +210,7 @@ def read_header(path: str | Path) -> GgufHeader:
     try:
         with open(path, "rb") as stream:
             stream.seek(0, 2)
-            file_size = stream.tell()
-            return _read(_Reader(stream, file_size, str(path)))
+            return parse_header(stream, stream.tell(), str(path))
     except FileNotFoundError:
         raise ModelError(f"{path}: no such file", "check the model path") from None
     except IsADirectoryError:
@@ -221,21 +221,32 @@ def read_header(path: str | Path) -> GgufHeader:
         raise ModelError(f"{path}: cannot read ({error.strerror or error})", "check the file and the disk") from None
 
 
+def parse_header(stream: BinaryIO, file_size: int, name: str) -> GgufHeader:
+    """Parse from an open binary stream of `file_size` bytes (tests and fuzzing use io.BytesIO)."""
+    return _read(_Reader(stream, file_size, name))
+
+
 def _read(reader: _Reader) -> GgufHeader:
     version = _read_preamble(reader)
     n_tensors = reader.u64("tensor count")
     n_kv = reader.u64("key/value count")
     # The smallest tensor entry is 24 bytes (empty name, no dims), the smallest KV 13 bytes.
-    if n_tensors > MAX_TENSORS or n_tensors * 24 > reader.left():
-        raise reader.fail(f"header claims {n_tensors} tensors, more than the file can hold")
-    if n_kv > MAX_KV or n_kv * 13 > reader.left():
-        raise reader.fail(f"header claims {n_kv} key/value pairs, more than the file can hold")
+    _check_count(reader, n_tensors, "tensors", MAX_TENSORS, 24)
+    _check_count(reader, n_kv, "key/value pairs", MAX_KV, 13)
     kv = _read_kv(reader, n_kv)
     alignment = _alignment(reader, kv)
     infos = [_read_tensor_info(reader) for _ in range(n_tensors)]
     data_offset = pad(reader.pos, alignment) if n_tensors else reader.pos
     tensors = _place_tensors(reader, infos, alignment, data_offset)
     return GgufHeader(reader.path, version, kv, tensors, alignment, data_offset, reader.file_size)
+
+
+def _check_count(reader: _Reader, count: int, what: str, cap: int, min_entry_bytes: int) -> None:
+    if count > cap:
+        raise reader.fail(f"header claims {count} {what}, more than the {cap} allowed")
+    if count * min_entry_bytes > reader.left():
+        raise reader.fail(f"truncated header: it claims {count} {what}, more than the {reader.left()} bytes "
+                          "left can hold")
 
 
 def _read_preamble(reader: _Reader) -> int:
@@ -288,7 +299,9 @@ def _read_array(reader: _Reader, key: str) -> GgufArray:
     else:
         raise reader.fail(f"array {key!r} has unsupported element type {element_type}")
     if count * element_size > reader.left():
-        raise reader.fail(f"array {key!r} claims {count} elements, more than the file holds")
+        raise reader.fail(f"truncated header: array {key!r} claims {count} elements, more than the file holds")
+    if element_type == _STRING and count > MAX_STRING_ARRAY:
+        raise reader.fail(f"array {key!r} claims {count} strings, more than the {MAX_STRING_ARRAY} allowed")
     if count > MAX_KEPT_ARRAY:
         if element_type == _STRING:
             reader.skip_strings(count, repr(key))

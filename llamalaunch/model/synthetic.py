@@ -1,0 +1,484 @@
+"""Synthetic GGUF models of any family and shape, for tests and benchmarks.
+
+The header, tensor table and a small SentencePiece vocabulary are written by hand (the layout is what
+gguf_header reads back); the file is then truncated to its full size, so the tensor data is a sparse
+hole of zeros: a 70B shape costs no disk and llama.cpp loads it at page-cache speed. Zero weights give
+equal logits, so the server answers (greedy picks token 0); send "ignore_eos": true to get n tokens.
+
+Pitfalls llama.cpp has taught (DESIGN.md §4): no rope_freqs / phi3 rope-factor tensors (zeros make
+every logit NaN), gemma2/3 tied (no output.weight), `<|endoftext|>` in every vocab (phi3 wants it),
+deepseek2 gets q_lora_rank (only the "lite" block counts may omit it).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from array import array
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llamalaunch.model.gguf_header import DEFAULT_ALIGNMENT, GGUF_MAGIC, ggml_type_name, pad, read_header, type_block
+
+# ggml type ids by name (only those a synthetic model uses for its matrices).
+WEIGHT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+                "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "BF16": 30}
+# general.file_type (LLAMA_FTYPE) for a file whose matrices are all of one type.
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+               "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
+F32, F16 = 0, 1
+_T_STRING, _T_ARRAY, _T_U32, _T_I32, _T_F32, _T_BOOL = 8, 9, 4, 5, 6, 7
+
+
+@dataclass(frozen=True)
+class SyntheticShape:
+    """Sizes of a synthetic model. 0 means "the family's default" where a default exists."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int
+    head_dim: int = 0  # 0: n_embd // n_head
+    n_ctx_train: int = 4096
+    tied: bool = False  # no output.weight: llama.cpp copies token_embd to the output device
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_expert_shared: int = 0
+    n_layer_dense_lead: int = 0  # deepseek2: the first blocks have a dense FFN
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    rope_dim: int = 0  # deepseek2: rope part of each key head
+    mla: bool = True  # deepseek2: write the MLA layout (key_length_mla, attn_k_b/attn_v_b)
+    n_swa: int = 0  # sliding window (gemma2/3, lfm2)
+    swa_pattern: int = 0  # 0: the family's default period
+    ssm_d_inner: int = 0
+    ssm_d_state: int = 0
+    ssm_d_conv: int = 4
+    ssm_n_group: int = 1
+    ssm_n_head: int = 0  # ssm.time_step_rank
+    attention_layers: tuple[int, ...] = field(default=())  # hybrids: blocks with attention, the rest recurrent
+    shortconv_l_cache: int = 3
+
+    @property
+    def head_dim_k(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """A named preset: family, shape and the type of its matrices."""
+
+    arch: str
+    shape: SyntheticShape
+    file_type: str = "Q4_0"
+
+
+_TINY = SyntheticShape(n_layer=4, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=512, n_ctx_train=4096)
+SHAPES: dict[str, SyntheticSpec] = {
+    "llama-8b": SyntheticSpec("llama", SyntheticShape(32, 4096, 14336, 32, 8, 128256, n_ctx_train=131072)),
+    "llama-70b": SyntheticSpec("llama", SyntheticShape(80, 8192, 28672, 64, 8, 128256, n_ctx_train=131072)),
+    "tiny-llama": SyntheticSpec("llama", _TINY),
+    "tiny-mixtral": SyntheticSpec("llama", replace(_TINY, n_expert=4, n_expert_used=2)),
+    "tiny-qwen2": SyntheticSpec("qwen2", _TINY),
+    "tiny-qwen3": SyntheticSpec("qwen3", replace(_TINY, head_dim=32, tied=True)),
+    "tiny-gemma2": SyntheticSpec("gemma2", replace(_TINY, head_dim=32, tied=True, n_swa=128)),
+    "tiny-gemma3": SyntheticSpec("gemma3", replace(_TINY, n_layer=7, head_dim=32, tied=True, n_swa=128)),
+    "tiny-qwen3moe": SyntheticSpec("qwen3moe", replace(_TINY, head_dim=32, n_expert=8, n_expert_used=2,
+                                                       n_ff_exp=64)),
+    "tiny-deepseek2": SyntheticSpec("deepseek2", replace(
+        _TINY, n_layer=3, n_head_kv=4, n_expert=4, n_expert_used=2, n_ff_exp=64, n_expert_shared=1,
+        n_layer_dense_lead=1, q_lora_rank=32, kv_lora_rank=64, rope_dim=32, head_dim=64)),
+    "tiny-deepseek2-nomla": SyntheticSpec("deepseek2", replace(
+        _TINY, n_layer=3, n_head_kv=4, n_expert=4, n_expert_used=2, n_ff_exp=64, n_expert_shared=1,
+        n_layer_dense_lead=1, q_lora_rank=32, kv_lora_rank=64, rope_dim=32, head_dim=64, mla=False)),
+    "tiny-phi3": SyntheticSpec("phi3", replace(_TINY, n_head_kv=4)),
+    "tiny-mamba2": SyntheticSpec("mamba2", replace(_TINY, n_head=0, n_head_kv=0, n_ff=0, tied=True,
+                                                   ssm_d_inner=128, ssm_d_state=16, ssm_n_head=4)),
+    "tiny-granitehybrid": SyntheticSpec("granitehybrid", replace(
+        _TINY, ssm_d_inner=128, ssm_d_state=16, ssm_n_head=4, attention_layers=(1, 3))),
+    "tiny-lfm2": SyntheticSpec("lfm2", replace(_TINY, tied=True, attention_layers=(1, 3))),
+}
+
+
+def write_preset(path: str | Path, name: str, **changes: object) -> Path:
+    """Write a preset from SHAPES, with shape fields changed (`n_layer=8`) or the matrices' `file_type`."""
+    spec = SHAPES[name]
+    file_type = str(changes.pop("file_type", spec.file_type))
+    return write_synthetic(path, spec.arch, replace(spec.shape, **changes), file_type)  # type: ignore[arg-type]
+
+
+def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_type: str = "Q4_0") -> Path:
+    """Write a sparse GGUF that llama.cpp loads: header, tensor table, then a hole of zeros."""
+    if arch not in _TENSORS:
+        raise ValueError(f"no synthetic layout for arch {arch!r}; known: {', '.join(sorted(_TENSORS))}")
+    if file_type not in WEIGHT_TYPES:
+        raise ValueError(f"file_type {file_type!r} not one of {', '.join(WEIGHT_TYPES)}")
+    weight_type = WEIGHT_TYPES[file_type]
+    tensors = [(name, dims, _tensor_type(kind, dims, weight_type)) for name, dims, kind in _TENSORS[arch](shape)]
+    out = _Writer()
+    kv = _keys(arch, shape, file_type)
+    out.header(len(tensors), len(kv) + _VOCAB_KEYS)
+    for key, value_type, value in kv:
+        out.kv(key, value_type, value)
+    out.raw(_vocab_bytes(shape.n_vocab))
+    offset = 0
+    for name, dims, ggml_type in tensors:
+        out.tensor_info(name, dims, ggml_type, offset)
+        offset += pad(_nbytes(dims, ggml_type), DEFAULT_ALIGNMENT)
+    path = Path(path)
+    with open(path, "wb") as stream:
+        stream.write(out.data())
+        data_offset = pad(stream.tell(), DEFAULT_ALIGNMENT)
+        stream.truncate(data_offset + offset)
+    return path
+
+
+def _nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
+    block = type_block(ggml_type)
+    assert block is not None
+    count = 1
+    for ne in dims:
+        count *= ne
+    return count // block[0] * block[1]
+
+
+def _tensor_type(kind: str, dims: tuple[int, ...], weight_type: int) -> int:
+    """Norms, biases, routers and SSM parameters stay F32 (as converters write them); matrices take the
+    file's type, or F16 where a row is not a whole number of its blocks (as llama-quantize falls back)."""
+    if kind == "f32" or len(dims) < 2:
+        return F32
+    block = type_block(weight_type)
+    assert block is not None
+    return weight_type if dims[0] % block[0] == 0 else F16
+
+
+# --- key/values -------------------------------------------------------------------------------------
+
+def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, object]]:
+    kv: list[tuple[str, int, object]] = [
+        ("general.architecture", _T_STRING, arch),
+        ("general.name", _T_STRING, f"synthetic {arch} {s.n_layer}x{s.n_embd}"),
+        ("general.file_type", _T_U32, _FILE_TYPES[file_type]),
+        ("general.quantization_version", _T_U32, 2),
+        (f"{arch}.context_length", _T_U32, s.n_ctx_train),
+        (f"{arch}.embedding_length", _T_U32, s.n_embd),
+        (f"{arch}.block_count", _T_U32, s.n_layer),
+        (f"{arch}.attention.layer_norm_rms_epsilon", _T_F32, 1e-5),
+        (f"{arch}.rope.freq_base", _T_F32, 10000.0),
+    ]
+    if s.n_ff:
+        kv.append((f"{arch}.feed_forward_length", _T_U32, s.n_ff))
+    if s.n_head:
+        kv.append((f"{arch}.attention.head_count", _T_U32, s.n_head))
+    kv += _head_kv_keys(arch, s)
+    if s.n_expert:
+        kv += [(f"{arch}.expert_count", _T_U32, s.n_expert), (f"{arch}.expert_used_count", _T_U32, s.n_expert_used)]
+    if s.n_ff_exp:
+        kv.append((f"{arch}.expert_feed_forward_length", _T_U32, s.n_ff_exp))
+    if s.n_swa:
+        kv.append((f"{arch}.attention.sliding_window", _T_U32, s.n_swa))
+    if s.swa_pattern:
+        kv.append((f"{arch}.attention.sliding_window_pattern", _T_U32, s.swa_pattern))
+    return kv + _ARCH_KEYS.get(arch, _no_keys)(arch, s)
+
+
+def _head_kv_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    if arch in ("granitehybrid", "lfm2"):  # a 0 marks a recurrent block
+        per_layer = [s.n_head_kv if il in s.attention_layers else 0 for il in range(s.n_layer)]
+        return [(f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, per_layer))]
+    if arch == "deepseek2":
+        return []  # written with the MLA keys
+    keys: list[tuple[str, int, object]] = []
+    if s.n_head:
+        keys.append((f"{arch}.attention.head_count_kv", _T_U32, s.n_head_kv))
+    if s.head_dim:
+        keys += [(f"{arch}.attention.key_length", _T_U32, s.head_dim),
+                 (f"{arch}.attention.value_length", _T_U32, s.head_dim)]
+    return keys
+
+
+def _no_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return []
+
+
+def _deepseek2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    nope = s.head_dim - s.rope_dim
+    keys: list[tuple[str, int, object]] = [
+        (f"{arch}.leading_dense_block_count", _T_U32, s.n_layer_dense_lead),
+        (f"{arch}.attention.kv_lora_rank", _T_U32, s.kv_lora_rank),
+        (f"{arch}.rope.dimension_count", _T_U32, s.rope_dim),
+        (f"{arch}.expert_shared_count", _T_U32, s.n_expert_shared),
+        (f"{arch}.expert_weights_scale", _T_F32, 1.0),
+        (f"{arch}.expert_weights_norm", _T_BOOL, True),
+    ]
+    if s.q_lora_rank:
+        keys.append((f"{arch}.attention.q_lora_rank", _T_U32, s.q_lora_rank))
+    if s.mla:  # cache holds kv_lora_rank + rope_dim per token, one KV head
+        return keys + [
+            (f"{arch}.attention.head_count_kv", _T_U32, 1),
+            (f"{arch}.attention.key_length", _T_U32, s.kv_lora_rank + s.rope_dim),
+            (f"{arch}.attention.value_length", _T_U32, s.kv_lora_rank),
+            (f"{arch}.attention.key_length_mla", _T_U32, nope + s.rope_dim),
+            (f"{arch}.attention.value_length_mla", _T_U32, nope),
+        ]
+    return keys + [
+        (f"{arch}.attention.head_count_kv", _T_U32, s.n_head),
+        (f"{arch}.attention.key_length", _T_U32, nope + s.rope_dim),
+        (f"{arch}.attention.value_length", _T_U32, nope),
+    ]
+
+
+def _ssm_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [
+        (f"{arch}.ssm.conv_kernel", _T_U32, s.ssm_d_conv),
+        (f"{arch}.ssm.inner_size", _T_U32, s.ssm_d_inner),
+        (f"{arch}.ssm.state_size", _T_U32, s.ssm_d_state),
+        (f"{arch}.ssm.time_step_rank", _T_U32, s.ssm_n_head),
+        (f"{arch}.ssm.group_count", _T_U32, s.ssm_n_group),
+    ]
+
+
+def _lfm2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.shortconv.l_cache", _T_U32, s.shortconv_l_cache)]
+
+
+_ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys, "lfm2": _lfm2_keys}
+
+
+# --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
+
+Tensor = tuple[str, tuple[int, ...], str]  # name, ggml dims (ne0 first), "w" (matrix) or "f32"
+
+
+def _embeddings(s: SyntheticShape, output_norm: str = "output_norm") -> list[Tensor]:
+    tensors: list[Tensor] = [("token_embd.weight", (s.n_embd, s.n_vocab), "w"),
+                             (f"{output_norm}.weight", (s.n_embd,), "f32")]
+    if not s.tied:
+        tensors.append(("output.weight", (s.n_embd, s.n_vocab), "w"))
+    return tensors
+
+
+def _attention(i: int, s: SyntheticShape, q_bias: bool = False, qk_norm: bool = False) -> list[Tensor]:
+    q, kv = s.head_dim_k * s.n_head, s.head_dim_k * s.n_head_kv
+    b = f"blk.{i}."
+    tensors: list[Tensor] = [(b + "attn_q.weight", (s.n_embd, q), "w"), (b + "attn_k.weight", (s.n_embd, kv), "w"),
+                             (b + "attn_v.weight", (s.n_embd, kv), "w"), (b + "attn_output.weight", (q, s.n_embd), "w")]
+    if q_bias:
+        tensors += [(b + "attn_q.bias", (q,), "f32"), (b + "attn_k.bias", (kv,), "f32"), (b + "attn_v.bias", (kv,), "f32")]
+    if qk_norm:
+        tensors += [(b + "attn_q_norm.weight", (s.head_dim_k,), "f32"), (b + "attn_k_norm.weight", (s.head_dim_k,), "f32")]
+    return tensors
+
+
+def _ffn(i: int, n_embd: int, n_ff: int, suffix: str = "") -> list[Tensor]:
+    b = f"blk.{i}."
+    return [(f"{b}ffn_gate{suffix}.weight", (n_embd, n_ff), "w"), (f"{b}ffn_down{suffix}.weight", (n_ff, n_embd), "w"),
+            (f"{b}ffn_up{suffix}.weight", (n_embd, n_ff), "w")]
+
+
+def _experts(i: int, s: SyntheticShape, n_ff_exp: int) -> list[Tensor]:
+    b, e = f"blk.{i}.", s.n_expert
+    return [(b + "ffn_gate_inp.weight", (s.n_embd, e), "f32"),
+            (b + "ffn_gate_exps.weight", (s.n_embd, n_ff_exp, e), "w"),
+            (b + "ffn_down_exps.weight", (n_ff_exp, s.n_embd, e), "w"),
+            (b + "ffn_up_exps.weight", (s.n_embd, n_ff_exp, e), "w")]
+
+
+def _norm(i: int, name: str, size: int) -> Tensor:
+    return (f"blk.{i}.{name}.weight", (size,), "f32")
+
+
+def _llama_like(s: SyntheticShape, q_bias: bool = False, qk_norm: bool = False) -> list[Tensor]:
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)]
+        tensors += _attention(i, s, q_bias, qk_norm)
+        tensors += _experts(i, s, s.n_ff_exp or s.n_ff) if s.n_expert else _ffn(i, s.n_embd, s.n_ff)
+    return tensors
+
+
+def _gemma(s: SyntheticShape, qk_norm: bool) -> list[Tensor]:
+    tensors = _embeddings(replace(s, tied=True))  # gemma refuses output.weight
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd),
+                    _norm(i, "ffn_norm", s.n_embd), _norm(i, "post_ffw_norm", s.n_embd)]
+        tensors += _attention(i, s, qk_norm=qk_norm) + _ffn(i, s.n_embd, s.n_ff)
+    return tensors
+
+
+def _deepseek2(s: SyntheticShape) -> list[Tensor]:
+    nope, v_dim = s.head_dim - s.rope_dim, s.head_dim - s.rope_dim
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "attn_kv_a_norm", s.kv_lora_rank),
+                    _norm(i, "ffn_norm", s.n_embd),
+                    (b + "attn_kv_a_mqa.weight", (s.n_embd, s.kv_lora_rank + s.rope_dim), "w"),
+                    (b + "attn_output.weight", (s.n_head * v_dim, s.n_embd), "w")]
+        if s.q_lora_rank:
+            tensors += [_norm(i, "attn_q_a_norm", s.q_lora_rank),
+                        (b + "attn_q_a.weight", (s.n_embd, s.q_lora_rank), "w"),
+                        (b + "attn_q_b.weight", (s.q_lora_rank, s.n_head * s.head_dim), "w")]
+        else:
+            tensors.append((b + "attn_q.weight", (s.n_embd, s.n_head * s.head_dim), "w"))
+        if s.mla:
+            tensors += [(b + "attn_k_b.weight", (nope, s.kv_lora_rank, s.n_head), "w"),
+                        (b + "attn_v_b.weight", (s.kv_lora_rank, v_dim, s.n_head), "w")]
+        else:
+            tensors.append((b + "attn_kv_b.weight", (s.kv_lora_rank, s.n_head * (nope + v_dim)), "w"))
+        if i < s.n_layer_dense_lead:
+            tensors += _ffn(i, s.n_embd, s.n_ff)
+        else:
+            tensors += _experts(i, s, s.n_ff_exp) + _ffn(i, s.n_embd, s.n_ff_exp * s.n_expert_shared, "_shexp")
+    return tensors
+
+
+def _phi3(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(s)
+    qkv = s.n_embd + 2 * s.head_dim_k * s.n_head_kv
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd),
+                    (b + "attn_qkv.weight", (s.n_embd, qkv), "w"), (b + "attn_output.weight", (s.n_embd, s.n_embd), "w"),
+                    (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w"), (b + "ffn_up.weight", (s.n_embd, 2 * s.n_ff), "w")]
+    return tensors
+
+
+def _mamba2_block(i: int, s: SyntheticShape, d_in_proj: int) -> list[Tensor]:
+    b, conv_dim = f"blk.{i}.", s.ssm_d_inner + 2 * s.ssm_n_group * s.ssm_d_state
+    return [(b + "ssm_in.weight", (s.n_embd, d_in_proj), "w"),
+            (b + "ssm_conv1d.weight", (s.ssm_d_conv, conv_dim), "f32"), (b + "ssm_conv1d.bias", (conv_dim,), "f32"),
+            (b + "ssm_dt.bias", (s.ssm_n_head,), "f32"),
+            (b + "ssm_a", (1, s.ssm_n_head), "f32"), (b + "ssm_d", (1, s.ssm_n_head), "f32"),
+            (b + "ssm_norm.weight", (s.ssm_d_inner // s.ssm_n_group, s.ssm_n_group), "f32"),
+            (b + "ssm_out.weight", (s.ssm_d_inner, s.n_embd), "w")]
+
+
+def _mamba2(s: SyntheticShape) -> list[Tensor]:
+    d_in_proj = 2 * s.ssm_d_inner + 2 * s.ssm_n_group * s.ssm_d_state + s.ssm_n_head
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd)] + _mamba2_block(i, s, d_in_proj)
+    return tensors
+
+
+def _granitehybrid(s: SyntheticShape) -> list[Tensor]:
+    d_in_proj = 2 * s.ssm_d_inner + 2 * s.ssm_n_group * s.ssm_d_state + s.ssm_n_head
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)]
+        tensors += _attention(i, s) if i in s.attention_layers else _mamba2_block(i, s, d_in_proj)
+        tensors += _ffn(i, s.n_embd, s.n_ff)
+    return tensors
+
+
+def _lfm2(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(s, output_norm="token_embd_norm")
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)] + _ffn(i, s.n_embd, s.n_ff)
+        if i in s.attention_layers:
+            tensors += _attention(i, s, qk_norm=True)
+        else:
+            tensors += [(b + "shortconv.conv.weight", (s.shortconv_l_cache, s.n_embd), "f32"),
+                        (b + "shortconv.in_proj.weight", (s.n_embd, 3 * s.n_embd), "w"),
+                        (b + "shortconv.out_proj.weight", (s.n_embd, s.n_embd), "w")]
+    return tensors
+
+
+_TENSORS = {
+    "llama": _llama_like,
+    "qwen2": lambda s: _llama_like(s, q_bias=True),
+    "qwen3": lambda s: _llama_like(s, qk_norm=True),
+    "qwen3moe": lambda s: _llama_like(s, qk_norm=True),
+    "gemma2": lambda s: _gemma(s, qk_norm=False),
+    "gemma3": lambda s: _gemma(s, qk_norm=True),
+    "deepseek2": _deepseek2,
+    "phi3": _phi3,
+    "mamba2": _mamba2,
+    "granitehybrid": _granitehybrid,
+    "lfm2": _lfm2,
+}
+
+
+# --- vocabulary: a SentencePiece ("llama") vocab of n_vocab tokens ---------------------------------
+
+_SPECIALS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+_VOCAB_KEYS = 7
+_TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_BYTE = 1, 2, 3, 6
+MIN_VOCAB = len(_SPECIALS) + 256
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab_bytes(n_vocab: int) -> bytes:
+    """The tokenizer key/values: specials, 256 byte-fallback tokens, letters, then filler pieces."""
+    if n_vocab < MIN_VOCAB:
+        raise ValueError(f"n_vocab {n_vocab} is below {MIN_VOCAB} (specials and byte tokens)")
+    words = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["\u2581h", "\u2581hi", "\u2581the"]
+    tokens = list(_SPECIALS) + [f"<0x{b:02X}>" for b in range(256)] + words
+    tokens += [f"\u2581t{i}" for i in range(n_vocab - len(tokens))]
+    tokens = tokens[:n_vocab]
+    types = [_TYPE_UNKNOWN] + [_TYPE_CONTROL] * 3 + [_TYPE_BYTE] * 256
+    types += [_TYPE_NORMAL] * (n_vocab - len(types))
+    scores = array("f", (-float(i) for i in range(n_vocab)))
+    out = _Writer()
+    out.kv("tokenizer.ggml.model", _T_STRING, "llama")
+    out.kv_array_raw("tokenizer.ggml.tokens", _T_STRING, n_vocab, b"".join(_string(t) for t in tokens))
+    out.kv_array_raw("tokenizer.ggml.scores", _T_F32, n_vocab, scores.tobytes())
+    out.kv_array_raw("tokenizer.ggml.token_type", _T_I32, n_vocab, array("i", types).tobytes())
+    out.kv("tokenizer.ggml.bos_token_id", _T_U32, 1)
+    out.kv("tokenizer.ggml.eos_token_id", _T_U32, 2)
+    out.kv("tokenizer.ggml.unknown_token_id", _T_U32, 0)
+    return out.data()
+
+
+# --- the writer ------------------------------------------------------------------------------------
+
+def _string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+_SCALAR_FORMATS = {_T_U32: "<I", _T_I32: "<i", _T_F32: "<f", _T_BOOL: "<?"}
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+    def raw(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def header(self, n_tensors: int, n_kv: int) -> None:
+        self.parts.append(GGUF_MAGIC + struct.pack("<IQQ", 3, n_tensors, n_kv))
+
+    def kv(self, key: str, value_type: int, value: object) -> None:
+        self.parts.append(_string(key) + struct.pack("<I", value_type))
+        if value_type == _T_STRING:
+            self.parts.append(_string(str(value)))
+        elif value_type == _T_ARRAY:
+            element_type, values = value  # type: ignore[misc]
+            fmt = _SCALAR_FORMATS[element_type]
+            self.parts.append(struct.pack("<IQ", element_type, len(values)))
+            self.parts.append(b"".join(struct.pack(fmt, v) for v in values))
+        else:
+            self.parts.append(struct.pack(_SCALAR_FORMATS[value_type], value))
+
+    def kv_array_raw(self, key: str, element_type: int, count: int, payload: bytes) -> None:
+        self.parts.append(_string(key) + struct.pack("<IIQ", _T_ARRAY, element_type, count) + payload)
+
+    def tensor_info(self, name: str, dims: tuple[int, ...], ggml_type: int, offset: int) -> None:
+        self.parts.append(_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset))
+
+
+def describe(path: str | Path) -> str:
+    """One line: what a synthetic file claims to be (for logs of tests and benchmarks)."""
+    header = read_header(path)
+    types = sorted({ggml_type_name(t.ggml_type) for t in header.tensors})
+    return f"{header.get('general.name')} ({len(header.tensors)} tensors, {', '.join(types)})"

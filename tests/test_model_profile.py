@@ -1,0 +1,300 @@
+"""load_profile against what llama-server itself allocates, and its handling of shards and bad models."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.errors import ModelError
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.model.synthetic import SHAPES, write_preset
+from llamalaunch.units import MIB
+from tests.support import RpcWorker, free_port
+
+_BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
+# llama.cpp prints MiB with two decimals: a value within half a hundredth of a MiB prints the same.
+MIB_PRINT_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    log: str
+    model_buffers_mib: dict[str, float]  # buffer name (`CPU_Mapped`, `RPC0[127.0.0.1:port]`) -> MiB
+    completion: dict[str, object]
+
+
+def serve_once(bin_dir: Path, model: Path, workers: Sequence[RpcWorker], tensor_split: str, log_path: Path,
+               timeout_s: float = 60.0) -> ServedModel:
+    """Start llama-server on the model across the workers, wait for /health, ask one token, stop it."""
+    port = free_port()
+    argv = [str(bin_dir / "llama-server"), "-m", str(model), "-ngl", "99", "--fit", "off", "-lv", "4", "-c", "512",
+            "-t", "1", "--host", "127.0.0.1", "--port", str(port)]
+    if workers:
+        argv += ["--rpc", ",".join(w.endpoint for w in workers), "-ts", tensor_split]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        _wait_healthy(process, port, timeout_s, log_path)
+        completion = _post(port, "/completion", {"prompt": "hi", "n_predict": 1})
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    text = log_path.read_text(errors="replace")
+    buffers = {m.group(1): float(m.group(2)) for m in _BUFFER_LINE.finditer(text)}
+    return ServedModel(text, buffers, completion)
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], port: int, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"llama-server exited with {process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"llama-server not healthy after {timeout_s}s")
+
+
+def _post(port: int, route: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())  # type: ignore[no-any-return]
+
+
+def device_weight_bytes(profile: ModelProfile, tensor_split: Sequence[float]) -> list[int]:
+    """Weights per device for -ngl all and -ts, by llama.cpp's rule: slot il goes to the first device
+    whose cumulative share exceeds il / n_slots (llama-model.cpp get_layer_buft_list)."""
+    total = sum(tensor_split)
+    cumulative = []
+    running = 0.0
+    for share in tensor_split:
+        running += share
+        cumulative.append(running / total)
+    per_device = [0] * len(tensor_split)
+    holds_block = [False] * len(tensor_split)
+    for slot, weights in enumerate(profile.slots):
+        device = bisect.bisect_right(cumulative, slot / profile.n_slots)
+        per_device[device] += weights.bytes
+        holds_block[device] |= slot < profile.n_layer
+    return [b + (profile.per_device_bytes if held else 0) for b, held in zip(per_device, holds_block)]
+
+
+def assert_buffers_match(profile: ModelProfile, served: ServedModel, workers: Sequence[RpcWorker],
+                         tensor_split: Sequence[float]) -> None:
+    expected = device_weight_bytes(profile, tensor_split)
+    for worker, expected_bytes in zip(workers, expected):
+        name = next(n for n in served.model_buffers_mib if n.endswith(f"[{worker.endpoint}]"))
+        assert served.model_buffers_mib[name] == pytest.approx(expected_bytes / MIB, abs=MIB_PRINT_TOLERANCE), name
+    host = served.model_buffers_mib["CPU_Mapped"]
+    assert host == pytest.approx(profile.host_bytes / MIB, abs=MIB_PRINT_TOLERANCE)
+
+
+@pytest.mark.llama
+def test_demo_model_matches_llama_server(llama_bin_dir: Path, demo_model: Path, rpc_workers, tmp_path: Path) -> None:
+    profile = load_profile(demo_model)
+    workers = [rpc_workers(), rpc_workers()]
+    served = serve_once(llama_bin_dir, demo_model, workers, "1,3", tmp_path / "server.log")
+    assert_buffers_match(profile, served, workers, (1, 3))
+    assert served.completion["tokens_predicted"] == 1
+
+
+def test_demo_model_profile(demo_model: Path) -> None:
+    profile = load_profile(demo_model)
+    assert (profile.arch, profile.n_layer, profile.n_slots, profile.n_vocab) == ("llama", 30, 31, 49152)
+    assert (profile.n_embd, profile.n_ff, profile.n_ctx_train) == (576, 1536, 8192)
+    assert profile.n_head == (9,) * 30 and profile.n_head_kv == (3,) * 30
+    assert (profile.head_dim_k, profile.head_dim_v, profile.rope_dim) == (64, 64, 64)
+    assert profile.file_type == "Q4_1" and profile.file_bytes == demo_model.stat().st_size
+    # tied: the output slot holds output_norm and a copy of token_embd (Q8_0, 576 x 49152)
+    assert profile.output_is_token_embd
+    assert profile.host_bytes == 576 * 49152 // 32 * 34
+    assert profile.slots[-1].bytes == profile.host_bytes + 576 * 4
+    assert not any(profile.swa_layers) and not any(profile.recurrent_layers)
+    assert not profile.generic_estimate
+
+
+def test_load_profile_takes_milliseconds(demo_model: Path, tmp_path: Path) -> None:
+    model_70b = write_preset(tmp_path / "llama-70b.gguf", "llama-70b")
+    for path, budget_s in ((demo_model, 0.2), (model_70b, 0.2)):
+        start = time.perf_counter()
+        load_profile(path)
+        assert time.perf_counter() - start < budget_s, path
+
+
+def test_llama_70b_slot_bytes(tmp_path: Path) -> None:
+    """Hand-computed Q4_0 sizes (18 bytes per 32 weights) of one 70B block and the output slot."""
+    profile = load_profile(write_preset(tmp_path / "m.gguf", "llama-70b"))
+    q4 = lambda ne0, ne1: ne0 * ne1 // 32 * 18  # noqa: E731
+    block = 2 * 8192 * 4 + q4(8192, 8192) * 2 + q4(8192, 1024) * 2 + q4(8192, 28672) * 2 + q4(28672, 8192)
+    assert profile.slots[0].bytes == block
+    assert profile.slots[-1].bytes == q4(8192, 128256) + 8192 * 4
+    assert profile.host_bytes == q4(8192, 128256)
+    assert not profile.output_is_token_embd
+    # CUDA: every ne0 here is a multiple of 512, so only the 128-byte alignment adds anything
+    assert profile.slots[0].cuda_extra_bytes == 0
+
+
+def test_cuda_padding_rule(tmp_path: Path) -> None:
+    """ne0 = 576 (demo): each quantized matrix gets 512 - 576 % 512 = 448 more elements of one row."""
+    profile = load_profile(write_preset(tmp_path / "m.gguf", "tiny-llama", n_embd=576, n_ff=1536, n_head=9,
+                                        n_head_kv=3, file_type="Q4_1"))
+    # per block: q, k, v, o, gate, up have ne0 = 576 -> +448 elements = 14 Q4_1 blocks = 280 bytes each;
+    # down has ne0 = 1536 (a multiple of 512); norms are F32 and padded to 128 instead of 32.
+    q4_1 = lambda ne0, ne1: ne0 * ne1 // 32 * 20  # noqa: E731
+    matrices = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536)]
+    cuda = sum(-(-(q4_1(*m) + 280) // 128) * 128 for m in matrices) + q4_1(1536, 576) + 2 * 2304
+    assert profile.slots[0].bytes + profile.slots[0].cuda_extra_bytes == cuda
+
+
+@pytest.mark.parametrize("name, swa, recurrent", [
+    ("tiny-gemma2", (True, False, True, False), (False,) * 4),
+    ("tiny-gemma3", (True, True, True, True, True, False, True), (False,) * 7),
+    ("tiny-mamba2", (False,) * 4, (True,) * 4),
+    ("tiny-granitehybrid", (False,) * 4, (True, False, True, False)),
+    ("tiny-lfm2", (False,) * 4, (True, False, True, False)),
+])
+def test_layer_patterns(tmp_path: Path, name: str, swa: tuple[bool, ...], recurrent: tuple[bool, ...]) -> None:
+    profile = load_profile(write_preset(tmp_path / "m.gguf", name))
+    assert profile.swa_layers == swa
+    assert profile.recurrent_layers == recurrent
+
+
+def test_recurrent_state_sizes(tmp_path: Path) -> None:
+    """mamba2: conv (d_conv-1)*(d_inner + 2*n_group*d_state), ssm d_state*d_inner, both f32."""
+    profile = load_profile(write_preset(tmp_path / "m.gguf", "tiny-mamba2"))
+    assert profile.recurrent_r_bytes_per_seq == 3 * (128 + 2 * 16) * 4
+    assert profile.recurrent_s_bytes_per_seq == 16 * 128 * 4
+    lfm2 = load_profile(write_preset(tmp_path / "l.gguf", "tiny-lfm2"))
+    assert lfm2.recurrent_r_bytes_per_seq == 64 * 2 * 4 and lfm2.recurrent_s_bytes_per_seq == 0
+
+
+def test_mla_layouts(tmp_path: Path) -> None:
+    mla = load_profile(write_preset(tmp_path / "a.gguf", "tiny-deepseek2"))
+    assert (mla.kv_lora_rank, mla.rope_dim, mla.n_head_kv[0], mla.head_dim_k) == (64, 32, 1, 96)
+    plain = load_profile(write_preset(tmp_path / "b.gguf", "tiny-deepseek2-nomla"))
+    assert (plain.kv_lora_rank, plain.rope_dim, plain.n_head_kv[0], plain.head_dim_k) == (0, 32, 4, 64)
+
+
+def test_experts_counted_apart(tmp_path: Path) -> None:
+    profile = load_profile(write_preset(tmp_path / "m.gguf", "tiny-qwen3moe"))
+    assert (profile.n_expert, profile.n_expert_used, profile.n_ff_exp) == (8, 2, 64)
+    slot = profile.slots[0]
+    assert 0 < slot.expert_bytes < slot.bytes
+    assert slot.expert_bytes == 3 * (64 * 64 * 8 // 32 * 18)
+    assert profile.slots[-1].expert_bytes == 0
+
+
+# --- shards ----------------------------------------------------------------------------------------
+
+def _split(source: Path, directory: Path, parts: int) -> list[Path]:
+    """Split a model into parts as llama-gguf-split does (tensors spread across files, split.* keys)."""
+    from tests.test_gguf_header import rewrite_gguf
+
+    return rewrite_gguf(source, directory, parts)
+
+
+def test_split_model_reads_as_one(tmp_path: Path) -> None:
+    whole = load_profile(write_preset(tmp_path / "whole.gguf", "tiny-llama"))
+    parts = _split(Path(whole.path), tmp_path / "split", 3)
+    for part in parts:  # any part names the set
+        split = load_profile(part)
+        assert split.shard_paths == tuple(str(p) for p in parts)
+        assert split.slots == whole.slots and split.host_bytes == whole.host_bytes
+
+
+@pytest.mark.llama
+def test_split_model_matches_llama_server(llama_bin_dir: Path, rpc_workers, tmp_path: Path) -> None:
+    parts = _split(write_preset(tmp_path / "whole.gguf", "tiny-llama"), tmp_path / "split", 3)
+    profile = load_profile(parts[0])
+    workers = [rpc_workers(), rpc_workers()]
+    served = serve_once(llama_bin_dir, parts[0], workers, "1,3", tmp_path / "server.log")
+    expected = device_weight_bytes(profile, (1, 3))
+    for worker, expected_bytes in zip(workers, expected):
+        name = next(n for n in served.model_buffers_mib if n.endswith(f"[{worker.endpoint}]"))
+        assert served.model_buffers_mib[name] == pytest.approx(expected_bytes / MIB, abs=MIB_PRINT_TOLERANCE)
+    assert served.completion["tokens_predicted"] == 1
+
+
+def test_missing_shard_is_named(tmp_path: Path) -> None:
+    parts = _split(write_preset(tmp_path / "whole.gguf", "tiny-llama"), tmp_path / "split", 3)
+    parts[1].unlink()
+    with pytest.raises(ModelError, match=re.escape(parts[1].name)):
+        load_profile(parts[0])
+
+
+def test_extra_shard_is_named(tmp_path: Path) -> None:
+    parts = _split(write_preset(tmp_path / "whole.gguf", "tiny-llama"), tmp_path / "split", 3)
+    stray = parts[0].with_name(parts[0].name.replace("-of-00003", "-of-00004"))
+    shutil.copy(parts[0], stray)
+    with pytest.raises(ModelError, match=re.escape(stray.name)):
+        load_profile(parts[0])
+
+
+def test_shard_from_another_set(tmp_path: Path) -> None:
+    parts = _split(write_preset(tmp_path / "a.gguf", "tiny-llama"), tmp_path / "split", 3)
+    other = _split(write_preset(tmp_path / "b.gguf", "tiny-llama", n_layer=6), tmp_path / "other", 3)
+    shutil.copy(other[2], parts[2])
+    with pytest.raises(ModelError):
+        load_profile(parts[0])
+
+
+# --- architectures ---------------------------------------------------------------------------------
+
+def test_unknown_arch_is_named(tmp_path: Path) -> None:
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, arch="frobnicator")[0]
+    with pytest.raises(ModelError, match="'frobnicator' is not supported"):
+        load_profile(path)
+    profile = load_profile(path, allow_unknown_arch=True)
+    assert profile.generic_estimate and profile.arch == "frobnicator"
+    assert profile.slots == load_profile(tmp_path / "m.gguf").slots
+
+
+@pytest.mark.parametrize("key", ["llama.block_count", "llama.embedding_length", "llama.context_length",
+                                 "general.architecture"])
+def test_missing_required_key(tmp_path: Path, key: str) -> None:
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, drop_keys=(key,))[0]
+    with pytest.raises(ModelError, match=re.escape(key)):
+        load_profile(path)
+
+
+def test_zero_layers(tmp_path: Path) -> None:
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1,
+                        set_u32={"llama.block_count": 0})[0]
+    with pytest.raises(ModelError, match="block_count is 0"):
+        load_profile(path)
+
+
+def test_every_preset_profiles(tmp_path: Path) -> None:
+    for name in SHAPES:
+        profile = load_profile(write_preset(tmp_path / f"{name}.gguf", name))
+        assert len(profile.slots) == profile.n_slots and all(s.bytes > 0 for s in profile.slots), name
