@@ -6,6 +6,7 @@ another protocol version. Each connection is served by the chosen `behaviour` in
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -144,16 +145,12 @@ class FakeRpcWorker:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
         self.listener.close()
         for conn in self.connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # a close alone neither wakes a blocked recv nor sends FIN
-            except OSError:
-                pass
             conn.close()
         self.thread.join(2)
 
@@ -172,10 +169,8 @@ class FakeRpcWorker:
         except OSError:
             pass
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
 
 class FullBacklog:

@@ -59,7 +59,11 @@ def holding_worker(endpoint: str) -> Iterator[socket.socket]:
     host, port = rpc.parse_endpoint(endpoint)
     with socket.create_connection((host, port), timeout=5) as client:
         client.sendall(HELLO)
-        assert len(client.recv(64)) == 36
+        reply = b""
+        while len(reply) < 36:  # the worker writes the size and the payload separately
+            chunk = client.recv(36 - len(reply))
+            assert chunk, "worker hung up"
+            reply += chunk
         yield client
 
 
@@ -138,7 +142,8 @@ def test_prlimit_does_not_change_what_a_cpu_worker_reports(rpc_workers: Callable
     """An address-space limit is invisible to the worker's memory report: use --budget to describe it."""
     limited = rpc_workers(address_space_bytes=2 << 30)
     report = probe_worker(limited.endpoint)
-    assert [(d.free_bytes, d.total_bytes) for d in report.devices] == [(PHYSICAL_RAM_BYTES, PHYSICAL_RAM_BYTES)]
+    reported = [(d.free_bytes, d.total_bytes) for d in report.devices]
+    assert reported == [(PHYSICAL_RAM_BYTES, PHYSICAL_RAM_BYTES)]
 
 
 @pytest.mark.llama
@@ -265,7 +270,8 @@ def test_newer_patch_version_is_accepted() -> None:
     ("major_8", WorkerVersionError, "v8.0.0, we speak v7.0.0"),
     ("minor_1", WorkerVersionError, "v7.1.0, we speak v7.0.0"),
 ])
-def test_fake_worker_failures_each_have_their_message(behaviour: str, error: type[Exception], words: str) -> None:
+def test_fake_worker_failures_each_have_their_message(behaviour: str, error: type[Exception],
+                                                      words: str) -> None:
     with FakeRpcWorker(behaviour) as fake:
         started = time.monotonic()
         with pytest.raises(error) as caught:

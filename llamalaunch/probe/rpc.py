@@ -12,6 +12,7 @@ waits for the reply and only then closes (see `_hand_off`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
@@ -117,7 +118,8 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     valid = bool(sep and host and port_text.isdigit() and ":" not in port_text and " " not in host)
     if not valid or not 0 < int(port_text) < 65536:
         raise BadInputError(f"RPC endpoint {text!r} is not HOST:PORT",
-                            "write it like 192.168.1.5:50052; llama.cpp's --rpc takes an IPv4 address or a hostname")
+                            "write it like 192.168.1.5:50052; llama.cpp's --rpc takes an IPv4 address "
+                            "or a hostname")
     return host, int(port_text)
 
 
@@ -291,10 +293,8 @@ class _Exchange:
 
 def _close_with_reset(sock: socket.socket) -> None:
     """Close with RST rather than FIN: a worker writing to a reset socket gets ECONNRESET, not SIGPIPE."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
 
 

@@ -1,0 +1,203 @@
+"""Every device llama-server would use, under its llama.cpp name and in llama.cpp's order.
+
+Order (src/llama.cpp): RPC devices first, in `--rpc` order, numbered RPC0, RPC1, … across all workers
+(a worker may expose several); then the local GPUs (CUDA0, …). `-ts` and `-mg` index this order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from llamalaunch.errors import BadInputError, ProbeError, ToolchainError
+from llamalaunch.probe.assume import parse_assumptions
+from llamalaunch.probe.device import Device, HostMemory
+from llamalaunch.probe.gpus import probe_local_gpus
+from llamalaunch.probe.host import probe_host
+from llamalaunch.probe.nvml import NvmlGpu, read_nvml_gpus
+from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError, WorkerReport, parse_endpoint, probe_worker
+from llamalaunch.units import MIB
+
+BUSY_NOTE = "busy serving another client: memory unknown"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    devices: tuple[Device, ...]  # llama.cpp's order; Device.order is the index here
+    host: HostMemory
+    problems: tuple[str, ...] = ()  # what planning must know (a busy worker)
+    notes: tuple[str, ...] = ()  # informative (no NVIDIA driver here)
+    unknown_memory: tuple[str, ...] = ()  # devices whose free/total are unknown (busy workers): 0 in Device
+
+    def device(self, name: str) -> Device:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise BadInputError(f"no device named {name!r}",
+                            f"the devices are {', '.join(d.name for d in self.devices) or 'none'}")
+
+
+def split_endpoints(rpc: Sequence[str]) -> tuple[str, ...]:
+    """Endpoints from repeated and/or comma-separated --rpc values; syntax checked, repeats refused."""
+    endpoints = tuple(part.strip() for value in rpc for part in value.split(",") if part.strip())
+    for endpoint in endpoints:
+        parse_endpoint(endpoint)
+    repeated = sorted({endpoint for endpoint in endpoints if endpoints.count(endpoint) > 1})
+    if repeated:
+        raise BadInputError(f"--rpc lists {', '.join(repeated)} more than once", "give each worker once")
+    return endpoints
+
+
+def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpus: bool = True,
+                  connect_timeout_s: float = 1.0, reply_timeout_s: float = 2.0,
+                  read_gpus: Callable[[], Sequence[NvmlGpu]] = read_nvml_gpus) -> Inventory:
+    """Probe RPC workers, local GPUs and host RAM; with `assume`, probe nothing but host RAM (what-if).
+
+    Raises ProbeError for a worker that is down or broken (named, with the fix); a busy worker is not
+    an error: it shows with unknown memory, listed in `unknown_memory` and `problems`.
+    """
+    endpoints = split_endpoints(rpc)
+    if assume:
+        return _assumed_inventory(assume, endpoints)
+    outcomes = _probe_workers(endpoints, connect_timeout_s, reply_timeout_s)
+    devices, problems = _rpc_devices(endpoints, outcomes)
+    notes: list[str] = []
+    if local_gpus:
+        gpus = probe_local_gpus(read_gpus)
+        devices += [dataclasses.replace(gpu, order=len(devices) + gpu.order) for gpu in gpus.devices]
+        if gpus.reason:
+            notes.append(f"local GPUs: {gpus.reason}")
+    unknown = tuple(device.name for device in devices if device.note and device.note.startswith("busy"))
+    return Inventory(tuple(devices), probe_host(), tuple(problems), tuple(notes), unknown)
+
+
+def _assumed_inventory(assume: Sequence[str], endpoints: Sequence[str]) -> Inventory:
+    local_host = probe_host()
+    devices, assumed_host = parse_assumptions(assume, local_host)
+    rpc_names = [device.name for device in devices if device.backend == "RPC"]
+    notes = ["what-if: no device was probed"]
+    if endpoints and rpc_names == [f"RPC{i}" for i in range(len(endpoints))]:
+        # One device per worker is the only reading of the names we can make without asking them.
+        devices = tuple(dataclasses.replace(device, endpoint=endpoints[device.order], worker_index=0)
+                        if device.backend == "RPC" else device for device in devices)
+    elif endpoints:
+        notes.append("assumed RPC devices are not matched to --rpc endpoints (not RPC0..RPC{n-1})")
+    return Inventory(devices, assumed_host or local_host, (), tuple(notes))
+
+
+def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,
+                   reply_timeout_s: float) -> list[WorkerReport | WorkerBusyError]:
+    """Probe all workers at once (a busy one costs the whole reply timeout); raise the first failure."""
+    def probe(endpoint: str) -> WorkerReport | RpcProbeError:
+        try:
+            return probe_worker(endpoint, connect_timeout_s, reply_timeout_s)
+        except RpcProbeError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(len(endpoints), 1)) as pool:
+        outcomes = list(pool.map(probe, endpoints))
+    for outcome in outcomes:
+        if isinstance(outcome, RpcProbeError) and not isinstance(outcome, WorkerBusyError):
+            raise outcome
+    return outcomes  # type: ignore[return-value]  # only reports and busy workers are left
+
+
+def _rpc_devices(endpoints: Sequence[str],
+                 outcomes: Sequence[WorkerReport | WorkerBusyError]) -> tuple[list[Device], list[str]]:
+    devices: list[Device] = []
+    problems: list[str] = []
+    for position, (endpoint, outcome) in enumerate(zip(endpoints, outcomes, strict=True)):
+        if isinstance(outcome, WorkerBusyError):
+            name = f"RPC{len(devices)}"
+            devices.append(Device(name, "RPC", endpoint, 0, 0, len(devices), endpoint=endpoint,
+                                  worker_index=0, note=f"{BUSY_NOTE}; give --assume or --budget {name}=SIZE"))
+            problems.append(f"{name} ({endpoint}) is {BUSY_NOTE}"
+                            + ("; later RPC names assume it has one device" if position < len(endpoints) - 1
+                               else ""))
+            continue
+        for worker_device in outcome.devices:
+            devices.append(Device(f"RPC{len(devices)}", "RPC", endpoint, worker_device.free_bytes,
+                                  worker_device.total_bytes, len(devices), endpoint=endpoint,
+                                  worker_index=worker_device.index))
+    return devices, problems
+
+
+def fill_unknown_memory(inventory: Inventory, budgets: Mapping[str, int]) -> Inventory:
+    """For planning: a device of unknown memory takes its --budget as free and total; without one,
+    ProbeError naming it and the fix."""
+    missing = [name for name in inventory.unknown_memory if name not in budgets]
+    if missing:
+        device = inventory.device(missing[0])
+        raise ProbeError(f"{', '.join(missing)}: memory unknown ({device.endpoint} is busy serving another "
+                         "client)", f"stop the other client, or give --budget {missing[0]}=SIZE "
+                         f"(or --assume {missing[0]}=SIZE for a pure what-if)")
+    devices = tuple(
+        dataclasses.replace(device, free_bytes=budgets[device.name], total_bytes=budgets[device.name],
+                            note=f"{BUSY_NOTE}; size from --budget")
+        if device.name in inventory.unknown_memory else device for device in inventory.devices)
+    return dataclasses.replace(inventory, devices=devices, unknown_memory=())
+
+
+class ListedDevice(NamedTuple):
+    name: str
+    description: str
+    total_bytes: int  # whole MiB as llama-server prints them
+    free_bytes: int
+
+
+_LISTED_LINE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
+
+
+def parse_list_devices(output: str) -> list[ListedDevice]:
+    """Devices from `llama-server --list-devices` ("  RPC0: 127.0.0.1:50052 (24105 MiB, 24105 MiB free)")."""
+    listed = []
+    for line in output.splitlines():
+        if match := _LISTED_LINE.match(line):
+            name, description, total, free = match.groups()
+            listed.append(ListedDevice(name, description, int(total) * MIB, int(free) * MIB))
+    return listed
+
+
+def list_devices_from_binary(server: Path, rpc: Sequence[str], timeout_s: float = 60.0,
+                             reply_timeout_s: float = 2.0) -> list[ListedDevice]:
+    """What llama-server itself lists (`--rpc … --list-devices`): llama.cpp's names and order.
+
+    Each worker is probed first: llama-server would hang on a busy worker, and killing it then would
+    close a socket with a pending HELLO, which kills the worker (SIGPIPE).
+    """
+    endpoints = split_endpoints(rpc)
+    for endpoint in endpoints:
+        probe_worker(endpoint, reply_timeout_s=reply_timeout_s)  # raises WorkerBusyError before we risk it
+    argv = [str(server), *(["--rpc", ",".join(endpoints)] if endpoints else []), "--list-devices"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False,
+                              stdin=subprocess.DEVNULL, env=_child_env())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ToolchainError(f"{server} --list-devices failed: {exc}", "check the llama.cpp build") from None
+    if done.returncode != 0:
+        failed = re.search(r"Failed to connect to (\S+)", done.stdout + done.stderr)
+        reason = f"cannot connect to {failed.group(1)}" if failed else f"exit status {done.returncode}"
+        raise ToolchainError(f"{server.name} --list-devices failed: {reason}",
+                             "check the RPC workers with `llamalaunch devices --rpc …`")
+    return parse_list_devices(done.stdout)
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def disagreements(devices: Sequence[Device], listed: Sequence[ListedDevice]) -> list[str]:
+    """Where our names and order differ from llama-server's list (empty: they agree)."""
+    ours = [(device.name, device.endpoint or device.description) for device in devices]
+    theirs = [(item.name, item.description) for item in listed]
+    if ours == theirs:
+        return []
+    return [f"we list {', '.join(f'{n} ({d})' for n, d in ours) or 'nothing'}; llama-server lists "
+            f"{', '.join(f'{n} ({d})' for n, d in theirs) or 'nothing'}"]
