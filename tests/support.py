@@ -66,3 +66,48 @@ def start_rpc_worker(bin_dir: Path, log_dir: Path, address_space_bytes: int | No
         worker.stop()
         raise
     return worker
+
+
+@dataclass
+class ServerRun:
+    """The outcome of one real llama-server load: did it serve a token, and everything it printed."""
+
+    served: bool
+    returncode: int | None
+    lines: list[str]
+
+
+def run_llama_server(bin_dir: Path, argv: list[str], timeout_s: float = 120.0) -> ServerRun:
+    """Start llama-server with `argv` (+ port and -lv 4), ask for one token, stop it, return its output."""
+    import json
+    import urllib.request
+
+    port = free_port()
+    full = [str(bin_dir / "llama-server"), *argv, "--host", "127.0.0.1", "--port", str(port), "-lv", "5"]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+b")
+    process = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    served = False
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/completion",
+                                                 data=json.dumps({"prompt": "Hi", "n_predict": 1}).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    served = response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.seek(0)
+        lines = log.read().decode("utf-8", "replace").splitlines()
+        log.close()
+    return ServerRun(served, process.returncode, lines)
