@@ -48,10 +48,10 @@ def parse_tokens(text: str, what: str = "context") -> int:
 
 
 def format_bytes(size: int) -> str:
-    """'512.00 MiB', '23.54 GiB' — MiB below 10 GiB so small differences stay visible."""
-    if abs(size) >= 10 * GIB:
+    """'512.0 MiB', '23.54 GiB'."""
+    if abs(size) >= GIB:
         return f"{size / GIB:.2f} GiB"
-    return f"{size / MIB:.2f} MiB"
+    return f"{size / MIB:.1f} MiB"
 
 
 def format_mib(size: int) -> str:

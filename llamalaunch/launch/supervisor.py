@@ -222,7 +222,7 @@ class Supervisor:
         self._set_phase("loading", f"pid {self.child.pid}, ctx {plan.ctx_tokens}")
 
     def _runtime_args(self) -> list[str]:
-        args = ["--host", self.options.host, "--port", str(self.options.port), "-lv", "4", "--metrics"]
+        args = ["--host", self.options.host, "--port", str(self.options.port), "-lv", "5", "--metrics"]
         if self.options.api_key_file is not None:
             args += ["--api-key-file", str(self.options.api_key_file)]
         return args

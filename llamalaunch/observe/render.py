@@ -26,24 +26,26 @@ def plan_table(plan: Plan) -> Table:
     title = (f"{model.name or model.arch} ({model.arch}, {model.n_layer} blocks + output)  "
              f"ctx {plan.ctx_tokens}  layers on devices {plan.n_gpu_layers}/{model.n_slots}")
     table = Table(title=title, title_justify="left")
-    for column in ("device", "free", "slots", "layers", "weights", "KV", "compute", "overhead", "reserved",
-                   "planned", "headroom"):
-        table.add_column(column, justify="left" if column in ("device", "slots") else "right")
+    reserved = any(device.reserved_bytes for device in plan.devices)
+    columns = ["device", "free", "slots", "layers", "weights", "KV", "compute", "overhead",
+               *(["reserved"] if reserved else []), "planned", "spare"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("device", "slots") else "right", no_wrap=True)
     for device in plan.devices:
         if device.excluded:
             table.add_row(device.device.name, format_bytes(device.device.free_bytes), "-", "0",
-                          Text(f"left out: {device.reason}", style="yellow"), end_section=False)
+                          *(["-"] * (len(columns) - 4)), style="yellow")
             continue
         memory = device.memory
         table.add_row(device.device.name, format_bytes(device.device.free_bytes), _slots(device),
                       str(device.n_layers), format_bytes(memory.weights_bytes), format_bytes(memory.kv_bytes),
                       format_bytes(memory.compute_bytes), format_bytes(memory.overhead_bytes),
-                      format_bytes(device.reserved_bytes), format_bytes(device.planned_bytes),
-                      format_bytes(device.headroom_bytes))
+                      *([format_bytes(device.reserved_bytes)] if reserved else []),
+                      format_bytes(device.planned_bytes), format_bytes(device.headroom_bytes))
     host = plan.host
-    table.add_row("host", "", f"0-{model.n_slots - plan.n_gpu_layers - 1}" if plan.n_gpu_layers < model.n_slots
-                  else "-", str(model.n_slots - plan.n_gpu_layers), format_bytes(host.weights_bytes),
-                  format_bytes(host.kv_bytes), format_bytes(host.compute_bytes), "", "",
+    spilled = model.n_slots - plan.n_gpu_layers
+    table.add_row("host", "", f"0-{spilled - 1}" if spilled else "-", str(spilled), format_bytes(host.weights_bytes),
+                  format_bytes(host.kv_bytes), format_bytes(host.compute_bytes), "", *([""] if reserved else []),
                   format_bytes(host.total_bytes), "", style="dim")
     return table
 
@@ -54,6 +56,7 @@ def command_line(server: str, argv: Sequence[str]) -> str:
 
 def plan_view(plan: Plan, server: str) -> Group:
     parts: list[Table | Text] = [plan_table(plan)]
+    parts += [Text(f"{d.device.name} left out: {d.reason}", style="yellow") for d in plan.devices if d.excluded]
     parts += [Text(note, style="yellow") for note in plan.notes]
     parts.append(Text(command_line(server, plan.argv)))
     return Group(*parts)
