@@ -25,6 +25,7 @@ STRING, ARRAY, U32, U64 = 8, 9, 4, 10
 
 # --- builders ----------------------------------------------------------------------------------------
 
+
 def s(text: str | bytes) -> bytes:
     data = text.encode() if isinstance(text, str) else text
     return struct.pack("<Q", len(data)) + data
@@ -43,10 +44,18 @@ def tensor_info(name: str, dims: Iterable[int], ggml_type: int = 0, offset: int 
     return s(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
 
 
-def gguf(kvs: list[bytes], tensors: list[bytes], data_bytes: int = 0, version: int = 3,
-         n_tensors: int | None = None, n_kv: int | None = None, alignment: int = 32) -> bytes:
-    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
-                                 len(kvs) if n_kv is None else n_kv)
+def gguf(
+    kvs: list[bytes],
+    tensors: list[bytes],
+    data_bytes: int = 0,
+    version: int = 3,
+    n_tensors: int | None = None,
+    n_kv: int | None = None,
+    alignment: int = 32,
+) -> bytes:
+    head = b"GGUF" + struct.pack(
+        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+    )
     body = head + b"".join(kvs) + b"".join(tensors)
     if tensors:
         body += b"\0" * (-len(body) % alignment)
@@ -59,8 +68,14 @@ def write(tmp_path: Path, data: bytes, name: str = "m.gguf") -> Path:
     return path
 
 
-def rewrite_gguf(source: Path, directory: Path, parts: int, arch: str | None = None, drop_keys: Iterable[str] = (),
-                 set_u32: Mapping[str, int] | None = None) -> list[Path]:
+def rewrite_gguf(
+    source: Path,
+    directory: Path,
+    parts: int,
+    arch: str | None = None,
+    drop_keys: Iterable[str] = (),
+    set_u32: Mapping[str, int] | None = None,
+) -> list[Path]:
     """Copy a (zero-data) model with keys changed, optionally split into parts as gguf-split does:
     the first part keeps the metadata, every part gets split.no/split.count/split.tensors.count."""
     reader = GGUFReader(source)
@@ -74,8 +89,8 @@ def rewrite_gguf(source: Path, directory: Path, parts: int, arch: str | None = N
         elif arch and name == "general.architecture":
             kvs.append(kv_str(name, arch))
         elif arch and name.startswith("llama."):
-            value = b"".join(bytes(p) for p in field.parts)[8 + len(name):]
-            kvs.append(s(arch + name[len("llama"):]) + value)
+            value = b"".join(bytes(p) for p in field.parts)[8 + len(name) :]
+            kvs.append(s(arch + name[len("llama") :]) + value)
         else:
             kvs.append(b"".join(bytes(p) for p in field.parts))
     tensors = list(reader.tensors)
@@ -84,8 +99,15 @@ def rewrite_gguf(source: Path, directory: Path, parts: int, arch: str | None = N
     paths = []
     for index, chunk in enumerate(chunks):
         name = source.name if parts == 1 else f"{source.stem}-{index + 1:05d}-of-{parts:05d}.gguf"
-        split_keys = [s("split.no") + struct.pack("<IH", 2, index), s("split.count") + struct.pack("<IH", 2, parts),
-                      s("split.tensors.count") + struct.pack("<Ii", 5, len(tensors))] if parts > 1 else []
+        split_keys = (
+            [
+                s("split.no") + struct.pack("<IH", 2, index),
+                s("split.count") + struct.pack("<IH", 2, parts),
+                s("split.tensors.count") + struct.pack("<Ii", 5, len(tensors)),
+            ]
+            if parts > 1
+            else []
+        )
         infos, offset = [], 0
         for t in chunk:
             infos.append(tensor_info(t.name, [int(d) for d in t.shape], int(t.tensor_type), offset))
@@ -101,6 +123,7 @@ def rewrite_gguf(source: Path, directory: Path, parts: int, arch: str | None = N
 
 # --- real files --------------------------------------------------------------------------------------
 
+
 def test_reads_demo_model(demo_model: Path) -> None:
     header = read_header(demo_model)
     assert header.version == 3 and header.alignment == 32 and len(header.tensors) == 272
@@ -108,15 +131,25 @@ def test_reads_demo_model(demo_model: Path) -> None:
     tokens = header.kv["tokenizer.ggml.tokens"]
     assert isinstance(tokens, GgufArray) and tokens.count == 49152 and tokens.values is None
     embd = header.tensors[0]
-    assert (embd.name, embd.shape, embd.type_name, embd.offset) == ("token_embd.weight", (576, 49152), "Q8_0", 0)
+    assert (embd.name, embd.shape, embd.type_name, embd.offset) == (
+        "token_embd.weight",
+        (576, 49152),
+        "Q8_0",
+        0,
+    )
     assert embd.nbytes == 576 * 49152 // 32 * 34
     last = header.tensors[-1]
     assert header.data_offset + last.offset + last.nbytes <= header.file_size
 
 
 def test_version_2_and_custom_alignment(tmp_path: Path) -> None:
-    data = gguf([kv_u32("general.alignment", 64)], [tensor_info("a", (8,)), tensor_info("b", (8,), offset=64)],
-                data_bytes=128, version=2, alignment=64)
+    data = gguf(
+        [kv_u32("general.alignment", 64)],
+        [tensor_info("a", (8,)), tensor_info("b", (8,), offset=64)],
+        data_bytes=128,
+        version=2,
+        alignment=64,
+    )
     header = read_header(write(tmp_path, data))
     assert header.version == 2 and header.alignment == 64 and header.data_offset % 64 == 0
     assert [t.nbytes for t in header.tensors] == [32, 32]
@@ -146,15 +179,28 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "big endian": (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "big-endian"),
     "2^60 tensors": (gguf([], [], n_tensors=1 << 60), "claims 1152921504606846976 tensors"),
     "2^60 keys": (gguf([], [], n_kv=1 << 60), "key/value pairs"),
-    "2^40-byte string value": (gguf([s("k") + struct.pack("<IQ", STRING, 1 << 40)], []), "claims 1099511627776"),
+    "2^40-byte string value": (
+        gguf([s("k") + struct.pack("<IQ", STRING, 1 << 40)], []),
+        "claims 1099511627776",
+    ),
     "2^40-byte key": (gguf([struct.pack("<Q", 1 << 40) + b"\0" * 64], []), "claims 1099511627776"),
     "huge array": (gguf([s("k") + struct.pack("<IIQ", ARRAY, U64, 1 << 50)], []), "more than the file holds"),
     "string array of huge strings": (
-        gguf([s("k") + struct.pack("<IIQ", ARRAY, STRING, 5000) + struct.pack("<Q", 1 << 40)] + [b"\0" * 40000], []),
-        "claims 1099511627776"),
-    "string array past the end": (gguf([s("k") + struct.pack("<IIQ", ARRAY, STRING, 5000) + s("x") * 4999], []),
-                                  "truncated header"),
-    "nested array": (gguf([s("k") + struct.pack("<IIQ", ARRAY, ARRAY, 1) + b"\0" * 16], []), "unsupported element"),
+        gguf(
+            [s("k") + struct.pack("<IIQ", ARRAY, STRING, 5000) + struct.pack("<Q", 1 << 40)]
+            + [b"\0" * 40000],
+            [],
+        ),
+        "claims 1099511627776",
+    ),
+    "string array past the end": (
+        gguf([s("k") + struct.pack("<IIQ", ARRAY, STRING, 5000) + s("x") * 4999], []),
+        "truncated header",
+    ),
+    "nested array": (
+        gguf([s("k") + struct.pack("<IIQ", ARRAY, ARRAY, 1) + b"\0" * 16], []),
+        "unsupported element",
+    ),
     "unknown value type": (gguf([s("k") + struct.pack("<I", 99) + b"\0" * 8], []), "unknown value type 99"),
     "empty key": (gguf([kv_u32("", 1)], []), "is empty"),
     "duplicate key": (gguf([kv_u32("a", 1), kv_u32("a", 2)], []), "duplicate key 'a'"),
@@ -164,13 +210,20 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "tensor type 2^31": (gguf([], [tensor_info("t", (32,), ggml_type=1 << 31)], 64), "unknown ggml type"),
     "five dimensions": (gguf([], [tensor_info("t", (1, 1, 1, 1, 1))], 64), "5 dimensions"),
     "negative dimension": (gguf([], [tensor_info("t", (2**64 - 1,))], 64), "negative dimension"),
-    "row not whole blocks": (gguf([], [tensor_info("t", (33, 2), ggml_type=2)], 64), "not a multiple of its block"),
+    "row not whole blocks": (
+        gguf([], [tensor_info("t", (33, 2), ggml_type=2)], 64),
+        "not a multiple of its block",
+    ),
     "tensor past the end": (gguf([], [tensor_info("t", (1024,))], 64), "truncated file"),
     "huge tensor": (gguf([], [tensor_info("t", (1 << 40, 1 << 40, 1 << 40))], 64), "truncated file"),
-    "offset out of order": (gguf([], [tensor_info("a", (8,)), tensor_info("b", (8,), offset=96)], 256),
-                            "has offset 96, expected 32"),
-    "duplicate tensor": (gguf([], [tensor_info("a", (8,)), tensor_info("a", (8,), offset=32)], 64),
-                         "duplicate tensor name 'a'"),
+    "offset out of order": (
+        gguf([], [tensor_info("a", (8,)), tensor_info("b", (8,), offset=96)], 256),
+        "has offset 96, expected 32",
+    ),
+    "duplicate tensor": (
+        gguf([], [tensor_info("a", (8,)), tensor_info("a", (8,), offset=32)], 64),
+        "duplicate tensor name 'a'",
+    ),
     "long tensor name": (gguf([], [tensor_info("x" * 64, (8,))], 64), "claims 64 bytes"),
     "truncated tensor table": (gguf([], [tensor_info("a", (8,))])[:-40], "truncated header"),
 }
@@ -222,13 +275,16 @@ def test_truncated_tensor_data(tmp_path: Path) -> None:
         read_header(path)
 
 
-@pytest.mark.parametrize("path, message", [("/nonexistent/model.gguf", "no such file"), ("/tmp", "is a directory")])
+@pytest.mark.parametrize(
+    "path, message", [("/nonexistent/model.gguf", "no such file"), ("/tmp", "is a directory")]
+)
 def test_unreadable_paths(path: str, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         read_header(path)
 
 
 # --- fuzzing: mutated real headers, only ModelError may come out --------------------------------------
+
 
 def _seeds() -> list[bytes]:
     return [p.read_bytes() for p in sorted(CORPUS.glob("*.gguf"))]
@@ -244,22 +300,29 @@ def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
         if kind == 0:
             buffer[at] = value & 0xFF
         elif kind == 1:
-            buffer[at:at + 8] = struct.pack("<Q", value)
+            buffer[at : at + 8] = struct.pack("<Q", value)
         elif kind == 2:
             del buffer[at:]
         else:
-            buffer[at:at] = buffer[at:at + (value % 64)]
+            buffer[at:at] = buffer[at : at + (value % 64)]
     return bytes(buffer)
 
 
-_EDIT = st.tuples(st.integers(0, 3), st.integers(0, 1 << 20),
-                  st.one_of(st.integers(0, 255), st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**40, 2**60, 2**64 - 1])))
+_EDIT = st.tuples(
+    st.integers(0, 3),
+    st.integers(0, 1 << 20),
+    st.one_of(st.integers(0, 255), st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**40, 2**60, 2**64 - 1])),
+)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          derandomize=True)
-@given(seed=st.integers(0, 1000), edits=st.lists(_EDIT, min_size=1, max_size=6),
-       claimed_extra=st.sampled_from([0, 1 << 20, 1 << 40]))
+@settings(
+    max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+@given(
+    seed=st.integers(0, 1000),
+    edits=st.lists(_EDIT, min_size=1, max_size=6),
+    claimed_extra=st.sampled_from([0, 1 << 20, 1 << 40]),
+)
 def test_fuzz_mutated_headers(seed: int, edits: list[tuple[int, int, int]], claimed_extra: int) -> None:
     seeds = _seeds()
     data = _mutate(seeds[seed % len(seeds)], edits)

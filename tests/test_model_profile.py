@@ -36,17 +36,45 @@ class ServedModel:
     completion: dict[str, object]
 
 
-def serve_once(bin_dir: Path, model: Path, workers: Sequence[RpcWorker], tensor_split: str, log_path: Path,
-               timeout_s: float = 60.0) -> ServedModel:
+def serve_once(
+    bin_dir: Path,
+    model: Path,
+    workers: Sequence[RpcWorker],
+    tensor_split: str,
+    log_path: Path,
+    timeout_s: float = 60.0,
+) -> ServedModel:
     """Start llama-server on the model across the workers, wait for /health, ask one token, stop it."""
     port = free_port()
-    argv = [str(bin_dir / "llama-server"), "-m", str(model), "-ngl", "99", "--fit", "off", "-lv", "4", "-c", "512",
-            "-t", "1", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        str(bin_dir / "llama-server"),
+        "-m",
+        str(model),
+        "-ngl",
+        "99",
+        "--fit",
+        "off",
+        "-lv",
+        "4",
+        "-c",
+        "512",
+        "-t",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if workers:
         argv += ["--rpc", ",".join(w.endpoint for w in workers), "-ts", tensor_split]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )
     try:
         _wait_healthy(process, port, timeout_s, log_path)
         completion = _post(port, "/completion", {"prompt": "hi", "n_predict": 1})
@@ -79,8 +107,11 @@ def _wait_healthy(process: subprocess.Popen[bytes], port: int, timeout_s: float,
 
 
 def _post(port: int, route: str, body: dict[str, object]) -> dict[str, object]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{route}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as reply:
         return json.loads(reply.read())  # type: ignore[no-any-return]
 
@@ -103,18 +134,23 @@ def device_weight_bytes(profile: ModelProfile, tensor_split: Sequence[float]) ->
     return [b + (profile.per_device_bytes if held else 0) for b, held in zip(per_device, holds_block)]
 
 
-def assert_buffers_match(profile: ModelProfile, served: ServedModel, workers: Sequence[RpcWorker],
-                         tensor_split: Sequence[float]) -> None:
+def assert_buffers_match(
+    profile: ModelProfile, served: ServedModel, workers: Sequence[RpcWorker], tensor_split: Sequence[float]
+) -> None:
     expected = device_weight_bytes(profile, tensor_split)
     for worker, expected_bytes in zip(workers, expected):
         name = next(n for n in served.model_buffers_mib if n.endswith(f"[{worker.endpoint}]"))
-        assert served.model_buffers_mib[name] == pytest.approx(expected_bytes / MIB, abs=MIB_PRINT_TOLERANCE), name
+        assert served.model_buffers_mib[name] == pytest.approx(
+            expected_bytes / MIB, abs=MIB_PRINT_TOLERANCE
+        ), name
     host = served.model_buffers_mib["CPU_Mapped"]
     assert host == pytest.approx(profile.host_bytes / MIB, abs=MIB_PRINT_TOLERANCE)
 
 
 @pytest.mark.llama
-def test_demo_model_matches_llama_server(llama_bin_dir: Path, demo_model: Path, rpc_workers, tmp_path: Path) -> None:
+def test_demo_model_matches_llama_server(
+    llama_bin_dir: Path, demo_model: Path, rpc_workers, tmp_path: Path
+) -> None:
     profile = load_profile(demo_model)
     workers = [rpc_workers(), rpc_workers()]
     served = serve_once(llama_bin_dir, demo_model, workers, "1,3", tmp_path / "server.log")
@@ -160,8 +196,11 @@ def test_llama_70b_slot_bytes(tmp_path: Path) -> None:
 
 def test_cuda_padding_rule(tmp_path: Path) -> None:
     """ne0 = 576 (demo): each quantized matrix gets 512 - 576 % 512 = 448 more elements of one row."""
-    profile = load_profile(write_preset(tmp_path / "m.gguf", "tiny-llama", n_embd=576, n_ff=1536, n_head=9,
-                                        n_head_kv=3, file_type="Q4_1"))
+    profile = load_profile(
+        write_preset(
+            tmp_path / "m.gguf", "tiny-llama", n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, file_type="Q4_1"
+        )
+    )
     # per block: q, k, v, o, gate, up have ne0 = 576 -> +448 elements = 14 Q4_1 blocks = 280 bytes each;
     # down has ne0 = 1536 (a multiple of 512); norms are F32 and padded to 128 instead of 32.
     q4_1 = lambda ne0, ne1: ne0 * ne1 // 32 * 20  # noqa: E731
@@ -170,14 +209,19 @@ def test_cuda_padding_rule(tmp_path: Path) -> None:
     assert profile.slots[0].bytes + profile.slots[0].cuda_extra_bytes == cuda
 
 
-@pytest.mark.parametrize("name, swa, recurrent", [
-    ("tiny-gemma2", (True, False, True, False), (False,) * 4),
-    ("tiny-gemma3", (True, True, True, True, True, False, True), (False,) * 7),
-    ("tiny-mamba2", (False,) * 4, (True,) * 4),
-    ("tiny-granitehybrid", (False,) * 4, (True, False, True, False)),
-    ("tiny-lfm2", (False,) * 4, (True, False, True, False)),
-])
-def test_layer_patterns(tmp_path: Path, name: str, swa: tuple[bool, ...], recurrent: tuple[bool, ...]) -> None:
+@pytest.mark.parametrize(
+    "name, swa, recurrent",
+    [
+        ("tiny-gemma2", (True, False, True, False), (False,) * 4),
+        ("tiny-gemma3", (True, True, True, True, True, False, True), (False,) * 7),
+        ("tiny-mamba2", (False,) * 4, (True,) * 4),
+        ("tiny-granitehybrid", (False,) * 4, (True, False, True, False)),
+        ("tiny-lfm2", (False,) * 4, (True, False, True, False)),
+    ],
+)
+def test_layer_patterns(
+    tmp_path: Path, name: str, swa: tuple[bool, ...], recurrent: tuple[bool, ...]
+) -> None:
     profile = load_profile(write_preset(tmp_path / "m.gguf", name))
     assert profile.swa_layers == swa
     assert profile.recurrent_layers == recurrent
@@ -209,6 +253,7 @@ def test_experts_counted_apart(tmp_path: Path) -> None:
 
 
 # --- shards ----------------------------------------------------------------------------------------
+
 
 def _split(source: Path, directory: Path, parts: int) -> list[Path]:
     """Split a model into parts as llama-gguf-split does (tensors spread across files, split.* keys)."""
@@ -264,10 +309,13 @@ def test_shard_from_another_set(tmp_path: Path) -> None:
 
 # --- architectures ---------------------------------------------------------------------------------
 
+
 def test_unknown_arch_is_named(tmp_path: Path) -> None:
     from tests.test_gguf_header import rewrite_gguf
 
-    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, arch="frobnicator")[0]
+    path = rewrite_gguf(
+        write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, arch="frobnicator"
+    )[0]
     with pytest.raises(ModelError, match="'frobnicator' is not supported"):
         load_profile(path)
     profile = load_profile(path, allow_unknown_arch=True)
@@ -275,12 +323,15 @@ def test_unknown_arch_is_named(tmp_path: Path) -> None:
     assert profile.slots == load_profile(tmp_path / "m.gguf").slots
 
 
-@pytest.mark.parametrize("key", ["llama.block_count", "llama.embedding_length", "llama.context_length",
-                                 "general.architecture"])
+@pytest.mark.parametrize(
+    "key", ["llama.block_count", "llama.embedding_length", "llama.context_length", "general.architecture"]
+)
 def test_missing_required_key(tmp_path: Path, key: str) -> None:
     from tests.test_gguf_header import rewrite_gguf
 
-    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, drop_keys=(key,))[0]
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, drop_keys=(key,))[
+        0
+    ]
     with pytest.raises(ModelError, match=re.escape(key)):
         load_profile(path)
 
@@ -288,8 +339,9 @@ def test_missing_required_key(tmp_path: Path, key: str) -> None:
 def test_zero_layers(tmp_path: Path) -> None:
     from tests.test_gguf_header import rewrite_gguf
 
-    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1,
-                        set_u32={"llama.block_count": 0})[0]
+    path = rewrite_gguf(
+        write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, set_u32={"llama.block_count": 0}
+    )[0]
     with pytest.raises(ModelError, match="block_count is 0"):
         load_profile(path)
 

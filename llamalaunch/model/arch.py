@@ -14,12 +14,32 @@ from typing import Callable, Mapping
 from llamalaunch.errors import ModelError
 from llamalaunch.model.gguf_header import GgufArray, GgufValue
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "phi3",
-                   "mamba2", "granitehybrid", "lfm2")
+SUPPORTED_ARCHS = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+    "gemma2",
+    "gemma3",
+    "deepseek2",
+    "phi3",
+    "mamba2",
+    "granitehybrid",
+    "lfm2",
+)
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
-OUTPUT_TENSORS = ("output", "output_norm", "cls", "cls.output", "cls.norm", "enc.output_norm",
-                  "dec.output_norm", "dense_2", "dense_3")
+OUTPUT_TENSORS = (
+    "output",
+    "output_norm",
+    "cls",
+    "cls.output",
+    "cls.norm",
+    "enc.output_norm",
+    "dec.output_norm",
+    "dense_2",
+    "dense_3",
+)
 # Repeating-layer tensors without a block number: llama.cpp creates one copy per device that holds
 # a layer (TENSOR_DUPLICATED, one per buffer type).
 PER_DEVICE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
@@ -56,19 +76,21 @@ class Keys:
         self.path = path
 
     def missing(self, key: str) -> ModelError:
-        return ModelError(f"{self.path}: required key {key!r} is missing",
-                          "the file is incomplete or was converted by an old tool; convert it again")
+        return ModelError(
+            f"{self.path}: required key {key!r} is missing",
+            "the file is incomplete or was converted by an old tool; convert it again",
+        )
 
-    def int(self, name: str, default: int | None = None) -> int:
+    def number(self, name: str, default: int | None = None) -> int:
         key = f"{self.arch}.{name}"
         value = self.kv.get(key)
         if value is None:
             if default is None:
                 raise self.missing(key)
             return default
-        if isinstance(value, GgufArray) or isinstance(value, (str, float)):
+        if isinstance(value, bool) or not isinstance(value, int):
             raise ModelError(f"{self.path}: key {key!r} is not an integer", "the file is damaged")
-        if int(value) < 0:
+        if value < 0:
             raise ModelError(f"{self.path}: key {key!r} is negative ({value})", "the file is damaged")
         return int(value)
 
@@ -82,14 +104,19 @@ class Keys:
             return default
         if isinstance(value, GgufArray):
             if value.values is None or value.count != n_layer:
-                raise ModelError(f"{self.path}: key {key!r} has {value.count} entries, expected {n_layer}",
-                                 "the file is damaged")
+                raise ModelError(
+                    f"{self.path}: key {key!r} has {value.count} entries, expected {n_layer}",
+                    "the file is damaged",
+                )
             numbers = value.values
         else:
             numbers = (value,) * n_layer
-        if not all(isinstance(x, (int, bool)) and not isinstance(x, bool) and x >= 0 for x in numbers):
-            raise ModelError(f"{self.path}: key {key!r} holds something other than counts", "the file is damaged")
-        return tuple(int(x) for x in numbers)  # type: ignore[arg-type]
+        counts = tuple(x for x in numbers if isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+        if len(counts) != len(numbers):
+            raise ModelError(
+                f"{self.path}: key {key!r} holds something other than counts", "the file is damaged"
+            )
+        return counts
 
     def bools(self, name: str) -> tuple[bool, ...] | None:
         value = self.kv.get(f"{self.arch}.{name}")
@@ -113,10 +140,12 @@ def _swa_layers(keys: Keys, n_layer: int, default_pattern: int) -> tuple[bool, .
     explicit = keys.bools("attention.sliding_window_pattern")
     if explicit is not None:
         if len(explicit) != n_layer:
-            raise ModelError(f"{keys.path}: sliding_window_pattern has {len(explicit)} entries, expected {n_layer}",
-                             "the file is damaged")
+            raise ModelError(
+                f"{keys.path}: sliding_window_pattern has {len(explicit)} entries, expected {n_layer}",
+                "the file is damaged",
+            )
         return explicit
-    return swa_pattern(n_layer, keys.int("attention.sliding_window_pattern", default_pattern))
+    return swa_pattern(n_layer, keys.number("attention.sliding_window_pattern", default_pattern))
 
 
 def _none(keys: Keys, hp: Hparams) -> ArchLayout:
@@ -124,11 +153,13 @@ def _none(keys: Keys, hp: Hparams) -> ArchLayout:
 
 
 def _gemma2(keys: Keys, hp: Hparams) -> ArchLayout:
-    return ArchLayout(n_swa=keys.int("attention.sliding_window", 4096), swa_layers=_swa_layers(keys, hp.n_layer, 2))
+    return ArchLayout(
+        n_swa=keys.number("attention.sliding_window", 4096), swa_layers=_swa_layers(keys, hp.n_layer, 2)
+    )
 
 
 def _gemma3(keys: Keys, hp: Hparams) -> ArchLayout:
-    n_swa = keys.int("attention.sliding_window", 0)
+    n_swa = keys.number("attention.sliding_window", 0)
     if n_swa == 0:
         return ArchLayout()
     return ArchLayout(n_swa=n_swa, swa_layers=_swa_layers(keys, hp.n_layer, 6))
@@ -136,52 +167,69 @@ def _gemma3(keys: Keys, hp: Hparams) -> ArchLayout:
 
 def _ssm_state_bytes(keys: Keys) -> tuple[int, int]:
     """llama_hparams::n_embd_r / n_embd_s for Mamba-style layers, in f32 bytes per sequence."""
-    d_conv = keys.int("ssm.conv_kernel")
-    d_inner = keys.int("ssm.inner_size")
-    d_state = keys.int("ssm.state_size")
-    n_group = keys.int("ssm.group_count", 0)
+    d_conv = keys.number("ssm.conv_kernel")
+    d_inner = keys.number("ssm.inner_size")
+    d_state = keys.number("ssm.state_size")
+    n_group = keys.number("ssm.group_count", 0)
     conv = (d_conv - 1 if d_conv > 0 else 0) * (d_inner + 2 * n_group * d_state)
     return conv * F32_BYTES, d_state * d_inner * F32_BYTES
 
 
 def _mamba2(keys: Keys, hp: Hparams) -> ArchLayout:
     r_bytes, s_bytes = _ssm_state_bytes(keys)
-    return ArchLayout(recurrent_layers=(True,) * hp.n_layer, recurrent_r_bytes_per_seq=r_bytes,
-                      recurrent_s_bytes_per_seq=s_bytes)
+    return ArchLayout(
+        recurrent_layers=(True,) * hp.n_layer,
+        recurrent_r_bytes_per_seq=r_bytes,
+        recurrent_s_bytes_per_seq=s_bytes,
+    )
 
 
 def _granitehybrid(keys: Keys, hp: Hparams) -> ArchLayout:
     # "A layer is recurrent IFF the n_head_kv value is set to 0"
     r_bytes, s_bytes = _ssm_state_bytes(keys)
-    return ArchLayout(recurrent_layers=tuple(n == 0 for n in hp.n_head_kv), recurrent_r_bytes_per_seq=r_bytes,
-                      recurrent_s_bytes_per_seq=s_bytes)
+    return ArchLayout(
+        recurrent_layers=tuple(n == 0 for n in hp.n_head_kv),
+        recurrent_r_bytes_per_seq=r_bytes,
+        recurrent_s_bytes_per_seq=s_bytes,
+    )
 
 
 def _lfm2(keys: Keys, hp: Hparams) -> ArchLayout:
     recurrent = tuple(n == 0 for n in hp.n_head_kv)
-    l_cache = keys.int("shortconv.l_cache")
-    n_swa = keys.int("attention.sliding_window", 0)
+    l_cache = keys.number("shortconv.l_cache")
+    n_swa = keys.number("attention.sliding_window", 0)
     swa = tuple(not r for r in recurrent) if n_swa > 0 else ()
     # n_embd_r for LFM2's short convolutions; n_embd_s is d_state*d_inner, 0 without ssm keys.
-    return ArchLayout(n_swa=n_swa, swa_layers=swa, recurrent_layers=recurrent,
-                      recurrent_r_bytes_per_seq=hp.n_embd * max(l_cache - 1, 0) * F32_BYTES)
+    return ArchLayout(
+        n_swa=n_swa,
+        swa_layers=swa,
+        recurrent_layers=recurrent,
+        recurrent_r_bytes_per_seq=hp.n_embd * max(l_cache - 1, 0) * F32_BYTES,
+    )
 
 
 def _deepseek2(keys: Keys, hp: Hparams) -> ArchLayout:
     """MLA. With key_length_mla/value_length_mla in the file (newer converts) llama.cpp caches only
     K = kv_lora_rank + rope_dim per token and layer (one KV head, V is a view of K). Without them it
     rebuilds full per-head K/V and caches those: an ordinary KV cache, so kv_lora_rank is reported 0."""
-    kv_lora_rank = keys.int("attention.kv_lora_rank")
-    rope_dim = keys.int("rope.dimension_count", 0)
-    is_mla = keys.int("attention.key_length_mla", 0) > 0 and keys.int("attention.value_length_mla", 0) > 0
+    kv_lora_rank = keys.number("attention.kv_lora_rank")
+    rope_dim = keys.number("rope.dimension_count", 0)
+    is_mla = keys.number("attention.key_length_mla", 0) > 0 and keys.number("attention.value_length_mla", 0) > 0
     return ArchLayout(kv_lora_rank=kv_lora_rank if is_mla else 0, rope_dim=rope_dim)
 
 
 _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
-    "llama": _none, "qwen2": _none, "qwen3": _none, "qwen3moe": _none,
+    "llama": _none,
+    "qwen2": _none,
+    "qwen3": _none,
+    "qwen3moe": _none,
     "phi3": _none,  # llama.cpp disables phi3's sliding window (PR 13676): all layers full
-    "gemma2": _gemma2, "gemma3": _gemma3, "deepseek2": _deepseek2,
-    "mamba2": _mamba2, "granitehybrid": _granitehybrid, "lfm2": _lfm2,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "deepseek2": _deepseek2,
+    "mamba2": _mamba2,
+    "granitehybrid": _granitehybrid,
+    "lfm2": _lfm2,
 }
 
 
@@ -198,7 +246,7 @@ def head_dims(arch: str, keys: Keys, hp: Hparams) -> tuple[int, int]:
     """(key_length, value_length) per head; llama.cpp defaults both to n_embd / n_head."""
     n_head = max(hp.n_head, default=0)
     default = hp.n_embd // n_head if n_head else 0
-    return keys.int("attention.key_length", default), keys.int("attention.value_length", default)
+    return keys.number("attention.key_length", default), keys.number("attention.value_length", default)
 
 
 def top_level_role(arch: str, name: str) -> str:

@@ -40,8 +40,17 @@ _NOT_QUANTIZED = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 # GGUF value types: id -> (struct format, size in bytes); 8 = string, 9 = array.
 _STRING, _ARRAY = 8, 9
 _SCALARS: dict[int, tuple[str, int]] = {
-    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
 }
 _U64 = struct.Struct("<Q")
 
@@ -118,7 +127,9 @@ def row_bytes(ggml_type: int, n_elements: int) -> int:
     """ggml_row_size: bytes of `n_elements` consecutive elements of one row."""
     block = type_block(ggml_type)
     if block is None:
-        raise ModelError(f"unknown ggml tensor type {ggml_type}", "update llamalaunch to a version that knows it")
+        raise ModelError(
+            f"unknown ggml tensor type {ggml_type}", "update llamalaunch to a version that knows it"
+        )
     block_size, type_size = block
     return type_size * (n_elements // block_size)
 
@@ -140,7 +151,9 @@ class _Reader:
         self.window_start = 0
 
     def fail(self, problem: str) -> ModelError:
-        return ModelError(f"{self.path}: {problem}", "the file is damaged or not a GGUF model; download it again")
+        return ModelError(
+            f"{self.path}: {problem}", "the file is damaged or not a GGUF model; download it again"
+        )
 
     def left(self) -> int:
         return self.file_size - self.pos
@@ -148,8 +161,10 @@ class _Reader:
     def _view(self, n: int, what: str) -> int:
         """Make bytes [pos, pos+n) available in the window; return their index in it."""
         if n > self.left():
-            raise self.fail(f"truncated header: {what} needs {n} bytes at offset {self.pos}, "
-                            f"{self.left()} left in the file")
+            raise self.fail(
+                f"truncated header: {what} needs {n} bytes at offset {self.pos}, "
+                f"{self.left()} left in the file"
+            )
         index = self.pos - self.window_start
         if index < 0 or index + n > len(self.window):
             self.stream.seek(self.pos)
@@ -177,7 +192,7 @@ class _Reader:
             raise self.fail(f"{what} claims {length} bytes, more than the {cap} allowed")
         index = self._view(length, what)
         self.pos += length
-        return self.window[index:index + length].decode("utf-8", errors="replace")
+        return self.window[index : index + length].decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int, what: str) -> None:
         """Walk `count` strings without keeping them (tokenizer vocabularies)."""
@@ -199,8 +214,10 @@ class _Reader:
 
     def skip(self, n: int, what: str) -> None:
         if n > self.left():
-            raise self.fail(f"truncated header: {what} needs {n} bytes at offset {self.pos}, "
-                            f"{self.left()} left in the file")
+            raise self.fail(
+                f"truncated header: {what} needs {n} bytes at offset {self.pos}, "
+                f"{self.left()} left in the file"
+            )
         self.pos += n
 
 
@@ -214,11 +231,15 @@ def read_header(path: str | Path) -> GgufHeader:
     except FileNotFoundError:
         raise ModelError(f"{path}: no such file", "check the model path") from None
     except IsADirectoryError:
-        raise ModelError(f"{path} is a directory, not a GGUF file", "give the path of the .gguf file") from None
+        raise ModelError(
+            f"{path} is a directory, not a GGUF file", "give the path of the .gguf file"
+        ) from None
     except PermissionError:
         raise ModelError(f"{path}: permission denied", "make the file readable by this user") from None
     except OSError as error:
-        raise ModelError(f"{path}: cannot read ({error.strerror or error})", "check the file and the disk") from None
+        raise ModelError(
+            f"{path}: cannot read ({error.strerror or error})", "check the file and the disk"
+        ) from None
 
 
 def parse_header(stream: BinaryIO, file_size: int, name: str) -> GgufHeader:
@@ -245,8 +266,9 @@ def _check_count(reader: _Reader, count: int, what: str, cap: int, min_entry_byt
     if count > cap:
         raise reader.fail(f"header claims {count} {what}, more than the {cap} allowed")
     if count * min_entry_bytes > reader.left():
-        raise reader.fail(f"truncated header: it claims {count} {what}, more than the {reader.left()} bytes "
-                          "left can hold")
+        raise reader.fail(
+            f"truncated header: it claims {count} {what}, more than the {reader.left()} bytes left can hold"
+        )
 
 
 def _read_preamble(reader: _Reader) -> int:
@@ -299,7 +321,9 @@ def _read_array(reader: _Reader, key: str) -> GgufArray:
     else:
         raise reader.fail(f"array {key!r} has unsupported element type {element_type}")
     if count * element_size > reader.left():
-        raise reader.fail(f"truncated header: array {key!r} claims {count} elements, more than the file holds")
+        raise reader.fail(
+            f"truncated header: array {key!r} claims {count} elements, more than the file holds"
+        )
     if element_type == _STRING and count > MAX_STRING_ARRAY:
         raise reader.fail(f"array {key!r} claims {count} strings, more than the {MAX_STRING_ARRAY} allowed")
     if count > MAX_KEPT_ARRAY:
@@ -349,16 +373,19 @@ def _tensor_nbytes(reader: _Reader, raw: _RawTensor) -> int:
         raise reader.fail(f"tensor {raw.name!r} has a negative dimension")
     ne0 = raw.shape[0] if raw.shape else 1
     if ne0 % block_size:
-        raise reader.fail(f"tensor {raw.name!r} of type {ggml_type_name(raw.ggml_type)} has {ne0} elements "
-                          f"per row, not a multiple of its block size {block_size}")
+        raise reader.fail(
+            f"tensor {raw.name!r} of type {ggml_type_name(raw.ggml_type)} has {ne0} elements "
+            f"per row, not a multiple of its block size {block_size}"
+        )
     n_elements = 1
     for ne in raw.shape:
         n_elements *= ne
     return n_elements // block_size * type_size
 
 
-def _place_tensors(reader: _Reader, raws: list[_RawTensor], alignment: int,
-                   data_offset: int) -> tuple[TensorInfo, ...]:
+def _place_tensors(
+    reader: _Reader, raws: list[_RawTensor], alignment: int, data_offset: int
+) -> tuple[TensorInfo, ...]:
     """Check names and offsets as llama.cpp does: unique, in file order, each after the last, padded."""
     data_bytes = reader.file_size - data_offset
     seen: set[str] = set()
@@ -372,8 +399,10 @@ def _place_tensors(reader: _Reader, raws: list[_RawTensor], alignment: int,
         if raw.offset != expected_offset:
             raise reader.fail(f"tensor {raw.name!r} has offset {raw.offset}, expected {expected_offset}")
         if raw.offset + nbytes > data_bytes:
-            raise reader.fail(f"truncated file: tensor {raw.name!r} ends at byte "
-                              f"{data_offset + raw.offset + nbytes}, the file has {reader.file_size}")
+            raise reader.fail(
+                f"truncated file: tensor {raw.name!r} ends at byte "
+                f"{data_offset + raw.offset + nbytes}, the file has {reader.file_size}"
+            )
         tensors.append(TensorInfo(raw.name, raw.shape, raw.ggml_type, raw.offset, nbytes))
         expected_offset += pad(nbytes, alignment)
     return tuple(tensors)

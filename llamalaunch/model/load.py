@@ -16,7 +16,15 @@ from pathlib import Path
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model import arch as arches
-from llamalaunch.model.gguf_header import GgufArray, GgufHeader, TensorInfo, file_type_name, pad, read_header, row_bytes
+from llamalaunch.model.gguf_header import (
+    GgufArray,
+    GgufHeader,
+    TensorInfo,
+    file_type_name,
+    pad,
+    read_header,
+    row_bytes,
+)
 from llamalaunch.model.profile import ModelProfile, SlotWeights
 
 CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT, ggml-impl.h
@@ -36,9 +44,10 @@ def load_profile(path: str | Path, allow_unknown_arch: bool = False) -> ModelPro
     first = headers[0]
     arch = _string(first, "general.architecture")
     if not arches.is_supported(arch) and not allow_unknown_arch:
-        raise ModelError(f"{first.path}: architecture {arch!r} is not supported by llamalaunch",
-                         f"supported: {', '.join(arches.SUPPORTED_ARCHS)}; "
-                         "--allow-unknown-arch gives a generic estimate")
+        raise ModelError(
+            f"{first.path}: architecture {arch!r} is not supported by llamalaunch",
+            f"supported: {', '.join(arches.SUPPORTED_ARCHS)}; --allow-unknown-arch gives a generic estimate",
+        )
     keys = arches.Keys(first.kv, arch, first.path)
     tensors = [t for header in headers for t in header.tensors]
     return _profile(first, keys, tensors, shard_paths, sum(h.file_size for h in headers))
@@ -55,14 +64,21 @@ def shard_set(path: Path) -> tuple[Path, ...]:
     expected = [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in expected if not p.exists()]
     if missing:
-        raise ModelError(f"{path}: split model part {missing[0]} is missing"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-                         "download every part into the same directory")
-    extra = sorted(p.name for p in path.parent.glob(f"{_glob_escape(prefix)}-*-of-*.gguf")
-                   if _SHARD.match(p.name) and p not in expected)
+        raise ModelError(
+            f"{path}: split model part {missing[0]} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            "download every part into the same directory",
+        )
+    extra = sorted(
+        p.name
+        for p in path.parent.glob(f"{_glob_escape(prefix)}-*-of-*.gguf")
+        if _SHARD.match(p.name) and p not in expected
+    )
     if extra:
-        raise ModelError(f"{path}: extra split model part {extra[0]} does not belong to the {count}-part set",
-                         "remove the stray part, or keep one complete set per directory")
+        raise ModelError(
+            f"{path}: extra split model part {extra[0]} does not belong to the {count}-part set",
+            "remove the stray part, or keep one complete set per directory",
+        )
     return tuple(expected)
 
 
@@ -77,25 +93,34 @@ def _check_shards(headers: list[GgufHeader]) -> None:
             count = header.get("split.count")
             number = header.get("split.no")
             if count != len(headers) or number != index:
-                raise ModelError(f"{header.path}: says it is part {number} of {count}, expected part {index} "
-                                 f"of {len(headers)}", "the parts come from different downloads; fetch them again")
+                raise ModelError(
+                    f"{header.path}: says it is part {number} of {count}, expected part {index} "
+                    f"of {len(headers)}",
+                    "the parts come from different downloads; fetch them again",
+                )
     seen: set[str] = set()
     for header in headers:
         for tensor in header.tensors:
             if tensor.name in seen:
-                raise ModelError(f"{header.path}: tensor {tensor.name!r} appears in two parts", "the parts do not "
-                                 "belong together")
+                raise ModelError(
+                    f"{header.path}: tensor {tensor.name!r} appears in two parts",
+                    "the parts do not belong together",
+                )
             seen.add(tensor.name)
     declared = headers[0].get("split.tensors.count")
     if len(headers) > 1 and isinstance(declared, int) and declared != len(seen):
-        raise ModelError(f"{headers[0].path}: the parts hold {len(seen)} tensors, the first part declares {declared}",
-                         "a part is from another model or damaged")
+        raise ModelError(
+            f"{headers[0].path}: the parts hold {len(seen)} tensors, the first part declares {declared}",
+            "a part is from another model or damaged",
+        )
 
 
 def _string(header: GgufHeader, key: str) -> str:
     value = header.get(key)
     if value is None:
-        raise ModelError(f"{header.path}: required key {key!r} is missing", "the file is not a llama.cpp model")
+        raise ModelError(
+            f"{header.path}: required key {key!r} is missing", "the file is not a llama.cpp model"
+        )
     if not isinstance(value, str):
         raise ModelError(f"{header.path}: key {key!r} is not a string", "the file is damaged")
     return value
@@ -150,8 +175,10 @@ def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Pl
         if match:
             index = int(match.group(1))
             if index >= n_layer:
-                raise ModelError(f"{path}: tensor {tensor.name!r} belongs to block {index}, the model has {n_layer}",
-                                 "the file is damaged or block_count is wrong")
+                raise ModelError(
+                    f"{path}: tensor {tensor.name!r} belongs to block {index}, the model has {n_layer}",
+                    "the file is damaged or block_count is wrong",
+                )
             blocks[index].append(tensor)
         else:
             roles[arches.top_level_role(arch, tensor.name)].append(tensor)
@@ -164,7 +191,9 @@ def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Pl
         # llama.cpp loads token_embd a second time as the output tensor (TENSOR_DUPLICATED)
         embd = tensor_sizes(_by_name(tensors, "token_embd.weight"))
         output = output + _Sizes(embd.cpu, embd.cuda)
-    return _Placement(tuple(_sum(b) for b in blocks), output, _sum(roles["input"]), _sum(roles["per_device"]), tied)
+    return _Placement(
+        tuple(_sum(b) for b in blocks), output, _sum(roles["input"]), _sum(roles["per_device"]), tied
+    )
 
 
 def _by_name(tensors: list[TensorInfo], name: str) -> TensorInfo:
@@ -174,29 +203,42 @@ def _by_name(tensors: list[TensorInfo], name: str) -> TensorInfo:
 def _n_vocab(header: GgufHeader, keys: arches.Keys) -> int:
     """{arch}.vocab_size, else the length of tokenizer.ggml.tokens (read without its strings)."""
     if keys.has("vocab_size"):
-        return keys.int("vocab_size")
+        return keys.number("vocab_size")
     tokens = header.get("tokenizer.ggml.tokens")
     if isinstance(tokens, GgufArray):
         return tokens.count
-    raise ModelError(f"{header.path}: no vocabulary (neither {keys.arch}.vocab_size nor tokenizer.ggml.tokens)",
-                     "the file is not a complete model")
+    raise ModelError(
+        f"{header.path}: no vocabulary (neither {keys.arch}.vocab_size nor tokenizer.ggml.tokens)",
+        "the file is not a complete model",
+    )
 
 
 def _hparams(keys: arches.Keys, n_layer: int) -> arches.Hparams:
-    n_embd = keys.int("embedding_length")
+    n_embd = keys.number("embedding_length")
     zeros = (0,) * n_layer
     n_head = keys.per_layer("attention.head_count", n_layer, zeros)
     n_head_kv = keys.per_layer("attention.head_count_kv", n_layer, n_head)  # llama.cpp: defaults to n_head
     return arches.Hparams(n_layer, n_embd, n_head, n_head_kv)
 
 
-def _profile(header: GgufHeader, keys: arches.Keys, tensors: list[TensorInfo], shard_paths: tuple[Path, ...],
-             file_bytes: int) -> ModelProfile:
+def _profile(
+    header: GgufHeader,
+    keys: arches.Keys,
+    tensors: list[TensorInfo],
+    shard_paths: tuple[Path, ...],
+    file_bytes: int,
+) -> ModelProfile:
     arch = keys.arch
-    n_layer = keys.int("block_count")
+    n_layer = keys.number("block_count")
     if not 0 < n_layer <= MAX_LAYERS:
         raise ModelError(f"{header.path}: block_count is {n_layer}", f"a model has 1 to {MAX_LAYERS} blocks")
     hp = _hparams(keys, n_layer)
+    if not arches.is_supported(arch) and not any(hp.n_head):
+        raise ModelError(
+            f"{header.path}: architecture {arch!r} has no attention.head_count; its cache cannot be "
+            "estimated",
+            "use a supported architecture",
+        )
     head_dim_k, head_dim_v = arches.head_dims(arch, keys, hp)
     layout = arches.arch_layout(arch, keys, hp)
     placement = _place(arch, tensors, n_layer, header.path)
@@ -215,7 +257,7 @@ def _profile(header: GgufHeader, keys: arches.Keys, tensors: list[TensorInfo], s
         host_bytes=placement.host.cpu,
         output_is_token_embd=placement.output_is_token_embd,
         n_vocab=_n_vocab(header, keys),
-        n_ctx_train=keys.int("context_length"),
+        n_ctx_train=keys.number("context_length"),
         n_embd=hp.n_embd,
         n_ff=max(n_ff),
         n_head=hp.n_head,
@@ -225,16 +267,16 @@ def _profile(header: GgufHeader, keys: arches.Keys, tensors: list[TensorInfo], s
         n_swa=layout.n_swa,
         swa_layers=layout.swa_layers or (False,) * n_layer,
         kv_lora_rank=layout.kv_lora_rank,
-        rope_dim=layout.rope_dim or keys.int("rope.dimension_count", head_dim_k),
+        rope_dim=layout.rope_dim or keys.number("rope.dimension_count", head_dim_k),
         recurrent_layers=layout.recurrent_layers or (False,) * n_layer,
         recurrent_r_bytes_per_seq=layout.recurrent_r_bytes_per_seq,
         recurrent_s_bytes_per_seq=layout.recurrent_s_bytes_per_seq,
-        n_expert=keys.int("expert_count", 0),
+        n_expert=keys.number("expert_count", 0),
         n_expert_used=max(keys.per_layer("expert_used_count", n_layer, (0,) * n_layer)),
-        n_embd_out=keys.int("embedding_length_out", 0),
+        n_embd_out=keys.number("embedding_length_out", 0),
         generic_estimate=not arches.is_supported(arch),
         per_device_bytes=placement.per_device.cpu,
-        n_nextn_layers=keys.int("nextn_predict_layers", 0),
+        n_nextn_layers=keys.number("nextn_predict_layers", 0),
         n_ff_exp=max(n_ff_exp),
     )
 

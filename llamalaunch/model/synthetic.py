@@ -17,12 +17,14 @@ import struct
 from array import array
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
-from llamalaunch.model.gguf_header import DEFAULT_ALIGNMENT, GGUF_MAGIC, ggml_type_name, pad, read_header, type_block
+from llamalaunch.model.gguf_header import (DEFAULT_ALIGNMENT, GGUF_MAGIC, ggml_type_name, pad, read_header,
+                                           type_block)
 
 # ggml type ids by name (only those a synthetic model uses for its matrices).
-WEIGHT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
-                "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "BF16": 30}
+WEIGHT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10,
+                "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "BF16": 30}
 # general.file_type (LLAMA_FTYPE) for a file whose matrices are all of one type.
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
                "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
@@ -59,8 +61,9 @@ class SyntheticShape:
     ssm_d_conv: int = 4
     ssm_n_group: int = 1
     ssm_n_head: int = 0  # ssm.time_step_rank
-    attention_layers: tuple[int, ...] = field(default=())  # hybrids: blocks with attention, the rest recurrent
+    attention_layers: tuple[int, ...] = field(default=())  # hybrids: blocks with attention; others recurrent
     shortconv_l_cache: int = 3
+    rope_freqs: bool = False  # write rope_freqs.weight: zeros make logits NaN; for memory tests only
 
     @property
     def head_dim_k(self) -> int:
@@ -107,7 +110,8 @@ def write_preset(path: str | Path, name: str, **changes: object) -> Path:
     """Write a preset from SHAPES, with shape fields changed (`n_layer=8`) or the matrices' `file_type`."""
     spec = SHAPES[name]
     file_type = str(changes.pop("file_type", spec.file_type))
-    return write_synthetic(path, spec.arch, replace(spec.shape, **changes), file_type)  # type: ignore[arg-type]
+    shape = replace(spec.shape, **changes)  # type: ignore[arg-type]
+    return write_synthetic(path, spec.arch, shape, file_type)
 
 
 def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_type: str = "Q4_0") -> Path:
@@ -117,7 +121,8 @@ def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_typ
     if file_type not in WEIGHT_TYPES:
         raise ValueError(f"file_type {file_type!r} not one of {', '.join(WEIGHT_TYPES)}")
     weight_type = WEIGHT_TYPES[file_type]
-    tensors = [(name, dims, _tensor_type(kind, dims, weight_type)) for name, dims, kind in _TENSORS[arch](shape)]
+    tensors = [(name, dims, _tensor_type(kind, dims, weight_type))
+               for name, dims, kind in _TENSORS[arch](shape)]
     out = _Writer()
     kv = _keys(arch, shape, file_type)
     out.header(len(tensors), len(kv) + _VOCAB_KEYS)
@@ -175,7 +180,8 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
         kv.append((f"{arch}.attention.head_count", _T_U32, s.n_head))
     kv += _head_kv_keys(arch, s)
     if s.n_expert:
-        kv += [(f"{arch}.expert_count", _T_U32, s.n_expert), (f"{arch}.expert_used_count", _T_U32, s.n_expert_used)]
+        kv += [(f"{arch}.expert_count", _T_U32, s.n_expert),
+               (f"{arch}.expert_used_count", _T_U32, s.n_expert_used)]
     if s.n_ff_exp:
         kv.append((f"{arch}.expert_feed_forward_length", _T_U32, s.n_ff_exp))
     if s.n_swa:
@@ -245,7 +251,8 @@ def _lfm2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
     return [(f"{arch}.shortconv.l_cache", _T_U32, s.shortconv_l_cache)]
 
 
-_ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys, "lfm2": _lfm2_keys}
+_ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
+              "lfm2": _lfm2_keys}
 
 
 # --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
@@ -256,6 +263,8 @@ Tensor = tuple[str, tuple[int, ...], str]  # name, ggml dims (ne0 first), "w" (m
 def _embeddings(s: SyntheticShape, output_norm: str = "output_norm") -> list[Tensor]:
     tensors: list[Tensor] = [("token_embd.weight", (s.n_embd, s.n_vocab), "w"),
                              (f"{output_norm}.weight", (s.n_embd,), "f32")]
+    if s.rope_freqs:
+        tensors.append(("rope_freqs.weight", (s.head_dim_k // 2,), "f32"))
     if not s.tied:
         tensors.append(("output.weight", (s.n_embd, s.n_vocab), "w"))
     return tensors
@@ -264,18 +273,22 @@ def _embeddings(s: SyntheticShape, output_norm: str = "output_norm") -> list[Ten
 def _attention(i: int, s: SyntheticShape, q_bias: bool = False, qk_norm: bool = False) -> list[Tensor]:
     q, kv = s.head_dim_k * s.n_head, s.head_dim_k * s.n_head_kv
     b = f"blk.{i}."
-    tensors: list[Tensor] = [(b + "attn_q.weight", (s.n_embd, q), "w"), (b + "attn_k.weight", (s.n_embd, kv), "w"),
-                             (b + "attn_v.weight", (s.n_embd, kv), "w"), (b + "attn_output.weight", (q, s.n_embd), "w")]
+    tensors: list[Tensor] = [(b + "attn_q.weight", (s.n_embd, q), "w"),
+                             (b + "attn_k.weight", (s.n_embd, kv), "w"),
+                             (b + "attn_v.weight", (s.n_embd, kv), "w"),
+                             (b + "attn_output.weight", (q, s.n_embd), "w")]
     if q_bias:
-        tensors += [(b + "attn_q.bias", (q,), "f32"), (b + "attn_k.bias", (kv,), "f32"), (b + "attn_v.bias", (kv,), "f32")]
+        tensors += [(b + "attn_q.bias", (q,), "f32"), (b + "attn_k.bias", (kv,), "f32"),
+                    (b + "attn_v.bias", (kv,), "f32")]
     if qk_norm:
-        tensors += [(b + "attn_q_norm.weight", (s.head_dim_k,), "f32"), (b + "attn_k_norm.weight", (s.head_dim_k,), "f32")]
+        tensors += [_norm(i, "attn_q_norm", s.head_dim_k), _norm(i, "attn_k_norm", s.head_dim_k)]
     return tensors
 
 
 def _ffn(i: int, n_embd: int, n_ff: int, suffix: str = "") -> list[Tensor]:
     b = f"blk.{i}."
-    return [(f"{b}ffn_gate{suffix}.weight", (n_embd, n_ff), "w"), (f"{b}ffn_down{suffix}.weight", (n_ff, n_embd), "w"),
+    return [(f"{b}ffn_gate{suffix}.weight", (n_embd, n_ff), "w"),
+            (f"{b}ffn_down{suffix}.weight", (n_ff, n_embd), "w"),
             (f"{b}ffn_up{suffix}.weight", (n_embd, n_ff), "w")]
 
 
@@ -332,7 +345,8 @@ def _deepseek2(s: SyntheticShape) -> list[Tensor]:
         if i < s.n_layer_dense_lead:
             tensors += _ffn(i, s.n_embd, s.n_ff)
         else:
-            tensors += _experts(i, s, s.n_ff_exp) + _ffn(i, s.n_embd, s.n_ff_exp * s.n_expert_shared, "_shexp")
+            shared = _ffn(i, s.n_embd, s.n_ff_exp * s.n_expert_shared, "_shexp")
+            tensors += _experts(i, s, s.n_ff_exp) + shared
     return tensors
 
 
@@ -342,15 +356,18 @@ def _phi3(s: SyntheticShape) -> list[Tensor]:
     for i in range(s.n_layer):
         b = f"blk.{i}."
         tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd),
-                    (b + "attn_qkv.weight", (s.n_embd, qkv), "w"), (b + "attn_output.weight", (s.n_embd, s.n_embd), "w"),
-                    (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w"), (b + "ffn_up.weight", (s.n_embd, 2 * s.n_ff), "w")]
+                    (b + "attn_qkv.weight", (s.n_embd, qkv), "w"),
+                    (b + "attn_output.weight", (s.n_embd, s.n_embd), "w"),
+                    (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w"),
+                    (b + "ffn_up.weight", (s.n_embd, 2 * s.n_ff), "w")]  # gate and up fused
     return tensors
 
 
 def _mamba2_block(i: int, s: SyntheticShape, d_in_proj: int) -> list[Tensor]:
     b, conv_dim = f"blk.{i}.", s.ssm_d_inner + 2 * s.ssm_n_group * s.ssm_d_state
     return [(b + "ssm_in.weight", (s.n_embd, d_in_proj), "w"),
-            (b + "ssm_conv1d.weight", (s.ssm_d_conv, conv_dim), "f32"), (b + "ssm_conv1d.bias", (conv_dim,), "f32"),
+            (b + "ssm_conv1d.weight", (s.ssm_d_conv, conv_dim), "f32"),
+            (b + "ssm_conv1d.bias", (conv_dim,), "f32"),
             (b + "ssm_dt.bias", (s.ssm_n_head,), "f32"),
             (b + "ssm_a", (1, s.ssm_n_head), "f32"), (b + "ssm_d", (1, s.ssm_n_head), "f32"),
             (b + "ssm_norm.weight", (s.ssm_d_inner // s.ssm_n_group, s.ssm_n_group), "f32"),
@@ -379,7 +396,8 @@ def _lfm2(s: SyntheticShape) -> list[Tensor]:
     tensors = _embeddings(s, output_norm="token_embd_norm")
     for i in range(s.n_layer):
         b = f"blk.{i}."
-        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)] + _ffn(i, s.n_embd, s.n_ff)
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)]
+        tensors += _ffn(i, s.n_embd, s.n_ff)
         if i in s.attention_layers:
             tensors += _attention(i, s, qk_norm=True)
         else:
@@ -417,7 +435,8 @@ def _vocab_bytes(n_vocab: int) -> bytes:
     """The tokenizer key/values: specials, 256 byte-fallback tokens, letters, then filler pieces."""
     if n_vocab < MIN_VOCAB:
         raise ValueError(f"n_vocab {n_vocab} is below {MIN_VOCAB} (specials and byte tokens)")
-    words = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["\u2581h", "\u2581hi", "\u2581the"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = ["\u2581", *letters, "\u2581h", "\u2581hi", "\u2581the"]
     tokens = list(_SPECIALS) + [f"<0x{b:02X}>" for b in range(256)] + words
     tokens += [f"\u2581t{i}" for i in range(n_vocab - len(tokens))]
     tokens = tokens[:n_vocab]
@@ -463,7 +482,7 @@ class _Writer:
         if value_type == _T_STRING:
             self.parts.append(_string(str(value)))
         elif value_type == _T_ARRAY:
-            element_type, values = value  # type: ignore[misc]
+            element_type, values = cast("tuple[int, list[int]]", value)
             fmt = _SCALAR_FORMATS[element_type]
             self.parts.append(struct.pack("<IQ", element_type, len(values)))
             self.parts.append(b"".join(struct.pack(fmt, v) for v in values))
@@ -474,7 +493,8 @@ class _Writer:
         self.parts.append(_string(key) + struct.pack("<IIQ", _T_ARRAY, element_type, count) + payload)
 
     def tensor_info(self, name: str, dims: tuple[int, ...], ggml_type: int, offset: int) -> None:
-        self.parts.append(_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset))
+        layout = struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
+        self.parts.append(_string(name) + layout)
 
 
 def describe(path: str | Path) -> str:
