@@ -206,6 +206,27 @@ def test_busy_probe_from_a_process_that_exits_at_once(rpc_workers: Callable[...,
     assert probe_worker(worker.endpoint).version == "7.0.0"
 
 
+@pytest.mark.llama
+def test_full_queue_of_earlier_probes_still_reads_busy(rpc_workers: Callable[..., RpcWorker]) -> None:
+    """The worker's accept queue (listen backlog 1) holds two waiting connections; a third connect
+    times out. With keepers of earlier runs waiting there, that is busy, not unreachable."""
+    worker = rpc_workers()
+    code = ("from llamalaunch.probe.rpc import probe_worker, WorkerBusyError\n"
+            f"try:\n    probe_worker({worker.endpoint!r}, connect_timeout_s=0.3, reply_timeout_s=0.3)\n"
+            "except WorkerBusyError as exc:\n    print(exc)\n")
+    with holding_worker(worker.endpoint):
+        said = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                               cwd=Path(__file__).parents[1]).stdout for _ in range(3)]
+    assert all("busy serving another client" in line for line in said), said
+    assert "fill its queue" in said[2]
+    deadline = time.monotonic() + 10
+    while rpc.keeper_pids(worker.endpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rpc.keeper_pids(worker.endpoint) == []
+    assert worker.process.poll() is None
+    assert probe_worker(worker.endpoint).version == "7.0.0"
+
+
 def _wait_gone(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -301,6 +322,19 @@ def test_worker_that_never_answers_hello_is_busy_and_keeps_the_socket() -> None:
         assert len(fake.connections) == 1
         assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # still waiting for our reply
     assert rpc.wait_for_keepers(5)  # the fake hung up: the keeper sees EOF and leaves
+
+
+def test_second_probe_while_our_keeper_waits_does_not_connect_again() -> None:
+    with FakeRpcWorker("never_answer") as fake:
+        with pytest.raises(WorkerBusyError) as first:
+            probe_worker(fake.endpoint, reply_timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(WorkerBusyError, match="an earlier probe from here still waits") as second:
+            probe_worker(fake.endpoint, reply_timeout_s=0.3)
+        assert time.monotonic() - started < 0.1
+        assert second.value.keeper_pid == first.value.keeper_pid
+        assert len(fake.connections) == 1
+    assert rpc.wait_for_keepers(5)
 
 
 def test_connect_timeout_when_nobody_accepts() -> None:

@@ -92,6 +92,12 @@ class WorkerBusyError(RpcProbeError):
         self.keeper_pid = keeper_pid
 
 
+def _busy_error(endpoint: str, why: str, keeper_pid: int | None) -> WorkerBusyError:
+    return WorkerBusyError(endpoint, f"busy serving another client: {why}", "stop the other client, e.g. a "
+                           "running llama-server, or give this worker's size with --assume or --budget",
+                           keeper_pid)
+
+
 class WorkerResetError(RpcProbeError):
     """The worker reset the connection."""
 
@@ -131,6 +137,9 @@ def probe_worker(endpoint: str, connect_timeout_s: float = 1.0, reply_timeout_s:
     socket. `BadInputError` when the endpoint is not HOST:PORT.
     """
     host, port = parse_endpoint(endpoint)
+    if (pid := _live_keeper_of_ours(endpoint)) is not None:
+        # Another connection would only queue behind ours; the worker's queue holds about two.
+        raise _busy_error(endpoint, "an earlier probe from here still waits for its answer", pid)
     started = time.monotonic()
     sock = _connect(endpoint, host, port, connect_timeout_s)
     exchange = _Exchange(endpoint, sock, time.monotonic() + reply_timeout_s)
@@ -166,6 +175,10 @@ def _connect(endpoint: str, host: str, port: int, timeout_s: float) -> socket.so
                                  "or fix the port in --rpc") from None
     except socket.timeout:
         sock.close()
+        if keepers := keeper_pids(endpoint):
+            # Its accept queue (listen backlog 1) is full of earlier probes still waiting: busy, not gone.
+            raise _busy_error(endpoint, f"earlier probes still wait for their answers (pids "
+                              f"{', '.join(map(str, keepers))}) and fill its queue", keepers[0]) from None
         raise WorkerUnreachableError(endpoint, f"no answer to the connection within {timeout_s:g} s",
                                      "check the host is up and its firewall; a worker whose queue of "
                                      "waiting clients is full also drops connects") from None
@@ -272,10 +285,8 @@ class _Exchange:
 
     def _timeout_error(self, started: bool) -> RpcProbeError:
         if not self.accepted and not started:
-            return WorkerBusyError(self.endpoint, "busy serving another client: it accepted the connection "
-                                   "but did not answer HELLO in time, and a worker serves one client at a "
-                                   "time", "stop the other client, e.g. a running llama-server, or give "
-                                   "this worker's size with --assume or --budget", keeper_pid=None)
+            return _busy_error(self.endpoint, "it accepted the connection but did not answer HELLO in "
+                               "time, and a worker serves one client at a time", None)
         return WorkerStalledError(self.endpoint, "stopped answering in the middle of the probe",
                                   "the worker may be hung: look at its log and restart it")
 
@@ -286,7 +297,7 @@ class _Exchange:
     def abandon(self) -> int | None:
         """End after an error: never close on a request the worker will still answer; the keeper's pid."""
         if self.owed_bytes > 0:
-            return _hand_off(self.sock, self.owed_bytes)
+            return _hand_off(self.sock, self.owed_bytes, self.endpoint)
         _close_with_reset(self.sock)
         return None
 
@@ -322,25 +333,26 @@ def keep_until_answered(sock, owed, limit_s):
         pass
     sock.close()
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # argv: fd, owed bytes, time limit, endpoint (only for `ps` and keeper_pids)
     keep_until_answered(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]), float(sys.argv[3]))
 """
+_KEEPER_MARK = "keep_until_answered"
 _keeper_namespace: dict[str, object] = {"__name__": "llamalaunch_keeper"}
 exec(compile(_KEEPER_CODE, "<rpc keeper>", "exec"), _keeper_namespace)  # noqa: S102 - our own constant
 _keep_until_answered: Callable[[socket.socket, int, float], None] = _keeper_namespace[  # type: ignore[assignment]
     "keep_until_answered"]
 
-_keepers: list[subprocess.Popen[bytes]] = []
+_keepers: dict[str, list[subprocess.Popen[bytes]]] = {}  # endpoint → keepers this process started
 _keepers_lock = threading.Lock()
 
 
-def _hand_off(sock: socket.socket, owed_bytes: int) -> int | None:
+def _hand_off(sock: socket.socket, owed_bytes: int, endpoint: str) -> int | None:
     """Give the socket to a detached keeper process; returns its pid (None: a thread of ours keeps it)."""
     sock.setblocking(True)
     try:
         keeper = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, str(sock.fileno()), str(owed_bytes),
-             str(KEEP_PENDING_S)],
+             str(KEEP_PENDING_S), endpoint],
             pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd="/", start_new_session=True)
     except OSError:
@@ -350,16 +362,35 @@ def _hand_off(sock: socket.socket, owed_bytes: int) -> int | None:
         return None
     sock.close()  # the keeper holds its own reference: no FIN goes out
     with _keepers_lock:
-        _keepers[:] = [other for other in _keepers if other.poll() is None]
-        _keepers.append(keeper)
+        for started in _keepers.values():
+            started[:] = [other for other in started if other.poll() is None]  # reaps finished ones
+        _keepers.setdefault(endpoint, []).append(keeper)
     return keeper.pid
+
+
+def _live_keeper_of_ours(endpoint: str) -> int | None:
+    with _keepers_lock:
+        live = [keeper for keeper in _keepers.get(endpoint, []) if keeper.poll() is None]
+    return live[0].pid if live else None
+
+
+def keeper_pids(endpoint: str) -> list[int]:
+    """Keeper processes (of any earlier llamalaunch run) still waiting on this worker."""
+    import psutil  # only on this rare path: a scan of all processes takes tens of milliseconds
+
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if len(cmdline) >= 4 and cmdline[-1] == endpoint and any(_KEEPER_MARK in arg for arg in cmdline):
+            pids.append(process.pid)
+    return pids
 
 
 def wait_for_keepers(timeout_s: float) -> bool:
     """Wait until every keeper this process started has got its reply; True when none is left."""
     deadline = time.monotonic() + timeout_s
     with _keepers_lock:
-        keepers = list(_keepers)
+        keepers = [keeper for started in _keepers.values() for keeper in started]
     for keeper in keepers:
         try:
             keeper.wait(max(deadline - time.monotonic(), 0.0))
