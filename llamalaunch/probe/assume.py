@@ -26,7 +26,7 @@ _PREFIXES: dict[str, tuple[str, str]] = {
 _BACKEND_RANK = {"RPC": 0, "CUDA": 1, "ROCm": 1, "Metal": 2, "SYCL": 3, "Vulkan": 4, "CANN": 5}
 HOST_NAME = "CPU"
 _DEVICE_NAME = re.compile(r"^([A-Za-z]+)(\d+)$")
-_NAME_HINT = "use llama.cpp's names: CUDA0, ROCm0, Vulkan0, SYCL0, MTL0, CANN0, RPC0 (or CPU for host RAM)"
+_NAME_HINT = "use llama.cpp's names: CUDA0, ROCm0, Vulkan0, SYCL0, MTL0, CANN0, RPC0, or CPU for host RAM"
 
 
 def canonical_device_name(text: str, what: str) -> tuple[str, str]:
