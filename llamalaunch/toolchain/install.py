@@ -31,6 +31,7 @@ from llamalaunch.toolchain.pin import (
     SERVER_BINARY,
     file_sha256,
     pip_download,
+    remove_stale_scratch,
 )
 
 Progress = Callable[[str], None]
@@ -106,6 +107,7 @@ def fetch_sdist(cache: Path, on_progress: Progress) -> Path:
         return target
     on_progress(f"downloading {LLAMA_CPP_SDIST.requirement} (77 MB) with pip")
     downloads.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(downloads, ".pip-")
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as scratch:
         downloaded = pip_download(LLAMA_CPP_SDIST.requirement, Path(scratch), sdist=True)
         verify_sdist(downloaded)

@@ -7,8 +7,10 @@ llama.cpp version here changes the build cache folder name too, so old and new b
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from llamalaunch.errors import ToolchainError
 
 _CHUNK_BYTES = 1 << 20
 _PIP_TIMEOUT_S = 900
+_STALE_SCRATCH_S = 2 * _PIP_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,16 @@ def file_sha256(path: Path) -> str:
         while chunk := stream.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def remove_stale_scratch(folder: Path, prefix: str, older_than_s: float = _STALE_SCRATCH_S) -> None:
+    """Scratch folders a killed download left behind (a live one is younger than any download takes)."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for entry in folder.glob(prefix + "*"):
+        if entry.is_dir() and now - entry.stat().st_mtime > older_than_s:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
