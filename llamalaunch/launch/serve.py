@@ -29,7 +29,7 @@ from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.assume import parse_device_sizes
 from llamalaunch.probe.device import Device
-from llamalaunch.probe.inventory import probe_devices
+from llamalaunch.probe.inventory import fill_unknown_memory, probe_devices
 from llamalaunch.toolchain.demo import demo_model_path
 from llamalaunch.toolchain.discover import Toolchain, find_toolchain
 
@@ -67,7 +67,7 @@ class PlanInputs:
         return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems)
 
     def probe(self) -> tuple[Device, ...]:
-        inventory = probe_devices(rpc=self.rpc, assume=self.assume)
+        inventory = fill_unknown_memory(probe_devices(rpc=self.rpc, assume=self.assume), self.request.budget_bytes)
         self.problems.extend(p for p in inventory.problems if p not in self.problems)
         self.devices = inventory.devices
         return inventory.devices

@@ -15,4 +15,5 @@ def inventory_to_dict(inventory: Inventory) -> dict[str, Any]:
         "host": dataclasses.asdict(inventory.host),
         "problems": list(inventory.problems),
         "notes": list(inventory.notes),
+        "unknown_memory": list(inventory.unknown_memory),
     }
