@@ -1,61 +1,151 @@
-"""Compute buffers per device and for the host (first cut: a peak-set bound from the shapes).
+"""Compute buffers per device and for the host, by replaying llama.cpp's own reservation.
 
-llama.cpp measures the worst-case graph (n_ubatch tokens over the full KV) with ggml-alloc; each
-backend's buffer holds the copies of its split inputs (times 4 with pipeline parallelism) plus the
-largest set of tensors alive at once inside one of its layers, and the output device the logits.
+llama.cpp sizes its compute buffers by building the worst-case graph (n_ubatch tokens over the full
+KV cache), splitting it across backends and running ggml-alloc over it (llama_context::sched_reserve).
+We do the same on shapes only: arch_graphs builds the graph, ggml_sched splits and allocates it. The
+prompt-processing graph is the largest of the reservations llama.cpp makes, so it alone sets the size.
+
+Speed: layers of one kind on one device repeat the same allocation pattern, so only the first two and
+the last layer of each kind per device are replayed; results are memoized per placement and context.
 """
 
 from __future__ import annotations
 
-from llamalaunch.model.kv import F32_BYTES, ContextShape, layer_cells
+from collections.abc import Sequence
+from functools import lru_cache
+
+from llamalaunch.model.arch_graphs import BUILDERS, ModelSpec, Reserve
+from llamalaunch.model.ggml_sched import Backend, reserve
+from llamalaunch.model.kv import ContextShape, swa_cells
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
 
-PIPELINE_COPIES = 4  # GGML_SCHED_MAX_COPIES
+CPU_ALIGNMENT = 32
+CUDA_ALIGNMENT = 128
+# Archs without an exact graph here are replayed with the llama graph of the same shape and padded by
+# this factor: their extra ops (recurrent scans, gating) are not modelled.
+GENERIC_MARGIN = 1.25
 
 
 def compute_buffers(profile: ModelProfile, placement: object, request: Request,
                     shape: ContextShape) -> tuple[dict[str, int], int]:
-    """(compute bytes per device name, host compute bytes)."""
-    ranges = placement.ranges  # type: ignore[attr-defined]
-    offloaded = sum(r.n_slots for r in ranges)
-    pipeline = len([r for r in ranges if r.n_slots > 0]) > 1 and offloaded == profile.n_slots
-    copies = PIPELINE_COPIES if pipeline else 1
-    n_t = shape.n_ubatch
-    act = profile.n_embd * n_t * F32_BYTES
-    mask = _mask_bytes(profile, request, shape)
-    layer_peak = _layer_peak(profile, shape, mask)
-    output = profile.n_vocab * shape.n_seq * F32_BYTES + act
-    devices: dict[str, int] = {}
-    for r in ranges:
-        if r.n_slots == 0:
-            devices[r.device] = 0
-            continue
-        has_output = r.first_slot + r.n_slots == profile.n_slots
-        has_block = r.first_slot < profile.n_layer
-        size = copies * (mask + act) + (layer_peak if has_block else 0) + (output if has_output else 0)
-        devices[r.device] = size
-    host = copies * (mask + act) + act  # graph inputs (times the pipeline copies) and token embeddings
-    first = profile.n_slots - offloaded
-    if first > 0:
-        host += layer_peak
-    if first == profile.n_slots:
-        host += output
-    return devices, host
+    """(compute bytes per device name, host compute bytes) for `placement` (estimate.Placement)."""
+    ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in placement.ranges)  # type: ignore[attr-defined]
+    sizes = _cached(_ProfileKey(profile), ranges, _request_key(request), shape)
+    devices = {name: sizes[i] for i, (name, _, _, _) in enumerate(ranges)}
+    return devices, sizes[-1]
 
 
-def _mask_bytes(profile: ModelProfile, request: Request, shape: ContextShape) -> int:
-    per = 2 if shape.flash_attn else F32_BYTES
-    cells = {layer_cells(profile, request, shape, il) * shape.n_stream for il in range(profile.n_layer)}
-    return sum(c * shape.n_ubatch for c in cells) * per // shape.n_stream * shape.n_stream
+def _request_key(request: Request) -> tuple[object, ...]:
+    return (request.cache_type_k, request.cache_type_v, request.swa_full)
 
 
-def _layer_peak(profile: ModelProfile, shape: ContextShape, mask: int) -> int:
-    n_t = shape.n_ubatch
-    act = profile.n_embd * n_t * F32_BYTES
-    ffn = 3 * act + 3 * profile.n_ff * n_t * F32_BYTES
-    attn = 4 * act
-    if not shape.flash_attn:
-        n_head = max(profile.n_head) if profile.n_head else 1
-        attn += shape.n_ctx_seq * shape.n_stream * n_t * n_head * F32_BYTES
-    return max(ffn, attn)
+class _ProfileKey:
+    """Hash a profile by identity (profiles are frozen; hashing all their tuples each call is slow)."""
+
+    __slots__ = ("profile",)
+
+    def __init__(self, profile: ModelProfile) -> None:
+        self.profile = profile
+
+    def __hash__(self) -> int:
+        return id(self.profile)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ProfileKey) and other.profile is self.profile
+
+
+@lru_cache(maxsize=8192)
+def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], request_key: tuple[object, ...],
+            shape: ContextShape) -> tuple[int, ...]:
+    profile = key.profile
+    type_k, type_v, swa_full = request_key
+    spec = model_spec(profile)
+    backends = _backends(ranges)
+    cpu = len(backends) - 1
+    owners = _slot_owners(profile.n_slots, ranges, cpu)
+    offloaded = sum(r[3] for r in ranges)
+    full_offload = offloaded == profile.n_slots
+    n_tokens = shape.n_ubatch
+    if n_tokens % shape.n_seq:
+        n_tokens = (n_tokens + shape.n_seq - 1) // shape.n_seq * shape.n_seq
+    fake_request = Request(swa_full=bool(swa_full), n_parallel=shape.n_seq, n_ubatch=shape.n_ubatch)
+    res = Reserve(n_tokens=n_tokens, n_seqs=shape.n_seq, n_outputs=min(n_tokens, shape.n_seq),
+                  n_kv=shape.n_ctx_seq, n_kv_swa=swa_cells(profile, fake_request, shape), n_stream=shape.n_stream,
+                  flash_attn=shape.flash_attn, type_k=str(type_k), type_v=str(type_v),
+                  layer_backend=tuple(owners[:profile.n_layer]), output_backend=owners[-1], cpu_backend=cpu,
+                  full_offload=full_offload)
+    builder_class = BUILDERS.get(profile.arch, BUILDERS["llama"])
+    builder = builder_class(spec, res)
+    builder.layers = replayed_layers(spec, owners[:profile.n_layer])
+    builder.build()
+    pipeline = len(ranges) > 1 and full_offload
+    sizes = reserve(builder.gf, backends, pipeline, assigned=builder.assigned)
+    if profile.arch not in BUILDERS or profile.generic_estimate:
+        sizes = [int(size * GENERIC_MARGIN) for size in sizes]
+    return tuple(sizes)
+
+
+def _backends(ranges: Sequence[tuple[str, str, int, int]]) -> list[Backend]:
+    backends = [Backend(name, kind, name, CUDA_ALIGNMENT if kind == "CUDA" else CPU_ALIGNMENT)
+                for name, kind, _, _ in ranges]
+    # the CPU backend allocates from the first device's host buffer type when it has one (CUDA_Host)
+    host_buft = "CUDA_Host" if ranges and ranges[0][1] == "CUDA" else "CPU"
+    return [*backends, Backend("CPU", "CPU", host_buft, CPU_ALIGNMENT)]
+
+
+def _slot_owners(n_slots: int, ranges: Sequence[tuple[str, str, int, int]], cpu: int) -> list[int]:
+    owners = [cpu] * n_slots
+    for index, (_, _, first, count) in enumerate(ranges):
+        for slot in range(first, first + count):
+            owners[slot] = index
+    return owners
+
+
+def layer_kind(spec: ModelSpec, il: int) -> tuple[object, ...]:
+    moe = spec.n_expert > 0 and il >= spec.n_layer_dense_lead
+    return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe)
+
+
+def replayed_layers(spec: ModelSpec, owners: Sequence[int]) -> tuple[int, ...]:
+    """The layers whose allocation pattern differs: per device and kind the first two and the last."""
+    keep: set[int] = {spec.n_layer - 1}
+    seen: dict[tuple[object, ...], list[int]] = {}
+    for il in range(spec.n_layer):
+        seen.setdefault((owners[il], layer_kind(spec, il)), []).append(il)
+    for layers in seen.values():
+        keep.update(layers[:2])
+        keep.add(layers[-1])
+    return tuple(sorted(keep))
+
+
+@lru_cache(maxsize=64)
+def _spec_for(key: _ProfileKey) -> ModelSpec:
+    profile = key.profile
+    n = profile.n_layer - profile.n_nextn_layers
+    weight_type = _weight_type(profile.file_type)
+    return ModelSpec(
+        arch=profile.arch, n_layer=n, n_embd=profile.n_embd, n_head=profile.n_head[:n],
+        n_head_kv=profile.n_head_kv[:n], head_dim_k=profile.head_dim_k, head_dim_v=profile.head_dim_v,
+        n_rot=profile.rope_dim or profile.head_dim_k, n_ff=(profile.n_ff,) * n, n_vocab=profile.n_vocab,
+        swa_layers=profile.swa_layers[:n], recurrent_layers=profile.recurrent_layers[:n],
+        n_expert=profile.n_expert, n_expert_used=profile.n_expert_used, n_ff_exp=profile.n_ff_exp,
+        kv_lora_rank=profile.kv_lora_rank, tied_output=profile.output_is_token_embd,
+        weight_type=weight_type, embd_type=weight_type)
+
+
+def model_spec(profile: ModelProfile) -> ModelSpec:
+    return _spec_for(_ProfileKey(profile))
+
+
+_FILE_TYPE_WEIGHTS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0",
+                      "Q5_1": "q5_1", "Q8_0": "q8_0", "IQ4_NL": "iq4_nl"}
+
+
+def _weight_type(file_type: str) -> str:
+    """The matrices' type from general.file_type (only op-offload weight copies depend on it)."""
+    upper = file_type.upper()
+    for name, type_name in _FILE_TYPE_WEIGHTS.items():
+        if name in upper:
+            return type_name
+    return "q8_0"

@@ -82,6 +82,12 @@ def overhead_for(slot_range: SlotRange, overhead_bytes: Mapping[str, int] | None
     return DEFAULT_OVERHEAD_BYTES.get(slot_range.backend, 0)
 
 
+def _per_device_weights(profile: ModelProfile, owners: tuple[SlotRange | None, ...], owner: SlotRange | None) -> int:
+    """rope_freqs & co.: llama.cpp keeps one copy on every device (or the host) that holds a block."""
+    holds_block = any(owners[slot] is owner for slot in range(profile.n_layer))
+    return profile.per_device_bytes if holds_block else 0
+
+
 def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_tokens: int,
              overhead_bytes: Mapping[str, int] | None = None) -> Estimate:
     """Bytes llama-server would allocate on each device of `placement` and on the host."""
@@ -102,6 +108,9 @@ def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_
         extra = profile.slots[slot].cuda_extra_bytes if owner.backend == "CUDA" else 0
         weights[owner.device] += profile.slots[slot].bytes + extra
         kv[owner.device] += layer_kv
+    host_weights += _per_device_weights(profile, owners, None)
+    for r in placement.ranges:
+        weights[r.device] += _per_device_weights(profile, owners, r)
     device_compute, host_compute = compute.compute_buffers(profile, placement, request, shape)
     devices = {r.device: MemoryUse(weights[r.device], kv[r.device], device_compute.get(r.device, 0),
                                    overhead_for(r, overhead_bytes))

@@ -114,6 +114,11 @@ def has_attention_kv(profile: ModelProfile, il: int) -> bool:
     return not profile.recurrent_layers[il] if profile.recurrent_layers else True
 
 
+def has_cache(profile: ModelProfile, il: int) -> bool:
+    """NextN/MTP blocks (the last ones) are never attended by the main graph: no cache."""
+    return il < profile.n_layer - profile.n_nextn_layers
+
+
 def n_embd_k_gqa(profile: ModelProfile, il: int) -> int:
     if is_mla(profile):
         return profile.kv_lora_rank + profile.rope_dim
@@ -147,6 +152,8 @@ def _v_width(profile: ModelProfile, shape: ContextShape, il: int) -> int:
 def layer_kv_bytes(profile: ModelProfile, request: Request, shape: ContextShape, il: int,
                    backend: str = "CPU") -> int:
     """K + V (or the recurrent states) of layer `il` in a buffer of `backend`."""
+    if not has_cache(profile, il):
+        return 0
     if not has_attention_kv(profile, il):
         rows = shape.n_seq  # max(1, n_seq_max) rows, one per sequence
         return (pad(profile.recurrent_r_bytes_per_seq * rows, _alignment(backend))

@@ -1,0 +1,414 @@
+"""llama.cpp's worst-case graphs, rebuilt op for op on ggml_sim tensors.
+
+Each builder follows its src/models/<arch>.cpp and the shared helpers of src/llama-graph.cpp
+(build_inp_embd, build_norm, build_qkv, build_attn, build_attn_mha, build_ffn, build_moe_ffn), with
+the same ggml_build_forward_expand calls, so the node order — which decides what ggml-alloc can reuse —
+is llama.cpp's. Only shapes matter: weights are pre-allocated leafs on the backend of their layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llamalaunch.model import ggml_sim as g
+from llamalaunch.model.ggml_sim import Tensor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The hparams the graph builders read (llama_hparams), per arch."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int
+    n_ff: tuple[int, ...]
+    n_vocab: int
+    swa_layers: tuple[bool, ...]
+    recurrent_layers: tuple[bool, ...]
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_expert_shared: int = 0
+    n_layer_dense_lead: int = 0
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    head_dim_k_mla: int = 0  # deepseek2: per-head K/V lengths after decompression
+    head_dim_v_mla: int = 0
+    tied_output: bool = False
+    weight_type: str = "q8_0"  # matmul weights (only their size matters, when op offload copies them)
+    embd_type: str = "q8_0"
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """One graph_reserve(): the ubatch, the memory context, and where each layer lives."""
+
+    n_tokens: int
+    n_seqs: int
+    n_outputs: int
+    n_kv: int  # cells per stream of the full-attention cache
+    n_kv_swa: int  # cells per stream of the sliding-window cache
+    n_stream: int
+    flash_attn: bool
+    type_k: str
+    type_v: str
+    layer_backend: tuple[int, ...]  # backend index holding each block's weights and cache
+    output_backend: int
+    cpu_backend: int
+    full_offload: bool
+
+
+class Builder:
+    """llm_graph_context: the shared pieces; arch subclasses write `build()`."""
+
+    def __init__(self, spec: ModelSpec, res: Reserve) -> None:
+        self.spec = spec
+        self.res = res
+        self.gf = g.Graph()
+        self.assigned: dict[int, int] = {}  # ggml_backend_sched_set_tensor_backend
+        self.n_tokens = res.n_tokens
+        self.inp_pos: Tensor | None = None
+        self.kv_inputs: dict[bool, tuple[Tensor, Tensor, Tensor]] = {}
+        self.k_rot: Tensor | None = None
+        self.v_rot: Tensor | None = None
+        self.caches: dict[tuple[int, str], Tensor] = {}
+        self.layers: tuple[int, ...] = tuple(range(spec.n_layer))  # blocks to replay (compute.py skips repeats)
+
+    # -- weights and inputs --
+    def w(self, il: int, *ne: int, type_name: str | None = None) -> Tensor:
+        backend = self.res.output_backend if il < 0 else self.res.layer_backend[il]
+        return g.weight(type_name or self.spec.weight_type, *ne, backend=backend)
+
+    def norm_w(self, il: int, n: int | None = None) -> Tensor:
+        return self.w(il, n or self.spec.n_embd, type_name="f32")
+
+    def cb_norm(self, tensor: Tensor, il: int) -> None:
+        """llama_context::graph_get_cb: with full offload a layer's "norm" runs on the layer's device."""
+        if il >= 0 and self.res.full_offload:
+            self.assigned[tensor.id] = self.res.layer_backend[il]
+
+    def build_inp_embd(self) -> Tensor:
+        spec = self.spec
+        tok_embd = g.weight(spec.embd_type, spec.n_embd, spec.n_vocab, backend=self.res.cpu_backend)
+        tokens = g.new_input("i32", self.n_tokens, name="inp_tokens")
+        embd = g.new_input("f32", spec.n_embd, self.n_tokens, name="inp_embd")
+        cur = g.get_rows(tok_embd, tokens)
+        self.gf.expand(cur)
+        self.gf.expand(embd)  # ggml_build_forward_select keeps both inputs in the graph
+        return cur
+
+    def build_inp_pos(self) -> Tensor:
+        self.inp_pos = g.new_input("i32", self.n_tokens, name="inp_pos")
+        return self.inp_pos
+
+    def build_inp_out_ids(self) -> Tensor:
+        return g.new_input("i32", self.res.n_outputs, name="out_ids")
+
+    def build_attn_inp_kv(self, swa: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        res = self.res
+        if swa not in self.kv_inputs:
+            k_idxs = g.new_input("i64", self.n_tokens, name="attn_inp_k_idxs")
+            v_len = self.n_tokens if res.flash_attn else self.n_tokens * self.n_embd_v_gqa_max()
+            v_idxs = g.new_input("i64", v_len, name="attn_inp_v_idxs")
+            n_kv = res.n_kv_swa if swa else res.n_kv
+            mask = g.new_input("f16" if res.flash_attn else "f32", n_kv, self.n_tokens // res.n_stream, 1,
+                               res.n_stream, name="attn_inp_kq_mask")
+            self.kv_inputs[swa] = (k_idxs, v_idxs, mask)
+            if self.k_rot is None and self.v_rot is None:
+                self._build_rot_inputs()
+        return self.kv_inputs[swa]
+
+    def _build_rot_inputs(self) -> None:
+        spec, res = self.spec, self.res
+        if g.type_block(res.type_k)[0] > 1 and spec.head_dim_k % 64 == 0 and not spec.kv_lora_rank:
+            nrot = 64
+            while spec.head_dim_k % (nrot * 2) == 0:
+                nrot *= 2
+            self.k_rot = g.new_input("f32", nrot, nrot, name="attn_inp_k_rot")
+        if g.type_block(res.type_v)[0] > 1 and spec.head_dim_v % 64 == 0 and not spec.kv_lora_rank:
+            self.v_rot = g.new_input("f32", 64, 64, name="attn_inp_v_rot")
+
+    def n_embd_v_gqa_max(self) -> int:
+        return max(self.spec.head_dim_v * n for n in self.spec.n_head_kv)
+
+    # -- norm, qkv, ffn --
+    def build_norm(self, cur: Tensor, mw: Tensor | None, il: int, rms: bool = True,
+                   mb: Tensor | None = None) -> Tensor:
+        cur = g.rms_norm(cur) if rms else g.norm(cur)
+        if mw is not None or mb is not None:
+            self.cb_norm(cur, il)
+        if mw is not None:
+            cur = g.mul(cur, mw)
+        if mb is not None:
+            cur = g.add(cur, mb)
+        return cur
+
+    def build_qkv(self, cur: Tensor, il: int, bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        spec = self.spec
+        n_q, n_k, n_v = (spec.head_dim_k * spec.n_head[il], spec.head_dim_k * spec.n_head_kv[il],
+                         spec.head_dim_v * spec.n_head_kv[il])
+        out = []
+        for width in (n_q, n_k, n_v):
+            t = g.mul_mat(self.w(il, spec.n_embd, width), cur)
+            if bias:
+                t = g.add(t, self.w(il, width, type_name="f32"))
+            out.append(t)
+        q = g.reshape(out[0], spec.head_dim_k, spec.n_head[il], self.n_tokens)
+        k = g.reshape(out[1], spec.head_dim_k, spec.n_head_kv[il], self.n_tokens)
+        v = g.reshape(out[2], spec.head_dim_v, spec.n_head_kv[il], self.n_tokens)
+        return q, k, v
+
+    def build_ffn_par(self, cur: Tensor, il: int, n_ff: int, gelu: bool = False) -> Tensor:
+        """build_ffn(up, gate, down, SILU|GELU, PAR): up, gate, fused glu, down."""
+        n_embd = self.spec.n_embd
+        tmp = g.mul_mat(self.w(il, n_embd, n_ff), cur)
+        cur = g.mul_mat(self.w(il, n_embd, n_ff), cur)
+        cur = g.glu(cur, tmp)
+        return g.mul_mat(self.w(il, n_ff, n_embd), cur)
+
+    # -- attention --
+    def cache(self, il: int, which: str, swa: bool) -> Tensor:
+        key = (il, which)
+        if key not in self.caches:
+            spec, res = self.spec, self.res
+            n_kv = res.n_kv_swa if swa else res.n_kv
+            if which == "k":
+                width = spec.kv_lora_rank + spec.n_rot if spec.kv_lora_rank else spec.head_dim_k * spec.n_head_kv[il]
+                type_name = res.type_k
+            else:
+                width = spec.head_dim_v * spec.n_head_kv[il] if res.flash_attn else self.n_embd_v_gqa_max()
+                type_name = res.type_v
+            self.caches[key] = g.cache(type_name, width, n_kv, res.n_stream, backend=self.res.layer_backend[il])
+        return self.caches[key]
+
+    def hadamard(self, cur: Tensor, rot: Tensor) -> Tensor:
+        n = rot.ne[0]
+        res = g.cont(cur, n, cur.nelements() // n) if not is_contiguous(cur) else g.reshape(
+            cur, n, cur.nelements() // n)
+        res = g.mul_mat(rot, res)
+        return g.reshape(res, *cur.ne)
+
+    def build_attn(self, q: Tensor, k: Tensor, v: Tensor | None, wo: Tensor | None, il: int,
+                   wo_b: Tensor | None = None, v_mla: Tensor | None = None, soft_cap: bool = False) -> Tensor:
+        """build_attn(llm_graph_input_attn_kv*): store K/V in the cache, attend, project."""
+        swa = self.spec.swa_layers[il] if self.spec.swa_layers else False
+        k_idxs, v_idxs, mask = self.build_attn_inp_kv(swa)
+        if self.k_rot is not None:
+            q = self.hadamard(q, self.k_rot)
+            k = self.hadamard(k, self.k_rot)
+        if self.v_rot is not None and v is not None:
+            v = self.hadamard(v, self.v_rot)
+        self.gf.expand(q)
+        if v is not None:
+            self.gf.expand(v)
+        self.gf.expand(k)
+        self.gf.expand(self.cpy_k(k, k_idxs, il, swa))
+        if v is not None:
+            self.gf.expand(self.cpy_v(v, v_idxs, il, swa))
+        k_view = self.get_k(il, swa)
+        v_view = self.get_v(il, swa) if v is not None else self.mla_v_view(k_view)
+        cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, soft_cap)
+        if self.v_rot is not None and v is not None:
+            cur = self.hadamard(cur, self.v_rot)
+        if wo is not None:
+            cur = g.mul_mat(wo, cur)
+        if wo_b is not None:
+            cur = g.add(cur, wo_b)
+        return cur
+
+    def mla_v_view(self, k_view: Tensor) -> Tensor:
+        rank = self.spec.kv_lora_rank
+        return g.view_4d(k_view, rank, k_view.ne[1], k_view.ne[2], k_view.ne[3], k_view.nb[1], k_view.nb[2],
+                         k_view.nb[3], 0)
+
+    def cpy_k(self, k_cur: Tensor, k_idxs: Tensor, il: int, swa: bool) -> Tensor:
+        cache = self.cache(il, "k", swa)
+        n_embd_gqa = k_cur.ne[0] * k_cur.ne[1]
+        k_cur = g.view_2d(k_cur, n_embd_gqa, k_cur.ne[2], k_cur.nb[2], 0)
+        if cache.ne[2] > 1:
+            cache = g.reshape(cache, n_embd_gqa, cache.ne[1] * cache.ne[2])
+        return g.set_rows(cache, k_cur, k_idxs)
+
+    def cpy_v(self, v_cur: Tensor, v_idxs: Tensor, il: int, swa: bool) -> Tensor:
+        cache = self.cache(il, "v", swa)
+        n_embd_gqa = v_cur.ne[0] * v_cur.ne[1]
+        if self.res.flash_attn:
+            v_cur = g.view_2d(v_cur, n_embd_gqa, v_cur.ne[2], v_cur.nb[2], 0)
+            if cache.ne[2] > 1:
+                cache = g.reshape(cache, n_embd_gqa, cache.ne[1] * cache.ne[2])
+            return g.set_rows(cache, v_cur, v_idxs)
+        if g.row_size(v_cur.type, n_embd_gqa) == v_cur.nb[2]:
+            v_cur = g.reshape(v_cur, n_embd_gqa, v_cur.ne[2])
+        else:
+            v_cur = g.cont(v_cur, n_embd_gqa, v_cur.ne[2])
+        if n_embd_gqa < cache.ne[0]:
+            v_cur = g.pad(v_cur, cache.ne[0] - n_embd_gqa)
+        view = g.reshape(cache, 1, cache.nelements())
+        v_cur = g.reshape(v_cur, 1, v_cur.nelements())
+        return g.set_rows(view, v_cur, v_idxs)
+
+    def get_k(self, il: int, swa: bool) -> Tensor:
+        cache = self.cache(il, "k", swa)
+        spec = self.spec
+        kv_size, width = cache.ne[1], cache.ne[0]
+        head, n_head = (width, 1) if spec.kv_lora_rank else (spec.head_dim_k, spec.n_head_kv[il])
+        n_kv = self.res.n_kv_swa if swa else self.res.n_kv
+        return g.view_4d(cache, head, n_head, n_kv, cache.ne[2], g.row_size(cache.type, head),
+                         g.row_size(cache.type, width), g.row_size(cache.type, width * kv_size), 0)
+
+    def get_v(self, il: int, swa: bool) -> Tensor:
+        cache = self.cache(il, "v", swa)
+        spec = self.spec
+        kv_size, width = cache.ne[1], cache.ne[0]
+        n_kv = self.res.n_kv_swa if swa else self.res.n_kv
+        hd, n_head = spec.head_dim_v, spec.n_head_kv[il]
+        if self.res.flash_attn:
+            return g.view_4d(cache, hd, n_head, n_kv, cache.ne[2], g.row_size(cache.type, hd),
+                             g.row_size(cache.type, width), g.row_size(cache.type, width * kv_size), 0)
+        return g.view_4d(cache, n_kv, n_head, hd, cache.ne[2], g.row_size(cache.type, kv_size * hd),
+                         g.row_size(cache.type, kv_size), g.row_size(cache.type, kv_size * width), 0)
+
+    def build_attn_mha(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, v_mla: Tensor | None,
+                       soft_cap: bool) -> Tensor:
+        v_trans = v.nb[1] > v.nb[2]
+        n_stream = k.ne[3]
+        q = g.view_4d(q, q.ne[0], q.ne[1], q.ne[2] // n_stream, n_stream, q.nb[1], q.nb[2],
+                      q.nb[2] * (q.ne[2] // n_stream), 0)
+        q = g.permute(q, 0, 2, 1, 3)
+        k = g.permute(k, 0, 2, 1, 3)
+        v = g.permute(v, 0, 2, 1, 3)
+        if self.res.flash_attn:
+            if v_trans:
+                v = g.transpose(v)
+            cur = g.flash_attn_ext(q, k, v, mask)
+            if v_mla is not None:
+                cur = g.permute(cur, 0, 2, 1, 3)
+                cur = g.mul_mat(v_mla, cur)
+                cur = g.permute(cur, 0, 2, 1, 3)
+                cur = g.cont(cur)
+            cur = g.reshape(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+        else:
+            kq = g.mul_mat(k, q)
+            if soft_cap:
+                kq = g.unary(g.scale(kq))
+                kq = g.scale(kq)
+            kq = g.soft_max(kq, mask)
+            if not v_trans:
+                v = g.cont(g.transpose(v))
+            kqv = g.mul_mat(v, kq)
+            if v_mla is not None:
+                kqv = g.mul_mat(v_mla, kqv)
+            cur = g.permute(kqv, 0, 2, 1, 3)
+            cur = g.cont(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+        self.gf.expand(cur)
+        return cur
+
+    # -- the head --
+    def build_output(self, cur: Tensor, il_norm: int = -1) -> Tensor:
+        spec = self.spec
+        cur = self.build_norm(cur, self.norm_w(-1), il_norm)
+        cur.flags |= g.FLAG_OUTPUT  # res->t_embd
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type
+                                  if spec.tied_output else None), cur)
+        logits.flags |= g.FLAG_OUTPUT  # res->t_logits
+        self.gf.expand(logits)
+        return logits
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+
+def is_contiguous(t: Tensor) -> bool:
+    block, size = g.type_block(t.type)
+    next_nb = size
+    if t.ne[0] != block and t.nb[0] != next_nb:
+        return False
+    next_nb *= t.ne[0] // block
+    for i in (1, 2, 3):
+        if t.ne[i] != 1:
+            if t.nb[i] != next_nb:
+                return False
+            next_nb *= t.ne[i]
+    return True
+
+
+class LlamaGraph(Builder):
+    """llama_model_llama::graph (also mistral-style MoE with ffn_gate_inp)."""
+
+    qkv_bias = False
+    qk_norm = False
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il, bias=self.qkv_bias)
+            if self.qk_norm:
+                q = self.build_norm(q, self.norm_w(il, spec.head_dim_k), il)
+                k = self.build_norm(k, self.norm_w(il, spec.head_dim_k), il)
+            q = g.rope(q, inp_pos)
+            k = g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            cur = self.build_moe(cur, il) if spec.n_expert else self.build_ffn_par(cur, il, spec.n_ff[il])
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+    def build_moe(self, cur: Tensor, il: int, n_ff_exp: int | None = None, weights_norm: bool = True,
+                  sigmoid: bool = False) -> Tensor:
+        return build_moe_ffn(self, cur, il, n_ff_exp or self.spec.n_ff_exp or self.spec.n_ff[il],
+                             weights_norm, sigmoid)
+
+
+def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool) -> Tensor:
+    """llm_graph_context::build_moe_ffn with SILU experts, softmax (or sigmoid) gating."""
+    spec = b.spec
+    n_embd, n_expert, n_used, n_tokens = spec.n_embd, spec.n_expert, spec.n_expert_used, cur.ne[1]
+    logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
+    probs = g.unary(logits) if sigmoid else g.soft_max(logits)
+    selection = probs
+    if sigmoid:
+        selection = g.add(probs, b.w(il, n_expert, type_name="f32"))
+    selected = g.argsort_top_k(selection, n_used)
+    weights = g.get_rows(g.reshape(probs, 1, n_expert, n_tokens), selected)
+    if weights_norm:
+        weights = g.reshape(weights, n_used, n_tokens)
+        weights_sum = g.sum_rows(weights)
+        weights = g.div(weights, weights_sum)
+        weights = g.reshape(weights, 1, n_used, n_tokens)
+    cur = g.reshape(cur, n_embd, 1, n_tokens)
+    up = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
+    gate = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
+    par = g.glu(gate, up)
+    experts = g.mul_mat_id(b.w(il, n_ff, n_embd, n_expert), par, selected)
+    experts = g.mul(experts, weights)
+    views = [g.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * experts.nb[1]) for i in range(n_used)]
+    for view in views:
+        b.gf.expand(view)
+    moe_out = views[0]
+    for view in views[1:]:
+        moe_out = g.add(moe_out, view)
+    return g.cont(moe_out) if n_used == 1 else moe_out
+
+
+BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {"llama": LlamaGraph}
+
+
+def kq_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,80 @@
+"""Compute buffers from the replayed reservation, against what llama-server printed for the same argv.
+
+The numbers below were printed by this llama.cpp build (CPU, RPC workers on loopback, SmolLM2 shape,
+`--fit off -ngl 99`): `sched_reserve: <buffer> compute buffer size = X MiB`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llamalaunch.model.arch_graphs import LlamaGraph, ModelSpec, Reserve
+from llamalaunch.model.compute import replayed_layers
+from llamalaunch.model.estimate import Placement, SlotRange, estimate
+from llamalaunch.model.ggml_sched import Backend, reserve
+from llamalaunch.plan.request import Request
+from llamalaunch.units import MIB
+from tests.test_kv import smollm2_shape
+
+ONE = Placement((SlotRange("RPC0", "RPC", 0, 31),))
+TS_1_3 = Placement((SlotRange("RPC0", "RPC", 0, 8), SlotRange("RPC1", "RPC", 8, 23)))
+
+# (placement, request, ctx, compute MiB per device in order, host compute MiB)
+SEEN = [
+    (ONE, Request(), 8192, (20.38,), 10.26),
+    (TS_1_3, Request(), 8192, (48.91, 48.91), 37.67),
+    (TS_1_3, Request(cache_type_k="q8_0", cache_type_v="q8_0"), 5000, (35.91, 35.91), 25.80),
+    (TS_1_3, Request(kv_unified=False, cache_type_k="q4_0", cache_type_v="q4_1"), 8192, (23.91, 23.91), 13.80),
+    (TS_1_3, Request(n_parallel=3, kv_unified=False, cache_type_k="f32"), 10000, (30.97, 30.97), 19.71),
+    (TS_1_3, Request(n_parallel=2, cache_type_k="bf16", cache_type_v="iq4_nl"), 3000, (28.98, 28.98), 17.73),
+    (TS_1_3, Request(flash_attn="off", cache_type_k="q5_0"), 4096, (114.96, 114.96), 40.72),
+]
+
+
+@pytest.mark.parametrize(("placement", "request_", "ctx", "devices_mib", "host_mib"), SEEN)
+def test_compute_matches_llama_server(placement: Placement, request_: Request, ctx: int,
+                                      devices_mib: tuple[float, ...], host_mib: float) -> None:
+    result = estimate(smollm2_shape(), placement, request_, ctx)
+    for slot_range, mib in zip(placement.ranges, devices_mib):
+        assert abs(result.devices[slot_range.device].compute_bytes - mib * MIB) <= MIB // 100
+    assert abs(result.host.compute_bytes - host_mib * MIB) <= MIB // 100
+
+
+def _spec(n_layer: int) -> ModelSpec:
+    return ModelSpec(arch="llama", n_layer=n_layer, n_embd=576, n_head=(9,) * n_layer, n_head_kv=(3,) * n_layer,
+                     head_dim_k=64, head_dim_v=64, n_rot=64, n_ff=(1536,) * n_layer, n_vocab=49152,
+                     swa_layers=(False,) * n_layer, recurrent_layers=(False,) * n_layer, tied_output=True)
+
+
+@pytest.mark.parametrize(("counts", "n_kv", "flash_attn"), [
+    ((26, 2, 3), 2048, False), ((8, 17, 6), 8192, False), ((14, 17), 32768, True), ((10, 10), 4096, True),
+])
+def test_replaying_a_few_layers_changes_nothing(counts: tuple[int, ...], n_kv: int, flash_attn: bool) -> None:
+    """Skipping repeated layers must give exactly the sizes of the full replay."""
+    n_layer = 30 if sum(counts) <= 31 else 40
+    spec = _spec(n_layer)
+    first = n_layer + 1 - sum(counts)
+    owners = [len(counts)] * (n_layer + 1)
+    slot = first
+    for device, count in enumerate(counts):
+        owners[slot:slot + count] = [device] * count
+        slot += count
+    backends = [Backend(f"RPC{i}", "RPC", f"RPC{i}", 32) for i in range(len(counts))]
+    backends.append(Backend("CPU", "CPU", "CPU", 32))
+    res = Reserve(512, 4, 4, n_kv, n_kv, 1, flash_attn, "f16", "f16", tuple(owners[:n_layer]), owners[-1],
+                  len(counts), first == 0)
+    sizes = []
+    for layers in (None, replayed_layers(spec, owners[:n_layer])):
+        builder = LlamaGraph(spec, res)
+        if layers is not None:
+            builder.layers = layers
+        builder.build()
+        sizes.append(reserve(builder.gf, backends, len(counts) > 1 and first == 0, assigned=builder.assigned))
+    assert sizes[0] == sizes[1]
+
+
+def test_compute_grows_with_context_without_flash_attention() -> None:
+    small = estimate(smollm2_shape(), ONE, Request(flash_attn="off"), 4096).devices["RPC0"].compute_bytes
+    large = estimate(smollm2_shape(), ONE, Request(flash_attn="off"), 16384).devices["RPC0"].compute_bytes
+    # the KQ matrix of one layer (n_kv x n_ubatch x n_head f32) dominates
+    assert large - small >= 12288 * 512 * 9 * 4
