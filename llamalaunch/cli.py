@@ -99,7 +99,8 @@ def toolchain_show(ctx: typer.Context, llama_server: LlamaServerOpt = None, as_j
     if ctx.invoked_subcommand is not None:
         return
     from llamalaunch.observe.render import toolchain_table
-    from llamalaunch.toolchain.discover import find_toolchain, toolchain_to_dict
+    from llamalaunch.toolchain.discover import find_toolchain
+    from llamalaunch.toolchain.schema import toolchain_to_dict
 
     toolchain = find_toolchain(llama_server)
     if as_json:

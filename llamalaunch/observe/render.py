@@ -80,7 +80,7 @@ def devices_table(devices: Sequence[Device], host: HostMemory | None) -> Table:
 def toolchain_table(toolchain: Toolchain) -> Table:
     table = Table(title=f"llama.cpp toolchain (llama-server found via {toolchain.source})", title_justify="left")
     for column in ("binary", "path", "version", "backend", "knows"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     binaries: list[tuple[str, Binary | None]] = [
         ("llama-server", toolchain.server), ("ggml-rpc-server", toolchain.rpc_server),
         ("llama-fit-params", toolchain.fit_params)]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU call 3: the OOM ladder for real (a card shrinking under a planned load), status with live NVML,
+# and the seed's scenario: CUDA0 plus a ggml-rpc-server on the same GPU as RPC0, budgets 24 GiB / 6 GiB.
+source bench/gpu/env.sh
+M=/tmp/seed-models
+python3 bench/gpu/seed_models.py $M
+wait_for() { for _ in $(seq 1 "$3"); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 1; done; return 1; }
+
+echo "=== OOM ladder: 10 GiB free, then 3 GiB more taken as llama-server starts"
+python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!
+wait_for /tmp/b1.log "ballast ready" 60; cat /tmp/b1.log
+COLUMNS=150 $LL plan $M/llama-8b.gguf --ctx max
+python3 bench/ballast.py 3072 --grow-when "llama-server -m $M/llama-8b.gguf" > /tmp/b2.log 2>&1 & B2=$!
+sleep 6
+$LL serve $M/llama-8b.gguf --ctx max --no-tui --name ladder > $OUT/ladder.txt 2>&1 & S=$!
+wait_for $OUT/ladder.txt "ready:" 180
+cat /tmp/b2.log
+COLUMNS=150 $LL status --once --name ladder > $OUT/status.txt 2>&1; cat $OUT/status.txt
+kill -TERM $S; wait $S; echo "serve exit $?"; cat $OUT/ladder.txt
+kill $B1 $B2; wait $B1 $B2 2>/dev/null; sleep 2
+
+echo "=== seed scenario: CUDA0 (budget 24 GiB) + RPC0 on the same GPU (budget 6 GiB)"
+$BIN/ggml-rpc-server -H 127.0.0.1 -p 50052 -d CUDA0 > /tmp/rpc.log 2>&1 & W=$!
+sleep 3; cat /tmp/rpc.log
+SEED="--rpc 127.0.0.1:50052 --budget CUDA0=24GiB --budget RPC0=6GiB"
+for spec in "devstral-24b-q5_k.gguf --ctx 32k" "devstral-24b-q5_k.gguf --ctx max" "gemma3-27b-q4_0.gguf --ctx 16k" \
+            "r1-distill-70b-q4_k.gguf --ctx 8k --cpu-spill"; do
+    set -- $spec
+    echo "--- $spec"
+    COLUMNS=150 $LL plan $M/$1 "${@:2}" $SEED
+    $LL plan $M/$1 "${@:2}" $SEED --json > /tmp/plan.json
+    $LL serve $M/$1 "${@:2}" $SEED --no-tui --name seed --max-attempts 1 > /tmp/seed.log 2>&1 & S=$!
+    wait_for /tmp/seed.log "ready:\|failed:" 300
+    cat /tmp/seed.log
+    grep -E "assigned to device|model buffer size|KV buffer size|compute buffer size|memory_breakdown" \
+        $LLAMALAUNCH_HOME/state/seed.log | grep -v "layer  *[0-9]*: dev" | tail -14
+    kill -TERM $S; wait $S
+done
+kill $W
