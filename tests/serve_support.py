@@ -135,6 +135,13 @@ class ServeRun:
             time.sleep(0.05)
         raise AssertionError(f"no single llama-server child of {self.process.pid}:\n{self.output}")
 
+    def leftover_servers(self) -> list[int]:
+        """llama-server processes of this run still alive: every child seen, and any on the run's port."""
+        pids = {pid for pid in self.servers_seen if is_alive(pid)}
+        if self.state_path.exists() and (url := self.state().get("url")):
+            pids.update(p.pid for p in servers_on_port(int(url.rsplit(":", 1)[1])))
+        return sorted(pids)
+
     def send(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
 
@@ -184,13 +191,14 @@ def kill_if_server(pid: int) -> None:
         pass
 
 
-def all_servers_of(home: Path) -> list[psutil.Process]:
-    """Every live llama-server whose command line names a path under `home` or the run's port."""
+def servers_on_port(port: int) -> list[psutil.Process]:
+    """Every live llama-server started with `--port PORT`, whoever started it."""
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):
         try:
+            argv = process.info["cmdline"] or []
             if process.info["name"] == SERVER_NAME and is_alive(process.pid) \
-                    and str(home) in " ".join(process.info["cmdline"] or ()):
+                    and any(a == "--port" and b == str(port) for a, b in zip(argv, argv[1:])):
                 found.append(process)
         except psutil.NoSuchProcess:
             continue

@@ -7,22 +7,31 @@ which processes are left (psutil).
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from llamalaunch.launch.state import RunState, write_state
+from llamalaunch.units import MIB
 from tests.serve_support import (
     ServeRun,
     complete,
     is_alive,
     layer_devices_in_log,
     layer_devices_in_plan,
+    servers_on_port,
     start_serve,
     wait_gone,
 )
-from tests.support import RpcWorker
+from tests.support import RpcWorker, free_port
 
 pytestmark = pytest.mark.llama
 
@@ -30,12 +39,18 @@ StartServe = Callable[..., ServeRun]
 
 
 @pytest.fixture
-def serve(llama_bin_dir: Path, tmp_path: Path) -> Iterator[StartServe]:
+def home() -> Path:
+    """This test's LLAMALAUNCH_HOME (set by conftest), shared by the launcher and the test's own state calls."""
+    return Path(os.environ["LLAMALAUNCH_HOME"])
+
+
+@pytest.fixture
+def serve(llama_bin_dir: Path, home: Path) -> Iterator[StartServe]:
     """Factory: start `llamalaunch serve` with this test's LLAMALAUNCH_HOME; all cleaned up at teardown."""
     runs: list[ServeRun] = []
 
     def start(model: Path | str, *args: str, **kwargs: object) -> ServeRun:
-        run = start_serve(model, *args, home=tmp_path / "home", llama_server=llama_bin_dir / "llama-server",
+        run = start_serve(model, *args, home=home, llama_server=llama_bin_dir / "llama-server",
                           **kwargs)  # type: ignore[arg-type]
         runs.append(run)
         return run
@@ -73,8 +88,8 @@ def test_serves_on_two_workers_as_planned_and_stops_on_sigterm(
     assert state["child_pid"] == server.pid
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 128 + signal.SIGTERM
-    assert wait_gone(server.pid, 5)
-    assert "stopped" in run.output and "Traceback" not in run.output
+    assert wait_gone(server.pid, 5) and not run.leftover_servers()
+    assert " stopped: " in run.output and "Traceback" not in run.output
 
 
 # --- 2. the launcher killed outright ----------------------------------------------------------------
@@ -89,3 +104,270 @@ def test_sigkill_of_the_launcher_takes_llama_server_with_it(
     run.send(signal.SIGKILL)
     run.wait_exit()
     assert wait_gone(server.pid, 5), "llama-server outlived a SIGKILLed launcher (PR_SET_PDEATHSIG)"
+    assert not run.leftover_servers()
+
+
+# --- 3. crashes after ready -------------------------------------------------------------------------
+
+
+def test_restarts_after_each_crash_then_gives_up_past_max_restarts(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", "--backoff", "0.2",
+                "--max-restarts", "5")
+    after = 0
+    for crash in range(1, 6):
+        ready_index, _, _ = run.wait_ready(after=after)
+        victim = run.server()
+        victim.kill()
+        assert wait_gone(victim.pid, 5)
+        after, match = run.wait_for_line(r" restarting: .*restart (\d+) of 5", after=ready_index + 1)
+        assert int(match.group(1)) == crash
+
+    _, url, _ = run.wait_ready(after=after, timeout_s=30)
+    assert complete(url, n_predict=2)["tokens_predicted"] == 2
+    assert run.state()["restarts"] == 5
+    assert len(run.servers_seen) == 6  # a fresh llama-server each time
+
+    run.server().kill()  # the sixth crash is one too many
+    code = run.wait_exit()
+    assert code != 0 and code != 128 + signal.SIGTERM
+    assert run.stderr == [line for line in run.stderr if line.startswith("error:")] and len(run.stderr) == 1
+    assert "crashed 6 times" in run.stderr[0] and "--max-restarts" in run.stderr[0]
+    assert run.state()["phase"] == "failed"
+    assert not run.leftover_servers()
+
+
+# --- 4. out of memory: the ladder --------------------------------------------------------------------
+
+# SmolLM2 on one worker at ctx 8192 asks it for weights 92 MiB, then KV 180 MiB, then compute ~20 MiB
+# (seen). A CPU worker reports host RAM as free, so only its address-space limit stops it: with 230 MiB
+# above the worker's own start-up size (~9 MiB VSZ), the weights fit, the KV cache does not, and the
+# retried plan (~120 MiB at the smallest context) fits. Measured: the pattern holds from ~130 to ~280 MiB.
+WORKER_ROOM_BYTES = 230 * MIB
+
+
+def small_worker(rpc_workers: Callable[..., RpcWorker], llama_bin_dir: Path) -> RpcWorker:
+    """A worker whose address space holds the weights but not an 8k KV cache."""
+    probe = subprocess.Popen([str(llama_bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(free_port())],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        baseline_vsz = psutil.Process(probe.pid).memory_info().vms
+    finally:
+        probe.kill()
+        probe.wait()
+    return rpc_workers(address_space_bytes=baseline_vsz + WORKER_ROOM_BYTES)
+
+
+def test_out_of_memory_replans_smaller_and_serves(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, llama_bin_dir: Path) -> None:
+    worker = small_worker(rpc_workers, llama_bin_dir)
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "8k", "--max-attempts", "3")
+
+    _, url, ctx = run.wait_ready(timeout_s=60)
+    assert ctx < 8192
+    assert complete(url, n_predict=2)["tokens_predicted"] == 2
+    server_log = run.log_path.read_text()
+    assert f"failed to allocate RPC0[{worker.endpoint}] buffer of size" in server_log
+    assert worker.process.poll() is None  # an allocation past the limit fails; the worker stays up
+
+    attempts = run.state()["attempts"]
+    assert [a["ctx_tokens"] for a in attempts] == [8192]
+    assert "out of memory on RPC0" in attempts[0]["outcome"]
+    lines = run.output
+    assert "attempt 1: ctx 8192" in lines and f"attempt 2: ctx {ctx}" in lines
+    assert "attempt 1 failed: out of memory on RPC0" in lines
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 128 + signal.SIGTERM
+    assert not run.leftover_servers()
+
+
+def test_out_of_memory_with_no_attempts_left_fails_clearly(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, llama_bin_dir: Path) -> None:
+    worker = small_worker(rpc_workers, llama_bin_dir)
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "8k", "--max-attempts", "1")
+
+    code = run.wait_exit(timeout_s=60)
+    assert code == 1
+    assert len(run.stderr) == 1 and "out of memory" in run.stderr[0] and "RPC0" in run.stderr[0]
+    assert run.output.count(" loading: ") == 1  # no retry beyond --max-attempts
+    assert len(run.state()["attempts"]) == 1 and run.state()["phase"] == "failed"
+    assert not run.leftover_servers()
+
+
+def test_a_replan_that_cannot_fit_fails_as_the_ladder_running_out(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, llama_bin_dir: Path) -> None:
+    """--ctx-min above what the lesson leaves: the second plan is impossible, and says so as a failure."""
+    worker = small_worker(rpc_workers, llama_bin_dir)
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "8k", "--ctx-min", "4k")
+
+    assert run.wait_exit(timeout_s=60) != 0
+    assert len(run.stderr) == 1 and "out of memory" in run.stderr[0], run.output
+    assert run.output.count(" loading: ") == 1
+    assert run.state()["phase"] == "failed"
+
+
+# --- 5. failures that retrying cannot mend ------------------------------------------------------------
+
+
+def assert_one_line_error(run: ServeRun, code: int, *words: str) -> None:
+    assert run.wait_exit() == code, run.output
+    assert len(run.stderr) == 1 and run.stderr[0].startswith("error:"), run.output
+    assert "Traceback" not in run.output
+    for word in words:
+        assert word in run.stderr[0]
+    assert " loading: " not in run.output and not run.servers_seen  # llama-server never started
+
+
+def test_port_in_use_is_one_line_and_starts_nothing(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", "--port", str(port))
+        assert_one_line_error(run, 1, str(port))
+        assert not servers_on_port(port)
+
+
+def test_missing_model_is_one_line_exit_2(serve: StartServe, tmp_path: Path) -> None:
+    run = serve(tmp_path / "no-such-model.gguf", "--ctx", "2k")
+    assert_one_line_error(run, 2, "no-such-model.gguf")
+
+
+def test_corrupt_model_is_one_line_exit_2(serve: StartServe, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(os.urandom(1 << 20))
+    run = serve(corrupt, "--ctx", "2k")
+    assert_one_line_error(run, 2, "corrupt.gguf")
+
+
+def test_pass_through_that_contradicts_the_plan_is_refused_unless_forced(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    worker = rpc_workers()
+    refused = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", extra=["-ngl", "5"])
+    assert_one_line_error(refused, 2, "-ngl", "--force")
+
+    forced = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--force", extra=["-ngl", "5"])
+    forced.wait_ready()
+    assert forced.state()["argv"][-2:] == ["-ngl", "5"]
+    assert forced.server().cmdline()[-2:] == ["-ngl", "5"]
+    forced.send(signal.SIGTERM)
+    assert forced.wait_exit() == 128 + signal.SIGTERM
+
+
+def test_unknown_pass_through_argument_is_one_line_and_not_retried(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", extra=["--no-such-flag"])
+    assert run.wait_exit() == 1
+    assert len(run.stderr) == 1 and "--no-such-flag" in run.stderr[0], run.output
+    assert run.output.count(" loading: ") == 1 and "Traceback" not in run.output
+
+
+# --- 6. sd_notify --------------------------------------------------------------------------------------
+
+
+def receive_until(sock: socket.socket, done: Callable[[str], bool], timeout_s: float) -> list[str]:
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        messages.append(message)
+        if done(message):
+            return messages
+    raise AssertionError(f"notifications so far: {messages}")
+
+
+def test_sd_notify_ready_only_when_ready_status_on_phases_stopping_on_sigterm(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    folder = tempfile.mkdtemp(prefix="ll-notify-")  # AF_UNIX paths are short: keep it out of tmp_path
+    address = os.path.join(folder, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", env={"NOTIFY_SOCKET": address})
+
+        before = receive_until(sock, lambda m: "READY=1" in m, timeout_s=30)
+        ready = before.pop().split("\n")
+        url = next(f for f in ready if f.startswith("STATUS=")).split()[1]
+        # At the moment READY=1 arrives the server already answers: it was sent after a completion worked.
+        assert complete(url, n_predict=1)["tokens_predicted"] == 1
+        assert "STATUS=ready: " + url in "\n".join(ready)
+        phases = [m.removeprefix("STATUS=").split(":")[0] for m in before]
+        assert all(m.startswith("STATUS=") for m in before)  # no READY=1 before the one above
+        assert phases[0] == "starting" and "loading" in phases and "ready" not in phases[:-1]
+
+        run.send(signal.SIGTERM)
+        after = receive_until(sock, lambda m: m.startswith("STATUS=stopped"), timeout_s=15)
+        assert after.index("STOPPING=1") > after.index(next(m for m in after if m.startswith("STATUS=stopping")))
+        assert run.wait_exit() == 128 + signal.SIGTERM
+    os.unlink(address)
+    os.rmdir(folder)
+
+
+# --- 7. stale run state ----------------------------------------------------------------------------------
+
+
+def test_stale_state_naming_a_reused_pid_neither_blocks_nor_kills_it(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        started = psutil.Process(bystander.pid).create_time()
+        # What a crashed launcher leaves behind, its pid since reused by an unrelated process.
+        write_state(RunState(name="t", launcher_pid=bystander.pid, launcher_started_at=started - 3600,
+                             url="http://127.0.0.1:1", model_path=str(demo_model), log_path="",
+                             phase="ready", child_pid=bystander.pid, started_at=started - 3600))
+        run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", name="t")
+        run.wait_ready()
+        assert run.state()["launcher_pid"] == run.process.pid
+        run.send(signal.SIGTERM)
+        assert run.wait_exit() == 128 + signal.SIGTERM
+        assert bystander.poll() is None and is_alive(bystander.pid)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_state_of_a_live_launcher_with_the_same_name_refuses(serve: StartServe, demo_model: Path) -> None:
+    """The other side of the same check: the pid is alive and started when the file says."""
+    alive = psutil.Process()
+    write_state(RunState(name="t", launcher_pid=alive.pid, launcher_started_at=alive.create_time(),
+                         url="http://127.0.0.1:1", model_path=str(demo_model), log_path="", phase="ready"))
+    run = serve(demo_model, "--ctx", "2k", name="t")
+    assert_one_line_error(run, 1, "already running", "--name")
+
+
+# --- stalls and signals while loading ----------------------------------------------------------------
+
+
+def test_a_load_that_stalls_fails_after_the_load_timeout(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    """A stopped worker accepts connections (kernel backlog) but never answers: llama-server hangs silently."""
+    worker = rpc_workers()
+    worker.process.send_signal(signal.SIGSTOP)
+    try:
+        # A stopped worker cannot be probed: the budget lets the planner go on without its free memory.
+        run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--budget", "RPC0=1GiB",
+                    "--load-timeout", "2")
+        run.wait_for_line(" loading: ", timeout_s=30)
+        server = run.server()
+        assert run.wait_exit(timeout_s=30) == 1
+        assert len(run.stderr) == 1 and "no progress for 2 s while loading" in run.stderr[0], run.output
+        assert " failed: " in run.output and run.state()["phase"] == "failed"
+        assert wait_gone(server.pid, 5)
+    finally:
+        worker.process.send_signal(signal.SIGKILL)  # continuing it could answer a probe long closed
+
+
+def test_sigint_while_loading_stops_with_130_and_leaves_nothing(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k")
+    run.wait_for_line(" loading: ")
+    server = run.server()
+    run.send(signal.SIGINT)
+    assert run.wait_exit() == 128 + signal.SIGINT
+    assert wait_gone(server.pid, 5) and not run.leftover_servers()
+    assert run.state()["phase"] == "stopped"

@@ -7,6 +7,7 @@ launcher is killed with SIGKILL; stopping signals the whole group and escalates 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import queue
 import signal
@@ -36,13 +37,24 @@ class ChildExit:
 ChildEvent = ChildLine | ChildExit
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the launcher dies (Linux prctl)."""
+def _load_prctl() -> Callable[..., int] | None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None  # not Linux: the child is only stopped by us
+
+
+# Looked up once, before any fork: dlopen in the forked child of a threaded launcher can deadlock.
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(launcher_pid: int) -> None:
+    """In the child before exec: SIGKILL when the launcher dies (Linux prctl)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != launcher_pid:
+            # The launcher died between fork and prctl: the signal it set up will never come.
+            os.kill(os.getpid(), signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -98,7 +110,7 @@ class Child:
         self.sink = sink
         self.process = popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         self.pid = self.process.pid
         self._reader = threading.Thread(target=self._read, name=f"child-{self.pid}", daemon=True)
         self._reader.start()

@@ -190,7 +190,9 @@ class StateRecorder:
                 changes["ready_at"] = time.time()
         if event.plan is not None:
             changes["plan"] = plan_to_dict(event.plan)
-            changes["argv"] = [str(supervisor.options.server), *event.plan.argv]
+            # What really ran: the plan's argv plus host/port/-lv and the pass-through after --.
+            changes["argv"] = list(supervisor.child.argv) if supervisor.child is not None \
+                else [str(supervisor.options.server), *event.plan.argv]
         if supervisor.child is not None:
             changes["child_pid"] = supervisor.child.pid
         self.state = dataclasses.replace(self.state, **changes)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalaunch.errors import ServeError
+from llamalaunch.errors import LaunchError, ServeError
 from llamalaunch.launch import http
 from llamalaunch.launch.failures import classify_failure
 from llamalaunch.launch.lessons import Lessons
@@ -66,6 +66,7 @@ class SupervisorEvent:
 class _Ready:
     ok: bool
     detail: str
+    pid: int  # the child it is about: a late answer about an earlier child must not judge this one
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Supervisor:
         self.recent: deque[str] = deque(maxlen=200)
         self.sink = LogSink(options.log_path) if options.log_path else None
         self._stop_signal: int | None = None
+        self._replanning_after: str | None = None  # the OOM lesson the next plan must honour
 
     @property
     def base_url(self) -> str:
@@ -132,7 +134,7 @@ class Supervisor:
     def _one_launch(self) -> int | None:
         """Plan, start, and watch one llama-server; None means: launch again."""
         self._set_phase("starting", "planning")
-        plan = self.make_plan(self.lessons)
+        plan = self._make_plan()
         self.plan = plan
         self._start(plan)
         ready = False
@@ -145,8 +147,9 @@ class Supervisor:
             except queue.Empty:
                 if not ready and time.monotonic() - last_progress > self.options.load_timeout_s:
                     self._stop_child()
-                    raise ServeFailed(f"llama-server made no progress for {self.options.load_timeout_s:.0f} s "
-                                      "while loading", "raise --load-timeout, or check the workers and the log")
+                    message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading"
+                    self._fail(message)
+                    raise ServeFailed(message, "raise --load-timeout, or check the workers and the log")
                 self._watchdog()
                 continue
             if isinstance(item, _StopRequest):
@@ -161,6 +164,8 @@ class Supervisor:
                     self._check_ready_in_background()
                 continue
             if isinstance(item, _Ready):
+                if self.child is None or item.pid != self.child.pid:
+                    continue
                 if item.ok and not ready:
                     ready = True
                     self._mark_ready(plan)
@@ -169,6 +174,21 @@ class Supervisor:
                 continue
             assert isinstance(item, ChildExit)
             return self._after_exit(item.returncode, ready, oom.found, lines, plan)
+
+    def _make_plan(self) -> Plan:
+        """A plan that cannot be made ends the run as failed; after an OOM, it is the ladder running out."""
+        try:
+            plan = self.make_plan(self.lessons)
+        except LaunchError as error:
+            if self._replanning_after is None:
+                self._fail(error.message)
+                raise
+            message = f"attempt {len(self.attempts)} failed ({self._replanning_after}); no smaller plan fits: " \
+                      f"{error.message}"
+            self._fail(message)
+            raise ServeFailed(message, error.hint) from None
+        self._replanning_after = None
+        return plan
 
     def _after_exit(self, returncode: int, ready: bool, oom: OutOfMemory | None,
                     lines: Sequence[str], plan: Plan) -> int | None:
@@ -186,16 +206,19 @@ class Supervisor:
             raise ServeFailed(message, "see the server log; raise --max-restarts to keep trying")
         delay = min(self.options.backoff_initial_s * 2 ** (self.restarts - 1), self.options.backoff_max_s)
         self._set_phase("restarting", f"{lesson}; restart {self.restarts} of {self.options.max_restarts} "
-                                      f"in {delay:.0f} s")
+                                      f"in {delay:g} s")
         return self._wait_backoff(delay)
 
     def _wait_backoff(self, delay_s: float) -> int | None:
-        try:
-            item = self.queue.get(timeout=delay_s)
-        except queue.Empty:
-            return None
-        if isinstance(item, _StopRequest):
-            return self._stop(item.signum)
+        """Sleep out the backoff unless a stop request comes; stale items (a late readiness answer) wait too."""
+        deadline = time.monotonic() + delay_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.queue.get(timeout=left)
+            except queue.Empty:
+                return None
+            if isinstance(item, _StopRequest):
+                return self._stop(item.signum)
         return None
 
     def _oom_retry(self, oom: OutOfMemory, plan: Plan) -> int | None:
@@ -205,10 +228,12 @@ class Supervisor:
             lesson = self.lessons.learn_allocation_failure(plan, oom.device_name(plan), oom.kind, oom.size_bytes)
         self._record_attempt(plan, lesson)
         if len(self.attempts) >= self.options.max_attempts:
-            message = f"out of memory on {len(self.attempts)} attempts; last: {lesson}"
+            tried = len(self.attempts)
+            message = f"out of memory on {tried} attempt{'s' if tried != 1 else ''} (--max-attempts); last: {lesson}"
             self._fail(message)
             raise ServeFailed(message, "free memory on the devices, lower --ctx, or add --budget/--reserve")
         self.on_event(SupervisorEvent("attempt", f"attempt {len(self.attempts)} failed: {lesson}; re-planning"))
+        self._replanning_after = lesson
         return None
 
     # --- helpers -------------------------------------------------------------------------------
@@ -231,13 +256,16 @@ class Supervisor:
         threading.Thread(target=self._check_ready, daemon=True, name="readiness").start()
 
     def _check_ready(self) -> None:
+        child = self.child  # this thread judges this child only, not one started after it died
+        if child is None:
+            return
         api_key = self._api_key()
         deadline = time.monotonic() + self.options.load_timeout_s
-        while time.monotonic() < deadline and self.child is not None and self.child.running():
+        while time.monotonic() < deadline and child.running():
             if http.health(self.base_url, api_key).status == 200:
                 result = http.complete_one_token(self.base_url, api_key=api_key)
                 ok = result.status == 200
-                self.queue.put(_Ready(ok, result.error or ""))
+                self.queue.put(_Ready(ok, result.error or "", child.pid))
                 return
             time.sleep(0.1)
 
