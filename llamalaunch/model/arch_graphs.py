@@ -41,9 +41,20 @@ class ModelSpec:
     q_lora_rank: int = 0
     head_dim_k_mla: int = 0  # deepseek2: per-head K/V lengths after decompression
     head_dim_v_mla: int = 0
+    n_lora_kv: int = 0  # deepseek2's kv_lora_rank, also when the cache is not MLA
     tied_output: bool = False
     weight_type: str = "q8_0"  # matmul weights (only their size matters, when op offload copies them)
     embd_type: str = "q8_0"
+    tensors: frozenset[str] = frozenset()  # tensor names in the file; empty: assume the arch's usual set
+    expert_gating_sigmoid: bool = False
+    expert_weights_norm: bool = True
+    expert_weights_scale: bool = False
+    attn_softcap: bool = False
+    final_softcap: bool = False
+
+    def has(self, name: str, default: bool) -> bool:
+        """Whether the file has tensor `name` (the arch's usual answer when the table is unknown)."""
+        return name in self.tensors if self.tensors else default
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,8 @@ class Builder:
         self.n_tokens = res.n_tokens
         self.inp_pos: Tensor | None = None
         self.kv_inputs: dict[bool, tuple[Tensor, Tensor, Tensor]] = {}
-        self.k_rot: Tensor | None = None
-        self.v_rot: Tensor | None = None
+        self.rot: dict[bool, tuple[Tensor | None, Tensor | None]] = {}
+        self.iswa = any(spec.swa_layers)
         self.caches: dict[tuple[int, str], Tensor] = {}
         self.layers: tuple[int, ...] = tuple(range(spec.n_layer))  # blocks to replay (compute.py skips repeats)
 
@@ -121,19 +132,21 @@ class Builder:
             mask = g.new_input("f16" if res.flash_attn else "f32", n_kv, self.n_tokens // res.n_stream, 1,
                                res.n_stream, name="attn_inp_kq_mask")
             self.kv_inputs[swa] = (k_idxs, v_idxs, mask)
-            if self.k_rot is None and self.v_rot is None:
-                self._build_rot_inputs()
+            self.rot[swa] = self._build_rot_inputs()
         return self.kv_inputs[swa]
 
-    def _build_rot_inputs(self) -> None:
+    def _build_rot_inputs(self) -> tuple[Tensor | None, Tensor | None]:
+        """llama_kv_cache::build_input_k_rot/v_rot: Hadamard rotations for a quantized cache."""
         spec, res = self.spec, self.res
+        k_rot = v_rot = None
         if g.type_block(res.type_k)[0] > 1 and spec.head_dim_k % 64 == 0 and not spec.kv_lora_rank:
             nrot = 64
             while spec.head_dim_k % (nrot * 2) == 0:
                 nrot *= 2
-            self.k_rot = g.new_input("f32", nrot, nrot, name="attn_inp_k_rot")
+            k_rot = g.new_input("f32", nrot, nrot, name="attn_inp_k_rot")
         if g.type_block(res.type_v)[0] > 1 and spec.head_dim_v % 64 == 0 and not spec.kv_lora_rank:
-            self.v_rot = g.new_input("f32", 64, 64, name="attn_inp_v_rot")
+            v_rot = g.new_input("f32", 64, 64, name="attn_inp_v_rot")
+        return k_rot, v_rot
 
     def n_embd_v_gqa_max(self) -> int:
         return max(self.spec.head_dim_v * n for n in self.spec.n_head_kv)
@@ -200,23 +213,24 @@ class Builder:
         """build_attn(llm_graph_input_attn_kv*): store K/V in the cache, attend, project."""
         swa = self.spec.swa_layers[il] if self.spec.swa_layers else False
         k_idxs, v_idxs, mask = self.build_attn_inp_kv(swa)
-        if self.k_rot is not None:
-            q = self.hadamard(q, self.k_rot)
-            k = self.hadamard(k, self.k_rot)
-        if self.v_rot is not None and v is not None:
-            v = self.hadamard(v, self.v_rot)
-        self.gf.expand(q)
-        if v is not None:
-            self.gf.expand(v)
-        self.gf.expand(k)
+        k_rot, v_rot = self.rot[swa] if v is not None else (None, None)
+        if k_rot is not None:
+            q = self.hadamard(q, k_rot)
+            k = self.hadamard(k, k_rot)
+        if v_rot is not None and v is not None:
+            v = self.hadamard(v, v_rot)
+        order = (q, k, v) if self.iswa else (q, v, k)  # build_attn(kv_iswa) expands k before v
+        for tensor in order:
+            if tensor is not None:
+                self.gf.expand(tensor)
         self.gf.expand(self.cpy_k(k, k_idxs, il, swa))
         if v is not None:
             self.gf.expand(self.cpy_v(v, v_idxs, il, swa))
         k_view = self.get_k(il, swa)
         v_view = self.get_v(il, swa) if v is not None else self.mla_v_view(k_view)
         cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, soft_cap)
-        if self.v_rot is not None and v is not None:
-            cur = self.hadamard(cur, self.v_rot)
+        if v_rot is not None:
+            cur = self.hadamard(cur, v_rot)
         if wo is not None:
             cur = g.mul_mat(wo, cur)
         if wo_b is not None:
@@ -224,7 +238,7 @@ class Builder:
         return cur
 
     def mla_v_view(self, k_view: Tensor) -> Tensor:
-        rank = self.spec.kv_lora_rank
+        rank = self.spec.n_lora_kv
         return g.view_4d(k_view, rank, k_view.ne[1], k_view.ne[2], k_view.ne[3], k_view.nb[1], k_view.nb[2],
                          k_view.nb[3], 0)
 
@@ -376,38 +390,208 @@ class LlamaGraph(Builder):
                              weights_norm, sigmoid)
 
 
-def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool) -> Tensor:
-    """llm_graph_context::build_moe_ffn with SILU experts, softmax (or sigmoid) gating."""
+def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool,
+                  probs_bias: bool = False, w_scale: bool = False) -> Tensor:
+    """llm_graph_context::build_moe_ffn with SILU experts and softmax or sigmoid gating."""
     spec = b.spec
     n_embd, n_expert, n_used, n_tokens = spec.n_embd, spec.n_expert, spec.n_expert_used, cur.ne[1]
     logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
     probs = g.unary(logits) if sigmoid else g.soft_max(logits)
-    selection = probs
-    if sigmoid:
-        selection = g.add(probs, b.w(il, n_expert, type_name="f32"))
+    selection = g.add(probs, b.w(il, n_expert, type_name="f32")) if probs_bias else probs
     selected = g.argsort_top_k(selection, n_used)
     weights = g.get_rows(g.reshape(probs, 1, n_expert, n_tokens), selected)
     if weights_norm:
         weights = g.reshape(weights, n_used, n_tokens)
-        weights_sum = g.sum_rows(weights)
+        weights_sum = g.clamp(g.sum_rows(weights))
         weights = g.div(weights, weights_sum)
         weights = g.reshape(weights, 1, n_used, n_tokens)
+    if w_scale:
+        weights = g.scale(weights)
+    b.gf.expand(weights)
     cur = g.reshape(cur, n_embd, 1, n_tokens)
     up = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
     gate = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
     par = g.glu(gate, up)
     experts = g.mul_mat_id(b.w(il, n_ff, n_embd, n_expert), par, selected)
     experts = g.mul(experts, weights)
+    b.gf.expand(experts)
     views = [g.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * experts.nb[1]) for i in range(n_used)]
     for view in views:
         b.gf.expand(view)
     moe_out = views[0]
     for view in views[1:]:
         moe_out = g.add(moe_out, view)
+        b.gf.expand(moe_out)
     return g.cont(moe_out) if n_used == 1 else moe_out
 
 
-BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {"llama": LlamaGraph}
+class Qwen2Graph(LlamaGraph):
+    qkv_bias = True
+
+
+class Qwen3Graph(LlamaGraph):
+    qk_norm = True
+
+
+class GemmaGraph(Builder):
+    """gemma2 / gemma3: scaled embeddings, post-attention and post-FFN norms, GELU, soft-capping."""
+
+    def build(self) -> None:
+        spec = self.spec
+        qk_norm = spec.arch == "gemma3"
+        inp_l = g.scale(self.build_inp_embd())
+        inp_pos = self.build_inp_pos()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il)
+            if qk_norm:
+                q = self.build_norm(q, self.norm_w(il, spec.head_dim_k), il)
+            q = g.rope(q, inp_pos)
+            if qk_norm:
+                k = self.build_norm(k, self.norm_w(il, spec.head_dim_k), il)
+            k = g.rope(k, inp_pos)
+            q = g.scale(q)
+            cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il,
+                                  soft_cap=spec.attn_softcap)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_l = g.get_rows(inp_l, out_ids)
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            sa_out = g.add(cur, inp_l)
+            cur = self.build_norm(sa_out, self.norm_w(il), il)
+            cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            cur = self.build_norm(cur, self.norm_w(il), -1)
+            inp_l = g.add(cur, sa_out)
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type), cur)
+        if spec.final_softcap:
+            logits = g.scale(g.unary(g.scale(logits)))
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+
+class Phi3Graph(Builder):
+    """phi3: fused QKV, fused gate+up (SWIGLU over one 2*n_ff matrix), Q scaled after RoPE."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            residual = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv_fused(cur, il)
+            q = g.scale(g.rope(q, inp_pos))
+            k = g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, self.w(il, spec.n_embd, spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                residual = g.get_rows(residual, out_ids)
+            cur = g.add(cur, residual)
+            residual = cur
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            up = g.mul_mat(self.w(il, spec.n_embd, 2 * spec.n_ff[il]), cur)
+            cur = g.mul_mat(self.w(il, spec.n_ff[il], spec.n_embd), g.glu(up))
+            inp_l = g.add(residual, cur)
+        self.build_output(inp_l)
+
+    def build_qkv_fused(self, cur: Tensor, il: int) -> tuple[Tensor, Tensor, Tensor]:
+        spec = self.spec
+        hd, n_head, n_kv = spec.head_dim_k, spec.n_head[il], spec.n_head_kv[il]
+        qkv = g.mul_mat(self.w(il, spec.n_embd, hd * (n_head + 2 * n_kv)), cur)
+        row = g.row_size(qkv.type, hd)
+        q = g.view_3d(qkv, hd, n_head, self.n_tokens, row, qkv.nb[1], 0)
+        k = g.view_3d(qkv, hd, n_kv, self.n_tokens, row, qkv.nb[1], g.row_size(qkv.type, hd * n_head))
+        v = g.view_3d(qkv, hd, n_kv, self.n_tokens, row, qkv.nb[1], g.row_size(qkv.type, hd * (n_head + n_kv)))
+        return q, k, v
+
+
+class DeepSeek2Graph(LlamaGraph):
+    """deepseek2: low-rank Q, compressed KV (MLA: cache the latent, absorb wk_b/wv_b), MoE with shared experts."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            cur = self.build_mla_attention(cur, inp_pos, il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            if il < spec.n_layer_dense_lead:
+                cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            else:
+                moe_out = build_moe_ffn(self, cur, il, spec.n_ff_exp, spec.expert_weights_norm,
+                                        spec.expert_gating_sigmoid,
+                                        probs_bias=spec.has(f"blk.{il}.exp_probs_b.bias", spec.expert_gating_sigmoid),
+                                        w_scale=spec.expert_weights_scale)
+                shared = self.build_ffn_par(cur, il, spec.n_ff_exp * max(spec.n_expert_shared, 1))
+                cur = g.add(moe_out, shared)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+    def build_mla_attention(self, cur: Tensor, inp_pos: Tensor, il: int) -> Tensor:
+        spec, n_tokens = self.spec, self.n_tokens
+        n_head, rope, rank = spec.n_head[il], spec.n_rot, spec.n_lora_kv
+        head_k, head_v = spec.head_dim_k_mla, spec.head_dim_v_mla
+        nope = head_k - rope
+        if spec.q_lora_rank:
+            q = g.mul_mat(self.w(il, spec.n_embd, spec.q_lora_rank), cur)
+            q = self.build_norm(q, self.norm_w(il, spec.q_lora_rank), il)
+            q = g.mul_mat(self.w(il, spec.q_lora_rank, n_head * head_k), q)
+        else:
+            q = g.mul_mat(self.w(il, spec.n_embd, n_head * head_k), cur)
+        q = g.reshape(q, head_k, n_head, n_tokens)
+        kv_pe = g.mul_mat(self.w(il, spec.n_embd, rank + rope), cur)
+        stride = g.row_size(kv_pe.type, rank + rope)
+        kv_cmpr = g.view_2d(kv_pe, rank, n_tokens, stride, 0)
+        k_pe = g.view_3d(kv_pe, rope, 1, n_tokens, stride, stride, g.row_size(kv_pe.type, rank))
+        k_pe = g.rope(k_pe, inp_pos)
+        kv_cmpr = self.build_norm(kv_cmpr, self.norm_w(il, rank), il)
+        wo = self.w(il, n_head * head_v, spec.n_embd)
+        if spec.kv_lora_rank:  # MLA
+            q_nope = g.view_3d(q, nope, n_head, n_tokens, q.nb[1], q.nb[2], 0)
+            q_pe = g.view_3d(q, rope, n_head, n_tokens, q.nb[1], q.nb[2], g.row_size(q.type, nope))
+            q_pe = g.rope(q_pe, inp_pos)
+            q_nope = g.permute(q_nope, 0, 2, 1, 3)
+            absorbed = g.permute(g.mul_mat(self.w(il, nope, rank, n_head), q_nope), 0, 2, 1, 3)
+            q_cur = g.concat(absorbed, q_pe, 0)
+            kv_cmpr = g.reshape(kv_cmpr, rank, 1, n_tokens)
+            k_cur = g.concat(kv_cmpr, k_pe, 0)
+            return self.build_attn_k(q_cur, k_cur, kv_cmpr, wo, il, self.w(il, rank, head_v, n_head))
+        kv = g.mul_mat(self.w(il, rank, n_head * (nope + head_v)), kv_cmpr)
+        row = g.row_size(kv.type, nope + head_v)
+        k_nope = g.view_3d(kv, nope, n_head, n_tokens, row, row * n_head, 0)
+        v_cur = g.cont(g.view_3d(kv, head_v, n_head, n_tokens, row, row * n_head, g.row_size(kv.type, nope)))
+        q_cur = g.rope(q, inp_pos)
+        k_cur = g.concat(k_nope, g.repeat(k_pe, g.Tensor("f32", (rope, n_head, n_tokens))), 0)
+        return self.build_attn(q_cur, k_cur, v_cur, wo, il)
+
+    def build_attn_k(self, q: Tensor, k: Tensor, v: Tensor, wo: Tensor, il: int, v_mla: Tensor) -> Tensor:
+        """build_attn(llm_graph_input_attn_k*): only K is cached; V is a view of its first rank columns."""
+        k_idxs, _, mask = self.build_attn_inp_kv(False)
+        for tensor in (q, v, k):
+            self.gf.expand(tensor)
+        self.gf.expand(self.cpy_k(k, k_idxs, il, False))
+        k_view = self.get_k(il, False)
+        v_view = g.view_4d(k_view, v.ne[0], k_view.ne[1], k_view.ne[2], k_view.ne[3], k_view.nb[1], k_view.nb[2],
+                           k_view.nb[3], 0)
+        cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, False)
+        return g.mul_mat(wo, cur)
+
+
+BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
+    "llama": LlamaGraph, "qwen2": Qwen2Graph, "qwen3": Qwen3Graph, "qwen3moe": Qwen3Graph,
+    "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
+}
 
 
 def kq_scale(head_dim: int) -> float:

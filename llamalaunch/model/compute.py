@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+from llamalaunch.errors import LaunchError
 from llamalaunch.model.arch_graphs import BUILDERS, ModelSpec, Reserve
+from llamalaunch.model.gguf_header import read_header
 from llamalaunch.model.ggml_sched import Backend, reserve
 from llamalaunch.model.kv import ContextShape, swa_cells
 from llamalaunch.model.profile import ModelProfile
@@ -37,6 +39,7 @@ def compute_buffers(profile: ModelProfile, placement: object, request: Request,
 
 
 def _request_key(request: Request) -> tuple[object, ...]:
+    """The request fields not already in ContextShape that change the graph."""
     return (request.cache_type_k, request.cache_type_v, request.swa_full)
 
 
@@ -124,14 +127,50 @@ def _spec_for(key: _ProfileKey) -> ModelSpec:
     profile = key.profile
     n = profile.n_layer - profile.n_nextn_layers
     weight_type = _weight_type(profile.file_type)
-    return ModelSpec(
+    extra = header_extras(profile)
+    n_rot = int(extra.pop("n_rot", profile.rope_dim or profile.head_dim_k))  # type: ignore[call-overload]
+    return ModelSpec(**extra,  # type: ignore[arg-type]
         arch=profile.arch, n_layer=n, n_embd=profile.n_embd, n_head=profile.n_head[:n],
         n_head_kv=profile.n_head_kv[:n], head_dim_k=profile.head_dim_k, head_dim_v=profile.head_dim_v,
-        n_rot=profile.rope_dim or profile.head_dim_k, n_ff=(profile.n_ff,) * n, n_vocab=profile.n_vocab,
+        n_rot=n_rot, n_ff=(profile.n_ff,) * n, n_vocab=profile.n_vocab,
         swa_layers=profile.swa_layers[:n], recurrent_layers=profile.recurrent_layers[:n],
         n_expert=profile.n_expert, n_expert_used=profile.n_expert_used, n_ff_exp=profile.n_ff_exp,
         kv_lora_rank=profile.kv_lora_rank, tied_output=profile.output_is_token_embd,
         weight_type=weight_type, embd_type=weight_type)
+
+
+def header_extras(profile: ModelProfile) -> dict[str, object]:
+    """Graph details the profile does not carry, read from the GGUF header when the file is here:
+    the tensor names (biases, fused QKV, expert bias) and deepseek2/gemma keys. {} otherwise."""
+    try:
+        header = read_header(profile.path)
+    except LaunchError:
+        return {}
+    arch = profile.arch
+
+    def number(key: str, default: float = 0) -> float:
+        value = header.get(f"{arch}.{key}")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    n_rot = int(number("rope.dimension_count", profile.rope_dim or profile.head_dim_k))
+    n_expert_shared = int(number("expert_shared_count"))
+    extra: dict[str, object] = {
+        "tensors": frozenset(t.name for t in header.tensors),
+        "n_lora_kv": int(number("attention.kv_lora_rank")),
+        "q_lora_rank": int(number("attention.q_lora_rank")),
+        "head_dim_k_mla": int(number("attention.key_length_mla", profile.head_dim_k)),
+        "head_dim_v_mla": int(number("attention.value_length_mla", profile.head_dim_v)),
+        "n_layer_dense_lead": int(number("leading_dense_block_count")),
+        "n_expert_shared": n_expert_shared,
+        "expert_gating_sigmoid": number("expert_gating_func", 1) == 2,
+        "expert_weights_norm": bool(header.get(f"{arch}.expert_weights_norm", arch != "deepseek2")),
+        "expert_weights_scale": number("expert_weights_scale", 1.0) not in (0.0, 1.0),
+        "attn_softcap": number("attn_logit_softcapping") > 0 and arch == "gemma2",
+        "final_softcap": number("final_logit_softcapping") > 0 or arch == "gemma2",
+    }
+    if arch == "deepseek2":
+        extra["n_rot"] = n_rot
+    return extra
 
 
 def model_spec(profile: ModelProfile) -> ModelSpec:

@@ -1,0 +1,232 @@
+"""How close the analytic memory estimate is to what llama-server really allocates.
+
+Runs a matrix of real loads — model families (synthetic GGUFs, plus the SmolLM2 demo model when it is
+cached) × ctx 4k..128k × -np 1/4 × -ub 512/2048 × K/V f16/q8_0/q4_0 × 1-3 devices — on CPU
+ggml-rpc-server workers, with `--fit off` and explicit -dev/-ngl/-ts so llama.cpp places exactly what
+was estimated. Prints planned vs measured per device and component, the median and worst error per
+family, and writes everything as JSON.
+
+    python -m bench.bench_accuracy                 # a seeded sample of the matrix (a few minutes)
+    python -m bench.bench_accuracy --full          # the whole matrix (hours on 2 cores)
+    python -m bench.bench_accuracy --families llama,gemma3 --samples 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llamalaunch.errors import LaunchError
+from llamalaunch.model.estimate import Placement, SlotRange, estimate
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.measured import ComponentError, compare, measure_load, within_tolerance
+from llamalaunch.model.synthetic import write_preset
+from llamalaunch.plan.request import Request
+from llamalaunch.units import MIB
+
+MID = {"n_layer": 8, "n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_head_kv": 4, "n_vocab": 32000}
+# family -> (synthetic preset, shape changes); "smollm2" is the real demo model
+FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
+    "llama": ("tiny-llama", MID),
+    "qwen2": ("tiny-qwen2", MID),
+    "qwen3": ("tiny-qwen3", {**MID, "head_dim": 64}),
+    "gemma2": ("tiny-gemma2", {**MID, "head_dim": 64, "n_swa": 512}),
+    "gemma3": ("tiny-gemma3", {**MID, "n_layer": 7, "head_dim": 64, "n_swa": 512}),
+    "mixtral": ("tiny-mixtral", MID),
+    "qwen3moe": ("tiny-qwen3moe", {**MID, "head_dim": 64, "n_ff_exp": 512}),
+    "deepseek2": ("tiny-deepseek2", {**MID, "n_layer": 6, "n_head_kv": 16, "n_ff_exp": 512,
+                                     "q_lora_rank": 256, "kv_lora_rank": 128, "rope_dim": 32, "head_dim": 96}),
+    "deepseek2-nomla": ("tiny-deepseek2-nomla", {**MID, "n_layer": 6, "n_head_kv": 16, "n_ff_exp": 512,
+                                                 "q_lora_rank": 256, "kv_lora_rank": 128, "rope_dim": 32,
+                                                 "head_dim": 96}),
+    "phi3": ("tiny-phi3", {**MID, "n_head_kv": 16}),
+    "smollm2": ("", {}),
+}
+AXES: dict[str, tuple[object, ...]] = {
+    "ctx": (4096, 16384, 65536, 131072),
+    "parallel": (1, 4),
+    "ubatch": (512, 2048),
+    "cache": ("f16", "q8_0", "q4_0"),
+    "devices": (1, 2, 3),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    ctx: int
+    parallel: int
+    ubatch: int
+    cache: str
+    devices: int
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    rows: tuple[ComponentError, ...]
+    error: str | None = None
+
+
+def all_cases(families: list[str]) -> list[Case]:
+    keys = list(AXES)
+    return [Case(family, **dict(zip(keys, values)))  # type: ignore[arg-type]
+            for family in families for values in itertools.product(*(AXES[k] for k in keys))]
+
+
+def sampled_cases(families: list[str], per_family: int, seed: int) -> list[Case]:
+    """Per family, `per_family` cases that between them visit every value of every axis."""
+    rng = random.Random(seed)
+    chosen: list[Case] = []
+    for family in families:
+        columns = {key: rng.sample(list(values), len(values)) for key, values in AXES.items()}
+        for i in range(per_family):
+            picks = {key: column[i % len(column)] for key, column in columns.items()}
+            chosen.append(Case(family, **picks))  # type: ignore[arg-type]
+    return chosen
+
+
+def model_path(family: str, models_dir: Path) -> str:
+    if family == "smollm2":
+        from llamalaunch.toolchain.demo import demo_model_path
+        cache = Path(os.environ.get("LLAMALAUNCH_CACHE", Path.home() / ".cache" / "llamalaunch"))
+        return str(demo_model_path(cache))
+    preset, changes = FAMILIES[family]
+    path = models_dir / f"{family}.gguf"
+    if not path.exists():
+        write_preset(path, preset, **changes)
+    return str(path)
+
+
+def even_placement(n_slots: int, n_devices: int) -> Placement:
+    counts = [n_slots // n_devices + (1 if i < n_slots % n_devices else 0) for i in range(n_devices)]
+    ranges, first = [], 0
+    for index, count in enumerate(counts):
+        ranges.append(SlotRange(f"RPC{index}", "RPC", first, count))
+        first += count
+    return Placement(tuple(ranges))
+
+
+def run_case(case: Case, bin_dir: Path, endpoints: list[str], models_dir: Path) -> CaseResult:
+    path = model_path(case.family, models_dir)
+    profile = load_profile(path)
+    request = Request(n_parallel=case.parallel, n_ubatch=case.ubatch, cache_type_k=case.cache,
+                      cache_type_v=case.cache)
+    placement = even_placement(profile.n_slots, case.devices)
+    planned = estimate(profile, placement, request, case.ctx)
+    try:
+        measured = measure_load(bin_dir, path, placement, request, case.ctx, endpoints[:case.devices],
+                                log_dir=models_dir / "logs")
+    except LaunchError as error:
+        return CaseResult(case, (), str(error))
+    return CaseResult(case, tuple(compare(planned, measured.estimate)))
+
+
+def start_workers(bin_dir: Path, count: int, log_dir: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    from tests.support import free_port, wait_for_port
+    processes, endpoints = [], []
+    for _ in range(count):
+        port = free_port()
+        log = open(log_dir / f"rpc-{port}.log", "wb")
+        processes.append(subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
+                                           "-t", "1"], stdout=log, stderr=subprocess.STDOUT))
+        wait_for_port(port)
+        endpoints.append(f"127.0.0.1:{port}")
+    return processes, endpoints
+
+
+def summary(results: list[CaseResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """family -> component -> median/worst absolute error (MiB) and worst relative error (%)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for family in sorted({r.case.family for r in results}):
+        rows = [row for r in results if r.case.family == family for row in r.rows]
+        table[family] = {}
+        for component in ("weights", "kv", "compute"):
+            errors = [row for row in rows if row.component == component and row.measured_bytes]
+            if not errors:
+                continue
+            absolute = [abs(row.error_bytes) / MIB for row in errors]
+            table[family][component] = {
+                "median_mib": round(statistics.median(absolute), 3),
+                "worst_mib": round(max(absolute), 3),
+                "worst_pct": round(100 * max(abs(row.relative) for row in errors), 2),
+                "under_mib": round(min(min(row.error_bytes for row in errors), 0) / MIB, 3),
+                "pass": all(within_tolerance(row) for row in errors),
+            }
+    return table
+
+
+def format_case(result: CaseResult) -> list[str]:
+    c = result.case
+    head = f"{c.family:16} ctx={c.ctx:<6} np={c.parallel} ub={c.ubatch:<4} kv={c.cache:<4} dev={c.devices}"
+    if result.error:
+        return [f"{head}  FAILED: {result.error}"]
+    lines = [head]
+    for row in result.rows:
+        if row.measured_bytes == 0 and row.planned_bytes == 0:
+            continue
+        mark = "" if within_tolerance(row) else "  <-- out of tolerance"
+        lines.append(f"    {row.device:5} {row.component:8} planned {row.planned_bytes / MIB:10.2f}  measured "
+                     f"{row.measured_bytes / MIB:10.2f}  error {row.error_bytes / MIB:+8.2f} MiB "
+                     f"({100 * row.relative:+6.2f}%){mark}")
+    return lines
+
+
+def format_summary(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = [f"{'family':16} {'component':9} {'median MiB':>10} {'worst MiB':>10} {'worst %':>8} "
+             f"{'most under':>10}  pass"]
+    for family, components in table.items():
+        for component, stats in components.items():
+            lines.append(f"{family:16} {component:9} {stats['median_mib']:10.3f} {stats['worst_mib']:10.3f} "
+                         f"{stats['worst_pct']:8.2f} {stats['under_mib']:10.3f}  {'yes' if stats['pass'] else 'NO'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="run the whole matrix")
+    parser.add_argument("--samples", type=int, default=6, help="cases per family when sampling")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--bin-dir", default=os.environ.get("LLAMALAUNCH_BIN_DIR", "/tmp/llbuild/bin"))
+    parser.add_argument("--json", default="bench_accuracy.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    cases = all_cases(families) if args.full else sampled_cases(families, args.samples, args.seed)
+    bin_dir = Path(args.bin_dir)
+    work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
+    (work / "logs").mkdir()
+    workers, endpoints = start_workers(bin_dir, max(AXES["devices"]), work)  # type: ignore[arg-type]
+    results: list[CaseResult] = []
+    try:
+        for case in cases:
+            result = run_case(case, bin_dir, endpoints, work)
+            results.append(result)
+            print("\n".join(format_case(result)), flush=True)
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(10)
+    table = summary(results)
+    print("\n" + "\n".join(format_summary(table)))
+    with open(args.json, "w") as out:
+        json.dump({"cases": [{"case": asdict(r.case), "error": r.error, "rows": [asdict(row) for row in r.rows]}
+                             for r in results], "summary": table}, out, indent=1)
+    print(f"\nwrote {args.json}")
+    return 0 if all(stats["pass"] for comps in table.values() for stats in comps.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The measured estimator: ask the local llama.cpp build what it allocates for the same placement.
+
+Two projections, not equally true (DESIGN.md §3):
+- `load` (default): start llama-server with the exact argv (`--fit off`, explicit -dev/-ngl/-ts), wait
+  until the model is loaded, stop it, and read the buffer lines it printed. These are the real
+  allocations, the figures the analytic estimator must match.
+- `fit-params`: `llama-fit-params --fit-print on`, a dry run with no allocation. Its KV lines print
+  0.00 MiB (only the breakdown table has them, in whole MiB) and it reserves logits for a whole batch,
+  so its compute figure for the output device is larger than llama-server's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from llamalaunch.errors import ServeError, ToolchainError
+from llamalaunch.launch.logparse import (HOST, BreakdownRow, BufferSize, Event, Listening, LoadFailed, ModelLoaded,
+                                         OutOfMemory, buffer_device, parse_events)
+from llamalaunch.model.estimate import Estimate, Placement
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.types import MemoryUse
+from llamalaunch.units import MIB
+
+LOAD_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    estimate: Estimate
+    events: tuple[Event, ...]
+    argv: tuple[str, ...]
+    log_path: str
+
+
+def request_args(request: Request, ctx_tokens: int) -> list[str]:
+    args = ["-c", str(ctx_tokens), "-np", str(request.n_parallel), "-kvu" if request.kv_unified else "-no-kvu",
+            "-b", str(request.n_batch), "-ub", str(request.n_ubatch), "-ctk", request.cache_type_k,
+            "-ctv", request.cache_type_v, "-fa", request.flash_attn]
+    if request.swa_full:
+        args.append("--swa-full")
+    return args
+
+
+def placement_args(placement: Placement) -> list[str]:
+    """-dev, -ngl and integer -ts: llama.cpp reproduces integer per-device layer counts exactly."""
+    ranges = [r for r in placement.ranges]
+    if not ranges or placement.n_gpu_layers == 0:
+        return ["-ngl", "0"]
+    args = ["-dev", ",".join(r.device for r in ranges), "-ngl", str(placement.n_gpu_layers)]
+    if len(ranges) > 1:
+        args += ["-ts", ",".join(str(r.n_slots) for r in ranges)]
+    return args
+
+
+def server_argv(bin_dir: Path, model_path: str, placement: Placement, request: Request, ctx_tokens: int,
+                rpc_endpoints: Sequence[str], port: int) -> list[str]:
+    argv = [str(bin_dir / "llama-server"), "-m", model_path, "--host", "127.0.0.1", "--port", str(port),
+            "--fit", "off", "--no-warmup", "-v"]
+    if rpc_endpoints:
+        argv += ["--rpc", ",".join(rpc_endpoints)]
+    return argv + placement_args(placement) + request_args(request, ctx_tokens)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def measure_load(bin_dir: Path, model_path: str, placement: Placement, request: Request, ctx_tokens: int,
+                 rpc_endpoints: Sequence[str] = (), log_dir: Path | None = None,
+                 timeout_s: float = LOAD_TIMEOUT_S) -> Measurement:
+    """Load the model in a real llama-server, stop it once loaded, and return what it allocated."""
+    if not (bin_dir / "llama-server").exists():
+        raise ToolchainError(f"llama-server not found in {bin_dir}", "run scripts/setup or pass the bin directory")
+    argv = server_argv(bin_dir, model_path, placement, request, ctx_tokens, rpc_endpoints, _free_port())
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="llamalaunch-measure-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    try:
+        _wait_loaded(process, log_path, timeout_s)
+    finally:
+        _stop(process)
+    with open(log_path, errors="replace") as lines:
+        events = tuple(parse_events(lines))
+    if not any(isinstance(e, ModelLoaded) for e in events):
+        failure = next((e for e in events if isinstance(e, (LoadFailed, OutOfMemory))), None)
+        reason = failure.text if failure is not None else _last_error_line(log_path)
+        raise ServeError(f"llama-server did not load the model: {reason}", f"see {log_path}")
+    return Measurement(estimate_from_events(events, placement, rpc_endpoints), events, tuple(argv), str(log_path))
+
+
+def _last_error_line(log_path: Path) -> str:
+    with open(log_path, errors="replace") as lines:
+        errors = [line.strip() for line in lines if " E " in line or "failed" in line or "error" in line]
+    return errors[-1] if errors else "it exited without saying why"
+
+
+def _wait_loaded(process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    offset = 0
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            chunk = log.read()
+        text = chunk[: chunk.rfind(b"\n") + 1]
+        offset += len(text)
+        for event in parse_events(text.decode(errors="replace").splitlines()):
+            if isinstance(event, (Listening, LoadFailed)):
+                return
+        if process.poll() is not None:
+            return
+        time.sleep(0.05)
+    raise ServeError(f"llama-server did not finish loading in {timeout_s:.0f}s", f"see {log_path}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(STOP_TIMEOUT_S)
+
+
+def estimate_from_events(events: Iterable[Event], placement: Placement, rpc_endpoints: Sequence[str] = ()) -> Estimate:
+    """Sum the buffer lines of one load per device (model → weights, KV/RS → kv, compute) and host.
+
+    The output (logits) buffer counts as host kv, as the analytic estimator books it. Only the last
+    load in the log counts (a `--fit on` dry run before it prints zeros).
+    """
+    parts: dict[str, dict[str, int]] = {}
+    for event in _last_load(list(events)):
+        if not isinstance(event, BufferSize) or event.at_exit:
+            continue
+        device = buffer_device(event.buffer, rpc_endpoints)
+        field = {"model": "weights", "kv": "kv", "rs": "kv", "output": "kv", "compute": "compute"}[event.kind]
+        parts.setdefault(device, {}).setdefault(field, 0)
+        parts[device][field] += event.bytes
+    def use(device: str) -> MemoryUse:
+        found = parts.get(device, {})
+        return MemoryUse(found.get("weights", 0), found.get("kv", 0), found.get("compute", 0), 0)
+    devices = {r.device: use(r.device) for r in placement.ranges}
+    return Estimate(MappingProxyType(devices), use(HOST))
+
+
+def _last_load(events: list[Event]) -> list[Event]:
+    """Events from the last `model` buffer line group on: the real load follows any dry runs."""
+    starts = [i for i, e in enumerate(events) if isinstance(e, BufferSize) and e.kind == "model"
+              and (i == 0 or not (isinstance(events[i - 1], BufferSize) and events[i - 1].kind == "model"))]
+    return events[starts[-1]:] if starts else events
+
+
+def breakdown_rows(events: Iterable[Event]) -> list[BreakdownRow]:
+    """The memory breakdown printed at exit (the last table in the log), in whole MiB."""
+    rows = [e for e in events if isinstance(e, BreakdownRow)]
+    last: list[BreakdownRow] = []
+    for row in rows:
+        if last and row.name in {r.name for r in last}:
+            last = []
+        last.append(row)
+    return last
+
+
+def mib(value: int) -> float:
+    return value / MIB
+
+
+COMPONENTS = ("weights", "kv", "compute")
+
+
+@dataclass(frozen=True)
+class ComponentError:
+    """Planned minus measured for one component of one device (HOST for the host)."""
+
+    device: str
+    component: str  # weights, kv, compute
+    planned_bytes: int
+    measured_bytes: int
+
+    @property
+    def error_bytes(self) -> int:
+        return self.planned_bytes - self.measured_bytes
+
+    @property
+    def relative(self) -> float:
+        return self.error_bytes / self.measured_bytes if self.measured_bytes else 0.0
+
+
+def compare(planned: Estimate, measured: Estimate) -> list[ComponentError]:
+    """Per device (and the host) and component, what the analytic estimate got wrong."""
+    rows: list[ComponentError] = []
+    pairs = [(name, planned.devices[name], measured.devices.get(name, MemoryUse())) for name in planned.devices]
+    pairs.append((HOST, planned.host, measured.host))
+    for name, plan, real in pairs:
+        for component in COMPONENTS:
+            field = f"{component}_bytes"
+            rows.append(ComponentError(name, component, getattr(plan, field), getattr(real, field)))
+    return rows
+
+
+def within_tolerance(row: ComponentError) -> bool:
+    """Weights and KV: equal to the printed MiB (0.01). Compute: within max(5%, 16 MiB)."""
+    if row.component == "compute":
+        return abs(row.error_bytes) <= max(row.measured_bytes // 20, 16 * MIB)
+    return abs(row.error_bytes) <= MIB // 100

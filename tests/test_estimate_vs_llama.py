@@ -1,0 +1,47 @@
+"""The analytic estimate against real llama-server loads on real ggml-rpc-server workers (a small sample).
+
+Weights and KV must equal what llama-server prints (to its 0.01 MiB); compute buffers must be within
+max(5%, 16 MiB) — they are in fact exact on these families. bench/bench_accuracy.py runs the whole matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench.bench_accuracy import FAMILIES, even_placement
+from llamalaunch.model.estimate import estimate
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.measured import compare, measure_load, within_tolerance
+from llamalaunch.model.synthetic import write_preset
+from llamalaunch.plan.request import Request
+from tests.support import RpcWorker
+
+pytestmark = pytest.mark.llama
+
+# (family, ctx, -np, -ub, K/V type, devices): every family once, each axis value at least once
+CASES = [
+    ("llama", 16384, 4, 512, "q8_0", 3),
+    ("gemma3", 65536, 1, 2048, "f16", 2),
+    ("qwen3moe", 4096, 4, 2048, "q4_0", 1),
+    ("deepseek2", 8192, 1, 512, "f16", 2),
+]
+
+
+@pytest.mark.parametrize(("family", "ctx", "parallel", "ubatch", "cache", "devices"), CASES)
+def test_estimate_equals_llama_server(family: str, ctx: int, parallel: int, ubatch: int, cache: str, devices: int,
+                                      tmp_path: Path, llama_bin_dir: Path,
+                                      rpc_workers: Callable[..., RpcWorker]) -> None:
+    preset, changes = FAMILIES[family]
+    path = str(write_preset(tmp_path / f"{family}.gguf", preset, **changes))
+    profile = load_profile(path)
+    request = Request(n_parallel=parallel, n_ubatch=ubatch, cache_type_k=cache, cache_type_v=cache)
+    placement = even_placement(profile.n_slots, devices)
+    endpoints = [rpc_workers().endpoint for _ in range(devices)]
+    measured = measure_load(llama_bin_dir, path, placement, request, ctx, endpoints, log_dir=tmp_path)
+    rows = compare(estimate(profile, placement, request, ctx), measured.estimate)
+    bad = [row for row in rows if not within_tolerance(row)]
+    assert not bad, bad
+    assert any(row.component == "compute" and row.measured_bytes > 0 for row in rows)
