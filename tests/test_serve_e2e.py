@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,6 +269,7 @@ def test_unknown_pass_through_argument_is_one_line_and_not_retried(
 
 
 def receive_until(sock: socket.socket, done: Callable[[str], bool], timeout_s: float) -> list[str]:
+    """Datagrams up to and including the first for which `done` is true; WATCHDOG=1 pings left out."""
     messages: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -276,10 +278,22 @@ def receive_until(sock: socket.socket, done: Callable[[str], bool], timeout_s: f
             message = sock.recv(4096).decode()
         except TimeoutError:
             break
-        messages.append(message)
+        if message != "WATCHDOG=1":
+            messages.append(message)
         if done(message):
             return messages
     raise AssertionError(f"notifications so far: {messages}")
+
+
+def count_watchdogs_while(sock: socket.socket, busy: threading.Thread) -> int:
+    count = 0
+    sock.settimeout(0.1)
+    while busy.is_alive():
+        try:
+            count += sock.recv(4096) == b"WATCHDOG=1"
+        except TimeoutError:
+            continue
+    return count
 
 
 def test_sd_notify_ready_only_when_ready_status_on_phases_stopping_on_sigterm(
@@ -288,7 +302,8 @@ def test_sd_notify_ready_only_when_ready_status_on_phases_stopping_on_sigterm(
     address = os.path.join(folder, "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
-        run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", env={"NOTIFY_SOCKET": address})
+        run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k",
+                    env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
 
         before = receive_until(sock, lambda m: "READY=1" in m, timeout_s=30)
         ready = before.pop().split("\n")
@@ -299,6 +314,13 @@ def test_sd_notify_ready_only_when_ready_status_on_phases_stopping_on_sigterm(
         phases = [m.removeprefix("STATUS=").split(":")[0] for m in before]
         assert all(m.startswith("STATUS=") for m in before)  # no READY=1 before the one above
         assert phases[0] == "starting" and "loading" in phases and "ready" not in phases[:-1]
+
+        # A busy server floods the launcher with -lv 5 lines (~17 a token); the watchdog (every 0.2 s) goes on.
+        busy = threading.Thread(target=complete, args=(url,), kwargs={"n_predict": 200})
+        started = time.monotonic()
+        busy.start()
+        pings = count_watchdogs_while(sock, busy)
+        assert pings >= (time.monotonic() - started) / 0.2 / 2, pings
 
         run.send(signal.SIGTERM)
         after = receive_until(sock, lambda m: m.startswith("STATUS=stopped"), timeout_s=15)

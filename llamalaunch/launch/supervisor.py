@@ -101,6 +101,7 @@ class Supervisor:
         self.sink = LogSink(options.log_path) if options.log_path else None
         self._stop_signal: int | None = None
         self._replanning_after: str | None = None  # the OOM lesson the next plan must honour
+        self._watchdog_sent_at = float("-inf")
 
     @property
     def base_url(self) -> str:
@@ -142,21 +143,20 @@ class Supervisor:
         lines: list[str] = []
         last_progress = time.monotonic()
         while True:
-            try:
-                item = self.queue.get(timeout=0.5)
-            except queue.Empty:
+            item = self._next_item(0.5)
+            if item is None:
                 if not ready and time.monotonic() - last_progress > self.options.load_timeout_s:
                     self._stop_child()
                     message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading"
                     self._fail(message)
                     raise ServeFailed(message, "raise --load-timeout, or check the workers and the log")
-                self._watchdog()
                 continue
             if isinstance(item, _StopRequest):
                 return self._stop(item.signum)
             if isinstance(item, ChildLine):
                 last_progress = time.monotonic()
-                lines.append(item.text)
+                if not ready:  # kept to explain a failed load; a server up for days prints millions of lines
+                    lines.append(item.text)
                 self.recent.append(item.text)
                 self.on_event(SupervisorEvent("line", item.text))
                 oom.feed(item.text)
@@ -213,10 +213,7 @@ class Supervisor:
         """Sleep out the backoff unless a stop request comes; stale items (a late readiness answer) wait too."""
         deadline = time.monotonic() + delay_s
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                item = self.queue.get(timeout=left)
-            except queue.Empty:
-                return None
+            item = self._next_item(left)
             if isinstance(item, _StopRequest):
                 return self._stop(item.signum)
         return None
@@ -291,9 +288,28 @@ class Supervisor:
     def _fail(self, message: str) -> None:
         self._set_phase("failed", message)
 
+    def _next_item(self, timeout_s: float) -> _Item | None:
+        """The next item within `timeout_s`, None if none came; feeds the systemd watchdog meanwhile.
+
+        Fed on every call, not only when the queue is idle: a busy server at -lv 5 prints lines
+        without pause, and a long backoff must not look like a hang either.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._watchdog()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                return self.queue.get(timeout=min(left, self.notifier.watchdog_interval_s or left))
+            except queue.Empty:
+                continue
+
     def _watchdog(self) -> None:
-        if self.notifier.watchdog_interval_s is not None:
+        interval_s = self.notifier.watchdog_interval_s
+        if interval_s is not None and time.monotonic() - self._watchdog_sent_at >= interval_s:
             self.notifier.watchdog()
+            self._watchdog_sent_at = time.monotonic()
 
     def _stop_child(self) -> int | None:
         return self.child.stop() if self.child is not None else None
