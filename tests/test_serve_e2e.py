@@ -138,6 +138,19 @@ def test_restarts_after_each_crash_then_gives_up_past_max_restarts(
     assert not run.leftover_servers()
 
 
+def test_sigterm_during_the_backoff_stops_at_once(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", "--backoff", "20")
+    run.wait_ready()
+    run.server().kill()
+    run.wait_for_line(r" restarting: .* in 20 s")
+    asked = time.monotonic()
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(timeout_s=10) == 128 + signal.SIGTERM
+    assert time.monotonic() - asked < 3
+    assert run.output.count(" loading: ") == 1 and not run.leftover_servers()
+
+
 # --- 4. out of memory: the ladder --------------------------------------------------------------------
 
 # SmolLM2 on one worker at ctx 8192 asks it for weights 92 MiB, then KV 180 MiB, then compute ~20 MiB
@@ -147,7 +160,8 @@ def test_restarts_after_each_crash_then_gives_up_past_max_restarts(
 WORKER_ROOM_BYTES = 230 * MIB
 
 
-def small_worker(rpc_workers: Callable[..., RpcWorker], llama_bin_dir: Path) -> RpcWorker:
+def small_worker(rpc_workers: Callable[..., RpcWorker], llama_bin_dir: Path,
+                 room_bytes: int = WORKER_ROOM_BYTES) -> RpcWorker:
     """A worker whose address space holds the weights but not an 8k KV cache."""
     probe = subprocess.Popen([str(llama_bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(free_port())],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -157,7 +171,7 @@ def small_worker(rpc_workers: Callable[..., RpcWorker], llama_bin_dir: Path) -> 
     finally:
         probe.kill()
         probe.wait()
-    return rpc_workers(address_space_bytes=baseline_vsz + WORKER_ROOM_BYTES)
+    return rpc_workers(address_space_bytes=baseline_vsz + room_bytes)
 
 
 def test_out_of_memory_replans_smaller_and_serves(
@@ -181,6 +195,23 @@ def test_out_of_memory_replans_smaller_and_serves(
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 128 + signal.SIGTERM
     assert not run.leftover_servers()
+
+
+def test_out_of_memory_on_the_second_worker_moves_its_layers(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, llama_bin_dir: Path) -> None:
+    """The worker names its buffer `RPC0[endpoint]` (its own index); the lesson must land on our RPC1."""
+    roomy, small = rpc_workers(), small_worker(rpc_workers, llama_bin_dir, room_bytes=100 * MIB)
+    run = serve(demo_model, "--rpc", rpc_option(roomy, small), "--ctx", "8k")
+
+    _, url, _ = run.wait_ready(timeout_s=60)
+    assert f"failed to allocate RPC0[{small.endpoint}] buffer" in run.log_path.read_text()
+    assert "attempt 1 failed: out of memory on RPC1" in run.output, run.output
+    first = run.state()["attempts"][0]["layers"]
+    now = {d["name"]: d["n_layers"] for d in run.state()["plan"]["devices"] if not d["excluded"]}
+    assert now.get("RPC1", 0) < int(first.split("RPC1=")[1].split()[0])
+    assert complete(url, n_predict=2)["tokens_predicted"] == 2
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 128 + signal.SIGTERM
 
 
 def test_out_of_memory_with_no_attempts_left_fails_clearly(
