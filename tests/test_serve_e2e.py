@@ -151,6 +151,22 @@ def test_sigterm_during_the_backoff_stops_at_once(
     assert run.output.count(" loading: ") == 1 and not run.leftover_servers()
 
 
+def test_a_worker_lost_while_serving_ends_the_run_with_one_line(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    """llama-server aborts on its next RPC call; the restart's re-probe finds the worker gone: no loop."""
+    worker = rpc_workers()
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--backoff", "0.2")
+    _, url, _ = run.wait_ready()
+    worker.process.kill()
+    worker.process.wait()
+    with pytest.raises(OSError):  # urllib's errors are OSErrors: the server dies under the request
+        complete(url, n_predict=2)
+    assert run.wait_exit(timeout_s=30) == 1
+    assert len(run.stderr) == 1 and worker.endpoint in run.stderr[0], run.output
+    assert run.output.count(" restarting: ") == 1 and run.output.count(" loading: ") == 1
+    assert run.state()["phase"] == "failed" and not run.leftover_servers()
+
+
 # --- 4. out of memory: the ladder --------------------------------------------------------------------
 
 # SmolLM2 on one worker at ctx 8192 asks it for weights 92 MiB, then KV 180 MiB, then compute ~20 MiB
@@ -382,6 +398,18 @@ def test_stale_state_naming_a_reused_pid_neither_blocks_nor_kills_it(
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_unreadable_state_does_not_block_serve(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, home: Path) -> None:
+    """A state file from another llamalaunch version (or damaged): serve replaces it, as its hint says."""
+    (home / "state").mkdir(parents=True, exist_ok=True)
+    (home / "state" / "t.json").write_text('{"name": "t", "launcher_pid": 1, "field_of_a_newer_version": 3}')
+    run = serve(demo_model, "--rpc", rpc_option(rpc_workers()), "--ctx", "2k", name="t")
+    run.wait_ready()
+    assert run.state()["launcher_pid"] == run.process.pid
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 128 + signal.SIGTERM
 
 
 def test_state_of_a_live_launcher_with_the_same_name_refuses(serve: StartServe, demo_model: Path) -> None:

@@ -127,7 +127,10 @@ def pick_port(host: str, port: int | None) -> int:
 def check_not_running(name: str) -> None:
     path = state_path(name)
     if path.exists():
-        state = read_state(path)
+        try:
+            state = read_state(path)
+        except BadInputError:
+            return  # damaged or another version's: it names nothing we can check, and this run replaces it
         if launcher_alive(state) and state.phase not in ("stopped", "failed"):
             raise ServeError(f"a server named {name!r} is already running (pid {state.launcher_pid}, {state.url})",
                              "stop it first, or give this one another --name")
