@@ -49,6 +49,11 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
                                                  "q_lora_rank": 256, "kv_lora_rank": 128, "rope_dim": 32,
                                                  "head_dim": 96}),
     "phi3": ("tiny-phi3", {**MID, "n_head_kv": 16}),
+    "mamba2": ("tiny-mamba2", {**MID, "n_head": 0, "n_head_kv": 0, "n_ff": 0, "ssm_d_inner": 2048,
+                               "ssm_d_state": 64, "ssm_n_head": 32}),
+    "granitehybrid": ("tiny-granitehybrid", {**MID, "ssm_d_inner": 2048, "ssm_d_state": 64, "ssm_n_head": 32,
+                                             "attention_layers": (1, 5)}),
+    "lfm2": ("tiny-lfm2", {**MID, "attention_layers": (1, 5)}),
     "smollm2": ("", {}),
 }
 AXES: dict[str, tuple[object, ...]] = {

@@ -78,3 +78,20 @@ def test_compute_grows_with_context_without_flash_attention() -> None:
     large = estimate(smollm2_shape(), ONE, Request(flash_attn="off"), 16384).devices["RPC0"].compute_bytes
     # the KQ matrix of one layer (n_kv x n_ubatch x n_head f32) dominates
     assert large - small >= 12288 * 512 * 9 * 4
+
+
+@pytest.mark.parametrize("flash_attn", ["on", "off"])
+def test_one_replay_answers_a_range_of_contexts_exactly(flash_attn: str) -> None:
+    """Sizes read off a replayed range (base + slope · cells) equal a fresh replay at that context."""
+    from llamalaunch.model import compute
+    from llamalaunch.model.kv import context_shape
+
+    profile = smollm2_shape()
+    request = Request(flash_attn=flash_attn)
+    for ctx in (4096, 20480, 65536, 131072, 8192, 40960):
+        shape = context_shape(request, ctx)
+        ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in TS_1_3.ranges)
+        via_ranges = compute._cached(compute._ProfileKey(profile), ranges, compute._request_key(request), shape)
+        compute._pieces.clear()
+        fresh = compute._cached(compute._ProfileKey(profile), ranges, compute._request_key(request), shape)
+        assert via_ranges == fresh

@@ -51,6 +51,12 @@ class ModelSpec:
     expert_weights_scale: bool = False
     attn_softcap: bool = False
     final_softcap: bool = False
+    ssm_d_conv: int = 0
+    ssm_d_inner: int = 0
+    ssm_d_state: int = 0
+    ssm_n_group: int = 1
+    ssm_dt_rank: int = 0
+    shortconv_l_cache: int = 0
 
     def has(self, name: str, default: bool) -> bool:
         """Whether the file has tensor `name` (the arch's usual answer when the table is unknown)."""
@@ -588,9 +594,180 @@ class DeepSeek2Graph(LlamaGraph):
         return g.mul_mat(wo, cur)
 
 
+class RecurrentBuilder(Builder):
+    """Recurrent-state helpers: build_rs_inp and build_rs (llama-graph.cpp) over the state tensors."""
+
+    def build_rs_inp(self) -> None:
+        n_rs = self.res.n_seqs  # full-memory reservation: n_rs = the state size = max(1, n_seq_max)
+        self.s_copy = g.new_input("i32", n_rs, name="rs_s_copy")
+        self.s_copy_main = g.view_1d(self.s_copy, self.res.n_seqs, 0)
+        self.s_copy_extra = g.view_1d(self.s_copy, n_rs - self.res.n_seqs, self.res.n_seqs * 4)
+
+    def state(self, il: int, which: str, width: int) -> Tensor:
+        key = (il, which)
+        if key not in self.caches:
+            self.caches[key] = g.cache("f32", width, self.res.n_seqs, backend=self.res.layer_backend[il])
+        return self.caches[key]
+
+    def build_rs(self, s: Tensor, state_size: int,
+                 get_rows: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        n_seqs = self.res.n_seqs
+        states = g.reshape(s, state_size, s.ne[1])
+        zero = g.view_1d(states, state_size, 0)
+        self.gf.expand(g.view_tensor(zero, "SCALE", (zero,)))
+        out = (get_rows or g.get_rows)(states, self.s_copy_main)
+        self.gf.expand(out)
+        extra = g.get_rows(states, self.s_copy_extra)
+        self.gf.expand(g.cpy(extra, g.view_2d(s, state_size, s.ne[1] - n_seqs, s.nb[1], n_seqs * s.nb[1])))
+        return out
+
+    def build_mamba2_layer(self, cur: Tensor, il: int) -> Tensor:
+        spec, n_seqs = self.spec, self.res.n_seqs
+        n_st = self.n_tokens // n_seqs
+        d_conv, d_inner, d_state, n_group = spec.ssm_d_conv, spec.ssm_d_inner, spec.ssm_d_state, spec.ssm_n_group
+        n_head = spec.ssm_dt_rank
+        head_dim = d_inner // n_head
+        conv_dim = d_inner + 2 * n_group * d_state
+        conv_states = self.state(il, "r", (d_conv - 1) * conv_dim)
+        ssm_states = self.state(il, "s", d_state * d_inner)
+        conv = self.build_rs(conv_states, (d_conv - 1) * conv_dim)
+        conv = g.reshape(conv, d_conv - 1, conv_dim, n_seqs)
+        zx = g.mul_mat(self.w(il, spec.n_embd, 2 * d_inner + 2 * n_group * d_state + n_head), cur)
+        zx = g.reshape(zx, zx.ne[0], n_st, n_seqs)
+        z = g.view_4d(zx, head_dim, n_head, n_st, n_seqs, head_dim * zx.nb[0], zx.nb[1], zx.nb[2], 0)
+        xbc = g.view_3d(zx, conv_dim, n_st, n_seqs, zx.nb[1], zx.nb[2], d_inner * 4)
+        dt = g.view_3d(zx, n_head, n_st, n_seqs, zx.nb[1], zx.nb[2], (2 * d_inner + 2 * n_group * d_state) * 4)
+        conv_x = g.concat(conv, g.transpose(xbc), 0)
+        last = g.view_3d(conv_x, d_conv - 1, conv_dim, n_seqs, conv_x.nb[1], conv_x.nb[2], n_st * conv_x.nb[0])
+        row = (d_conv - 1) * conv_dim * 4
+        self.gf.expand(g.cpy(last, g.view_2d(conv_states, (d_conv - 1) * conv_dim, n_seqs, conv_states.nb[1], 0)))
+        xbc = g.ssm_conv(conv_x, self.w(il, d_conv, conv_dim, type_name="f32"))
+        xbc = g.unary(g.add(xbc, self.w(il, conv_dim, type_name="f32")))
+        x = g.view_4d(xbc, head_dim, n_head, n_st, n_seqs, head_dim * xbc.nb[0], xbc.nb[1], xbc.nb[2], 0)
+        b = g.view_4d(xbc, d_state, n_group, n_st, n_seqs, d_state * xbc.nb[0], xbc.nb[1], xbc.nb[2], d_inner * 4)
+        c = g.view_4d(xbc, d_state, n_group, n_st, n_seqs, d_state * xbc.nb[0], xbc.nb[1], xbc.nb[2],
+                      (d_inner + n_group * d_state) * 4)
+        dt = g.add(g.cont(dt), self.w(il, n_head, type_name="f32"))
+        a = self.w(il, 1, n_head, type_name="f32")
+
+        def scan(states: Tensor, ids: Tensor) -> Tensor:
+            ssm = g.reshape(states, d_state, head_dim, n_head, ssm_states.ne[1])
+            result = Tensor("f32", (x.nelements() + d_state * head_dim * n_head * ids.ne[0],), "SSM_SCAN",
+                            (ssm, x, dt, a, b, c, ids))
+            return result
+
+        y_ssm = self.build_rs(ssm_states, d_state * d_inner, scan)
+        size = d_state * d_inner
+        row = size * 4
+        self.gf.expand(g.cpy(g.view_3d(y_ssm, size, n_seqs, 1, row, row * n_seqs, x.nelements() * 4),
+                             g.view_3d(ssm_states, size, n_seqs, 1, ssm_states.nb[1], n_seqs * row, 0)))
+        y = g.view_4d(y_ssm, head_dim, n_head, n_st, n_seqs, x.nb[1], n_head * x.nb[1], n_st * n_head * x.nb[1], 0)
+        y = g.add(y, g.mul(x, self.w(il, 1, n_head, type_name="f32")))
+        y = g.glu(g.cont(z), y)
+        if self.spec.has(f"blk.{il}.ssm_norm.weight", True):
+            y = g.reshape(y, d_inner // n_group, n_group, n_st, n_seqs)
+            y = self.build_norm(y, self.w(il, d_inner // n_group, n_group, type_name="f32"), il)
+        y = g.reshape(y, d_inner, n_st * n_seqs)
+        return g.mul_mat(self.w(il, d_inner, spec.n_embd), y)
+
+
+class Mamba2Graph(RecurrentBuilder):
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        self.build_rs_inp()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            cur = self.build_mamba2_layer(cur, il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_l = g.get_rows(inp_l, out_ids)
+            inp_l = g.add(cur, inp_l)
+        self.build_output(inp_l)
+
+
+class GraniteHybridGraph(RecurrentBuilder):
+    """granitehybrid: mamba2 layers and attention layers (no RoPE when the file says so), dense FFN."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        self.build_rs_inp()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        inp_pos = self.build_inp_pos()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            if spec.recurrent_layers[il]:
+                cur = self.build_mamba2_layer(cur, il)
+            else:
+                q, k, v = self.build_qkv(cur, il)
+                q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+                cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+
+class Lfm2Graph(RecurrentBuilder):
+    """lfm2: short gated convolutions and attention layers with Q/K norms, dense FFN."""
+
+    def build(self) -> None:
+        spec = self.spec
+        cur = self.build_inp_embd()
+        self.build_rs_inp()
+        self.build_attn_inp_kv()
+        inp_pos = self.build_inp_pos()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            prev = cur
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            if spec.recurrent_layers[il]:
+                cur = self.build_shortconv(cur, il)
+            else:
+                q, k, v = self.build_qkv(cur, il)
+                q = self.build_norm(q, self.norm_w(il, spec.head_dim_k), il)
+                k = self.build_norm(k, self.norm_w(il, spec.head_dim_k), il)
+                q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+                cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                prev = g.get_rows(prev, out_ids)
+            cur = g.add(prev, cur)
+            ffn = self.build_ffn_par(self.build_norm(cur, self.norm_w(il), il), il, spec.n_ff[il])
+            cur = g.add(cur, ffn)
+        self.build_output(cur)
+
+    def build_shortconv(self, cur: Tensor, il: int) -> Tensor:
+        spec, n_seqs = self.spec, self.res.n_seqs
+        n_st, n_embd = self.n_tokens // n_seqs, spec.n_embd
+        d_conv = spec.shortconv_l_cache - 1
+        cur = g.reshape(cur, n_embd, n_st, n_seqs)
+        bcx = g.mul_mat(self.w(il, n_embd, 3 * n_embd), cur)
+        chunk = bcx.ne[0] // 3
+        b, c, x = (g.view_3d(bcx, chunk, bcx.ne[1], bcx.ne[2], bcx.nb[1], bcx.nb[2], i * chunk * 4) for i in range(3))
+        bx = g.transpose(g.mul(b, x))
+        state = self.state(il, "r", d_conv * n_embd)
+        conv = g.reshape(self.build_rs(state, d_conv * n_embd), d_conv, n_embd, n_seqs)
+        bx = g.concat(conv, bx, 0)
+        snap = g.view_3d(bx, d_conv, bx.ne[1], bx.ne[2], bx.nb[1], bx.nb[2], (bx.ne[0] - d_conv) * 4)
+        self.gf.expand(g.cpy(snap, g.view_2d(state, d_conv * n_embd, n_seqs, state.nb[1], 0)))
+        conv_out = g.ssm_conv(bx, self.w(il, spec.shortconv_l_cache, n_embd, type_name="f32"))
+        y = g.mul_mat(self.w(il, n_embd, n_embd), g.mul(c, conv_out))
+        return g.reshape(y, y.ne[0], n_st * n_seqs)
+
+
 BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "llama": LlamaGraph, "qwen2": Qwen2Graph, "qwen3": Qwen3Graph, "qwen3moe": Qwen3Graph,
     "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
+    "mamba2": Mamba2Graph, "granitehybrid": GraniteHybridGraph, "lfm2": Lfm2Graph,
 }
 
 

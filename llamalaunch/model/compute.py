@@ -12,12 +12,14 @@ the last layer of each kind per device are replayed; results are memoized per pl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.model.arch_graphs import BUILDERS, ModelSpec, Reserve
 from llamalaunch.model.gguf_header import read_header
-from llamalaunch.model.ggml_sched import Backend, reserve
+from llamalaunch.model.ggml_sched import Backend, reserve_affine
+from llamalaunch.model.ggml_sim import capture
 from llamalaunch.model.kv import ContextShape, swa_cells
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
@@ -58,35 +60,81 @@ class _ProfileKey:
         return isinstance(other, _ProfileKey) and other.profile is self.profile
 
 
-@lru_cache(maxsize=8192)
+CELL_STEP = 256  # contexts come in multiples of 256 cells
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Buffer sizes that are exact for n_kv in [lo, hi]: base + slope·(n_kv - n0) per backend."""
+
+    lo: float
+    hi: float
+    n0: int
+    base: tuple[int, ...]
+    slope: tuple[int, ...]
+
+    def at(self, n_kv: int) -> tuple[int, ...]:
+        return tuple(b + s * (n_kv - self.n0) for b, s in zip(self.base, self.slope))
+
+
+_pieces: dict[tuple[object, ...], list[_Piece]] = {}
+_MAX_KEYS = 4096
+
+
 def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], request_key: tuple[object, ...],
             shape: ContextShape) -> tuple[int, ...]:
+    """Sizes per backend; one replay answers every context over which the allocation pattern holds."""
     profile = key.profile
-    type_k, type_v, swa_full = request_key
+    n_kv = shape.n_ctx_seq
+    n_kv_swa = swa_cells(profile, Request(swa_full=bool(request_key[2]), n_parallel=shape.n_seq,
+                                          n_ubatch=shape.n_ubatch), shape) if any(profile.swa_layers) else 0
+    structure = (key, ranges, request_key, shape.n_stream, shape.n_seq, shape.n_ubatch, shape.flash_attn,
+                 n_kv_swa)
+    for piece in _pieces.get(structure, ()):
+        if piece.lo <= n_kv <= piece.hi:
+            return piece.at(n_kv)
+    piece = _replay(profile, ranges, request_key, shape, n_kv_swa)
+    if len(_pieces) >= _MAX_KEYS:
+        _pieces.clear()
+    _pieces.setdefault(structure, []).append(piece)
+    return piece.at(n_kv)
+
+
+def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...], request_key: tuple[object, ...],
+            shape: ContextShape, n_kv_swa: int) -> _Piece:
+    type_k, type_v, _ = request_key
     spec = model_spec(profile)
     backends = _backends(ranges)
     cpu = len(backends) - 1
     owners = _slot_owners(profile.n_slots, ranges, cpu)
-    offloaded = sum(r[3] for r in ranges)
-    full_offload = offloaded == profile.n_slots
+    full_offload = sum(r[3] for r in ranges) == profile.n_slots
     n_tokens = shape.n_ubatch
     if n_tokens % shape.n_seq:
         n_tokens = (n_tokens + shape.n_seq - 1) // shape.n_seq * shape.n_seq
-    fake_request = Request(swa_full=bool(swa_full), n_parallel=shape.n_seq, n_ubatch=shape.n_ubatch)
-    res = Reserve(n_tokens=n_tokens, n_seqs=shape.n_seq, n_outputs=min(n_tokens, shape.n_seq),
-                  n_kv=shape.n_ctx_seq, n_kv_swa=swa_cells(profile, fake_request, shape), n_stream=shape.n_stream,
-                  flash_attn=shape.flash_attn, type_k=str(type_k), type_v=str(type_v),
-                  layer_backend=tuple(owners[:profile.n_layer]), output_backend=owners[-1], cpu_backend=cpu,
-                  full_offload=full_offload)
     builder_class = BUILDERS.get(profile.arch, BUILDERS["llama"])
-    builder = builder_class(spec, res)
-    builder.layers = replayed_layers(spec, owners[:profile.n_layer])
-    builder.build()
+    layers = replayed_layers(spec, owners[:profile.n_layer])
+    graphs = []
+    for n_kv in (shape.n_ctx_seq, shape.n_ctx_seq + CELL_STEP):
+        res = Reserve(n_tokens=n_tokens, n_seqs=shape.n_seq, n_outputs=min(n_tokens, shape.n_seq), n_kv=n_kv,
+                      n_kv_swa=n_kv_swa or n_kv, n_stream=shape.n_stream, flash_attn=shape.flash_attn,
+                      type_k=str(type_k), type_v=str(type_v), layer_backend=tuple(owners[:profile.n_layer]),
+                      output_backend=owners[-1], cpu_backend=cpu, full_offload=full_offload)
+        with capture() as created:
+            builder = builder_class(spec, res)
+            builder.layers = layers
+            builder.build()
+        graphs.append((builder, created))
+    (builder, created), (_, twin_created) = graphs
+    twin = {a.id: b for a, b in zip(created, twin_created)}
     pipeline = len(ranges) > 1 and full_offload
-    sizes = reserve(builder.gf, backends, pipeline, assigned=builder.assigned)
-    if profile.arch not in BUILDERS or profile.generic_estimate:
-        sizes = [int(size * GENERIC_MARGIN) for size in sizes]
-    return tuple(sizes)
+    sizes, valid = reserve_affine(builder.gf, twin, shape.n_ctx_seq, CELL_STEP, backends, pipeline,
+                                  assigned=builder.assigned)
+    margin = GENERIC_MARGIN if profile.arch not in BUILDERS or profile.generic_estimate else 1.0
+    if margin != 1.0:
+        return _Piece(shape.n_ctx_seq, shape.n_ctx_seq, shape.n_ctx_seq,
+                      tuple(int(base * margin) for base, _ in sizes), tuple(0 for _ in sizes))
+    return _Piece(float(valid.lo), float(valid.hi), shape.n_ctx_seq, tuple(b for b, _ in sizes),
+                  tuple(s for _, s in sizes))
 
 
 def _backends(ranges: Sequence[tuple[str, str, int, int]]) -> list[Backend]:
@@ -111,14 +159,24 @@ def layer_kind(spec: ModelSpec, il: int) -> tuple[object, ...]:
 
 
 def replayed_layers(spec: ModelSpec, owners: Sequence[int]) -> tuple[int, ...]:
-    """The layers whose allocation pattern differs: per device and kind the first two and the last."""
-    keep: set[int] = {spec.n_layer - 1}
-    seen: dict[tuple[object, ...], list[int]] = {}
+    """The layers whose allocation pattern can differ: on each device its first three and last two
+    layers, the first two of each kind, and the two layers after every change of kind. A layer that
+    repeats its predecessors' kind and device allocates exactly as they did, so it is skipped."""
+    keep: set[int] = set()
+    kinds = [layer_kind(spec, il) for il in range(spec.n_layer)]
+    runs: dict[int, list[int]] = {}
     for il in range(spec.n_layer):
-        seen.setdefault((owners[il], layer_kind(spec, il)), []).append(il)
-    for layers in seen.values():
-        keep.update(layers[:2])
-        keep.add(layers[-1])
+        runs.setdefault(owners[il], []).append(il)
+    for layers in runs.values():
+        keep.update(layers[:3])
+        keep.update(layers[-2:])
+        seen: dict[tuple[object, ...], int] = {}
+        for position, il in enumerate(layers):
+            seen[kinds[il]] = seen.get(kinds[il], 0) + 1
+            changed = any(position >= back and kinds[layers[position - back]] != kinds[layers[position - back - 1]]
+                          for back in (0, 1) if position - back - 1 >= 0)
+            if seen[kinds[il]] <= 2 or changed:
+                keep.add(il)
     return tuple(sorted(keep))
 
 
@@ -167,6 +225,12 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "expert_weights_scale": number("expert_weights_scale", 1.0) not in (0.0, 1.0),
         "attn_softcap": number("attn_logit_softcapping") > 0 and arch == "gemma2",
         "final_softcap": number("final_logit_softcapping") > 0 or arch == "gemma2",
+        "ssm_d_conv": int(number("ssm.conv_kernel")),
+        "ssm_d_inner": int(number("ssm.inner_size")),
+        "ssm_d_state": int(number("ssm.state_size")),
+        "ssm_n_group": int(number("ssm.group_count", 1)) or 1,
+        "ssm_dt_rank": int(number("ssm.time_step_rank")),
+        "shortconv_l_cache": int(number("shortconv.l_cache")),
     }
     if arch == "deepseek2":
         extra["n_rot"] = n_rot

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llamalaunch.model.ggml_sim import FLAG_INPUT, FLAG_OUTPUT, INPLACE_OPS, VIEW_OPS, Graph, Tensor, row_size
+from llamalaunch.model.ggml_alloc import Affine, GraphAllocator, Range, same_layout
+from llamalaunch.model.ggml_sim import FLAG_INPUT, FLAG_OUTPUT, VIEW_OPS, Graph, Tensor, row_size
 
 MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES
 CUDA_ROW_PADDING = 512
 CUDA_OFFLOAD_MIN_BATCH = 32
-_HUGE = 1 << 62
 _QUANT_FREE = frozenset({"f32", "f16", "bf16", "i32", "i64", "i8"})
 
 
@@ -35,9 +35,14 @@ class Backend:
         return buft_is_host if self.kind == "CPU" else buft == self.buft
 
     def alloc_size(self, tensor: Tensor) -> int:
+        """ggml_backend_buft_get_alloc_size: nbytes, plus what a CUDA buffer adds."""
         size = tensor.nbytes()
         kind = self.remote_kind if self.kind == "RPC" else self.kind
-        if kind == "CUDA" and tensor.type not in _QUANT_FREE and tensor.ne[0] % CUDA_ROW_PADDING:
+        if kind != "CUDA":
+            return size
+        if tensor.op == "FLASH_ATTN_EXT":
+            return _cuda_flash_attn_size(tensor, size)
+        if tensor.type not in _QUANT_FREE and tensor.ne[0] % CUDA_ROW_PADDING:
             size += row_size(tensor.type, CUDA_ROW_PADDING - tensor.ne[0] % CUDA_ROW_PADDING)
         return size
 
@@ -49,6 +54,23 @@ class Backend:
         batch = node.ne[1] if node.op == "MUL_MAT" else node.ne[2] if node.op in ("MUL_MAT_ID", "ROPE") \
             else node.ne[1] * node.ne[2] * node.ne[3]
         return batch >= CUDA_OFFLOAD_MIN_BATCH
+
+
+def _cuda_flash_attn_size(dst: Tensor, size: int) -> int:
+    """ggml_cuda_flash_attn_ext_get_alloc_size: the batched (MMA/tile) kernels the worst-case graph uses
+    need F16 copies of a quantized K and V, kept behind the output in the same allocation."""
+    k, v = dst.src[1], dst.src[2]
+    if k is not None and k.type != "f16":
+        size = _pad128(size) + k.nelements() * 2
+    v_is_k_view = v is not None and k is not None and v.view_src is not None and (
+        v.view_src is k or (v.view_src is k.view_src and v.view_offs == k.view_offs))
+    if v is not None and v.type != "f16" and not v_is_k_view:
+        size = _pad128(size) + v.nelements() * 2
+    return size
+
+
+def _pad128(size: int) -> int:
+    return (size + 127) // 128 * 128
 
 
 def _is_host_buft(buft: str) -> bool:
@@ -65,6 +87,7 @@ class _Scheduler:
         self.op_offload = op_offload
         self.ids: dict[int, int] = dict(assigned)  # tensor id -> backend index
         self.copies: dict[tuple[int, int], list[Tensor]] = {}
+        self.copy_source: dict[int, Tensor] = {}  # copy id -> the tensor it copies
 
     # -- helpers --
     def bid(self, tensor: Tensor | None) -> int:
@@ -211,6 +234,7 @@ class _Scheduler:
                 if self.n_copies > 1:
                     copy.flags |= FLAG_INPUT | FLAG_OUTPUT
                 self.ids[copy.id] = backend
+                self.copy_source[copy.id] = src
                 made.append(copy)
             self.copies[key] = made
             inputs.append(src)
@@ -220,7 +244,46 @@ class _Scheduler:
 def reserve(graph: Graph, backends: Sequence[Backend], pipeline: bool, op_offload: bool = True,
             assigned: dict[int, int] | None = None) -> list[int]:
     """Compute buffer bytes per backend (in `backends` order) for one worst-case graph."""
-    sched = _Scheduler(graph, backends, pipeline, op_offload, assigned or {})
+    sched, nodes, leafs = _schedule(graph, backends, pipeline, op_offload, assigned or {})
+    allocator = GraphAllocator([b.alignment for b in backends], [b.buft for b in backends],
+                               lambda tensor, index: backends[index].alloc_size(tensor))
+    return [int(size) for size in allocator.run(nodes, leafs)]  # type: ignore[call-overload]
+
+
+def reserve_affine(graph: Graph, twin: dict[int, Tensor], n0: int, dn: int, backends: Sequence[Backend],
+                   pipeline: bool, op_offload: bool = True, assigned: dict[int, int] | None = None
+                   ) -> tuple[list[tuple[int, int]], Range]:
+    """Like reserve(), for the graph built at n0 cells whose `twin` (same tensors at n0 + dn) says how
+    each size grows: per backend (size at n0, growth per cell), and the cell range where that holds."""
+    sched, nodes, leafs = _schedule(graph, backends, pipeline, op_offload, assigned or {})
+    valid = Range(n0)
+
+    def partner(tensor: Tensor) -> Tensor:
+        source = sched.copy_source.get(tensor.id, tensor)
+        return twin[source.id]
+
+    def size(tensor: Tensor, index: int) -> Affine:
+        here = backends[index].alloc_size(tensor)
+        there = backends[index].alloc_size(partner(tensor))
+        if (there - here) % dn:
+            raise ValueError("a size does not grow linearly with the context")
+        return Affine(here, (there - here) // dn, valid)
+
+    def layout(a: Tensor, b: Tensor) -> bool:
+        same = same_layout(a, b)
+        if same != same_layout(partner(a), partner(b)):
+            valid.keep_sign(0, 1)  # shapes coincide only at this context
+        return same
+
+    allocator = GraphAllocator([b.alignment for b in backends], [b.buft for b in backends], size, layout)
+    sizes = allocator.run(nodes, leafs)
+    return [(s.c, s.s) if isinstance(s, Affine) else (int(s), 0) for s in sizes], valid
+
+
+def _schedule(graph: Graph, backends: Sequence[Backend], pipeline: bool, op_offload: bool,
+              assigned: dict[int, int]) -> tuple[_Scheduler, list[tuple[Tensor, int]], list[tuple[Tensor, int]]]:
+    """Split the graph and lay out graph_copy: (nodes with backends, leafs with backends) for ggml-alloc."""
+    sched = _Scheduler(graph, backends, pipeline, op_offload, assigned)
     sched.assign()
     splits = sched.split()
     nodes: list[tuple[Tensor, int]] = []
@@ -240,175 +303,10 @@ def reserve(graph: Graph, backends: Sequence[Backend], pipeline: bool, op_offloa
                 for _ in range(sched.n_copies - 1):
                     twin = Tensor(leaf.type, leaf.ne, "NONE", nb=leaf.nb)
                     twin.flags |= FLAG_INPUT | FLAG_OUTPUT
+                    sched.copy_source[twin.id] = leaf
                     leafs.append((twin, index))
         for backend, inputs, _ in splits:
             for source in inputs:
                 leafs.extend((copy, backend) for copy in sched.copies[(source.id, backend)])
     leafs.extend((leaf, sched.bid(leaf)) for leaf in graph.leafs)
-    return _Allocator(backends).run(nodes, leafs)
-
-
-class _DynAlloc:
-    """ggml_dyn_tallocr with one chunk: best fit over the free blocks, the last block grows the buffer."""
-
-    def __init__(self, alignment: int) -> None:
-        self.alignment = alignment
-        self.blocks: list[list[int]] = [[0, _HUGE]]  # [offset, size], sorted by offset
-        self.max_size = 0
-
-    def _aligned(self, size: int) -> int:
-        return (size + self.alignment - 1) // self.alignment * self.alignment
-
-    def alloc(self, size: int) -> int:
-        size = self._aligned(size)
-        best, best_size = -1, _HUGE
-        for i in range(len(self.blocks) - 1):
-            block_size = self.blocks[i][1]
-            if size <= block_size <= best_size:
-                best, best_size = i, block_size
-        if best == -1:
-            best = len(self.blocks) - 1
-        block = self.blocks[best]
-        offset = block[0]
-        block[0] += size
-        block[1] -= size
-        if block[1] == 0:
-            del self.blocks[best]
-        self.max_size = max(self.max_size, offset + size)
-        return offset
-
-    def free(self, offset: int, size: int) -> None:
-        size = self._aligned(size)
-        blocks = self.blocks
-        for i, block in enumerate(blocks):
-            if block[0] + block[1] == offset:
-                block[1] += size
-                if i + 1 < len(blocks) and block[0] + block[1] == blocks[i + 1][0]:
-                    block[1] += blocks[i + 1][1]
-                    del blocks[i + 1]
-                return
-            if offset + size == block[0]:
-                block[0] = offset
-                block[1] += size
-                if i > 0 and blocks[i - 1][0] + blocks[i - 1][1] == block[0]:
-                    blocks[i - 1][1] += block[1]
-                    del blocks[i]
-                return
-        position = 0
-        while position < len(blocks) and blocks[position][0] < offset:
-            position += 1
-        blocks.insert(position, [offset, size])
-
-
-class _Node:
-    __slots__ = ("n_children", "n_views", "buffer", "offset", "allocated")
-
-    def __init__(self) -> None:
-        self.n_children = 0
-        self.n_views = 0
-        self.buffer = -1
-        self.offset = 0
-        self.allocated = False
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.type == b.type and a.ne == b.ne and a.nb == b.nb
-
-
-class _Allocator:
-    """ggml_gallocr_alloc_graph_impl: allocation order, in-place reuse, freeing at the last use."""
-
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        self.backends = backends
-        self.tallocs: list[_DynAlloc] = []
-        by_buft: dict[str, _DynAlloc] = {}
-        for backend in backends:
-            by_buft.setdefault(backend.buft, _DynAlloc(backend.alignment))
-            self.tallocs.append(by_buft[backend.buft])
-        self.hash: dict[int, _Node] = {}
-
-    def get(self, tensor: Tensor) -> _Node:
-        node = self.hash.get(tensor.id)
-        if node is None:
-            node = self.hash[tensor.id] = _Node()
-        return node
-
-    def is_allocated(self, tensor: Tensor) -> bool:
-        return (tensor.buffer is not None or (tensor.view_src is not None and tensor.view_src.buffer is not None)
-                or self.get(tensor).allocated)
-
-    def allocate(self, tensor: Tensor, buffer: int) -> None:
-        if self.is_allocated(tensor) or tensor.view_src is not None:
-            return
-        hn = self.get(tensor)
-        hn.allocated = True
-        if tensor.op in INPLACE_OPS:
-            for parent in tensor.src:
-                if parent is None or not self.get(parent).allocated or parent.view_src is not None:
-                    continue
-                if parent.flags & FLAG_OUTPUT or not _same_layout(tensor, parent):
-                    continue
-                p_hn = self.get(parent)
-                if p_hn.n_children == 1 and p_hn.n_views == 0:
-                    hn.buffer, hn.offset = p_hn.buffer, p_hn.offset
-                    p_hn.allocated = False
-                    self._free_extra(tensor, parent, hn, p_hn)
-                    return
-        hn.buffer = buffer
-        hn.offset = self.tallocs[buffer].alloc(self.backends[buffer].alloc_size(tensor))
-
-    def _free_extra(self, tensor: Tensor, parent: Tensor, hn: _Node, p_hn: _Node) -> None:
-        talloc = self.tallocs[p_hn.buffer]
-        parent_size = talloc._aligned(self.backends[p_hn.buffer].alloc_size(parent))
-        node_size = talloc._aligned(self.backends[hn.buffer].alloc_size(tensor))
-        if parent_size > node_size:
-            talloc.free(p_hn.offset + node_size, parent_size - node_size)
-
-    def free(self, tensor: Tensor) -> None:
-        if tensor.flags & FLAG_OUTPUT:
-            return
-        hn = self.get(tensor)
-        self.tallocs[hn.buffer].free(hn.offset, self.backends[hn.buffer].alloc_size(tensor))
-        hn.allocated = False
-
-    def run(self, nodes: Sequence[tuple[Tensor, int]], leafs: Sequence[tuple[Tensor, int]]) -> list[int]:
-        for leaf, buffer in leafs:
-            self.allocate(leaf, buffer)
-        for node, buffer in nodes:
-            if node.view_src is not None and node.op != "NONE":
-                self.get(node.view_src).n_views += 1
-            if node.flags & FLAG_INPUT:
-                self.allocate(node, buffer)
-            for src in node.src:
-                if src is None:
-                    continue
-                self.get(src).n_children += 1
-                if src.flags & FLAG_INPUT:
-                    self.allocate(src, buffer)
-        for node, buffer in nodes:
-            for src in node.src:
-                if src is not None:
-                    self.allocate(src, buffer)
-            self.allocate(node, buffer)
-            for src in node.src:
-                if src is not None:
-                    self._release(src)
-        sizes, seen = [], set()
-        for talloc in self.tallocs:
-            sizes.append(0 if id(talloc) in seen else talloc.max_size)
-            seen.add(id(talloc))
-        return sizes
-
-    def _release(self, parent: Tensor) -> None:
-        p_hn = self.get(parent)
-        p_hn.n_children -= 1
-        if p_hn.n_children != 0 or p_hn.n_views != 0:
-            return
-        if parent.view_src is not None:
-            view_src = parent.view_src
-            vs_hn = self.get(view_src)
-            vs_hn.n_views -= 1
-            if vs_hn.n_views == 0 and vs_hn.n_children == 0 and vs_hn.allocated:
-                self.free(view_src)
-        elif p_hn.allocated:
-            self.free(parent)
+    return sched, nodes, leafs

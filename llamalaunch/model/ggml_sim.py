@@ -8,7 +8,8 @@ splits it across backends and allocates it the way ggml-backend.cpp and ggml-all
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from itertools import count
 
 from llamalaunch.model.kv import _type_block
@@ -22,6 +23,18 @@ INPLACE_OPS = frozenset({"FILL", "SCALE", "DIAG_MASK_ZERO", "DIAG_MASK_INF", "AD
 VIEW_OPS = frozenset({"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})  # ggml_is_view_op
 _PLAIN = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "i32": (1, 4), "i64": (1, 8), "i8": (1, 1)}
 _ids = count()
+_captures: list[list[Tensor]] = []
+
+
+@contextmanager
+def capture() -> Iterator[list[Tensor]]:
+    """Collect every tensor created inside the block, in creation order."""
+    created: list[Tensor] = []
+    _captures.append(created)
+    try:
+        yield created
+    finally:
+        _captures.pop()
 
 
 def type_block(type_name: str) -> tuple[int, int]:
@@ -51,6 +64,8 @@ class Tensor:
         self.name = ""
         self.buffer: int | None = None
         self.weights = False  # a WEIGHTS-usage buffer (the scheduler follows weights)
+        if _captures:
+            _captures[-1].append(self)
 
     def __repr__(self) -> str:
         return f"<{self.name or self.op} {self.type}{list(self.ne)}>"
