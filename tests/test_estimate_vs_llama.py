@@ -45,3 +45,22 @@ def test_estimate_equals_llama_server(family: str, ctx: int, parallel: int, ubat
     bad = [row for row in rows if not within_tolerance(row)]
     assert not bad, bad
     assert any(row.component == "compute" and row.measured_bytes > 0 for row in rows)
+
+
+def test_fit_params_projection_runs(tmp_path: Path, llama_bin_dir: Path,
+                                    rpc_workers: Callable[..., RpcWorker]) -> None:
+    """llama-fit-params' dry run: same weights (whole MiB), a larger compute figure on the output device."""
+    from llamalaunch.model.measured import measure_fit_params
+
+    if not (llama_bin_dir / "llama-fit-params").exists():
+        pytest.skip("llama-fit-params not built")
+    preset, changes = FAMILIES["llama"]
+    path = str(write_preset(tmp_path / "llama.gguf", preset, **changes))
+    profile = load_profile(path)
+    placement = even_placement(profile.n_slots, 2)
+    endpoints = [rpc_workers().endpoint for _ in range(2)]
+    projected = measure_fit_params(llama_bin_dir, path, placement, Request(n_parallel=1), 4096, endpoints)
+    ours = estimate(profile, placement, Request(n_parallel=1), 4096)
+    for name in ("RPC0", "RPC1"):
+        assert projected.estimate.devices[name].weights_bytes // (1 << 20) == ours.devices[name].weights_bytes // (1 << 20)
+        assert projected.estimate.devices[name].compute_bytes > 0

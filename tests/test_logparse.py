@@ -104,3 +104,17 @@ def test_every_fixture_parses() -> None:
 def test_buffer_device(buffer: str, endpoints: tuple[str, ...], counts: dict[str, int] | None,
                        device: str) -> None:
     assert buffer_device(buffer, endpoints, counts) == device
+
+
+def test_estimate_from_the_rpc_log() -> None:
+    """The measured estimator books the last load's buffer lines per llama.cpp device."""
+    from llamalaunch.model.estimate import Placement, SlotRange
+    from llamalaunch.model.measured import breakdown_rows, estimate_from_events
+
+    events = events_of(RPC_LOG)
+    placement = Placement((SlotRange("RPC0", "RPC", 0, 8), SlotRange("RPC1", "RPC", 8, 23)))
+    measured = estimate_from_events(events, placement, ("127.0.0.1:50061", "127.0.0.1:50062"))
+    assert measured.devices["RPC0"].kv_bytes == 48 * MIB and measured.devices["RPC1"].kv_bytes == 132 * MIB
+    assert abs(measured.devices["RPC1"].compute_bytes - 48.91 * MIB) < MIB // 100  # the real load, not the dry run
+    assert abs(measured.host.weights_bytes - 28.69 * MIB) < MIB // 100
+    assert [row.name for row in breakdown_rows(events)] == ["RPC0", "RPC1", "Host"]

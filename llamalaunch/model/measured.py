@@ -103,6 +103,43 @@ def measure_load(bin_dir: Path, model_path: str, placement: Placement, request: 
     return Measurement(estimate_from_events(events, placement, rpc_endpoints), events, tuple(argv), str(log_path))
 
 
+def measure_fit_params(bin_dir: Path, model_path: str, placement: Placement, request: Request, ctx_tokens: int,
+                       rpc_endpoints: Sequence[str] = (), timeout_s: float = LOAD_TIMEOUT_S) -> Measurement:
+    """llama-fit-params' own projection (dry run, nothing allocated): weights and KV in whole MiB from
+    its `--fit-print on` table, compute from its `sched_reserve` lines. Not what llama-server allocates:
+    it reserves logits for a whole batch and does not use pipeline parallelism."""
+    binary = bin_dir / "llama-fit-params"
+    if not binary.exists():
+        raise ToolchainError(f"llama-fit-params not found in {bin_dir}", "rebuild llama.cpp with its tools")
+    argv = [str(binary), "-m", model_path, "--fit", "off", "--fit-print", "on", "-v"]
+    if rpc_endpoints:
+        argv += ["--rpc", ",".join(rpc_endpoints)]
+    # llama-fit-params has no -kvu: with -np > 1 it sizes a split (not unified) cache
+    argv += placement_args(placement) + [a for a in request_args(request, ctx_tokens) if a not in ("-kvu", "-no-kvu")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise ServeError(f"llama-fit-params failed ({result.returncode})", result.stderr.strip()[-300:] or None)
+    events = tuple(parse_events(result.stderr.splitlines()))
+    table = _fit_print_table(result.stdout)
+    compute = estimate_from_events(events, placement, rpc_endpoints)
+    def use(name: str, fallback: MemoryUse) -> MemoryUse:
+        model, context, compute_mib = table.get(name, (0, 0, 0))
+        return MemoryUse(model * MIB, context * MIB, fallback.compute_bytes or compute_mib * MIB, 0)
+    devices = {r.device: use(r.device, compute.devices[r.device]) for r in placement.ranges}
+    estimate = Estimate(MappingProxyType(devices), use("Host", compute.host))
+    return Measurement(estimate, events, tuple(argv), "")
+
+
+def _fit_print_table(stdout: str) -> dict[str, tuple[int, int, int]]:
+    """`RPC0 16 48 24` lines: device, model, context, compute in MiB."""
+    table: dict[str, tuple[int, int, int]] = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and all(p.lstrip("-").isdigit() for p in parts[1:]):
+            table[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+    return table
+
+
 def _last_error_line(log_path: Path) -> str:
     with open(log_path, errors="replace") as lines:
         errors = [line.strip() for line in lines if " E " in line or "failed" in line or "error" in line]
