@@ -82,6 +82,14 @@ def overhead_for(slot_range: SlotRange, overhead_bytes: Mapping[str, int] | None
     return DEFAULT_OVERHEAD_BYTES.get(slot_range.backend, 0)
 
 
+def _host_slot_bytes(profile: ModelProfile, slot: int) -> int:
+    """A tied output slot left on the host reads token_embd itself: no second copy there."""
+    size = profile.slots[slot].bytes
+    if slot == profile.output_slot and profile.output_is_token_embd:
+        size -= min(size, profile.host_bytes)
+    return size
+
+
 def _per_device_weights(profile: ModelProfile, owners: tuple[SlotRange | None, ...], owner: SlotRange | None) -> int:
     """rope_freqs & co.: llama.cpp keeps one copy on every device (or the host) that holds a block."""
     holds_block = any(owners[slot] is owner for slot in range(profile.n_layer))
@@ -102,7 +110,7 @@ def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_
         if slot < profile.n_layer:
             layer_kv = layer_kv_bytes(profile, request, shape, slot, owner.backend if owner else "CPU")
         if owner is None:
-            host_weights += profile.slots[slot].bytes
+            host_weights += _host_slot_bytes(profile, slot)
             host_kv += layer_kv
             continue
         extra = profile.slots[slot].cuda_extra_bytes if owner.backend == "CUDA" else 0
