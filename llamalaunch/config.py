@@ -1,0 +1,419 @@
+"""TOML profiles: every option of plan, serve, devices and worker, storable in a file.
+
+Precedence: command line > environment (`LLAMALAUNCH_<KEY>`, `LLAMALAUNCH_WORKER_<KEY>`) > profile >
+the command's own defaults. The profile and the environment both feed click's `default_map`, which
+the command line always overrides; the environment simply replaces profile entries first.
+
+A profile is flat: `ctx = "16k"`, `rpc = ["10.0.0.5:50052"]`, `[reserve] CUDA1 = "1GiB"`; the options
+of `llamalaunch worker` live in a `[worker]` table. Keys are the long option names with `_` (a `-`
+is accepted too); every value is checked here, so a typo fails at once, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.paths import config_dir
+from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
+from llamalaunch.plan.request import CACHE_TYPES, FLASH_ATTN
+from llamalaunch.probe.assume import canonical_device_name, parse_assumptions, parse_device_sizes
+from llamalaunch.probe.inventory import split_endpoints
+from llamalaunch.units import parse_tokens
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_ENV = "LLAMALAUNCH_CONFIG"
+ENV_PREFIX = "LLAMALAUNCH_"
+DEFAULT_PROFILE = "config.toml"
+WORKER_SECTION = "worker"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+PLAN_SERVE = ("plan", "serve")
+PROBING = ("plan", "serve", "devices")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One storable option: `param` is the command function's parameter (click's default_map key)."""
+
+    param: str
+    kind: str  # how a TOML or environment value becomes the value the command line would give
+    commands: tuple[str, ...]
+    allowed: str  # what a value may be, for error messages
+    section: str = ""  # "" (top level) or "worker"
+    check: Callable[[Any], object] | None = None  # raises BadInputError for a bad value
+    bounds: tuple[float, float] | None = None  # numbers: inclusive range
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.param}" if self.section else self.param
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.replace(".", "_").upper()
+
+
+def _check_choice(allowed: Sequence[str]) -> Callable[[Any], object]:
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise BadInputError(f"{value!r} is not one of {', '.join(allowed)}")
+    return check
+
+
+def _check_device_names(value: Any) -> None:
+    names = value.split(",") if isinstance(value, str) else value
+    for name in names:
+        canonical_device_name(name, "device name")
+
+
+def _check_gpus(value: Any) -> None:
+    if value in ("all", "cpu"):
+        return
+    parts = [part.strip() for part in str(value).split(",")]
+    if not parts or not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
+        raise BadInputError(f"{value!r} is not all, cpu or a list of GPU indices like 0,2")
+
+
+_SIZE = "a size like 1.5GiB, 512MiB or 0"
+_TABLE = 'a table of device names to sizes, like { CUDA1 = "1GiB" }'
+KEYS: tuple[Key, ...] = (
+    Key("model", "path", PLAN_SERVE, "a GGUF file path (relative to the profile's folder)"),
+    Key("demo", "bool", PLAN_SERVE, "true or false"),
+    Key("ctx", "tokens", PLAN_SERVE, 'a context like "16k", 16384 or "max"', check=parse_ctx),
+    Key("ctx_min", "tokens", PLAN_SERVE, 'a token count like "2k" or 2048', check=parse_tokens),
+    Key("parallel", "int", PLAN_SERVE, "a slot count from 1 to 256", bounds=(1, 256)),
+    Key("kv_unified", "bool", PLAN_SERVE, "true or false"),
+    Key("batch", "int", PLAN_SERVE, "a positive batch size", bounds=(1, 1 << 20)),
+    Key("ubatch", "int", PLAN_SERVE, "a positive batch size", bounds=(1, 1 << 20)),
+    Key("cache_type_k", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES), check=_check_choice(CACHE_TYPES)),
+    Key("cache_type_v", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES), check=_check_choice(CACHE_TYPES)),
+    Key("flash_attn", "switch", PLAN_SERVE, "on, off, auto (or true/false)", check=_check_choice(FLASH_ATTN)),
+    Key("swa_full", "bool", PLAN_SERVE, "true or false"),
+    Key("rpc", "list", PROBING, 'a list of workers like ["10.0.0.5:50052"]', check=split_endpoints),
+    Key("assume", "sizes", PROBING, 'a table of what-if devices, like { CUDA0 = "24GiB" }',
+        check=lambda values: parse_assumptions(values)),
+    Key("device", "names", PLAN_SERVE, 'a list of devices in order, like ["CUDA0", "RPC0"]',
+        check=lambda value: (split_names(value), _check_device_names(value))),
+    Key("exclude", "list", PLAN_SERVE, 'a list of device names, like ["CUDA1"]', check=_check_device_names),
+    Key("reserve", "sizes", PLAN_SERVE, _TABLE, check=lambda values: parse_device_sizes(values, "reserve")),
+    Key("budget", "sizes", PLAN_SERVE, _TABLE, check=lambda values: parse_device_sizes(values, "budget")),
+    Key("margin", "size", PLAN_SERVE, _SIZE, check=parse_margin),
+    Key("cpu_spill", "bool", PLAN_SERVE, "true or false"),
+    Key("gpu_layers", "int", PLAN_SERVE, "a layer count from 0", bounds=(0, 100_000)),
+    Key("overhead", "sizes", PLAN_SERVE, 'a table of device names to sizes, like { CUDA0 = "600MiB" }',
+        check=lambda values: parse_device_sizes(values, "overhead")),
+    Key("llama_server", "program", (*PLAN_SERVE, "toolchain", "worker"),
+        "a path to llama-server (or its folder), or a command on PATH"),
+    Key("host", "str", ("serve",), "an address to listen on, like 127.0.0.1"),
+    Key("port", "int", ("serve",), "a port from 1 to 65535", bounds=(1, 65535)),
+    Key("name", "str", ("serve",), "a run name"),
+    Key("api_key_file", "path", ("serve",), "a path to a file holding the API key"),
+    Key("max_attempts", "int", ("serve",), "a count from 1", bounds=(1, 100)),
+    Key("max_restarts", "int", ("serve",), "a count from 0", bounds=(0, 1_000_000)),
+    Key("backoff", "float", ("serve",), "seconds, above 0", bounds=(0.001, 3600)),
+    Key("load_timeout", "float", ("serve",), "seconds, above 0", bounds=(1, 86400)),
+    Key("extra_args", "args", ("serve",), 'a list of llama-server arguments, like ["--metrics"]'),
+    Key("gpus", "gpus", ("worker",), 'all, cpu, or GPU indices like "0,2" or [0, 2]', WORKER_SECTION,
+        check=_check_gpus),
+    Key("port_base", "int", ("worker",), "a port from 1 to 65535", WORKER_SECTION, bounds=(1, 65535)),
+    Key("host", "str", ("worker",), "an IPv4 address to bind, like 127.0.0.1", WORKER_SECTION),
+    Key("threads", "int", ("worker",), "a thread count from 1", WORKER_SECTION, bounds=(1, 4096)),
+    Key("rpc_server", "program", ("worker",), "a path to ggml-rpc-server", WORKER_SECTION),
+    Key("max_restarts", "int", ("worker",), "a count from 0", WORKER_SECTION, bounds=(0, 1_000_000)),
+)
+KEYS_BY_NAME = {key.name: key for key in KEYS}
+# Spellings people will type for a key: llama-server's long option names.
+ALIASES = {"ctx_size": "ctx", "batch_size": "batch", "ubatch_size": "ubatch", "n_gpu_layers": "gpu_layers",
+           "devices": "device", "gpu_layers_count": "gpu_layers", "parallel_slots": "parallel"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One value the profile or the environment gives, already in the command line's form."""
+
+    key: str  # "ctx", "worker.port_base"
+    value: Any
+    source: str  # "config" or "env"
+    origin: str  # the profile's path or the variable's name
+
+
+@dataclass(frozen=True)
+class Profile:
+    path: Path
+    settings: Mapping[str, Setting]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one option of one command ends up as, and where that came from (for `config show`)."""
+
+    key: str
+    value: Any
+    source: str  # "default", "config" or "env"
+    origin: str  # "" for a default
+
+
+def profile_path(option: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """--config, else $LLAMALAUNCH_CONFIG, else <config dir>/config.toml when it exists."""
+    env = os.environ if environ is None else environ
+    if option is not None:
+        return option
+    if value := env.get(CONFIG_ENV):
+        return Path(value)
+    default = config_dir() / DEFAULT_PROFILE
+    return default if default.is_file() else None
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and check a profile.
+
+    Raises:
+        BadInputError: the file is missing or not TOML, or a key is unknown or has a bad value; the
+            message names the file and the key, the hint what is allowed.
+    """
+    try:
+        data = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"config file {path} does not exist",
+                            f"check the path given with --config or {CONFIG_ENV}") from None
+    except OSError as error:
+        raise BadInputError(f"cannot read config file {path}: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{path} is not valid TOML: {error}", "see the examples in configs/") from None
+    base = path.expanduser().resolve().parent
+    settings: dict[str, Setting] = {}
+    for name, raw in _flatten(data, str(path)):
+        key = _known_key(name, str(path))
+        _check_swallowed(key, raw, str(path))
+        settings[key.name] = Setting(key.name, _convert(key, raw, str(path), base, from_env=False),
+                                     "config", str(path))
+    return Profile(path, settings)
+
+
+def _flatten(data: Mapping[str, Any], where: str) -> list[tuple[str, Any]]:
+    """("ctx", v), ("worker.port_base", v): only [worker] is a section; other tables are values."""
+    items: list[tuple[str, Any]] = []
+    for name, value in data.items():
+        if name == WORKER_SECTION:
+            if not isinstance(value, dict):
+                raise BadInputError(f"{where}: {WORKER_SECTION} must be a table",
+                                    "write the worker table's header line, then its keys")
+            items.extend((f"{WORKER_SECTION}.{sub}", sub_value) for sub, sub_value in value.items())
+        else:
+            items.append((name, value))
+    return items
+
+
+def _check_swallowed(key: Key, raw: Any, where: str) -> None:
+    """TOML's classic trap: every key after a [reserve] header belongs to the reserve table."""
+    if not isinstance(raw, dict):
+        return
+    stray = [name for name in raw if name.replace("-", "_") in KEYS_BY_NAME or name == WORKER_SECTION]
+    if stray:
+        raise BadInputError(f"{where}: the {key.name} table holds {', '.join(stray)}: in TOML every key below a "
+                            "table's header line belongs to that table",
+                            f"move those keys above the {key.name} table's header, or write {key.name} = "
+                            "{ NAME = \"SIZE\" } on one line")
+
+
+def _known_key(name: str, where: str) -> Key:
+    section, _dot, bare = name.rpartition(".")
+    bare = bare.replace("-", "_")
+    bare = ALIASES.get(bare, bare) if not section else bare
+    full = f"{section}.{bare}" if section else bare
+    if full in KEYS_BY_NAME:
+        return KEYS_BY_NAME[full]
+    choices = [key.param for key in KEYS if key.section == section]
+    close = difflib.get_close_matches(bare, choices, n=1)
+    where_keys = f" in the {section} table" if section else ""
+    hint = f"did you mean {close[0]!r}?" if close else f"allowed keys{where_keys}: " + ", ".join(choices)
+    raise BadInputError(f"{where}: unknown key {name!r}", hint)
+
+
+def _bad(key: Key, raw: Any, where: str, why: str = "") -> BadInputError:
+    return BadInputError(f"{where}: {key.name} = {raw!r} is not allowed{': ' + why if why else ''}",
+                         f"{key.name} must be {key.allowed}")
+
+
+def _convert(key: Key, raw: Any, where: str, base: Path | None, from_env: bool) -> Any:
+    """The value in the form the command line gives it (str, int, bool, list[str]), checked."""
+    try:
+        value = _CONVERTERS[key.kind](raw, from_env, base)
+    except (TypeError, ValueError):
+        raise _bad(key, raw, where) from None
+    if key.bounds is not None and not key.bounds[0] <= value <= key.bounds[1]:
+        raise _bad(key, raw, where, "out of range")
+    if key.check is not None:
+        try:
+            key.check(value)
+        except LaunchError as error:
+            raise _bad(key, raw, where, error.message) from None
+    return value
+
+
+def _text(raw: Any, from_env: bool, base: Path | None) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise TypeError("a non-empty string")
+    return raw.strip()
+
+
+def _text_or_number(raw: Any, from_env: bool, base: Path | None) -> str:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    return _text(raw, from_env, base)
+
+
+def _integer(raw: Any, from_env: bool, base: Path | None) -> int:
+    if from_env:
+        return int(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise TypeError("an integer")
+    return raw
+
+
+def _number(raw: Any, from_env: bool, base: Path | None) -> float:
+    if from_env:
+        return float(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise TypeError("a number")
+    return float(raw)
+
+
+def _boolean(raw: Any, from_env: bool, base: Path | None) -> bool:
+    if from_env and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    if not isinstance(raw, bool):
+        raise TypeError("true or false")
+    return raw
+
+
+def _switch(raw: Any, from_env: bool, base: Path | None) -> str:
+    """flash_attn: "on"/"off"/"auto"; a TOML boolean reads as on/off."""
+    if isinstance(raw, bool):
+        return "on" if raw else "off"
+    return _text(raw, from_env, base).lower()
+
+
+def _string_list(raw: Any, from_env: bool, base: Path | None) -> list[str]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise TypeError("a list of strings")
+    return [item.strip() for item in items if item.strip()]
+
+
+def _device_names(raw: Any, from_env: bool, base: Path | None) -> str:
+    return ",".join(_string_list(raw, from_env, base))
+
+
+def _size_items(raw: Any, from_env: bool, base: Path | None) -> list[str]:
+    """{CUDA1 = "1GiB"} (or ["CUDA1=1GiB"], or "CUDA1=1GiB,RPC0=2GiB") → ["CUDA1=1GiB", ...]."""
+    if isinstance(raw, dict):
+        if not all(isinstance(size, (str, int)) and not isinstance(size, bool) for size in raw.values()):
+            raise TypeError("sizes")
+        return [f"{name}={size}" for name, size in raw.items()]
+    return _string_list(raw, from_env, base)
+
+
+def _path(raw: Any, from_env: bool, base: Path | None) -> str:
+    """A file path; a relative one in a profile is relative to the profile's folder."""
+    path = Path(_text(raw, from_env, base)).expanduser()
+    return str(base / path if base is not None and not path.is_absolute() else path)
+
+
+def _program(raw: Any, from_env: bool, base: Path | None) -> str:
+    """A path (resolved like _path) or a bare command name looked up on PATH later."""
+    text = _text(raw, from_env, base)
+    return _path(text, from_env, base) if "/" in text or text.startswith("~") else text
+
+
+def _arguments(raw: Any, from_env: bool, base: Path | None) -> list[str]:
+    if from_env:
+        return shlex.split(raw)
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise TypeError("a list of strings")
+    return list(raw)
+
+
+def _gpus(raw: Any, from_env: bool, base: Path | None) -> str:
+    if isinstance(raw, list):
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in raw):
+            raise TypeError("GPU indices")
+        return ",".join(str(item) for item in raw)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    return _text(raw, from_env, base).lower().replace(" ", "")
+
+
+_CONVERTERS: dict[str, Callable[[Any, bool, Path | None], Any]] = {
+    "str": _text, "tokens": _text_or_number, "size": _text_or_number, "int": _integer, "float": _number,
+    "bool": _boolean, "switch": _switch, "list": _string_list, "names": _device_names, "sizes": _size_items,
+    "path": _path, "program": _program, "args": _arguments, "gpus": _gpus,
+}
+
+
+def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, Setting]:
+    """LLAMALAUNCH_<KEY> variables that name a key (others, like LLAMALAUNCH_HOME, are not options)."""
+    env = os.environ if environ is None else environ
+    settings: dict[str, Setting] = {}
+    for key in KEYS:
+        raw = env.get(key.env_var)
+        if raw is not None and raw.strip():
+            where = f"environment variable {key.env_var}"
+            settings[key.name] = Setting(key.name, _convert(key, raw, where, None, from_env=True), "env",
+                                         key.env_var)
+    return settings
+
+
+def merged_settings(profile: Profile | None, environ: Mapping[str, str] | None = None) -> dict[str, Setting]:
+    """The profile's settings with the environment's on top."""
+    return {**(profile.settings if profile is not None else {}), **environment_settings(environ)}
+
+
+def load_settings(option: Path | None, environ: Mapping[str, str] | None = None
+                  ) -> tuple[Profile | None, dict[str, Setting]]:
+    """The profile that applies (see profile_path) and the merged settings; what the CLI calls."""
+    path = profile_path(option, environ)
+    profile = load_profile(path) if path is not None else None
+    return profile, merged_settings(profile, environ)
+
+
+def default_map(settings: Mapping[str, Setting]) -> dict[str, dict[str, Any]]:
+    """click's default_map: {"plan": {"ctx": "16k", ...}, "serve": {...}, "worker": {...}}."""
+    commands: dict[str, dict[str, Any]] = {}
+    for name, setting in settings.items():
+        key = KEYS_BY_NAME[name]
+        for command in key.commands:
+            commands.setdefault(command, {})[key.param] = setting.value
+    return commands
+
+
+def keys_for(command: str) -> tuple[Key, ...]:
+    return tuple(key for key in KEYS if command in key.commands)
+
+
+def resolve(command: str, settings: Mapping[str, Setting], defaults: Mapping[str, Any]) -> list[Resolved]:
+    """Every storable option of `command`: its value and whether default, profile or environment gave it.
+
+    `defaults` maps parameter names to the command's own defaults (the CLI reads them from click).
+    """
+    rows: list[Resolved] = []
+    for key in keys_for(command):
+        setting = settings.get(key.name)
+        if setting is not None:
+            rows.append(Resolved(key.name, setting.value, setting.source, setting.origin))
+        else:
+            rows.append(Resolved(key.name, defaults.get(key.param, [] if key.kind == "args" else None),
+                                 "default", ""))
+    return rows
