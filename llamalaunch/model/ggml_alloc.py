@@ -88,9 +88,6 @@ class Affine:
         return hash((self.c, self.s))
 
 
-Size = "int | Affine"
-
-
 def _aligned(size: int | Affine, alignment: int) -> int | Affine:
     """Pad to the alignment. Context-dependent parts grow in whole aligned steps (cells come in 256s)."""
     if isinstance(size, Affine):
