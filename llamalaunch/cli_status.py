@@ -1,0 +1,69 @@
+"""`llamalaunch status`: what a running `serve` (or any llama-server by --url) is doing, and where every MiB went."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from llamalaunch.errors import BadInputError, LaunchError
+
+EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
+
+
+def _api_key(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except OSError as error:
+        raise BadInputError(f"cannot read the API key file {path}: {error.strerror}", "check the path") from None
+    return next((line for line in lines if line and not line.startswith("#")), None)
+
+
+def status(name: Annotated[Optional[str], typer.Option("--name", help="Which serve run (see `serve --name`).")]
+           = None,
+           url: Annotated[Optional[str], typer.Option("--url", help="Any llama-server, e.g. http://127.0.0.1:8080.")]
+           = None,
+           once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the same data as JSON and exit.")] = False,
+           api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File with the server's "
+                                                                                      "API key.")] = None,
+           log_lines: Annotated[int, typer.Option("--log-lines", help="Log lines in a --once frame.")] = 12,
+           ) -> None:
+    """Show a running server: memory per device (planned, llama.cpp's, live), slots, tokens/s, log.
+
+    Live until q or Ctrl-C; exit status 3 with --once/--json when the server is gone.
+    """
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        from llamalaunch.observe.status import StatusCollector, resolve_target, snapshot_to_dict
+        from llamalaunch.observe.view import status_view
+
+        collector = StatusCollector(resolve_target(name, url), api_key=_api_key(api_key_file))
+        if as_json:
+            snapshot = collector.collect()
+            sys.stdout.write(json.dumps(snapshot_to_dict(snapshot), indent=2) + "\n")
+        elif once:
+            snapshot = collector.collect()
+            out.print(status_view(snapshot, log_lines=log_lines))
+        else:
+            from llamalaunch.observe.live import run_status_view
+
+            run_status_view(out, collector)
+            return
+    except LaunchError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    if not snapshot.running:
+        raise typer.Exit(EXIT_GONE)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `status` command to the llamalaunch app."""
+    app.command("status")(status)

@@ -1,0 +1,317 @@
+"""`llamalaunch status`: the snapshot, the frame and --once/--json, against a real `serve` where it matters.
+
+The llama tests run `python -m llamalaunch serve --demo --no-tui` as a subprocess with two real
+ggml-rpc-server workers, do a completion, and read the status the way a user would (the `status`
+command in process, with the same LLAMALAUNCH_HOME as the serve run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import typer
+from rich.console import Console
+from typer.testing import CliRunner
+
+from llamalaunch import cli_status
+from llamalaunch.errors import BadInputError
+from llamalaunch.launch.state import RunState, write_state
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.synthetic import write_preset
+from llamalaunch.observe.status import (
+    LogFollower,
+    MemoryReader,
+    NoServerError,
+    StatusCollector,
+    StatusTarget,
+    parse_metrics,
+    resolve_target,
+    snapshot_to_dict,
+    with_recent_rates,
+)
+from llamalaunch.observe.view import memory_bar, status_view
+from llamalaunch.plan.argv import ArgvOptions
+from llamalaunch.plan.planner import make_plan
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.schema import plan_to_dict
+from llamalaunch.probe.device import Device
+from llamalaunch.probe.nvml import NvmlGpu
+from llamalaunch.units import GIB, MIB
+from tests.serve_support import ServeRun, complete, start_serve, wait_gone
+from tests.support import RpcWorker, free_port
+
+FIXTURE_LOG = Path("/work/shared/fixtures/llama-server-logs/cpu-2rpc-smollm2-ts1-3-verbose.log")
+
+# /metrics of a real llama-server (this build) after the readiness check and one 16-token completion.
+METRICS_TEXT = """\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed, excluding cached tokens
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 3
+llamacpp:prompt_seconds_total 0.027654
+llamacpp:tokens_predicted_total 17
+llamacpp:tokens_predicted_seconds_total 0.110878
+llamacpp:prompt_tokens_seconds 108.483
+llamacpp:predicted_tokens_seconds 135.284
+llamacpp:requests_processing 0
+llamacpp:requests_deferred 0
+"""
+
+
+def status_app() -> typer.Typer:
+    """The llamalaunch app with `status` (registered here until cli.py does it itself)."""
+    from llamalaunch.cli import app
+
+    if not any(command.name == "status" for command in app.registered_commands):
+        cli_status.register(app)
+    return app
+
+
+def run_status(*args: str) -> Any:
+    return CliRunner().invoke(status_app(), ["status", *args], catch_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def _wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "150")  # rich sizes its console from COLUMNS when output is not a terminal
+
+
+# --- pieces -------------------------------------------------------------------------------------------
+
+
+def test_metrics_rates_come_from_counters_not_the_scrape_window_gauges() -> None:
+    metrics = parse_metrics(METRICS_TEXT)
+    assert metrics["llamacpp:tokens_predicted_total"] == 17
+    from llamalaunch.observe.status import ServerStats, _rate
+
+    assert _rate(metrics, "tokens_predicted_total", "tokens_predicted_seconds_total") == pytest.approx(153.3, 0.01)
+    before = ServerStats("ok", counters=(3, 0.027654, 17, 0.110878))
+    after = ServerStats("ok", counters=(3, 0.027654, 117, 0.810878))
+    recent = with_recent_rates(after, before.counters)
+    assert recent.recent_generation_tokens_per_s == pytest.approx(100 / 0.7)
+    assert recent.recent_prompt_tokens_per_s is None  # no prompt tokens since: no rate, not 0
+
+
+def test_log_follower_reads_llama_cpp_buffers_from_a_real_log(tmp_path: Path) -> None:
+    """The real load's sizes win over the fit dry run's; read in pieces gives what one read gives."""
+    log = tmp_path / "t.log"
+    text = FIXTURE_LOG.read_text()
+    cut = len(text) // 2 + 17  # mid-line on purpose
+    log.write_text(text[:cut])
+    follower = LogFollower(log)
+    follower.update()
+    with log.open("a") as handle:
+        handle.write(text[cut:])
+    follower.update()
+    found = follower.device_bytes(["127.0.0.1:50061", "127.0.0.1:50062"], {})
+    assert round(found["RPC0"]["model"] / MIB, 2) == 16.91 and found["RPC0"]["kv"] == 48 * MIB
+    assert round(found["RPC1"]["model"] / MIB, 2) == 75.19 and found["RPC1"]["kv"] == 132 * MIB
+    assert round(found["RPC1"]["compute"] / MIB, 2) == 48.91  # not the dry run's 53.41
+    assert follower.warnings == 1 and follower.errors == 0
+    assert all(entry.level != "D" for entry in follower.lines)
+
+    log.write_text("0.00.000.001 I srv  llama_server: initializing ...\n")  # a new, shorter file: read afresh
+    follower.update()
+    assert follower.buffers == {} and follower.lines[-1].text.endswith("initializing ...")
+
+
+def test_a_line_glued_to_a_debug_line_still_counts(tmp_path: Path) -> None:
+    """Seen in this build's log: a debug line without its newline, the request's release line glued on."""
+    log = tmp_path / "t.log"
+    log.write_text("0.00.614.364 D No parser definition detected, assuming pure content parser.0.00.614.375 I slot"
+                   "      release: id  2 | task 2 | stop processing: n_tokens = 20, truncated = 0\n")
+    follower = LogFollower(log)
+    follower.update()
+    assert follower.requests_served == 1 and follower.lines[-1].text.startswith("slot      release")
+
+
+def test_repeated_log_lines_collapse(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    log.write_text("".join(f"0.00.00{i}.000 I srv  update_slots: all slots are idle\n" for i in range(5)))
+    follower = LogFollower(log)
+    follower.update()
+    assert len(follower.lines) == 1 and follower.lines[0].repeat == 5
+
+
+def test_memory_bar_shows_our_share_other_use_and_free() -> None:
+    bar = memory_bar(ours_bytes=2 * GIB, used_bytes=6 * GIB, total_bytes=12 * GIB, width=12).plain
+    assert bar.startswith("██▒▒▒▒░░░░░░") and bar.endswith("50%")
+    assert memory_bar(1, None, 24 * GIB, width=12).plain.startswith("█░")  # a tiny share still shows
+
+
+# --- snapshots from a state file, without processes ----------------------------------------------------
+
+
+def _cuda(index: int, free: int, total: int) -> Device:
+    return Device(f"CUDA{index}", "CUDA", "NVIDIA H100 80GB HBM3", free, total, index)
+
+
+@pytest.fixture(scope="module")
+def cuda_plan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    profile = load_profile(write_preset(tmp_path_factory.mktemp("m") / "8b.gguf", "llama-8b"))
+    devices = (_cuda(0, 20 * GIB, 80 * GIB), _cuda(1, 6 * GIB, 80 * GIB))
+    plan = make_plan(profile, devices, Request(ctx_tokens=16384), ArgvOptions(profile.path))
+    return plan_to_dict(plan)
+
+
+def _write_run(plan: dict[str, Any], *, pid: int, started: float, phase: str = "ready",
+               url: str = "http://127.0.0.1:9", log: Path | None = None, attempts: list[dict[str, Any]] | None = None,
+               name: str = "gpu") -> Path:
+    return write_state(RunState(name=name, launcher_pid=pid, launcher_started_at=started, url=url,
+                                model_path=plan["model"]["path"], log_path=str(log or ""), phase=phase,
+                                phase_detail="ready", started_at=1.0, ready_at=2.0, plan=plan,
+                                attempts=attempts or [], argv=["llama-server", *plan["argv"]], updated_at=3.0))
+
+
+def _nvml(used_bytes: tuple[int, int]) -> Callable[[], list[NvmlGpu]]:
+    return lambda: [NvmlGpu(i, "NVIDIA H100 80GB HBM3", f"GPU-{i}", f"0000:0{i + 1}:00.0", 80 * GIB - used, 80 * GIB)
+                    for i, used in enumerate(used_bytes)]
+
+
+def test_cuda_devices_show_plan_and_nvml_and_the_oom_ladder(cuda_plan: dict[str, Any], tmp_path: Path) -> None:
+    me = psutil.Process()
+    attempts = [{"number": 1, "ctx_tokens": 32768, "n_gpu_layers": 33, "layers": "CUDA0=24 CUDA1=9",
+                 "outcome": "CUDA1 KV allocation failed: 512 MiB less there"}]
+    path = _write_run(cuda_plan, pid=me.pid, started=me.create_time(), log=tmp_path / "none.log", attempts=attempts)
+    collector = StatusCollector(StatusTarget(path, None), memory=MemoryReader(read_gpus=_nvml((61 * GIB, 75 * GIB))))
+    snapshot = collector.collect()
+
+    assert snapshot.running and snapshot.stats.health == "unreachable"
+    layers = {d["name"]: d["n_layers"] for d in cuda_plan["devices"]}
+    assert {d.name: d.n_layers for d in snapshot.devices} == layers
+    assert {d.name: (d.memory_source, d.used_bytes) for d in snapshot.devices} == {
+        "CUDA0": ("nvml", 61 * GIB), "CUDA1": ("nvml", 75 * GIB)}
+    console = Console(width=130, record=True)
+    console.print(status_view(snapshot))
+    text = console.export_text()
+    for name, count in layers.items():
+        assert re.search(rf"^{name}\s+{count}\s", text, re.M), text
+    assert "OOM ladder" in text and "512 MiB less there" in text and "attempt 2" in text
+    assert "no answer from http://127.0.0.1:9" in text
+
+
+def test_gone_launcher_shows_the_last_state(cuda_plan: dict[str, Any]) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = _write_run(cuda_plan, pid=dead.pid, started=0.0)
+    snapshot = StatusCollector(StatusTarget(path, None), memory=MemoryReader(read_gpus=_nvml((0, 0)))).collect()
+    assert not snapshot.running and "is not running" in (snapshot.gone_reason or "")
+    assert snapshot.phase == "ready" and snapshot.stats.health == "not asked"  # nobody asked a dead server
+    data = snapshot_to_dict(snapshot)
+    assert data["running"] is False and {d["name"] for d in data["devices"]} == {"CUDA0", "CUDA1"}
+    result = run_status("--once")
+    assert result.exit_code == cli_status.EXIT_GONE
+    assert "server gone" in result.output and "phase ready" in result.output and "CUDA1" in result.output
+
+
+def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
+    with pytest.raises(NoServerError, match="no server has run here") as caught:
+        resolve_target()
+    assert "llamalaunch serve" in (caught.value.hint or "")
+    with pytest.raises(BadInputError, match="not a server address"):
+        resolve_target(url="127.0.0.1:8080")
+    me = psutil.Process()
+    for name in ("a", "b"):
+        _write_run(cuda_plan, pid=me.pid, started=me.create_time(), name=name)
+    with pytest.raises(NoServerError, match="several servers.*a, b"):
+        resolve_target()
+    assert resolve_target(name="b").state_path is not None
+    result = run_status("--name", "nope", "--once")
+    assert result.exit_code == 1 and "no server named 'nope'" in result.output and "Traceback" not in result.output
+
+
+def test_url_with_nothing_there_is_gone() -> None:
+    result = run_status("--url", f"http://127.0.0.1:{free_port()}", "--json")
+    assert result.exit_code == cli_status.EXIT_GONE
+    data = json.loads(result.output)
+    assert data["source"] == "url" and data["running"] is False and data["stats"]["health"] == "unreachable"
+
+
+# --- against a real serve ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve_run(llama_bin_dir: Path) -> Iterator[Callable[..., ServeRun]]:
+    runs: list[ServeRun] = []
+
+    def start(*args: str) -> ServeRun:
+        run = start_serve("--demo", *args, home=Path(os.environ["LLAMALAUNCH_HOME"]), name="st",
+                          llama_server=llama_bin_dir / "llama-server")
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.cleanup()
+
+
+def _json_when(condition: Callable[[dict[str, Any]], bool], timeout_s: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        data: dict[str, Any] = json.loads(run_status("--json").output)
+        if condition(data) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.1)
+
+
+def _plan_layers(run: ServeRun) -> dict[str, int]:
+    return {d["name"]: d["n_layers"] for d in run.state()["plan"]["devices"] if not d["excluded"]}
+
+
+@pytest.mark.llama
+def test_once_and_json_against_a_real_serve_then_after_sigkill(
+        serve_run: Callable[..., ServeRun], rpc_workers: Callable[..., RpcWorker]) -> None:
+    first, second = rpc_workers(), rpc_workers()
+    run = serve_run("--rpc", f"{first.endpoint},{second.endpoint}", "--ctx", "4k")
+    _, url, _ = run.wait_ready()
+    answer = complete(url, n_predict=16)
+    assert answer["tokens_predicted"] == 16
+    layers = _plan_layers(run)
+    assert set(layers) == {"RPC0", "RPC1"}
+
+    result = run_status("--once")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "● ready" in text and "tok/s" in text
+    for name, count in layers.items():
+        assert re.search(rf"^{name}\s+{count}\s", text, re.M), text
+    assert re.search(r"average [\d.,]+ / [\d.,]+", text), text  # prompt and generation tokens/s
+    assert "worker busy serving our llama-server: not probed" in text
+
+    data = _json_when(lambda d: d["stats"]["requests_served"] >= 2)  # the log lags the HTTP answer a little
+    assert data["running"] and data["phase"] == "ready" and data["uptime_s"] >= 0
+    assert {d["name"]: d["n_layers"] for d in data["devices"]} == layers
+    assert all(d["memory_source"] == "log" and d["actual_bytes"] > 0 for d in data["devices"])
+    stats = data["stats"]
+    assert stats["health"] == "ok" and stats["slots_total"] == 4 and stats["slots_busy"] == 0
+    assert stats["generation_tokens_per_s"] > 0 and stats["last_generation_tokens_per_s"] > 0
+    assert stats["generated_tokens_total"] >= 16 and stats["requests_served"] >= 2  # readiness + ours
+    assert data["host"]["server_rss_bytes"] > 0 and data["argv"][0].endswith("llama-server")
+    assert json.loads(run_status("--url", url, "--json").output)["name"] == "st"  # the URL finds the run
+
+    server = run.server()
+    run.send(signal.SIGKILL)
+    server.kill()  # serve's child dies with it anyway (PR_SET_PDEATHSIG); do not rely on it here
+    run.wait_exit()
+    assert wait_gone(server.pid, 5)
+
+    result = run_status("--once")
+    assert result.exit_code == cli_status.EXIT_GONE
+    text = result.output
+    assert "server gone" in text and f"pid {run.process.pid}) is not running" in text
+    assert "phase ready" in text  # the last state
+    for name, count in layers.items():
+        assert re.search(rf"^{name}\s+{count}\s", text, re.M), text
+    data = json.loads(run_status("--json").output)
+    assert data["running"] is False and data["phase"] == "ready"
+    assert all(d["memory_source"] == "rpc probe" for d in data["devices"])  # workers free again: asked live
