@@ -6,10 +6,10 @@ the run state file and the server log live under the LLAMALAUNCH_HOME each test 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -86,7 +86,7 @@ class ServeRun:
     def wait_ready(self, timeout_s: float = 30.0, after: int = 0) -> tuple[int, str, int]:
         """Index of the next `ready` line from `after`, the URL and ctx it names."""
         index, match = self.wait_for_line(_READY.pattern, timeout_s, after)
-        self.note_servers()
+        self.servers()  # remember it, for cleanup and leftover checks
         return index, match.group("url"), int(match.group("ctx"))
 
     def wait_exit(self, timeout_s: float = 30.0) -> int:
@@ -122,9 +122,6 @@ class ServeRun:
         found = [c for c in children if _is_server(c) and is_alive(c.pid)]
         self.servers_seen.update(c.pid for c in found)
         return found
-
-    def note_servers(self) -> None:
-        self.servers()
 
     def server(self, timeout_s: float = 10.0) -> psutil.Process:
         deadline = time.monotonic() + timeout_s
@@ -198,7 +195,7 @@ def servers_on_port(port: int) -> list[psutil.Process]:
         try:
             argv = process.info["cmdline"] or []
             if process.info["name"] == SERVER_NAME and is_alive(process.pid) \
-                    and any(a == "--port" and b == str(port) for a, b in zip(argv, argv[1:])):
+                    and any(a == "--port" and b == str(port) for a, b in itertools.pairwise(argv)):
                 found.append(process)
         except psutil.NoSuchProcess:
             continue
@@ -244,7 +241,3 @@ def layer_devices_in_plan(plan: dict[str, Any]) -> dict[int, str]:
         for slot in range(device["first_slot"], device["first_slot"] + device["n_layers"]):
             assignment[slot] = device["name"]
     return assignment
-
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name

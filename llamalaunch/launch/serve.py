@@ -152,7 +152,12 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
                            backoff_initial_s=serve.backoff_initial_s,
                            api_key_file=serve.api_key_file, log_path=log_path)
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
-    supervisor = Supervisor(options, inputs.plan, lambda event: (recorder.record(event, supervisor), on_event(event)))
+
+    def record_and_show(event: SupervisorEvent) -> None:
+        recorder.record(event, supervisor)
+        on_event(event)
+
+    supervisor = Supervisor(options, inputs.plan, record_and_show)
     recorder.url = supervisor.base_url
     with forward_signals(supervisor):
         return supervisor.run()
