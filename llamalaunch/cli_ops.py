@@ -80,14 +80,15 @@ def _command_defaults(ctx: typer.Context, command: str) -> dict[str, Any]:
     root = ctx.find_root().command
     target = getattr(root, "commands", {}).get(command)
     if target is None:
-        raise BadInputError(f"--for {command!r} is not a command", "use serve, plan, devices, toolchain or worker")
+        raise BadInputError(f"--for {command!r} is not a command",
+                            "use serve, plan, devices, toolchain or worker")
     return {param.name: param.default for param in target.params if param.name}
 
 
 def config_show(ctx: typer.Context,
                 command: Annotated[str, typer.Option("--for", help="Whose options: serve, plan, devices, "
                                                                    "toolchain or worker.")] = "serve",
-                as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
                 config: ConfigOpt = None) -> None:
     """Show the options a command would run with, and where each came from (default, config, env)."""
     from rich.table import Table
@@ -107,7 +108,8 @@ def config_show(ctx: typer.Context,
         table.add_column(column)
     for row in rows:
         where = f"env {row.origin}" if row.source == "env" else row.source
-        table.add_row(row.key, _show_value(row.value), where, style="dim" if row.source == "default" else None)
+        style = "dim" if row.source == "default" else None
+        table.add_row(row.key, _show_value(row.value), where, style=style)
     cli.out.print(f"{command} options; profile: {profile.path if profile else 'none'}", highlight=False,
                   soft_wrap=True)
     cli.out.print(table)
@@ -131,19 +133,27 @@ def worker_command(
                                                                    "worker on port-base.")] = 50052,
         host: Annotated[str, typer.Option("--host", help="IPv4 address to bind. Anything but loopback is "
                                                          "reachable without authentication.")] = "127.0.0.1",
-        threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (CPU worker "
-                                                                               "default: physical cores).")] = None,
-        rpc_server: Annotated[Optional[str], typer.Option("--rpc-server", help="Path of ggml-rpc-server.")] = None,
-        llama_server: Annotated[Optional[str], typer.Option("--llama-server", help="llama-server whose build's "
-                                                                                   "ggml-rpc-server to use.")] = None,
-        max_restarts: Annotated[Optional[int], typer.Option("--max-restarts", help="Give up after this many "
-                                                                                   "restarts of one worker "
-                                                                                   "(default: never).")] = None,
+        threads: Annotated[Optional[int], typer.Option(
+            "-t", "--threads", help="CPU threads (CPU worker default: physical cores).")] = None,
+        rpc_server: Annotated[Optional[str], typer.Option(
+            "--rpc-server", help="Path of ggml-rpc-server.")] = None,
+        llama_server: Annotated[Optional[str], typer.Option(
+            "--llama-server", help="llama-server whose build's ggml-rpc-server to use.")] = None,
+        max_restarts: Annotated[Optional[int], typer.Option(
+            "--max-restarts", help="Give up after this many restarts of a worker (default: never).")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Hide the workers' own output.")] = False,
         config: ConfigOpt = None) -> None:
     """Run one ggml-rpc-server per local GPU (or one on the CPU), restart them if they die, print --rpc."""
-    from llamalaunch.launch.worker import (WorkerPool, check_host, check_ports_free, exposure_warning,
-                                           find_rpc_server, select_gpus, stop_on_signals, worker_specs)
+    from llamalaunch.launch.worker import (
+        WorkerPool,
+        check_host,
+        check_ports_free,
+        exposure_warning,
+        find_rpc_server,
+        select_gpus,
+        stop_on_signals,
+        worker_specs,
+    )
     from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
 
     cli = _cli()
@@ -167,16 +177,16 @@ def _worker_view(console: Any, quiet: bool) -> Callable[[Any], None]:
     def show(event: Any) -> None:
         label = f"{event.worker}: " if event.worker else ""
         if event.kind == "line":
-            if not quiet:
-                console.print(f"[{event.worker}] {event.message}", markup=False, highlight=False, soft_wrap=True)
+            text = None if quiet else f"[{event.worker}] {event.message}"
         elif event.kind == "ready":
-            console.print(f"{label}listening on {event.message}", markup=False, highlight=False, soft_wrap=True)
+            text = f"{label}listening on {event.message}"
         elif event.kind == "all-ready":
-            console.print(f"ready; on the main host pass: --rpc {event.message}", markup=False, highlight=False,
-                          soft_wrap=True)
+            text = f"ready; on the main host pass: --rpc {event.message}"
         else:
             pid = f" (pid {event.pid})" if event.pid and event.kind in ("started", "exited") else ""
-            console.print(f"{label}{event.kind} {event.message}{pid}", markup=False, highlight=False, soft_wrap=True)
+            text = f"{label}{event.kind} {event.message}{pid}"
+        if text is not None:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
     return show
 
 
@@ -185,10 +195,10 @@ def _worker_view(console: Any, quiet: bool) -> Callable[[Any], None]:
 
 def systemd_command(
         ctx: typer.Context,
-        kind: Annotated[str, typer.Argument(help="server (llamalaunch serve) or worker (llamalaunch worker, a "
-                                                 "template unit per GPU).")],
-        user: Annotated[bool, typer.Option("--user", help="A user unit (systemctl --user) instead of a system "
-                                                          "unit.")] = False,
+        kind: Annotated[str, typer.Argument(
+            help="server (llamalaunch serve) or worker (llamalaunch worker, a template unit per GPU).")],
+        user: Annotated[bool, typer.Option(
+            "--user", help="A user unit (systemctl --user) instead of a system unit.")] = False,
         install_units: Annotated[bool, typer.Option("--install", help="Write the unit instead of printing "
                                                                       "it.")] = False,
         unit_dir: Annotated[Optional[Path], typer.Option("--unit-dir", help="Folder to write it to (default: "
@@ -243,7 +253,8 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
     from llamalaunch.launch import systemd
 
     if kind not in ("server", "worker"):
-        raise BadInputError(f"unit kind {kind!r} is not known", "use `llamalaunch systemd server` or `... worker`")
+        raise BadInputError(f"unit kind {kind!r} is not known",
+                            "use `llamalaunch systemd server` or `... worker`")
     if user and run_as:
         raise BadInputError("--run-as is for system units", "drop --run-as, or drop --user")
     profile_args: list[str] = []
@@ -268,7 +279,7 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
         user_unit=user, run_as=None if user else (run_as or systemd.default_run_as()),
         environment=systemd.unit_environment(kind, user, os.environ, pinned, env),
         read_write_paths=systemd.read_write_paths(kind, user), working_directory=os.getcwd(),
-        description="llamalaunch: llama-server" if kind == "server" else "llamalaunch: ggml-rpc-server worker",
+        description=f"llamalaunch: {'llama-server' if kind == 'server' else 'ggml-rpc-server worker'}",
         port_base=int(parsed.get("port_base") or 50052))
     instances = _worker_instances() if kind == "worker" else []
     return systemd.render(kind, options), instances
@@ -302,14 +313,15 @@ def _pinned_binaries(kind: str, args: Sequence[str], profile_keys: set[str]) -> 
             from llamalaunch.toolchain.discover import SERVER_ENV, find_toolchain
 
             return {SERVER_ENV: str(find_toolchain(None).server.path)}
-        if {"--rpc-server", "--llama-server"} & set(args) or {"worker.rpc_server", "llama_server"} & profile_keys:
+        given = {"--rpc-server", "--llama-server"} & set(args)
+        if given or {"worker.rpc_server", "llama_server"} & profile_keys:
             return {}
         from llamalaunch.launch.worker import RPC_SERVER_ENV, find_rpc_server
 
         return {RPC_SERVER_ENV: str(find_rpc_server())}
     except ToolchainError as error:
-        _cli().err.print(f"[yellow]note:[/yellow] {error}; the unit will search its own PATH", highlight=False,
-                         soft_wrap=True)
+        _cli().err.print(f"[yellow]note:[/yellow] {error}; the unit will search its own PATH",
+                         highlight=False, soft_wrap=True)
         return {}
 
 

@@ -55,6 +55,7 @@ class Key:
     section: str = ""  # "" (top level) or "worker"
     check: Callable[[Any], object] | None = None  # raises BadInputError for a bad value
     bounds: tuple[float, float] | None = None  # numbers: inclusive range
+    env: str | None = None  # the environment variable, where it is not LLAMALAUNCH_<SECTION>_<KEY>
 
     @property
     def name(self) -> str:
@@ -62,7 +63,7 @@ class Key:
 
     @property
     def env_var(self) -> str:
-        return ENV_PREFIX + self.name.replace(".", "_").upper()
+        return self.env or ENV_PREFIX + self.name.replace(".", "_").upper()
 
 
 def _check_choice(allowed: Sequence[str]) -> Callable[[Any], object]:
@@ -97,15 +98,17 @@ KEYS: tuple[Key, ...] = (
     Key("kv_unified", "bool", PLAN_SERVE, "true or false"),
     Key("batch", "int", PLAN_SERVE, "a positive batch size", bounds=(1, 1 << 20)),
     Key("ubatch", "int", PLAN_SERVE, "a positive batch size", bounds=(1, 1 << 20)),
-    Key("cache_type_k", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES), check=_check_choice(CACHE_TYPES)),
-    Key("cache_type_v", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES), check=_check_choice(CACHE_TYPES)),
+    Key("cache_type_k", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES),
+        check=_check_choice(CACHE_TYPES)),
+    Key("cache_type_v", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES),
+        check=_check_choice(CACHE_TYPES)),
     Key("flash_attn", "switch", PLAN_SERVE, "on, off, auto (or true/false)", check=_check_choice(FLASH_ATTN)),
     Key("swa_full", "bool", PLAN_SERVE, "true or false"),
     Key("rpc", "list", PROBING, 'a list of workers like ["10.0.0.5:50052"]', check=split_endpoints),
     Key("assume", "sizes", PROBING, 'a table of what-if devices, like { CUDA0 = "24GiB" }',
         check=lambda values: parse_assumptions(values)),
     Key("device", "names", PLAN_SERVE, 'a list of devices in order, like ["CUDA0", "RPC0"]',
-        check=lambda value: (split_names(value), _check_device_names(value))),
+        check=lambda value: _check_device_names(split_names(value) or ())),
     Key("exclude", "list", PLAN_SERVE, 'a list of device names, like ["CUDA1"]', check=_check_device_names),
     Key("reserve", "sizes", PLAN_SERVE, _TABLE, check=lambda values: parse_device_sizes(values, "reserve")),
     Key("budget", "sizes", PLAN_SERVE, _TABLE, check=lambda values: parse_device_sizes(values, "budget")),
@@ -130,7 +133,8 @@ KEYS: tuple[Key, ...] = (
     Key("port_base", "int", ("worker",), "a port from 1 to 65535", WORKER_SECTION, bounds=(1, 65535)),
     Key("host", "str", ("worker",), "an IPv4 address to bind, like 127.0.0.1", WORKER_SECTION),
     Key("threads", "int", ("worker",), "a thread count from 1", WORKER_SECTION, bounds=(1, 4096)),
-    Key("rpc_server", "program", ("worker",), "a path to ggml-rpc-server", WORKER_SECTION),
+    Key("rpc_server", "program", ("worker",), "a path to ggml-rpc-server", WORKER_SECTION,
+        env="LLAMALAUNCH_RPC_SERVER"),  # like LLAMALAUNCH_LLAMA_SERVER
     Key("max_restarts", "int", ("worker",), "a count from 0", WORKER_SECTION, bounds=(0, 1_000_000)),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
@@ -222,8 +226,8 @@ def _check_swallowed(key: Key, raw: Any, where: str) -> None:
         return
     stray = [name for name in raw if name.replace("-", "_") in KEYS_BY_NAME or name == WORKER_SECTION]
     if stray:
-        raise BadInputError(f"{where}: the {key.name} table holds {', '.join(stray)}: in TOML every key below a "
-                            "table's header line belongs to that table",
+        raise BadInputError(f"{where}: the {key.name} table holds {', '.join(stray)}: in TOML every key "
+                            "below a table's header line belongs to that table",
                             f"move those keys above the {key.name} table's header, or write {key.name} = "
                             "{ NAME = \"SIZE\" } on one line")
 

@@ -137,7 +137,8 @@ def test_command_line_beats_environment_beats_profile_beats_default(app: typer.T
 
 def test_flags_and_lists_come_from_the_profile(app: typer.Typer, tiny_model: Path, tmp_path: Path) -> None:
     profile = write(tmp_path, 'kv_unified = false\nexclude = ["CUDA1"]\nbudget = { CUDA0 = "1GiB" }\n')
-    plan = plan_json(app, ["--config", str(profile), "plan", str(tiny_model), "--assume", "CUDA0=8GiB,CUDA1=8GiB"])
+    plan = plan_json(app, ["--config", str(profile), "plan", str(tiny_model),
+                           "--assume", "CUDA0=8GiB,CUDA1=8GiB"])
     assert "-kvu" not in plan["argv"]
     cuda1 = next(device for device in plan["devices"] if device["name"] == "CUDA1")
     assert cuda1["excluded"]
@@ -153,7 +154,8 @@ def test_config_show_names_each_source(app: typer.Typer, tmp_path: Path) -> None
     shown = json.loads(result.stdout)
     rows = {row["key"]: row for row in shown["options"]}
     assert shown["profile"] == str(profile)
-    assert (rows["ctx"]["value"], rows["ctx"]["source"], rows["ctx"]["origin"]) == ("16k", "config", str(profile))
+    ctx = rows["ctx"]
+    assert (ctx["value"], ctx["source"], ctx["origin"]) == ("16k", "config", str(profile))
     assert (rows["parallel"]["value"], rows["parallel"]["source"]) == (2, "env")
     assert rows["parallel"]["origin"] == "LLAMALAUNCH_PARALLEL"
     assert (rows["batch"]["value"], rows["batch"]["source"]) == (2048, "default")
@@ -176,12 +178,14 @@ def test_default_profile_in_the_config_folder_applies(tmp_path: Path) -> None:
     (config_dir() / "config.toml").write_text('ctx = "8k"\n', encoding="utf-8")
     profile, settings = load_settings(None, environ={})
     assert profile is not None and settings["ctx"].value == "8k"
-    _profile, from_env = load_settings(None, environ={"LLAMALAUNCH_CONFIG": str(write(tmp_path, 'ctx = "4k"\n'))})
+    named = write(tmp_path, 'ctx = "4k"\n')
+    _profile, from_env = load_settings(None, environ={"LLAMALAUNCH_CONFIG": str(named)})
     assert from_env["ctx"].value == "4k"
 
 
 def test_default_map_sends_each_key_to_its_commands(tmp_path: Path) -> None:
-    profile = load_profile(write(tmp_path, 'rpc = ["h:1"]\nhost = "0.0.0.0"\nllama_server = "bin/llama-server"\n'
+    profile = load_profile(write(tmp_path, 'rpc = ["h:1"]\nhost = "0.0.0.0"\n'
+                                           'llama_server = "bin/llama-server"\n'
                                            '[worker]\nhost = "10.0.0.5"\nport_base = 50100\n'))
     commands = default_map(profile.settings)
     assert commands["devices"] == {"rpc": ["h:1"]}
@@ -193,7 +197,8 @@ def test_default_map_sends_each_key_to_its_commands(tmp_path: Path) -> None:
 
 def test_profile_values_take_toml_and_command_line_shapes(tmp_path: Path) -> None:
     profile = load_profile(write(tmp_path, 'ctx = 16384\nflash_attn = true\ndevice = ["RPC0", "CUDA0"]\n'
-                                           'reserve = ["CUDA0=1GiB"]\nmodel = "m.gguf"\n[worker]\ngpus = [0, 2]\n'))
+                                           'reserve = ["CUDA0=1GiB"]\nmodel = "m.gguf"\n'
+                                           '[worker]\ngpus = [0, 2]\n'))
     values = {name: setting.value for name, setting in profile.settings.items()}
     assert values["ctx"] == "16384" and values["flash_attn"] == "on"
     assert values["device"] == "RPC0,CUDA0" and values["reserve"] == ["CUDA0=1GiB"]
@@ -261,7 +266,8 @@ def _params(app: typer.Typer, command: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("command", ["plan", "serve", "devices", "toolchain", "worker"])
-def test_every_key_is_an_option_of_its_commands_and_every_option_a_key(app: typer.Typer, command: str) -> None:
+def test_keys_and_command_options_agree(app: typer.Typer, command: str) -> None:
+    """Every key is an option of its commands, and every option that says what runs is a key."""
     params = _params(app, command)
     keys = {key.param for key in KEYS if command in key.commands}
     assert keys - {"extra_args"} <= set(params), keys - set(params)

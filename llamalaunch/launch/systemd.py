@@ -1,0 +1,243 @@
+"""systemd units for `serve` and for RPC workers: rendered by pure functions, written by `install`.
+
+Both units are Type=notify (serve and worker send READY=1 over $NOTIFY_SOCKET once they really serve),
+restart on failure, log to the journal and run sandboxed without losing the GPUs (no PrivateDevices;
+DeviceAllow for the NVIDIA/AMD device classes). A system unit keeps its run state in
+/var/lib/llamalaunch (StateDirectory); a user unit shares the user's state and cache folders.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.paths import cache_dir, home_dir, state_dir
+
+SERVER_UNIT = "llamalaunch-server.service"
+WORKER_UNIT = "llamalaunch-worker@.service"
+UNIT_DIR_ENV = "LLAMALAUNCH_SYSTEMD_DIR"
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+SYSTEM_STATE_DIR = "/var/lib/llamalaunch"
+INSTANCE = "%i"  # the worker template's instance: a GPU index or "cpu"
+# A user manager cannot attach device filters or drop capabilities it does not hold.
+_SYSTEM_ONLY = ("DevicePolicy=", "DeviceAllow=", "CapabilityBoundingSet=", "AmbientCapabilities=")
+_BARE_WORD = re.compile(r"^[A-Za-z0-9_@%$+=:,./-]+$")
+
+
+@dataclass(frozen=True)
+class UnitFile:
+    name: str
+    content: str
+
+
+@dataclass(frozen=True)
+class UnitOptions:
+    """Everything a unit depends on; `render_*` turn it into text and touch nothing."""
+
+    launcher: tuple[str, ...]  # how to run llamalaunch, e.g. (sys.executable, "-m", "llamalaunch")
+    args: tuple[str, ...]  # after the launcher: ("--config", F, "serve", "--ctx", "16k")
+    user_unit: bool = False
+    run_as: str | None = None  # User= of a system unit; None: root
+    environment: tuple[tuple[str, str], ...] = ()
+    read_write_paths: tuple[str, ...] = ()
+    working_directory: str = "/"
+    description: str = "llamalaunch"
+    port_base: int = 50052
+
+
+def quote_word(word: str) -> str:
+    """One ExecStart word: `%` and `$` escaped (specifiers, variables), quoted when it needs it."""
+    if word == INSTANCE:
+        return word
+    escaped = word.replace("%", "%%").replace("$", "$$")
+    if _BARE_WORD.match(escaped) and escaped != ";":
+        return escaped
+    inner = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{inner}"'
+
+
+def exec_line(argv: Sequence[str]) -> str:
+    return " ".join(quote_word(word) for word in argv)
+
+
+def environment_line(name: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise BadInputError(f"environment variable name {name!r} is not valid", "use letters, digits and _")
+    text = f"{name}={value}".replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'Environment="{text}"'
+
+
+def _read_write_line(path: str) -> str:
+    if any(char.isspace() for char in path):
+        raise BadInputError(f"{path!r} has white space, which ReadWritePaths= cannot take",
+                            "move the cache or state folder (LLAMALAUNCH_HOME, LLAMALAUNCH_CACHE)")
+    return f"ReadWritePaths=-{path.replace('%', '%%')}"  # "-": a folder not made yet is no error
+
+
+def _render(template_name: str, unit_name: str, options: UnitOptions, exec_argv: Sequence[str]) -> UnitFile:
+    service_extra = [environment_line(name, value) for name, value in options.environment]
+    if not options.user_unit:
+        service_extra += [f"User={options.run_as}"] if options.run_as else []
+        service_extra.append("StateDirectory=llamalaunch")
+    text = Template(resources.files("llamalaunch.launch").joinpath("templates", template_name)
+                    .read_text(encoding="utf-8")).substitute(
+        description=options.description.replace("%", "%%"),
+        unit_extra="" if options.user_unit else "After=network-online.target\nWants=network-online.target\n",
+        exec_start=exec_line(exec_argv),
+        working_directory=options.working_directory.replace("%", "%%"),
+        service_extra="\n".join(service_extra),
+        read_write_paths="\n".join(_read_write_line(path) for path in options.read_write_paths),
+        wanted_by="default.target" if options.user_unit else "multi-user.target",
+        port_base=options.port_base,
+    )
+    lines = text.splitlines()
+    if options.user_unit:
+        lines = [line for line in lines if not line.startswith(_SYSTEM_ONLY)]
+    return UnitFile(unit_name, "\n".join(_squeeze_blank(lines)) + "\n")
+
+
+def _squeeze_blank(lines: Sequence[str]) -> list[str]:
+    """One blank line at most in a row (an empty placeholder leaves one)."""
+    kept: list[str] = []
+    for line in lines:
+        if line.strip() or (kept and kept[-1].strip()):
+            kept.append(line)
+    return kept
+
+
+def render_server(options: UnitOptions) -> UnitFile:
+    """The unit running `llamalaunch [--config F] serve ...`."""
+    return _render(SERVER_UNIT, SERVER_UNIT, options, (*options.launcher, *options.args))
+
+
+def render_worker(options: UnitOptions) -> UnitFile:
+    """The template unit llamalaunch-worker@.service; `options.args` holds `%i` where the GPU goes."""
+    if INSTANCE not in options.args:
+        raise ValueError("worker unit arguments must contain %i (the GPU index or cpu)")
+    return _render(WORKER_UNIT, WORKER_UNIT, options, (*options.launcher, *options.args))
+
+
+def render(kind: str, options: UnitOptions) -> UnitFile:
+    if kind == "server":
+        return render_server(options)
+    if kind == "worker":
+        return render_worker(options)
+    raise BadInputError(f"unit kind {kind!r} is not known",
+                        "use `llamalaunch systemd server` or `... worker`")
+
+
+# --- gathering the inputs from this machine --------------------------------------------------------
+
+
+def launcher_argv() -> tuple[str, ...]:
+    """This very interpreter running the package: works for venvs and needs no PATH under systemd."""
+    return (sys.executable, "-m", "llamalaunch")
+
+
+def default_run_as() -> str | None:
+    """A system unit runs as the user who writes it (their cache holds the build); root runs as root."""
+    if os.geteuid() == 0:
+        return None
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def unit_environment(kind: str, user_unit: bool, environ: Mapping[str, str], pinned: Mapping[str, str],
+                     extra: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Environment= lines: the LLAMALAUNCH_* options in force now, pinned binaries, then --env.
+
+    Option variables (LLAMALAUNCH_CTX, ...) are options too (command line > env > config), so the
+    unit gets the ones set here. A system unit keeps its state in /var/lib/llamalaunch.
+    """
+    from llamalaunch.config import CONFIG_ENV, KEYS
+
+    names = [key.env_var for key in KEYS] + [CONFIG_ENV]
+    env: dict[str, str] = {"PYTHONUNBUFFERED": "1", "LLAMALAUNCH_CACHE": str(cache_dir())}
+    if not user_unit:
+        env["LLAMALAUNCH_HOME"] = SYSTEM_STATE_DIR
+    elif home := home_dir():
+        env["LLAMALAUNCH_HOME"] = str(home)
+    env.update({name: environ[name] for name in names if environ.get(name)})
+    env.update(pinned)
+    for item in extra:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise BadInputError(f"--env {item!r} is not NAME=VALUE",
+                                "write it like --env CUDA_VISIBLE_DEVICES=0,1")
+        env[name] = value
+    return tuple(env.items())
+
+
+def read_write_paths(kind: str, user_unit: bool) -> tuple[str, ...]:
+    """What the sandbox must leave writable: the cache (demo model, builds) and, for a user unit, state."""
+    if kind == "worker":
+        return ()
+    paths = [str(cache_dir())]
+    if user_unit:
+        paths.append(str(state_dir()))
+    return tuple(paths)
+
+
+def unit_dir(user_unit: bool, environ: Mapping[str, str] | None = None) -> Path:
+    """$LLAMALAUNCH_SYSTEMD_DIR, else $LLAMALAUNCH_HOME/systemd/... (tests), else systemd's own folder."""
+    env = os.environ if environ is None else environ
+    if value := env.get(UNIT_DIR_ENV):
+        return Path(value)
+    if home := env.get("LLAMALAUNCH_HOME"):
+        return Path(home) / "systemd" / ("user" if user_unit else "system")
+    return standard_unit_dir(user_unit, env)
+
+
+def standard_unit_dir(user_unit: bool, environ: Mapping[str, str] | None = None) -> Path:
+    """Where systemd looks for units written by an administrator (or by the user, for --user)."""
+    env = os.environ if environ is None else environ
+    if user_unit:
+        return Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+    return SYSTEM_UNIT_DIR
+
+
+def install(units: Sequence[UnitFile], folder: Path) -> list[Path]:
+    """Write the units (mode 0644); returns their paths.
+
+    Raises:
+        LaunchError: the folder cannot be written (e.g. /etc/systemd/system without root).
+    """
+    written = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for unit in units:
+            path = folder / unit.name
+            path.write_text(unit.content, encoding="utf-8")
+            path.chmod(0o644)
+            written.append(path)
+    except PermissionError:
+        raise LaunchError(f"cannot write units to {folder}: permission denied",
+                          "run it with sudo for a system unit, or add --user for a user unit") from None
+    except OSError as error:
+        raise LaunchError(f"cannot write units to {folder}: {error.strerror}") from None
+    return written
+
+
+def next_steps(unit: UnitFile, user_unit: bool, folder: Path, instances: Sequence[str] = ()) -> list[str]:
+    """The systemctl commands to run after installing `unit`."""
+    systemctl = "systemctl --user" if user_unit else "systemctl"
+    journal = "journalctl --user" if user_unit else "journalctl"
+    standard = folder == standard_unit_dir(user_unit)  # elsewhere, systemd must be told where it is
+    names = [unit.name.replace("@.", f"@{instance}.") for instance in instances] if "@." in unit.name \
+        else [unit.name]
+    steps = [f"{systemctl} daemon-reload" if standard else f"{systemctl} link {folder / unit.name}"]
+    steps.append(f"{systemctl} enable --now {' '.join(names)}")
+    steps.append(f"{journal} -u {names[0].removesuffix('.service')} -f")
+    if user_unit:
+        steps.append(f"loginctl enable-linger {getpass.getuser()}   # start at boot, without a login")
+    return steps
