@@ -306,15 +306,15 @@ def _pinned_binaries(kind: str, args: Sequence[str], profile_keys: set[str]) -> 
     """Binaries found now, pinned with Environment=: the service's PATH is not the user's shell's."""
     from llamalaunch.errors import ToolchainError
 
+    given = {arg.split("=", 1)[0] for arg in args}
     try:
         if kind == "server":
-            if "--llama-server" in args or "llama_server" in profile_keys:
+            if "--llama-server" in given or "llama_server" in profile_keys:
                 return {}
             from llamalaunch.toolchain.discover import SERVER_ENV, find_toolchain
 
             return {SERVER_ENV: str(find_toolchain(None).server.path)}
-        given = {"--rpc-server", "--llama-server"} & set(args)
-        if given or {"worker.rpc_server", "llama_server"} & profile_keys:
+        if {"--rpc-server", "--llama-server"} & given or {"worker.rpc_server", "llama_server"} & profile_keys:
             return {}
         from llamalaunch.launch.worker import RPC_SERVER_ENV, find_rpc_server
 
