@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,13 +25,13 @@ def _api_key(path: Path | None) -> str | None:
     return next((line for line in lines if line and not line.startswith("#")), None)
 
 
-def status(name: Annotated[Optional[str], typer.Option("--name", help="Which serve run (see `serve --name`).")]
+def status(name: Annotated[str | None, typer.Option("--name", help="Which serve run (see `serve --name`).")]
            = None,
-           url: Annotated[Optional[str], typer.Option("--url", help="Any llama-server, e.g. http://127.0.0.1:8080.")]
+           url: Annotated[str | None, typer.Option("--url", help="Any llama-server, e.g. http://127.0.0.1:8080.")]
            = None,
            once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
            as_json: Annotated[bool, typer.Option("--json", help="Print the same data as JSON and exit.")] = False,
-           api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File with the server's "
+           api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="File with the server's "
                                                                                       "API key.")] = None,
            log_lines: Annotated[int, typer.Option("--log-lines", help="Log lines in a --once frame.")] = 12,
            ) -> None:

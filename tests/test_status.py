@@ -195,7 +195,7 @@ def test_cuda_devices_show_plan_and_nvml_and_the_oom_ladder(cuda_plan: dict[str,
     console.print(status_view(snapshot))
     text = console.export_text()
     for name, count in layers.items():
-        assert re.search(rf"^{name}\s+{count}\s", text, re.M), text
+        assert re.search(rf"^{name}\s+{count}\s", text, re.MULTILINE), text
     assert "OOM ladder" in text and "512 MiB less there" in text and "attempt 2" in text
     assert "no answer from http://127.0.0.1:9" in text
 
@@ -284,7 +284,7 @@ def test_once_and_json_against_a_real_serve_then_after_sigkill(
     text = result.output
     assert "● ready" in text and "tok/s" in text
     for name, count in layers.items():
-        assert re.search(rf"^{name}\s+{count}\s", text, re.M), text
+        assert re.search(rf"^{name}\s+{count}\s", text, re.MULTILINE), text
     assert re.search(r"average [\d.,]+ / [\d.,]+", text), text  # prompt and generation tokens/s
     assert "worker busy serving our llama-server: not probed" in text
 
@@ -311,7 +311,7 @@ def test_once_and_json_against_a_real_serve_then_after_sigkill(
     assert "server gone" in text and f"pid {run.process.pid}) is not running" in text
     assert "phase ready" in text  # the last state
     for name, count in layers.items():
-        assert re.search(rf"^{name}\s+{count}\s", text, re.M), text
+        assert re.search(rf"^{name}\s+{count}\s", text, re.MULTILINE), text
     data = json.loads(run_status("--json").output)
     assert data["running"] is False and data["phase"] == "ready"
     assert all(d["memory_source"] == "rpc probe" for d in data["devices"])  # workers free again: asked live

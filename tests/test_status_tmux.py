@@ -18,9 +18,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
 import psutil
+import pytest
 
 from tests.serve_support import REPO_ROOT, complete, wait_gone
 from tests.support import RpcWorker
@@ -69,7 +68,7 @@ class Tmux:
         self._tmux("send-keys", "-t", f"{self.session}:{name}", *keys)
 
     def wait_for(self, name: str, pattern: str, timeout_s: float = 30.0) -> str:
-        regex = re.compile(pattern, re.M | re.S)
+        regex = re.compile(pattern, re.MULTILINE | re.DOTALL)
         deadline = time.monotonic() + timeout_s
         screen = ""
         while time.monotonic() < deadline:
@@ -80,7 +79,7 @@ class Tmux:
         raise AssertionError(f"no /{pattern}/ in window {name} after {timeout_s} s:\n{screen}")
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10, check=False)
 
 
 @pytest.fixture
@@ -120,7 +119,7 @@ def test_serve_and_status_in_a_terminal(tmux: Tmux, rpc_workers: Callable[..., R
     state = _state("tui")
     layers = {d["name"]: d["n_layers"] for d in state["plan"]["devices"]}  # type: ignore[index]
     for name, count in layers.items():
-        assert re.search(rf"^{name}\s+{count}\s", screen, re.M), screen
+        assert re.search(rf"^{name}\s+{count}\s", screen, re.MULTILINE), screen
 
     complete(str(state["url"]), n_predict=16)
     shim = tmp_path / "status_shim.py"
@@ -129,7 +128,7 @@ def test_serve_and_status_in_a_terminal(tmux: Tmux, rpc_workers: Callable[..., R
     screen = tmux.wait_for("status", r"last request [\d.,]+ / [\d.,]+.*q quit")
     assert "● ready" in screen and "tui" in screen and "tok/s" in screen
     for name, count in layers.items():
-        assert re.search(rf"^{name}\s+{count}\s", screen, re.M), screen
+        assert re.search(rf"^{name}\s+{count}\s", screen, re.MULTILINE), screen
     assert "╭─ log" in screen
 
     tmux.keys("status", "l")

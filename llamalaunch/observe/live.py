@@ -20,7 +20,7 @@ import tty
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -43,7 +43,7 @@ class KeyReader:
     def __init__(self, on_key: Callable[[str], None], stream: IO[str] | None = None) -> None:
         self.on_key = on_key
         self.stream = stream if stream is not None else sys.stdin
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -98,7 +98,7 @@ class StatusLive:
         self.on_quit = on_quit
         self.quit_hint = quit_hint
         self.refresh_s = refresh_s
-        self.extra = extra or (lambda: [])
+        self.extra = extra or (list)
         self.show_log = True
         self.last: StatusSnapshot | None = None
         self._final = False  # the last frame: no footer (no keys, no refreshing)
@@ -183,7 +183,8 @@ class StatusLive:
         return status_view(self.last, show_log=True, log_lines=room, footer=self.footer(), extra=extra)
 
 
-def run_status_view(console: Console, collector: StatusCollector, refresh_s: float = REFRESH_S) -> StatusSnapshot | None:
+def run_status_view(console: Console, collector: StatusCollector,
+                    refresh_s: float = REFRESH_S) -> StatusSnapshot | None:
     """`status` without --once: the live view until q or Ctrl-C; the last snapshot shown."""
     done = threading.Event()
     view = StatusLive(console, collector.collect, done.set, quit_hint="q quit", refresh_s=refresh_s)

@@ -175,7 +175,7 @@ def snapshot_to_dict(snapshot: StatusSnapshot) -> dict[str, Any]:
     data = dataclasses.asdict(snapshot)
     data["schema"] = SNAPSHOT_SCHEMA
     data["uptime_s"] = snapshot.uptime_s
-    for device, raw in zip(snapshot.devices, data["devices"]):
+    for device, raw in zip(snapshot.devices, data["devices"], strict=True):
         raw["actual_bytes"] = device.actual_bytes
     if snapshot.host is not None:
         data["host"]["planned_bytes"] = snapshot.host.planned_bytes
@@ -264,6 +264,7 @@ class LogFollower:
         self._offset = 0
         self._inode: int | None = None
         self._partial = ""
+        self._level: str | None = None  # of the last line with a prefix
         self._reset_run()
 
     def _reset_run(self) -> None:
@@ -305,8 +306,10 @@ class LogFollower:
     def _feed(self, raw: str) -> None:
         match = _LEVEL.match(raw)
         level = match.group(1) if match else None
-        if level == "D" or (level is None and raw[:1] in ("", " ", "\t")):
-            return  # debug lines and continuations: too many to show
+        continued = self._level if level is None else None  # a message's later lines belong to its level
+        self._level = level or self._level
+        if level == "D" or continued == "D" or (level is None and raw[:1] in ("", " ", "\t")):
+            return  # debug lines and indented continuations: too many to show
         if _RUN_START in raw:
             self._reset_run()
         entry = LogEntry(level, raw[match.end():] if match else raw)
@@ -383,14 +386,20 @@ def with_recent_rates(stats: ServerStats, before: tuple[float, ...] | None) -> S
     """Rates over the tokens processed since the `before` counters (None where none were)."""
     if before is None or stats.counters is None:
         return stats
-    prompt_tokens, prompt_s, generated, generated_s = (now - then for now, then in zip(stats.counters, before))
+    prompt_tokens, prompt_s, generated, generated_s = (
+        now - then for now, then in zip(stats.counters, before, strict=True))
     return dataclasses.replace(
         stats, recent_prompt_tokens_per_s=prompt_tokens / prompt_s if prompt_tokens > 0 and prompt_s > 0 else None,
         recent_generation_tokens_per_s=generated / generated_s if generated > 0 and generated_s > 0 else None)
 
 
-def ask_server(url: str, api_key: str | None = None, with_props: bool = False) -> tuple[ServerStats, list[str]]:
-    """/health, then (when it answers) /slots and /metrics; the stats and notes on what did not answer."""
+def ask_server(url: str, api_key: str | None = None, with_props: bool = False,
+               slots_total: int | None = None) -> tuple[ServerStats, list[str]]:
+    """/health, then (when it answers) /slots and /metrics; the stats and notes on what did not answer.
+
+    With `slots_total` known, /slots is skipped: /metrics' requests_processing is the busy slot count,
+    and every request is one more task (and a dozen debug lines in a `-lv 5` log) for the server.
+    """
     notes: list[str] = []
     health = http.health(url, api_key)
     if health.status == 0:
@@ -399,29 +408,35 @@ def ask_server(url: str, api_key: str | None = None, with_props: bool = False) -
         return ServerStats("loading"), notes
     if health.status != 200:
         return ServerStats(f"HTTP {health.status}"), [f"{url}/health answered HTTP {health.status}"]
-    slots = http.get_json(url, "/slots", api_key)
-    busy = total = None
-    if slots.status == 200 and isinstance(slots.body, list):
-        total = len(slots.body)
-        busy = sum(1 for slot in slots.body if isinstance(slot, dict) and slot.get("is_processing"))
-    else:
-        notes.append(_endpoint_note(url, "/slots", slots.status))
+    busy = None
+    if slots_total is None:
+        slots_total, busy = _ask_slots(url, api_key, notes)
     metrics_result = http.get_json(url, "/metrics", api_key)
-    metrics = parse_metrics(metrics_result.body) if metrics_result.status == 200 and isinstance(
-        metrics_result.body, str) else {}
+    metrics = parse_metrics(metrics_result.body) \
+        if metrics_result.status == 200 and isinstance(metrics_result.body, str) else {}
     if metrics_result.status != 200:
         notes.append(_endpoint_note(url, "/metrics", metrics_result.status))
+    processing = _as_int(metrics.get("llamacpp:requests_processing"))
     stats = ServerStats(
-        "ok", total, busy, _rate(metrics, "prompt_tokens_total", "prompt_seconds_total"),
+        "ok", slots_total, busy if busy is not None else processing,
+        _rate(metrics, "prompt_tokens_total", "prompt_seconds_total"),
         _rate(metrics, "tokens_predicted_total", "tokens_predicted_seconds_total"),
         prompt_tokens_total=_as_int(metrics.get("llamacpp:prompt_tokens_total")),
         generated_tokens_total=_as_int(metrics.get("llamacpp:tokens_predicted_total")),
-        requests_processing=_as_int(metrics.get("llamacpp:requests_processing")),
-        requests_deferred=_as_int(metrics.get("llamacpp:requests_deferred")),
+        requests_processing=processing, requests_deferred=_as_int(metrics.get("llamacpp:requests_deferred")),
         counters=_counters(metrics))
     if with_props:
         stats = _with_props(stats, http.get_json(url, "/props", api_key))
     return stats, notes
+
+
+def _ask_slots(url: str, api_key: str | None, notes: list[str]) -> tuple[int | None, int | None]:
+    slots = http.get_json(url, "/slots", api_key)
+    if slots.status == 200 and isinstance(slots.body, list):
+        busy = sum(1 for slot in slots.body if isinstance(slot, dict) and slot.get("is_processing"))
+        return len(slots.body), busy
+    notes.append(_endpoint_note(url, "/slots", slots.status))
+    return None, None
 
 
 def _with_props(stats: ServerStats, props: http.HttpResult) -> ServerStats:
@@ -557,6 +572,11 @@ def _process_rss(pid: int) -> int | None:
         return None
 
 
+def stats_have_busy(stats: ServerStats | None) -> bool:
+    """/metrics answered last time with requests_processing, so /slots need not be asked again."""
+    return stats is not None and stats.requests_processing is not None
+
+
 class StatusCollector:
     """Builds one snapshot per `collect()`; keeps what it can between calls (the log read so far)."""
 
@@ -570,11 +590,17 @@ class StatusCollector:
         self._follower: LogFollower | None = None
         self._last_state: RunState | None = None
         self._counters: tuple[float, ...] | None = None
+        self._slots_total: dict[str, int] = {}  # per URL: asked of /slots once, then busy comes from /metrics
+        self._last: ServerStats | None = None
 
     def _ask(self, url: str, with_props: bool = False) -> tuple[ServerStats, list[str]]:
-        stats, notes = ask_server(url, self.api_key, with_props)
+        known = self._slots_total.get(url)
+        stats, notes = ask_server(url, self.api_key, with_props, known if stats_have_busy(self._last) else None)
         stats = with_recent_rates(stats, self._counters)
         self._counters = stats.counters or self._counters
+        self._last = stats
+        if stats.slots_total is not None:
+            self._slots_total[url] = stats.slots_total
         return stats, notes
 
     def collect(self) -> StatusSnapshot:
@@ -636,7 +662,7 @@ class StatusCollector:
             model_arch=model.get("arch"), model_path=model.get("path") or state.model_path,
             n_layer=model.get("n_layer"), n_slots=model.get("n_slots"), ctx_tokens=plan.get("ctx"),
             n_gpu_layers=plan.get("n_gpu_layers"),
-            devices=tuple(_device(d, actual.get(d["name"], {}), m) for d, m in zip(devices, live)),
+            devices=tuple(_device(d, actual.get(d["name"], {}), m) for d, m in zip(devices, live, strict=True)),
             host=_host(plan, actual.get(HOST), _process_rss(state.child_pid) if server_alive and state.child_pid
                        else None),
             argv=_process_argv(state.child_pid) if server_alive and state.child_pid else tuple(state.argv),

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -54,6 +54,7 @@ def header(snapshot: StatusSnapshot) -> Text:
         text.append(f"● {phase}", style=PHASE_STYLE.get(phase, "bold"))
     else:
         text.append("○ server gone", style="bold red")
+        text.append(f" (last phase {snapshot.phase})", style="red")
     if snapshot.name:
         text.append(f"  {snapshot.name}", style="bold")
     if snapshot.url:
@@ -101,6 +102,8 @@ def memory_bar(ours_bytes: int, used_bytes: int | None, total_bytes: int, width:
     if total_bytes <= 0:
         return Text("")
     used = max(used_bytes if used_bytes is not None else ours_bytes, ours_bytes)
+    if width == 0:
+        return Text(f"{100 * used / total_bytes:3.0f}%")
     ours_cells = min(width, max(1 if ours_bytes > 0 else 0, round(width * ours_bytes / total_bytes)))
     used_cells = min(width, max(ours_cells + (1 if used > ours_bytes else 0), round(width * used / total_bytes)))
     bar = Text()
@@ -127,12 +130,16 @@ def _ours(device: DeviceStatus, serving: bool) -> int:
     return device.actual_bytes if device.actual_bytes is not None else device.planned_bytes
 
 
-def devices_table(snapshot: StatusSnapshot) -> Table:
+WIDE_COLUMNS = 100  # below this many columns the bar gives way to a plain percentage
+
+
+def devices_table(snapshot: StatusSnapshot, bar_width: int = BAR_WIDTH) -> Table:
+    """Per device: planned weights/KV/compute, llama.cpp's own total, used/free now; `bar_width` 0: no bar."""
     table = Table(title="memory per device: planned · llama.cpp's own figures · in use now", title_justify="left",
                   title_style="bold", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, collapse_padding=True,
                   show_edge=False)
     for column in ("device", "layers", "weights", "KV", "compute", "planned", "llama.cpp", "used", "free",
-                   "memory"):
+                   "memory" if bar_width else "use"):
         table.add_column(column, justify="left" if column in ("device", "memory") else "right", no_wrap=True)
     serving = snapshot.running or snapshot.server_alive
     for device in snapshot.devices:
@@ -144,19 +151,29 @@ def devices_table(snapshot: StatusSnapshot) -> Table:
             short_bytes(device.planned_weights_bytes), short_bytes(device.planned_kv_bytes),
             short_bytes(device.planned_compute_bytes), short_bytes(device.planned_bytes),
             short_bytes(device.actual_bytes), short_bytes(device.used_bytes), short_bytes(device.free_bytes),
-            memory_bar(_ours(device, serving), device.used_bytes, device.total_bytes))
+            memory_bar(_ours(device, serving), device.used_bytes, device.total_bytes, bar_width))
     if snapshot.host is not None:
-        table.add_row(*_host_row(snapshot, snapshot.host), style="dim")
+        table.add_row(*_host_row(snapshot, snapshot.host, bar_width), style="dim")
     return table
 
 
-def _host_row(snapshot: StatusSnapshot, host: HostStatus) -> list[RenderableType]:
+class DevicesTable:
+    """The devices table, with the bar only where the terminal is wide enough for it."""
+
+    def __init__(self, snapshot: StatusSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield devices_table(self.snapshot, BAR_WIDTH if options.max_width >= WIDE_COLUMNS else 0)
+
+
+def _host_row(snapshot: StatusSnapshot, host: HostStatus, bar_width: int) -> list[RenderableType]:
     spilled = (snapshot.n_slots or 0) - (snapshot.n_gpu_layers or 0)
     ours = host.server_rss_bytes or 0
     return ["host", str(spilled), short_bytes(host.planned_weights_bytes), short_bytes(host.planned_kv_bytes),
             short_bytes(host.planned_compute_bytes), short_bytes(host.planned_bytes), short_bytes(host.actual_bytes),
             short_bytes(host.server_rss_bytes), short_bytes(host.free_bytes),
-            memory_bar(ours, host.total_bytes - host.free_bytes, host.total_bytes)]
+            memory_bar(ours, host.total_bytes - host.free_bytes, host.total_bytes, bar_width)]
 
 
 def device_notes(snapshot: StatusSnapshot) -> list[Text]:
@@ -265,7 +282,7 @@ def status_view(snapshot: StatusSnapshot, show_log: bool = True, log_lines: int 
         parts.append(banner)
     parts.append(model_line(snapshot))
     if snapshot.devices or snapshot.host is not None:
-        parts.append(devices_table(snapshot))
+        parts.append(DevicesTable(snapshot))
         parts += device_notes(snapshot)
     parts.append(server_line(snapshot.stats))
     if (attempts := attempts_table(snapshot)) is not None:
