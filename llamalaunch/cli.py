@@ -11,7 +11,9 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
 
 app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven GPUs and RPC workers.",
@@ -32,7 +34,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except LaunchError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -94,7 +96,8 @@ def plan_inputs(model: str | None, demo: bool, llama_server: str | None, rpc: li
 
 @toolchain_app.callback()
 @reports_errors
-def toolchain_show(ctx: typer.Context, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False) -> None:
+def toolchain_show(ctx: typer.Context, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
+                   config: ConfigOpt = None) -> None:
     """Show which llama-server, ggml-rpc-server and llama-fit-params will be used."""
     if ctx.invoked_subcommand is not None:
         return
@@ -137,7 +140,8 @@ def demo_model(path_only: Annotated[bool, typer.Option("--path", help="Print onl
 
 @app.command()
 @reports_errors
-def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], as_json: JsonOpt = False) -> None:  # noqa: B006
+def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], as_json: JsonOpt = False,  # noqa: B006
+            config: ConfigOpt = None) -> None:
     """Show the free memory of every device llama.cpp would use, in its order."""
     from llamalaunch.observe.render import devices_table
     from llamalaunch.probe.inventory import probe_devices
@@ -164,7 +168,7 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
          overhead: OverheadOpt = [], llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,  # noqa: B006
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
-         ) -> None:
+         config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
     from llamalaunch.observe.render import plan_view
     from llamalaunch.plan.schema import plan_to_dict
@@ -212,7 +216,7 @@ def serve(ctx_: typer.Context,
                                                                              "a load counts as stalled.")] = 600,
           force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
           no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines even on a terminal.")] = False,
-          ) -> None:
+          config: ConfigOpt = None) -> None:
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
     from llamalaunch.launch.serve import run_serve, ServeRequest
 
@@ -224,7 +228,8 @@ def serve(ctx_: typer.Context,
     from llamalaunch.observe.live import ServeConsole
 
     view = ServeConsole(out, tui=not no_tui and out.is_terminal)
-    code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=tuple(ctx_.args),
+    extra_args = tuple(ctx_.args) or tuple(ctx_.lookup_default("extra_args") or ())
+    code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=extra_args,
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,
                                           max_restarts=max_restarts, backoff_initial_s=backoff,
                                           load_timeout_s=load_timeout),
@@ -234,3 +239,9 @@ def serve(ctx_: typer.Context,
 
 def main() -> None:
     app()
+
+
+from llamalaunch import cli_ops, cli_status  # noqa: E402  # at the bottom: they fetch reports_errors from here
+
+cli_ops.register(app)
+cli_status.register(app)
