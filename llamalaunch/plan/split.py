@@ -127,15 +127,16 @@ class Fitter:
                 + self.costs.overhead_bytes(device))
 
 
-def output_device_orders(devices: Sequence[Device]) -> list[tuple[Device, ...]]:
-    """Candidate orders: llama.cpp's order, with each device tried as the last one.
+def output_device_orders(devices: Sequence[Device], request: Request) -> list[tuple[Device, ...]]:
+    """Candidate orders: llama.cpp's order, and the same with the roomiest device moved last.
 
     The last device holds the output layer and the largest compute buffer, so which device is
     last matters most; the others keep llama.cpp's order (RPC first), which keeps `-dev` short.
     """
     orders = [tuple(devices)]
-    for last in devices[:-1]:
-        orders.append(tuple(device for device in devices if device is not last) + (last,))
+    roomiest = max(devices, key=lambda device: device_limit(device, request))
+    if roomiest is not devices[-1]:
+        orders.append(tuple(device for device in devices if device is not roomiest) + (roomiest,))
     return orders
 
 
@@ -163,7 +164,7 @@ def choose_placement(fitter: Fitter, devices: Sequence[Device], n_gpu_layers: in
         return None
     best: Choice | None = None
     best_spare = -1.0
-    for order in output_device_orders(usable):
+    for order in output_device_orders(usable, fitter.request):
         counts = fitter.place(order, n_gpu_layers)
         if counts is None:
             continue

@@ -8,6 +8,7 @@ from llama-server's folder first, so the three always come from one build when t
 from __future__ import annotations
 
 import mmap
+import json
 import os
 import re
 import shutil
@@ -170,16 +171,55 @@ def inspect_binary(path: Path, name: str) -> Binary:
     with _inspected_lock:
         if key in _inspected:
             return _inspected[key]
+    binary = _read_inspection(key) or _inspect_now(path, name)
+    _write_inspection(key, binary)
+    with _inspected_lock:
+        _inspected[key] = binary
+    return binary
+
+
+def _inspection_file() -> Path:
+    return cache_dir() / "inspected-binaries.json"
+
+
+def _read_inspection(key: tuple[str, str, int, int]) -> Binary | None:
+    """The on-disk record of an earlier inspection: a CUDA build's --help costs seconds to start."""
+    try:
+        record = json.loads(_inspection_file().read_text()).get(repr(key))
+        if record is None:
+            return None
+        return Binary(name=record["name"], path=Path(record["path"]), version=record["version"],
+                      backend=record["backend"], capabilities=frozenset(record["capabilities"]),
+                      options=frozenset(record["options"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_inspection(key: tuple[str, str, int, int], binary: Binary) -> None:
+    path = _inspection_file()
+    try:
+        records = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(records, dict):
+            records = {}
+        records[repr(key)] = {"name": binary.name, "path": str(binary.path), "version": binary.version,
+                              "backend": binary.backend, "capabilities": sorted(binary.capabilities),
+                              "options": sorted(binary.options)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(json.dumps(records))
+        os.replace(temp, path)
+    except (OSError, ValueError):
+        pass  # a cache that cannot be written only costs time
+
+
+def _inspect_now(path: Path, name: str) -> Binary:
     help_text = _run_for_output(path, "--help")
     options = frozenset(parse_help_options(help_text))
     # ggml-rpc-server has no --version (it rejects the flag); it is built from the same tree.
     version = parse_version(_run_for_output(path, "--version")) if "--version" in options else "unknown"
-    binary = Binary(name=name, path=path, version=version, backend=detect_backend(path),
-                    capabilities=frozenset(flag for flag in CAPABILITY_FLAGS if flag in options),
-                    options=options)
-    with _inspected_lock:
-        _inspected[key] = binary
-    return binary
+    return Binary(name=name, path=path, version=version, backend=detect_backend(path),
+                  capabilities=frozenset(flag for flag in CAPABILITY_FLAGS if flag in options),
+                  options=options)
 
 
 def _run_for_output(path: Path, flag: str) -> str:
