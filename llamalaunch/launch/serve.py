@@ -21,13 +21,14 @@ from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEv
 from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
+from llamalaunch.observe.calibration import RunCalibration, load_overheads, overheads_for
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.schema import plan_to_dict
+from llamalaunch.units import parse_size
 from llamalaunch.plan.types import Plan
-from llamalaunch.probe.assume import parse_device_sizes
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.inventory import fill_unknown_memory, probe_devices
 from llamalaunch.toolchain.demo import demo_model_path
@@ -62,8 +63,7 @@ class PlanInputs:
                 raise
             toolchain = None
             problems.append(f"{error}; the command line assumes a current llama-server")
-        overheads = {**DEFAULT_OVERHEAD_BYTES, **parse_device_sizes(overhead, "--overhead")} if overhead \
-            else dict(DEFAULT_OVERHEAD_BYTES)
+        overheads = parse_overheads(overhead)
         return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems)
 
     def probe(self) -> tuple[Device, ...]:
@@ -76,10 +76,32 @@ class PlanInputs:
         request = lessons.apply(self.request) if lessons is not None else self.request
         options = ArgvOptions(self.model_path,
                               self.toolchain.server.capabilities if self.toolchain is not None else None)
-        return make_plan(self.profile, self.probe(), request, options, self.overhead)
+        devices = self.probe()
+        return make_plan(self.profile, devices, request, options, self.overheads(devices))
+
+    def overheads(self, devices: Sequence[Device]) -> dict[str, int]:
+        """Defaults, then what calibration measured for these GPUs, then the user's --overhead."""
+        calibrated = overheads_for(devices, load_overheads())
+        by_backend = {key for key in self.overhead if not key[-1].isdigit()}
+        calibrated = {name: size for name, size in calibrated.items()
+                      if not any(d.name == name and d.backend in by_backend for d in devices)}
+        return {**DEFAULT_OVERHEAD_BYTES, **calibrated, **self.overhead}
 
     def server_name(self) -> str:
         return str(self.toolchain.server.path) if self.toolchain is not None else "llama-server"
+
+
+def parse_overheads(values: Sequence[str]) -> dict[str, int]:
+    """--overhead CUDA=600MiB (a backend) or CUDA1=700MiB (one device)."""
+    sizes: dict[str, int] = {}
+    for value in values:
+        for item in value.split(","):
+            name, sep, size = item.partition("=")
+            if not sep or not name.strip():
+                raise BadInputError(f"--overhead {item!r} is not NAME=SIZE", "write it like --overhead CUDA=600MiB")
+            sizes[name.strip()] = parse_size(size, f"--overhead {name.strip()}") if size.strip() not in ("0", "0B") \
+                else 0
+    return sizes
 
 
 # Options whose value the plan decides: passing them after -- would contradict it.
@@ -153,8 +175,11 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
                            api_key_file=serve.api_key_file, log_path=log_path)
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
 
+    calibration = RunCalibration()
+
     def record_and_show(event: SupervisorEvent) -> None:
         recorder.record(event, supervisor)
+        calibration.on_event(event)
         on_event(event)
 
     supervisor = Supervisor(options, inputs.plan, record_and_show)
