@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
 
+
+@contextlib.contextmanager
+def usage_errors_on_one_line() -> Iterator[None]:
+    """Click's usage errors (an unknown option, a value of the wrong type) as one `error:` line, exit 2:
+    the same shape as every other bad input, instead of a usage block and a boxed message."""
+    try:
+        yield
+    except typer.TyperException as error:  # click's UsageError lives in typer's private copy of click
+        context = getattr(error, "ctx", None)
+        if getattr(error, "exit_code", None) != 2 or type(error).__name__ == "NoArgsIsHelpError":
+            raise  # `llamalaunch` alone prints its help
+        message = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
+        where = f"`{context.command_path} --help`" if context is not None else "`llamalaunch --help`"
+        err.print(f"[red]error:[/red] {escape(message)} (see {where})", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The root command: usage errors of any command below it come out as one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with usage_errors_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with usage_errors_on_one_line():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven GPUs and RPC workers.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineUsageErrors)
 toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True)
 app.add_typer(toolchain_app, name="toolchain")
 
@@ -219,7 +250,16 @@ def serve(ctx_: typer.Context,
           config: ConfigOpt = None) -> None:
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
     from llamalaunch.launch.serve import run_serve, ServeRequest
+    from llamalaunch.plan.parse import check_api_key_file, parse_count, parse_listen_host, parse_seconds
 
+    # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
+    host = parse_listen_host(host)
+    port = None if port is None else parse_count(port, "--port", 0, 65535)
+    max_attempts = parse_count(max_attempts, "--max-attempts", 1, 100)
+    max_restarts = parse_count(max_restarts, "--max-restarts", 0)
+    backoff = parse_seconds(backoff, "--backoff", 0, 3600)
+    load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
+    api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
     inputs = plan_inputs(model, demo or model is None, llama_server, rpc, assume, overhead, dict(
         ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,

@@ -156,8 +156,11 @@ def worker_command(
     )
     from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
 
+    from llamalaunch.plan.parse import parse_count
+
     cli = _cli()
     bind = check_host(host)
+    threads = None if threads is None else parse_count(threads, "-t/--threads", 1, 4096)
     if warning := exposure_warning(bind):
         cli.err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     binary = find_rpc_server(rpc_server, llama_server)

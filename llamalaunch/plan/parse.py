@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.plan.request import CACHE_TYPES, FLASH_ATTN, Request
@@ -27,10 +30,43 @@ def parse_count(value: int, option: str, minimum: int = 1, maximum: int = 1 << 2
     return value
 
 
+def parse_seconds(value: float, option: str, minimum: float, maximum: float) -> float:
+    """A duration option; NaN and infinity are out of range too (they would disable the timer)."""
+    if math.isnan(value) or not minimum <= value <= maximum:
+        raise BadInputError(f"{option} {value:g} is out of range", f"give seconds from {minimum:g} to {maximum:g}")
+    return value
+
+
+def parse_listen_host(host: str) -> str:
+    """--host for llama-server: an address or a name that resolves (llama-server binds it by getaddrinfo)."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise BadInputError(f"--host {host!r} is not an address", "give an IP address of this machine, like "
+                            "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    return host
+
+
+def check_api_key_file(path: Path) -> Path:
+    """--api-key-file as llama-server reads it (a key per line, `#` comments). A file without a key would
+    start a server that answers anyone: refused, as is one that cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise BadInputError(f"cannot read the API key file {path}: {why}", "check the path and its permissions"
+                            ) from None
+    if not any(line.strip() and not line.startswith("#") for line in lines):
+        raise BadInputError(f"the API key file {path} holds no key", "write the key on a line of its own")
+    return path
+
+
 def split_names(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise BadInputError(f"-dev {value!r} names no device", "list devices in order, like -dev CUDA0,RPC0")
     if len(set(names)) != len(names):
         raise BadInputError(f"-dev {value!r} lists a device twice", "name each device once")
     return names
