@@ -191,7 +191,7 @@ def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], as_json: JsonOpt = False, 
 @reports_errors
 def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")] = None,
          demo: Annotated[bool, typer.Option("--demo", help="Plan the bundled demo model.")] = False,
-         ctx: CtxOpt = "4096", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
+         ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
          batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
          cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
          rpc: RpcOpt = [], assume: AssumeOpt = [], device: DevOpt = None,  # noqa: B006

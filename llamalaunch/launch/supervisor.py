@@ -318,8 +318,19 @@ class Supervisor:
         self._set_phase("stopping", f"signal {signal.Signals(signum).name}")
         self.notifier.stopping()
         returncode = self._stop_child()
+        self._pass_on_last_lines()
         self._set_phase("stopped", f"llama-server exited with code {returncode}")
         return 128 + signum
+
+    def _pass_on_last_lines(self) -> None:
+        """What the child printed while stopping (its memory breakdown) still reaches the listeners."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, ChildLine):
+                self.on_event(SupervisorEvent("line", item.text))
 
 
 def describe_layers(plan: Plan) -> str:

@@ -72,6 +72,8 @@ class Planner:
         return max(self.profile.n_ctx_train or CTX_STEP, self.request.ctx_min_tokens)
 
     def solve(self) -> tuple[int, Choice]:
+        if not self.devices and self.request.devices is None:
+            return self.host_only()
         full = self.profile.n_slots
         floor = max(self.request.ctx_min_tokens, CTX_STEP)
         if self.request.n_gpu_layers is not None:
@@ -90,6 +92,11 @@ class Planner:
             if found is not None:
                 return found
         return self.spill_or_fail(ctx)
+
+    def host_only(self) -> tuple[int, Choice]:
+        """No GPU and no worker: llama-server runs every layer on the CPU, as it would by itself."""
+        wanted = self.request.ctx_tokens or self.ctx_ceiling()
+        return round_ctx(wanted), Choice((), (), 0, {})
 
     def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
         if self.request.cpu_spill:
