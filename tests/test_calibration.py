@@ -9,8 +9,8 @@ from llamalaunch.observe.calibration import Calibrator, RunCalibration, load_ove
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llama-server-logs" / \
-    "cuda-h100-excerpts-8b.log"
+FIXTURES = Path(__file__).parent / "fixtures" / "llama-server-logs"
+FIXTURE = FIXTURES / "cuda-h100-excerpts-8b.log"
 
 
 def h100(free_mib: int) -> Device:
@@ -50,3 +50,12 @@ def test_rpc_and_what_if_devices_are_not_calibrated(tmp_path: Path) -> None:
     assert Calibrator([worker]).devices == {}
     run.on_event(SupervisorEvent("phase", "stopped", phase="stopped"))
     assert run.recorded == {}
+
+
+def test_a_real_h100_run_that_filled_its_context(tmp_path: Path) -> None:
+    """H100 squeezed to 10,238 MiB free, 8B at ctx 42752, a 42720-token prompt, then SIGTERM (seen)."""
+    calibrator = Calibrator([h100(10238)])
+    for line in (FIXTURES / "cuda-h100-8b-ctx42752-filled.log").read_text().splitlines():
+        calibrator.feed(line)
+    recorded = calibrator.record(tmp_path / "c.json")
+    assert recorded == {"CUDA0": (10238 - 112 - 9520) * MIB}

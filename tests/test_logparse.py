@@ -11,7 +11,7 @@ from llamalaunch.launch.logparse import (
     ModelLoaded, OutOfMemory, buffer_device, parse_events, parse_line)
 from llamalaunch.units import MIB
 
-FIXTURES = Path("/work/shared/fixtures/llama-server-logs")
+FIXTURES = Path(__file__).parent / "fixtures" / "llama-server-logs"
 RPC_LOG = FIXTURES / "cpu-2rpc-smollm2-ts1-3-verbose.log"
 CUDA_8B = FIXTURES / "cuda-h100-excerpts-8b.log"
 CUDA_70B = FIXTURES / "cuda-h100-excerpts-70b-partial.log"

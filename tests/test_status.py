@@ -51,7 +51,7 @@ from llamalaunch.units import GIB, MIB
 from tests.serve_support import ServeRun, complete, start_serve, wait_gone
 from tests.support import RpcWorker, free_port
 
-FIXTURE_LOG = Path("/work/shared/fixtures/llama-server-logs/cpu-2rpc-smollm2-ts1-3-verbose.log")
+FIXTURE_LOG = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cpu-2rpc-smollm2-ts1-3-verbose.log"
 
 # /metrics of a real llama-server (this build) after the readiness check and one 16-token completion.
 METRICS_TEXT = """\
