@@ -4,7 +4,7 @@
 source bench/gpu/env.sh
 M=/tmp/seed-models
 [ -f $M/llama-8b.gguf ] || python3 bench/gpu/seed_models.py $M
-wait_for() { for _ in $(seq 1 "$3"); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 1; done; return 1; }
+wait_for() { for _ in $(seq 1 "$3"); do grep -qE "$2" "$1" 2>/dev/null && return 0; sleep 1; done; return 1; }
 
 echo "=== OOM ladder: 10 GiB free, then 3 GiB more taken as llama-server starts"
 python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!
@@ -12,7 +12,7 @@ wait_for /tmp/b1.log "ballast ready" 60; cat /tmp/b1.log
 python3 bench/ballast.py 3072 --grow-when "llama-server -m $M/llama-8b.gguf" > /tmp/b2.log 2>&1 & B2=$!
 sleep 5
 $LL serve $M/llama-8b.gguf --ctx max --no-tui --name ladder > $OUT/ladder.txt 2>&1 & S=$!
-wait_for $OUT/ladder.txt "ready:\|failed:" 240
+wait_for $OUT/ladder.txt "^[0-9T:-]+ (ready|failed):" 240
 cat /tmp/b2.log
 COLUMNS=150 $LL status --once --name ladder > $OUT/status.txt 2>&1; cat $OUT/status.txt
 kill -TERM $S; wait $S; echo "serve exit $?"; cat $OUT/ladder.txt
@@ -22,7 +22,7 @@ echo "=== calibration: serve at 10 GiB free, fill the context, stop"
 python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!
 wait_for /tmp/b1.log "ballast ready" 60
 $LL serve $M/llama-8b.gguf --ctx max --no-tui --name cal > /tmp/cal.txt 2>&1 & S=$!
-wait_for /tmp/cal.txt "ready:" 120; cat /tmp/cal.txt
+wait_for /tmp/cal.txt "^[0-9T:-]+ (ready|failed):" 120; cat /tmp/cal.txt
 python3 - <<'PY'
 import json, sys
 sys.path.insert(0, ".")
