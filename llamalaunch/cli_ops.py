@@ -154,9 +154,8 @@ def worker_command(
         stop_on_signals,
         worker_specs,
     )
-    from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
-
     from llamalaunch.plan.parse import parse_count
+    from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
 
     cli = _cli()
     bind = check_host(host)
