@@ -18,20 +18,27 @@ _FATAL = (
      "RPC worker {0} is unreachable", "start ggml-rpc-server there (`llamalaunch worker`) or drop it from --rpc"),
 )
 
+# ggml-rpc aborts llama-server when a worker vanishes in the middle of a command; the line names no worker.
+_WORKER_LOST = re.compile(r"Remote RPC server crashed or returned malformed response")
+
 
 @dataclass(frozen=True)
 class Failure:
     message: str
     hint: str
+    worker_lost: bool = False  # not fatal as such: probing the workers tells which one, and if it is back
 
 
 def classify_failure(lines: Sequence[str], returncode: int) -> Failure:
-    """The first fatal pattern in the child's output, or its exit code and last line."""
+    """The first fatal pattern in the child's output, a lost RPC worker, or its exit code and last line."""
     for line in lines:
         for pattern, message, hint in _FATAL:
             match = pattern.search(line)
             if match:
                 return Failure(message.format(*match.groups()).replace("  ", " "), hint)
+    if any(_WORKER_LOST.search(line) for line in lines):
+        return Failure("an RPC worker stopped answering while llama-server loaded onto it",
+                       "check the workers with `llamalaunch devices --rpc ...` and their logs", worker_lost=True)
     last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
     return Failure(f"llama-server exited with code {returncode} before it was ready: {last[:200]}",
                    "see the server log for the full output")

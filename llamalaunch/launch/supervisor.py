@@ -102,6 +102,7 @@ class Supervisor:
         self._stop_signal: int | None = None
         self._replanning_after: str | None = None  # the OOM lesson the next plan must honour
         self._watchdog_sent_at = float("-inf")
+        self._log_error_told = False
 
     @property
     def base_url(self) -> str:
@@ -159,6 +160,7 @@ class Supervisor:
                     lines.append(item.text)
                 self.recent.append(item.text)
                 self.on_event(SupervisorEvent("line", item.text))
+                self._tell_log_error()
                 oom.feed(item.text)
                 if not ready and "listening on" in item.text:
                     self._check_ready_in_background()
@@ -196,10 +198,14 @@ class Supervisor:
             return self._oom_retry(oom, plan)
         if not ready:
             failure = classify_failure(lines, returncode)
-            self._fail(failure.message)
-            raise ServeFailed(failure.message, failure.hint)
+            if not failure.worker_lost:
+                self._fail(failure.message)
+                raise ServeFailed(failure.message, failure.hint)
+            # Launched again like a crash: the next plan's probe names the lost worker, or finds it back.
+            lesson = failure.message
+        else:
+            lesson = self.lessons.learn_runtime_oom() if oom else f"llama-server exited with code {returncode}"
         self.restarts += 1
-        lesson = self.lessons.learn_runtime_oom() if oom else f"llama-server exited with code {returncode}"
         if self.restarts > self.options.max_restarts:
             message = f"llama-server crashed {self.restarts} times; giving up ({lesson})"
             self._fail(message)
@@ -304,6 +310,13 @@ class Supervisor:
                 return self.queue.get(timeout=min(left, self.notifier.watchdog_interval_s or left))
             except queue.Empty:
                 continue
+
+    def _tell_log_error(self) -> None:
+        """A log that cannot be written (disk full) does not stop the server; it is said once."""
+        if self.sink is not None and self.sink.write_error and not self._log_error_told:
+            self._log_error_told = True
+            self.on_event(SupervisorEvent("warning", f"{self.sink.write_error}; llama-server keeps running, "
+                                                     "its output is no longer logged"))
 
     def _watchdog(self) -> None:
         interval_s = self.notifier.watchdog_interval_s
