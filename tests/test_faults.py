@@ -203,6 +203,31 @@ def test_a_second_serve_on_the_same_port_fails_and_the_first_keeps_serving(
     assert first.wait_exit() == 128 + signal.SIGTERM
 
 
+# --- safe defaults, seen on a real run ---------------------------------------------------------------
+
+
+def test_api_key_stays_out_of_argv_logs_and_state_and_the_server_binds_loopback(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, tmp_path: Path) -> None:
+    key = "sk-test-4c2f9e1d7b"
+    key_file = tmp_path / "api.key"
+    key_file.write_text(f"# llama-server key\n{key}\n")
+    run = serve(demo_model, "--rpc", rpc_workers().endpoint, "--ctx", "2k", "--api-key-file", str(key_file))
+    _, url, _ = run.wait_ready()  # readiness itself needs the key: the launcher read it from the file
+    server = run.server()
+    with pytest.raises(OSError, match="401"):
+        complete(url, n_predict=1)  # no key, no answer
+    assert key not in " ".join(server.cmdline()) and str(key_file) in server.cmdline()
+    assert key not in run.state_path.read_text() and key not in run.log_path.read_text()
+    assert key not in run.output
+    for private in (run.state_path, run.log_path):
+        assert private.stat().st_mode & 0o077 == 0, oct(private.stat().st_mode)  # 0600
+    assert run.state_path.parent.stat().st_mode & 0o077 == 0  # the state folder: 0700
+    listening = {c.laddr.ip for c in server.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"}, listening
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 128 + signal.SIGTERM
+
+
 def test_no_process_of_these_tests_is_left(llama_bin_dir: Path) -> None:
     """Run last in this file: no llama-server, worker or keeper started from this test process lives on."""
     me = psutil.Process()

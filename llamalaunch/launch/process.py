@@ -69,7 +69,7 @@ class LogSink:
         self.path = path
         self.max_bytes = max_bytes
         self.write_error: str | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as write_state makes it
         self._file = open(path, "a", encoding="utf-8", opener=_private_opener)
 
     def write(self, line: str) -> None:
