@@ -201,7 +201,7 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
-    from llamalaunch.observe.render import plan_view
+    from llamalaunch.observe.render import command_line, plan_view
     from llamalaunch.plan.schema import plan_to_dict
 
     inputs = plan_inputs(model, demo, llama_server, rpc, assume, overhead, dict(
@@ -213,7 +213,8 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
     if as_json:
         print_json(plan_to_dict(result))
     else:
-        out.print(plan_view(result, inputs.server_name()))
+        out.print(plan_view(result))
+        out.print(command_line(inputs.server_name(), result.argv), soft_wrap=True, highlight=False, markup=False)
         for problem in inputs.problems:
             err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
     if verify:

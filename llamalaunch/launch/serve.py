@@ -7,6 +7,7 @@ import dataclasses
 import signal
 import socket
 import time
+from types import MappingProxyType
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,13 @@ from llamalaunch.errors import BadInputError, ServeError, ToolchainError
 from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
-from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES
+from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES, Estimate, Placement, SlotRange
+from llamalaunch.model.measured import ComponentError, compare, measure_plan
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import RunCalibration, load_overheads, overheads_for
 from llamalaunch.paths import cache_dir, state_dir
-from llamalaunch.plan.argv import ArgvOptions
+from llamalaunch.plan.argv import ArgvOptions, child_names
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.schema import plan_to_dict
@@ -32,7 +34,7 @@ from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.inventory import fill_unknown_memory, probe_devices
 from llamalaunch.toolchain.demo import demo_model_path
-from llamalaunch.toolchain.discover import Toolchain, find_toolchain
+from llamalaunch.toolchain.discover import INSTALL_HINT, Toolchain, find_toolchain
 
 
 @dataclass
@@ -86,6 +88,21 @@ class PlanInputs:
         calibrated = {name: size for name, size in calibrated.items()
                       if not any(d.name == name and d.backend in by_backend for d in devices)}
         return {**DEFAULT_OVERHEAD_BYTES, **calibrated, **self.overhead}
+
+    def verify(self, plan: Plan) -> list[ComponentError]:
+        """Load the plan's argv in the real llama-server and compare, per device and component."""
+        if self.toolchain is None:
+            raise ToolchainError("--verify needs llama-server", INSTALL_HINT)
+        argv = list(plan.argv)
+        endpoints = argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
+        names = child_names(self.devices, endpoints)
+        ranges = tuple(SlotRange(names[p.device.name], p.device.backend, p.first_slot or 0, p.n_layers)
+                       for p in plan.devices if not p.excluded)
+        placement = Placement(ranges)
+        measured = measure_plan(self.toolchain.server.path, argv, placement, endpoints)
+        planned = Estimate(MappingProxyType({names[p.device.name]: p.memory for p in plan.devices if not p.excluded}),
+                           plan.host)
+        return compare(planned, measured.estimate)
 
     def server_name(self) -> str:
         return str(self.toolchain.server.path) if self.toolchain is not None else "llama-server"

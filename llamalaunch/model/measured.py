@@ -84,6 +84,18 @@ def measure_load(bin_dir: Path, model_path: str, placement: Placement, request: 
     if not (bin_dir / "llama-server").exists():
         raise ToolchainError(f"llama-server not found in {bin_dir}", "run scripts/setup or pass the bin directory")
     argv = server_argv(bin_dir, model_path, placement, request, ctx_tokens, rpc_endpoints, _free_port())
+    return measure_argv(argv, placement, rpc_endpoints, log_dir, timeout_s)
+
+
+def measure_plan(server: Path, plan_argv: Sequence[str], placement: Placement, rpc_endpoints: Sequence[str],
+                 timeout_s: float = LOAD_TIMEOUT_S) -> Measurement:
+    """A plan's own argv, loaded for real (`plan --verify`)."""
+    argv = [str(server), *plan_argv, "--host", "127.0.0.1", "--port", str(_free_port()), "--no-warmup", "-lv", "5"]
+    return measure_argv(argv, placement, rpc_endpoints, None, timeout_s)
+
+
+def measure_argv(argv: list[str], placement: Placement, rpc_endpoints: Sequence[str], log_dir: Path | None,
+                 timeout_s: float) -> Measurement:
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="llamalaunch-measure-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{os.getpid()}-{time.monotonic_ns()}.log"

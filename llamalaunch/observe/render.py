@@ -12,7 +12,8 @@ from rich.text import Text
 from llamalaunch.plan.types import DevicePlan, Plan
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.toolchain.discover import Binary, Toolchain
-from llamalaunch.units import format_bytes
+from llamalaunch.model.measured import ComponentError, within_tolerance
+from llamalaunch.units import MIB, format_bytes
 
 
 def _slots(plan: DevicePlan) -> str:
@@ -54,11 +55,11 @@ def command_line(server: str, argv: Sequence[str]) -> str:
     return shlex.join([server, *argv])
 
 
-def plan_view(plan: Plan, server: str) -> Group:
+def plan_view(plan: Plan) -> Group:
+    """The table and why devices were left out; the command line is printed unwrapped by the caller."""
     parts: list[Table | Text] = [plan_table(plan)]
     parts += [Text(f"{d.device.name} left out: {d.reason}", style="yellow") for d in plan.devices if d.excluded]
     parts += [Text(note, style="yellow") for note in plan.notes]
-    parts.append(Text(command_line(server, plan.argv)))
     return Group(*parts)
 
 
@@ -90,4 +91,16 @@ def toolchain_table(toolchain: Toolchain) -> Table:
         else:
             table.add_row(name, str(binary.path), binary.version, binary.backend,
                           " ".join(sorted(binary.capabilities)))
+    return table
+
+
+def verify_table(rows: Sequence[ComponentError]) -> Table:
+    """`plan --verify`: what the plan said against what llama-server allocated, per device and component."""
+    table = Table(title="planned vs llama-server's own buffers (a real load of the plan's argv)", title_justify="left")
+    for column in ("device", "component", "planned", "llama-server", "difference", "within tolerance"):
+        table.add_column(column, justify="left" if column in ("device", "component") else "right", no_wrap=True)
+    for row in rows:
+        ok = within_tolerance(row)
+        table.add_row(row.device, row.component, format_bytes(row.planned_bytes), format_bytes(row.measured_bytes),
+                      f"{row.error_bytes / MIB:+.2f} MiB", Text("yes" if ok else "NO", style="green" if ok else "red"))
     return table

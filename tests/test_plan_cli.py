@@ -1,0 +1,61 @@
+"""`llamalaunch plan` as a user runs it: the table, the JSON schema, --verify against a real load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support import RpcWorker
+
+SCHEMA_DEVICE_KEYS = {"name", "backend", "free_bytes", "total_bytes", "excluded", "reason", "n_layers", "first_slot",
+                      "weights_bytes", "kv_bytes", "compute_bytes", "reserved_bytes", "planned_bytes",
+                      "headroom_bytes"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llamalaunch", *args], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COLUMNS": "150"})
+
+
+def test_json_keeps_the_documented_schema(demo_model: Path) -> None:
+    result = run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--assume", "CUDA1=100MiB", "--ctx", "8k",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema"] == 1
+    assert {"path", "arch", "n_layer", "n_slots"} <= set(data["model"])
+    assert data["ctx"] == 8192
+    assert [d["name"] for d in data["devices"]] == ["CUDA0", "CUDA1"]
+    for device in data["devices"]:
+        assert SCHEMA_DEVICE_KEYS <= set(device)
+    small = data["devices"][1]
+    assert small["excluded"] and small["reason"].startswith("cannot hold one layer")
+    assert {"weights_bytes", "kv_bytes", "compute_bytes"} <= set(data["host"])
+    assert data["argv"][:2] == ["-m", str(demo_model)]
+
+
+def test_table_names_devices_layers_and_the_command_line(demo_model: Path) -> None:
+    result = run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--ctx", "4k")
+    assert result.returncode == 0, result.stderr
+    assert "ctx 4096  layers on devices 31/31" in result.stdout
+    assert "│ CUDA0  │ 24.00 GiB │ 0-30  │     31 │" in result.stdout
+    assert "-c 4096 -ngl 31" in result.stdout
+
+
+@pytest.mark.llama
+def test_verify_compares_the_plan_with_a_real_load(demo_model: Path, llama_bin_dir: Path,
+                                                   rpc_workers: Callable[..., RpcWorker]) -> None:
+    workers = [rpc_workers(), rpc_workers()]
+    result = run_cli("plan", str(demo_model), "--ctx", "6k", "--rpc", ",".join(w.endpoint for w in workers),
+                     "--budget", "RPC0=150MiB", "--budget", "RPC1=300MiB", "--verify",
+                     "--llama-server", str(llama_bin_dir / "llama-server"))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│ RPC") or line.startswith("│ Host")]
+    verify_rows = [row for row in rows if "weights" in row or " kv " in row or "compute" in row]
+    assert len(verify_rows) == 9
+    assert all(row.rstrip(" │").endswith("yes") for row in verify_rows), "\n".join(verify_rows)
