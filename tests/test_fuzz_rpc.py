@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llamalaunch.probe import rpc
@@ -171,6 +171,13 @@ mutated_seeds = st.builds(mutate, st.sampled_from(SEEDS),
 reply_streams = st.one_of(framed_sessions(), mutated_seeds, st.binary(max_size=160))
 
 
+def with_each_outcome(test: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """Explicit examples first, so that even a short run (LLAMALAUNCH_FUZZ_EXAMPLES=100) sees every outcome."""
+    for replies in (REAL_SESSION, frame(bytes([8, 0, 0, 0]) + bytes(24)), REAL_HELLO[:10], b"HTTP/1.1 400"):
+        test = example(replies)(test)
+    return test
+
+
 # --- tests ----------------------------------------------------------------------------------------
 
 
@@ -187,6 +194,7 @@ def test_fuzz_reply_parser(capsys: pytest.CaptureFixture[str]) -> None:
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(reply_streams)
+    @with_each_outcome
     def fuzz(replies: bytes) -> None:
         tally.check(lambda: probe_bytes(replies), ENDPOINT)
 
@@ -270,6 +278,7 @@ def test_fuzz_probe_worker_over_loopback(loopback: LoopbackReplies, capsys: pyte
     @settings(max_examples=SOCKET_EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(reply_streams)
+    @with_each_outcome
     def fuzz(replies: bytes) -> None:
         loopback.replies = replies
         began = time.monotonic()
