@@ -151,9 +151,9 @@ def worker_command(
         exposure_warning,
         find_rpc_server,
         select_gpus,
-        stop_on_signals,
         worker_specs,
     )
+    from llamalaunch.launch.process import stop_on_signals
     from llamalaunch.plan.parse import parse_count
     from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
 
@@ -170,7 +170,7 @@ def worker_command(
     specs = worker_specs(binary, selected, bind, port_base, threads)
     check_ports_free(specs)
     pool = WorkerPool(specs, _worker_view(cli.out, quiet), max_restarts=max_restarts)
-    with stop_on_signals(pool):
+    with stop_on_signals(pool.request_stop):
         code = pool.run()
     raise typer.Exit(code)
 

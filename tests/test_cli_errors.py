@@ -164,9 +164,6 @@ def test_ctx_max_is_allowed_for_the_context_itself(invoke: Invoke) -> None:
 
 
 @pytest.mark.llama
-@pytest.mark.xfail(strict=True, reason="serve validates device names only when the supervisor plans, after it "
-                                       "has written a failed run state (launch/serve.py: plan once before "
-                                       "StateRecorder, or check names against the inventory first)")
 def test_serve_with_an_unknown_device_writes_nothing(invoke: Invoke, home: Path) -> None:
     outcome = invoke(*SERVE, "--reserve", "CUDA9=1GiB")
     assert outcome.code == 2

@@ -165,9 +165,6 @@ def tiny_home(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="launch/serve.py StateRecorder.record lets write_state's OSError (ENOSPC) "
-                                       "out: the launcher dies with a traceback and stops llama-server; it should "
-                                       "keep serving and warn once, as the supervisor does for the log")
 def test_a_full_disk_under_the_run_state_does_not_stop_the_server(
         serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path, tiny_home: Path) -> None:
     run = serve(demo_model, "--rpc", rpc_workers().endpoint, "--ctx", "2k", home=tiny_home)

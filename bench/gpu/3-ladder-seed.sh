@@ -4,7 +4,6 @@
 source bench/gpu/env.sh
 M=/tmp/seed-models
 python3 bench/gpu/seed_models.py $M
-wait_for() { for _ in $(seq 1 "$3"); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 1; done; return 1; }
 
 echo "=== OOM ladder: 10 GiB free, then 3 GiB more taken as llama-server starts"
 python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!
@@ -13,7 +12,7 @@ COLUMNS=150 $LL plan $M/llama-8b.gguf --ctx max
 python3 bench/ballast.py 3072 --grow-when "llama-server -m $M/llama-8b.gguf" > /tmp/b2.log 2>&1 & B2=$!
 sleep 6
 $LL serve $M/llama-8b.gguf --ctx max --no-tui --name ladder > $OUT/ladder.txt 2>&1 & S=$!
-wait_for $OUT/ladder.txt "ready:" 180
+wait_for $OUT/ladder.txt "^[0-9T:-]+ (ready|failed):" 180
 cat /tmp/b2.log
 COLUMNS=150 $LL status --once --name ladder > $OUT/status.txt 2>&1; cat $OUT/status.txt
 kill -TERM $S; wait $S; echo "serve exit $?"; cat $OUT/ladder.txt
@@ -30,7 +29,7 @@ for spec in "devstral-24b-q5_k.gguf --ctx 32k" "devstral-24b-q5_k.gguf --ctx max
     COLUMNS=150 $LL plan $M/$1 "${@:2}" $SEED
     $LL plan $M/$1 "${@:2}" $SEED --json > /tmp/plan.json
     $LL serve $M/$1 "${@:2}" $SEED --no-tui --name seed --max-attempts 1 > /tmp/seed.log 2>&1 & S=$!
-    wait_for /tmp/seed.log "ready:\|failed:" 300
+    wait_for /tmp/seed.log "^[0-9T:-]+ (ready|failed):" 300
     cat /tmp/seed.log
     grep -E "assigned to device|model buffer size|KV buffer size|compute buffer size|memory_breakdown" \
         $LLAMALAUNCH_HOME/state/seed.log | grep -v "layer  *[0-9]*: dev" | tail -14

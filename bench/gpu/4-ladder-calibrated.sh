@@ -4,7 +4,6 @@
 source bench/gpu/env.sh
 M=/tmp/seed-models
 [ -f $M/llama-8b.gguf ] || python3 bench/gpu/seed_models.py $M
-wait_for() { for _ in $(seq 1 "$3"); do grep -qE "$2" "$1" 2>/dev/null && return 0; sleep 1; done; return 1; }
 
 echo "=== OOM ladder: 10 GiB free, then 3 GiB more taken as llama-server starts"
 python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!

@@ -6,6 +6,7 @@ launcher is killed with SIGKILL; stopping signals the whole group and escalates 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -14,9 +15,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -62,18 +64,24 @@ def _die_with_parent(launcher_pid: int) -> None:
 class LogSink:
     """Appends child lines to a file, rotating at `max_bytes` (one old file kept).
 
-    A full disk must not stop the server: write errors are counted and reported once.
+    A full disk must not stop the server: write errors are counted and reported once. The file is
+    opened at the first line, so a launch refused before the child starts leaves nothing behind.
     """
 
     def __init__(self, path: Path, max_bytes: int = 32 * 1024 * 1024) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.write_error: str | None = None
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as write_state makes it
-        self._file = open(path, "a", encoding="utf-8", opener=_private_opener)
+        self._file: TextIO | None = None
+
+    def _open(self) -> TextIO:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as write_state makes it
+        return open(self.path, "a", encoding="utf-8", opener=_private_opener)
 
     def write(self, line: str) -> None:
         try:
+            if self._file is None:
+                self._file = self._open()
             self._file.write(line + "\n")
             self._file.flush()
             if self._file.tell() > self.max_bytes:
@@ -82,13 +90,15 @@ class LogSink:
             self.write_error = self.write_error or f"cannot write the server log {self.path}: {error.strerror}"
 
     def _rotate(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         os.replace(self.path, self.path.with_suffix(self.path.suffix + ".1"))
-        self._file = open(self.path, "a", encoding="utf-8", opener=_private_opener)
+        self._file = self._open()
 
     def close(self) -> None:
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         except OSError:
             pass
 
@@ -145,3 +155,17 @@ class Child:
         returncode = self.process.wait()
         self._reader.join(timeout=2)
         return returncode
+
+
+@contextlib.contextmanager
+def stop_on_signals(request_stop: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ask for a clean stop (the supervising loop does the work)."""
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    for signum in handled:
+        signal.signal(signum, lambda number, _frame: request_stop(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

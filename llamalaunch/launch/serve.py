@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 import socket
 import time
 from types import MappingProxyType
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import psutil
 
 from llamalaunch.errors import BadInputError, ServeError, ToolchainError
 from llamalaunch.launch.lessons import Lessons
+from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
 from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES, Estimate, Placement, SlotRange
@@ -195,28 +194,16 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     calibration = RunCalibration()
 
     def record_and_show(event: SupervisorEvent) -> None:
-        recorder.record(event, supervisor)
+        problem = recorder.record(event, supervisor)
         calibration.on_event(event)
         on_event(event)
+        if problem is not None:
+            on_event(SupervisorEvent("warning", problem))
 
     supervisor = Supervisor(options, inputs.plan, record_and_show)
     recorder.url = supervisor.base_url
-    with forward_signals(supervisor):
+    with stop_on_signals(supervisor.request_stop):
         return supervisor.run()
-
-
-@contextlib.contextmanager
-def forward_signals(supervisor: Supervisor) -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP stop the server cleanly (the loop does the work)."""
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.getsignal(signum) for signum in handled}
-    for signum in handled:
-        signal.signal(signum, lambda number, _frame: supervisor.request_stop(number))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 class StateRecorder:
@@ -227,10 +214,12 @@ class StateRecorder:
         self.state = RunState(name=name, launcher_pid=me.pid, launcher_started_at=me.create_time(), url="",
                               model_path=model_path, log_path=log_path, phase="starting", started_at=time.time())
         self.url = ""
+        self.write_error: str | None = None
 
-    def record(self, event: SupervisorEvent, supervisor: Supervisor) -> None:
-        if event.kind == "line":
-            return
+    def record(self, event: SupervisorEvent, supervisor: Supervisor) -> str | None:
+        """Update the state file; a message the first time it cannot be written (serving goes on)."""
+        if event.kind == "line" or (event.plan is None and not self.state.plan):
+            return None  # nothing is written before there is a plan: bad input leaves no trace
         changes: dict[str, Any] = {"url": self.url, "phase": supervisor.phase, "restarts": supervisor.restarts,
                                    "updated_at": time.time(),
                                    "attempts": [dataclasses.asdict(a) for a in supervisor.attempts]}
@@ -246,4 +235,10 @@ class StateRecorder:
         if supervisor.child is not None:
             changes["child_pid"] = supervisor.child.pid
         self.state = dataclasses.replace(self.state, **changes)
-        write_state(self.state)
+        try:
+            write_state(self.state)
+        except OSError as error:
+            if self.write_error is None:
+                self.write_error = f"cannot write the run state file: {error.strerror}; `status` will lag"
+                return self.write_error
+        return None

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,15 +422,3 @@ def _start_hint(tail: Sequence[str]) -> str:
     return "run the worker's command by hand to see more"
 
 
-@contextlib.contextmanager
-def stop_on_signals(pool: WorkerPool) -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP stop every worker cleanly (the pool's loop does the work)."""
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.getsignal(signum) for signum in handled}
-    for signum in handled:
-        signal.signal(signum, lambda number, _frame: pool.request_stop(number))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
