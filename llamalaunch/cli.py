@@ -83,6 +83,8 @@ LlamaServerOpt = Annotated[Optional[str], typer.Option("--llama-server", help="P
 RpcOpt = Annotated[list[str], typer.Option("--rpc", help="RPC workers HOST:PORT (comma-separated or repeated).")]
 AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE[/TOTAL], e.g. CUDA0=24GiB; "
                                                                 "no probe runs.")]
+InventoryOpt = Annotated[Optional[Path], typer.Option("--inventory", help="File of what-if devices, one "
+                                                                         "NAME=FREE[/TOTAL] a line.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 CtxOpt = Annotated[str, typer.Option("-c", "--ctx-size", "--ctx", help="Context: 16k, 16384 or max.")]
 CtxMinOpt = Annotated[str, typer.Option("--ctx-min", help="Smallest context to accept when shrinking.")]
@@ -107,6 +109,13 @@ NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="For
                                                                           "slots.")]
 OverheadOpt = Annotated[list[str], typer.Option("--overhead", help="Memory outside llama.cpp's accounting, "
                                                                     "NAME=SIZE or BACKEND=SIZE (CUDA context).")]
+
+
+def what_if(assume: list[str], inventory: Path | None) -> list[str]:
+    """--assume values plus the lines of an --inventory file."""
+    from llamalaunch.probe.assume import read_inventory
+
+    return [*assume, *(read_inventory(inventory) if inventory is not None else [])]
 
 
 def plan_inputs(model: str | None, demo: bool, llama_server: str | None, rpc: list[str], assume: list[str],
@@ -171,19 +180,20 @@ def demo_model(path_only: Annotated[bool, typer.Option("--path", help="Print onl
 
 @app.command()
 @reports_errors
-def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], as_json: JsonOpt = False,  # noqa: B006
+def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
+            as_json: JsonOpt = False,
             config: ConfigOpt = None) -> None:
     """Show the free memory of every device llama.cpp would use, in its order."""
     from llamalaunch.observe.render import devices_table
     from llamalaunch.probe.inventory import probe_devices
     from llamalaunch.probe.schema import inventory_to_dict
 
-    inventory = probe_devices(rpc=rpc, assume=assume)
+    found = probe_devices(rpc=rpc, assume=what_if(assume, inventory))
     if as_json:
-        print_json(inventory_to_dict(inventory))
+        print_json(inventory_to_dict(found))
         return
-    out.print(devices_table(inventory.devices, inventory.host))
-    for problem in (*inventory.problems, *inventory.notes):
+    out.print(devices_table(found.devices, found.host))
+    for problem in (*found.problems, *found.notes):
         err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
 
 
@@ -194,7 +204,8 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
          ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
          batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
          cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
-         rpc: RpcOpt = [], assume: AssumeOpt = [], device: DevOpt = None,  # noqa: B006
+         rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
+         device: DevOpt = None,
          exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
          overhead: OverheadOpt = [], llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,  # noqa: B006
@@ -204,7 +215,7 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
     from llamalaunch.observe.render import command_line, plan_view
     from llamalaunch.plan.schema import plan_to_dict
 
-    inputs = plan_inputs(model, demo, llama_server, rpc, assume, overhead, dict(
+    inputs = plan_inputs(model, demo, llama_server, rpc, what_if(assume, inventory), overhead, dict(
         ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
         margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
@@ -231,7 +242,8 @@ def serve(ctx_: typer.Context,
           ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
           batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
           cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
-          rpc: RpcOpt = [], assume: AssumeOpt = [], device: DevOpt = None,  # noqa: B006
+          rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
+         device: DevOpt = None,
           exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
           margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
           overhead: OverheadOpt = [], llama_server: LlamaServerOpt = None,  # noqa: B006
@@ -261,7 +273,7 @@ def serve(ctx_: typer.Context,
     backoff = parse_seconds(backoff, "--backoff", 0, 3600)
     load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
     api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
-    inputs = plan_inputs(model, demo or model is None, llama_server, rpc, assume, overhead, dict(
+    inputs = plan_inputs(model, demo or model is None, llama_server, rpc, what_if(assume, inventory), overhead, dict(
         ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
         margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,

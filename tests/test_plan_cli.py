@@ -59,3 +59,18 @@ def test_verify_compares_the_plan_with_a_real_load(demo_model: Path, llama_bin_d
     verify_rows = [row for row in rows if "weights" in row or " kv " in row or "compute" in row]
     assert len(verify_rows) == 9
     assert all(row.rstrip(" │").endswith("yes") for row in verify_rows), "\n".join(verify_rows)
+
+
+def test_an_inventory_file_plans_like_the_same_assume_options(demo_model: Path, tmp_path: Path) -> None:
+    inventory = tmp_path / "box.txt"
+    inventory.write_text("# the seed's box\nCUDA0=24GiB\nCUDA1=6GiB  # the small card\n")
+    from_file = run_cli("plan", str(demo_model), "--inventory", str(inventory), "--ctx", "8k", "--json")
+    typed = run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--assume", "CUDA1=6GiB", "--ctx", "8k",
+                    "--json")
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout) == json.loads(typed.stdout)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    refused = run_cli("plan", str(demo_model), "--inventory", str(empty))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: the inventory") and "names no device" in refused.stderr

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import re
 from collections.abc import Sequence
 
@@ -104,3 +106,17 @@ def parse_assumptions(values: Sequence[str],
                free_bytes=parsed[name][1], total_bytes=parsed[name][2], order=order, assumed=True)
         for order, name in enumerate(names))
     return devices, assumed_host
+
+
+def read_inventory(path: Path) -> list[str]:
+    """What-if devices from a file: one NAME=FREE[/TOTAL] a line (as --assume takes), # for comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInputError(f"cannot read the inventory {path}: {getattr(error, 'strerror', None) or error}",
+                            "give a text file with one NAME=FREE[/TOTAL] a line, e.g. CUDA0=24GiB") from None
+    values = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    values = [value for value in values if value]
+    if not values:
+        raise BadInputError(f"the inventory {path} names no device", "add lines like CUDA0=24GiB or RPC0=6GiB/8GiB")
+    return values
