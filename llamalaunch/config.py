@@ -107,6 +107,8 @@ KEYS: tuple[Key, ...] = (
     Key("rpc", "list", PROBING, 'a list of workers like ["10.0.0.5:50052"]', check=split_endpoints),
     Key("assume", "sizes", PROBING, 'a table of what-if devices, like { CUDA0 = "24GiB" }',
         check=lambda values: parse_assumptions(values)),
+    Key("mmproj", "path", PLAN_SERVE, "a multimodal projector GGUF, reserved on the first device"),
+    Key("draft", "path", PLAN_SERVE, "a draft model GGUF for speculative decoding, reserved on the first device"),
     Key("inventory", "path", PROBING, "a file of what-if devices, one NAME=FREE[/TOTAL] a line"),
     Key("device", "names", PLAN_SERVE, 'a list of devices in order, like ["CUDA0", "RPC0"]',
         check=lambda value: _check_device_names(split_names(value) or ())),

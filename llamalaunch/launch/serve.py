@@ -25,10 +25,11 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import RunCalibration, load_overheads, overheads_for
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
+from llamalaunch.plan.companions import Companion, draft_companion, mmproj_companion, pin_device, with_reservations
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.schema import plan_to_dict
-from llamalaunch.units import parse_size
+from llamalaunch.units import format_bytes, parse_size
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.inventory import fill_unknown_memory, probe_devices
@@ -49,11 +50,13 @@ class PlanInputs:
     toolchain: Toolchain | None
     problems: list[str] = field(default_factory=list)
     devices: tuple[Device, ...] = ()
+    mmproj: str | None = None
+    draft: str | None = None
 
     @classmethod
     def gather(cls, *, model: str | None, demo: bool, llama_server: str | None, rpc: Sequence[str],
                assume: Sequence[str], overhead: Sequence[str], request: Request,
-               need_toolchain: bool = False) -> PlanInputs:
+               need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
         profile = load_profile(model_path)
         problems: list[str] = []
@@ -65,7 +68,8 @@ class PlanInputs:
             toolchain = None
             problems.append(f"{error}; the command line assumes a current llama-server")
         overheads = parse_overheads(overhead)
-        return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems)
+        return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems,
+                   mmproj=mmproj, draft=draft)
 
     def probe(self) -> tuple[Device, ...]:
         inventory = fill_unknown_memory(probe_devices(rpc=self.rpc, assume=self.assume), self.request.budget_bytes)
@@ -75,10 +79,25 @@ class PlanInputs:
 
     def plan(self, lessons: Lessons | None = None) -> Plan:
         request = lessons.apply(self.request) if lessons is not None else self.request
-        options = ArgvOptions(self.model_path,
-                              self.toolchain.server.capabilities if self.toolchain is not None else None)
         devices = self.probe()
-        return make_plan(self.profile, devices, request, options, self.overheads(devices))
+        capabilities = self.toolchain.server.capabilities if self.toolchain is not None else None
+        pinned, companions = pin_device(devices, request), self.companions(request, devices)
+        if companions and pinned is not None:
+            request = with_reservations(request, pinned, companions)
+        options = ArgvOptions(self.model_path, capabilities,
+                              tuple((c, pinned.name) for c in companions) if pinned is not None else ())
+        plan = make_plan(self.profile, devices, request, options, self.overheads(devices))
+        notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
+                 for c in companions if pinned is not None]
+        return dataclasses.replace(plan, notes=(*plan.notes, *notes))
+
+    def companions(self, request: Request, devices: Sequence[Device]) -> list[Companion]:
+        pinned = pin_device(devices, request)
+        found = [mmproj_companion(self.mmproj)] if self.mmproj else []
+        if self.draft:
+            ctx = request.ctx_tokens or self.profile.n_ctx_train or 4096
+            found.append(draft_companion(self.draft, request, ctx, pinned.backend if pinned else "CPU"))
+        return found
 
     def overheads(self, devices: Sequence[Device]) -> dict[str, int]:
         """Defaults, then what calibration measured for these GPUs, then the user's --overhead."""
@@ -121,7 +140,7 @@ def parse_overheads(values: Sequence[str]) -> dict[str, int]:
 
 
 # Options whose value the plan decides: passing them after -- would contradict it.
-PLANNED_FLAGS = frozenset({"-m", "--model", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
+PLANNED_FLAGS = frozenset({"-m", "--model", "-mm", "--mmproj", "-md", "--model-draft", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
                            "-ts", "--tensor-split", "-dev", "--device", "--rpc", "--host", "--port", "-np",
                            "--parallel", "-fit", "--fit", "--api-key"})
 

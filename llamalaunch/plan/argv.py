@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.companions import Companion
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import Choice
 from llamalaunch.probe.device import Device
@@ -16,6 +17,8 @@ class ArgvOptions:
     model_path: str
     # Flags the llama-server binary knows (from its --help); None: assume a current build.
     capabilities: frozenset[str] | None = None
+    # --mmproj / --draft models and the device (our name) each is pinned to
+    companions: tuple[tuple[Companion, str], ...] = ()
 
     def knows(self, flag: str) -> bool:
         return self.capabilities is None or flag in self.capabilities
@@ -76,6 +79,8 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
     argv += ["-ctk", request.cache_type_k, "-ctv", request.cache_type_v, "-fa", request.flash_attn]
     if request.swa_full:
         argv.append("--swa-full")
+    for companion, device in options.companions:
+        argv += companion.argv(names.get(device, device))
     if options.knows("--fit"):
         argv += ["--fit", "off"]
     return tuple(argv)

@@ -1,0 +1,57 @@
+"""--mmproj and --draft: reserved on the device they are pinned to, and passed to llama-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.units import MIB
+from tests.support import RpcWorker, run_llama_server
+
+
+def plan_json(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *args, "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_mmproj_is_reserved_on_the_first_device_and_pinned_there(demo_model: Path, tmp_path: Path) -> None:
+    projector = tmp_path / "mmproj.gguf"
+    projector.write_bytes(b"\0" * (8 * MIB))
+    plan = plan_json(str(demo_model), "--assume", "CUDA0=2GiB", "--assume", "CUDA1=2GiB", "--ctx", "4k",
+                     "--mmproj", str(projector))
+    first = plan["devices"][0] if plan["devices"][0]["name"] == "CUDA0" else plan["devices"][1]
+    assert first["name"] == "CUDA0"
+    assert first["reserved_bytes"] == 8 * MIB + 256 * MIB
+    argv = plan["argv"]
+    assert argv[argv.index("--mmproj") + 1:argv.index("--mmproj") + 4] == [str(projector), "-mmdev", "CUDA0"]
+    assert any(note.startswith(f"mmproj {projector}: 264.0 MiB reserved on CUDA0") for note in plan["notes"])
+
+
+def test_a_missing_companion_file_is_one_line(demo_model: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(demo_model), "--assume", "CUDA0=2GiB",
+                             "--draft", "/nonexistent/draft.gguf"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --draft /nonexistent/draft.gguf: No such file or directory")
+
+
+@pytest.mark.llama
+def test_draft_loads_where_planned_and_serves(demo_model: Path, llama_bin_dir: Path,
+                                              rpc_workers: Callable[..., RpcWorker]) -> None:
+    workers = [rpc_workers(), rpc_workers()]
+    plan = plan_json(str(demo_model), "--rpc", ",".join(w.endpoint for w in workers), "--ctx", "2k",
+                     "--budget", "RPC0=600MiB", "--budget", "RPC1=600MiB", "--draft", str(demo_model),
+                     "--llama-server", str(llama_bin_dir / "llama-server"))
+    argv = plan["argv"]
+    assert argv[argv.index("-devd") + 1] == "RPC0"
+    draft = next(n for n in plan["notes"] if n.startswith("draft"))
+    assert "reserved on RPC0" in draft
+    run = run_llama_server(llama_bin_dir, argv)
+    assert run.served, "\n".join(run.lines[-20:])
+    assert any("draft" in line.lower() for line in run.lines)
