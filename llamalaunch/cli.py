@@ -107,6 +107,8 @@ SpillOpt = Annotated[bool, typer.Option("--cpu-spill", help="Keep the first laye
                                                              "does not fit.")]
 NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="Force the number of offloaded "
                                                                           "slots.")]
+GenericOpt = Annotated[bool, typer.Option("--generic-arch", help="Plan an architecture llamalaunch does not know "
+                                                                   "with a conservative generic estimate.")]
 MmprojOpt = Annotated[Optional[str], typer.Option("--mmproj", help="Multimodal projector: reserved and pinned to "
                                                                   "the first device.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft model for speculative decoding: "
@@ -124,7 +126,7 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
 
 def plan_inputs(model: str | None, demo: bool, llama_server: str | None, rpc: list[str], assume: list[str],
                 overhead: list[str], request_kwargs: dict[str, Any], need_toolchain: bool = False,
-                mmproj: str | None = None, draft: str | None = None) -> Any:
+                mmproj: str | None = None, draft: str | None = None, generic_arch: bool = False) -> Any:
     """Shared by plan and serve: everything the planner needs, gathered from the options."""
     from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
@@ -133,7 +135,8 @@ def plan_inputs(model: str | None, demo: bool, llama_server: str | None, rpc: li
         raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
     return PlanInputs.gather(model=model, demo=demo, llama_server=llama_server, rpc=rpc, assume=assume,
                              overhead=overhead, request=build_request(**request_kwargs),
-                             need_toolchain=need_toolchain, mmproj=mmproj, draft=draft)
+                             need_toolchain=need_toolchain, mmproj=mmproj, draft=draft,
+                             generic_arch=generic_arch)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
          exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
-         llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
+         generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
@@ -225,7 +228,7 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
         ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
         margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
-        gpu_layers=gpu_layers), mmproj=mmproj, draft=draft)
+        gpu_layers=gpu_layers), mmproj=mmproj, draft=draft, generic_arch=generic_arch)
     result = inputs.plan()
     if as_json:
         print_json(plan_to_dict(result))
@@ -253,7 +256,7 @@ def serve(ctx_: typer.Context,
           exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
           margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
           overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
-          llama_server: LlamaServerOpt = None,
+          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None,
           host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
           port: Annotated[Optional[int], typer.Option("--port", help="Port (default: a free one).")] = None,
           name: Annotated[str, typer.Option("--name", help="Run name, for `status --name`.")] = "default",
@@ -284,7 +287,8 @@ def serve(ctx_: typer.Context,
         ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
         margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
-        gpu_layers=gpu_layers, ctx_is_target=True), need_toolchain=True, mmproj=mmproj, draft=draft)
+        gpu_layers=gpu_layers, ctx_is_target=True), need_toolchain=True, mmproj=mmproj, draft=draft,
+        generic_arch=generic_arch)
     from llamalaunch.observe.live import ServeConsole
 
     view = ServeConsole(out, tui=not no_tui and out.is_terminal)

@@ -107,6 +107,7 @@ KEYS: tuple[Key, ...] = (
     Key("rpc", "list", PROBING, 'a list of workers like ["10.0.0.5:50052"]', check=split_endpoints),
     Key("assume", "sizes", PROBING, 'a table of what-if devices, like { CUDA0 = "24GiB" }',
         check=lambda values: parse_assumptions(values)),
+    Key("generic_arch", "bool", PLAN_SERVE, "true or false: plan unknown architectures with a generic estimate"),
     Key("mmproj", "path", PLAN_SERVE, "a multimodal projector GGUF, reserved on the first device"),
     Key("draft", "path", PLAN_SERVE, "a draft model GGUF for speculative decoding, reserved on the first device"),
     Key("inventory", "path", PROBING, "a file of what-if devices, one NAME=FREE[/TOTAL] a line"),

@@ -74,3 +74,16 @@ def test_an_inventory_file_plans_like_the_same_assume_options(demo_model: Path, 
     refused = run_cli("plan", str(demo_model), "--inventory", str(empty))
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: the inventory") and "names no device" in refused.stderr
+
+
+def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for(tmp_path: Path) -> None:
+    from llamalaunch.model.synthetic import write_preset
+    from tests.test_gguf_header import rewrite_gguf
+
+    model = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, arch="frobnicator")[0]
+    refused = run_cli("plan", str(model), "--assume", "CUDA0=2GiB")
+    assert refused.returncode == 2
+    assert "'frobnicator' is not supported" in refused.stderr and "Traceback" not in refused.stderr
+    generic = run_cli("plan", str(model), "--assume", "CUDA0=2GiB", "--ctx", "2k", "--generic-arch", "--json")
+    assert generic.returncode == 0, generic.stderr
+    assert any("generic, conservative estimate" in note for note in json.loads(generic.stdout)["notes"])

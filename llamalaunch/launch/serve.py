@@ -56,9 +56,10 @@ class PlanInputs:
     @classmethod
     def gather(cls, *, model: str | None, demo: bool, llama_server: str | None, rpc: Sequence[str],
                assume: Sequence[str], overhead: Sequence[str], request: Request,
-               need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None) -> PlanInputs:
+               need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None,
+               generic_arch: bool = False) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
-        profile = load_profile(model_path)
+        profile = load_profile(model_path, allow_unknown_arch=generic_arch)
         problems: list[str] = []
         try:
             toolchain: Toolchain | None = find_toolchain(llama_server)
@@ -89,6 +90,8 @@ class PlanInputs:
         plan = make_plan(self.profile, devices, request, options, self.overheads(devices))
         notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
                  for c in companions if pinned is not None]
+        if self.profile.generic_estimate:
+            notes.append(f"{self.profile.arch} is not a known architecture: a generic, conservative estimate")
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))
 
     def companions(self, request: Request, devices: Sequence[Device]) -> list[Companion]:
