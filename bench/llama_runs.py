@@ -113,3 +113,114 @@ def largest_passing(check: "callable[[int], bool]", low: int, high: int, step: i
         else:
             high = middle
     return low
+
+
+# --- shared by the CPU benchmarks (plan speed, launch overhead, CPU capacity) --------------------------
+
+
+def default_bin_dir() -> Path:
+    """LLAMALAUNCH_BIN_DIR, else llamalaunch's own CPU build cache (as the tests' llama_bin_dir fixture)."""
+    import os
+
+    from llamalaunch.toolchain.discover import cached_bin_dir
+
+    given = os.environ.get("LLAMALAUNCH_BIN_DIR")
+    if given:
+        return Path(given)
+    cache = Path(os.environ.get("LLAMALAUNCH_CACHE", Path.home() / ".cache" / "llamalaunch"))
+    return cached_bin_dir(cache)
+
+
+def llama_build(bin_dir: Path) -> dict:
+    """What built the binaries: build.json next to bin/ (llamalaunch's cache) and `llama-server --version`."""
+    info: dict = {"bin_dir": str(bin_dir)}
+    build_json = bin_dir.parent / "build.json"
+    if build_json.exists():
+        recorded = json.loads(build_json.read_text())
+        info.update({key: recorded.get(key) for key in ("source", "backend", "cmake_flags")})
+    result = subprocess.run([str(bin_dir / "llama-server"), "--version"], check=False, capture_output=True,
+                            text=True, timeout=60)
+    info["version"] = " ".join(line.strip() for line in (result.stdout + result.stderr).splitlines()
+                               if line.startswith(("version", "built with")))
+    return info
+
+
+def machine() -> dict:
+    """CPU model, core count, RAM and load at the start of a run (other processes share these machines)."""
+    import os
+
+    import psutil
+
+    from llamalaunch.probe.host import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def median_s(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after `timeout_s`; the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def worker_baseline_vsz(bin_dir: Path) -> int:
+    """Address space of an idle ggml-rpc-server (bytes): what a `prlimit --as` limit must add room to."""
+    import psutil
+
+    process = subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(free_port())],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        return int(psutil.Process(process.pid).memory_info().vms)
+    finally:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class FitParamsRun:
+    """One llama-fit-params call: wall seconds, what it printed (`-c N -ngl N [-ts ...]`), parsed."""
+
+    seconds: float
+    returncode: int
+    stdout: str
+    ctx: int | None = None
+    n_gpu_layers: int | None = None
+    fit_seconds: float | None = None  # its own "fitting params ... took N seconds" (with -lv 4)
+
+
+FIT_TOOK = re.compile(r"fitting params to free memory took ([\d.]+) seconds")
+
+
+def run_fit_params(bin_dir: Path, model: Path, args: list[str], timeout_s: float = 300.0) -> FitParamsRun:
+    started = time.perf_counter()
+    result = subprocess.run([str(bin_dir / "llama-fit-params"), "-m", str(model), *args], check=False,
+                            capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    # stdout is one line without a newline; a log line may follow it on the same terminal line
+    printed = result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
+    run = FitParamsRun(seconds, result.returncode, printed)
+    if (ctx := re.search(r"-c (\d+)", printed)) and (ngl := re.search(r"-ngl (-?\d+)", printed)):
+        run.ctx, run.n_gpu_layers = int(ctx.group(1)), int(ngl.group(1))
+    if took := FIT_TOOK.search(result.stderr):
+        run.fit_seconds = float(took.group(1))
+    return run
+
+
+def write_results(out_dir: Path, stem: str, data: dict, table: list[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / f"{stem}.txt").write_text("\n".join(table) + "\n")

@@ -1,0 +1,52 @@
+"""The CPU benchmarks run end to end with their smallest settings (`--quick`), so they do not rot.
+
+Real llama.cpp processes, tiny synthetic models; the figures are not checked, only that each script
+measures every side it compares and writes its JSON and table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import bench_capacity_cpu, bench_launch, bench_plan_speed
+
+pytestmark = pytest.mark.llama
+
+
+def written(out: Path, stem: str) -> dict:
+    assert (out / f"{stem}.txt").read_text().strip()
+    return dict(json.loads((out / f"{stem}.json").read_text()))
+
+
+def test_plan_speed_times_ours_and_fit_params(llama_bin_dir: Path, tmp_path: Path) -> None:
+    assert bench_plan_speed.main(["--quick", "--runs", "1", "--bin-dir", str(llama_bin_dir),
+                                  "--out", str(tmp_path)]) == 0
+    real, what_if = written(tmp_path, "plan_speed")["cases"]
+    assert all(real["median_s"][key] > 0 for key in ("in_process_s", "planner_s", "cli_s", "fit_params_s"))
+    assert real["fit_params"]["printed"].startswith("-c ") and real["ratio_fit_params_over_cli"] > 0
+    assert what_if["assume"] and what_if["ratio_fit_params_over_cli"] is None
+    assert real["ours"]["ctx"] >= 256 and what_if["ours"]["ctx"] >= 256
+
+
+def test_launch_times_serve_against_bare_llama_server(llama_bin_dir: Path, tmp_path: Path) -> None:
+    assert bench_launch.main(["--quick", "--runs", "1", "--bin-dir", str(llama_bin_dir),
+                              "--out", str(tmp_path)]) == 0
+    (model,) = written(tmp_path, "launch")["models"]
+    median = model["median"]
+    assert median["bare_s"] > 0 and median["serve_s"] > 0 and median["ratio_serve_over_bare"] > 0
+    assert all(value is not None and value >= 0 for value in median["serve_phases_s"].values())
+    assert model["argv"][model["argv"].index("-c") + 1] == "4096"
+
+
+def test_capacity_cpu_loads_ours_fit_and_bisects(llama_bin_dir: Path, tmp_path: Path) -> None:
+    assert bench_capacity_cpu.main(["--quick", "--bin-dir", str(llama_bin_dir), "--out", str(tmp_path),
+                                    "--logs", str(tmp_path / "logs")]) == 0
+    (config,) = written(tmp_path, "capacity")["configs"]
+    loads = {load["label"]: load for load in config["loads"]}
+    assert loads["ours"]["ok"] and loads["ours"]["ctx"] >= 256
+    # --fit sees host RAM as the worker's free memory: it takes the whole trained context and fails
+    assert loads["fit"]["ctx"] == bench_capacity_cpu.MODEL_SHAPE["n_ctx_train"] and not loads["fit"]["ok"]
+    assert config["checks"] and config["true_ctx"] >= loads["ours"]["ctx"]
