@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from llamalaunch.model.ggml_types import FILE_TYPES, GGML_TYPES
 
 from llamalaunch.errors import ModelError
 
@@ -101,14 +101,13 @@ class GgufHeader:
 def ggml_type_name(ggml_type: int) -> str:
     if ggml_type in _EXTRA_TYPE_NAMES:
         return _EXTRA_TYPE_NAMES[ggml_type]
-    return GGMLQuantizationType(ggml_type).name
+    return GGML_TYPES[ggml_type][0]
 
 
 def file_type_name(file_type: int) -> str:
     """general.file_type as llama.cpp names it in logs: 'Q4_0', 'Q4_K_M', 'F16'."""
-    try:
-        name = LlamaFileType(file_type).name
-    except ValueError:
+    name = FILE_TYPES.get(file_type)
+    if name is None:
         return f"type {file_type}"
     return name.replace("MOSTLY_", "").replace("ALL_", "")
 
@@ -117,10 +116,10 @@ def type_block(ggml_type: int) -> tuple[int, int] | None:
     """(elements per block, bytes per block) of a ggml type, or None for a type we do not know."""
     if ggml_type in _EXTRA_TYPE_SIZES:
         return _EXTRA_TYPE_SIZES[ggml_type]
-    try:
-        return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
+    if ggml_type not in GGML_TYPES:
         return None
+    _name, block_size, type_size = GGML_TYPES[ggml_type]
+    return block_size, type_size
 
 
 def row_bytes(ggml_type: int, n_elements: int) -> int:

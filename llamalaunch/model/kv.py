@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamalaunch.model.ggml_types import GGML_TYPE_IDS, GGML_TYPES
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.profile import ModelProfile
@@ -83,7 +83,8 @@ def check_cache_types(request: Request) -> None:
 
 
 def _type_block(type_name: str) -> tuple[int, int]:
-    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    _name, block_size, type_size = GGML_TYPES[GGML_TYPE_IDS[type_name.upper()]]
+    return block_size, type_size
 
 
 def is_quantized(type_name: str) -> bool:
