@@ -81,7 +81,7 @@ def test_reservation_is_kept_free(llama_8b: ModelProfile) -> None:
     assert reserved.ctx_tokens < plain.ctx_tokens
     device = reserved.devices[0]
     assert device.reserved_bytes == 2 * GIB
-    assert device.planned_bytes + device.reserved_bytes + reserved.request.margin_bytes <= 12 * GIB
+    assert device.planned_bytes + device.reserved_bytes + reserved.request.margin_for(12 * GIB) <= 12 * GIB
 
 
 def test_ctx_max_grows_with_free_memory(llama_8b: ModelProfile) -> None:
@@ -104,7 +104,7 @@ def test_budget_caps_a_device(llama_8b: ModelProfile) -> None:
     plan = make_plan(llama_8b, devices, Request(ctx_tokens=8192, budget_bytes={"RPC0": 1 * GIB}), OPTIONS)
     assert_consistent(plan)
     rpc_plan = next(p for p in plan.devices if p.device.name == "RPC0")
-    assert rpc_plan.planned_bytes <= 1 * GIB - plan.request.margin_bytes
+    assert rpc_plan.planned_bytes <= 1 * GIB - plan.request.margin_for(1 * GIB)
 
 
 def test_too_big_says_what_would_fit(llama_70b: ModelProfile) -> None:
@@ -171,3 +171,12 @@ def test_models_profile_is_read_once(tmp_path: Path) -> None:
     profile = load_profile(write_preset(tmp_path / "t.gguf", "tiny-llama"))
     devices = [cuda(0, 2 * GIB), cuda(1, 1 * GIB)]
     assert make_plan(profile, devices, Request(), OPTIONS) == make_plan(profile, devices, Request(), OPTIONS)
+
+
+def test_the_default_margin_scales_with_small_devices() -> None:
+    request = Request()
+    assert request.margin_for(24 * GIB) == 64 * MIB
+    assert request.margin_for(300 * MIB) == 15 * MIB
+    assert request.margin_for(100 * MIB) == 8 * MIB
+    assert Request(margin_bytes=0).margin_for(24 * GIB) == 0
+    assert Request(extra_margin_bytes=256 * MIB).margin_for(24 * GIB) == 320 * MIB

@@ -24,7 +24,7 @@ class Lessons:
         for name, learned in self.budgets.items():
             budgets[name] = min(learned, budgets.get(name, learned))
         return replace(request, budget_bytes=budgets,
-                       margin_bytes=request.margin_bytes + self.extra_margin_bytes)
+                       extra_margin_bytes=request.extra_margin_bytes + self.extra_margin_bytes)
 
     def learn_allocation_failure(self, plan: Plan, device: str, kind: str, size_bytes: int | None) -> str:
         """The allocation of `size_bytes` for `kind` failed on `device` after its earlier buffers.

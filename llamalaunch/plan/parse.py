@@ -78,7 +78,6 @@ def build_request(*, ctx: str, ctx_min: str = "256", parallel: int = 4, kv_unifi
                   reserve: Sequence[str] = (), budget: Sequence[str] = (), devices: str | None = None,
                   exclude: Sequence[str] = (), cpu_spill: bool = False, gpu_layers: int | None = None,
                   ctx_is_target: bool = False) -> Request:
-    defaults = Request()
     request = Request(
         ctx_tokens=parse_ctx(ctx),
         ctx_min_tokens=parse_tokens(ctx_min, "--ctx-min"),
@@ -91,7 +90,7 @@ def build_request(*, ctx: str, ctx_min: str = "256", parallel: int = 4, kv_unifi
         cache_type_v=parse_choice(cache_type_v, CACHE_TYPES, "-ctv/--cache-type-v"),
         flash_attn=parse_choice(flash_attn, FLASH_ATTN, "-fa/--flash-attn"),
         swa_full=swa_full,
-        margin_bytes=defaults.margin_bytes if margin is None else parse_margin(margin),
+        margin_bytes=None if margin is None else parse_margin(margin),
         reserve_bytes=parse_device_sizes(reserve, "--reserve"),
         budget_bytes=parse_device_sizes(budget, "--budget"),
         devices=split_names(devices),

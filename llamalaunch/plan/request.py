@@ -10,9 +10,12 @@ from llamalaunch.units import MIB
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 FLASH_ATTN = ("on", "off", "auto")
-# Default safety margin per device. llama.cpp's --fit keeps 1024 MiB; we plan exactly and keep
-# only what the run-time growth of the CUDA memory pool needed in measured runs (10-50 MiB).
+# Default safety margin per device. llama.cpp's --fit keeps 1024 MiB; we plan exactly and keep only
+# what run-time allocations outside llama.cpp's accounting needed in measured runs: the CUDA pool's
+# growth (10-50 MiB on an H100), an RPC worker's graph input buffer (2.5 MiB on a small model). A
+# twentieth of a small device, never under 8 MiB, at most 64 MiB.
 DEFAULT_MARGIN_BYTES = 64 * MIB
+MIN_MARGIN_BYTES = 8 * MIB
 
 
 def _frozen(mapping: Mapping[str, int] | None) -> Mapping[str, int]:
@@ -34,13 +37,20 @@ class Request:
     cache_type_v: str = "f16"
     flash_attn: str = "auto"
     swa_full: bool = False
-    margin_bytes: int = DEFAULT_MARGIN_BYTES
+    margin_bytes: int | None = None  # None: the default, scaled to the device
+    extra_margin_bytes: int = 0  # learnt from run-time out-of-memory failures
     reserve_bytes: Mapping[str, int] = field(default_factory=lambda: _frozen(None))
     budget_bytes: Mapping[str, int] = field(default_factory=lambda: _frozen(None))
     devices: tuple[str, ...] | None = None  # -dev: which devices, in which order (None: all)
     exclude: tuple[str, ...] = ()
     cpu_spill: bool = False
     n_gpu_layers: int | None = None  # force a layer count (partial offload); None: as many as fit
+
+    def margin_for(self, usable_bytes: int) -> int:
+        """Free memory kept on a device with `usable_bytes` (free, or its budget)."""
+        base = self.margin_bytes if self.margin_bytes is not None else \
+            min(DEFAULT_MARGIN_BYTES, max(MIN_MARGIN_BYTES, usable_bytes // 20))
+        return base + self.extra_margin_bytes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reserve_bytes", _frozen(self.reserve_bytes))

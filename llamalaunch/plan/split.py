@@ -37,7 +37,7 @@ def select_devices(devices: Sequence[Device], request: Request) -> tuple[Device,
 def device_limit(device: Device, request: Request) -> int:
     """Bytes we allow ourselves on a device: min(free, budget) less reservations and margin."""
     usable = min(device.free_bytes, request.budget_bytes.get(device.name, device.free_bytes))
-    return usable - request.reserve_bytes.get(device.name, 0) - request.margin_bytes
+    return usable - request.reserve_bytes.get(device.name, 0) - request.margin_for(usable)
 
 
 class Fitter:
