@@ -42,7 +42,9 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
     out = Console()
     err = Console(stderr=True)
     try:
-        from llamalaunch.observe.status import StatusCollector, resolve_target, snapshot_to_dict
+        from llamalaunch.observe.collector import StatusCollector
+        from llamalaunch.observe.snapshot import snapshot_to_dict
+        from llamalaunch.observe.target import resolve_target
         from llamalaunch.observe.view import status_view
 
         collector = StatusCollector(resolve_target(name, url), api_key=_api_key(api_key_file))

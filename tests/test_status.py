@@ -29,17 +29,12 @@ from llamalaunch.errors import BadInputError
 from llamalaunch.launch.state import RunState, write_state
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.synthetic import write_preset
-from llamalaunch.observe.status import (
-    LogFollower,
-    MemoryReader,
-    NoServerError,
-    StatusCollector,
-    StatusTarget,
-    parse_metrics,
-    resolve_target,
-    snapshot_to_dict,
-    with_recent_rates,
-)
+from llamalaunch.observe.collector import StatusCollector
+from llamalaunch.observe.live_memory import MemoryReader
+from llamalaunch.observe.log_follower import LogFollower
+from llamalaunch.observe.server_stats import parse_metrics, with_recent_rates
+from llamalaunch.observe.snapshot import snapshot_to_dict
+from llamalaunch.observe.target import NoServerError, StatusTarget, resolve_target
 from llamalaunch.observe.view import memory_bar, status_view
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
@@ -92,7 +87,8 @@ def _wide(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_metrics_rates_come_from_counters_not_the_scrape_window_gauges() -> None:
     metrics = parse_metrics(METRICS_TEXT)
     assert metrics["llamacpp:tokens_predicted_total"] == 17
-    from llamalaunch.observe.status import ServerStats, _rate
+    from llamalaunch.observe.server_stats import _rate
+    from llamalaunch.observe.snapshot import ServerStats
 
     assert _rate(metrics, "tokens_predicted_total", "tokens_predicted_seconds_total") == pytest.approx(153.3, 0.01)
     before = ServerStats("ok", counters=(3, 0.027654, 17, 0.110878))

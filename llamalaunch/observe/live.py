@@ -29,8 +29,10 @@ from rich.text import Text
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.state import list_states, read_state, state_path
 from llamalaunch.launch.supervisor import SupervisorEvent
+from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.render import plan_table
-from llamalaunch.observe.status import StatusCollector, StatusSnapshot, StatusTarget
+from llamalaunch.observe.snapshot import StatusSnapshot
+from llamalaunch.observe.target import StatusTarget
 from llamalaunch.observe.view import status_view
 
 REFRESH_S = 1.0

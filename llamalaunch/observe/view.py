@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from llamalaunch.observe.status import DeviceStatus, HostStatus, LogEntry, ServerStats, StatusSnapshot
+from llamalaunch.observe.snapshot import DeviceStatus, HostStatus, LogEntry, ServerStats, StatusSnapshot
 from llamalaunch.units import GIB, MIB
 
 PHASE_STYLE = {"ready": "bold green", "loading": "bold cyan", "starting": "bold cyan", "restarting": "bold yellow",

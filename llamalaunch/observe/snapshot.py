@@ -1,0 +1,152 @@
+"""The frozen StatusSnapshot of one server (devices, host, server stats, log lines) and its `status --json` form.
+
+Nothing here reads or prints: `observe.collector` builds snapshots, `observe.view` renders them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SNAPSHOT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device of the plan: what was planned, what llama.cpp says it allocated, what is in use now."""
+
+    name: str
+    backend: str
+    description: str
+    endpoint: str | None
+    excluded: bool
+    reason: str | None
+    n_layers: int
+    first_slot: int | None
+    planned_weights_bytes: int
+    planned_kv_bytes: int
+    planned_compute_bytes: int
+    planned_overhead_bytes: int
+    planned_bytes: int
+    free_at_plan_bytes: int  # free when the plan was made
+    total_bytes: int
+    actual_weights_bytes: int | None  # llama.cpp's own buffer sizes, from the server log
+    actual_kv_bytes: int | None
+    actual_compute_bytes: int | None
+    used_bytes: int | None  # in use on the device now (see memory_source)
+    free_bytes: int | None
+    memory_source: str  # "nvml", "rpc probe", "log", "plan", "none"
+    memory_note: str | None = None
+
+    @property
+    def actual_bytes(self) -> int | None:
+        parts = (self.actual_weights_bytes, self.actual_kv_bytes, self.actual_compute_bytes)
+        return sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    planned_weights_bytes: int
+    planned_kv_bytes: int
+    planned_compute_bytes: int
+    actual_bytes: int | None  # host buffers llama.cpp reported (mapped weights, CPU compute, output)
+    server_rss_bytes: int | None  # llama-server's resident memory, while it runs
+    free_bytes: int
+    total_bytes: int
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.planned_weights_bytes + self.planned_kv_bytes + self.planned_compute_bytes
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    health: str  # "ok", "loading", "unreachable", "not asked" (server gone), or an HTTP error
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    prompt_tokens_per_s: float | None = None  # over the server's life: /metrics counters (tokens / seconds)
+    generation_tokens_per_s: float | None = None
+    recent_prompt_tokens_per_s: float | None = None  # between this snapshot and the one before, when tokens moved
+    recent_generation_tokens_per_s: float | None = None
+    prompt_tokens_total: int | None = None
+    generated_tokens_total: int | None = None
+    requests_processing: int | None = None
+    requests_deferred: int | None = None
+    requests_served: int | None = None  # completed requests in the log (readiness check included)
+    last_prompt_tokens_per_s: float | None = None  # the last request's timings, from the log
+    last_generation_tokens_per_s: float | None = None
+    ctx_tokens: int | None = None  # /props, for --url
+    model_path: str | None = None  # /props, for --url
+    counters: tuple[float, ...] | None = None  # the raw /metrics counters the rates come from
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    level: str | None  # I, W, E (debug lines are left out)
+    text: str
+    repeat: int = 1  # the same line this many times in a row (our own polling makes "all slots are idle")
+
+
+@dataclass(frozen=True)
+class AttemptStatus:
+    number: int
+    ctx_tokens: int
+    n_gpu_layers: int
+    layers: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    taken_at: float
+    source: str  # "state" (a serve run) or "url"
+    name: str | None
+    url: str
+    running: bool  # the launcher (or, for --url, the server) is there
+    gone_reason: str | None  # why it is not, when it is not
+    phase: str  # last phase recorded ("ready", ...); for --url: from /health
+    phase_detail: str = ""
+    launcher_pid: int | None = None
+    server_pid: int | None = None
+    server_alive: bool = False
+    started_at: float | None = None
+    ready_at: float | None = None
+    updated_at: float | None = None
+    restarts: int = 0
+    attempts: tuple[AttemptStatus, ...] = ()
+    model_name: str | None = None
+    model_arch: str | None = None
+    model_path: str | None = None
+    n_layer: int | None = None
+    n_slots: int | None = None
+    ctx_tokens: int | None = None
+    n_gpu_layers: int | None = None
+    devices: tuple[DeviceStatus, ...] = ()
+    host: HostStatus | None = None
+    argv: tuple[str, ...] = ()
+    stats: ServerStats = field(default_factory=lambda: ServerStats("not asked"))
+    log_path: str | None = None
+    log_lines: tuple[LogEntry, ...] = ()
+    log_warnings: int = 0
+    log_errors: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def uptime_s(self) -> float | None:
+        """Seconds since the server became ready, while it runs."""
+        if not self.running or self.ready_at is None or self.phase != "ready":
+            return None
+        return max(self.taken_at - self.ready_at, 0.0)
+
+
+def snapshot_to_dict(snapshot: StatusSnapshot) -> dict[str, Any]:
+    """The `status --json` form: every field of the snapshot, plus derived figures. Add keys, never rename."""
+    data = dataclasses.asdict(snapshot)
+    data["schema"] = SNAPSHOT_SCHEMA
+    data["uptime_s"] = snapshot.uptime_s
+    for device, raw in zip(snapshot.devices, data["devices"], strict=True):
+        raw["actual_bytes"] = device.actual_bytes
+    if snapshot.host is not None:
+        data["host"]["planned_bytes"] = snapshot.host.planned_bytes
+    return data

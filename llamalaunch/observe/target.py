@@ -1,0 +1,73 @@
+"""Which server `status` looks at: a serve run's state file (by --name, by --url, or the only one), or a bare URL."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.launch.state import launcher_alive, list_states, read_state, state_path
+from llamalaunch.paths import state_dir
+
+ENDED_PHASES = ("stopped", "failed")
+
+
+class NoServerError(LaunchError):
+    """No run state to show (or several, and no --name to choose)."""
+
+
+@dataclass(frozen=True)
+class StatusTarget:
+    state_path: Path | None  # a serve run's state file
+    url: str | None  # a llama-server by URL (with no state file: HTTP only)
+
+
+def normalize_url(url: str) -> str:
+    text = url.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+$", text):
+        raise BadInputError(f"--url {url!r} is not a server address",
+                            "write it like http://127.0.0.1:8080 (scheme, host and port, no path)")
+    return text
+
+
+def resolve_target(name: str | None = None, url: str | None = None) -> StatusTarget:
+    """Which run to show: --name, else the run whose URL is --url, else the only (or only live) run."""
+    if name is not None:
+        path = state_path(name)
+        if not path.exists():
+            raise NoServerError(f"no server named {name!r} has run here ({path} does not exist)",
+                                f"start one with `llamalaunch serve --name {name}`, or pass --url")
+        return StatusTarget(path, normalize_url(url) if url else None)
+    if url is not None:
+        wanted = normalize_url(url)
+        for path in list_states():
+            try:
+                if read_state(path).url.rstrip("/") == wanted:
+                    return StatusTarget(path, wanted)
+            except BadInputError:
+                continue
+        return StatusTarget(None, wanted)
+    return StatusTarget(_only_run(), None)
+
+
+def _only_run() -> Path:
+    paths = list_states()
+    if not paths:
+        raise NoServerError(f"no server has run here (no run state in {state_dir()})",
+                            "start one with `llamalaunch serve`, or pass --url http://HOST:PORT")
+    if len(paths) == 1:
+        return paths[0]
+    live = [p for p in paths if _is_live(p)]
+    if len(live) == 1:
+        return live[0]
+    names = ", ".join(p.stem for p in (live or paths))
+    raise NoServerError(f"several servers have run here: {names}", "choose one with --name NAME")
+
+
+def _is_live(path: Path) -> bool:
+    try:
+        state = read_state(path)
+    except BadInputError:
+        return False
+    return launcher_alive(state) and state.phase not in ENDED_PHASES
