@@ -86,14 +86,15 @@ class LogSink:
             self._file.flush()
             if self._file.tell() > self.max_bytes:
                 self._rotate()
-        except OSError as error:
-            self.write_error = self.write_error or f"cannot write the server log {self.path}: {error.strerror}"
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or error
+            self.write_error = self.write_error or f"cannot write the server log {self.path}: {reason}"
 
     def _rotate(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None  # reopened by the next write, even if the rename below fails
         os.replace(self.path, self.path.with_suffix(self.path.suffix + ".1"))
-        self._file = self._open()
 
     def close(self) -> None:
         try:
@@ -126,14 +127,16 @@ class Child:
         self._reader.start()
 
     def _read(self) -> None:
+        """Drain the child's output until it closes; its exit is always reported, whatever happens here."""
         assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            text = raw.decode("utf-8", "replace").rstrip("\n")
-            if self.sink is not None:
-                self.sink.write(text)
-            self.events.put(ChildLine(text, time.time()))
-        returncode = self.process.wait()
-        self.events.put(ChildExit(returncode, time.time()))
+        try:
+            for raw in self.process.stdout:
+                text = raw.decode("utf-8", "replace").rstrip("\n")
+                if self.sink is not None:
+                    self.sink.write(text)
+                self.events.put(ChildLine(text, time.time()))
+        finally:
+            self.events.put(ChildExit(self.process.wait(), time.time()))
 
     def running(self) -> bool:
         return self.process.poll() is None
