@@ -55,3 +55,25 @@ def test_draft_loads_where_planned_and_serves(demo_model: Path, llama_bin_dir: P
     run = run_llama_server(llama_bin_dir, argv)
     assert run.served, "\n".join(run.lines[-20:])
     assert any("draft" in line.lower() for line in run.lines)
+
+
+def test_a_companion_keeps_its_worker_on_the_rpc_list_when_no_layer_went_there(demo_model: Path) -> None:
+    """Otherwise llama.cpp renumbers the workers and -devd would name another one."""
+    from llamalaunch.plan.argv import ArgvOptions
+    from llamalaunch.plan.companions import Companion
+    from llamalaunch.plan.planner import make_plan
+    from llamalaunch.plan.request import Request
+    from llamalaunch.probe.device import Device
+    from llamalaunch.model.load import load_profile
+
+    small = Device("RPC0", "RPC", "a", 60 * MIB, 60 * MIB, 0, endpoint="10.0.0.5:50052", worker_index=0)
+    large = Device("RPC1", "RPC", "b", 8192 * MIB, 8192 * MIB, 1, endpoint="10.0.0.6:50052", worker_index=0)
+    draft = Companion("draft", "d.gguf", 40 * MIB, "-md", "-devd", ("-ngld", "31"))
+    request = Request(ctx_tokens=2048, reserve_bytes={"RPC0": 40 * MIB})
+    plan = make_plan(load_profile(demo_model), [small, large], request,
+                     ArgvOptions(str(demo_model), None, ((draft, "RPC0"),)))
+    argv = list(plan.argv)
+    assert next(p for p in plan.devices if p.device.name == "RPC0").excluded
+    assert argv[argv.index("--rpc") + 1] == "10.0.0.5:50052,10.0.0.6:50052"
+    assert argv[argv.index("-dev") + 1] == "RPC1"
+    assert argv[argv.index("-devd") + 1] == "RPC0"

@@ -143,9 +143,14 @@ def parse_overheads(values: Sequence[str]) -> dict[str, int]:
 
 
 # Options whose value the plan decides: passing them after -- would contradict it.
-PLANNED_FLAGS = frozenset({"-m", "--model", "-mm", "--mmproj", "-md", "--model-draft", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
-                           "-ts", "--tensor-split", "-dev", "--device", "--rpc", "--host", "--port", "-np",
-                           "--parallel", "-fit", "--fit", "--api-key"})
+PLANNED_FLAGS = frozenset({
+    "-m", "--model", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers", "-ts", "--tensor-split",
+    "-dev", "--device", "--rpc", "--host", "--port", "-np", "--parallel", "-fit", "--fit", "--api-key",
+    "-b", "--batch-size", "-ub", "--ubatch-size", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+    "-fa", "--flash-attn", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--swa-full",
+    "-mm", "--mmproj", "-mmdev", "--mmproj-device", "-md", "--model-draft", "-devd", "--device-draft",
+    "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "-ot", "--override-tensor",
+})
 
 
 @dataclass(frozen=True)

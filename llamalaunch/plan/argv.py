@@ -65,7 +65,9 @@ def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> li
 def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice: Choice,
                all_devices: Sequence[Device], options: ArgvOptions) -> tuple[str, ...]:
     argv = ["-m", options.model_path, "-c", str(ctx_tokens), "-ngl", str(choice.n_gpu_layers)]
-    endpoints = used_endpoints(all_devices, choice.order)
+    pinned = {device for _companion, device in options.companions}
+    # A companion's worker stays on --rpc even when no layer went there, so its name stays valid.
+    endpoints = used_endpoints(all_devices, [*choice.order, *(d for d in all_devices if d.name in pinned)])
     if endpoints:
         argv += ["--rpc", ",".join(endpoints)]  # must come before -dev
     names = child_names(all_devices, endpoints)
@@ -80,7 +82,7 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
     if request.swa_full:
         argv.append("--swa-full")
     for companion, device in options.companions:
-        argv += companion.argv(names.get(device, device))
+        argv += companion.argv(names[device])
     if options.knows("--fit"):
         argv += ["--fit", "off"]
     return tuple(argv)
