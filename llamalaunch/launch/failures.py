@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 # (pattern, message, hint): failures that retrying cannot mend.
 _FATAL = (
+    (re.compile(r"llamalaunch: the one-token completion failed: (.*)"),
+     "llama-server loaded but could not answer a one-token completion ({0})",
+     "see the server log; with --api-key-file, check the key file"),
     (re.compile(r"(?:invalid|unknown) argument:? ?(\S*)"),
      "llama-server rejected the argument {0}", "check the arguments after -- (llama-server --help lists them)"),
     (re.compile(r"couldn't bind HTTP server socket.*port: (\d+)"),

@@ -75,6 +75,7 @@ class _StopRequest:
 
 
 _Item = ChildEvent | _Ready | _StopRequest
+READINESS_FAILED = "llamalaunch: the one-token completion failed"
 
 
 class ServeFailed(ServeError):
@@ -172,7 +173,9 @@ class Supervisor:
                     ready = True
                     self._mark_ready(plan)
                 elif not item.ok and self.child is not None and self.child.running():
-                    self._stop_child()  # allocation failed but /health said ok (#27309)
+                    # /health can say ok after a failed allocation (#27309): the completion decides.
+                    lines.append(f"{READINESS_FAILED}: {item.detail or 'no answer'}")
+                    self._stop_child()
                 continue
             assert isinstance(item, ChildExit)
             return self._after_exit(item.returncode, ready, oom.found, lines, plan)
@@ -273,9 +276,10 @@ class Supervisor:
             time.sleep(0.1)
 
     def _api_key(self) -> str | None:
+        """The first key, read as llama-server reads the file: lines split at \\n only, # comments."""
         if self.options.api_key_file is None:
             return None
-        lines = [ln.strip() for ln in self.options.api_key_file.read_text().splitlines()]
+        lines = self.options.api_key_file.read_bytes().decode("utf-8").split("\n")
         return next((ln for ln in lines if ln and not ln.startswith("#")), None)
 
     def _mark_ready(self, plan: Plan) -> None:

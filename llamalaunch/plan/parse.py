@@ -51,13 +51,17 @@ def check_api_key_file(path: Path) -> Path:
     """--api-key-file as llama-server reads it (a key per line, `#` comments). A file without a key would
     start a server that answers anyone: refused, as is one that cannot be read."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8").split("\n")  # as llama-server reads it: \r stays
     except (OSError, UnicodeDecodeError) as error:
         why = error.strerror if isinstance(error, OSError) else "not a text file"
         raise BadInputError(f"cannot read the API key file {path}: {why}", "check the path and its permissions"
                             ) from None
-    if not any(line.strip() and not line.startswith("#") for line in lines):
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not any(key.strip() for key in keys):
         raise BadInputError(f"the API key file {path} holds no key", "write the key on a line of its own")
+    if any(key != key.strip() for key in keys):
+        raise BadInputError(f"a key in {path} has spaces or a carriage return around it (Windows line endings?)",
+                            "llama-server would expect them in every request: save the file with plain \\n endings")
     return path
 
 
