@@ -9,7 +9,7 @@ from llamalaunch.plan.types import Plan
 
 # `failed to allocate CUDA0 buffer of size 8858370048`, `failed to allocate RPC0[127.0.0.1:50071] buffer ...`
 _BUFFER = re.compile(r"failed to allocate (?P<buffer>\S+?) buffer of size (?P<size>\d+)")
-_KV = re.compile(r"failed to allocate buffer for kv cache|failed to initialize the context: .*kv")
+_KV = re.compile(r"failed to allocate buffer for (?:kv|rs) cache|failed to initialize the context: .*(?:kv|rs) cache")
 _COMPUTE = re.compile(r"failed to allocate compute (?:pp )?buffers|graph_reserve: failed to allocate")
 _RUNTIME = re.compile(r"CUDA error: out of memory|ggml_backend_cuda_.*out of memory during")
 _RPC_BUFFER = re.compile(r"^RPC(?P<index>\d+)\[(?P<endpoint>[^\]]+)\]$")
