@@ -221,7 +221,9 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
-    from llamalaunch.observe.render import command_line, plan_view
+    from llamalaunch.model.measured import within_tolerance
+    from llamalaunch.observe.render import command_line, plan_view, verify_table
+    from llamalaunch.plan.schema import verify_to_list
     from llamalaunch.plan.schema import plan_to_dict
 
     inputs = plan_inputs(model, demo, llama_server, rpc, what_if(assume, inventory), overhead, dict(
@@ -230,17 +232,18 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
         margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
         gpu_layers=gpu_layers), mmproj=mmproj, draft=draft, generic_arch=generic_arch)
     result = inputs.plan()
+    checked = inputs.verify(result) if verify else None
     if as_json:
-        print_json(plan_to_dict(result))
+        print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
         out.print(plan_view(result))
         out.print(command_line(inputs.server_name(), result.argv), soft_wrap=True, highlight=False, markup=False)
         for problem in inputs.problems:
             err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
-    if verify:
-        from llamalaunch.observe.render import verify_table
-
-        out.print(verify_table(inputs.verify(result)))
+        if checked is not None:
+            out.print(verify_table(checked))
+    if checked is not None and not all(within_tolerance(row) for row in checked):
+        raise typer.Exit(1)  # CI can rely on --verify
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})

@@ -59,6 +59,11 @@ def test_verify_compares_the_plan_with_a_real_load(demo_model: Path, llama_bin_d
     verify_rows = [row for row in rows if "weights" in row or " kv " in row or "compute" in row]
     assert len(verify_rows) == 9
     assert all(row.rstrip(" │").endswith("yes") for row in verify_rows), "\n".join(verify_rows)
+    as_json = run_cli("plan", str(demo_model), "--ctx", "6k", "--rpc", ",".join(w.endpoint for w in workers),
+                      "--budget", "RPC0=150MiB", "--budget", "RPC1=300MiB", "--verify", "--json",
+                      "--llama-server", str(llama_bin_dir / "llama-server"))
+    checked = json.loads(as_json.stdout)["verify"]
+    assert len(checked) == 9 and all(row["within_tolerance"] for row in checked)
 
 
 def test_an_inventory_file_plans_like_the_same_assume_options(demo_model: Path, tmp_path: Path) -> None:
@@ -87,3 +92,13 @@ def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for
     generic = run_cli("plan", str(model), "--assume", "CUDA0=2GiB", "--ctx", "2k", "--generic-arch", "--json")
     assert generic.returncode == 0, generic.stderr
     assert any("generic, conservative estimate" in note for note in json.loads(generic.stdout)["notes"])
+
+
+def test_a_plan_beyond_host_memory_says_so(tmp_path: Path) -> None:
+    from llamalaunch.model.synthetic import write_preset
+
+    model = write_preset(tmp_path / "70b.gguf", "llama-70b")
+    result = run_cli("plan", str(model), "--assume", "CPU=8GiB", "--ctx", "32k", "--json")
+    assert result.returncode == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert any(note.startswith("host: the plan needs") and "8.00 GiB is available" in note for note in notes)

@@ -180,3 +180,9 @@ def test_the_default_margin_scales_with_small_devices() -> None:
     assert request.margin_for(100 * MIB) == 8 * MIB
     assert Request(margin_bytes=0).margin_for(24 * GIB) == 0
     assert Request(extra_margin_bytes=256 * MIB).margin_for(24 * GIB) == 320 * MIB
+
+
+def test_ctx_max_with_cpu_spill_keeps_a_useful_context(llama_70b: ModelProfile) -> None:
+    plan = make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=None, cpu_spill=True), OPTIONS)
+    assert plan.ctx_tokens == 4096
+    assert 0 < plan.n_gpu_layers < llama_70b.n_slots

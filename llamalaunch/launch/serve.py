@@ -52,6 +52,7 @@ class PlanInputs:
     devices: tuple[Device, ...] = ()
     mmproj: str | None = None
     draft: str | None = None
+    host_free_bytes: int | None = None
 
     @classmethod
     def gather(cls, *, model: str | None, demo: bool, llama_server: str | None, rpc: Sequence[str],
@@ -76,6 +77,7 @@ class PlanInputs:
         inventory = fill_unknown_memory(probe_devices(rpc=self.rpc, assume=self.assume), self.request.budget_bytes)
         self.problems.extend(p for p in inventory.problems if p not in self.problems)
         self.devices = inventory.devices
+        self.host_free_bytes = inventory.host.free_bytes
         return inventory.devices
 
     def plan(self, lessons: Lessons | None = None) -> Plan:
@@ -90,6 +92,9 @@ class PlanInputs:
         plan = make_plan(self.profile, devices, request, options, self.overheads(devices))
         notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
                  for c in companions if pinned is not None]
+        if self.host_free_bytes is not None and plan.host.total_bytes > self.host_free_bytes:
+            notes.append(f"host: the plan needs {format_bytes(plan.host.total_bytes)} of host memory but "
+                         f"{format_bytes(self.host_free_bytes)} is available: lower --ctx, or add devices")
         if self.profile.generic_estimate:
             notes.append(f"{self.profile.arch} is not a known architecture: a generic, conservative estimate")
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))

@@ -76,6 +76,7 @@ class _StopRequest:
 
 _Item = ChildEvent | _Ready | _StopRequest
 READINESS_FAILED = "llamalaunch: the one-token completion failed"
+HEALTHY_RESET_S = 600.0  # ready this long: the restart count starts again
 
 
 class ServeFailed(ServeError):
@@ -95,6 +96,7 @@ class Supervisor:
         self.lessons = Lessons()
         self.attempts: list[Attempt] = []
         self.restarts = 0
+        self.ready_since: float | None = None
         self.phase = "starting"
         self.child: Child | None = None
         self.plan: Plan | None = None
@@ -117,7 +119,7 @@ class Supervisor:
         self.queue.put(_StopRequest(signum))
 
     def run(self) -> int:
-        """Serve until stopped; the exit code is 0 for a clean stop by signal, else non-zero."""
+        """Serve until stopped; the exit code is 128 + the signal after a clean stop, non-zero on failure."""
         try:
             return self._run()
         finally:
@@ -208,6 +210,8 @@ class Supervisor:
             lesson = failure.message
         else:
             lesson = self.lessons.learn_runtime_oom() if oom else f"llama-server exited with code {returncode}"
+            if self.ready_since is not None and time.monotonic() - self.ready_since > HEALTHY_RESET_S:
+                self.restarts = 0  # a crash a week is not a crash loop
         self.restarts += 1
         if self.restarts > self.options.max_restarts:
             message = f"llama-server crashed {self.restarts} times; giving up ({lesson})"
@@ -283,6 +287,7 @@ class Supervisor:
         return next((ln for ln in lines if ln and not ln.startswith("#")), None)
 
     def _mark_ready(self, plan: Plan) -> None:
+        self.ready_since = time.monotonic()
         self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")
         self.notifier.ready(f"ready: {self.base_url} ctx {plan.ctx_tokens}")
 

@@ -15,6 +15,9 @@ from llamalaunch.probe.device import Device
 from llamalaunch.units import format_bytes
 
 
+SPILL_CTX_FLOOR = 4096
+
+
 def round_ctx(tokens: int) -> int:
     return -(-tokens // CTX_STEP) * CTX_STEP
 
@@ -82,7 +85,8 @@ class Planner:
             found = self.largest_ctx(full, floor, self.ctx_ceiling())
             if found is not None:
                 return found
-            return self.spill_or_fail(round_ctx(floor))
+            # Spilling for --ctx max: a useful context (llama.cpp's --fit floor) rather than 256 tokens.
+            return self.spill_or_fail(round_ctx(max(floor, min(SPILL_CTX_FLOOR, self.ctx_ceiling()))))
         ctx = round_ctx(self.request.ctx_tokens)
         choice = self.choice_at(ctx, full)
         if choice is not None:

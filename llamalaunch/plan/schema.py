@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from llamalaunch.model.measured import ComponentError, within_tolerance
 from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
 
 SCHEMA_VERSION = 1
@@ -41,3 +43,9 @@ def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
         "reserved_bytes": plan.reserved_bytes, "limit_bytes": plan.limit_bytes,
         "planned_bytes": plan.planned_bytes, "headroom_bytes": plan.headroom_bytes,
     }
+
+
+def verify_to_list(rows: Sequence[ComponentError]) -> list[dict[str, Any]]:
+    """`plan --verify --json`: planned against llama-server's own figures, per device and component."""
+    return [{"device": row.device, "component": row.component, "planned_bytes": row.planned_bytes,
+             "measured_bytes": row.measured_bytes, "within_tolerance": within_tolerance(row)} for row in rows]
