@@ -186,3 +186,12 @@ def test_ctx_max_with_cpu_spill_keeps_a_useful_context(llama_70b: ModelProfile) 
     plan = make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=None, cpu_spill=True), OPTIONS)
     assert plan.ctx_tokens == 4096
     assert 0 < plan.n_gpu_layers < llama_70b.n_slots
+
+
+def test_the_suggested_context_respects_a_forced_layer_count(llama_8b: ModelProfile) -> None:
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=131072, n_gpu_layers=20), OPTIONS)
+    suggested = int(str(raised.value).split("the largest context that fits is ")[1].split(":")[0])
+    make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=suggested, n_gpu_layers=20), OPTIONS)
+    with pytest.raises(PlanError):
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=suggested + 256, n_gpu_layers=20), OPTIONS)

@@ -111,14 +111,16 @@ class Planner:
 
     def refusal(self, ctx_tokens: int) -> tuple[str, str]:
         if not self.devices:
-            return "no device to place layers on", "give --rpc workers, --assume devices, or allow --cpu-spill"
+            return "no device to place layers on", "give --rpc workers or --assume devices, or leave out -dev " \
+                "to run on the CPU"
         need = f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} does not fit on " + \
             ", ".join(f"{d.name} ({format_bytes(max(device_limit(d, self.request), 0))} usable)" for d in self.devices)
         floor = max(self.request.ctx_min_tokens, CTX_STEP)
-        found = self.largest_ctx(self.profile.n_slots, floor, ctx_tokens)
+        layers = min(self.request.n_gpu_layers or self.profile.n_slots, self.profile.n_slots)
+        found = self.largest_ctx(layers, floor, ctx_tokens)
         if found is not None:
             return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
-        spill = self.most_layers(ctx_tokens)
+        spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
         if spill is not None and spill.n_gpu_layers > 0:
             return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit: add --cpu-spill"
         return need, "no layer fits even at the smallest context: free memory, add devices, or lower margins"
