@@ -251,8 +251,3 @@ def buffer_device(buffer: str, rpc_endpoints: Sequence[str] = (),
             return f"RPC{before + local}"
         before += counts.get(known, 1)
     return f"RPC{local}" if not rpc_endpoints else buffer
-
-
-def breakdown_device(row_name: str, description: str | None) -> str:
-    """Breakdown rows already name devices (`RPC1 (127.0.0.1:50062)`); the Host row is HOST."""
-    return HOST if row_name == "Host" and description is None else row_name

@@ -18,7 +18,7 @@ from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
-from llamalaunch.model.estimate import DEFAULT_OVERHEAD_BYTES, Estimate, Placement, SlotRange
+from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.model.measured import ComponentError, compare, measure_plan
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
@@ -108,12 +108,12 @@ class PlanInputs:
         return found
 
     def overheads(self, devices: Sequence[Device]) -> dict[str, int]:
-        """Defaults, then what calibration measured for these GPUs, then the user's --overhead."""
+        """What calibration measured for these GPUs, then the user's --overhead on top."""
         calibrated = overheads_for(devices, load_overheads())
         by_backend = {key for key in self.overhead if not key[-1].isdigit()}
         calibrated = {name: size for name, size in calibrated.items()
                       if not any(d.name == name and d.backend in by_backend for d in devices)}
-        return {**DEFAULT_OVERHEAD_BYTES, **calibrated, **self.overhead}
+        return {**calibrated, **self.overhead}  # the cost model puts the defaults under these
 
     def verify(self, plan: Plan) -> list[ComponentError]:
         """Load the plan's argv in the real llama-server and compare, per device and component."""

@@ -78,7 +78,3 @@ def launcher_alive(state: RunState) -> bool:
         return abs(process.create_time() - state.launcher_started_at) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-
-
-def remove_state(name: str) -> None:
-    state_path(name).unlink(missing_ok=True)

@@ -85,13 +85,11 @@ class ServeFailed(ServeError):
 
 class Supervisor:
     def __init__(self, options: ServeOptions, make_plan: Callable[[Lessons], Plan],
-                 on_event: Callable[[SupervisorEvent], None], notifier: Notifier | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 on_event: Callable[[SupervisorEvent], None], notifier: Notifier | None = None) -> None:
         self.options = options
         self.make_plan = make_plan
         self.on_event = on_event
         self.notifier = notifier or Notifier()
-        self.sleep = sleep
         self.queue: queue.Queue[_Item] = queue.Queue()
         self.lessons = Lessons()
         self.attempts: list[Attempt] = []

@@ -54,14 +54,17 @@ class CostModel:
         return max(end - first, 0)
 
     def overhead_bytes(self, device: Device) -> int:
-        return self.overhead.get(device.name, self.overhead.get(device.backend, 0))
+        return self._overhead(device.name, device.backend)
+
+    def _overhead(self, name: str, backend: str) -> int:
+        """By device name first, then backend (defaults merged in at construction)."""
+        return self.overhead.get(name, self.overhead.get(backend, 0))
 
     def estimate(self, placement: Placement) -> Estimate:
         return self._estimate(placement)
 
     def _estimate_uncached(self, placement: Placement) -> Estimate:
-        overhead = {r.device: self.overhead.get(r.device, self.overhead.get(r.backend, 0))
-                    for r in placement.ranges}
+        overhead = {r.device: self._overhead(r.device, r.backend) for r in placement.ranges}
         return estimate(self.profile, placement, self.request, self.ctx_tokens, overhead)
 
     def compute_bytes(self, placement: Placement, device_name: str) -> int:
