@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.serve_support import ServeRun, start_serve
 from tests.support import RpcWorker, start_rpc_worker
 
 
@@ -53,3 +54,25 @@ def rpc_workers(llama_bin_dir: Path, tmp_path: Path) -> Iterator[Callable[..., R
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def home() -> Path:
+    """This test's LLAMALAUNCH_HOME (set above), shared by the launcher and the test's own state calls."""
+    return Path(os.environ["LLAMALAUNCH_HOME"])
+
+
+@pytest.fixture
+def serve(llama_bin_dir: Path, home: Path) -> Iterator[Callable[..., ServeRun]]:
+    """Factory: `llamalaunch serve` with this test's LLAMALAUNCH_HOME (or `home=`); all cleaned up."""
+    runs: list[ServeRun] = []
+
+    def start(model: Path | str, *args: str, **kwargs: object) -> ServeRun:
+        kwargs.setdefault("home", home)
+        run = start_serve(model, *args, llama_server=llama_bin_dir / "llama-server", **kwargs)  # type: ignore[arg-type]
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.cleanup()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,3 +241,6 @@ def layer_devices_in_plan(plan: dict[str, Any]) -> dict[int, str]:
         for slot in range(device["first_slot"], device["first_slot"] + device["n_layers"]):
             assignment[slot] = device["name"]
     return assignment
+
+
+StartServe = Callable[..., ServeRun]

@@ -21,34 +21,10 @@ import pytest
 
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.probe import rpc
-from tests.serve_support import REPO_ROOT, ServeRun, complete, servers_on_port, start_serve, wait_gone
+from tests.serve_support import REPO_ROOT, ServeRun, StartServe, complete, servers_on_port, wait_gone
 from tests.support import RpcWorker, free_port
 
 pytestmark = pytest.mark.llama
-
-StartServe = Callable[..., ServeRun]
-
-
-@pytest.fixture
-def home() -> Path:
-    return Path(os.environ["LLAMALAUNCH_HOME"])
-
-
-@pytest.fixture
-def serve(llama_bin_dir: Path, home: Path) -> Iterator[StartServe]:
-    """Factory: `llamalaunch serve` with this test's LLAMALAUNCH_HOME (or `home=`); all cleaned up."""
-    runs: list[ServeRun] = []
-
-    def start(model: Path | str, *args: str, **kwargs: object) -> ServeRun:
-        kwargs.setdefault("home", home)
-        run = start_serve(model, *args, llama_server=llama_bin_dir / "llama-server", **kwargs)  # type: ignore[arg-type]
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:
-        run.cleanup()
-
 
 def assert_one_error_line(run: ServeRun, *words: str) -> None:
     assert len(run.stderr) == 1 and run.stderr[0].startswith("error:"), run.output

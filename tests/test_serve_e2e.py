@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -29,37 +29,12 @@ from tests.serve_support import (
     layer_devices_in_log,
     layer_devices_in_plan,
     servers_on_port,
-    start_serve,
+    StartServe,
     wait_gone,
 )
 from tests.support import RpcWorker, free_port
 
 pytestmark = pytest.mark.llama
-
-StartServe = Callable[..., ServeRun]
-
-
-@pytest.fixture
-def home() -> Path:
-    """This test's LLAMALAUNCH_HOME (set by conftest), shared by the launcher and the test's own state calls."""
-    return Path(os.environ["LLAMALAUNCH_HOME"])
-
-
-@pytest.fixture
-def serve(llama_bin_dir: Path, home: Path) -> Iterator[StartServe]:
-    """Factory: start `llamalaunch serve` with this test's LLAMALAUNCH_HOME; all cleaned up at teardown."""
-    runs: list[ServeRun] = []
-
-    def start(model: Path | str, *args: str, **kwargs: object) -> ServeRun:
-        run = start_serve(model, *args, home=home, llama_server=llama_bin_dir / "llama-server",
-                          **kwargs)  # type: ignore[arg-type]
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:
-        run.cleanup()
-
 
 def rpc_option(*workers: RpcWorker) -> str:
     return ",".join(worker.endpoint for worker in workers)
