@@ -124,19 +124,24 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
     return [*assume, *(read_inventory(inventory) if inventory is not None else [])]
 
 
-def plan_inputs(model: str | None, demo: bool, llama_server: str | None, rpc: list[str], assume: list[str],
-                overhead: list[str], request_kwargs: dict[str, Any], need_toolchain: bool = False,
-                mmproj: str | None = None, draft: str | None = None, generic_arch: bool = False) -> Any:
-    """Shared by plan and serve: everything the planner needs, gathered from the options."""
+REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
+                   "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers")
+
+
+def plan_inputs(params: dict[str, Any], demo: bool, need_toolchain: bool = False,
+                ctx_is_target: bool = False) -> Any:
+    """Shared by plan and serve: everything the planner needs, from the command's parsed options."""
     from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
 
-    if model is None and not demo:
+    if params["model"] is None and not demo:
         raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
-    return PlanInputs.gather(model=model, demo=demo, llama_server=llama_server, rpc=rpc, assume=assume,
-                             overhead=overhead, request=build_request(**request_kwargs),
-                             need_toolchain=need_toolchain, mmproj=mmproj, draft=draft,
-                             generic_arch=generic_arch)
+    request = build_request(**{key: params[key] for key in REQUEST_OPTIONS}, devices=params["device"],
+                            ctx_is_target=ctx_is_target)
+    return PlanInputs.gather(model=params["model"], demo=demo, llama_server=params["llama_server"],
+                             rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
+                             overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
+                             mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"])
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -207,7 +212,8 @@ def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = 
 
 @app.command()
 @reports_errors
-def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")] = None,
+def plan(ctx_: typer.Context,
+         model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")] = None,
          demo: Annotated[bool, typer.Option("--demo", help="Plan the bundled demo model.")] = False,
          ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
          batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
@@ -223,14 +229,9 @@ def plan(model: Annotated[Optional[str], typer.Argument(help="GGUF model (first 
     """Show where every layer and buffer would go, and the exact llama-server command line."""
     from llamalaunch.model.measured import within_tolerance
     from llamalaunch.observe.render import command_line, plan_view, verify_table
-    from llamalaunch.plan.schema import verify_to_list
-    from llamalaunch.plan.schema import plan_to_dict
+    from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
-    inputs = plan_inputs(model, demo, llama_server, rpc, what_if(assume, inventory), overhead, dict(
-        ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
-        cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-        margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
-        gpu_layers=gpu_layers), mmproj=mmproj, draft=draft, generic_arch=generic_arch)
+    inputs = plan_inputs(ctx_.params, demo)
     result = inputs.plan()
     checked = inputs.verify(result) if verify else None
     if as_json:
@@ -286,12 +287,7 @@ def serve(ctx_: typer.Context,
     backoff = parse_seconds(backoff, "--backoff", 0, 3600)
     load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
     api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
-    inputs = plan_inputs(model, demo or model is None, llama_server, rpc, what_if(assume, inventory), overhead, dict(
-        ctx=ctx, ctx_min=ctx_min, parallel=parallel, kv_unified=kv_unified, batch=batch, ubatch=ubatch,
-        cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-        margin=margin, reserve=reserve, budget=budget, devices=device, exclude=exclude, cpu_spill=cpu_spill,
-        gpu_layers=gpu_layers, ctx_is_target=True), need_toolchain=True, mmproj=mmproj, draft=draft,
-        generic_arch=generic_arch)
+    inputs = plan_inputs(ctx_.params, demo or model is None, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
     view = ServeConsole(out, tui=not no_tui and out.is_terminal)
