@@ -77,3 +77,16 @@ def test_a_companion_keeps_its_worker_on_the_rpc_list_when_no_layer_went_there(d
     assert argv[argv.index("--rpc") + 1] == "10.0.0.5:50052,10.0.0.6:50052"
     assert argv[argv.index("-dev") + 1] == "RPC1"
     assert argv[argv.index("-devd") + 1] == "RPC0"
+
+
+def test_ctx_max_with_a_draft_sizes_the_draft_for_the_context_it_gets(demo_model: Path, tmp_path: Path) -> None:
+    """The draft shares -c: the largest context is the one where model and draft both fit, not less."""
+    from llamalaunch.model.synthetic import write_preset
+
+    model = write_preset(tmp_path / "8b.gguf", "llama-8b")
+    common = (str(model), "--assume", "CUDA0=12GiB", "--draft", str(demo_model))
+    best = plan_json(*common)
+    assert best["ctx"] > 40000
+    one_more = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *common, "--ctx", str(best["ctx"] + 256)],
+                              capture_output=True, text=True, timeout=120)
+    assert one_more.returncode == 1 and "does not fit" in one_more.stderr

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from llamalaunch.errors import BadInputError, ServeError, ToolchainError
+from llamalaunch.errors import BadInputError, PlanError, ServeError, ToolchainError
 from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
@@ -83,15 +83,11 @@ class PlanInputs:
     def plan(self, lessons: Lessons | None = None) -> Plan:
         request = lessons.apply(self.request) if lessons is not None else self.request
         devices = self.probe()
-        capabilities = self.toolchain.server.capabilities if self.toolchain is not None else None
-        pinned, companions = pin_device(devices, request), self.companions(request, devices)
-        if companions and pinned is not None:
-            request = with_reservations(request, pinned, companions)
-        options = ArgvOptions(self.model_path, capabilities,
-                              tuple((c, pinned.name) for c in companions) if pinned is not None else ())
-        plan = make_plan(self.profile, devices, request, options, self.overheads(devices))
-        notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
-                 for c in companions if pinned is not None]
+        if self.draft and request.ctx_tokens is None:
+            plan = self.largest_with_draft(request, devices)
+        else:
+            plan = self.plan_at(request, devices)
+        notes = []
         if self.host_free_bytes is not None and plan.host.total_bytes > self.host_free_bytes:
             notes.append(f"host: the plan needs {format_bytes(plan.host.total_bytes)} of host memory but "
                          f"{format_bytes(self.host_free_bytes)} is available: lower --ctx, or add devices")
@@ -99,12 +95,42 @@ class PlanInputs:
             notes.append(f"{self.profile.arch} is not a known architecture: a generic, conservative estimate")
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))
 
-    def companions(self, request: Request, devices: Sequence[Device]) -> list[Companion]:
+    def plan_at(self, request: Request, devices: Sequence[Device]) -> Plan:
+        """One plan, the companions reserved for this request's context on the device they are pinned to."""
+        capabilities = self.toolchain.server.capabilities if self.toolchain is not None else None
         pinned = pin_device(devices, request)
+        companions = self.companions(request, pinned) if pinned is not None else []
+        if companions and pinned is not None:
+            request = with_reservations(request, pinned, companions)
+        options = ArgvOptions(self.model_path, capabilities,
+                              tuple((c, pinned.name) for c in companions) if pinned is not None else ())
+        plan = make_plan(self.profile, devices, request, options, self.overheads(devices))
+        notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
+                 for c in companions if pinned is not None]
+        return dataclasses.replace(plan, notes=(*plan.notes, *notes))
+
+    def largest_with_draft(self, request: Request, devices: Sequence[Device]) -> Plan:
+        """--ctx max with a draft model: the draft shares the context, so its reservation grows with it."""
+        step = 256
+        low = -(-max(request.ctx_min_tokens, step) // step) * step
+        high = max(low, (self.profile.n_ctx_train or low) // step * step)
+        best = self.plan_at(dataclasses.replace(request, ctx_tokens=low), devices)  # raises what would fit
+        while high > low:
+            middle = (low + high + step) // 2 // step * step
+            try:
+                best = self.plan_at(dataclasses.replace(request, ctx_tokens=middle), devices)
+                low = middle
+            except PlanError:
+                high = middle - step
+        return best
+
+    def companions(self, request: Request, pinned: Device) -> list[Companion]:
         found = [mmproj_companion(self.mmproj)] if self.mmproj else []
         if self.draft:
             ctx = request.ctx_tokens or self.profile.n_ctx_train or 4096
-            found.append(draft_companion(self.draft, request, ctx, pinned.backend if pinned else "CPU"))
+            # llama-server gives the draft the same -c, with its own cache types (-ctkd/-ctvd, f16)
+            draft_request = dataclasses.replace(request, cache_type_k="f16", cache_type_v="f16")
+            found.append(draft_companion(self.draft, draft_request, ctx, pinned.backend))
         return found
 
     def overheads(self, devices: Sequence[Device]) -> dict[str, int]:
