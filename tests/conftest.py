@@ -46,8 +46,8 @@ def rpc_workers(llama_bin_dir: Path, tmp_path: Path) -> Iterator[Callable[..., R
     """Factory: start real ggml-rpc-server workers on loopback; all stopped at teardown."""
     started: list[RpcWorker] = []
 
-    def start(address_space_bytes: int | None = None) -> RpcWorker:
-        worker = start_rpc_worker(llama_bin_dir, tmp_path, address_space_bytes)
+    def start(address_space_bytes: int | None = None, devices: str | None = None) -> RpcWorker:
+        worker = start_rpc_worker(llama_bin_dir, tmp_path, address_space_bytes, devices=devices)
         started.append(worker)
         return worker
 

@@ -49,10 +49,12 @@ class RpcWorker:
 
 
 def start_rpc_worker(bin_dir: Path, log_dir: Path, address_space_bytes: int | None = None,
-                     threads: int = 1) -> RpcWorker:
+                     threads: int = 1, devices: str | None = None) -> RpcWorker:
     """Start one CPU ggml-rpc-server on a free loopback port; under `prlimit --as` when asked."""
     port = free_port()
     argv = [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)]
+    if devices is not None:
+        argv += ["-d", devices]  # "CPU,CPU": one worker exposing two devices
     if address_space_bytes is not None:
         argv = ["prlimit", f"--as={address_space_bytes}", *argv]
     log_path = log_dir / f"rpc-{port}.log"

@@ -102,3 +102,16 @@ def test_a_plan_beyond_host_memory_says_so(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     notes = json.loads(result.stdout)["notes"]
     assert any(note.startswith("host: the plan needs") and "8.00 GiB is available" in note for note in notes)
+
+
+@pytest.mark.llama
+def test_verify_names_the_devices_of_a_worker_that_exposes_two(demo_model: Path, llama_bin_dir: Path,
+                                                             rpc_workers: Callable[..., RpcWorker]) -> None:
+    workers = [rpc_workers(devices="CPU,CPU"), rpc_workers()]
+    result = run_cli("plan", str(demo_model), "--ctx", "4k", "--rpc", ",".join(w.endpoint for w in workers),
+                     "--budget", "RPC0=150MiB", "--budget", "RPC1=150MiB", "--budget", "RPC2=200MiB", "--verify",
+                     "--json", "--llama-server", str(llama_bin_dir / "llama-server"))
+    assert result.returncode == 0, result.stderr
+    checked = json.loads(result.stdout)["verify"]
+    assert {row["device"] for row in checked} == {"RPC0", "RPC1", "RPC2", "Host"}
+    assert all(row["within_tolerance"] for row in checked), checked

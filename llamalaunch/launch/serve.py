@@ -151,7 +151,8 @@ class PlanInputs:
         ranges = tuple(SlotRange(names[p.device.name], p.device.backend, p.first_slot or 0, p.n_layers)
                        for p in plan.devices if not p.excluded)
         placement = Placement(ranges)
-        measured = measure_plan(self.toolchain.server.path, argv, placement, endpoints)
+        per_worker = {endpoint: sum(1 for d in self.devices if d.endpoint == endpoint) for endpoint in endpoints}
+        measured = measure_plan(self.toolchain.server.path, argv, placement, endpoints, per_worker)
         planned = Estimate(MappingProxyType({names[p.device.name]: p.memory for p in plan.devices if not p.excluded}),
                            plan.host)
         return compare(planned, measured.estimate)

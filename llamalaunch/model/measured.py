@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -88,14 +88,15 @@ def measure_load(bin_dir: Path, model_path: str, placement: Placement, request: 
 
 
 def measure_plan(server: Path, plan_argv: Sequence[str], placement: Placement, rpc_endpoints: Sequence[str],
+                 devices_per_endpoint: Mapping[str, int] | None = None,
                  timeout_s: float = LOAD_TIMEOUT_S) -> Measurement:
     """A plan's own argv, loaded for real (`plan --verify`)."""
     argv = [str(server), *plan_argv, "--host", "127.0.0.1", "--port", str(_free_port()), "--no-warmup", "-lv", "5"]
-    return measure_argv(argv, placement, rpc_endpoints, None, timeout_s)
+    return measure_argv(argv, placement, rpc_endpoints, None, timeout_s, devices_per_endpoint)
 
 
 def measure_argv(argv: list[str], placement: Placement, rpc_endpoints: Sequence[str], log_dir: Path | None,
-                 timeout_s: float) -> Measurement:
+                 timeout_s: float, devices_per_endpoint: Mapping[str, int] | None = None) -> Measurement:
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="llamalaunch-measure-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
@@ -112,7 +113,8 @@ def measure_argv(argv: list[str], placement: Placement, rpc_endpoints: Sequence[
         failure = next((e for e in events if isinstance(e, (LoadFailed, OutOfMemory))), None)
         reason = failure.text if failure is not None else _last_error_line(log_path)
         raise ServeError(f"llama-server did not load the model: {reason}", f"see {log_path}")
-    return Measurement(estimate_from_events(events, placement, rpc_endpoints), events, tuple(argv), str(log_path))
+    estimate = estimate_from_events(events, placement, rpc_endpoints, devices_per_endpoint)
+    return Measurement(estimate, events, tuple(argv), str(log_path))
 
 
 def measure_fit_params(bin_dir: Path, model_path: str, placement: Placement, request: Request, ctx_tokens: int,
@@ -187,7 +189,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT_S)
 
 
-def estimate_from_events(events: Iterable[Event], placement: Placement, rpc_endpoints: Sequence[str] = ()) -> Estimate:
+def estimate_from_events(events: Iterable[Event], placement: Placement, rpc_endpoints: Sequence[str] = (),
+                         devices_per_endpoint: Mapping[str, int] | None = None) -> Estimate:
     """Sum the buffer lines of one load per device (model → weights, KV/RS → kv, compute) and host.
 
     The output (logits) buffer counts as host kv, as the analytic estimator books it. Only the last
@@ -197,7 +200,7 @@ def estimate_from_events(events: Iterable[Event], placement: Placement, rpc_endp
     for event in _last_load(list(events)):
         if not isinstance(event, BufferSize) or event.at_exit:
             continue
-        device = buffer_device(event.buffer, rpc_endpoints)
+        device = buffer_device(event.buffer, rpc_endpoints, devices_per_endpoint)
         field = {"model": "weights", "kv": "kv", "rs": "kv", "output": "kv", "compute": "compute"}[event.kind]
         parts.setdefault(device, {}).setdefault(field, 0)
         parts[device][field] += event.bytes
