@@ -42,8 +42,10 @@ def test_each_kind_of_cuda_oom_seen_on_the_h100(ctx: int, expected: OutOfMemory)
 
 
 def test_rpc_and_recurrent_state_allocation_failures() -> None:
-    lines = ["0.00.5 E alloc: failed to allocate RPC0[127.0.0.1:50071] buffer of size 188743680",
-             "0.00.6 E llama_init_from_model: failed to initialize the context: failed to allocate buffer for rs cache"]
+    lines = ["0.00.512.006 E ggml_backend_buft_alloc_buffer_n_default: failed to allocate RPC0[127.0.0.1:50071] "
+             "buffer of size 188743680",
+             "0.00.512.700 E llama_init_from_model: failed to initialize the context: failed to allocate buffer for "
+             "rs cache"]
     assert fold(lines) == OutOfMemory("kv", "RPC0[127.0.0.1:50071]", 188743680)
 
 

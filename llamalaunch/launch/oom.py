@@ -1,17 +1,13 @@
-"""Out-of-memory lines llama-server prints (DESIGN.md §3), and which device each one hit. Pure."""
+"""One load's out-of-memory failure, folded from the lines logparse recognises, and the device it hit."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+from llamalaunch.launch import logparse
 from llamalaunch.plan.types import Plan
 
-# `failed to allocate CUDA0 buffer of size 8858370048`, `failed to allocate RPC0[127.0.0.1:50071] buffer ...`
-_BUFFER = re.compile(r"failed to allocate (?P<buffer>\S+?) buffer of size (?P<size>\d+)")
-_KV = re.compile(r"failed to allocate buffer for (?:kv|rs) cache|failed to initialize the context: .*(?:kv|rs) cache")
-_COMPUTE = re.compile(r"failed to allocate compute (?:pp )?buffers|graph_reserve: failed to allocate")
-_RUNTIME = re.compile(r"CUDA error: out of memory|ggml_backend_cuda_.*out of memory during")
 _RPC_BUFFER = re.compile(r"^RPC(?P<index>\d+)\[(?P<endpoint>[^\]]+)\]$")
 
 
@@ -39,20 +35,27 @@ class OutOfMemory:
 
 
 class OomTracker:
-    """Folds the OOM lines of one load into one OutOfMemory (the buffer line, then what it was for)."""
+    """Folds the OOM lines of one load into one OutOfMemory: the failing buffer, then what it was for.
+
+    llama.cpp prints the allocator's complaint, then the buffer and its size, then the stage (weights,
+    KV, compute) that needed it; a CUDA abort while serving has no buffer line.
+    """
 
     def __init__(self) -> None:
         self.found: OutOfMemory | None = None
 
     def feed(self, line: str) -> OutOfMemory | None:
-        """The failure as known so far, once the line shows one; None for unrelated lines."""
-        buffer = _BUFFER.search(line)
-        if buffer:
-            self.found = OutOfMemory("weights", buffer.group("buffer"), int(buffer.group("size")))
-            return self.found
-        for pattern, kind in ((_KV, "kv"), (_COMPUTE, "compute"), (_RUNTIME, "runtime")):
-            if pattern.search(line):
-                previous = self.found or OutOfMemory(kind)
-                self.found = OutOfMemory(kind, previous.buffer, previous.size_bytes)
-                return self.found
-        return None
+        """The failure as known so far once a line shows one; None for unrelated lines."""
+        if "alloc" not in line and "out of memory" not in line:
+            return None  # most lines: skip the parse
+        event = logparse.parse_event(logparse.parse_line(line))
+        if not isinstance(event, logparse.OutOfMemory):
+            return None
+        previous = self.found
+        if event.buffer is not None:
+            self.found = OutOfMemory(event.stage or "weights", event.buffer, event.bytes)
+        elif event.stage in ("kv", "compute", "runtime") and previous is not None and previous.buffer:
+            self.found = OutOfMemory(event.stage, previous.buffer, previous.size_bytes)
+        elif event.stage in ("kv", "compute", "runtime") or (event.stage is None and previous is None):
+            self.found = OutOfMemory(event.stage or "runtime")
+        return self.found
