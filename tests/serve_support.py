@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 
+from tests.support import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_NAME = "llama-server"
 _READY = re.compile(r" ready: (?P<url>http://\S+) ctx (?P<ctx>\d+)")
@@ -144,13 +146,7 @@ class ServeRun:
 
     def cleanup(self) -> None:
         """Whatever a failed test left: the launcher, then every llama-server it ever had."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         for pid in self.servers_seen:
             kill_if_server(pid)
 

@@ -16,6 +16,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL: what every test does with the processes it started."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
     """Connect and close without sending: harmless to a ggml-rpc-server (DESIGN.md §3)."""
     deadline = time.monotonic() + timeout_s
@@ -39,13 +50,7 @@ class RpcWorker:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 5)
 
 
 def start_rpc_worker(bin_dir: Path, log_dir: Path, address_space_bytes: int | None = None,
@@ -102,13 +107,7 @@ def run_llama_server(bin_dir: Path, argv: list[str], timeout_s: float = 120.0) -
             except OSError:
                 time.sleep(0.2)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 15)
         log.seek(0)
         lines = log.read().decode("utf-8", "replace").splitlines()
         log.close()

@@ -22,7 +22,7 @@ from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.model.synthetic import SHAPES, write_preset
 from llamalaunch.units import MIB
-from tests.support import RpcWorker, free_port
+from tests.support import RpcWorker, free_port, stop_process
 
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
 # llama.cpp prints MiB with two decimals: a value within half a hundredth of a MiB prints the same.
@@ -79,12 +79,7 @@ def serve_once(
         _wait_healthy(process, port, timeout_s, log_path)
         completion = _post(port, "/completion", {"prompt": "hi", "n_predict": 1})
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
     text = log_path.read_text(errors="replace")
     buffers = {m.group(1): float(m.group(2)) for m in _BUFFER_LINE.finditer(text)}
     return ServedModel(text, buffers, completion)

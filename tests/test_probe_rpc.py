@@ -32,7 +32,7 @@ from llamalaunch.probe.rpc import (
     probe_worker,
 )
 from tests.fake_rpc_worker import FakeRpcWorker, FullBacklog
-from tests.support import RpcWorker, free_port, wait_for_port
+from tests.support import RpcWorker, free_port, stop_process, wait_for_port
 
 HELLO = bytes([14]) + struct.pack("<Q", 24) + bytes(24)
 PHYSICAL_RAM_BYTES = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -81,12 +81,7 @@ def llama_server_on(bin_dir: Path, model: Path, endpoints: list[str], log_path: 
         _wait_healthy(url, process, log_path)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90) -> None:

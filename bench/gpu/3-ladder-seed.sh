@@ -1,22 +1,8 @@
 #!/usr/bin/env bash
-# GPU call 3: the OOM ladder for real (a card shrinking under a planned load), status with live NVML,
-# and the seed's scenario: CUDA0 plus a ggml-rpc-server on the same GPU as RPC0, budgets 24 GiB / 6 GiB.
+# GPU call 3: the seed's scenario: CUDA0 plus a ggml-rpc-server on the same GPU as RPC0, budgets 24 GiB / 6 GiB.
 source bench/gpu/env.sh
 M=/tmp/seed-models
 python3 bench/gpu/seed_models.py $M
-
-echo "=== OOM ladder: 10 GiB free, then 3 GiB more taken as llama-server starts"
-python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!
-wait_for /tmp/b1.log "ballast ready" 60; cat /tmp/b1.log
-COLUMNS=150 $LL plan $M/llama-8b.gguf --ctx max
-python3 bench/ballast.py 3072 --grow-when "llama-server -m $M/llama-8b.gguf" > /tmp/b2.log 2>&1 & B2=$!
-sleep 6
-$LL serve $M/llama-8b.gguf --ctx max --no-tui --name ladder > $OUT/ladder.txt 2>&1 & S=$!
-wait_for $OUT/ladder.txt "^[0-9T:-]+ (ready|failed):" 180
-cat /tmp/b2.log
-COLUMNS=150 $LL status --once --name ladder > $OUT/status.txt 2>&1; cat $OUT/status.txt
-kill -TERM $S; wait $S; echo "serve exit $?"; cat $OUT/ladder.txt
-kill $B1 $B2; wait $B1 $B2 2>/dev/null; sleep 2
 
 echo "=== seed scenario: CUDA0 (budget 24 GiB) + RPC0 on the same GPU (budget 6 GiB)"
 $BIN/ggml-rpc-server -H 127.0.0.1 -p 50052 -d CUDA0 > /tmp/rpc.log 2>&1 & W=$!
