@@ -107,6 +107,9 @@ SpillOpt = Annotated[bool, typer.Option("--cpu-spill", help="Keep the first laye
                                                              "does not fit.")]
 NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="Force the number of offloaded "
                                                                           "slots.")]
+CpuExpertsOpt = Annotated[Optional[int], typer.Option("--cpu-experts", help="MoE: keep the routed experts of "
+                                                                          "the first N MoE layers in host memory "
+                                                                          "(default: as many on the devices as fit).")]
 GenericOpt = Annotated[bool, typer.Option("--generic-arch", help="Plan an architecture llamalaunch does not know "
                                                                    "with a conservative generic estimate.")]
 MmprojOpt = Annotated[Optional[str], typer.Option("--mmproj", help="Multimodal projector: reserved and pinned to "
@@ -125,7 +128,8 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
 
 
 REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
-                   "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers")
+                   "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers",
+                   "cpu_experts")
 
 
 def plan_inputs(params: dict[str, Any], demo: bool, need_toolchain: bool = False,
@@ -222,6 +226,7 @@ def plan(ctx_: typer.Context,
          device: DevOpt = None,
          exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
+         cpu_experts: CpuExpertsOpt = None,
          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
@@ -259,6 +264,7 @@ def serve(ctx_: typer.Context,
          device: DevOpt = None,
           exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
           margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
+         cpu_experts: CpuExpertsOpt = None,
           overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
           generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None,
           host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",

@@ -119,6 +119,7 @@ KEYS: tuple[Key, ...] = (
     Key("margin", "size", PLAN_SERVE, _SIZE, check=parse_margin),
     Key("cpu_spill", "bool", PLAN_SERVE, "true or false"),
     Key("gpu_layers", "int", PLAN_SERVE, "a layer count from 0", bounds=(0, 100_000)),
+    Key("cpu_experts", "int", PLAN_SERVE, "a MoE layer count from 0", bounds=(0, 100_000)),
     Key("overhead", "sizes", PLAN_SERVE, 'a table of device names to sizes, like { CUDA0 = "600MiB" }',
         check=lambda values: parse_device_sizes(values, "overhead")),
     Key("llama_server", "program", (*PLAN_SERVE, "toolchain", "worker"),

@@ -104,7 +104,8 @@ class PlanInputs:
             request = with_reservations(request, pinned, companions)
         options = ArgvOptions(self.model_path, capabilities,
                               tuple((c, pinned.name) for c in companions) if pinned is not None else ())
-        plan = make_plan(self.profile, devices, request, options, self.overheads(devices))
+        plan = make_plan(self.profile, devices, request, options, self.overheads(devices),
+                         host_free_bytes=self.host_free_bytes)
         notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
                  for c in companions if pinned is not None]
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))

@@ -46,6 +46,7 @@ class ModelSpec:
     weight_type: str = "q8_0"  # matmul weights (only their size matters, when op offload copies them)
     embd_type: str = "q8_0"
     tensors: frozenset[str] = frozenset()  # tensor names in the file; empty: assume the arch's usual set
+    expert_types: tuple[str, str, str] | None = None  # up, gate, down routed-expert types (op offload copies them)
     expert_gating_sigmoid: bool = False
     expert_weights_norm: bool = True
     expert_weights_scale: bool = False
@@ -80,6 +81,7 @@ class Reserve:
     output_backend: int
     cpu_backend: int
     full_offload: bool
+    host_expert_layers: frozenset[int] = frozenset()  # blocks whose routed experts stay in host memory
 
 
 class Builder:
@@ -101,6 +103,11 @@ class Builder:
     # -- weights and inputs --
     def w(self, il: int, *ne: int, type_name: str | None = None) -> Tensor:
         backend = self.res.output_backend if il < 0 else self.res.layer_backend[il]
+        return g.weight(type_name or self.spec.weight_type, *ne, backend=backend)
+
+    def expert_w(self, il: int, *ne: int, type_name: str | None = None) -> Tensor:
+        """A routed-expert tensor: on its layer's device, or in host memory when the plan left it there."""
+        backend = self.res.cpu_backend if il in self.res.host_expert_layers else self.res.layer_backend[il]
         return g.weight(type_name or self.spec.weight_type, *ne, backend=backend)
 
     def norm_w(self, il: int, n: int | None = None) -> Tensor:
@@ -415,10 +422,11 @@ def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: boo
         weights = g.scale(weights)
     b.gf.expand(weights)
     cur = g.reshape(cur, n_embd, 1, n_tokens)
-    up = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
-    gate = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
+    up_type, gate_type, down_type = spec.expert_types or (None, None, None)
+    up = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=up_type), cur, selected)
+    gate = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=gate_type), cur, selected)
     par = g.glu(gate, up)
-    experts = g.mul_mat_id(b.w(il, n_ff, n_embd, n_expert), par, selected)
+    experts = g.mul_mat_id(b.expert_w(il, n_ff, n_embd, n_expert, type_name=down_type), par, selected)
     experts = g.mul(experts, weights)
     b.gf.expand(experts)
     views = [g.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * experts.nb[1]) for i in range(n_used)]

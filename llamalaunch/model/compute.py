@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.model.arch_graphs import BUILDERS, ModelSpec, Reserve
-from llamalaunch.model.gguf_header import read_header
+from llamalaunch.model.gguf_header import TensorInfo, read_header
 from llamalaunch.model.ggml_sched import Backend, reserve_affine
 from llamalaunch.model.ggml_sim import capture
 from llamalaunch.model.kv import ContextShape, swa_cells
@@ -41,7 +41,9 @@ def compute_buffers(profile: ModelProfile, placement: Placement, request: Reques
                     shape: ContextShape) -> tuple[dict[str, int], int]:
     """(compute bytes per device name, host compute bytes) for `placement`."""
     ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in placement.ranges)
-    sizes = _cached(_ProfileKey(profile), ranges, _request_key(request), shape)
+    offloaded = range(profile.n_slots - placement.n_gpu_layers, profile.n_layer)
+    host_experts = frozenset(il for il in placement.host_expert_layers if il in offloaded)
+    sizes = _cached(_ProfileKey(profile), ranges, host_experts, _request_key(request), shape)
     devices = {name: sizes[i] for i, (name, _, _, _) in enumerate(ranges)}
     return devices, sizes[-1]
 
@@ -87,27 +89,27 @@ _pieces: dict[tuple[object, ...], list[_Piece]] = {}
 _MAX_KEYS = 4096
 
 
-def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], request_key: tuple[object, ...],
-            shape: ContextShape) -> tuple[int, ...]:
+def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], host_experts: frozenset[int],
+            request_key: tuple[object, ...], shape: ContextShape) -> tuple[int, ...]:
     """Sizes per backend; one replay answers every context over which the allocation pattern holds."""
     profile = key.profile
     n_kv = shape.n_ctx_seq
     n_kv_swa = swa_cells(profile, Request(swa_full=bool(request_key[2]), n_parallel=shape.n_seq,
                                           n_ubatch=shape.n_ubatch), shape) if any(profile.swa_layers) else 0
-    structure = (key, ranges, request_key, shape.n_stream, shape.n_seq, shape.n_ubatch, shape.flash_attn,
+    structure = (key, ranges, host_experts, request_key, shape.n_stream, shape.n_seq, shape.n_ubatch, shape.flash_attn,
                  n_kv_swa)
     for piece in _pieces.get(structure, ()):
         if piece.lo <= n_kv <= piece.hi:
             return piece.at(n_kv)
-    piece = _replay(profile, ranges, request_key, shape, n_kv_swa)
+    piece = _replay(profile, ranges, host_experts, request_key, shape, n_kv_swa)
     if len(_pieces) >= _MAX_KEYS:
         _pieces.clear()
     _pieces.setdefault(structure, []).append(piece)
     return piece.at(n_kv)
 
 
-def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...], request_key: tuple[object, ...],
-            shape: ContextShape, n_kv_swa: int) -> _Piece:
+def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...], host_experts: frozenset[int],
+            request_key: tuple[object, ...], shape: ContextShape, n_kv_swa: int) -> _Piece:
     type_k, type_v, _ = request_key
     spec = model_spec(profile)
     backends = _backends(ranges)
@@ -118,13 +120,14 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
     if n_tokens % shape.n_seq:
         n_tokens = (n_tokens + shape.n_seq - 1) // shape.n_seq * shape.n_seq
     builder_class = BUILDERS.get(profile.arch, BUILDERS["llama"])
-    layers = replayed_layers(spec, owners[:profile.n_layer])
+    layers = replayed_layers(spec, owners[:profile.n_layer], host_experts)
     graphs = []
     for n_kv in (shape.n_ctx_seq, shape.n_ctx_seq + CELL_STEP):
         res = Reserve(n_tokens=n_tokens, n_seqs=shape.n_seq, n_outputs=min(n_tokens, shape.n_seq), n_kv=n_kv,
                       n_kv_swa=n_kv_swa or n_kv, n_stream=shape.n_stream, flash_attn=shape.flash_attn,
                       type_k=str(type_k), type_v=str(type_v), layer_backend=tuple(owners[:profile.n_layer]),
-                      output_backend=owners[-1], cpu_backend=cpu, full_offload=full_offload)
+                      output_backend=owners[-1], cpu_backend=cpu, full_offload=full_offload,
+                      host_expert_layers=host_experts)
         with capture() as created:
             builder = builder_class(spec, res)
             builder.layers = layers
@@ -159,17 +162,19 @@ def _slot_owners(n_slots: int, ranges: Sequence[tuple[str, str, int, int]], cpu:
     return owners
 
 
-def layer_kind(spec: ModelSpec, il: int) -> tuple[object, ...]:
+def layer_kind(spec: ModelSpec, il: int, host_experts: frozenset[int] = frozenset()) -> tuple[object, ...]:
     moe = spec.n_expert > 0 and il >= spec.n_layer_dense_lead
-    return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe)
+    return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe,
+            il in host_experts)
 
 
-def replayed_layers(spec: ModelSpec, owners: Sequence[int]) -> tuple[int, ...]:
+def replayed_layers(spec: ModelSpec, owners: Sequence[int],
+                    host_experts: frozenset[int] = frozenset()) -> tuple[int, ...]:
     """The layers whose allocation pattern can differ: on each device its first three and last two
     layers, the first two of each kind, and the two layers after every change of kind. A layer that
     repeats its predecessors' kind and device allocates exactly as they did, so it is skipped."""
     keep: set[int] = set()
-    kinds = [layer_kind(spec, il) for il in range(spec.n_layer)]
+    kinds = [layer_kind(spec, il, host_experts) for il in range(spec.n_layer)]
     runs: dict[int, list[int]] = {}
     for il in range(spec.n_layer):
         runs.setdefault(owners[il], []).append(il)
@@ -240,7 +245,25 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
     }
     if arch == "deepseek2":
         extra["n_rot"] = n_rot
+    types = expert_types(header.tensors)
+    if types is not None:
+        extra["expert_types"] = types
     return extra
+
+
+def expert_types(tensors: Sequence[TensorInfo]) -> tuple[str, str, str] | None:
+    """The up, gate and down routed-expert weight types, the widest of each over the blocks (a Q4_K_M
+    file mixes Q4_K and Q6_K); op offload copies these tensors whole, so their sizes set the copy buffers."""
+    found: dict[str, TensorInfo] = {}
+    for tensor in tensors:
+        for part in ("up", "gate", "down"):
+            if tensor.name.endswith(f".ffn_{part}_exps.weight"):
+                if part not in found or tensor.nbytes > found[part].nbytes:
+                    found[part] = tensor
+    if len(found) < 3:
+        return None
+    up, gate, down = (found[part].type_name.lower() for part in ("up", "gate", "down"))
+    return up, gate, down
 
 
 def model_spec(profile: ModelProfile) -> ModelSpec:

@@ -39,14 +39,26 @@ class SlotRange:
 class Placement:
     """Devices in llama.cpp order, contiguous, covering slots [n_slots_total - n_gpu_layers, n_slots_total).
 
-    Slots before the first range stay on the host (CPU spill).
+    Slots before the first range stay on the host (CPU spill). The routed experts of the blocks in
+    `host_expert_layers` stay in host memory although their block is on a device (`-ot …=CPU`).
     """
 
     ranges: tuple[SlotRange, ...]
+    host_expert_layers: frozenset[int] = frozenset()
 
     @property
     def n_gpu_layers(self) -> int:
         return sum(r.n_slots for r in self.ranges)
+
+
+def host_experts_override(layers: frozenset[int]) -> str:
+    """`-ot` value keeping the routed-expert tensors (`blk.N.*_exps.*`) of these blocks in host memory.
+
+    llama.cpp matches the pattern with std::regex_search on each tensor name; `\\.` after the number
+    keeps `blk.1.` from matching `blk.12.`.
+    """
+    numbers = "|".join(str(il) for il in sorted(layers))
+    return f"blk\\.({numbers})\\.[^.]*_exps\\.=CPU"
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,12 @@ def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_
             host_weights += _host_slot_bytes(profile, slot)
             host_kv += layer_kv
             continue
-        extra = profile.slots[slot].cuda_extra_bytes if owner.backend == "CUDA" else 0
-        weights[owner.device] += profile.slots[slot].bytes + extra
+        weights_here = profile.slots[slot]
+        if slot in placement.host_expert_layers:
+            weights[owner.device] += weights_here.dense_bytes(owner.backend)
+            host_weights += weights_here.expert_bytes
+        else:
+            weights[owner.device] += weights_here.full_bytes(owner.backend)
         kv[owner.device] += layer_kv
     host_weights += _per_device_weights(profile, owners, None)
     for r in placement.ranges:

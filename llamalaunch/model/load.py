@@ -131,12 +131,15 @@ class _Sizes:
     cpu: int = 0
     cuda: int = 0
     experts: int = 0
+    experts_cuda: int = 0
 
     def __add__(self, other: _Sizes) -> _Sizes:
-        return _Sizes(self.cpu + other.cpu, self.cuda + other.cuda, self.experts + other.experts)
+        return _Sizes(self.cpu + other.cpu, self.cuda + other.cuda, self.experts + other.experts,
+                      self.experts_cuda + other.experts_cuda)
 
     def slot(self) -> SlotWeights:
-        return SlotWeights(bytes=self.cpu, cuda_extra_bytes=self.cuda - self.cpu, expert_bytes=self.experts)
+        return SlotWeights(bytes=self.cpu, cuda_extra_bytes=self.cuda - self.cpu, expert_bytes=self.experts,
+                           expert_cuda_extra_bytes=self.experts_cuda - self.experts)
 
 
 def tensor_sizes(tensor: TensorInfo) -> _Sizes:
@@ -146,8 +149,9 @@ def tensor_sizes(tensor: TensorInfo) -> _Sizes:
     ne0 = tensor.shape[0] if tensor.shape else 1
     if tensor.is_quantized and ne0 % MATRIX_ROW_PADDING:
         cuda_alloc += row_bytes(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
-    experts = cpu if _EXPERTS.search(tensor.name) else 0
-    return _Sizes(cpu, pad(cuda_alloc, CUDA_ALIGNMENT), experts)
+    cuda = pad(cuda_alloc, CUDA_ALIGNMENT)
+    is_expert = bool(_EXPERTS.search(tensor.name))
+    return _Sizes(cpu, cuda, cpu if is_expert else 0, cuda if is_expert else 0)
 
 
 def _sum(tensors: Iterable[TensorInfo]) -> _Sizes:

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from llamalaunch.errors import ServeError, ToolchainError
 from llamalaunch.launch.logparse import (HOST, BreakdownRow, BufferSize, Event, Listening, LoadFailed, ModelLoaded,
                                          OutOfMemory, buffer_device, parse_events)
-from llamalaunch.model.estimate import Estimate, Placement
+from llamalaunch.model.estimate import Estimate, Placement, host_experts_override
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.types import MemoryUse
 from llamalaunch.units import MIB
@@ -59,6 +59,8 @@ def placement_args(placement: Placement) -> list[str]:
     args = ["-dev", ",".join(r.device for r in ranges), "-ngl", str(placement.n_gpu_layers)]
     if len(ranges) > 1:
         args += ["-ts", ",".join(str(r.n_slots) for r in ranges)]
+    if placement.host_expert_layers:
+        args += ["-ot", host_experts_override(placement.host_expert_layers)]
     return args
 
 

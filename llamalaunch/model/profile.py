@@ -12,6 +12,15 @@ class SlotWeights:
     bytes: int
     cuda_extra_bytes: int = 0  # one padding row per quantized tensor with ne0 % 512 != 0, on CUDA only
     expert_bytes: int = 0  # part of `bytes` in MoE expert tensors (what `-ot exps=CPU` would move)
+    expert_cuda_extra_bytes: int = 0  # part of `cuda_extra_bytes` in those expert tensors
+
+    def dense_bytes(self, backend: str) -> int:
+        """What stays on a device of `backend` when this slot's routed experts live on the host."""
+        return self.bytes - self.expert_bytes + (
+            self.cuda_extra_bytes - self.expert_cuda_extra_bytes if backend == "CUDA" else 0)
+
+    def full_bytes(self, backend: str) -> int:
+        return self.bytes + (self.cuda_extra_bytes if backend == "CUDA" else 0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,11 @@ class ModelProfile:
     per_device_bytes: int = 0  # rope_freqs & co.: one copy on every device that holds a block
     n_nextn_layers: int = 0  # the last blocks are NextN/MTP layers ({arch}.nextn_predict_layers)
     n_ff_exp: int = 0  # MoE: feed-forward length of one expert
+
+    @property
+    def expert_layers(self) -> tuple[int, ...]:
+        """Blocks with routed-expert tensors: the ones whose experts a plan may leave on the host."""
+        return tuple(il for il in range(self.n_layer) if self.slots[il].expert_bytes)
 
     @property
     def n_slots(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llamalaunch.model.estimate import host_experts_override
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.companions import Companion
 from llamalaunch.plan.request import Request
@@ -81,6 +82,8 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
     argv += ["-ctk", request.cache_type_k, "-ctv", request.cache_type_v, "-fa", request.flash_attn]
     if request.swa_full:
         argv.append("--swa-full")
+    if choice.host_expert_layers:
+        argv += ["-ot", host_experts_override(choice.host_expert_layers)]
     for companion, device in options.companions:
         argv += companion.argv(names[device])
     if options.knows("--fit"):

@@ -23,18 +23,19 @@ class CostModel:
     """
 
     def __init__(self, profile: ModelProfile, request: Request, ctx_tokens: int,
-                 overhead: Mapping[str, int]) -> None:
+                 overhead: Mapping[str, int], host_expert_layers: frozenset[int] = frozenset()) -> None:
         self.profile = profile
         self.request = request
         self.ctx_tokens = ctx_tokens
+        self.host_expert_layers = host_expert_layers  # blocks whose routed experts stay in host memory
         self.overhead = {**DEFAULT_OVERHEAD_BYTES, **overhead}
         self._prefix = {backend: self._prefix_sums(backend) for backend in ("CUDA", "CPU")}
         self._estimate = lru_cache(maxsize=4096)(self._estimate_uncached)
 
     def _prefix_sums(self, backend: str) -> list[int]:
         layer_kv = kv_bytes_per_layer(self.profile, self.request, self.ctx_tokens, backend)
-        slot_bytes = [slot.bytes + (slot.cuda_extra_bytes if backend == "CUDA" else 0)
-                      for slot in self.profile.slots]
+        slot_bytes = [slot.dense_bytes(backend) if index in self.host_expert_layers else slot.full_bytes(backend)
+                      for index, slot in enumerate(self.profile.slots)]
         for layer, kv in enumerate(layer_kv):
             slot_bytes[layer] += kv
         return [0, *accumulate(slot_bytes)]

@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from llamalaunch.errors import PlanError
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
+from llamalaunch.model.estimate import SlotRange
 from llamalaunch.plan.costs import CostModel
+from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
 from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
@@ -26,32 +28,66 @@ class Planner:
     """Plans for one model, device set and request; `overhead` is bytes per device name or backend."""
 
     def __init__(self, profile: ModelProfile, devices: Sequence[Device], request: Request,
-                 overhead: Mapping[str, int] | None = None) -> None:
+                 overhead: Mapping[str, int] | None = None, host_free_bytes: int | None = None) -> None:
         self.profile = profile
         self.all_devices = tuple(devices)
         self.request = request
         self.overhead = dict(overhead or {})
         self.devices = select_devices(devices, request)
+        self.host_free_bytes = host_free_bytes  # available host RAM; None: not known (plans do not check it)
+        experts = profile.expert_layers
+        # --cpu-experts N fixes which experts stay on the host; otherwise the plan decides (expert spill)
+        self.host_experts = forced_host_experts(experts, request.cpu_experts) if request.cpu_experts else frozenset()
+        self.spills_experts = bool(experts) and request.cpu_experts is None and request.n_gpu_layers is None
 
-    def choice_at(self, ctx_tokens: int, n_gpu_layers: int) -> Choice | None:
-        fitter = Fitter(CostModel(self.profile, self.request, ctx_tokens, self.overhead), self.request)
+    def costs(self, ctx_tokens: int, host_experts: frozenset[int] | None = None) -> CostModel:
+        host = self.host_experts if host_experts is None else host_experts
+        return CostModel(self.profile, self.request, ctx_tokens, self.overhead, host)
+
+    def choice_at(self, ctx_tokens: int, n_gpu_layers: int,
+                  host_experts: frozenset[int] | None = None) -> Choice | None:
+        fitter = Fitter(self.costs(ctx_tokens, host_experts), self.request)
         return choose_placement(fitter, self.devices, n_gpu_layers) if self.devices else None
 
-    def largest_ctx(self, n_gpu_layers: int, low: int, high: int) -> tuple[int, Choice] | None:
+    def expert_choice(self, ctx_tokens: int) -> Choice | None:
+        """Every block on the devices, as many routed experts as fit there, the rest in host memory."""
+        every = frozenset(self.profile.expert_layers)
+        dense = self.choice_at(ctx_tokens, self.profile.n_slots, every)
+        if dense is None:
+            return None
+        choice = fill_experts(self.costs(ctx_tokens, every), dense)
+        costs = self.costs(ctx_tokens, choice.host_expert_layers)
+        if not Fitter(costs, self.request).fits(choice.order, choice.counts, choice.n_gpu_layers):
+            return None
+        host = costs.estimate(Fitter(costs, self.request).placement(choice.order, choice.counts,
+                                                                    choice.n_gpu_layers)).host
+        if not host_within(self.request, self.host_free_bytes, host.total_bytes):
+            raise PlanError(*self.host_refusal(ctx_tokens, host.total_bytes))
+        return choice
+
+    def host_refusal(self, ctx_tokens: int, host_bytes: int) -> tuple[str, str]:
+        free = self.host_free_bytes or 0
+        return (f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} needs "
+                f"{format_bytes(host_bytes)} of host memory for the experts that do not fit on the devices "
+                f"and the host's buffers; {format_bytes(free)} is available",
+                "free host memory, add devices, or lower --ctx")
+
+    def largest_ctx(self, n_gpu_layers: int, low: int, high: int,
+                    host_experts: frozenset[int] | None = None) -> tuple[int, Choice] | None:
         """Largest ctx in [low, high] (multiples of 256) that fits; feasibility falls as ctx grows."""
         low, high = round_ctx(low), round_ctx(high)
-        found = self.choice_at(low, n_gpu_layers)
+        found = self.choice_at(low, n_gpu_layers, host_experts)
         if found is None:
             return None
         best = (low, found)
-        top = self.choice_at(high, n_gpu_layers)
+        top = self.choice_at(high, n_gpu_layers, host_experts)
         if top is not None:
             return high, top
         while high - low > CTX_STEP:
             middle = round_ctx((low + high) // 2)
             if middle in (low, high):
                 break
-            choice = self.choice_at(middle, n_gpu_layers)
+            choice = self.choice_at(middle, n_gpu_layers, host_experts)
             if choice is None:
                 high = middle
             else:
@@ -83,16 +119,29 @@ class Planner:
             full = min(self.request.n_gpu_layers, full)
         if self.request.ctx_tokens is None:
             found = self.largest_ctx(full, floor, self.ctx_ceiling())
+            if self.spills_experts and (found is None or found[0] < round_ctx(self.ctx_ceiling())):
+                # --ctx max: the largest context with dense parts and KV on the devices, then the experts
+                spilled = self.largest_ctx(full, floor, self.ctx_ceiling(), frozenset(self.profile.expert_layers))
+                if spilled is not None and (found is None or spilled[0] > found[0]):
+                    choice = self.expert_choice(spilled[0])
+                    if choice is not None:
+                        return spilled[0], choice
             if found is not None:
                 return found
             # Spilling for --ctx max: a useful context (llama.cpp's --fit floor) rather than 256 tokens.
             return self.spill_or_fail(round_ctx(max(floor, min(SPILL_CTX_FLOOR, self.ctx_ceiling()))))
         ctx = round_ctx(self.request.ctx_tokens)
         choice = self.choice_at(ctx, full)
+        if choice is None and self.spills_experts:
+            choice = self.expert_choice(ctx)
         if choice is not None:
             return ctx, choice
         if self.request.ctx_is_target and ctx > floor:
             found = self.largest_ctx(full, floor, ctx - CTX_STEP)
+            if found is None and self.spills_experts:
+                found = self.largest_ctx(full, floor, ctx - CTX_STEP, frozenset(self.profile.expert_layers))
+                choice = self.expert_choice(found[0]) if found is not None else None
+                found = (found[0], choice) if found is not None and choice is not None else None
             if found is not None:
                 return found
         return self.spill_or_fail(ctx)
@@ -128,9 +177,10 @@ class Planner:
 
 def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
               options: ArgvOptions, overhead: Mapping[str, int] | None = None,
-              on_choice: Callable[[int, Choice], None] | None = None) -> Plan:
+              on_choice: Callable[[int, Choice], None] | None = None,
+              host_free_bytes: int | None = None) -> Plan:
     """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does."""
-    planner = Planner(profile, devices, request, overhead)
+    planner = Planner(profile, devices, request, overhead, host_free_bytes)
     ctx_tokens, choice = planner.solve()
     if on_choice is not None:
         on_choice(ctx_tokens, choice)
@@ -138,14 +188,15 @@ def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request
 
 
 def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:
-    costs = CostModel(planner.profile, planner.request, ctx_tokens, planner.overhead)
+    costs = planner.costs(ctx_tokens, choice.host_expert_layers)
     fitter = Fitter(costs, planner.request)
     placement = fitter.placement(choice.order, choice.counts, choice.n_gpu_layers)
     estimate = costs.estimate(placement)
     plans: list[DevicePlan] = []
     for device, slot_range in zip(choice.order, placement.ranges):
         plans.append(device_plan(planner.request, device, None, slot_range.first_slot, slot_range.n_slots,
-                                 estimate.devices[device.name]))
+                                 estimate.devices[device.name], expert_counts(planner.profile, slot_range,
+                                                                              choice.host_expert_layers)))
     for device in planner.all_devices:
         if device.is_host or device in choice.order:
             continue
@@ -153,7 +204,7 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
                                  None, 0, MemoryUse()))
     argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
-                choice.n_gpu_layers, argv)
+                choice.n_gpu_layers, argv, host_expert_layers=choice.host_expert_layers)
 
 
 def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:
@@ -167,7 +218,14 @@ def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:
 
 
 def device_plan(request: Request, device: Device, reason: str | None, first_slot: int | None,
-                n_layers: int, memory: MemoryUse) -> DevicePlan:
+                n_layers: int, memory: MemoryUse, experts: tuple[int, int] = (0, 0)) -> DevicePlan:
     return DevicePlan(device=device, excluded=reason is not None, reason=reason, first_slot=first_slot,
                       n_layers=n_layers, memory=memory, reserved_bytes=request.reserve_bytes.get(device.name, 0),
-                      limit_bytes=device_limit(device, request))
+                      limit_bytes=device_limit(device, request), expert_layers=experts[0],
+                      moe_layers=experts[1])
+
+
+def expert_counts(profile: ModelProfile, slot_range: SlotRange, host_experts: frozenset[int]) -> tuple[int, int]:
+    """(MoE blocks whose experts this device holds, MoE blocks it holds)."""
+    mine = [il for il in profile.expert_layers if slot_range.first_slot <= il < slot_range.first_slot + slot_range.n_slots]
+    return sum(1 for il in mine if il not in host_experts), len(mine)

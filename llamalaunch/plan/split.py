@@ -114,7 +114,7 @@ class Fitter:
         for device, count in zip(order, counts):
             ranges.append(SlotRange(device.name, device.backend, first, count))
             first += count
-        return Placement(tuple(ranges))
+        return Placement(tuple(ranges), self.costs.host_expert_layers)
 
     def fits(self, order: Sequence[Device], counts: Sequence[int], n_gpu_layers: int) -> bool:
         estimate = self.costs.estimate(self.placement(order, counts, n_gpu_layers))
@@ -146,6 +146,7 @@ class Choice:
     counts: tuple[int, ...]
     n_gpu_layers: int
     excluded: dict[str, str]
+    host_expert_layers: frozenset[int] = frozenset()  # blocks on a device whose routed experts stay on the host
 
 
 def choose_placement(fitter: Fitter, devices: Sequence[Device], n_gpu_layers: int) -> Choice | None:
@@ -170,7 +171,8 @@ def choose_placement(fitter: Fitter, devices: Sequence[Device], n_gpu_layers: in
             continue
         spare = min_spare_share(fitter, order, counts, n_gpu_layers)
         if spare > best_spare:
-            best, best_spare = Choice(order, counts, n_gpu_layers, excluded), spare
+            best = Choice(order, counts, n_gpu_layers, excluded, fitter.costs.host_expert_layers)
+            best_spare = spare
     return drop_idle(best) if best is not None else None
 
 
@@ -181,7 +183,8 @@ def drop_idle(choice: Choice) -> Choice:
         return choice
     kept = [(device, count) for device, count in zip(choice.order, choice.counts) if count > 0]
     excluded = {**choice.excluded, **{d.name: "not needed: the other devices hold every layer" for d in idle}}
-    return Choice(tuple(d for d, _ in kept), tuple(c for _, c in kept), choice.n_gpu_layers, excluded)
+    return Choice(tuple(d for d, _ in kept), tuple(c for _, c in kept), choice.n_gpu_layers, excluded,
+                  choice.host_expert_layers)
 
 
 def min_spare_share(fitter: Fitter, order: Sequence[Device], counts: Sequence[int], n_gpu_layers: int) -> float:

@@ -33,6 +33,8 @@ class DevicePlan:
     memory: MemoryUse
     reserved_bytes: int
     limit_bytes: int  # what we allow ourselves to use here: min(free, budget) - reserved - margin
+    expert_layers: int = 0  # MoE blocks whose routed experts this device holds
+    moe_layers: int = 0  # MoE blocks on this device (their experts are elsewhere when expert_layers is less)
 
     @property
     def planned_bytes(self) -> int:
@@ -55,3 +57,4 @@ class Plan:
     n_gpu_layers: int  # slots offloaded (the last ones); n_slots means all
     argv: tuple[str, ...]  # llama-server arguments after the binary
     notes: tuple[str, ...] = ()
+    host_expert_layers: frozenset[int] = frozenset()  # blocks on devices whose routed experts are in host memory
