@@ -135,7 +135,8 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
         graphs.append((builder, created))
     (builder, created), (_, twin_created) = graphs
     twin = {a.id: b for a, b in zip(created, twin_created)}
-    pipeline = len(ranges) > 1 and full_offload
+    # llama_context: no pipeline parallelism when tensor overrides (-ot) are set
+    pipeline = len(ranges) > 1 and full_offload and not host_experts
     sizes, valid = reserve_affine(builder.gf, twin, shape.n_ctx_seq, CELL_STEP, backends, pipeline,
                                   assigned=builder.assigned)
     margin = GENERIC_MARGIN if profile.arch not in BUILDERS or profile.generic_estimate else 1.0

@@ -28,8 +28,9 @@ def plan_table(plan: Plan) -> Table:
              f"ctx {plan.ctx_tokens}  layers on devices {plan.n_gpu_layers}/{model.n_slots}")
     table = Table(title=title, title_justify="left")
     reserved = any(device.reserved_bytes for device in plan.devices)
-    columns = ["device", "free", "slots", "layers", "weights", "KV", "compute", "overhead",
-               *(["reserved"] if reserved else []), "planned", "spare"]
+    moe = bool(model.expert_layers)
+    columns = ["device", "free", "slots", "layers", *(["experts"] if moe else []), "weights", "KV", "compute",
+               "overhead", *(["reserved"] if reserved else []), "planned", "spare"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("device", "slots") else "right", no_wrap=True)
     for device in plan.devices:
@@ -39,13 +40,16 @@ def plan_table(plan: Plan) -> Table:
             continue
         memory = device.memory
         table.add_row(device.device.name, format_bytes(device.device.free_bytes), _slots(device),
-                      str(device.n_layers), format_bytes(memory.weights_bytes), format_bytes(memory.kv_bytes),
+                      str(device.n_layers), *([f"{device.expert_layers}/{device.moe_layers}"] if moe else []),
+                      format_bytes(memory.weights_bytes), format_bytes(memory.kv_bytes),
                       format_bytes(memory.compute_bytes), format_bytes(memory.overhead_bytes),
                       *([format_bytes(device.reserved_bytes)] if reserved else []),
                       format_bytes(device.planned_bytes), format_bytes(device.headroom_bytes))
     host = plan.host
     spilled = model.n_slots - plan.n_gpu_layers
-    table.add_row("host", "", f"0-{spilled - 1}" if spilled else "-", str(spilled), format_bytes(host.weights_bytes),
+    host_experts = len(model.expert_layers) - sum(d.expert_layers for d in plan.devices)
+    table.add_row("host", "", f"0-{spilled - 1}" if spilled else "-", str(spilled),
+                  *([f"{host_experts}/{len(model.expert_layers)}"] if moe else []), format_bytes(host.weights_bytes),
                   format_bytes(host.kv_bytes), format_bytes(host.compute_bytes), "", *([""] if reserved else []),
                   format_bytes(host.total_bytes), "", style="dim")
     return table

@@ -23,6 +23,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "host": memory_to_dict(plan.host),
         "argv": list(plan.argv),
         "notes": list(plan.notes),
+        "host_expert_layers": sorted(plan.host_expert_layers),
     }
 
 
@@ -39,6 +40,7 @@ def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
         "free_bytes": device.free_bytes, "total_bytes": device.total_bytes,
         "excluded": plan.excluded, "reason": plan.reason,
         "n_layers": plan.n_layers, "first_slot": plan.first_slot,
+        "expert_layers": plan.expert_layers, "moe_layers": plan.moe_layers,
         **memory_to_dict(plan.memory),
         "reserved_bytes": plan.reserved_bytes, "limit_bytes": plan.limit_bytes,
         "planned_bytes": plan.planned_bytes, "headroom_bytes": plan.headroom_bytes,

@@ -1,0 +1,153 @@
+"""Expert spill for MoE models on what-if devices: pure planning, no processes.
+
+The real-load checks (llama-server reproduces the -ot placement and its buffers) are in
+test_experts_vs_llama.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.errors import PlanError
+from llamalaunch.model.gguf_header import read_header
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.model.synthetic import SyntheticShape, write_synthetic
+from llamalaunch.plan.planner import make_plan
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.types import Plan
+from tests.test_planner import OPTIONS, assert_consistent, cuda, rpc
+from llamalaunch.units import GIB, MIB
+
+# Qwen3-30B-A3B's shape (issue 17 case a)
+QWEN3_30B_A3B = SyntheticShape(n_layer=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4, n_vocab=151936,
+                               head_dim=128, n_ctx_train=40960, n_expert=128, n_expert_used=8, n_ff_exp=768)
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("m") / "a3b.gguf", "qwen3moe", QWEN3_30B_A3B, "Q4_K")
+
+
+@pytest.fixture(scope="module")
+def moe(moe_path: Path) -> ModelProfile:
+    return load_profile(moe_path)
+
+
+def ot_value(plan: Plan) -> str | None:
+    argv = list(plan.argv)
+    return argv[argv.index("-ot") + 1] if "-ot" in argv else None
+
+
+def test_profile_splits_each_block_into_dense_part_and_experts(moe: ModelProfile) -> None:
+    assert moe.expert_layers == tuple(range(48))
+    block = moe.slots[0]
+    # 3 expert matrices of 128 x 768 x 2048 Q4_K (144 bytes per 256 weights)
+    assert block.expert_bytes == 3 * 128 * 768 * 2048 * 144 // 256
+    assert 0 < block.dense_bytes("CPU") < block.bytes
+    assert block.dense_bytes("CUDA") - block.dense_bytes("CPU") == \
+        block.cuda_extra_bytes - block.expert_cuda_extra_bytes
+    assert moe.slots[moe.output_slot].expert_bytes == 0
+
+
+def test_a_moe_model_that_does_not_fit_keeps_every_layer_and_spills_experts(moe: ModelProfile) -> None:
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS)
+    assert_consistent(plan)
+    assert plan.n_gpu_layers == moe.n_slots  # every layer's attention and KV on the GPU
+    device = plan.devices[0]
+    assert 0 < device.expert_layers < 48 and device.moe_layers == 48
+    assert len(plan.host_expert_layers) == 48 - device.expert_layers
+    # the experts of the first blocks stay on the host, in one run
+    assert plan.host_expert_layers == frozenset(range(len(plan.host_expert_layers)))
+    assert plan.host.weights_bytes >= len(plan.host_expert_layers) * moe.slots[0].expert_bytes
+    # maximal: one more block's experts on the GPU does not fit
+    with pytest.raises(PlanError):
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=len(plan.host_expert_layers) - 1),
+                  OPTIONS)
+
+
+def test_the_override_pattern_matches_exactly_the_spilled_expert_tensors(moe: ModelProfile, moe_path: Path) -> None:
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS)
+    pattern, buffer_type = (ot_value(plan) or "").rsplit("=", 1)
+    assert buffer_type == "CPU"
+    names = [t.name for t in read_header(moe_path).tensors]
+    matched = {name for name in names if re.search(pattern, name)}  # llama.cpp: std::regex_search
+    expected = {name for name in names if "_exps." in name
+                and int(name.split(".")[1]) in plan.host_expert_layers}
+    assert matched == expected and expected
+
+
+def test_a_model_that_fits_spills_nothing(moe: ModelProfile) -> None:
+    plan = make_plan(moe, [cuda(0, 40 * GIB)], Request(ctx_tokens=16384), OPTIONS)
+    assert plan.host_expert_layers == frozenset() and ot_value(plan) is None
+    assert plan.devices[0].expert_layers == 48
+
+
+def test_ctx_max_takes_the_largest_context_with_dense_parts_on_the_gpu(moe: ModelProfile) -> None:
+    spilled = make_plan(moe, [cuda(0, 20 * GIB)], Request(ctx_tokens=None), OPTIONS)
+    assert spilled.ctx_tokens == 40960  # the trained context: dense parts + KV fit easily
+    assert spilled.host_expert_layers  # paid for with experts on the host
+    assert_consistent(spilled)
+
+
+def test_cpu_experts_forces_the_first_n_moe_layers_to_the_host(moe: ModelProfile) -> None:
+    plan = make_plan(moe, [cuda(0, 40 * GIB)], Request(ctx_tokens=4096, cpu_experts=5), OPTIONS)
+    assert plan.host_expert_layers == frozenset(range(5))
+    assert ot_value(plan) == r"blk\.(0|1|2|3|4)\.[^.]*_exps\.=CPU"
+
+
+def test_a_forced_layer_count_spills_layers_not_experts(moe: ModelProfile) -> None:
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, n_gpu_layers=20), OPTIONS)
+    assert plan.n_gpu_layers == 20 and plan.host_expert_layers == frozenset()
+
+
+def test_two_devices_each_fill_with_the_experts_of_their_own_layers(moe: ModelProfile) -> None:
+    devices = [rpc(0, 4 * GIB, "127.0.0.1:1"), cuda(0, 10 * GIB, order=1)]
+    plan = make_plan(moe, devices, Request(ctx_tokens=16384), OPTIONS)
+    assert_consistent(plan)
+    assert plan.n_gpu_layers == moe.n_slots
+    active = [d for d in plan.devices if not d.excluded]
+    assert len(active) == 2 and all(0 < d.expert_layers < d.moe_layers for d in active)
+    for device in active:  # what stays on the host is the first blocks of each device's range
+        mine = range(device.first_slot or 0, (device.first_slot or 0) + device.n_layers)
+        spilled = sorted(il for il in plan.host_expert_layers if il in mine)
+        assert spilled == list(mine)[:len(spilled)]
+    # and no pipeline-parallel copies: llama.cpp turns them off with tensor overrides
+    assert max(d.memory.compute_bytes for d in active) < 512 * MIB
+
+
+def test_host_memory_too_small_for_the_spilled_experts_is_refused_with_the_numbers(moe: ModelProfile) -> None:
+    with pytest.raises(PlanError) as refusal:
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS, host_free_bytes=2 * GIB)
+    message = str(refusal.value)
+    assert "host memory" in message and "2.00 GiB is available" in message
+
+
+def test_plan_cli_shows_experts_per_device_and_refuses_a_small_host(moe_path: Path) -> None:
+    base = [sys.executable, "-m", "llamalaunch", "plan", str(moe_path), "--ctx", "16k", "--assume", "CUDA0=10GiB"]
+    shown = subprocess.run([*base, "--assume", "CPU=64GiB"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "experts" in shown.stdout and "/48" in shown.stdout and "-ot" in shown.stdout
+    refused = subprocess.run([*base, "--assume", "CPU=4GiB"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "host memory" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_dense_lead_layers_have_no_experts_to_spill(tmp_path: Path) -> None:
+    shape = SyntheticShape(n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=8, n_vocab=4096, head_dim=64,
+                           n_expert=16, n_expert_used=2, n_ff_exp=256, n_expert_shared=1, n_layer_dense_lead=1,
+                           q_lora_rank=64, kv_lora_rank=128, rope_dim=32)
+    profile = load_profile(write_synthetic(tmp_path / "ds.gguf", "deepseek2", shape))
+    assert profile.expert_layers == (1, 2, 3, 4, 5)
+    full = make_plan(profile, [cuda(0, 8 * GIB)], Request(ctx_tokens=4096), OPTIONS).devices[0].planned_bytes
+    squeezed = make_plan(profile, [cuda(0, full - 8 * MIB)], Request(ctx_tokens=4096, margin_bytes=0), OPTIONS)
+    assert squeezed.host_expert_layers and 0 not in squeezed.host_expert_layers
+    assert_consistent(replace(squeezed))
