@@ -44,9 +44,10 @@ def health(base_url: str, api_key: str | None = None) -> HttpResult:
     return request(f"{base_url}/health", timeout_s=1.0, api_key=api_key)
 
 
-def complete_one_token(base_url: str, timeout_s: float = 60.0, api_key: str | None = None) -> HttpResult:
+def complete_one_token(base_url: str, timeout_s: float = 60.0, api_key: str | None = None,
+                       prompt: str | list[int] = "Hi") -> HttpResult:
     """Readiness: /health can say ok after a fatal allocation failure (llama.cpp #27309)."""
-    payload = {"prompt": "Hi", "n_predict": 1, "cache_prompt": False}
+    payload = {"prompt": prompt, "n_predict": 1, "cache_prompt": False}
     return request(f"{base_url}/completion", payload, timeout_s=timeout_s, api_key=api_key)
 
 

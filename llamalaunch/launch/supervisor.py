@@ -271,11 +271,20 @@ class Supervisor:
         deadline = time.monotonic() + self.options.load_timeout_s
         while time.monotonic() < deadline and child.running():
             if http.health(self.base_url, api_key).status == 200:
-                result = http.complete_one_token(self.base_url, api_key=api_key)
+                result = http.complete_one_token(self.base_url, api_key=api_key, prompt=self._readiness_prompt())
                 ok = result.status == 200
                 self.queue.put(_Ready(ok, result.error or "", child.pid))
                 return
             time.sleep(0.1)
+
+    def _readiness_prompt(self) -> str | list[int]:
+        """With experts in host memory, a prompt of a whole ubatch: large batches stream host weights to
+        the GPU and allocate there at run time, which a one-token answer never does (issue 17)."""
+        plan = self.plan
+        if plan is None or not plan.host_expert_layers:
+            return "Hi"
+        token = min(100, plan.model.n_vocab - 1)
+        return [token] * min(plan.request.n_ubatch, plan.ctx_tokens // 2)
 
     def _api_key(self) -> str | None:
         """The first key, read as llama-server reads the file: lines split at \\n only, # comments."""

@@ -1,0 +1,284 @@
+"""MoE on a squeezed GPU: llamalaunch's expert spill vs llama-server's --fit vs the best --n-cpu-moe N.
+
+Issue 17's benchmark. For each case (a MoE shape, the free memory a ballast leaves, a context): plan
+with `llamalaunch plan`, then load each contender in the same run and measure, median of three,
+generation and prompt tok/s (a 1,024-token prompt, 128 generated tokens, llama-server's own timings),
+the context it got, host RSS of llama-server, load time; then a prompt that fills the context (the
+run-time allocations happen there). Also `--ctx max` against the true largest context with every
+expert on the host (dense parts + KV on the GPU: what --ctx max promises). Zero-weight synthetic
+models route every token to the same experts: all contenders face that alike.
+
+Usage (on the GPU machine): python bench/bench_moe_gpu.py --server BIN/llama-server --out DIR [--cases a d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.llama_runs import N_CTX, free_port, largest_passing, post, run_trial  # noqa: E402
+from llamalaunch.model.synthetic import SyntheticShape, write_synthetic  # noqa: E402
+
+MIB = 1 << 20
+PROMPT_TOKENS = 1024
+GEN_TOKENS = 128
+FILL_MARGIN = 160  # tokens left for the generated ones
+
+QWEN3_30B_A3B = SyntheticShape(n_layer=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4, n_vocab=151936,
+                               head_dim=128, n_ctx_train=40960, n_expert=128, n_expert_used=8, n_ff_exp=768)
+
+
+@dataclass
+class Case:
+    name: str
+    model: str
+    free_mib: int
+    ctx: int
+    rpc_budget_mib: int = 0  # > 0: an RPC worker on the same GPU, CUDA0 budget free_mib, RPC0 this
+    ours_args: list[str] = field(default_factory=list)
+
+
+CASES = {
+    "a": Case("a: qwen3-30b-a3b @10GiB", "qwen3-30b-a3b-q4_k.gguf", 10 * 1024, 16384),
+    "d": Case("d: qwen3-30b-a3b CUDA0 6GiB + RPC0 4GiB", "qwen3-30b-a3b-q4_k.gguf", 10 * 1024, 16384,
+              rpc_budget_mib=4 * 1024),
+}
+
+
+def write_models(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "qwen3-30b-a3b-q4_k.gguf").exists():
+        write_synthetic(folder / "qwen3-30b-a3b-q4_k.gguf", "qwen3moe", QWEN3_30B_A3B, "Q4_K")
+
+
+class Ballast:
+    """Hold GPU memory so that about `leave_mib` stays free (bench/ballast.py in a child)."""
+
+    def __init__(self, leave_mib: int) -> None:
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ballast.py")),
+                                         str(leave_mib)], stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        self.free_mib = int(line.split()[-1]) if line.startswith("ballast ready") else None
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        time.sleep(1.0)
+
+
+def plan_cli(model: Path, server: Path, args: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(model), "--json", "--llama-server",
+                             str(server), *args], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip()[-400:]}
+    return json.loads(result.stdout)
+
+
+def gpu_free_mib() -> int | None:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True)
+    except OSError:
+        return None
+    return int(result.stdout.split()[0]) if result.returncode == 0 and result.stdout.strip() else None
+
+
+def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None) -> dict:
+    """One load: ready, 3 x (1,024-token prompt + 128 generated), then a prompt filling the context."""
+    port = free_port()
+    record: dict = {"argv": argv}
+    started = time.monotonic()
+    with open(log_path, "w+b") as log:
+        process = subprocess.Popen([str(server), *argv, "--host", "127.0.0.1", "--port", str(port), "-lv", "4"],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            ready = False
+            while time.monotonic() < started + 300 and process.poll() is None:
+                if post(port, "/completion", {"prompt": "Hi", "n_predict": 1}, 30)[0] == 200:
+                    ready = True
+                    break
+                time.sleep(0.2)
+            record["ready"] = ready
+            record["load_s"] = round(time.monotonic() - started, 2)
+            record["gpu_free_after_load_mib"] = gpu_free_mib()
+            gen, prompt = [], []
+            for rep in range(3 if ready else 0):
+                payload = {"prompt": [100 + rep] * PROMPT_TOKENS, "n_predict": GEN_TOKENS, "ignore_eos": True,
+                           "cache_prompt": False}
+                status, body = post(port, "/completion", payload, 600)
+                if status != 200 or not isinstance(body, dict):
+                    record["failed"] = f"speed run {rep}: HTTP {status} {str(body)[:200]}"
+                    break
+                timings = body.get("timings", {})
+                gen.append(timings.get("predicted_per_second", 0.0))
+                prompt.append(timings.get("prompt_per_second", 0.0))
+            record["gen_tps"] = round(statistics.median(gen), 2) if gen else None
+            record["prompt_tps"] = round(statistics.median(prompt), 1) if prompt else None
+            record["gen_tps_all"], record["prompt_tps_all"] = gen, prompt
+            record["host_rss_mib"] = round(psutil.Process(process.pid).memory_info().rss / MIB) \
+                if process.poll() is None else None
+            if ready and fill_ctx and "failed" not in record:
+                status, body = post(port, "/completion", {"prompt": [100] * (fill_ctx - FILL_MARGIN), "n_predict": 8,
+                                                          "ignore_eos": True, "cache_prompt": False}, 900)
+                record["filled"] = status == 200 and process.poll() is None
+                record["gpu_free_after_fill_mib"] = gpu_free_mib()
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            record["returncode"] = process.returncode
+            log.seek(0)
+            lines = log.read().decode("utf-8", "replace").splitlines()
+    contexts = [int(m.group(1)) for line in lines if (m := N_CTX.search(line))]
+    record["n_ctx"] = contexts[-1] if contexts else None
+    record["errors"] = [line[-200:] for line in lines if "out of memory" in line or " E " in line][-4:]
+    record["ok"] = bool(record.get("ready") and record.get("gen_tps") and record.get("filled", True)
+                        and record["returncode"] in (0, -15, 143))
+    return record
+
+
+def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Path, rpc: list[str]) -> dict:
+    """The smallest --n-cpu-moe N that loads and survives a 1,024-token prompt (downward from `start`)."""
+    def argv(n: int) -> list[str]:
+        return ["-m", str(model), "-c", str(case.ctx), "-ngl", "999", "--n-cpu-moe", str(n), "--fit", "off",
+                "-np", "4", "-kvu", *rpc]
+
+    best, tried = None, {}
+    n = start
+    while 0 <= n <= 64:
+        trial = run_trial(server, argv(n), PROMPT_TOKENS, logs / f"ncmoe-{n}.log", ready_timeout_s=240)
+        tried[n] = trial.ok
+        if trial.ok:
+            best = n
+            n -= 1
+        elif best is None:
+            n += 1
+        else:
+            break
+    found = {"tried": tried, "best_n": best}
+    if best is not None:
+        found["measured"] = measure(server, argv(best), logs / f"ncmoe-best-{best}.log", case.ctx)
+    return found
+
+
+def run_case(server: Path, models: Path, case: Case, logs: Path) -> dict:
+    model = models / case.model
+    record: dict = {"case": case.name, "ctx": case.ctx}
+    ballast = Ballast(case.free_mib)
+    record["ballast_free_mib"] = ballast.free_mib
+    worker = None
+    rpc: list[str] = []
+    budget: list[str] = []
+    try:
+        if case.rpc_budget_mib:
+            port = free_port()
+            worker = subprocess.Popen([str(server.parent / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
+                                       "-d", "CUDA0"], stdout=open(logs / "rpc.log", "w"), stderr=subprocess.STDOUT)
+            time.sleep(3)
+            rpc = ["--rpc", f"127.0.0.1:{port}"]
+            cuda_budget = case.free_mib - case.rpc_budget_mib
+            budget = ["--budget", f"CUDA0={cuda_budget}MiB", "--budget", f"RPC0={case.rpc_budget_mib}MiB"]
+        plan = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args])
+        record["plan"] = {k: plan.get(k) for k in ("ctx", "n_gpu_layers", "host_expert_layers", "argv", "error")}
+        record["plan_devices"] = [{k: d.get(k) for k in ("name", "n_layers", "expert_layers", "moe_layers",
+                                                         "weights_bytes", "kv_bytes", "compute_bytes",
+                                                         "overhead_bytes", "headroom_bytes")}
+                                  for d in plan.get("devices", [])]
+        if "argv" in plan:
+            record["ours"] = measure(server, plan["argv"], logs / "ours.log", case.ctx)
+            record["ours_no_mmap"] = measure(server, [*plan["argv"], "--no-mmap"], logs / "ours-nommap.log", None)
+        if not case.rpc_budget_mib:  # --fit cannot budget a shared GPU between two devices
+            record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", case.ctx)
+        start = len(plan.get("host_expert_layers") or []) or 24
+        if not case.rpc_budget_mib:
+            record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc)
+        record.update(ctx_max(server, model, logs, rpc, budget))
+    finally:
+        if worker is not None:
+            worker.kill()
+            worker.wait()
+        ballast.close()
+    return record
+
+
+def ctx_max(server: Path, model: Path, logs: Path, rpc: list[str], budget: list[str]) -> dict:
+    """--ctx max against the true largest context with dense parts + KV on the GPU (experts on the host)."""
+    plan = plan_cli(model, server, ["--ctx", "max", *rpc, *budget])
+    ours_ctx = plan.get("ctx")
+    found: dict = {"max_ours_ctx": ours_ctx, "max_ours_error": plan.get("error")}
+    if not ours_ctx:
+        return found
+    trial = run_trial(server, plan["argv"], ours_ctx - FILL_MARGIN, logs / "max-ours.log")
+    found["max_ours_ok"] = trial.ok
+    n_ctx_train = QWEN3_30B_A3B.n_ctx_train
+
+    def loads_and_fills(ctx: int) -> bool:
+        if ctx > n_ctx_train:
+            return False
+        argv = ["-m", str(model), "-c", str(ctx), "-ngl", "999", "--cpu-moe", "--fit", "off", "-np", "4", "-kvu",
+                *rpc]
+        return run_trial(server, argv, ctx - FILL_MARGIN, logs / "max-true.log").ok
+
+    found["max_true_ctx"] = largest_passing(loads_and_fills, ours_ctx, min(ours_ctx + 1024, n_ctx_train), 256) \
+        if trial.ok else None
+    return found
+
+
+def table(results: list[dict]) -> list[str]:
+    rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
+            f"{'host RSS':>10}{'filled':>8}"]
+    for r in results:
+        contenders = [("ours", r.get("ours")), ("ours --no-mmap", r.get("ours_no_mmap")), ("--fit", r.get("fit"))]
+        best = (r.get("n_cpu_moe") or {})
+        if best.get("measured"):
+            contenders.append((f"--n-cpu-moe {best['best_n']}", best["measured"]))
+        for name, m in contenders:
+            if not m:
+                continue
+            rows.append(f"{r['case']:<42}{name:<22}{m.get('n_ctx') or 0:>7}{m.get('gen_tps') or 0:>9.1f}"
+                        f"{m.get('prompt_tps') or 0:>11.0f}{m.get('load_s') or 0:>8.1f}"
+                        f"{m.get('host_rss_mib') or 0:>9}M{str(m.get('filled', '-')):>8}")
+        if r.get("max_ours_ctx"):
+            true = r.get("max_true_ctx") or 0
+            rows.append(f"{r['case']:<42}{'--ctx max':<22}{r['max_ours_ctx']:>7}  true max {true}  "
+                        f"({r['max_ours_ctx'] / max(true, 1):.1%}) ok={r.get('max_ours_ok')}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--logs", type=Path, default=Path("/tmp/moe-logs"))
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.logs.mkdir(parents=True, exist_ok=True)
+    models = args.logs / "models"
+    write_models(models)
+    results = []
+    for key in args.cases:
+        results.append(run_case(args.server, models, CASES[key], args.logs))
+        print(json.dumps(results[-1]), flush=True)
+        (args.out / "moe.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = table(results)
+    (args.out / "moe.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
