@@ -84,8 +84,10 @@ class ServerRun:
     lines: list[str]
 
 
-def run_llama_server(bin_dir: Path, argv: list[str], timeout_s: float = 120.0) -> ServerRun:
-    """Start llama-server with `argv` (+ port and -lv 4), ask for one token, stop it, return its output."""
+def run_llama_server(bin_dir: Path, argv: list[str], timeout_s: float = 120.0,
+                     prompt: str | list[int] = "Hi") -> ServerRun:
+    """Start llama-server with `argv` (+ port and -lv 5), ask for one token after `prompt`, stop it,
+    return its output."""
     import json
     import urllib.request
 
@@ -99,7 +101,7 @@ def run_llama_server(bin_dir: Path, argv: list[str], timeout_s: float = 120.0) -
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 request = urllib.request.Request(f"http://127.0.0.1:{port}/completion",
-                                                 data=json.dumps({"prompt": "Hi", "n_predict": 1}).encode(),
+                                                 data=json.dumps({"prompt": prompt, "n_predict": 1}).encode(),
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=30) as response:
                     served = response.status == 200

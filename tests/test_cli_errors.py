@@ -143,6 +143,8 @@ BAD_INPUT = {
     "serve api key file only comments": ((*SERVE, "--api-key-file", "NO_KEY"), ["holds no key"]),
     "serve api key on argv": ((*SERVE, "--", "--api-key", "secret"), ["--api-key-file"]),
     "serve planned flag after --": ((*SERVE, "--", "-ngl", "5"), ["-ngl", "--force"]),
+    "serve own expert placement after --": ((*SERVE, "--", "--n-cpu-moe", "5"), ["--n-cpu-moe", "--force"]),
+    "serve cpu-experts negative": ((*SERVE, "--cpu-experts", "-1"), ["--cpu-experts"]),
 }
 
 

@@ -183,6 +183,7 @@ PLANNED_FLAGS = frozenset({
     "-fa", "--flash-attn", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--swa-full",
     "-mm", "--mmproj", "-mmdev", "--mmproj-device", "-md", "--model-draft", "-devd", "--device-draft",
     "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "-ot", "--override-tensor",
+    "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe",  # expert placement is the plan's (--cpu-experts N forces it)
 })
 
 

@@ -1,0 +1,80 @@
+"""Expert spill checked against what llama-server really did, on real ggml-rpc-server workers.
+
+MoE synthetic models (qwen3moe; deepseek2 with a dense lead layer and a shared expert) on one or two
+workers whose budget holds the dense parts and KV but not every expert; one worker is also held to
+its budget by `prlimit --as`. The plan's `-ot` must be reproduced exactly: every layer on the planned
+device, the devices' model and KV buffers equal to the plan, the host's model buffer (loaded, not
+mapped) equal to the plan's host weights, compute within max(1%, 32 MiB), and a prompt of a whole
+ubatch served (the host's experts are used for real).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.launch.logparse import HOST, BufferSize, LayerAssigned, buffer_device, parse_events
+from llamalaunch.model.synthetic import write_preset
+from llamalaunch.units import MIB
+from tests.support import RpcWorker, run_llama_server
+from tests.test_plan_vs_llama import WORKER_ADDRESS_SPACE_SLACK, child_device_names, plan_json
+
+pytestmark = pytest.mark.llama
+
+# (preset, shape changes, budgets in MiB per worker, prlimit on the first worker)
+CASES = {
+    "qwen3moe-1-worker": ("tiny-qwen3moe", {"n_layer": 8, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
+                                            "n_vocab": 2048}, [48], False),
+    "qwen3moe-2-workers-prlimit": ("tiny-qwen3moe", {"n_layer": 10, "n_embd": 256, "n_expert": 16,
+                                                     "n_ff_exp": 512, "n_vocab": 2048}, [40, 30], True),
+    "deepseek2-dense-lead": ("tiny-deepseek2", {"n_layer": 6, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
+                                                "n_vocab": 2048}, [40], False),
+}
+
+
+def buffers(lines: list[str], endpoints: list[str]) -> dict[tuple[str, str], int]:
+    seen: dict[tuple[str, str], int] = {}
+    for event in parse_events(lines):
+        if isinstance(event, BufferSize) and not event.at_exit:
+            key = (buffer_device(event.buffer, endpoints), event.kind)
+            seen[key] = seen.get(key, 0) + event.bytes
+    return seen
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_llama_server_reproduces_the_expert_spill(name: str, tmp_path: Path, llama_bin_dir: Path,
+                                                 rpc_workers: Callable[..., RpcWorker]) -> None:
+    preset, changes, budgets_mib, prlimit = CASES[name]
+    model = write_preset(tmp_path / "m.gguf", preset, **changes)
+    workers = [rpc_workers(b * MIB + WORKER_ADDRESS_SPACE_SLACK if prlimit and i == 0 else None)
+               for i, b in enumerate(budgets_mib)]
+    args = ["--rpc", ",".join(w.endpoint for w in workers), "--ctx", "4096", "-np", "1"]
+    for index, budget in enumerate(budgets_mib):
+        args += ["--budget", f"RPC{index}={budget}MiB"]
+    plan = plan_json(model, args, llama_bin_dir)
+    assert plan["host_expert_layers"], "the case must spill experts"
+    assert plan["n_gpu_layers"] == plan["model"]["n_slots"]  # every layer stays on the workers
+    # a prompt of one whole ubatch, with the host's weights loaded (not mapped) so its buffer is exact
+    run = run_llama_server(llama_bin_dir, [*plan["argv"], "--no-mmap"], prompt=[7] * 512)
+    assert run.served, "\n".join(run.lines[-30:])
+
+    names = child_device_names(plan)
+    assigned = {e.layer: e.device for e in parse_events(run.lines) if isinstance(e, LayerAssigned)}
+    expected = {slot: names[d["name"]] for d in plan["devices"] if not d["excluded"]
+                for slot in range(d["first_slot"], d["first_slot"] + d["n_layers"])}
+    assert assigned == expected
+
+    endpoints = plan["argv"][plan["argv"].index("--rpc") + 1].split(",")
+    seen = buffers(run.lines, endpoints)
+    for device in (d for d in plan["devices"] if not d["excluded"]):
+        child = names[device["name"]]
+        assert abs(seen[(child, "model")] - device["weights_bytes"]) <= 0.01 * MIB, (child, "model")
+        assert abs(seen.get((child, "kv"), 0) - device["kv_bytes"]) <= 0.01 * MIB, (child, "kv")
+        error = seen[(child, "compute")] - device["compute_bytes"]
+        assert abs(error) <= max(0.01 * seen[(child, "compute")], 32 * MIB), (child, "compute", error / MIB)
+    host_model = seen[(HOST, "model")]
+    assert abs(host_model - plan["host"]["weights_bytes"]) <= 0.02 * MIB, (host_model, plan["host"])
+    host_compute_error = seen[(HOST, "compute")] - plan["host"]["compute_bytes"]
+    assert abs(host_compute_error) <= max(0.01 * seen[(HOST, "compute")], 32 * MIB)
