@@ -200,7 +200,7 @@ def run_case(server: Path, models: Path, case: Case, logs: Path) -> dict:
                                   for d in plan.get("devices", [])]
         if "argv" in plan:
             record["ours"] = measure(server, plan["argv"], logs / "ours.log", case.ctx)
-            record["ours_no_mmap"] = measure(server, [*plan["argv"], "--no-mmap"], logs / "ours-nommap.log", None)
+            record["ours_no_mmap"] = measure(server, [*plan["argv"], "-lm", "none"], logs / "ours-nommap.log", None)
         if not case.rpc_budget_mib:  # --fit cannot budget a shared GPU between two devices
             record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", case.ctx)
         start = len(plan.get("host_expert_layers") or []) or 24
@@ -242,7 +242,7 @@ def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        contenders = [("ours", r.get("ours")), ("ours --no-mmap", r.get("ours_no_mmap")), ("--fit", r.get("fit"))]
+        contenders = [("ours", r.get("ours")), ("ours -lm none", r.get("ours_no_mmap")), ("--fit", r.get("fit"))]
         best = (r.get("n_cpu_moe") or {})
         if best.get("measured"):
             contenders.append((f"--n-cpu-moe {best['best_n']}", best["measured"]))

@@ -57,7 +57,7 @@ def test_llama_server_reproduces_the_expert_spill(name: str, tmp_path: Path, lla
     assert plan["host_expert_layers"], "the case must spill experts"
     assert plan["n_gpu_layers"] == plan["model"]["n_slots"]  # every layer stays on the workers
     # a prompt of one whole ubatch, with the host's weights loaded (not mapped) so its buffer is exact
-    run = run_llama_server(llama_bin_dir, [*plan["argv"], "--no-mmap"], prompt=[7] * 512)
+    run = run_llama_server(llama_bin_dir, [*plan["argv"], "-lm", "none"], prompt=[7] * 512)
     assert run.served, "\n".join(run.lines[-30:])
 
     names = child_device_names(plan)
