@@ -175,7 +175,10 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
     return found
 
 
-def run_case(server: Path, models: Path, case: Case, logs: Path) -> dict:
+PARTS = ("ours", "nommap", "fit", "search", "max")
+
+
+def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS) -> dict:
     model = models / case.model
     record: dict = {"case": case.name, "ctx": case.ctx}
     ballast = Ballast(case.free_mib)
@@ -198,15 +201,21 @@ def run_case(server: Path, models: Path, case: Case, logs: Path) -> dict:
                                                          "weights_bytes", "kv_bytes", "compute_bytes",
                                                          "overhead_bytes", "headroom_bytes")}
                                   for d in plan.get("devices", [])]
-        if "argv" in plan:
+        if "argv" in plan and "ours" in parts:
             record["ours"] = measure(server, plan["argv"], logs / "ours.log", case.ctx)
+            print("ours", json.dumps(record["ours"]), flush=True)
+        if "argv" in plan and "nommap" in parts:
             record["ours_no_mmap"] = measure(server, [*plan["argv"], "-lm", "none"], logs / "ours-nommap.log", None)
-        if not case.rpc_budget_mib:  # --fit cannot budget a shared GPU between two devices
+            print("ours -lm none", json.dumps(record["ours_no_mmap"]), flush=True)
+        if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
             record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", case.ctx)
+            print("fit", json.dumps(record["fit"]), flush=True)
         start = len(plan.get("host_expert_layers") or []) or 24
-        if not case.rpc_budget_mib:
+        if not case.rpc_budget_mib and "search" in parts:
             record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc)
-        record.update(ctx_max(server, model, logs, rpc, budget))
+            print("n-cpu-moe", json.dumps(record["n_cpu_moe"]), flush=True)
+        if "max" in parts:
+            record.update(ctx_max(server, model, logs, rpc, budget))
     finally:
         if worker is not None:
             worker.kill()
@@ -265,6 +274,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--logs", type=Path, default=Path("/tmp/moe-logs"))
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS))
+    parser.add_argument("--tag", default="moe", help="name of the result files")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
@@ -272,11 +283,10 @@ def main() -> None:
     write_models(models)
     results = []
     for key in args.cases:
-        results.append(run_case(args.server, models, CASES[key], args.logs))
-        print(json.dumps(results[-1]), flush=True)
-        (args.out / "moe.json").write_text(json.dumps(results, indent=2) + "\n")
+        results.append(run_case(args.server, models, CASES[key], args.logs, tuple(args.parts.split(","))))
+        (args.out / f"{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = table(results)
-    (args.out / "moe.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU call for issue 17: build the CUDA toolchain if this machine has none yet, then the MoE benchmark
-# (ours vs --fit vs the best --n-cpu-moe N, with a ballast). Args: the cases (a d ...).
+# (ours vs --fit vs the best --n-cpu-moe N, with a ballast). Args: bench_moe_gpu.py options (--cases a d --parts ...).
 set -x
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LLAMALAUNCH_CACHE=/tmp/llcache LLAMALAUNCH_HOME=/tmp/llhome
 export NCCL_NVLS_ENABLE=0
@@ -10,4 +10,4 @@ if [ ! -x $BIN/llama-server ]; then
     time python3 -m llamalaunch toolchain install --cuda --sdist /tmp/llama.cpp -j 16 2>&1 | grep -v "^\[" | tail -5
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv
-python3 bench/bench_moe_gpu.py --server $BIN/llama-server --out $OUT --cases "$@"
+python3 bench/bench_moe_gpu.py --server $BIN/llama-server --out $OUT "$@"
