@@ -81,10 +81,11 @@ def print_json(data: Any) -> None:
 
 LlamaServerOpt = Annotated[Optional[str], typer.Option("--llama-server", help="Path of llama-server to use.")]
 RpcOpt = Annotated[list[str], typer.Option("--rpc", help="RPC workers HOST:PORT (comma-separated or repeated).")]
-AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE[/TOTAL], e.g. CUDA0=24GiB; "
-                                                                "no probe runs.")]
+# No square brackets in help texts: typer renders them as rich markup ("[/TOTAL]" is a closing tag).
+AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE or NAME=FREE/TOTAL, "
+                                                                "e.g. CUDA0=24GiB; no probe runs.")]
 InventoryOpt = Annotated[Optional[Path], typer.Option("--inventory", help="File of what-if devices, one "
-                                                                         "NAME=FREE[/TOTAL] a line.")]
+                                                                         "NAME=FREE or NAME=FREE/TOTAL a line.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 CtxOpt = Annotated[str, typer.Option("-c", "--ctx-size", "--ctx", help="Context: 16k, 16384 or max.")]
 CtxMinOpt = Annotated[str, typer.Option("--ctx-min", help="Smallest context to accept when shrinking.")]
