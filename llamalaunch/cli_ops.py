@@ -54,8 +54,9 @@ def root_callback(ctx: typer.Context,
                       "--config", help="TOML profile with option values (see configs/). Precedence: command "
                                        "line > LLAMALAUNCH_<OPTION> > profile > defaults. Default: "
                                        "$LLAMALAUNCH_CONFIG, else ~/.config/llamalaunch/config.toml.")] = None,
-                  version: Annotated[bool, typer.Option("--version", help="Print llamalaunch's version and exit.",
-                                                        is_eager=True, callback=_on_version_option)] = False
+                  version: Annotated[bool, typer.Option(
+                      "--version", help="Print llamalaunch's version and exit.", is_eager=True,
+                      callback=_on_version_option)] = False
                   ) -> None:
     apply_profile(ctx, config)
 

@@ -66,7 +66,8 @@ def test_a_port_really_in_use_is_refused() -> None:
         for host in ("127.0.0.1", "0.0.0.0", "localhost"):
             with pytest.raises(ServeError) as refused:
                 pick_port(host, port)
-            assert str(refused.value) == f"cannot listen on {host}:{port}: port {port} is in use {IN_USE_HINT}"
+            assert str(refused.value) == \
+                f"cannot listen on {host}:{port}: port {port} is in use {IN_USE_HINT}"
 
 
 def test_port_0_is_any_free_port() -> None:
@@ -183,9 +184,11 @@ def test_setup_runs_pip_only_when_pyproject_or_constraints_change(setup_copy: Pa
     assert first.returncode == 0, first.stderr
     assert pip_calls(log) == [
         "python -m pip install --quiet --upgrade --constraint constraints.txt pip",
-        "python -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt -e .[test]"]
+        "python -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt "
+        "-e .[test]"]
     inputs = (setup_copy / "pyproject.toml").read_bytes() + (setup_copy / "constraints.txt").read_bytes()
-    assert (setup_copy / ".venv" / ".llamalaunch-installed").read_text() == hashlib.sha256(inputs).hexdigest() + "\n"
+    stamp = setup_copy / ".venv" / ".llamalaunch-installed"
+    assert stamp.read_text() == hashlib.sha256(inputs).hexdigest() + "\n"
 
     again = run_setup(setup_copy)
     assert (again.returncode, again.stdout, again.stderr, pip_calls(log)) == (0, "", "", [])
