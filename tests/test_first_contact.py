@@ -136,7 +136,7 @@ def test_the_model_is_named_by_its_file_and_a_restart_gets_the_same_port(
     first.send(2)
     assert first.wait_exit(30) == 130
     with socket.socket() as plain, pytest.raises(OSError):
-        plain.bind(("127.0.0.1", port))  # its connections wait in TIME_WAIT: a bind without SO_REUSEADDR fails
+        plain.bind(("127.0.0.1", port))  # its connections wait in TIME_WAIT: bind without SO_REUSEADDR fails
     # at once, on the same port; the user's own alias wins
     second = serve(demo_model, "--ctx", "1k", "--port", str(port), name="second", extra=["--alias", "mine"])
     _, url, _ = second.wait_ready(120)
