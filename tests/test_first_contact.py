@@ -149,6 +149,9 @@ def test_the_model_is_named_by_its_file_and_a_restart_gets_the_same_port(
 # --- set-up ----------------------------------------------------------------------------------------
 
 
+INSTALL_INPUTS = ("pyproject.toml", "constraints.txt", "llamalaunch/__init__.py")  # a change reinstalls
+
+
 def fake_venv(tree: Path) -> Path:
     """A venv whose python and llamalaunch only log their arguments: the stamp logic, without pip."""
     log = tree / "calls.log"
@@ -163,7 +166,8 @@ def fake_venv(tree: Path) -> Path:
 @pytest.fixture
 def setup_copy(tmp_path: Path) -> Iterator[Path]:
     (tmp_path / "scripts").mkdir()
-    for name in ("scripts/setup", "pyproject.toml", "constraints.txt"):
+    (tmp_path / "llamalaunch").mkdir()
+    for name in INSTALL_INPUTS + ("scripts/setup",):
         shutil.copy2(ROOT / name, tmp_path / name)
     yield tmp_path
 
@@ -178,7 +182,7 @@ def pip_calls(log: Path) -> list[str]:
     return calls
 
 
-def test_setup_runs_pip_only_when_pyproject_or_constraints_change(setup_copy: Path) -> None:
+def test_setup_runs_pip_only_when_what_it_installs_changes(setup_copy: Path) -> None:
     if not all(shutil.which(tool) for tool in ("cmake", "c++", "tmux", "prlimit")):
         pytest.skip("the build tools scripts/setup checks for are not installed")
     log = fake_venv(setup_copy)
@@ -188,17 +192,18 @@ def test_setup_runs_pip_only_when_pyproject_or_constraints_change(setup_copy: Pa
         "python -m pip install --quiet --upgrade --constraint constraints.txt pip",
         "python -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt "
         "-e .[test]"]
-    inputs = (setup_copy / "pyproject.toml").read_bytes() + (setup_copy / "constraints.txt").read_bytes()
+    inputs = b"".join((setup_copy / name).read_bytes() for name in INSTALL_INPUTS)
     stamp = setup_copy / ".venv" / ".llamalaunch-installed"
     assert stamp.read_text() == hashlib.sha256(inputs).hexdigest() + "\n"
 
     again = run_setup(setup_copy)
     assert (again.returncode, again.stdout, again.stderr, pip_calls(log)) == (0, "", "", [])
 
-    with open(setup_copy / "constraints.txt", "a") as constraints:
-        constraints.write("# refreshed\n")
-    assert run_setup(setup_copy).returncode == 0
-    assert len(pip_calls(log)) == 2
+    for name in INSTALL_INPUTS:
+        with open(setup_copy / name, "a") as changed:
+            changed.write("# changed\n")
+        assert run_setup(setup_copy).returncode == 0
+        assert len(pip_calls(log)) == 2, name
 
 
 def test_constraints_pin_everything_llamalaunch_needs() -> None:
