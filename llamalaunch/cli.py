@@ -264,7 +264,7 @@ def serve(ctx_: typer.Context,
           overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
           generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None,
           host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option("--port", help="Port (llama-server's 8080; 0: any free one).")]
+          port: Annotated[int, typer.Option("--port", help="Port (llama-server's default; 0: any free one).")]
           = DEFAULT_PORT,
           name: Annotated[str, typer.Option("--name", help="Run name, for `status --name`.")] = "default",
           api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File with the API key.")]
