@@ -213,7 +213,7 @@ def bench_model(model: Path, label: str, server: Path, endpoint: str, runs: int,
     argv = list(gather(model, server, endpoint).plan().argv)
     result = ModelResult(label, argv)
     home = work / f"home-{label}"
-    serve_args = ["--rpc", endpoint, "--ctx", "4096"]
+    serve_args = ["--rpc", endpoint, "--ctx", "4096", "--port", "0"]
     for index in range(runs + 1):  # index 0: warm-up of each variant, not counted
         bare = time_bare(server, argv, work / f"bare-{label}.log")
         bare_lv5 = time_bare(server, [*argv, "-lv", "5", "--metrics"], work / f"bare-lv5-{label}.log")

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.launch.ports import DEFAULT_PORT
 
 
 @contextlib.contextmanager
@@ -81,10 +82,11 @@ def print_json(data: Any) -> None:
 
 LlamaServerOpt = Annotated[Optional[str], typer.Option("--llama-server", help="Path of llama-server to use.")]
 RpcOpt = Annotated[list[str], typer.Option("--rpc", help="RPC workers HOST:PORT (comma-separated or repeated).")]
-AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE[/TOTAL], e.g. CUDA0=24GiB; "
-                                                                "no probe runs.")]
+# No square brackets in help texts: typer renders them as rich markup ("[/TOTAL]" is a closing tag).
+AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE or NAME=FREE/TOTAL, "
+                                                                "e.g. CUDA0=24GiB; no probe runs.")]
 InventoryOpt = Annotated[Optional[Path], typer.Option("--inventory", help="File of what-if devices, one "
-                                                                         "NAME=FREE[/TOTAL] a line.")]
+                                                                         "NAME=FREE or NAME=FREE/TOTAL a line.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 CtxOpt = Annotated[str, typer.Option("-c", "--ctx-size", "--ctx", help="Context: 16k, 16384 or max.")]
 CtxMinOpt = Annotated[str, typer.Option("--ctx-min", help="Smallest context to accept when shrinking.")]
@@ -268,7 +270,8 @@ def serve(ctx_: typer.Context,
           overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
           generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None,
           host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-          port: Annotated[Optional[int], typer.Option("--port", help="Port (default: a free one).")] = None,
+          port: Annotated[int, typer.Option("--port", help="Port (llama-server's default; 0: any free one).")]
+          = DEFAULT_PORT,
           name: Annotated[str, typer.Option("--name", help="Run name, for `status --name`.")] = "default",
           api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File with the API key.")]
           = None,
@@ -287,7 +290,7 @@ def serve(ctx_: typer.Context,
 
     # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
     host = parse_listen_host(host)
-    port = None if port is None else parse_count(port, "--port", 0, 65535)
+    port = parse_count(port, "--port", 0, 65535)
     max_attempts = parse_count(max_attempts, "--max-attempts", 1, 100)
     max_restarts = parse_count(max_restarts, "--max-restarts", 0)
     backoff = parse_seconds(backoff, "--backoff", 0, 3600)

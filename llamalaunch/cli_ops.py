@@ -41,11 +41,22 @@ def apply_profile(ctx: typer.Context, option: Path | None, command: str | None =
     ctx.default_map = defaults if command is None else defaults.get(command, {})
 
 
+def _on_version_option(value: bool) -> None:
+    if value:
+        from llamalaunch import __version__
+
+        _cli().out.print(f"llamalaunch {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 def root_callback(ctx: typer.Context,
                   config: Annotated[Optional[Path], typer.Option(
                       "--config", help="TOML profile with option values (see configs/). Precedence: command "
                                        "line > LLAMALAUNCH_<OPTION> > profile > defaults. Default: "
-                                       "$LLAMALAUNCH_CONFIG, else ~/.config/llamalaunch/config.toml.")] = None
+                                       "$LLAMALAUNCH_CONFIG, else ~/.config/llamalaunch/config.toml.")] = None,
+                  version: Annotated[bool, typer.Option(
+                      "--version", help="Print llamalaunch's version and exit.", is_eager=True,
+                      callback=_on_version_option)] = False
                   ) -> None:
     apply_profile(ctx, config)
 

@@ -125,7 +125,7 @@ KEYS: tuple[Key, ...] = (
     Key("llama_server", "program", (*PLAN_SERVE, "toolchain", "worker"),
         "a path to llama-server (or its folder), or a command on PATH"),
     Key("host", "str", ("serve",), "an address to listen on, like 127.0.0.1"),
-    Key("port", "int", ("serve",), "a port from 1 to 65535", bounds=(1, 65535)),
+    Key("port", "int", ("serve",), "a port from 0 (any free one) to 65535", bounds=(0, 65535)),
     Key("name", "str", ("serve",), "a run name"),
     Key("api_key_file", "path", ("serve",), "a path to a file holding the API key"),
     Key("max_attempts", "int", ("serve",), "a count from 1", bounds=(1, 100)),

@@ -202,6 +202,8 @@ def start_serve(model: Path | str, *args: str, home: Path, llama_server: Path, n
                 env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> ServeRun:
     """`python -m llamalaunch serve MODEL --name NAME --no-tui ARGS [-- EXTRA]`, output piped."""
     argv = [sys.executable, "-m", "llamalaunch", "serve", str(model), "--name", name, "--no-tui", *args]
+    if "--port" not in args:
+        argv += ["--port", "0"]  # not the default 8080: tests run side by side
     if extra:
         argv += ["--", *extra]
     environment = {**os.environ, "LLAMALAUNCH_HOME": str(home), "LLAMALAUNCH_LLAMA_SERVER": str(llama_server),

@@ -115,7 +115,7 @@ def _state(name: str) -> dict[str, object]:
 def test_serve_and_status_in_a_terminal(tmux: Tmux, rpc_workers: Callable[..., RpcWorker], tmp_path: Path) -> None:
     first, second = rpc_workers(), rpc_workers()
     python = shlex.quote(sys.executable)
-    tmux.window("serve", f"{python} -m llamalaunch serve --demo --name tui --ctx 4k "
+    tmux.window("serve", f"{python} -m llamalaunch serve --demo --name tui --ctx 4k --port 0 "
                          f"--rpc {first.endpoint},{second.endpoint}")
     screen = tmux.wait_for("serve", r"● ready.*RPC1.*q stop the server", timeout_s=60)
     state = _state("tui")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
+import os
+import re
 import time
 from types import MappingProxyType
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +16,7 @@ import psutil
 
 from llamalaunch.errors import BadInputError, PlanError, ServeError, ToolchainError
 from llamalaunch.launch.lessons import Lessons
+from llamalaunch.launch.ports import DEFAULT_PORT, pick_port
 from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
@@ -191,7 +193,7 @@ PLANNED_FLAGS = frozenset({
 class ServeRequest:
     name: str = "default"
     host: str = "127.0.0.1"
-    port: int | None = None
+    port: int = DEFAULT_PORT
     extra_args: tuple[str, ...] = ()
     force: bool = False
     api_key_file: Path | None = None
@@ -211,16 +213,13 @@ def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
                             "use llamalaunch's own options (--ctx, -dev, --budget ...) or add --force")
 
 
-def pick_port(host: str, port: int | None) -> int:
-    """A free port when none is given; a taken one is refused before anything starts."""
-    bind_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as sock:
-        try:
-            sock.bind((bind_host, port or 0))
-        except OSError as error:
-            raise ServeError(f"cannot listen on {host}:{port}: {error.strerror}",
-                             "choose another --port, or stop what listens there") from None
-        return int(sock.getsockname()[1])
+def default_alias(model_path: str, extra_args: Sequence[str]) -> str | None:
+    """The model's name in the API: the file's stem (shard suffix dropped) rather than llama-server's full
+    path; None when the user names it (-a/--alias after --, or llama-server's LLAMA_ARG_ALIAS)."""
+    if "LLAMA_ARG_ALIAS" in os.environ or any(arg in ("-a", "--alias") or arg.startswith("--alias=")
+                                               for arg in extra_args):
+        return None
+    return re.sub(r"-\d{5}-of-\d{5}$", "", Path(model_path).stem) or None
 
 
 def check_not_running(name: str) -> None:
@@ -243,13 +242,14 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     if serve.host not in ("127.0.0.1", "localhost", "::1"):
         on_event(SupervisorEvent("warning", f"llama-server will listen on {serve.host}: reachable from the "
                                             "network" + ("" if serve.api_key_file else " without an API key")))
-    port = pick_port(serve.host, serve.port)
+    port = pick_port(serve.host, serve.port, reuse_port="--reuse-port" in serve.extra_args)
     log_path = state_dir() / f"{serve.name}.log"
     options = ServeOptions(name=serve.name, server=inputs.toolchain.server.path, host=serve.host, port=port,
                            extra_args=serve.extra_args, max_attempts=serve.max_attempts,
                            max_restarts=serve.max_restarts, load_timeout_s=serve.load_timeout_s,
                            backoff_initial_s=serve.backoff_initial_s,
-                           api_key_file=serve.api_key_file, log_path=log_path)
+                           api_key_file=serve.api_key_file, log_path=log_path,
+                           alias=default_alias(inputs.model_path, serve.extra_args))
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
 
     calibration = RunCalibration()

@@ -42,6 +42,7 @@ class ServeOptions:
     load_timeout_s: float = 600.0  # no progress for this long while loading: a stalled load
     api_key_file: Path | None = None
     log_path: Path | None = None
+    alias: str | None = None  # the model's name in the API (/v1/models); None: llama-server's own choice
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ class Supervisor:
         args = ["--host", self.options.host, "--port", str(self.options.port), "-lv", "5", "--metrics"]
         if self.options.api_key_file is not None:
             args += ["--api-key-file", str(self.options.api_key_file)]
+        if self.options.alias is not None:
+            args += ["--alias", self.options.alias]
         return args
 
     def _check_ready_in_background(self) -> None:

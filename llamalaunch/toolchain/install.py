@@ -68,8 +68,7 @@ def install(cuda: bool, on_progress: Progress, jobs: int | None = None, sdist: P
     backend = "cuda" if cuda else "cpu"
     bin_dir = cached_bin_dir(cache, backend)
     if is_installed(bin_dir):
-        on_progress(f"already installed: {bin_dir}")
-        return bin_dir
+        return bin_dir  # nothing to report: the caller says where they are (a second scripts/setup is quiet)
     tools = _find_build_tools(cuda)
     build_root = bin_dir.parent
     with _exclusive(lock_file(bin_dir), on_progress):
