@@ -44,14 +44,16 @@ class Case:
     model: str
     free_mib: int
     ctx: int
-    rpc_budget_mib: int = 0  # > 0: an RPC worker on the same GPU, CUDA0 budget free_mib, RPC0 this
+    rpc_budget_mib: int = 0  # > 0: an RPC worker on the same GPU with this budget, CUDA0 with cuda_budget_mib
+    cuda_budget_mib: int = 0
     ours_args: list[str] = field(default_factory=list)
 
 
 CASES = {
     "a": Case("a: qwen3-30b-a3b @10GiB", "qwen3-30b-a3b-q4_k.gguf", 10 * 1024, 16384),
-    "d": Case("d: qwen3-30b-a3b CUDA0 6GiB + RPC0 4GiB", "qwen3-30b-a3b-q4_k.gguf", 10 * 1024, 16384,
-              rpc_budget_mib=4 * 1024),
+    # the worker's own CUDA context and pools come out of the free memory too: leave room for them
+    "d": Case("d: qwen3-30b-a3b CUDA0 6GiB + RPC0 4GiB", "qwen3-30b-a3b-q4_k.gguf", 11 * 1024, 16384,
+              rpc_budget_mib=4 * 1024, cuda_budget_mib=6 * 1024),
 }
 
 
@@ -193,8 +195,8 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
                                        "-d", "CUDA0"], stdout=open(logs / "rpc.log", "w"), stderr=subprocess.STDOUT)
             time.sleep(3)
             rpc = ["--rpc", f"127.0.0.1:{port}"]
-            cuda_budget = case.free_mib - case.rpc_budget_mib
-            budget = ["--budget", f"CUDA0={cuda_budget}MiB", "--budget", f"RPC0={case.rpc_budget_mib}MiB"]
+            record["gpu_free_with_worker_mib"] = gpu_free_mib()
+            budget = ["--budget", f"CUDA0={case.cuda_budget_mib}MiB", "--budget", f"RPC0={case.rpc_budget_mib}MiB"]
         plan = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args])
         record["plan"] = {k: plan.get(k) for k in ("ctx", "n_gpu_layers", "host_expert_layers", "argv", "error")}
         record["plan_devices"] = [{k: d.get(k) for k in ("name", "n_layers", "expert_layers", "moe_layers",
