@@ -345,3 +345,37 @@ def test_every_preset_profiles(tmp_path: Path) -> None:
     for name in SHAPES:
         profile = load_profile(write_preset(tmp_path / f"{name}.gguf", name))
         assert len(profile.slots) == profile.n_slots and all(s.bytes > 0 for s in profile.slots), name
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("llama.attention.head_count", 0, "key 'llama.attention.head_count' is 0: layer 0 has attention"),
+        ("llama.attention.head_count_kv", 0, "key 'llama.attention.head_count_kv' is 0: layer 0 has attention"),
+        ("llama.embedding_length", 0, "key 'llama.embedding_length' is 0: a model needs a positive"),
+        ("llama.attention.head_count_kv", 3, "key 'llama.attention.head_count_kv' is 3: 4 heads are not a "
+                                             "multiple of 3 KV heads"),
+    ],
+)
+def test_impossible_attention_header_is_rejected(tmp_path: Path, key: str, value: int, message: str) -> None:
+    """Headers llama.cpp would divide by zero with (or split heads unevenly) are refused, naming the key."""
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, set_u32={key: value})[0]
+    with pytest.raises(ModelError, match=re.escape(message)) as raised:
+        load_profile(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_impossible_header_plan_exits_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llamalaunch.cli import app
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1,
+                        set_u32={"llama.attention.head_count_kv": 3})[0]
+    result = CliRunner().invoke(app, ["plan", str(path), "--ctx", "4096", "--assume", "CUDA0=8GiB"])
+    assert result.exit_code != 0
+    assert result.output.startswith("error: ") and "head_count_kv' is 3" in result.output, result.output
+    assert "Traceback" not in result.output

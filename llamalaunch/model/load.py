@@ -241,6 +241,7 @@ def _profile(
         )
     head_dim_k, head_dim_v = arches.head_dims(arch, keys, hp)
     layout = arches.arch_layout(arch, keys, hp)
+    _check_attention(keys, hp, layout)
     placement = _place(arch, tensors, n_layer, header.path)
     n_ff = keys.per_layer("feed_forward_length", n_layer, (0,) * n_layer)
     n_ff_exp = keys.per_layer("expert_feed_forward_length", n_layer, (0,) * n_layer)
@@ -279,6 +280,30 @@ def _profile(
         n_nextn_layers=keys.number("nextn_predict_layers", 0),
         n_ff_exp=max(n_ff_exp),
     )
+
+
+def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchLayout) -> None:
+    """Reject what llama.cpp would divide by: no embedding, attention layers without heads or KV heads,
+    or a head count that is not a multiple of the KV head count (grouped-query attention)."""
+    def bad(name: str, value: object, why: str) -> ModelError:
+        return ModelError(f"{keys.path}: key {keys.arch + '.' + name!r} is {value}: {why}",
+                          "the file is damaged or was converted wrongly; convert it again")
+
+    if hp.n_embd == 0:
+        raise bad("embedding_length", 0, "a model needs a positive embedding length")
+    recurrent = layout.recurrent_layers or (False,) * hp.n_layer
+    known = arches.is_supported(keys.arch)
+    for il in range(hp.n_layer):
+        if recurrent[il] or (not known and 0 in (hp.n_head[il], hp.n_head_kv[il])):
+            continue  # an unknown arch may mark recurrent layers with 0 heads
+        n_head, n_head_kv = hp.n_head[il], hp.n_head_kv[il]
+        if n_head == 0:
+            raise bad("attention.head_count", 0, f"layer {il} has attention and needs heads")
+        if n_head_kv == 0:
+            raise bad("attention.head_count_kv", 0, f"layer {il} has attention and needs KV heads")
+        if n_head % n_head_kv:
+            raise bad("attention.head_count_kv", n_head_kv,
+                      f"{n_head} heads are not a multiple of {n_head_kv} KV heads (layer {il})")
 
 
 def _file_type(header: GgufHeader) -> str:
