@@ -26,6 +26,13 @@ SUPPORTED_ARCHS = (
     "mamba2",
     "granitehybrid",
     "lfm2",
+    "qwen3next",
+    "qwen35",
+    "qwen35moe",
+    "gpt-oss",
+    "glm4moe",
+    "llama4",
+    "mistral3",
 )
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
@@ -218,6 +225,35 @@ def _deepseek2(keys: Keys, hp: Hparams) -> ArchLayout:
     return ArchLayout(kv_lora_rank=kv_lora_rank if is_mla else 0, rope_dim=rope_dim)
 
 
+def _gated_delta_net(keys: Keys, hp: Hparams) -> ArchLayout:
+    """qwen3next / qwen35 / qwen35moe: gated delta net blocks, and attention on every
+    `full_attention_interval`-th block (default 4) unless `attention.recurrent_layers` lists them."""
+    explicit = keys.bools("attention.recurrent_layers")
+    n_main = hp.n_layer - keys.number("nextn_predict_layers", 0)  # MTP blocks are attention blocks
+    if explicit is not None and len(explicit) == hp.n_layer:
+        recurrent = explicit
+    else:
+        interval = keys.number("full_attention_interval", 4) or 4
+        recurrent = tuple(il < n_main and (il + 1) % interval != 0 for il in range(hp.n_layer))
+    r_bytes, s_bytes = _ssm_state_bytes(keys)
+    return ArchLayout(recurrent_layers=recurrent, recurrent_r_bytes_per_seq=r_bytes, recurrent_s_bytes_per_seq=s_bytes)
+
+
+def _gpt_oss(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Standard sliding window (required key) on every other block, the first one sliding."""
+    return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=_swa_layers(keys, hp.n_layer, 2))
+
+
+LLAMA4_CHUNK = 8192  # llama.cpp fixes llama4's attention chunk, whatever the file says
+
+
+def _llama4(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Chunked attention on 3 of every 4 blocks, unless the file sets sliding_window to 0 (all full)."""
+    if keys.has("attention.sliding_window") and keys.number("attention.sliding_window") == 0:
+        return ArchLayout()
+    return ArchLayout(n_swa=LLAMA4_CHUNK, swa_layers=_swa_layers(keys, hp.n_layer, 4))
+
+
 _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "llama": _none,
     "qwen2": _none,
@@ -230,6 +266,13 @@ _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "mamba2": _mamba2,
     "granitehybrid": _granitehybrid,
     "lfm2": _lfm2,
+    "qwen3next": _gated_delta_net,
+    "qwen35": _gated_delta_net,
+    "qwen35moe": _gated_delta_net,
+    "gpt-oss": _gpt_oss,
+    "glm4moe": _none,
+    "llama4": _llama4,
+    "mistral3": _none,
 }
 
 

@@ -57,6 +57,8 @@ class ModelSpec:
     ssm_n_group: int = 1
     ssm_dt_rank: int = 0
     shortconv_l_cache: int = 0
+    n_ff_shexp: int = 0  # shared-expert FFN length (qwen3next family)
+    moe_layers: tuple[bool, ...] = ()  # layers with experts when not all have them (llama4)
 
     def has(self, name: str, default: bool) -> bool:
         """Whether the file has tensor `name` (the arch's usual answer when the table is unknown)."""
@@ -215,7 +217,8 @@ class Builder:
         return g.reshape(res, *cur.ne)
 
     def build_attn(self, q: Tensor, k: Tensor, v: Tensor | None, wo: Tensor | None, il: int,
-                   wo_b: Tensor | None = None, v_mla: Tensor | None = None, soft_cap: bool = False) -> Tensor:
+                   wo_b: Tensor | None = None, v_mla: Tensor | None = None, soft_cap: bool = False,
+                   sinks: Tensor | None = None) -> Tensor:
         """build_attn(llm_graph_input_attn_kv*): store K/V in the cache, attend, project."""
         swa = self.spec.swa_layers[il] if self.spec.swa_layers else False
         k_idxs, v_idxs, mask = self.build_attn_inp_kv(swa)
@@ -234,7 +237,7 @@ class Builder:
             self.gf.expand(self.cpy_v(v, v_idxs, il, swa))
         k_view = self.get_k(il, swa)
         v_view = self.get_v(il, swa) if v is not None else self.mla_v_view(k_view)
-        cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, soft_cap)
+        cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, soft_cap, sinks)
         if v_rot is not None:
             cur = self.hadamard(cur, v_rot)
         if wo is not None:
@@ -296,7 +299,7 @@ class Builder:
                          g.row_size(cache.type, kv_size), g.row_size(cache.type, kv_size * width), 0)
 
     def build_attn_mha(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, v_mla: Tensor | None,
-                       soft_cap: bool) -> Tensor:
+                       soft_cap: bool, sinks: Tensor | None = None) -> Tensor:
         v_trans = v.nb[1] > v.nb[2]
         n_stream = k.ne[3]
         q = g.view_4d(q, q.ne[0], q.ne[1], q.ne[2] // n_stream, n_stream, q.nb[1], q.nb[2],
@@ -307,7 +310,7 @@ class Builder:
         if self.res.flash_attn:
             if v_trans:
                 v = g.transpose(v)
-            cur = g.flash_attn_ext(q, k, v, mask)
+            cur = g.flash_attn_ext(q, k, v, mask, sinks)
             if v_mla is not None:
                 cur = g.permute(cur, 0, 2, 1, 3)
                 cur = g.mul_mat(v_mla, cur)
@@ -320,6 +323,8 @@ class Builder:
                 kq = g.unary(g.scale(kq))
                 kq = g.scale(kq)
             kq = g.soft_max(kq, mask)
+            if sinks is not None:  # ggml_soft_max_add_sinks: one more source, no new tensor
+                kq.src = (*kq.src, sinks)
             if not v_trans:
                 v = g.cont(g.transpose(v))
             kqv = g.mul_mat(v, kq)
@@ -397,15 +402,23 @@ class LlamaGraph(Builder):
 
 
 def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool,
-                  probs_bias: bool = False, w_scale: bool = False) -> Tensor:
-    """llm_graph_context::build_moe_ffn with SILU experts and softmax or sigmoid gating."""
+                  probs_bias: bool = False, w_scale: bool = False, biases: bool = False,
+                  softmax_weight: bool = False, weight_before_ffn: bool = False, gate: bool = True) -> Tensor:
+    """llm_graph_context::build_moe_ffn: softmax, sigmoid or softmax-of-selected (gpt-oss) gating, optional
+    router and expert biases (gpt-oss), weights applied before the experts (llama4)."""
     spec = b.spec
     n_embd, n_expert, n_used, n_tokens = spec.n_embd, spec.n_expert, spec.n_expert_used, cur.ne[1]
     logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
-    probs = g.unary(logits) if sigmoid else g.soft_max(logits)
+    if biases:
+        logits = g.add(logits, b.w(il, n_expert, type_name="f32"))
+    probs = logits if softmax_weight else g.unary(logits) if sigmoid else g.soft_max(logits)
     selection = g.add(probs, b.w(il, n_expert, type_name="f32")) if probs_bias else probs
+    if weight_before_ffn:  # llama4 selects on the raw logits
+        selection = logits
     selected = g.argsort_top_k(selection, n_used)
     weights = g.get_rows(g.reshape(probs, 1, n_expert, n_tokens), selected)
+    if softmax_weight:
+        weights = g.reshape(g.soft_max(g.reshape(weights, n_used, n_tokens)), 1, n_used, n_tokens)
     if weights_norm:
         weights = g.reshape(weights, n_used, n_tokens)
         weights_sum = g.clamp(g.sum_rows(weights))
@@ -415,11 +428,27 @@ def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: boo
         weights = g.scale(weights)
     b.gf.expand(weights)
     cur = g.reshape(cur, n_embd, 1, n_tokens)
+    if weight_before_ffn:
+        cur = g.mul(g.repeat(cur, g.Tensor("f32", (n_embd, n_used, n_tokens))), weights)
+
+    def add_id(t: Tensor, width: int) -> Tensor:
+        return g.Tensor(t.type, t.ne, "ADD_ID", (t, b.w(il, width, n_expert, type_name="f32"), selected))
+
     up = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
-    gate = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
-    par = g.glu(gate, up)
+    if biases:
+        up = add_id(up, n_ff)
+    if gate:
+        cur = g.mul_mat_id(b.w(il, n_embd, n_ff, n_expert), cur, selected)
+        if biases:
+            cur = add_id(cur, n_ff)
+        par = g.glu(cur, up)
+    else:
+        par = g.unary(up)
     experts = g.mul_mat_id(b.w(il, n_ff, n_embd, n_expert), par, selected)
-    experts = g.mul(experts, weights)
+    if biases:
+        experts = add_id(experts, n_embd)
+    if not weight_before_ffn:
+        experts = g.mul(experts, weights)
     b.gf.expand(experts)
     views = [g.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * experts.nb[1]) for i in range(n_used)]
     for view in views:
@@ -513,6 +542,110 @@ class Phi3Graph(Builder):
         k = g.view_3d(qkv, hd, n_kv, self.n_tokens, row, qkv.nb[1], g.row_size(qkv.type, hd * n_head))
         v = g.view_3d(qkv, hd, n_kv, self.n_tokens, row, qkv.nb[1], g.row_size(qkv.type, hd * (n_head + n_kv)))
         return q, k, v
+
+
+class GptOssGraph(Builder):
+    """gpt-oss (openai-moe.cpp): biased attention with sinks on alternating sliding-window layers, MoE with
+    router and expert biases, softmax over the selected experts; the output rows are taken after the loop."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv(False)
+        self.build_attn_inp_kv(True)
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il, bias=True)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
+            cur = self.build_attn(q, k, v, wo, il, wo_b=self.w(il, spec.n_embd, type_name="f32"),
+                                  sinks=self.w(il, spec.n_head[il], type_name="f32"))
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            cur = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=False, sigmoid=False, biases=True,
+                                softmax_weight=True)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(g.get_rows(inp_l, out_ids))
+
+
+class Glm4MoeGraph(LlamaGraph):
+    """glm4moe: biased QKV (optional Q/K norms), dense lead layers, sigmoid-routed experts with a selection
+    bias plus a shared expert, the post-attention norm in front of the FFN."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il, bias=spec.has(f"blk.{il}.attn_q.bias", True))
+            if spec.has(f"blk.{il}.attn_q_norm.weight", False):
+                q = self.build_norm(q, self.norm_w(il, spec.head_dim_k), il)
+                k = self.build_norm(k, self.norm_w(il, spec.head_dim_k), il)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            if il < spec.n_layer_dense_lead:
+                cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            else:
+                routed = build_moe_ffn(self, cur, il, spec.n_ff_exp, spec.expert_weights_norm, sigmoid=True,
+                                       probs_bias=True, w_scale=spec.expert_weights_scale)
+                shared = self.build_ffn_par(cur, il, spec.n_ff_exp * max(spec.n_expert_shared, 1))
+                cur = g.add(routed, shared)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+
+class Llama4Graph(Builder):
+    """llama4: chunked attention on 3 of 4 layers (RoPE and L2-normed Q/K there, temperature-scaled Q on
+    the others), MoE every `interleave_moe_layer_step` layers with the router weights applied before
+    the experts, plus a shared expert."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        attn_scale = g.new_input("f32", 1, 1, self.n_tokens, name="inp_attn_scale")
+        self.build_attn_inp_kv(False)
+        if self.iswa:
+            self.build_attn_inp_kv(True)
+        out_ids = self.build_inp_out_ids()
+        no_rope_step = spec.n_layer if not self.iswa else 4
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il)
+            use_rope = (il + 1) % no_rope_step != 0
+            if use_rope:
+                q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            else:
+                q = g.mul(q, attn_scale)
+            if use_rope and spec.n_expert != 128:  # use_kq_norm: every shape but the 128-expert one
+                q, k = g.rms_norm(q), g.rms_norm(k)
+            cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            if spec.moe_layers and spec.moe_layers[il]:
+                routed = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=False, sigmoid=True,
+                                       weight_before_ffn=True)
+                cur = g.add(routed, self.build_ffn_par(cur, il, spec.n_ff_exp))
+            else:
+                cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
 
 
 class DeepSeek2Graph(LlamaGraph):
@@ -764,10 +897,147 @@ class Lfm2Graph(RecurrentBuilder):
         return g.reshape(y, y.ne[0], n_st * n_seqs)
 
 
+class GatedDeltaNetGraph(RecurrentBuilder):
+    """qwen3next / qwen35 / qwen35moe: gated delta net blocks (fused GATED_DELTA_NET op, as CPU and CUDA
+    run it) and gated attention on every 4th block; MoE with a sigmoid-gated shared expert, or a dense FFN
+    (qwen35). The output rows are taken after the final norm."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        self.build_rs_inp()
+        self.build_attn_inp_kv()
+        inp_pos = self.build_inp_pos()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            self.gf.expand(cur)
+            if spec.recurrent_layers[il]:
+                cur = self.build_delta_net_layer(cur, il)
+            else:
+                cur = self.build_gated_attention(cur, inp_pos, il)
+            cur = g.add(cur, inp_sa)
+            ffn_residual = cur
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            cur = self.build_ffn_block(cur, il)
+            inp_l = g.add(cur, ffn_residual)
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur = g.get_rows(cur, out_ids)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type
+                                  if spec.tied_output else None), cur)
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+    def build_ffn_block(self, cur: Tensor, il: int) -> Tensor:
+        spec = self.spec
+        if not spec.n_expert:
+            return self.build_ffn_par(cur, il, spec.n_ff[il])
+        moe_out = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=True, sigmoid=False)
+        shared = self.build_ffn_par(cur, il, spec.n_ff_shexp or spec.n_ff[il])
+        shared_gate = g.unary(g.mul_mat(self.w(il, spec.n_embd, type_name="f32"), cur))
+        return g.add(moe_out, g.mul(shared, shared_gate))
+
+    def build_gated_attention(self, cur: Tensor, inp_pos: Tensor, il: int) -> Tensor:
+        spec, n_tokens = self.spec, self.n_tokens
+        hd, n_head, n_head_kv = spec.head_dim_k, spec.n_head[il], spec.n_head_kv[il]
+        q_full = g.mul_mat(self.w(il, spec.n_embd, hd * n_head * 2), cur)
+        k = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+        v = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+        row = g.row_size(q_full.type, hd)
+        if spec.arch == "qwen3next":
+            q_full = g.reshape(q_full, hd * 2, n_head, n_tokens, 1)
+            q = g.view_4d(q_full, hd, n_head, n_tokens, 1, q_full.nb[1], q_full.nb[2], q_full.nb[3], 0)
+            gate = g.view_4d(q_full, hd, n_head, n_tokens, 1, q_full.nb[1], q_full.nb[2], q_full.nb[3], row)
+            k, v = g.reshape(k, hd, n_head_kv, n_tokens), g.reshape(v, hd, n_head_kv, n_tokens)
+            q = self.build_norm(q, self.norm_w(il, hd), il)
+            k = self.build_norm(k, self.norm_w(il, hd), il)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, None, il)
+            gate = g.unary(g.cont(gate, hd * n_head, n_tokens))
+        else:  # qwen35: M-RoPE, the gate made contiguous before attention
+            q = g.view_3d(q_full, hd, n_head, n_tokens, row * 2, row * 2 * n_head, 0)
+            q = self.build_norm(q, self.norm_w(il, hd), il)
+            k = self.build_norm(g.reshape(k, hd, n_head_kv, n_tokens), self.norm_w(il, hd), il)
+            gate = g.view_3d(q_full, hd, n_head, n_tokens, row * 2, row * 2 * n_head, row)
+            gate = g.cont(gate, hd * n_head, n_tokens)
+            v = g.reshape(v, hd, n_head_kv, n_tokens)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, None, il)
+            gate = g.unary(gate)
+        cur = g.mul(cur, gate)
+        return g.mul_mat(self.w(il, hd * n_head, spec.n_embd), cur)
+
+    def build_delta_net_layer(self, cur: Tensor, il: int) -> Tensor:
+        spec, n_seqs = self.spec, self.res.n_seqs
+        n_st = self.n_tokens // n_seqs
+        d_inner, head_k, n_k_heads, n_v_heads = spec.ssm_d_inner, spec.ssm_d_state, spec.ssm_n_group, spec.ssm_dt_rank
+        head_v = d_inner // n_v_heads
+        qkv_dim = head_k * n_k_heads * 2 + head_v * n_v_heads
+        qkv_mixed = g.mul_mat(self.w(il, spec.n_embd, qkv_dim), cur)
+        qkv_mixed = g.reshape(qkv_mixed, qkv_dim, n_st, n_seqs)
+        z = g.mul_mat(self.w(il, spec.n_embd, head_v * n_v_heads), cur)
+        if spec.arch == "qwen3next":
+            ba = g.mul_mat(self.w(il, spec.n_embd, 2 * n_v_heads), cur)
+            per = n_v_heads // n_k_heads
+            ba = g.reshape(ba, 2 * per, n_k_heads, n_st, n_seqs)
+            b = g.view_4d(ba, per, n_k_heads, n_st, n_seqs, ba.nb[1], ba.nb[2], ba.nb[3], 0)
+            a = g.view_4d(ba, per, n_k_heads, n_st, n_seqs, ba.nb[1], ba.nb[2], ba.nb[3], per * 4)
+            beta = g.unary(g.cont(b))
+            alpha = g.cont(a, n_v_heads, n_st, n_seqs)
+        else:
+            beta = g.mul_mat(self.w(il, spec.n_embd, n_v_heads), cur)
+            beta = g.unary(g.reshape(beta, 1, n_v_heads, n_st, n_seqs))
+            alpha = g.mul_mat(self.w(il, spec.n_embd, n_v_heads), cur)
+            alpha = g.reshape(alpha, n_v_heads, n_st, n_seqs)
+        alpha = g.unary(g.add(alpha, self.w(il, n_v_heads, type_name="f32")))
+        gate = g.mul(alpha, self.w(il, n_v_heads, type_name="f32"))
+        beta = g.reshape(beta, 1, n_v_heads, n_st, n_seqs)
+        gate = g.reshape(gate, 1, n_v_heads, n_st, n_seqs)
+        d_conv, channels = spec.ssm_d_conv, d_inner + 2 * n_k_heads * head_k
+        conv_states = self.state(il, "r", (d_conv - 1) * channels)
+        ssm_states = self.state(il, "s", head_k * d_inner)
+        conv = g.reshape(self.build_rs(conv_states, (d_conv - 1) * channels), d_conv - 1, channels, n_seqs)
+        conv_input = g.concat(conv, g.transpose(qkv_mixed), 0)
+        last = g.view_3d(conv_input, d_conv - 1, channels, n_seqs, conv_input.nb[1], conv_input.nb[2],
+                         (conv_input.ne[0] - conv.ne[0]) * 4)
+        self.gf.expand(g.cpy(last, g.view_2d(conv_states, (d_conv - 1) * channels, n_seqs, conv_states.nb[1], 0)))
+        state = g.reshape(self.build_rs(ssm_states, head_k * d_inner), head_v, head_v, n_v_heads, n_seqs)
+        mixed = g.unary(g.ssm_conv(conv_input, self.w(il, d_conv, channels, type_name="f32")))
+        nb1 = qkv_dim * 4
+        q = g.view_4d(mixed, head_k, n_k_heads, n_st, n_seqs, head_k * 4, nb1, nb1 * n_st, 0)
+        k = g.view_4d(mixed, head_k, n_k_heads, n_st, n_seqs, head_k * 4, nb1, nb1 * n_st, head_k * n_k_heads * 4)
+        v = g.view_4d(mixed, head_v, n_v_heads, n_st, n_seqs, head_v * 4, nb1, nb1 * n_st, 2 * head_k * n_k_heads * 4)
+        q, k = g.scale(g.rms_norm(q)), g.scale(g.rms_norm(k))
+        if n_k_heads != n_v_heads and spec.arch == "qwen3next":  # qwen35 leaves it to the fused op
+            rep = n_v_heads // n_k_heads
+            shape = g.Tensor("f32", (head_k, rep, n_k_heads, n_st * n_seqs))
+            q = g.reshape(g.repeat(g.reshape(q, head_k, 1, n_k_heads, n_st * n_seqs), shape),
+                          head_k, n_v_heads, n_st, n_seqs)
+            k = g.reshape(g.repeat(g.reshape(k, head_k, 1, n_k_heads, n_st * n_seqs), shape),
+                          head_k, n_v_heads, n_st, n_seqs)
+        result = g.Tensor("f32", (head_v * n_v_heads, n_st * n_seqs + head_v * n_seqs), "GATED_DELTA_NET",
+                          (q, k, v, gate, beta, state))
+        row = head_v * 4
+        output = g.view_4d(result, head_v, n_v_heads, n_st, n_seqs, row, row * n_v_heads, row * n_v_heads * n_st, 0)
+        new_state = g.view_4d(result, head_v, head_v, n_v_heads, n_seqs, row, row * head_v, row * head_v * n_v_heads,
+                              row * n_v_heads * n_st * n_seqs)
+        self.gf.expand(g.cpy(new_state, g.view_2d(ssm_states, head_k * d_inner, n_seqs, ssm_states.nb[1], 0)))
+        z = g.reshape(z, head_v, n_v_heads, n_st, n_seqs)
+        normed = self.build_norm(output, self.norm_w(il, head_v), il)
+        out = g.mul(normed, g.unary(z))
+        out = g.reshape(out, head_v * n_v_heads, n_st, n_seqs)
+        out = g.mul_mat(self.w(il, head_v * n_v_heads, spec.n_embd), out)
+        return g.reshape(out, spec.n_embd, n_st * n_seqs)
+
+
 BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "llama": LlamaGraph, "qwen2": Qwen2Graph, "qwen3": Qwen3Graph, "qwen3moe": Qwen3Graph,
     "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
     "mamba2": Mamba2Graph, "granitehybrid": GraniteHybridGraph, "lfm2": Lfm2Graph,
+    "mistral3": LlamaGraph, "gpt-oss": GptOssGraph, "glm4moe": Glm4MoeGraph, "llama4": Llama4Graph,
+    "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
 }
 
 

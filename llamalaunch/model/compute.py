@@ -160,7 +160,7 @@ def _slot_owners(n_slots: int, ranges: Sequence[tuple[str, str, int, int]], cpu:
 
 
 def layer_kind(spec: ModelSpec, il: int) -> tuple[object, ...]:
-    moe = spec.n_expert > 0 and il >= spec.n_layer_dense_lead
+    moe = spec.moe_layers[il] if spec.moe_layers else spec.n_expert > 0 and il >= spec.n_layer_dense_lead
     return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe)
 
 
@@ -227,7 +227,7 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "n_layer_dense_lead": int(number("leading_dense_block_count")),
         "n_expert_shared": n_expert_shared,
         "expert_gating_sigmoid": number("expert_gating_func", 1) == 2,
-        "expert_weights_norm": bool(header.get(f"{arch}.expert_weights_norm", arch != "deepseek2")),
+        "expert_weights_norm": bool(header.get(f"{arch}.expert_weights_norm", arch not in ("deepseek2", "glm4moe"))),
         "expert_weights_scale": number("expert_weights_scale", 1.0) not in (0.0, 1.0),
         "attn_softcap": number("attn_logit_softcapping") > 0 and arch == "gemma2",
         "final_softcap": number("final_logit_softcapping") > 0 or arch == "gemma2",
@@ -237,9 +237,13 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "ssm_n_group": int(number("ssm.group_count", 1)) or 1,
         "ssm_dt_rank": int(number("ssm.time_step_rank")),
         "shortconv_l_cache": int(number("shortconv.l_cache")),
+        "n_ff_shexp": int(number("expert_shared_feed_forward_length")),
     }
     if arch == "deepseek2":
         extra["n_rot"] = n_rot
+    if arch == "llama4":  # experts on every `step`-th block only
+        step = int(number("interleave_moe_layer_step"))
+        extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))
     return extra
 
 
