@@ -33,6 +33,7 @@ SUPPORTED_ARCHS = (
     "glm4moe",
     "llama4",
     "mistral3",
+    "gemma4",
 )
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
@@ -244,6 +245,11 @@ def _gpt_oss(keys: Keys, hp: Hparams) -> ArchLayout:
     return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=_swa_layers(keys, hp.n_layer, 2))
 
 
+def _gemma4(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Standard sliding window; the per-block pattern array is required."""
+    return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=_swa_layers(keys, hp.n_layer, 6))
+
+
 LLAMA4_CHUNK = 8192  # llama.cpp fixes llama4's attention chunk, whatever the file says
 
 
@@ -273,6 +279,7 @@ _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "glm4moe": _none,
     "llama4": _llama4,
     "mistral3": _none,
+    "gemma4": _gemma4,
 }
 
 

@@ -59,6 +59,16 @@ class ModelSpec:
     shortconv_l_cache: int = 0
     n_ff_shexp: int = 0  # shared-expert FFN length (qwen3next family)
     moe_layers: tuple[bool, ...] = ()  # layers with experts when not all have them (llama4)
+    head_dim_k_swa: int = 0  # gemma4: sliding-window layers have their own head size
+    head_dim_v_swa: int = 0
+    n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
+    kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
+
+    def hd(self, il: int) -> tuple[int, int]:
+        """(K, V) head size of layer `il`."""
+        if self.head_dim_k_swa and self.swa_layers and self.swa_layers[il]:
+            return self.head_dim_k_swa, self.head_dim_v_swa or self.head_dim_k_swa
+        return self.head_dim_k, self.head_dim_v
 
     def has(self, name: str, default: bool) -> bool:
         """Whether the file has tensor `name` (the arch's usual answer when the table is unknown)."""
@@ -157,7 +167,8 @@ class Builder:
         return k_rot, v_rot
 
     def n_embd_v_gqa_max(self) -> int:
-        return max(self.spec.head_dim_v * n for n in self.spec.n_head_kv)
+        spec = self.spec
+        return max(spec.hd(il)[1] * n for il, n in enumerate(spec.n_head_kv))
 
     # -- norm, qkv, ffn --
     def build_norm(self, cur: Tensor, mw: Tensor | None, il: int, rms: bool = True,
@@ -173,17 +184,17 @@ class Builder:
 
     def build_qkv(self, cur: Tensor, il: int, bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         spec = self.spec
-        n_q, n_k, n_v = (spec.head_dim_k * spec.n_head[il], spec.head_dim_k * spec.n_head_kv[il],
-                         spec.head_dim_v * spec.n_head_kv[il])
+        hd_k, hd_v = spec.hd(il)
+        n_q, n_k, n_v = hd_k * spec.n_head[il], hd_k * spec.n_head_kv[il], hd_v * spec.n_head_kv[il]
         out = []
         for width in (n_q, n_k, n_v):
             t = g.mul_mat(self.w(il, spec.n_embd, width), cur)
             if bias:
                 t = g.add(t, self.w(il, width, type_name="f32"))
             out.append(t)
-        q = g.reshape(out[0], spec.head_dim_k, spec.n_head[il], self.n_tokens)
-        k = g.reshape(out[1], spec.head_dim_k, spec.n_head_kv[il], self.n_tokens)
-        v = g.reshape(out[2], spec.head_dim_v, spec.n_head_kv[il], self.n_tokens)
+        q = g.reshape(out[0], hd_k, spec.n_head[il], self.n_tokens)
+        k = g.reshape(out[1], hd_k, spec.n_head_kv[il], self.n_tokens)
+        v = g.reshape(out[2], hd_v, spec.n_head_kv[il], self.n_tokens)
         return q, k, v
 
     def build_ffn_par(self, cur: Tensor, il: int, n_ff: int, gelu: bool = False) -> Tensor:
@@ -201,10 +212,10 @@ class Builder:
             spec, res = self.spec, self.res
             n_kv = res.n_kv_swa if swa else res.n_kv
             if which == "k":
-                width = spec.kv_lora_rank + spec.n_rot if spec.kv_lora_rank else spec.head_dim_k * spec.n_head_kv[il]
+                width = spec.kv_lora_rank + spec.n_rot if spec.kv_lora_rank else spec.hd(il)[0] * spec.n_head_kv[il]
                 type_name = res.type_k
             else:
-                width = spec.head_dim_v * spec.n_head_kv[il] if res.flash_attn else self.n_embd_v_gqa_max()
+                width = spec.hd(il)[1] * spec.n_head_kv[il] if res.flash_attn else self.n_embd_v_gqa_max()
                 type_name = res.type_v
             self.caches[key] = g.cache(type_name, width, n_kv, res.n_stream, backend=self.res.layer_backend[il])
         return self.caches[key]
@@ -281,7 +292,7 @@ class Builder:
         cache = self.cache(il, "k", swa)
         spec = self.spec
         kv_size, width = cache.ne[1], cache.ne[0]
-        head, n_head = (width, 1) if spec.kv_lora_rank else (spec.head_dim_k, spec.n_head_kv[il])
+        head, n_head = (width, 1) if spec.kv_lora_rank else (spec.hd(il)[0], spec.n_head_kv[il])
         n_kv = self.res.n_kv_swa if swa else self.res.n_kv
         return g.view_4d(cache, head, n_head, n_kv, cache.ne[2], g.row_size(cache.type, head),
                          g.row_size(cache.type, width), g.row_size(cache.type, width * kv_size), 0)
@@ -291,7 +302,7 @@ class Builder:
         spec = self.spec
         kv_size, width = cache.ne[1], cache.ne[0]
         n_kv = self.res.n_kv_swa if swa else self.res.n_kv
-        hd, n_head = spec.head_dim_v, spec.n_head_kv[il]
+        hd, n_head = spec.hd(il)[1], spec.n_head_kv[il]
         if self.res.flash_attn:
             return g.view_4d(cache, hd, n_head, n_kv, cache.ne[2], g.row_size(cache.type, hd),
                              g.row_size(cache.type, width), g.row_size(cache.type, width * kv_size), 0)
@@ -897,6 +908,61 @@ class Lfm2Graph(RecurrentBuilder):
         return g.reshape(y, y.ne[0], n_st * n_seqs)
 
 
+class Gemma4Graph(Builder):
+    """gemma4 (dense, without per-layer embeddings): per-layer head size and KV heads, Q/K norms and an
+    unweighted V norm, proportional RoPE (rope_freqs) on full-attention layers, shared-KV layers that
+    attend an earlier layer's cache, GELU FFN between post-norms, final logit soft-capping."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = g.scale(self.build_inp_embd())
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv(False)
+        self.build_attn_inp_kv(True)
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            hd, _ = spec.hd(il)
+            n_head, n_head_kv = spec.n_head[il], spec.n_head_kv[il]
+            swa = spec.swa_layers[il]
+            factors = None if swa else self.w(il, hd // 2, type_name="f32")
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q = g.reshape(g.mul_mat(self.w(il, spec.n_embd, hd * n_head), cur), hd, n_head, self.n_tokens)
+            q = g.rope(self.build_norm(q, self.norm_w(il, hd), il), inp_pos, factors)
+            wo = self.w(il, hd * n_head, spec.n_embd)
+            source = spec.kv_source[il] if spec.kv_source else il
+            if source == il:
+                k = g.reshape(g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur), hd, n_head_kv, self.n_tokens)
+                v = g.reshape(g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur), hd, n_head_kv, self.n_tokens)
+                k = self.build_norm(k, self.norm_w(il, hd), il)
+                v = g.rms_norm(v)
+                k = g.rope(k, inp_pos, factors)
+                cur = self.build_attn(q, k, v, wo, il)
+            else:
+                cur = self.build_attn_shared(q, wo, il, source)
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            attn_out = g.add(cur, inp_l)
+            cur = self.build_norm(attn_out, self.norm_w(il), il)
+            cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            cur = self.build_norm(cur, self.norm_w(il), -1)
+            inp_l = g.add(cur, attn_out)
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur = g.get_rows(cur, out_ids)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type), cur)
+        if spec.final_softcap:
+            logits = g.scale(g.unary(g.scale(logits)))
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+    def build_attn_shared(self, q: Tensor, wo: Tensor, il: int, source: int) -> Tensor:
+        """build_attn without K/V of its own: attend the cache of block `source` (the memory's reuse map)."""
+        swa = self.spec.swa_layers[il]
+        _, _, mask = self.build_attn_inp_kv(swa)
+        self.gf.expand(q)
+        cur = self.build_attn_mha(q, self.get_k(source, swa), self.get_v(source, swa), mask, None, False)
+        return g.mul_mat(wo, cur)
+
+
 class GatedDeltaNetGraph(RecurrentBuilder):
     """qwen3next / qwen35 / qwen35moe: gated delta net blocks (fused GATED_DELTA_NET op, as CPU and CUDA
     run it) and gated attention on every 4th block; MoE with a sigmoid-gated shared expert, or a dense FFN
@@ -1037,7 +1103,7 @@ BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
     "mamba2": Mamba2Graph, "granitehybrid": GraniteHybridGraph, "lfm2": Lfm2Graph,
     "mistral3": LlamaGraph, "gpt-oss": GptOssGraph, "glm4moe": Glm4MoeGraph, "llama4": Llama4Graph,
-    "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
+    "gemma4": Gemma4Graph, "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
 }
 
 

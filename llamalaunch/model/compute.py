@@ -200,6 +200,7 @@ def _spec_for(key: _ProfileKey) -> ModelSpec:
         swa_layers=profile.swa_layers[:n], recurrent_layers=profile.recurrent_layers[:n],
         n_expert=profile.n_expert, n_expert_used=profile.n_expert_used, n_ff_exp=profile.n_ff_exp,
         kv_lora_rank=profile.kv_lora_rank, tied_output=profile.output_is_token_embd,
+        head_dim_k_swa=profile.head_dim_k_swa, head_dim_v_swa=profile.head_dim_v_swa,
         weight_type=weight_type, embd_type=weight_type)
 
 
@@ -241,6 +242,10 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
     }
     if arch == "deepseek2":
         extra["n_rot"] = n_rot
+    if arch == "gemma4" and profile.n_kv_shared_layers:  # llama_model::create_memory's reuse callback
+        start = profile.n_layer - profile.n_kv_shared_layers
+        extra["kv_source"] = tuple(il if il < start else start - (2 if profile.swa_layers[il] else 1)
+                                   for il in range(profile.n_layer))
     if arch == "llama4":  # experts on every `step`-th block only
         step = int(number("interleave_moe_layer_step"))
         extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))

@@ -279,6 +279,9 @@ def _profile(
         per_device_bytes=placement.per_device.cpu,
         n_nextn_layers=keys.number("nextn_predict_layers", 0),
         n_ff_exp=max(n_ff_exp),
+        head_dim_k_swa=keys.number("attention.key_length_swa", 0),
+        head_dim_v_swa=keys.number("attention.value_length_swa", 0),
+        n_kv_shared_layers=keys.number("attention.shared_kv_layers", 0),
     )
 
 

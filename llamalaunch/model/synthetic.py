@@ -68,6 +68,9 @@ class SyntheticShape:
     moe_every: int = 0  # llama4: every Nth block is MoE (interleave_moe_layer_step)
     n_ff_shexp: int = 0  # shared-expert FFN length (0: the family's default)
     n_nextn: int = 0  # glm4moe: trailing NextN/MTP blocks (llama.cpp skips their weights)
+    head_dim_swa: int = 0  # gemma4: head size of the sliding-window blocks (full blocks use head_dim)
+    n_head_kv_full: int = 0  # gemma4: KV heads of the full-attention blocks (0: n_head_kv)
+    n_kv_shared: int = 0  # gemma4: the last blocks reuse earlier blocks' KV cache
 
     @property
     def head_dim_k(self) -> int:
@@ -121,6 +124,8 @@ SHAPES: dict[str, SyntheticSpec] = {
     "tiny-llama4": SyntheticSpec("llama4", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=1, n_ff_exp=64,
                                                    moe_every=2)),
     "tiny-mistral3": SyntheticSpec("mistral3", replace(_TINY, head_dim=32)),
+    "tiny-gemma4": SyntheticSpec("gemma4", replace(_TINY, n_layer=6, head_dim=64, head_dim_swa=32, n_head_kv=2,
+                                                   n_head_kv_full=1, tied=True, n_swa=128)),
 }
 
 
@@ -148,14 +153,20 @@ def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_typ
         out.kv(key, value_type, value)
     out.raw(_vocab_bytes(shape.n_vocab))
     offset = 0
+    offsets: dict[str, int] = {}
     for name, dims, ggml_type in tensors:
         out.tensor_info(name, dims, ggml_type, offset)
+        offsets[name] = offset
         offset += pad(_nbytes(dims, ggml_type), DEFAULT_ALIGNMENT)
     path = Path(path)
     with open(path, "wb") as stream:
         stream.write(out.data())
         data_offset = pad(stream.tell(), DEFAULT_ALIGNMENT)
         stream.truncate(data_offset + offset)
+        for name, dims, _type in tensors:
+            if name in _ONES:  # F32 tensors that zeros would turn into NaN logits
+                stream.seek(data_offset + offsets[name])
+                stream.write(array("f", [1.0] * (_nbytes(dims, F32) // 4)).tobytes())
     return path
 
 
@@ -176,6 +187,10 @@ def _tensor_type(kind: str, dims: tuple[int, ...], weight_type: int) -> int:
     block = type_block(weight_type)
     assert block is not None
     return weight_type if dims[0] % block[0] == 0 else F16
+
+
+# gemma4 needs rope_freqs (zeros give NaN logits): written as ones, plain RoPE.
+_ONES = frozenset({"rope_freqs.weight"})
 
 
 # --- key/values -------------------------------------------------------------------------------------
@@ -213,8 +228,8 @@ def _head_kv_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]
     if arch in ("granitehybrid", "lfm2"):  # a 0 marks a recurrent block
         per_layer = [s.n_head_kv if il in s.attention_layers else 0 for il in range(s.n_layer)]
         return [(f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, per_layer))]
-    if arch == "deepseek2":
-        return []  # written with the MLA keys
+    if arch in ("deepseek2", "gemma4"):
+        return []  # written with the arch's own keys
     keys: list[tuple[str, int, object]] = []
     if s.n_head:
         keys.append((f"{arch}.attention.head_count_kv", _T_U32, s.n_head_kv))
@@ -297,10 +312,35 @@ def _rope_dim_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]
     return [(f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k)]
 
 
+def _gemma4_swa(s: SyntheticShape) -> list[bool]:
+    """Five sliding-window blocks, then one full-attention block (the last block is always full)."""
+    period = s.swa_pattern or 6
+    return [il % period < period - 1 and il != s.n_layer - 1 for il in range(s.n_layer)]
+
+
+def _gemma4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    swa = _gemma4_swa(s)
+    full_kv = s.n_head_kv_full or s.n_head_kv
+    keys: list[tuple[str, int, object]] = [
+        (f"{arch}.attention.sliding_window_pattern", _T_ARRAY, (_T_BOOL, swa)),
+        (f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, [s.n_head_kv if w else full_kv for w in swa])),
+        (f"{arch}.attention.key_length", _T_U32, s.head_dim_k),
+        (f"{arch}.attention.value_length", _T_U32, s.head_dim_k),
+        (f"{arch}.attention.key_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
+        (f"{arch}.attention.value_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
+        (f"{arch}.embedding_length_per_layer_input", _T_U32, 0),
+        (f"{arch}.final_logit_softcapping", _T_F32, 30.0),
+    ]
+    if s.n_kv_shared:
+        keys.append((f"{arch}.attention.shared_kv_layers", _T_U32, s.n_kv_shared))
+    return keys
+
+
 _ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
               "lfm2": _lfm2_keys, "qwen3next": _qwen3next_keys, "qwen35": _qwen3next_keys,
               "qwen35moe": _qwen3next_keys, "glm4moe": _glm4moe_keys, "llama4": _llama4_keys,
-              "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys}
+              "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys,
+              "gemma4": _gemma4_keys}
 
 
 # --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
@@ -547,8 +587,31 @@ def _llama4(s: SyntheticShape) -> list[Tensor]:
     return tensors
 
 
+def _gemma4(s: SyntheticShape) -> list[Tensor]:
+    """gemma4, dense, no per-layer embeddings: per-block head size and KV heads, tied output, one
+    rope_freqs for the full-attention blocks; shared-KV blocks have no K/V projections."""
+    tensors = _embeddings(replace(s, tied=True))
+    swa = _gemma4_swa(s)
+    tensors.append(("rope_freqs.weight", (s.head_dim_k // 2,), "f32"))
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        hd = (s.head_dim_swa or s.head_dim_k) if swa[i] else s.head_dim_k
+        n_kv = s.n_head_kv if swa[i] else (s.n_head_kv_full or s.n_head_kv)
+        has_kv = i < s.n_layer - s.n_kv_shared
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd),
+                    _norm(i, "ffn_norm", s.n_embd), _norm(i, "post_ffw_norm", s.n_embd),
+                    (b + "attn_q.weight", (s.n_embd, hd * s.n_head), "w"),
+                    (b + "attn_output.weight", (hd * s.n_head, s.n_embd), "w"), _norm(i, "attn_q_norm", hd)]
+        if has_kv:
+            tensors += [(b + "attn_k.weight", (s.n_embd, hd * n_kv), "w"), (b + "attn_v.weight", (s.n_embd, hd * n_kv), "w"),
+                        _norm(i, "attn_k_norm", hd)]
+        tensors += _ffn(i, s.n_embd, s.n_ff)
+    return tensors
+
+
 _TENSORS = {
     "llama": _llama_like,
+    "gemma4": _gemma4,
     "mistral3": _llama_like,
     "qwen3next": lambda s: _qwen3next_like(s, "qwen3next"),
     "qwen35": lambda s: _qwen3next_like(s, "qwen35"),
