@@ -68,6 +68,7 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "gemma4": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512}),
     "gemma4-shared": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2,
                                       "n_swa": 512, "n_kv_shared": 2}),
+    "minimax-m2": ("tiny-minimax-m2", {**MID, "head_dim": 64, "n_expert": 8, "n_ff": 512}),
     "smollm2": ("", {}),
 }
 AXES: dict[str, tuple[object, ...]] = {

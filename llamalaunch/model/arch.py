@@ -34,6 +34,7 @@ SUPPORTED_ARCHS = (
     "llama4",
     "mistral3",
     "gemma4",
+    "minimax-m2",
 )
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
@@ -280,6 +281,7 @@ _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "llama4": _llama4,
     "mistral3": _none,
     "gemma4": _gemma4,
+    "minimax-m2": _none,
 }
 
 

@@ -963,6 +963,41 @@ class Gemma4Graph(Builder):
         return g.mul_mat(wo, cur)
 
 
+class MiniMaxM2Graph(Builder):
+    """minimax-m2: RMS norms over the whole Q and K projections (before the per-head reshape), partial
+    RoPE, every block MoE with experts as wide as n_ff, sigmoid routing with a selection bias."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            hd, n_head, n_head_kv = spec.head_dim_k, spec.n_head[il], spec.n_head_kv[il]
+            q = g.mul_mat(self.w(il, spec.n_embd, hd * n_head), cur)
+            k = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+            v = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+            q = self.build_norm(q, self.norm_w(il, hd * n_head), il)
+            k = self.build_norm(k, self.norm_w(il, hd * n_head_kv), il)
+            q = g.reshape(q, hd, n_head, self.n_tokens)
+            k = g.reshape(k, hd, n_head_kv, self.n_tokens)
+            v = g.reshape(v, hd, n_head_kv, self.n_tokens)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, self.w(il, hd * n_head, spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            cur = build_moe_ffn(self, cur, il, spec.n_ff[il], weights_norm=True, sigmoid=spec.expert_gating_sigmoid,
+                                probs_bias=True, w_scale=spec.expert_weights_scale)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+
 class GatedDeltaNetGraph(RecurrentBuilder):
     """qwen3next / qwen35 / qwen35moe: gated delta net blocks (fused GATED_DELTA_NET op, as CPU and CUDA
     run it) and gated attention on every 4th block; MoE with a sigmoid-gated shared expert, or a dense FFN
@@ -1103,7 +1138,7 @@ BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
     "mamba2": Mamba2Graph, "granitehybrid": GraniteHybridGraph, "lfm2": Lfm2Graph,
     "mistral3": LlamaGraph, "gpt-oss": GptOssGraph, "glm4moe": Glm4MoeGraph, "llama4": Llama4Graph,
-    "gemma4": Gemma4Graph, "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
+    "gemma4": Gemma4Graph, "minimax-m2": MiniMaxM2Graph, "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
 }
 
 

@@ -124,6 +124,8 @@ SHAPES: dict[str, SyntheticSpec] = {
     "tiny-llama4": SyntheticSpec("llama4", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=1, n_ff_exp=64,
                                                    moe_every=2)),
     "tiny-mistral3": SyntheticSpec("mistral3", replace(_TINY, head_dim=32)),
+    "tiny-minimax-m2": SyntheticSpec("minimax-m2", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2,
+                                                           n_ff_exp=128)),
     "tiny-gemma4": SyntheticSpec("gemma4", replace(_TINY, n_layer=6, head_dim=64, head_dim_swa=32, n_head_kv=2,
                                                    n_head_kv_full=1, tied=True, n_swa=128)),
 }
@@ -328,6 +330,8 @@ def _gemma4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
         (f"{arch}.attention.value_length", _T_U32, s.head_dim_k),
         (f"{arch}.attention.key_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
         (f"{arch}.attention.value_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
+        (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k),
+        (f"{arch}.rope.dimension_count_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
         (f"{arch}.embedding_length_per_layer_input", _T_U32, 0),
         (f"{arch}.final_logit_softcapping", _T_F32, 30.0),
     ]
@@ -336,11 +340,16 @@ def _gemma4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
     return keys
 
 
+def _minimax_m2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.expert_gating_func", _T_U32, 2),  # sigmoid
+            (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k // 2)]  # partial rotary, as the real model
+
+
 _ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
               "lfm2": _lfm2_keys, "qwen3next": _qwen3next_keys, "qwen35": _qwen3next_keys,
               "qwen35moe": _qwen3next_keys, "glm4moe": _glm4moe_keys, "llama4": _llama4_keys,
               "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys,
-              "gemma4": _gemma4_keys}
+              "gemma4": _gemma4_keys, "minimax-m2": _minimax_m2_keys}
 
 
 # --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
@@ -609,8 +618,20 @@ def _gemma4(s: SyntheticShape) -> list[Tensor]:
     return tensors
 
 
+def _minimax_m2(s: SyntheticShape) -> list[Tensor]:
+    """minimax-m2: Q/K norms over the whole projection, every block MoE (experts n_ff wide) with a
+    selection bias; untied output."""
+    tensors = _embeddings(replace(s, tied=False))
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)] + _attention(i, s)
+        tensors += [_norm(i, "attn_q_norm", s.head_dim_k * s.n_head), _norm(i, "attn_k_norm", s.head_dim_k * s.n_head_kv)]
+        tensors += _experts(i, s, s.n_ff) + [(f"blk.{i}.exp_probs_b.bias", (s.n_expert,), "f32")]
+    return tensors
+
+
 _TENSORS = {
     "llama": _llama_like,
+    "minimax-m2": _minimax_m2,
     "gemma4": _gemma4,
     "mistral3": _llama_like,
     "qwen3next": lambda s: _qwen3next_like(s, "qwen3next"),
