@@ -63,6 +63,7 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "qwen35moe": ("tiny-qwen35moe", _QWEN_NEXT),
     "gpt-oss": ("tiny-gpt-oss", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_swa": 128}),
     "glm4moe": ("tiny-glm4moe", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512}),
+    "glm4moe-nextn": ("tiny-glm4moe", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_nextn": 1}),
     "llama4": ("tiny-llama4", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512}),
     "mistral3": ("tiny-mistral3", {**MID, "head_dim": 128}),
     "gemma4": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512}),

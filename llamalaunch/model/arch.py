@@ -53,6 +53,9 @@ OUTPUT_TENSORS = (
 # a layer (TENSOR_DUPLICATED, one per buffer type).
 PER_DEVICE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
 F32_BYTES = 4  # recurrent states default to f32 (cparams type_r/type_s)
+# Archs whose NextN/MTP blocks (the last `nextn_predict_layers`) llama.cpp creates with TENSOR_SKIP unless
+# an MTP draft is loaded: llama-server never allocates their weights.
+SKIPS_NEXTN_WEIGHTS = frozenset({"deepseek2", "glm4moe", "qwen3next", "qwen35", "qwen35moe"})
 
 
 @dataclass(frozen=True)

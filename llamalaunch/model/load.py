@@ -243,6 +243,10 @@ def _profile(
     layout = arches.arch_layout(arch, keys, hp)
     _check_attention(keys, hp, layout)
     placement = _place(arch, tensors, n_layer, header.path)
+    blocks = placement.blocks
+    n_nextn = keys.number("nextn_predict_layers", 0)
+    if arch in arches.SKIPS_NEXTN_WEIGHTS and 0 < n_nextn < n_layer:
+        blocks = blocks[:n_layer - n_nextn] + (_Sizes(),) * n_nextn
     n_ff = keys.per_layer("feed_forward_length", n_layer, (0,) * n_layer)
     n_ff_exp = keys.per_layer("expert_feed_forward_length", n_layer, (0,) * n_layer)
     name = header.get("general.name")
@@ -254,7 +258,7 @@ def _profile(
         file_type=_file_type(header),
         file_bytes=file_bytes,
         n_layer=n_layer,
-        slots=tuple(b.slot() for b in placement.blocks) + (placement.output.slot(),),
+        slots=tuple(b.slot() for b in blocks) + (placement.output.slot(),),
         host_bytes=placement.host.cpu,
         output_is_token_embd=placement.output_is_token_embd,
         n_vocab=_n_vocab(header, keys),
@@ -277,7 +281,7 @@ def _profile(
         n_embd_out=keys.number("embedding_length_out", 0),
         generic_estimate=not arches.is_supported(arch),
         per_device_bytes=placement.per_device.cpu,
-        n_nextn_layers=keys.number("nextn_predict_layers", 0),
+        n_nextn_layers=n_nextn,
         n_ff_exp=max(n_ff_exp),
         head_dim_k_swa=keys.number("attention.key_length_swa", 0),
         head_dim_v_swa=keys.number("attention.value_length_swa", 0),
