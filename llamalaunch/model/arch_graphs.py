@@ -58,6 +58,7 @@ class ModelSpec:
     ssm_dt_rank: int = 0
     shortconv_l_cache: int = 0
     n_ff_shexp: int = 0  # shared-expert FFN length (qwen3next family)
+    mrope: bool = False  # multi-section RoPE (qwen35, glm4moe with rope sections)
     moe_layers: tuple[bool, ...] = ()  # layers with experts when not all have them (llama4)
     head_dim_k_swa: int = 0  # gemma4: sliding-window layers have their own head size
     head_dim_v_swa: int = 0
@@ -134,7 +135,8 @@ class Builder:
         return cur
 
     def build_inp_pos(self) -> Tensor:
-        self.inp_pos = g.new_input("i32", self.n_tokens, name="inp_pos")
+        # M-RoPE archs hold 4 positions per token (llama_hparams::n_pos_per_embd)
+        self.inp_pos = g.new_input("i32", self.n_tokens * (4 if self.spec.mrope else 1), name="inp_pos")
         return self.inp_pos
 
     def build_inp_out_ids(self) -> Tensor:
@@ -150,19 +152,29 @@ class Builder:
             mask = g.new_input("f16" if res.flash_attn else "f32", n_kv, self.n_tokens // res.n_stream, 1,
                                res.n_stream, name="attn_inp_kq_mask")
             self.kv_inputs[swa] = (k_idxs, v_idxs, mask)
-            self.rot[swa] = self._build_rot_inputs()
+            self.rot[swa] = self._build_rot_inputs(swa)
         return self.kv_inputs[swa]
 
-    def _build_rot_inputs(self) -> tuple[Tensor | None, Tensor | None]:
+    def _cache_head_dims(self, swa: bool) -> tuple[int, int]:
+        """n_embd_head_k_all / n_embd_head_v_all of one cache: the layers' common head size, -1 if mixed."""
+        spec = self.spec
+        dims = {spec.hd(il) for il in range(spec.n_layer)
+                if not (spec.recurrent_layers and spec.recurrent_layers[il])
+                and (not self.iswa or bool(spec.swa_layers[il]) == swa)}
+        ks, vs = {k for k, _ in dims}, {v for _, v in dims}
+        return (ks.pop() if len(ks) == 1 else -1), (vs.pop() if len(vs) == 1 else -1)
+
+    def _build_rot_inputs(self, swa: bool = False) -> tuple[Tensor | None, Tensor | None]:
         """llama_kv_cache::build_input_k_rot/v_rot: Hadamard rotations for a quantized cache."""
         spec, res = self.spec, self.res
         k_rot = v_rot = None
-        if g.type_block(res.type_k)[0] > 1 and spec.head_dim_k % 64 == 0 and not spec.kv_lora_rank:
+        k_all, v_all = self._cache_head_dims(swa)
+        if g.type_block(res.type_k)[0] > 1 and k_all > 0 and spec.head_dim_k % 64 == 0 and not spec.kv_lora_rank:
             nrot = 64
-            while spec.head_dim_k % (nrot * 2) == 0:
+            while k_all % (nrot * 2) == 0:
                 nrot *= 2
             k_rot = g.new_input("f32", nrot, nrot, name="attn_inp_k_rot")
-        if g.type_block(res.type_v)[0] > 1 and spec.head_dim_v % 64 == 0 and not spec.kv_lora_rank:
+        if g.type_block(res.type_v)[0] > 1 and v_all > 0 and spec.head_dim_v % 64 == 0 and not spec.kv_lora_rank:
             v_rot = g.new_input("f32", 64, 64, name="attn_inp_v_rot")
         return k_rot, v_rot
 
@@ -958,8 +970,13 @@ class Gemma4Graph(Builder):
         """build_attn without K/V of its own: attend the cache of block `source` (the memory's reuse map)."""
         swa = self.spec.swa_layers[il]
         _, _, mask = self.build_attn_inp_kv(swa)
+        k_rot, v_rot = self.rot[swa]
+        if k_rot is not None:
+            q = self.hadamard(q, k_rot)
         self.gf.expand(q)
         cur = self.build_attn_mha(q, self.get_k(source, swa), self.get_v(source, swa), mask, None, False)
+        if v_rot is not None:
+            cur = self.hadamard(cur, v_rot)
         return g.mul_mat(wo, cur)
 
 
@@ -1085,7 +1102,7 @@ class GatedDeltaNetGraph(RecurrentBuilder):
             ba = g.reshape(ba, 2 * per, n_k_heads, n_st, n_seqs)
             b = g.view_4d(ba, per, n_k_heads, n_st, n_seqs, ba.nb[1], ba.nb[2], ba.nb[3], 0)
             a = g.view_4d(ba, per, n_k_heads, n_st, n_seqs, ba.nb[1], ba.nb[2], ba.nb[3], per * 4)
-            beta = g.unary(g.cont(b))
+            beta = g.reshape(g.unary(g.cont(b)), 1, n_v_heads, n_st, n_seqs)
             alpha = g.cont(a, n_v_heads, n_st, n_seqs)
         else:
             beta = g.mul_mat(self.w(il, spec.n_embd, n_v_heads), cur)
@@ -1094,7 +1111,6 @@ class GatedDeltaNetGraph(RecurrentBuilder):
             alpha = g.reshape(alpha, n_v_heads, n_st, n_seqs)
         alpha = g.unary(g.add(alpha, self.w(il, n_v_heads, type_name="f32")))
         gate = g.mul(alpha, self.w(il, n_v_heads, type_name="f32"))
-        beta = g.reshape(beta, 1, n_v_heads, n_st, n_seqs)
         gate = g.reshape(gate, 1, n_v_heads, n_st, n_seqs)
         d_conv, channels = spec.ssm_d_conv, d_inner + 2 * n_k_heads * head_k
         conv_states = self.state(il, "r", (d_conv - 1) * channels)
@@ -1138,7 +1154,8 @@ BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
     "mamba2": Mamba2Graph, "granitehybrid": GraniteHybridGraph, "lfm2": Lfm2Graph,
     "mistral3": LlamaGraph, "gpt-oss": GptOssGraph, "glm4moe": Glm4MoeGraph, "llama4": Llama4Graph,
-    "gemma4": Gemma4Graph, "minimax-m2": MiniMaxM2Graph, "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
+    "gemma4": Gemma4Graph, "minimax-m2": MiniMaxM2Graph,
+    "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
 }
 
 

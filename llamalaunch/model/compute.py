@@ -239,6 +239,8 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "ssm_dt_rank": int(number("ssm.time_step_rank")),
         "shortconv_l_cache": int(number("shortconv.l_cache")),
         "n_ff_shexp": int(number("expert_shared_feed_forward_length")),
+        "mrope": arch in ("qwen35", "qwen35moe")
+        or (arch == "glm4moe" and _uses_mrope(header.get(f"{arch}.rope.dimension_sections"))),
     }
     if arch == "deepseek2":
         extra["n_rot"] = n_rot
@@ -250,6 +252,12 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         step = int(number("interleave_moe_layer_step"))
         extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))
     return extra
+
+
+def _uses_mrope(sections: object) -> bool:
+    """llama_hparams::use_mrope: the first two rope sections are non-zero."""
+    values = getattr(sections, "values", None) or ()
+    return len(values) >= 2 and bool(values[0]) and bool(values[1])
 
 
 def model_spec(profile: ModelProfile) -> ModelSpec:

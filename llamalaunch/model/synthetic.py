@@ -612,8 +612,8 @@ def _gemma4(s: SyntheticShape) -> list[Tensor]:
                     (b + "attn_q.weight", (s.n_embd, hd * s.n_head), "w"),
                     (b + "attn_output.weight", (hd * s.n_head, s.n_embd), "w"), _norm(i, "attn_q_norm", hd)]
         if has_kv:
-            tensors += [(b + "attn_k.weight", (s.n_embd, hd * n_kv), "w"), (b + "attn_v.weight", (s.n_embd, hd * n_kv), "w"),
-                        _norm(i, "attn_k_norm", hd)]
+            tensors += [(b + "attn_k.weight", (s.n_embd, hd * n_kv), "w"),
+                        (b + "attn_v.weight", (s.n_embd, hd * n_kv), "w"), _norm(i, "attn_k_norm", hd)]
         tensors += _ffn(i, s.n_embd, s.n_ff)
     return tensors
 
@@ -624,7 +624,8 @@ def _minimax_m2(s: SyntheticShape) -> list[Tensor]:
     tensors = _embeddings(replace(s, tied=False))
     for i in range(s.n_layer):
         tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)] + _attention(i, s)
-        tensors += [_norm(i, "attn_q_norm", s.head_dim_k * s.n_head), _norm(i, "attn_k_norm", s.head_dim_k * s.n_head_kv)]
+        tensors += [_norm(i, "attn_q_norm", s.head_dim_k * s.n_head),
+                    _norm(i, "attn_k_norm", s.head_dim_k * s.n_head_kv)]
         tensors += _experts(i, s, s.n_ff) + [(f"blk.{i}.exp_probs_b.bias", (s.n_expert,), "f32")]
     return tensors
 
