@@ -69,6 +69,10 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "gemma4": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512}),
     "gemma4-shared": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2,
                                       "n_swa": 512, "n_kv_shared": 2}),
+    "gemma4-moe": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512,
+                                   "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 512}),
+    "gemma4-ple": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512,
+                                   "n_kv_shared": 2, "n_embd_per_layer": 256}),
     "minimax-m2": ("tiny-minimax-m2", {**MID, "head_dim": 64, "n_expert": 8, "n_ff": 512}),
     "smollm2": ("", {}),
 }

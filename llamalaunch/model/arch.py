@@ -52,6 +52,8 @@ OUTPUT_TENSORS = (
 # Repeating-layer tensors without a block number: llama.cpp creates one copy per device that holds
 # a layer (TENSOR_DUPLICATED, one per buffer type).
 PER_DEVICE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+# Repeating-layer tensors created with block index 0 under a name without one: they sit with block 0.
+FIRST_BLOCK_TENSORS = ("per_layer_model_proj", "per_layer_proj_norm")
 F32_BYTES = 4  # recurrent states default to f32 (cparams type_r/type_s)
 # Archs whose NextN/MTP blocks (the last `nextn_predict_layers`) llama.cpp creates with TENSOR_SKIP unless
 # an MTP draft is loaded: llama-server never allocates their weights.
@@ -305,10 +307,13 @@ def head_dims(arch: str, keys: Keys, hp: Hparams) -> tuple[int, int]:
 
 
 def top_level_role(arch: str, name: str) -> str:
-    """'input', 'output' or 'per_device' for a tensor outside the blocks ('output' if unknown)."""
+    """'input', 'output', 'per_device' or 'first_block' for a tensor outside the blocks ('output' if
+    unknown)."""
     base = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
     if arch == "lfm2" and base == "token_embd_norm":
         return "output"  # LLM_TENSOR_OUTPUT_NORM_LFM2: the name is a historical mistake
+    if base in FIRST_BLOCK_TENSORS:
+        return "first_block"
     if base in INPUT_TENSORS:
         return "input"
     if base in PER_DEVICE_TENSORS:

@@ -426,12 +426,14 @@ class LlamaGraph(Builder):
 
 def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool,
                   probs_bias: bool = False, w_scale: bool = False, biases: bool = False,
-                  softmax_weight: bool = False, weight_before_ffn: bool = False, gate: bool = True) -> Tensor:
+                  softmax_weight: bool = False, weight_before_ffn: bool = False, gate: bool = True,
+                  logits: Tensor | None = None) -> Tensor:
     """llm_graph_context::build_moe_ffn: softmax, sigmoid or softmax-of-selected (gpt-oss) gating, optional
     router and expert biases (gpt-oss), weights applied before the experts (llama4)."""
     spec = b.spec
     n_embd, n_expert, n_used, n_tokens = spec.n_embd, spec.n_expert, spec.n_expert_used, cur.ne[1]
-    logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
+    if logits is None:  # gemma4 passes its own router logits (probs_in)
+        logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
     if biases:
         logits = g.add(logits, b.w(il, n_expert, type_name="f32"))
     probs = logits if softmax_weight else g.unary(logits) if sigmoid else g.soft_max(logits)
@@ -932,6 +934,7 @@ class Gemma4Graph(Builder):
         self.build_attn_inp_kv(False)
         self.build_attn_inp_kv(True)
         out_ids = self.build_inp_out_ids()
+        per_layer = self.build_per_layer_inputs(inp_l) if spec.n_embd_per_layer else None
         for il in self.layers:
             hd, _ = spec.hd(il)
             n_head, n_head_kv = spec.n_head[il], spec.n_head_kv[il]
@@ -955,8 +958,13 @@ class Gemma4Graph(Builder):
             attn_out = g.add(cur, inp_l)
             cur = self.build_norm(attn_out, self.norm_w(il), il)
             cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            if spec.n_expert:
+                cur = g.add(self.build_norm(cur, self.norm_w(il), il), self.build_experts(attn_out, il))
             cur = self.build_norm(cur, self.norm_w(il), -1)
-            inp_l = g.add(cur, attn_out)
+            cur = g.add(cur, attn_out)
+            if per_layer is not None:
+                cur = self.build_per_layer_embedding(cur, per_layer, il)
+            inp_l = cur
         cur = self.build_norm(inp_l, self.norm_w(-1), -1)
         cur = g.get_rows(cur, out_ids)
         cur.flags |= g.FLAG_OUTPUT
@@ -965,6 +973,38 @@ class Gemma4Graph(Builder):
             logits = g.scale(g.unary(g.scale(logits)))
         logits.flags |= g.FLAG_OUTPUT
         self.gf.expand(logits)
+
+    def build_experts(self, attn_out: Tensor, il: int) -> Tensor:
+        """The routed branch: its own pre-norm; the router reads a scaled RMS norm of attn_out."""
+        spec = self.spec
+        cur = self.build_norm(attn_out, self.norm_w(il), il)
+        tmp = g.mul(g.scale(g.rms_norm(attn_out)), self.w(il, spec.n_embd, type_name="f32"))
+        logits = g.mul_mat(self.w(il, spec.n_embd, spec.n_expert), tmp)
+        cur = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=True, sigmoid=False, logits=logits)
+        return self.build_norm(cur, self.norm_w(il), il)
+
+    def build_per_layer_inputs(self, inp: Tensor) -> Tensor:
+        """build_inp_per_layer + project_per_layer_inputs: [n_embd_per_layer, n_tokens, n_layer]."""
+        spec, n_tokens, ple = self.spec, self.n_tokens, self.spec.n_embd_per_layer
+        n_layer = spec.n_layer
+        tokens = g.new_input("i32", n_tokens, name="inp_per_layer_tokens")
+        table = g.weight(spec.embd_type, ple * n_layer, spec.n_vocab, backend=self.res.cpu_backend)
+        per_layer = g.scale(g.reshape(g.get_rows(table, tokens), ple, n_layer, n_tokens))
+        self.gf.expand(per_layer)
+        proj = g.mul_mat(self.w(0, spec.n_embd, ple * n_layer), inp)
+        proj = g.reshape(g.scale(proj), ple, n_layer, n_tokens)
+        proj = self.build_norm(proj, self.norm_w(0, ple), -1)
+        per_layer = g.scale(g.add(proj, per_layer))
+        return g.cont(g.permute(per_layer, 0, 2, 1, 3))
+
+    def build_per_layer_embedding(self, cur: Tensor, per_layer: Tensor, il: int) -> Tensor:
+        spec, ple = self.spec, self.spec.n_embd_per_layer
+        gate = g.unary(g.mul_mat(self.w(il, spec.n_embd, ple), cur))
+        row = g.row_size(per_layer.type, ple)
+        this_layer = g.view_2d(per_layer, ple, per_layer.ne[1], row, il * ple * per_layer.ne[1] * 4)
+        out = g.mul_mat(self.w(il, ple, spec.n_embd), g.mul(gate, this_layer))
+        out = self.build_norm(out, self.norm_w(il), il)
+        return g.add(cur, out)
 
     def build_attn_shared(self, q: Tensor, wo: Tensor, il: int, source: int) -> Tensor:
         """build_attn without K/V of its own: attend the cache of block `source` (the memory's reuse map)."""

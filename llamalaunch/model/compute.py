@@ -239,6 +239,7 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "ssm_dt_rank": int(number("ssm.time_step_rank")),
         "shortconv_l_cache": int(number("shortconv.l_cache")),
         "n_ff_shexp": int(number("expert_shared_feed_forward_length")),
+        "n_embd_per_layer": int(number("embedding_length_per_layer_input")) if arch == "gemma4" else 0,
         "mrope": arch in ("qwen35", "qwen35moe")
         or (arch == "glm4moe" and _uses_mrope(header.get(f"{arch}.rope.dimension_sections"))),
     }

@@ -169,7 +169,7 @@ class _Placement:
 def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Placement:
     """Group tensors by where llama.cpp puts them: block i, the output slot, the host, every device."""
     blocks: list[list[TensorInfo]] = [[] for _ in range(n_layer)]
-    roles: dict[str, list[TensorInfo]] = {"input": [], "output": [], "per_device": []}
+    roles: dict[str, list[TensorInfo]] = {"input": [], "output": [], "per_device": [], "first_block": []}
     for tensor in tensors:
         match = _BLOCK.match(tensor.name)
         if match:
@@ -191,6 +191,7 @@ def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Pl
         # llama.cpp loads token_embd a second time as the output tensor (TENSOR_DUPLICATED)
         embd = tensor_sizes(_by_name(tensors, "token_embd.weight"))
         output = output + _Sizes(embd.cpu, embd.cuda)
+    blocks[0] += roles["first_block"]
     return _Placement(
         tuple(_sum(b) for b in blocks), output, _sum(roles["input"]), _sum(roles["per_device"]), tied
     )

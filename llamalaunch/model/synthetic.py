@@ -71,6 +71,7 @@ class SyntheticShape:
     head_dim_swa: int = 0  # gemma4: head size of the sliding-window blocks (full blocks use head_dim)
     n_head_kv_full: int = 0  # gemma4: KV heads of the full-attention blocks (0: n_head_kv)
     n_kv_shared: int = 0  # gemma4: the last blocks reuse earlier blocks' KV cache
+    n_embd_per_layer: int = 0  # gemma4: per-layer embedding width (0: none)
 
     @property
     def head_dim_k(self) -> int:
@@ -332,7 +333,7 @@ def _gemma4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
         (f"{arch}.attention.value_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
         (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k),
         (f"{arch}.rope.dimension_count_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
-        (f"{arch}.embedding_length_per_layer_input", _T_U32, 0),
+        (f"{arch}.embedding_length_per_layer_input", _T_U32, s.n_embd_per_layer),
         (f"{arch}.final_logit_softcapping", _T_F32, 30.0),
     ]
     if s.n_kv_shared:
@@ -602,6 +603,11 @@ def _gemma4(s: SyntheticShape) -> list[Tensor]:
     tensors = _embeddings(replace(s, tied=True))
     swa = _gemma4_swa(s)
     tensors.append(("rope_freqs.weight", (s.head_dim_k // 2,), "f32"))
+    ple = s.n_embd_per_layer
+    if ple:
+        tensors += [("per_layer_token_embd.weight", (ple * s.n_layer, s.n_vocab), "w"),
+                    ("per_layer_model_proj.weight", (s.n_embd, ple * s.n_layer), "w"),
+                    ("per_layer_proj_norm.weight", (ple,), "f32")]
     for i in range(s.n_layer):
         b = f"blk.{i}."
         hd = (s.head_dim_swa or s.head_dim_k) if swa[i] else s.head_dim_k
@@ -615,6 +621,14 @@ def _gemma4(s: SyntheticShape) -> list[Tensor]:
             tensors += [(b + "attn_k.weight", (s.n_embd, hd * n_kv), "w"),
                         (b + "attn_v.weight", (s.n_embd, hd * n_kv), "w"), _norm(i, "attn_k_norm", hd)]
         tensors += _ffn(i, s.n_embd, s.n_ff)
+        if s.n_expert:  # routed experts beside the dense FFN, each branch between its own norms
+            tensors += _experts(i, s, s.n_ff_exp) + [(b + "ffn_gate_inp.scale", (s.n_embd,), "f32"),
+                                                     _norm(i, "pre_ffw_norm_2", s.n_embd),
+                                                     _norm(i, "post_ffw_norm_1", s.n_embd),
+                                                     _norm(i, "post_ffw_norm_2", s.n_embd)]
+        if ple:
+            tensors += [(b + "inp_gate.weight", (s.n_embd, ple), "w"), (b + "proj.weight", (ple, s.n_embd), "w"),
+                        _norm(i, "post_norm", s.n_embd)]
     return tensors
 
 
