@@ -36,6 +36,8 @@ from llamalaunch.units import MIB
 MID = {"n_layer": 8, "n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_head_kv": 4, "n_vocab": 32000}
 _QWEN_NEXT = {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 512, "ssm_d_inner": 1024,
               "ssm_d_state": 64, "ssm_n_group": 4, "ssm_n_head": 16}
+_NEMOTRON_H = {**MID, "ssm_d_inner": 2048, "ssm_d_state": 64, "ssm_n_head": 32, "ssm_n_group": 8,
+               "attention_layers": (2, 6), "ffn_layers": (1, 3, 5, 7)}
 # family -> (synthetic preset, shape changes); "smollm2" is the real demo model
 FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "llama": ("tiny-llama", MID),
@@ -74,6 +76,8 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "gemma4-ple": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512,
                                    "n_kv_shared": 2, "n_embd_per_layer": 256}),
     "minimax-m2": ("tiny-minimax-m2", {**MID, "head_dim": 64, "n_expert": 8, "n_ff": 512}),
+    "nemotron_h": ("tiny-nemotron_h", _NEMOTRON_H),
+    "nemotron_h_moe": ("tiny-nemotron_h_moe", {**_NEMOTRON_H, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 1024}),
     "smollm2": ("", {}),
 }
 AXES: dict[str, tuple[object, ...]] = {

@@ -250,7 +250,8 @@ def test_experts_counted_apart(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("preset", "moe_blocks"),
     [("tiny-qwen3next", (0, 1, 2, 3)), ("tiny-qwen35moe", (0, 1, 2, 3)), ("tiny-gpt-oss", (0, 1, 2, 3)),
-     ("tiny-glm4moe", (1, 2, 3)), ("tiny-llama4", (1, 3)), ("tiny-minimax-m2", (0, 1, 2, 3))],
+     ("tiny-glm4moe", (1, 2, 3)), ("tiny-llama4", (1, 3)), ("tiny-minimax-m2", (0, 1, 2, 3)),
+     ("tiny-nemotron_h_moe", (1, 3))],
 )
 def test_experts_of_the_2026_families(tmp_path: Path, preset: str, moe_blocks: tuple[int, ...]) -> None:
     """Every routed-expert tensor (`ffn_*_exps`, and gpt-oss's `ffn_*_exps.bias`) counts as expert bytes;

@@ -35,6 +35,8 @@ SUPPORTED_ARCHS = (
     "mistral3",
     "gemma4",
     "minimax-m2",
+    "nemotron_h",
+    "nemotron_h_moe",
 )
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
@@ -57,7 +59,8 @@ FIRST_BLOCK_TENSORS = ("per_layer_model_proj", "per_layer_proj_norm")
 F32_BYTES = 4  # recurrent states default to f32 (cparams type_r/type_s)
 # Archs whose NextN/MTP blocks (the last `nextn_predict_layers`) llama.cpp creates with TENSOR_SKIP unless
 # an MTP draft is loaded: llama-server never allocates their weights.
-SKIPS_NEXTN_WEIGHTS = frozenset({"deepseek2", "glm4moe", "qwen3next", "qwen35", "qwen35moe"})
+SKIPS_NEXTN_WEIGHTS = frozenset({"deepseek2", "glm4moe", "qwen3next", "qwen35", "qwen35moe", "nemotron_h",
+                                 "nemotron_h_moe"})
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class ArchLayout:
     recurrent_s_bytes_per_seq: int = 0
     kv_lora_rank: int = 0
     rope_dim: int = 0
+    attention_free: tuple[bool, ...] = ()  # neither attention nor state: FFN-only blocks (nemotron_h)
 
 
 class Keys:
@@ -256,6 +260,19 @@ def _gemma4(keys: Keys, hp: Hparams) -> ArchLayout:
     return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=_swa_layers(keys, hp.n_layer, 6))
 
 
+def _nemotron_h(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Each block is mamba2 (no KV heads, no FFN), attention (KV heads, no FFN) or FFN only."""
+    n_ff = keys.per_layer("feed_forward_length", hp.n_layer, (0,) * hp.n_layer)
+    n_main = hp.n_layer - keys.number("nextn_predict_layers", 0)
+    r_bytes, s_bytes = _ssm_state_bytes(keys)
+    return ArchLayout(
+        recurrent_layers=tuple(il < n_main and hp.n_head_kv[il] == 0 and n_ff[il] == 0 for il in range(hp.n_layer)),
+        recurrent_r_bytes_per_seq=r_bytes,
+        recurrent_s_bytes_per_seq=s_bytes,
+        attention_free=tuple(n > 0 for n in n_ff),
+    )
+
+
 LLAMA4_CHUNK = 8192  # llama.cpp fixes llama4's attention chunk, whatever the file says
 
 
@@ -287,6 +304,8 @@ _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "mistral3": _none,
     "gemma4": _gemma4,
     "minimax-m2": _none,
+    "nemotron_h": _nemotron_h,
+    "nemotron_h_moe": _nemotron_h,
 }
 
 

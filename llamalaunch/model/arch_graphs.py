@@ -64,6 +64,7 @@ class ModelSpec:
     head_dim_v_swa: int = 0
     n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
     kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
+    ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
 
     def hd(self, il: int) -> tuple[int, int]:
         """(K, V) head size of layer `il`."""
@@ -427,7 +428,7 @@ class LlamaGraph(Builder):
 def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool,
                   probs_bias: bool = False, w_scale: bool = False, biases: bool = False,
                   softmax_weight: bool = False, weight_before_ffn: bool = False, gate: bool = True,
-                  logits: Tensor | None = None) -> Tensor:
+                  logits: Tensor | None = None, relu_sqr: bool = False) -> Tensor:
     """llm_graph_context::build_moe_ffn: softmax, sigmoid or softmax-of-selected (gpt-oss) gating, optional
     router and expert biases (gpt-oss), weights applied before the experts (llama4)."""
     spec = b.spec
@@ -468,7 +469,7 @@ def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: boo
             cur = add_id(cur, n_ff)
         par = g.glu(cur, up)
     else:
-        par = g.unary(up)
+        par = g.sqr(g.unary(up)) if relu_sqr else g.unary(up)
     experts = g.mul_mat_id(b.w(il, n_ff, n_embd, n_expert), par, selected)
     if biases:
         experts = add_id(experts, n_embd)
@@ -1055,6 +1056,52 @@ class MiniMaxM2Graph(Builder):
         self.build_output(inp_l)
 
 
+class NemotronHGraph(RecurrentBuilder):
+    """nemotron_h / nemotron_h_moe: each block is mamba2, attention without RoPE, or an FFN with squared
+    ReLU; with experts the FFN is sigmoid-routed up/down experts (selection bias) plus a shared expert."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        self.gf.expand(inp_l)
+        self.build_rs_inp()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            if spec.recurrent_layers[il]:
+                cur = self.build_mamba2_layer(cur, il)
+            elif spec.ffn_layers and spec.ffn_layers[il]:
+                cur = self.build_ffn_block(cur, il)
+            else:
+                q, k, v = self.build_qkv(cur, il)
+                wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
+                wo_b = self.w(il, spec.n_embd, type_name="f32") if spec.has(f"blk.{il}.attn_output.bias", False) else None
+                cur = self.build_attn(q, k, v, wo, il, wo_b=wo_b)
+            inp_l = g.add(cur, inp_sa)
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur = g.get_rows(cur, out_ids)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type
+                                  if spec.tied_output else None), cur)
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+    def build_relu_sqr_ffn(self, cur: Tensor, il: int, n_ff: int) -> Tensor:
+        up = g.mul_mat(self.w(il, self.spec.n_embd, n_ff), cur)
+        return g.mul_mat(self.w(il, n_ff, self.spec.n_embd), g.sqr(g.unary(up)))
+
+    def build_ffn_block(self, cur: Tensor, il: int) -> Tensor:
+        spec = self.spec
+        if not spec.n_expert:
+            return self.build_relu_sqr_ffn(cur, il, spec.n_ff[il])
+        router = g.mul_mat(self.w(il, spec.n_embd, spec.n_expert), cur)
+        moe = build_moe_ffn(self, cur, il, spec.n_ff_exp, spec.expert_weights_norm, sigmoid=True, probs_bias=True,
+                            w_scale=spec.expert_weights_scale, gate=False, logits=router, relu_sqr=True)
+        return g.add(moe, self.build_relu_sqr_ffn(cur, il, spec.n_ff_shexp or spec.n_ff_exp))
+
+
 class GatedDeltaNetGraph(RecurrentBuilder):
     """qwen3next / qwen35 / qwen35moe: gated delta net blocks (fused GATED_DELTA_NET op, as CPU and CUDA
     run it) and gated attention on every 4th block; MoE with a sigmoid-gated shared expert, or a dense FFN
@@ -1196,6 +1243,7 @@ BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "mistral3": LlamaGraph, "gpt-oss": GptOssGraph, "glm4moe": Glm4MoeGraph, "llama4": Llama4Graph,
     "gemma4": Gemma4Graph, "minimax-m2": MiniMaxM2Graph,
     "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
+    "nemotron_h": NemotronHGraph, "nemotron_h_moe": NemotronHGraph,
 }
 
 

@@ -249,6 +249,10 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         start = profile.n_layer - profile.n_kv_shared_layers
         extra["kv_source"] = tuple(il if il < start else start - (2 if profile.swa_layers[il] else 1)
                                    for il in range(profile.n_layer))
+    if arch.startswith("nemotron_h"):  # FFN-only blocks: a per-block feed_forward_length above 0
+        ff = header.get(f"{arch}.feed_forward_length")
+        values = getattr(ff, "values", None) or (ff,) * profile.n_layer
+        extra["ffn_layers"] = tuple(isinstance(n, int) and n > 0 for n in values)
     if arch == "llama4":  # experts on every `step`-th block only
         step = int(number("interleave_moe_layer_step"))
         extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))

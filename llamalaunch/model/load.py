@@ -300,9 +300,10 @@ def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchL
     if hp.n_embd == 0:
         raise bad("embedding_length", 0, "a model needs a positive embedding length")
     recurrent = layout.recurrent_layers or (False,) * hp.n_layer
+    no_attention = layout.attention_free or (False,) * hp.n_layer
     known = arches.is_supported(keys.arch)
     for il in range(hp.n_layer):
-        if recurrent[il] or (not known and 0 in (hp.n_head[il], hp.n_head_kv[il])):
+        if recurrent[il] or no_attention[il] or (not known and 0 in (hp.n_head[il], hp.n_head_kv[il])):
             continue  # an unknown arch may mark recurrent layers with 0 heads
         n_head, n_head_kv = hp.n_head[il], hp.n_head_kv[il]
         if n_head == 0:

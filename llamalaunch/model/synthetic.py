@@ -72,6 +72,7 @@ class SyntheticShape:
     n_head_kv_full: int = 0  # gemma4: KV heads of the full-attention blocks (0: n_head_kv)
     n_kv_shared: int = 0  # gemma4: the last blocks reuse earlier blocks' KV cache
     n_embd_per_layer: int = 0  # gemma4: per-layer embedding width (0: none)
+    ffn_layers: tuple[int, ...] = field(default=())  # nemotron_h: FFN/MoE blocks (the rest: mamba2 or attention)
 
     @property
     def head_dim_k(self) -> int:
@@ -90,6 +91,7 @@ class SyntheticSpec:
 _TINY = SyntheticShape(n_layer=4, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=512, n_ctx_train=4096)
 _QWEN_NEXT = replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2, n_ff_exp=64, n_ff_shexp=64, ssm_d_inner=64,
                      ssm_d_state=16, ssm_n_group=2, ssm_n_head=4)
+_NEMOTRON_H = replace(_TINY, ssm_d_inner=128, ssm_d_state=16, ssm_n_head=4, attention_layers=(2,), ffn_layers=(1, 3))
 SHAPES: dict[str, SyntheticSpec] = {
     "llama-8b": SyntheticSpec("llama", SyntheticShape(32, 4096, 14336, 32, 8, 128256, n_ctx_train=131072)),
     "llama-70b": SyntheticSpec("llama", SyntheticShape(80, 8192, 28672, 64, 8, 128256, n_ctx_train=131072)),
@@ -127,6 +129,9 @@ SHAPES: dict[str, SyntheticSpec] = {
     "tiny-mistral3": SyntheticSpec("mistral3", replace(_TINY, head_dim=32)),
     "tiny-minimax-m2": SyntheticSpec("minimax-m2", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2,
                                                            n_ff_exp=128)),
+    "tiny-nemotron_h": SyntheticSpec("nemotron_h", _NEMOTRON_H),
+    "tiny-nemotron_h_moe": SyntheticSpec("nemotron_h_moe", replace(_NEMOTRON_H, n_expert=4, n_expert_used=2,
+                                                                   n_ff_exp=64, n_ff_shexp=128)),
     "tiny-gemma4": SyntheticSpec("gemma4", replace(_TINY, n_layer=6, head_dim=64, head_dim_swa=32, n_head_kv=2,
                                                    n_head_kv_full=1, tied=True, n_swa=128)),
 }
@@ -210,7 +215,7 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
         (f"{arch}.attention.layer_norm_rms_epsilon", _T_F32, 1e-5),
         (f"{arch}.rope.freq_base", _T_F32, 10000.0),
     ]
-    if s.n_ff:
+    if s.n_ff and not arch.startswith("nemotron_h"):  # nemotron_h: one length per block, 0 off FFN blocks
         kv.append((f"{arch}.feed_forward_length", _T_U32, s.n_ff))
     if s.n_head:
         kv.append((f"{arch}.attention.head_count", _T_U32, s.n_head))
@@ -228,7 +233,7 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
 
 
 def _head_kv_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
-    if arch in ("granitehybrid", "lfm2"):  # a 0 marks a recurrent block
+    if arch in ("granitehybrid", "lfm2", "nemotron_h", "nemotron_h_moe"):  # a 0 marks a block without attention
         per_layer = [s.n_head_kv if il in s.attention_layers else 0 for il in range(s.n_layer)]
         return [(f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, per_layer))]
     if arch in ("deepseek2", "gemma4"):
@@ -346,11 +351,25 @@ def _minimax_m2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, objec
             (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k // 2)]  # partial rotary, as the real model
 
 
+def _nemotron_h_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    """Mamba2 keys, one FFN length per block (0 marks mamba2 and attention blocks), the MoE keys."""
+    keys = _ssm_keys(arch, s) + [
+        (f"{arch}.feed_forward_length", _T_ARRAY, (_T_U32, [s.n_ff if il in s.ffn_layers else 0
+                                                             for il in range(s.n_layer)])),
+        (f"{arch}.attention.layer_norm_epsilon", _T_F32, 1e-5)]
+    if s.n_expert:
+        keys += [(f"{arch}.expert_shared_feed_forward_length", _T_U32, s.n_ff_shexp or s.n_ff_exp),
+                 (f"{arch}.expert_weights_norm", _T_BOOL, True),
+                 (f"{arch}.expert_weights_scale", _T_F32, 2.5)]
+    return keys
+
+
 _ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
               "lfm2": _lfm2_keys, "qwen3next": _qwen3next_keys, "qwen35": _qwen3next_keys,
               "qwen35moe": _qwen3next_keys, "glm4moe": _glm4moe_keys, "llama4": _llama4_keys,
               "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys,
-              "gemma4": _gemma4_keys, "minimax-m2": _minimax_m2_keys}
+              "gemma4": _gemma4_keys, "minimax-m2": _minimax_m2_keys, "nemotron_h": _nemotron_h_keys,
+              "nemotron_h_moe": _nemotron_h_keys}
 
 
 # --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
@@ -644,8 +663,34 @@ def _minimax_m2(s: SyntheticShape) -> list[Tensor]:
     return tensors
 
 
+def _nemotron_h(s: SyntheticShape) -> list[Tensor]:
+    """nemotron_h / nemotron_h_moe: every block is one of mamba2, attention (no RoPE) or an FFN with a
+    squared-ReLU up/down pair; with experts, the FFN blocks are up/down experts plus a shared expert."""
+    d_in_proj = 2 * s.ssm_d_inner + 2 * s.ssm_n_group * s.ssm_d_state + s.ssm_n_head
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        tensors.append(_norm(i, "attn_norm", s.n_embd))
+        if i in s.attention_layers:
+            tensors += _attention(i, s)
+        elif i not in s.ffn_layers:
+            tensors += _mamba2_block(i, s, d_in_proj)
+        elif s.n_expert:
+            e, ff, shared = s.n_expert, s.n_ff_exp, s.n_ff_shexp or s.n_ff_exp
+            tensors += [(b + "ffn_gate_inp.weight", (s.n_embd, e), "f32"), (b + "exp_probs_b.bias", (e,), "f32"),
+                        (b + "ffn_up_exps.weight", (s.n_embd, ff, e), "w"),
+                        (b + "ffn_down_exps.weight", (ff, s.n_embd, e), "w"),
+                        (b + "ffn_up_shexp.weight", (s.n_embd, shared), "w"),
+                        (b + "ffn_down_shexp.weight", (shared, s.n_embd), "w")]
+        else:
+            tensors += [(b + "ffn_up.weight", (s.n_embd, s.n_ff), "w"), (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w")]
+    return tensors
+
+
 _TENSORS = {
     "llama": _llama_like,
+    "nemotron_h": _nemotron_h,
+    "nemotron_h_moe": _nemotron_h,
     "minimax-m2": _minimax_m2,
     "gemma4": _gemma4,
     "mistral3": _llama_like,
