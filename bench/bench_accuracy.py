@@ -34,6 +34,10 @@ from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
 
 MID = {"n_layer": 8, "n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_head_kv": 4, "n_vocab": 32000}
+_QWEN_NEXT = {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 512, "ssm_d_inner": 1024,
+              "ssm_d_state": 64, "ssm_n_group": 4, "ssm_n_head": 16}
+_NEMOTRON_H = {**MID, "ssm_d_inner": 2048, "ssm_d_state": 64, "ssm_n_head": 32, "ssm_n_group": 8,
+               "attention_layers": (2, 6), "ffn_layers": (1, 3, 5, 7)}
 # family -> (synthetic preset, shape changes); "smollm2" is the real demo model
 FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "llama": ("tiny-llama", MID),
@@ -54,6 +58,26 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "granitehybrid": ("tiny-granitehybrid", {**MID, "ssm_d_inner": 2048, "ssm_d_state": 64, "ssm_n_head": 32,
                                              "attention_layers": (1, 5)}),
     "lfm2": ("tiny-lfm2", {**MID, "attention_layers": (1, 5)}),
+    # the 2026 families (issue 21)
+    "qwen3next": ("tiny-qwen3next", _QWEN_NEXT),
+    "qwen35": ("tiny-qwen35", {**_QWEN_NEXT, "n_expert": 0, "n_expert_used": 0, "n_ff_exp": 0, "n_ff_shexp": 0,
+                               "ssm_n_group": 16}),
+    "qwen35moe": ("tiny-qwen35moe", _QWEN_NEXT),
+    "gpt-oss": ("tiny-gpt-oss", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_swa": 128}),
+    "glm4moe": ("tiny-glm4moe", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512}),
+    "glm4moe-nextn": ("tiny-glm4moe", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_nextn": 1}),
+    "llama4": ("tiny-llama4", {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512}),
+    "mistral3": ("tiny-mistral3", {**MID, "head_dim": 128}),
+    "gemma4": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512}),
+    "gemma4-shared": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2,
+                                      "n_swa": 512, "n_kv_shared": 2}),
+    "gemma4-moe": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512,
+                                   "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 512}),
+    "gemma4-ple": ("tiny-gemma4", {**MID, "head_dim": 128, "head_dim_swa": 64, "n_head_kv_full": 2, "n_swa": 512,
+                                   "n_kv_shared": 2, "n_embd_per_layer": 256}),
+    "minimax-m2": ("tiny-minimax-m2", {**MID, "head_dim": 64, "n_expert": 8, "n_ff": 512}),
+    "nemotron_h": ("tiny-nemotron_h", _NEMOTRON_H),
+    "nemotron_h_moe": ("tiny-nemotron_h_moe", {**_NEMOTRON_H, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 1024}),
     "smollm2": ("", {}),
 }
 AXES: dict[str, tuple[object, ...]] = {

@@ -28,6 +28,23 @@ CASES = [
     ("qwen3moe", 4096, 4, 2048, "q4_0", 1),
     ("deepseek2", 8192, 1, 512, "f16", 2),
 ]
+# the 2026 families (issue 21), each at two context sizes
+CASES += [
+    ("qwen3next", 4096, 4, 512, "q8_0", 2), ("qwen3next", 65536, 1, 2048, "f16", 1),
+    ("qwen35", 8192, 1, 512, "f16", 3), ("qwen35", 131072, 4, 2048, "q4_0", 2),
+    ("qwen35moe", 16384, 4, 2048, "q8_0", 2), ("qwen35moe", 4096, 1, 512, "f16", 1),
+    ("gpt-oss", 4096, 4, 512, "f16", 2), ("gpt-oss", 65536, 1, 2048, "q8_0", 3),
+    ("glm4moe", 8192, 1, 2048, "q4_0", 2), ("glm4moe", 32768, 4, 512, "f16", 3),
+    ("glm4moe-nextn", 8192, 4, 512, "f16", 2),  # the MTP block's weights are never loaded
+    ("llama4", 4096, 4, 512, "q8_0", 3), ("llama4", 65536, 1, 2048, "f16", 2),
+    ("mistral3", 16384, 4, 512, "f16", 2), ("mistral3", 131072, 1, 2048, "q8_0", 1),
+    ("gemma4", 4096, 4, 512, "q8_0", 3), ("gemma4", 65536, 1, 2048, "f16", 2),
+    ("gemma4-shared", 16384, 4, 512, "f16", 2), ("gemma4-shared", 131072, 1, 2048, "q4_0", 1),
+    ("gemma4-moe", 8192, 4, 512, "q8_0", 2), ("gemma4-ple", 16384, 1, 2048, "f16", 3),
+    ("nemotron_h", 8192, 4, 512, "q8_0", 2), ("nemotron_h", 131072, 1, 2048, "f16", 3),
+    ("nemotron_h_moe", 4096, 1, 2048, "q4_0", 3), ("nemotron_h_moe", 65536, 4, 512, "f16", 2),
+    ("minimax-m2", 8192, 4, 512, "q8_0", 2), ("minimax-m2", 65536, 1, 2048, "f16", 3),
+]
 
 
 @pytest.mark.parametrize(("family", "ctx", "parallel", "ubatch", "cache", "devices"), CASES)

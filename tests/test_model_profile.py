@@ -247,6 +247,39 @@ def test_experts_counted_apart(tmp_path: Path) -> None:
     assert profile.slots[-1].expert_bytes == 0
 
 
+@pytest.mark.parametrize(
+    ("preset", "moe_blocks"),
+    [("tiny-qwen3next", (0, 1, 2, 3)), ("tiny-qwen35moe", (0, 1, 2, 3)), ("tiny-gpt-oss", (0, 1, 2, 3)),
+     ("tiny-glm4moe", (1, 2, 3)), ("tiny-llama4", (1, 3)), ("tiny-minimax-m2", (0, 1, 2, 3)),
+     ("tiny-nemotron_h_moe", (1, 3))],
+)
+def test_experts_of_the_2026_families(tmp_path: Path, preset: str, moe_blocks: tuple[int, ...]) -> None:
+    """Every routed-expert tensor (`ffn_*_exps`, and gpt-oss's `ffn_*_exps.bias`) counts as expert bytes;
+    routers, shared experts and dense blocks do not."""
+    from llamalaunch.model.gguf_header import read_header
+    from llamalaunch.model.load import tensor_sizes
+
+    path = write_preset(tmp_path / "m.gguf", preset)
+    profile = load_profile(path)
+    experts = [0] * profile.n_layer
+    for tensor in read_header(path).tensors:
+        block, _, rest = tensor.name.removeprefix("blk.").partition(".")
+        if rest.startswith(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")):
+            experts[int(block)] += tensor_sizes(tensor).cpu
+    assert tuple(slot.expert_bytes for slot in profile.slots[:-1]) == tuple(experts)
+    assert tuple(il for il, n in enumerate(experts) if n) == moe_blocks
+    if preset == "tiny-gpt-oss":  # the expert biases are part of what `-ot exps=CPU` moves
+        bias = sum(tensor_sizes(t).cpu for t in read_header(path).tensors if t.name.endswith("_exps.bias")
+                   and t.name.startswith("blk.0."))
+        assert bias > 0 and profile.slots[0].expert_bytes == 3 * (64 * 64 * 4 // 32 * 18) + bias
+
+
+def test_nextn_blocks_weigh_nothing(tmp_path: Path) -> None:
+    """llama.cpp creates NextN/MTP blocks with TENSOR_SKIP unless a draft uses them: no weights, no cache."""
+    profile = load_profile(write_preset(tmp_path / "m.gguf", "tiny-glm4moe", n_nextn=1))
+    assert profile.n_nextn_layers == 1 and profile.slots[3].bytes == 0 and profile.slots[2].bytes > 0
+
+
 # --- shards ----------------------------------------------------------------------------------------
 
 
@@ -345,3 +378,37 @@ def test_every_preset_profiles(tmp_path: Path) -> None:
     for name in SHAPES:
         profile = load_profile(write_preset(tmp_path / f"{name}.gguf", name))
         assert len(profile.slots) == profile.n_slots and all(s.bytes > 0 for s in profile.slots), name
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("llama.attention.head_count", 0, "key 'llama.attention.head_count' is 0: layer 0 has attention"),
+        ("llama.attention.head_count_kv", 0, "key 'llama.attention.head_count_kv' is 0: layer 0 has attention"),
+        ("llama.embedding_length", 0, "key 'llama.embedding_length' is 0: a model needs a positive"),
+        ("llama.attention.head_count_kv", 3, "key 'llama.attention.head_count_kv' is 3: 4 heads are not a "
+                                             "multiple of 3 KV heads"),
+    ],
+)
+def test_impossible_attention_header_is_rejected(tmp_path: Path, key: str, value: int, message: str) -> None:
+    """Headers llama.cpp would divide by zero with (or split heads unevenly) are refused, naming the key."""
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, set_u32={key: value})[0]
+    with pytest.raises(ModelError, match=re.escape(message)) as raised:
+        load_profile(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_impossible_header_plan_exits_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llamalaunch.cli import app
+    from tests.test_gguf_header import rewrite_gguf
+
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1,
+                        set_u32={"llama.attention.head_count_kv": 3})[0]
+    result = CliRunner().invoke(app, ["plan", str(path), "--ctx", "4096", "--assume", "CUDA0=8GiB"])
+    assert result.exit_code != 0
+    assert result.output.startswith("error: ") and "head_count_kv' is 3" in result.output, result.output
+    assert "Traceback" not in result.output

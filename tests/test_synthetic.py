@@ -59,12 +59,16 @@ def test_rows_that_are_not_whole_blocks_fall_back_to_f16(tmp_path: Path) -> None
 
 
 def test_no_tensor_that_poisons_logits(tmp_path: Path) -> None:
-    """Zero rope_freqs / rope factors make every logit NaN (DESIGN.md §4): never written."""
+    """Zero rope_freqs / rope factors make every logit NaN (DESIGN.md §4): never written as zeros
+    (gemma4 requires rope_freqs: it is written as ones)."""
     for name in TINY:
-        names = {t.name for t in read_header(write_preset(tmp_path / f"{name}.gguf", name)).tensors}
-        assert not names & {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}, (
-            name
-        )
+        header = read_header(write_preset(tmp_path / f"{name}.gguf", name))
+        for tensor in header.tensors:
+            if tensor.name in {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}:
+                assert name == "tiny-gemma4" and tensor.name == "rope_freqs.weight", name
+                with open(tmp_path / f"{name}.gguf", "rb") as stream:
+                    stream.seek(header.data_offset + tensor.offset)
+                    assert set(stream.read(tensor.nbytes)) != {0}, name
 
 
 def test_gemma_is_always_tied(tmp_path: Path) -> None:

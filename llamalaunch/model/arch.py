@@ -26,6 +26,17 @@ SUPPORTED_ARCHS = (
     "mamba2",
     "granitehybrid",
     "lfm2",
+    "qwen3next",
+    "qwen35",
+    "qwen35moe",
+    "gpt-oss",
+    "glm4moe",
+    "llama4",
+    "mistral3",
+    "gemma4",
+    "minimax-m2",
+    "nemotron_h",
+    "nemotron_h_moe",
 )
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
@@ -43,7 +54,13 @@ OUTPUT_TENSORS = (
 # Repeating-layer tensors without a block number: llama.cpp creates one copy per device that holds
 # a layer (TENSOR_DUPLICATED, one per buffer type).
 PER_DEVICE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+# Repeating-layer tensors created with block index 0 under a name without one: they sit with block 0.
+FIRST_BLOCK_TENSORS = ("per_layer_model_proj", "per_layer_proj_norm")
 F32_BYTES = 4  # recurrent states default to f32 (cparams type_r/type_s)
+# Archs whose NextN/MTP blocks (the last `nextn_predict_layers`) llama.cpp creates with TENSOR_SKIP unless
+# an MTP draft is loaded: llama-server never allocates their weights.
+SKIPS_NEXTN_WEIGHTS = frozenset({"deepseek2", "glm4moe", "qwen3next", "qwen35", "qwen35moe", "nemotron_h",
+                                 "nemotron_h_moe"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ class ArchLayout:
     recurrent_s_bytes_per_seq: int = 0
     kv_lora_rank: int = 0
     rope_dim: int = 0
+    attention_free: tuple[bool, ...] = ()  # neither attention nor state: FFN-only blocks (nemotron_h)
 
 
 class Keys:
@@ -218,6 +236,53 @@ def _deepseek2(keys: Keys, hp: Hparams) -> ArchLayout:
     return ArchLayout(kv_lora_rank=kv_lora_rank if is_mla else 0, rope_dim=rope_dim)
 
 
+def _gated_delta_net(keys: Keys, hp: Hparams) -> ArchLayout:
+    """qwen3next / qwen35 / qwen35moe: gated delta net blocks, and attention on every
+    `full_attention_interval`-th block (default 4) unless `attention.recurrent_layers` lists them."""
+    explicit = keys.bools("attention.recurrent_layers")
+    n_main = hp.n_layer - keys.number("nextn_predict_layers", 0)  # MTP blocks are attention blocks
+    if explicit is not None and len(explicit) == hp.n_layer:
+        recurrent = explicit
+    else:
+        interval = keys.number("full_attention_interval", 4) or 4
+        recurrent = tuple(il < n_main and (il + 1) % interval != 0 for il in range(hp.n_layer))
+    r_bytes, s_bytes = _ssm_state_bytes(keys)
+    return ArchLayout(recurrent_layers=recurrent, recurrent_r_bytes_per_seq=r_bytes, recurrent_s_bytes_per_seq=s_bytes)
+
+
+def _gpt_oss(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Standard sliding window (required key) on every other block, the first one sliding."""
+    return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=_swa_layers(keys, hp.n_layer, 2))
+
+
+def _gemma4(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Standard sliding window; the per-block pattern array is required."""
+    return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=_swa_layers(keys, hp.n_layer, 6))
+
+
+def _nemotron_h(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Each block is mamba2 (no KV heads, no FFN), attention (KV heads, no FFN) or FFN only."""
+    n_ff = keys.per_layer("feed_forward_length", hp.n_layer, (0,) * hp.n_layer)
+    n_main = hp.n_layer - keys.number("nextn_predict_layers", 0)
+    r_bytes, s_bytes = _ssm_state_bytes(keys)
+    return ArchLayout(
+        recurrent_layers=tuple(il < n_main and hp.n_head_kv[il] == 0 and n_ff[il] == 0 for il in range(hp.n_layer)),
+        recurrent_r_bytes_per_seq=r_bytes,
+        recurrent_s_bytes_per_seq=s_bytes,
+        attention_free=tuple(n > 0 for n in n_ff),
+    )
+
+
+LLAMA4_CHUNK = 8192  # llama.cpp fixes llama4's attention chunk, whatever the file says
+
+
+def _llama4(keys: Keys, hp: Hparams) -> ArchLayout:
+    """Chunked attention on 3 of every 4 blocks, unless the file sets sliding_window to 0 (all full)."""
+    if keys.has("attention.sliding_window") and keys.number("attention.sliding_window") == 0:
+        return ArchLayout()
+    return ArchLayout(n_swa=LLAMA4_CHUNK, swa_layers=_swa_layers(keys, hp.n_layer, 4))
+
+
 _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "llama": _none,
     "qwen2": _none,
@@ -230,6 +295,17 @@ _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "mamba2": _mamba2,
     "granitehybrid": _granitehybrid,
     "lfm2": _lfm2,
+    "qwen3next": _gated_delta_net,
+    "qwen35": _gated_delta_net,
+    "qwen35moe": _gated_delta_net,
+    "gpt-oss": _gpt_oss,
+    "glm4moe": _none,
+    "llama4": _llama4,
+    "mistral3": _none,
+    "gemma4": _gemma4,
+    "minimax-m2": _none,
+    "nemotron_h": _nemotron_h,
+    "nemotron_h_moe": _nemotron_h,
 }
 
 
@@ -250,10 +326,13 @@ def head_dims(arch: str, keys: Keys, hp: Hparams) -> tuple[int, int]:
 
 
 def top_level_role(arch: str, name: str) -> str:
-    """'input', 'output' or 'per_device' for a tensor outside the blocks ('output' if unknown)."""
+    """'input', 'output', 'per_device' or 'first_block' for a tensor outside the blocks ('output' if
+    unknown)."""
     base = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
     if arch == "lfm2" and base == "token_embd_norm":
         return "output"  # LLM_TENSOR_OUTPUT_NORM_LFM2: the name is a historical mistake
+    if base in FIRST_BLOCK_TENSORS:
+        return "first_block"
     if base in INPUT_TENSORS:
         return "input"
     if base in PER_DEVICE_TENSORS:

@@ -58,6 +58,20 @@ class ModelSpec:
     ssm_n_group: int = 1
     ssm_dt_rank: int = 0
     shortconv_l_cache: int = 0
+    n_ff_shexp: int = 0  # shared-expert FFN length (qwen3next family)
+    mrope: bool = False  # multi-section RoPE (qwen35, glm4moe with rope sections)
+    moe_layers: tuple[bool, ...] = ()  # layers with experts when not all have them (llama4)
+    head_dim_k_swa: int = 0  # gemma4: sliding-window layers have their own head size
+    head_dim_v_swa: int = 0
+    n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
+    kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
+    ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
+
+    def hd(self, il: int) -> tuple[int, int]:
+        """(K, V) head size of layer `il`."""
+        if self.head_dim_k_swa and self.swa_layers and self.swa_layers[il]:
+            return self.head_dim_k_swa, self.head_dim_v_swa or self.head_dim_k_swa
+        return self.head_dim_k, self.head_dim_v
 
     def has(self, name: str, default: bool) -> bool:
         """Whether the file has tensor `name` (the arch's usual answer when the table is unknown)."""
@@ -129,7 +143,8 @@ class Builder:
         return cur
 
     def build_inp_pos(self) -> Tensor:
-        self.inp_pos = g.new_input("i32", self.n_tokens, name="inp_pos")
+        # M-RoPE archs hold 4 positions per token (llama_hparams::n_pos_per_embd)
+        self.inp_pos = g.new_input("i32", self.n_tokens * (4 if self.spec.mrope else 1), name="inp_pos")
         return self.inp_pos
 
     def build_inp_out_ids(self) -> Tensor:
@@ -145,24 +160,35 @@ class Builder:
             mask = g.new_input("f16" if res.flash_attn else "f32", n_kv, self.n_tokens // res.n_stream, 1,
                                res.n_stream, name="attn_inp_kq_mask")
             self.kv_inputs[swa] = (k_idxs, v_idxs, mask)
-            self.rot[swa] = self._build_rot_inputs()
+            self.rot[swa] = self._build_rot_inputs(swa)
         return self.kv_inputs[swa]
 
-    def _build_rot_inputs(self) -> tuple[Tensor | None, Tensor | None]:
+    def _cache_head_dims(self, swa: bool) -> tuple[int, int]:
+        """n_embd_head_k_all / n_embd_head_v_all of one cache: the layers' common head size, -1 if mixed."""
+        spec = self.spec
+        dims = {spec.hd(il) for il in range(spec.n_layer)
+                if not (spec.recurrent_layers and spec.recurrent_layers[il])
+                and (not self.iswa or bool(spec.swa_layers[il]) == swa)}
+        ks, vs = {k for k, _ in dims}, {v for _, v in dims}
+        return (ks.pop() if len(ks) == 1 else -1), (vs.pop() if len(vs) == 1 else -1)
+
+    def _build_rot_inputs(self, swa: bool = False) -> tuple[Tensor | None, Tensor | None]:
         """llama_kv_cache::build_input_k_rot/v_rot: Hadamard rotations for a quantized cache."""
         spec, res = self.spec, self.res
         k_rot = v_rot = None
-        if g.type_block(res.type_k)[0] > 1 and spec.head_dim_k % 64 == 0 and not spec.kv_lora_rank:
+        k_all, v_all = self._cache_head_dims(swa)
+        if g.type_block(res.type_k)[0] > 1 and k_all > 0 and spec.head_dim_k % 64 == 0 and not spec.kv_lora_rank:
             nrot = 64
-            while spec.head_dim_k % (nrot * 2) == 0:
+            while k_all % (nrot * 2) == 0:
                 nrot *= 2
             k_rot = g.new_input("f32", nrot, nrot, name="attn_inp_k_rot")
-        if g.type_block(res.type_v)[0] > 1 and spec.head_dim_v % 64 == 0 and not spec.kv_lora_rank:
+        if g.type_block(res.type_v)[0] > 1 and v_all > 0 and spec.head_dim_v % 64 == 0 and not spec.kv_lora_rank:
             v_rot = g.new_input("f32", 64, 64, name="attn_inp_v_rot")
         return k_rot, v_rot
 
     def n_embd_v_gqa_max(self) -> int:
-        return max(self.spec.head_dim_v * n for n in self.spec.n_head_kv)
+        spec = self.spec
+        return max(spec.hd(il)[1] * n for il, n in enumerate(spec.n_head_kv))
 
     # -- norm, qkv, ffn --
     def build_norm(self, cur: Tensor, mw: Tensor | None, il: int, rms: bool = True,
@@ -178,17 +204,17 @@ class Builder:
 
     def build_qkv(self, cur: Tensor, il: int, bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         spec = self.spec
-        n_q, n_k, n_v = (spec.head_dim_k * spec.n_head[il], spec.head_dim_k * spec.n_head_kv[il],
-                         spec.head_dim_v * spec.n_head_kv[il])
+        hd_k, hd_v = spec.hd(il)
+        n_q, n_k, n_v = hd_k * spec.n_head[il], hd_k * spec.n_head_kv[il], hd_v * spec.n_head_kv[il]
         out = []
         for width in (n_q, n_k, n_v):
             t = g.mul_mat(self.w(il, spec.n_embd, width), cur)
             if bias:
                 t = g.add(t, self.w(il, width, type_name="f32"))
             out.append(t)
-        q = g.reshape(out[0], spec.head_dim_k, spec.n_head[il], self.n_tokens)
-        k = g.reshape(out[1], spec.head_dim_k, spec.n_head_kv[il], self.n_tokens)
-        v = g.reshape(out[2], spec.head_dim_v, spec.n_head_kv[il], self.n_tokens)
+        q = g.reshape(out[0], hd_k, spec.n_head[il], self.n_tokens)
+        k = g.reshape(out[1], hd_k, spec.n_head_kv[il], self.n_tokens)
+        v = g.reshape(out[2], hd_v, spec.n_head_kv[il], self.n_tokens)
         return q, k, v
 
     def build_ffn_par(self, cur: Tensor, il: int, n_ff: int, gelu: bool = False) -> Tensor:
@@ -206,10 +232,10 @@ class Builder:
             spec, res = self.spec, self.res
             n_kv = res.n_kv_swa if swa else res.n_kv
             if which == "k":
-                width = spec.kv_lora_rank + spec.n_rot if spec.kv_lora_rank else spec.head_dim_k * spec.n_head_kv[il]
+                width = spec.kv_lora_rank + spec.n_rot if spec.kv_lora_rank else spec.hd(il)[0] * spec.n_head_kv[il]
                 type_name = res.type_k
             else:
-                width = spec.head_dim_v * spec.n_head_kv[il] if res.flash_attn else self.n_embd_v_gqa_max()
+                width = spec.hd(il)[1] * spec.n_head_kv[il] if res.flash_attn else self.n_embd_v_gqa_max()
                 type_name = res.type_v
             self.caches[key] = g.cache(type_name, width, n_kv, res.n_stream, backend=self.res.layer_backend[il])
         return self.caches[key]
@@ -222,7 +248,8 @@ class Builder:
         return g.reshape(res, *cur.ne)
 
     def build_attn(self, q: Tensor, k: Tensor, v: Tensor | None, wo: Tensor | None, il: int,
-                   wo_b: Tensor | None = None, v_mla: Tensor | None = None, soft_cap: bool = False) -> Tensor:
+                   wo_b: Tensor | None = None, v_mla: Tensor | None = None, soft_cap: bool = False,
+                   sinks: Tensor | None = None) -> Tensor:
         """build_attn(llm_graph_input_attn_kv*): store K/V in the cache, attend, project."""
         swa = self.spec.swa_layers[il] if self.spec.swa_layers else False
         k_idxs, v_idxs, mask = self.build_attn_inp_kv(swa)
@@ -241,7 +268,7 @@ class Builder:
             self.gf.expand(self.cpy_v(v, v_idxs, il, swa))
         k_view = self.get_k(il, swa)
         v_view = self.get_v(il, swa) if v is not None else self.mla_v_view(k_view)
-        cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, soft_cap)
+        cur = self.build_attn_mha(q, k_view, v_view, mask, v_mla, soft_cap, sinks)
         if v_rot is not None:
             cur = self.hadamard(cur, v_rot)
         if wo is not None:
@@ -285,7 +312,7 @@ class Builder:
         cache = self.cache(il, "k", swa)
         spec = self.spec
         kv_size, width = cache.ne[1], cache.ne[0]
-        head, n_head = (width, 1) if spec.kv_lora_rank else (spec.head_dim_k, spec.n_head_kv[il])
+        head, n_head = (width, 1) if spec.kv_lora_rank else (spec.hd(il)[0], spec.n_head_kv[il])
         n_kv = self.res.n_kv_swa if swa else self.res.n_kv
         return g.view_4d(cache, head, n_head, n_kv, cache.ne[2], g.row_size(cache.type, head),
                          g.row_size(cache.type, width), g.row_size(cache.type, width * kv_size), 0)
@@ -295,7 +322,7 @@ class Builder:
         spec = self.spec
         kv_size, width = cache.ne[1], cache.ne[0]
         n_kv = self.res.n_kv_swa if swa else self.res.n_kv
-        hd, n_head = spec.head_dim_v, spec.n_head_kv[il]
+        hd, n_head = spec.hd(il)[1], spec.n_head_kv[il]
         if self.res.flash_attn:
             return g.view_4d(cache, hd, n_head, n_kv, cache.ne[2], g.row_size(cache.type, hd),
                              g.row_size(cache.type, width), g.row_size(cache.type, width * kv_size), 0)
@@ -303,7 +330,7 @@ class Builder:
                          g.row_size(cache.type, kv_size), g.row_size(cache.type, kv_size * width), 0)
 
     def build_attn_mha(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, v_mla: Tensor | None,
-                       soft_cap: bool) -> Tensor:
+                       soft_cap: bool, sinks: Tensor | None = None) -> Tensor:
         v_trans = v.nb[1] > v.nb[2]
         n_stream = k.ne[3]
         q = g.view_4d(q, q.ne[0], q.ne[1], q.ne[2] // n_stream, n_stream, q.nb[1], q.nb[2],
@@ -314,7 +341,7 @@ class Builder:
         if self.res.flash_attn:
             if v_trans:
                 v = g.transpose(v)
-            cur = g.flash_attn_ext(q, k, v, mask)
+            cur = g.flash_attn_ext(q, k, v, mask, sinks)
             if v_mla is not None:
                 cur = g.permute(cur, 0, 2, 1, 3)
                 cur = g.mul_mat(v_mla, cur)
@@ -327,6 +354,8 @@ class Builder:
                 kq = g.unary(g.scale(kq))
                 kq = g.scale(kq)
             kq = g.soft_max(kq, mask)
+            if sinks is not None:  # ggml_soft_max_add_sinks: one more source, no new tensor
+                kq.src = (*kq.src, sinks)
             if not v_trans:
                 v = g.cont(g.transpose(v))
             kqv = g.mul_mat(v, kq)
@@ -404,15 +433,25 @@ class LlamaGraph(Builder):
 
 
 def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool,
-                  probs_bias: bool = False, w_scale: bool = False) -> Tensor:
-    """llm_graph_context::build_moe_ffn with SILU experts and softmax or sigmoid gating."""
+                  probs_bias: bool = False, w_scale: bool = False, biases: bool = False,
+                  softmax_weight: bool = False, weight_before_ffn: bool = False, gate: bool = True,
+                  logits: Tensor | None = None, relu_sqr: bool = False) -> Tensor:
+    """llm_graph_context::build_moe_ffn: softmax, sigmoid or softmax-of-selected (gpt-oss) gating, optional
+    router and expert biases (gpt-oss), weights applied before the experts (llama4)."""
     spec = b.spec
     n_embd, n_expert, n_used, n_tokens = spec.n_embd, spec.n_expert, spec.n_expert_used, cur.ne[1]
-    logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
-    probs = g.unary(logits) if sigmoid else g.soft_max(logits)
+    if logits is None:  # gemma4 passes its own router logits (probs_in)
+        logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
+    if biases:
+        logits = g.add(logits, b.w(il, n_expert, type_name="f32"))
+    probs = logits if softmax_weight else g.unary(logits) if sigmoid else g.soft_max(logits)
     selection = g.add(probs, b.w(il, n_expert, type_name="f32")) if probs_bias else probs
+    if weight_before_ffn:  # llama4 selects on the raw logits
+        selection = logits
     selected = g.argsort_top_k(selection, n_used)
     weights = g.get_rows(g.reshape(probs, 1, n_expert, n_tokens), selected)
+    if softmax_weight:
+        weights = g.reshape(g.soft_max(g.reshape(weights, n_used, n_tokens)), 1, n_used, n_tokens)
     if weights_norm:
         weights = g.reshape(weights, n_used, n_tokens)
         weights_sum = g.clamp(g.sum_rows(weights))
@@ -422,12 +461,28 @@ def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: boo
         weights = g.scale(weights)
     b.gf.expand(weights)
     cur = g.reshape(cur, n_embd, 1, n_tokens)
+    if weight_before_ffn:
+        cur = g.mul(g.repeat(cur, g.Tensor("f32", (n_embd, n_used, n_tokens))), weights)
+
+    def add_id(t: Tensor, width: int) -> Tensor:
+        return g.Tensor(t.type, t.ne, "ADD_ID", (t, b.expert_w(il, width, n_expert, type_name="f32"), selected))
+
     up_type, gate_type, down_type = spec.expert_types or (None, None, None)
     up = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=up_type), cur, selected)
-    gate = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=gate_type), cur, selected)
-    par = g.glu(gate, up)
+    if biases:
+        up = add_id(up, n_ff)
+    if gate:
+        cur = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=gate_type), cur, selected)
+        if biases:
+            cur = add_id(cur, n_ff)
+        par = g.glu(cur, up)
+    else:
+        par = g.sqr(g.unary(up)) if relu_sqr else g.unary(up)
     experts = g.mul_mat_id(b.expert_w(il, n_ff, n_embd, n_expert, type_name=down_type), par, selected)
-    experts = g.mul(experts, weights)
+    if biases:
+        experts = add_id(experts, n_embd)
+    if not weight_before_ffn:
+        experts = g.mul(experts, weights)
     b.gf.expand(experts)
     views = [g.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * experts.nb[1]) for i in range(n_used)]
     for view in views:
@@ -521,6 +576,110 @@ class Phi3Graph(Builder):
         k = g.view_3d(qkv, hd, n_kv, self.n_tokens, row, qkv.nb[1], g.row_size(qkv.type, hd * n_head))
         v = g.view_3d(qkv, hd, n_kv, self.n_tokens, row, qkv.nb[1], g.row_size(qkv.type, hd * (n_head + n_kv)))
         return q, k, v
+
+
+class GptOssGraph(Builder):
+    """gpt-oss (openai-moe.cpp): biased attention with sinks on alternating sliding-window layers, MoE with
+    router and expert biases, softmax over the selected experts; the output rows are taken after the loop."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv(False)
+        self.build_attn_inp_kv(True)
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il, bias=True)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
+            cur = self.build_attn(q, k, v, wo, il, wo_b=self.w(il, spec.n_embd, type_name="f32"),
+                                  sinks=self.w(il, spec.n_head[il], type_name="f32"))
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            cur = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=False, sigmoid=False, biases=True,
+                                softmax_weight=True)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(g.get_rows(inp_l, out_ids))
+
+
+class Glm4MoeGraph(LlamaGraph):
+    """glm4moe: biased QKV (optional Q/K norms), dense lead layers, sigmoid-routed experts with a selection
+    bias plus a shared expert, the post-attention norm in front of the FFN."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il, bias=spec.has(f"blk.{il}.attn_q.bias", True))
+            if spec.has(f"blk.{il}.attn_q_norm.weight", False):
+                q = self.build_norm(q, self.norm_w(il, spec.head_dim_k), il)
+                k = self.build_norm(k, self.norm_w(il, spec.head_dim_k), il)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            if il < spec.n_layer_dense_lead:
+                cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            else:
+                routed = build_moe_ffn(self, cur, il, spec.n_ff_exp, spec.expert_weights_norm, sigmoid=True,
+                                       probs_bias=True, w_scale=spec.expert_weights_scale)
+                shared = self.build_ffn_par(cur, il, spec.n_ff_exp * max(spec.n_expert_shared, 1))
+                cur = g.add(routed, shared)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+
+class Llama4Graph(Builder):
+    """llama4: chunked attention on 3 of 4 layers (RoPE and L2-normed Q/K there, temperature-scaled Q on
+    the others), MoE every `interleave_moe_layer_step` layers with the router weights applied before
+    the experts, plus a shared expert."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        attn_scale = g.new_input("f32", 1, 1, self.n_tokens, name="inp_attn_scale")
+        self.build_attn_inp_kv(False)
+        if self.iswa:
+            self.build_attn_inp_kv(True)
+        out_ids = self.build_inp_out_ids()
+        no_rope_step = spec.n_layer if not self.iswa else 4
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q, k, v = self.build_qkv(cur, il)
+            use_rope = (il + 1) % no_rope_step != 0
+            if use_rope:
+                q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            else:
+                q = g.mul(q, attn_scale)
+            if use_rope and spec.n_expert != 128:  # use_kq_norm: every shape but the 128-expert one
+                q, k = g.rms_norm(q), g.rms_norm(k)
+            cur = self.build_attn(q, k, v, self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            if spec.moe_layers and spec.moe_layers[il]:
+                routed = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=False, sigmoid=True,
+                                       weight_before_ffn=True)
+                cur = g.add(routed, self.build_ffn_par(cur, il, spec.n_ff_exp))
+            else:
+                cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
 
 
 class DeepSeek2Graph(LlamaGraph):
@@ -772,10 +931,327 @@ class Lfm2Graph(RecurrentBuilder):
         return g.reshape(y, y.ne[0], n_st * n_seqs)
 
 
+class Gemma4Graph(Builder):
+    """gemma4 (dense, without per-layer embeddings): per-layer head size and KV heads, Q/K norms and an
+    unweighted V norm, proportional RoPE (rope_freqs) on full-attention layers, shared-KV layers that
+    attend an earlier layer's cache, GELU FFN between post-norms, final logit soft-capping."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = g.scale(self.build_inp_embd())
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv(False)
+        self.build_attn_inp_kv(True)
+        out_ids = self.build_inp_out_ids()
+        per_layer = self.build_per_layer_inputs(inp_l) if spec.n_embd_per_layer else None
+        for il in self.layers:
+            hd, _ = spec.hd(il)
+            n_head, n_head_kv = spec.n_head[il], spec.n_head_kv[il]
+            swa = spec.swa_layers[il]
+            factors = None if swa else self.w(il, hd // 2, type_name="f32")
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            q = g.reshape(g.mul_mat(self.w(il, spec.n_embd, hd * n_head), cur), hd, n_head, self.n_tokens)
+            q = g.rope(self.build_norm(q, self.norm_w(il, hd), il), inp_pos, factors)
+            wo = self.w(il, hd * n_head, spec.n_embd)
+            source = spec.kv_source[il] if spec.kv_source else il
+            if source == il:
+                k = g.reshape(g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur), hd, n_head_kv, self.n_tokens)
+                v = g.reshape(g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur), hd, n_head_kv, self.n_tokens)
+                k = self.build_norm(k, self.norm_w(il, hd), il)
+                v = g.rms_norm(v)
+                k = g.rope(k, inp_pos, factors)
+                cur = self.build_attn(q, k, v, wo, il)
+            else:
+                cur = self.build_attn_shared(q, wo, il, source)
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            attn_out = g.add(cur, inp_l)
+            cur = self.build_norm(attn_out, self.norm_w(il), il)
+            cur = self.build_ffn_par(cur, il, spec.n_ff[il])
+            if spec.n_expert:
+                cur = g.add(self.build_norm(cur, self.norm_w(il), il), self.build_experts(attn_out, il))
+            cur = self.build_norm(cur, self.norm_w(il), -1)
+            cur = g.add(cur, attn_out)
+            if per_layer is not None:
+                cur = self.build_per_layer_embedding(cur, per_layer, il)
+            inp_l = cur
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur = g.get_rows(cur, out_ids)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type), cur)
+        if spec.final_softcap:
+            logits = g.scale(g.unary(g.scale(logits)))
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+    def build_experts(self, attn_out: Tensor, il: int) -> Tensor:
+        """The routed branch: its own pre-norm; the router reads a scaled RMS norm of attn_out."""
+        spec = self.spec
+        cur = self.build_norm(attn_out, self.norm_w(il), il)
+        tmp = g.mul(g.scale(g.rms_norm(attn_out)), self.w(il, spec.n_embd, type_name="f32"))
+        logits = g.mul_mat(self.w(il, spec.n_embd, spec.n_expert), tmp)
+        cur = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=True, sigmoid=False, logits=logits)
+        return self.build_norm(cur, self.norm_w(il), il)
+
+    def build_per_layer_inputs(self, inp: Tensor) -> Tensor:
+        """build_inp_per_layer + project_per_layer_inputs: [n_embd_per_layer, n_tokens, n_layer]."""
+        spec, n_tokens, ple = self.spec, self.n_tokens, self.spec.n_embd_per_layer
+        n_layer = spec.n_layer
+        tokens = g.new_input("i32", n_tokens, name="inp_per_layer_tokens")
+        table = g.weight(spec.embd_type, ple * n_layer, spec.n_vocab, backend=self.res.cpu_backend)
+        per_layer = g.scale(g.reshape(g.get_rows(table, tokens), ple, n_layer, n_tokens))
+        self.gf.expand(per_layer)
+        proj = g.mul_mat(self.w(0, spec.n_embd, ple * n_layer), inp)
+        proj = g.reshape(g.scale(proj), ple, n_layer, n_tokens)
+        proj = self.build_norm(proj, self.norm_w(0, ple), -1)
+        per_layer = g.scale(g.add(proj, per_layer))
+        return g.cont(g.permute(per_layer, 0, 2, 1, 3))
+
+    def build_per_layer_embedding(self, cur: Tensor, per_layer: Tensor, il: int) -> Tensor:
+        spec, ple = self.spec, self.spec.n_embd_per_layer
+        gate = g.unary(g.mul_mat(self.w(il, spec.n_embd, ple), cur))
+        row = g.row_size(per_layer.type, ple)
+        this_layer = g.view_2d(per_layer, ple, per_layer.ne[1], row, il * ple * per_layer.ne[1] * 4)
+        out = g.mul_mat(self.w(il, ple, spec.n_embd), g.mul(gate, this_layer))
+        out = self.build_norm(out, self.norm_w(il), il)
+        return g.add(cur, out)
+
+    def build_attn_shared(self, q: Tensor, wo: Tensor, il: int, source: int) -> Tensor:
+        """build_attn without K/V of its own: attend the cache of block `source` (the memory's reuse map)."""
+        swa = self.spec.swa_layers[il]
+        _, _, mask = self.build_attn_inp_kv(swa)
+        k_rot, v_rot = self.rot[swa]
+        if k_rot is not None:
+            q = self.hadamard(q, k_rot)
+        self.gf.expand(q)
+        cur = self.build_attn_mha(q, self.get_k(source, swa), self.get_v(source, swa), mask, None, False)
+        if v_rot is not None:
+            cur = self.hadamard(cur, v_rot)
+        return g.mul_mat(wo, cur)
+
+
+class MiniMaxM2Graph(Builder):
+    """minimax-m2: RMS norms over the whole Q and K projections (before the per-head reshape), partial
+    RoPE, every block MoE with experts as wide as n_ff, sigmoid routing with a selection bias."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        inp_pos = self.build_inp_pos()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            hd, n_head, n_head_kv = spec.head_dim_k, spec.n_head[il], spec.n_head_kv[il]
+            q = g.mul_mat(self.w(il, spec.n_embd, hd * n_head), cur)
+            k = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+            v = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+            q = self.build_norm(q, self.norm_w(il, hd * n_head), il)
+            k = self.build_norm(k, self.norm_w(il, hd * n_head_kv), il)
+            q = g.reshape(q, hd, n_head, self.n_tokens)
+            k = g.reshape(k, hd, n_head_kv, self.n_tokens)
+            v = g.reshape(v, hd, n_head_kv, self.n_tokens)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, self.w(il, hd * n_head, spec.n_embd), il)
+            if il == spec.n_layer - 1:
+                cur = g.get_rows(cur, out_ids)
+                inp_sa = g.get_rows(inp_sa, out_ids)
+            ffn_inp = g.add(cur, inp_sa)
+            cur = self.build_norm(ffn_inp, self.norm_w(il), il)
+            cur = build_moe_ffn(self, cur, il, spec.n_ff[il], weights_norm=True, sigmoid=spec.expert_gating_sigmoid,
+                                probs_bias=True, w_scale=spec.expert_weights_scale)
+            inp_l = g.add(cur, ffn_inp)
+        self.build_output(inp_l)
+
+
+class NemotronHGraph(RecurrentBuilder):
+    """nemotron_h / nemotron_h_moe: each block is mamba2, attention without RoPE, or an FFN with squared
+    ReLU; with experts the FFN is sigmoid-routed up/down experts (selection bias) plus a shared expert."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        self.gf.expand(inp_l)
+        self.build_rs_inp()
+        self.build_attn_inp_kv()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            if spec.recurrent_layers[il]:
+                cur = self.build_mamba2_layer(cur, il)
+            elif spec.ffn_layers and spec.ffn_layers[il]:
+                cur = self.build_ffn_block(cur, il)
+            else:
+                q, k, v = self.build_qkv(cur, il)
+                wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
+                wo_b = self.w(il, spec.n_embd, type_name="f32") if spec.has(f"blk.{il}.attn_output.bias", False) else None
+                cur = self.build_attn(q, k, v, wo, il, wo_b=wo_b)
+            inp_l = g.add(cur, inp_sa)
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur = g.get_rows(cur, out_ids)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type
+                                  if spec.tied_output else None), cur)
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+    def build_relu_sqr_ffn(self, cur: Tensor, il: int, n_ff: int) -> Tensor:
+        up = g.mul_mat(self.w(il, self.spec.n_embd, n_ff), cur)
+        return g.mul_mat(self.w(il, n_ff, self.spec.n_embd), g.sqr(g.unary(up)))
+
+    def build_ffn_block(self, cur: Tensor, il: int) -> Tensor:
+        spec = self.spec
+        if not spec.n_expert:
+            return self.build_relu_sqr_ffn(cur, il, spec.n_ff[il])
+        router = g.mul_mat(self.w(il, spec.n_embd, spec.n_expert), cur)
+        moe = build_moe_ffn(self, cur, il, spec.n_ff_exp, spec.expert_weights_norm, sigmoid=True, probs_bias=True,
+                            w_scale=spec.expert_weights_scale, gate=False, logits=router, relu_sqr=True)
+        return g.add(moe, self.build_relu_sqr_ffn(cur, il, spec.n_ff_shexp or spec.n_ff_exp))
+
+
+class GatedDeltaNetGraph(RecurrentBuilder):
+    """qwen3next / qwen35 / qwen35moe: gated delta net blocks (fused GATED_DELTA_NET op, as CPU and CUDA
+    run it) and gated attention on every 4th block; MoE with a sigmoid-gated shared expert, or a dense FFN
+    (qwen35). The output rows are taken after the final norm."""
+
+    def build(self) -> None:
+        spec = self.spec
+        inp_l = self.build_inp_embd()
+        self.build_rs_inp()
+        self.build_attn_inp_kv()
+        inp_pos = self.build_inp_pos()
+        out_ids = self.build_inp_out_ids()
+        for il in self.layers:
+            inp_sa = inp_l
+            cur = self.build_norm(inp_l, self.norm_w(il), il)
+            self.gf.expand(cur)
+            if spec.recurrent_layers[il]:
+                cur = self.build_delta_net_layer(cur, il)
+            else:
+                cur = self.build_gated_attention(cur, inp_pos, il)
+            cur = g.add(cur, inp_sa)
+            ffn_residual = cur
+            cur = self.build_norm(cur, self.norm_w(il), il)
+            cur = self.build_ffn_block(cur, il)
+            inp_l = g.add(cur, ffn_residual)
+        cur = self.build_norm(inp_l, self.norm_w(-1), -1)
+        cur = g.get_rows(cur, out_ids)
+        cur.flags |= g.FLAG_OUTPUT
+        logits = g.mul_mat(self.w(-1, spec.n_embd, spec.n_vocab, type_name=spec.embd_type
+                                  if spec.tied_output else None), cur)
+        logits.flags |= g.FLAG_OUTPUT
+        self.gf.expand(logits)
+
+    def build_ffn_block(self, cur: Tensor, il: int) -> Tensor:
+        spec = self.spec
+        if not spec.n_expert:
+            return self.build_ffn_par(cur, il, spec.n_ff[il])
+        moe_out = build_moe_ffn(self, cur, il, spec.n_ff_exp, weights_norm=True, sigmoid=False)
+        shared = self.build_ffn_par(cur, il, spec.n_ff_shexp or spec.n_ff[il])
+        shared_gate = g.unary(g.mul_mat(self.w(il, spec.n_embd, type_name="f32"), cur))
+        return g.add(moe_out, g.mul(shared, shared_gate))
+
+    def build_gated_attention(self, cur: Tensor, inp_pos: Tensor, il: int) -> Tensor:
+        spec, n_tokens = self.spec, self.n_tokens
+        hd, n_head, n_head_kv = spec.head_dim_k, spec.n_head[il], spec.n_head_kv[il]
+        q_full = g.mul_mat(self.w(il, spec.n_embd, hd * n_head * 2), cur)
+        k = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+        v = g.mul_mat(self.w(il, spec.n_embd, hd * n_head_kv), cur)
+        row = g.row_size(q_full.type, hd)
+        if spec.arch == "qwen3next":
+            q_full = g.reshape(q_full, hd * 2, n_head, n_tokens, 1)
+            q = g.view_4d(q_full, hd, n_head, n_tokens, 1, q_full.nb[1], q_full.nb[2], q_full.nb[3], 0)
+            gate = g.view_4d(q_full, hd, n_head, n_tokens, 1, q_full.nb[1], q_full.nb[2], q_full.nb[3], row)
+            k, v = g.reshape(k, hd, n_head_kv, n_tokens), g.reshape(v, hd, n_head_kv, n_tokens)
+            q = self.build_norm(q, self.norm_w(il, hd), il)
+            k = self.build_norm(k, self.norm_w(il, hd), il)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, None, il)
+            gate = g.unary(g.cont(gate, hd * n_head, n_tokens))
+        else:  # qwen35: M-RoPE, the gate made contiguous before attention
+            q = g.view_3d(q_full, hd, n_head, n_tokens, row * 2, row * 2 * n_head, 0)
+            q = self.build_norm(q, self.norm_w(il, hd), il)
+            k = self.build_norm(g.reshape(k, hd, n_head_kv, n_tokens), self.norm_w(il, hd), il)
+            gate = g.view_3d(q_full, hd, n_head, n_tokens, row * 2, row * 2 * n_head, row)
+            gate = g.cont(gate, hd * n_head, n_tokens)
+            v = g.reshape(v, hd, n_head_kv, n_tokens)
+            q, k = g.rope(q, inp_pos), g.rope(k, inp_pos)
+            cur = self.build_attn(q, k, v, None, il)
+            gate = g.unary(gate)
+        cur = g.mul(cur, gate)
+        return g.mul_mat(self.w(il, hd * n_head, spec.n_embd), cur)
+
+    def build_delta_net_layer(self, cur: Tensor, il: int) -> Tensor:
+        spec, n_seqs = self.spec, self.res.n_seqs
+        n_st = self.n_tokens // n_seqs
+        d_inner, head_k, n_k_heads, n_v_heads = spec.ssm_d_inner, spec.ssm_d_state, spec.ssm_n_group, spec.ssm_dt_rank
+        head_v = d_inner // n_v_heads
+        qkv_dim = head_k * n_k_heads * 2 + head_v * n_v_heads
+        qkv_mixed = g.mul_mat(self.w(il, spec.n_embd, qkv_dim), cur)
+        qkv_mixed = g.reshape(qkv_mixed, qkv_dim, n_st, n_seqs)
+        z = g.mul_mat(self.w(il, spec.n_embd, head_v * n_v_heads), cur)
+        if spec.arch == "qwen3next":
+            ba = g.mul_mat(self.w(il, spec.n_embd, 2 * n_v_heads), cur)
+            per = n_v_heads // n_k_heads
+            ba = g.reshape(ba, 2 * per, n_k_heads, n_st, n_seqs)
+            b = g.view_4d(ba, per, n_k_heads, n_st, n_seqs, ba.nb[1], ba.nb[2], ba.nb[3], 0)
+            a = g.view_4d(ba, per, n_k_heads, n_st, n_seqs, ba.nb[1], ba.nb[2], ba.nb[3], per * 4)
+            beta = g.reshape(g.unary(g.cont(b)), 1, n_v_heads, n_st, n_seqs)
+            alpha = g.cont(a, n_v_heads, n_st, n_seqs)
+        else:
+            beta = g.mul_mat(self.w(il, spec.n_embd, n_v_heads), cur)
+            beta = g.unary(g.reshape(beta, 1, n_v_heads, n_st, n_seqs))
+            alpha = g.mul_mat(self.w(il, spec.n_embd, n_v_heads), cur)
+            alpha = g.reshape(alpha, n_v_heads, n_st, n_seqs)
+        alpha = g.unary(g.add(alpha, self.w(il, n_v_heads, type_name="f32")))
+        gate = g.mul(alpha, self.w(il, n_v_heads, type_name="f32"))
+        gate = g.reshape(gate, 1, n_v_heads, n_st, n_seqs)
+        d_conv, channels = spec.ssm_d_conv, d_inner + 2 * n_k_heads * head_k
+        conv_states = self.state(il, "r", (d_conv - 1) * channels)
+        ssm_states = self.state(il, "s", head_k * d_inner)
+        conv = g.reshape(self.build_rs(conv_states, (d_conv - 1) * channels), d_conv - 1, channels, n_seqs)
+        conv_input = g.concat(conv, g.transpose(qkv_mixed), 0)
+        last = g.view_3d(conv_input, d_conv - 1, channels, n_seqs, conv_input.nb[1], conv_input.nb[2],
+                         (conv_input.ne[0] - conv.ne[0]) * 4)
+        self.gf.expand(g.cpy(last, g.view_2d(conv_states, (d_conv - 1) * channels, n_seqs, conv_states.nb[1], 0)))
+        state = g.reshape(self.build_rs(ssm_states, head_k * d_inner), head_v, head_v, n_v_heads, n_seqs)
+        mixed = g.unary(g.ssm_conv(conv_input, self.w(il, d_conv, channels, type_name="f32")))
+        nb1 = qkv_dim * 4
+        q = g.view_4d(mixed, head_k, n_k_heads, n_st, n_seqs, head_k * 4, nb1, nb1 * n_st, 0)
+        k = g.view_4d(mixed, head_k, n_k_heads, n_st, n_seqs, head_k * 4, nb1, nb1 * n_st, head_k * n_k_heads * 4)
+        v = g.view_4d(mixed, head_v, n_v_heads, n_st, n_seqs, head_v * 4, nb1, nb1 * n_st, 2 * head_k * n_k_heads * 4)
+        q, k = g.scale(g.rms_norm(q)), g.scale(g.rms_norm(k))
+        if n_k_heads != n_v_heads and spec.arch == "qwen3next":  # qwen35 leaves it to the fused op
+            rep = n_v_heads // n_k_heads
+            shape = g.Tensor("f32", (head_k, rep, n_k_heads, n_st * n_seqs))
+            q = g.reshape(g.repeat(g.reshape(q, head_k, 1, n_k_heads, n_st * n_seqs), shape),
+                          head_k, n_v_heads, n_st, n_seqs)
+            k = g.reshape(g.repeat(g.reshape(k, head_k, 1, n_k_heads, n_st * n_seqs), shape),
+                          head_k, n_v_heads, n_st, n_seqs)
+        result = g.Tensor("f32", (head_v * n_v_heads, n_st * n_seqs + head_v * n_seqs), "GATED_DELTA_NET",
+                          (q, k, v, gate, beta, state))
+        row = head_v * 4
+        output = g.view_4d(result, head_v, n_v_heads, n_st, n_seqs, row, row * n_v_heads, row * n_v_heads * n_st, 0)
+        new_state = g.view_4d(result, head_v, head_v, n_v_heads, n_seqs, row, row * head_v, row * head_v * n_v_heads,
+                              row * n_v_heads * n_st * n_seqs)
+        self.gf.expand(g.cpy(new_state, g.view_2d(ssm_states, head_k * d_inner, n_seqs, ssm_states.nb[1], 0)))
+        z = g.reshape(z, head_v, n_v_heads, n_st, n_seqs)
+        normed = self.build_norm(output, self.norm_w(il, head_v), il)
+        out = g.mul(normed, g.unary(z))
+        out = g.reshape(out, head_v * n_v_heads, n_st, n_seqs)
+        out = g.mul_mat(self.w(il, head_v * n_v_heads, spec.n_embd), out)
+        return g.reshape(out, spec.n_embd, n_st * n_seqs)
+
+
 BUILDERS: dict[str, Callable[[ModelSpec, Reserve], Builder]] = {
     "llama": LlamaGraph, "qwen2": Qwen2Graph, "qwen3": Qwen3Graph, "qwen3moe": Qwen3Graph,
     "gemma2": GemmaGraph, "gemma3": GemmaGraph, "phi3": Phi3Graph, "deepseek2": DeepSeek2Graph,
     "mamba2": Mamba2Graph, "granitehybrid": GraniteHybridGraph, "lfm2": Lfm2Graph,
+    "mistral3": LlamaGraph, "gpt-oss": GptOssGraph, "glm4moe": Glm4MoeGraph, "llama4": Llama4Graph,
+    "gemma4": Gemma4Graph, "minimax-m2": MiniMaxM2Graph,
+    "qwen3next": GatedDeltaNetGraph, "qwen35": GatedDeltaNetGraph, "qwen35moe": GatedDeltaNetGraph,
+    "nemotron_h": NemotronHGraph, "nemotron_h_moe": NemotronHGraph,
 }
 
 

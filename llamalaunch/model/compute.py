@@ -164,7 +164,7 @@ def _slot_owners(n_slots: int, ranges: Sequence[tuple[str, str, int, int]], cpu:
 
 
 def layer_kind(spec: ModelSpec, il: int, host_experts: frozenset[int] = frozenset()) -> tuple[object, ...]:
-    moe = spec.n_expert > 0 and il >= spec.n_layer_dense_lead
+    moe = spec.moe_layers[il] if spec.moe_layers else spec.n_expert > 0 and il >= spec.n_layer_dense_lead
     return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe,
             il in host_experts)
 
@@ -206,6 +206,7 @@ def _spec_for(key: _ProfileKey) -> ModelSpec:
         swa_layers=profile.swa_layers[:n], recurrent_layers=profile.recurrent_layers[:n],
         n_expert=profile.n_expert, n_expert_used=profile.n_expert_used, n_ff_exp=profile.n_ff_exp,
         kv_lora_rank=profile.kv_lora_rank, tied_output=profile.output_is_token_embd,
+        head_dim_k_swa=profile.head_dim_k_swa, head_dim_v_swa=profile.head_dim_v_swa,
         weight_type=weight_type, embd_type=weight_type)
 
 
@@ -233,7 +234,7 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "n_layer_dense_lead": int(number("leading_dense_block_count")),
         "n_expert_shared": n_expert_shared,
         "expert_gating_sigmoid": number("expert_gating_func", 1) == 2,
-        "expert_weights_norm": bool(header.get(f"{arch}.expert_weights_norm", arch != "deepseek2")),
+        "expert_weights_norm": bool(header.get(f"{arch}.expert_weights_norm", arch not in ("deepseek2", "glm4moe"))),
         "expert_weights_scale": number("expert_weights_scale", 1.0) not in (0.0, 1.0),
         "attn_softcap": number("attn_logit_softcapping") > 0 and arch == "gemma2",
         "final_softcap": number("final_logit_softcapping") > 0 or arch == "gemma2",
@@ -243,9 +244,24 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
         "ssm_n_group": int(number("ssm.group_count", 1)) or 1,
         "ssm_dt_rank": int(number("ssm.time_step_rank")),
         "shortconv_l_cache": int(number("shortconv.l_cache")),
+        "n_ff_shexp": int(number("expert_shared_feed_forward_length")),
+        "n_embd_per_layer": int(number("embedding_length_per_layer_input")) if arch == "gemma4" else 0,
+        "mrope": arch in ("qwen35", "qwen35moe")
+        or (arch == "glm4moe" and _uses_mrope(header.get(f"{arch}.rope.dimension_sections"))),
     }
     if arch == "deepseek2":
         extra["n_rot"] = n_rot
+    if arch == "gemma4" and profile.n_kv_shared_layers:  # llama_model::create_memory's reuse callback
+        start = profile.n_layer - profile.n_kv_shared_layers
+        extra["kv_source"] = tuple(il if il < start else start - (2 if profile.swa_layers[il] else 1)
+                                   for il in range(profile.n_layer))
+    if arch.startswith("nemotron_h"):  # FFN-only blocks: a per-block feed_forward_length above 0
+        ff = header.get(f"{arch}.feed_forward_length")
+        values = getattr(ff, "values", None) or (ff,) * profile.n_layer
+        extra["ffn_layers"] = tuple(isinstance(n, int) and n > 0 for n in values)
+    if arch == "llama4":  # experts on every `step`-th block only
+        step = int(number("interleave_moe_layer_step"))
+        extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))
     types = expert_types(header.tensors)
     if types is not None:
         extra["expert_types"] = types
@@ -265,6 +281,12 @@ def expert_types(tensors: Sequence[TensorInfo]) -> tuple[str, str, str] | None:
         return None
     up, gate, down = (found[part].type_name.lower() for part in ("up", "gate", "down"))
     return up, gate, down
+
+
+def _uses_mrope(sections: object) -> bool:
+    """llama_hparams::use_mrope: the first two rope sections are non-zero."""
+    values = getattr(sections, "values", None) or ()
+    return len(values) >= 2 and bool(values[0]) and bool(values[1])
 
 
 def model_spec(profile: ModelProfile) -> ModelSpec:

@@ -116,18 +116,19 @@ def has_attention_kv(profile: ModelProfile, il: int) -> bool:
 
 
 def has_cache(profile: ModelProfile, il: int) -> bool:
-    """NextN/MTP blocks (the last ones) are never attended by the main graph: no cache."""
-    return il < profile.n_layer - profile.n_nextn_layers
+    """NextN/MTP blocks (the last ones) are never attended by the main graph, and shared-KV blocks
+    (gemma4) attend an earlier block's cache: neither has a cache of its own."""
+    return il < profile.n_layer - max(profile.n_nextn_layers, profile.n_kv_shared_layers)
 
 
 def n_embd_k_gqa(profile: ModelProfile, il: int) -> int:
     if is_mla(profile):
         return profile.kv_lora_rank + profile.rope_dim
-    return profile.head_dim_k * profile.n_head_kv[il]
+    return profile.layer_head_dims(il)[0] * profile.n_head_kv[il]
 
 
 def n_embd_v_gqa(profile: ModelProfile, il: int) -> int:
-    return profile.head_dim_v * profile.n_head_kv[il]
+    return profile.layer_head_dims(il)[1] * profile.n_head_kv[il]
 
 
 def swa_cells(profile: ModelProfile, request: Request, shape: ContextShape) -> int:

@@ -173,7 +173,7 @@ class _Placement:
 def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Placement:
     """Group tensors by where llama.cpp puts them: block i, the output slot, the host, every device."""
     blocks: list[list[TensorInfo]] = [[] for _ in range(n_layer)]
-    roles: dict[str, list[TensorInfo]] = {"input": [], "output": [], "per_device": []}
+    roles: dict[str, list[TensorInfo]] = {"input": [], "output": [], "per_device": [], "first_block": []}
     for tensor in tensors:
         match = _BLOCK.match(tensor.name)
         if match:
@@ -195,6 +195,7 @@ def _place(arch: str, tensors: list[TensorInfo], n_layer: int, path: str) -> _Pl
         # llama.cpp loads token_embd a second time as the output tensor (TENSOR_DUPLICATED)
         embd = tensor_sizes(_by_name(tensors, "token_embd.weight"))
         output = output + _Sizes(embd.cpu, embd.cuda)
+    blocks[0] += roles["first_block"]
     return _Placement(
         tuple(_sum(b) for b in blocks), output, _sum(roles["input"]), _sum(roles["per_device"]), tied
     )
@@ -245,7 +246,12 @@ def _profile(
         )
     head_dim_k, head_dim_v = arches.head_dims(arch, keys, hp)
     layout = arches.arch_layout(arch, keys, hp)
+    _check_attention(keys, hp, layout)
     placement = _place(arch, tensors, n_layer, header.path)
+    blocks = placement.blocks
+    n_nextn = keys.number("nextn_predict_layers", 0)
+    if arch in arches.SKIPS_NEXTN_WEIGHTS and 0 < n_nextn < n_layer:
+        blocks = blocks[:n_layer - n_nextn] + (_Sizes(),) * n_nextn
     n_ff = keys.per_layer("feed_forward_length", n_layer, (0,) * n_layer)
     n_ff_exp = keys.per_layer("expert_feed_forward_length", n_layer, (0,) * n_layer)
     name = header.get("general.name")
@@ -257,7 +263,7 @@ def _profile(
         file_type=_file_type(header),
         file_bytes=file_bytes,
         n_layer=n_layer,
-        slots=tuple(b.slot() for b in placement.blocks) + (placement.output.slot(),),
+        slots=tuple(b.slot() for b in blocks) + (placement.output.slot(),),
         host_bytes=placement.host.cpu,
         output_is_token_embd=placement.output_is_token_embd,
         n_vocab=_n_vocab(header, keys),
@@ -280,9 +286,37 @@ def _profile(
         n_embd_out=keys.number("embedding_length_out", 0),
         generic_estimate=not arches.is_supported(arch),
         per_device_bytes=placement.per_device.cpu,
-        n_nextn_layers=keys.number("nextn_predict_layers", 0),
+        n_nextn_layers=n_nextn,
         n_ff_exp=max(n_ff_exp),
+        head_dim_k_swa=keys.number("attention.key_length_swa", 0),
+        head_dim_v_swa=keys.number("attention.value_length_swa", 0),
+        n_kv_shared_layers=keys.number("attention.shared_kv_layers", 0),
     )
+
+
+def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchLayout) -> None:
+    """Reject what llama.cpp would divide by: no embedding, attention layers without heads or KV heads,
+    or a head count that is not a multiple of the KV head count (grouped-query attention)."""
+    def bad(name: str, value: object, why: str) -> ModelError:
+        return ModelError(f"{keys.path}: key {keys.arch + '.' + name!r} is {value}: {why}",
+                          "the file is damaged or was converted wrongly; convert it again")
+
+    if hp.n_embd == 0:
+        raise bad("embedding_length", 0, "a model needs a positive embedding length")
+    recurrent = layout.recurrent_layers or (False,) * hp.n_layer
+    no_attention = layout.attention_free or (False,) * hp.n_layer
+    known = arches.is_supported(keys.arch)
+    for il in range(hp.n_layer):
+        if recurrent[il] or no_attention[il] or (not known and 0 in (hp.n_head[il], hp.n_head_kv[il])):
+            continue  # an unknown arch may mark recurrent layers with 0 heads
+        n_head, n_head_kv = hp.n_head[il], hp.n_head_kv[il]
+        if n_head == 0:
+            raise bad("attention.head_count", 0, f"layer {il} has attention and needs heads")
+        if n_head_kv == 0:
+            raise bad("attention.head_count_kv", 0, f"layer {il} has attention and needs KV heads")
+        if n_head % n_head_kv:
+            raise bad("attention.head_count_kv", n_head_kv,
+                      f"{n_head} heads are not a multiple of {n_head_kv} KV heads (layer {il})")
 
 
 def _file_type(header: GgufHeader) -> str:

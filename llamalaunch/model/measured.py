@@ -272,4 +272,6 @@ def within_tolerance(row: ComponentError) -> bool:
     """Weights and KV: equal to the printed MiB (0.01). Compute: within max(5%, 16 MiB)."""
     if row.component == "compute":
         return abs(row.error_bytes) <= max(row.measured_bytes // 20, 16 * MIB)
-    return abs(row.error_bytes) <= MIB // 100
+    # 0.01 MiB: a device's SWA and full caches print as two buffers that round by 0.005 MiB each; the
+    # few bytes on top are the flooring of each parsed "N.NN MiB"
+    return abs(row.error_bytes) <= MIB // 100 + 8

@@ -59,6 +59,15 @@ class ModelProfile:
     per_device_bytes: int = 0  # rope_freqs & co.: one copy on every device that holds a block
     n_nextn_layers: int = 0  # the last blocks are NextN/MTP layers ({arch}.nextn_predict_layers)
     n_ff_exp: int = 0  # MoE: feed-forward length of one expert
+    head_dim_k_swa: int = 0  # sliding-window layers' head sizes when they differ (gemma4); 0: the same
+    head_dim_v_swa: int = 0
+    n_kv_shared_layers: int = 0  # the last blocks reuse earlier blocks' cache (gemma4 shared_kv_layers)
+
+    def layer_head_dims(self, il: int) -> tuple[int, int]:
+        """(K, V) head size of block `il` (llama_hparams::n_embd_head_k/v(il))."""
+        if self.head_dim_k_swa and self.swa_layers[il]:
+            return self.head_dim_k_swa, self.head_dim_v_swa or self.head_dim_k_swa
+        return self.head_dim_k, self.head_dim_v
 
     @property
     def expert_layers(self) -> tuple[int, ...]:

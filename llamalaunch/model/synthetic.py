@@ -64,6 +64,15 @@ class SyntheticShape:
     attention_layers: tuple[int, ...] = field(default=())  # hybrids: blocks with attention; others recurrent
     shortconv_l_cache: int = 3
     rope_freqs: bool = False  # write rope_freqs.weight: zeros make logits NaN; for memory tests only
+    full_attn_interval: int = 0  # qwen3next/qwen35: every Nth block has attention (0: the default, 4)
+    moe_every: int = 0  # llama4: every Nth block is MoE (interleave_moe_layer_step)
+    n_ff_shexp: int = 0  # shared-expert FFN length (0: the family's default)
+    n_nextn: int = 0  # glm4moe: trailing NextN/MTP blocks (llama.cpp skips their weights)
+    head_dim_swa: int = 0  # gemma4: head size of the sliding-window blocks (full blocks use head_dim)
+    n_head_kv_full: int = 0  # gemma4: KV heads of the full-attention blocks (0: n_head_kv)
+    n_kv_shared: int = 0  # gemma4: the last blocks reuse earlier blocks' KV cache
+    n_embd_per_layer: int = 0  # gemma4: per-layer embedding width (0: none)
+    ffn_layers: tuple[int, ...] = field(default=())  # nemotron_h: FFN/MoE blocks (the rest: mamba2 or attention)
 
     @property
     def head_dim_k(self) -> int:
@@ -80,6 +89,9 @@ class SyntheticSpec:
 
 
 _TINY = SyntheticShape(n_layer=4, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=512, n_ctx_train=4096)
+_QWEN_NEXT = replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2, n_ff_exp=64, n_ff_shexp=64, ssm_d_inner=64,
+                     ssm_d_state=16, ssm_n_group=2, ssm_n_head=4)
+_NEMOTRON_H = replace(_TINY, ssm_d_inner=128, ssm_d_state=16, ssm_n_head=4, attention_layers=(2,), ffn_layers=(1, 3))
 SHAPES: dict[str, SyntheticSpec] = {
     "llama-8b": SyntheticSpec("llama", SyntheticShape(32, 4096, 14336, 32, 8, 128256, n_ctx_train=131072)),
     "llama-70b": SyntheticSpec("llama", SyntheticShape(80, 8192, 28672, 64, 8, 128256, n_ctx_train=131072)),
@@ -103,6 +115,25 @@ SHAPES: dict[str, SyntheticSpec] = {
     "tiny-granitehybrid": SyntheticSpec("granitehybrid", replace(
         _TINY, ssm_d_inner=128, ssm_d_state=16, ssm_n_head=4, attention_layers=(1, 3))),
     "tiny-lfm2": SyntheticSpec("lfm2", replace(_TINY, tied=True, attention_layers=(1, 3))),
+    # the 2026 families (DESIGN.md §8)
+    "tiny-qwen3next": SyntheticSpec("qwen3next", _QWEN_NEXT),
+    "tiny-qwen35": SyntheticSpec("qwen35", replace(_QWEN_NEXT, n_expert=0, n_expert_used=0, n_ff_exp=0,
+                                                   n_ff_shexp=0)),
+    "tiny-qwen35moe": SyntheticSpec("qwen35moe", _QWEN_NEXT),
+    "tiny-gpt-oss": SyntheticSpec("gpt-oss", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2, n_ff_exp=64,
+                                                     n_swa=128)),
+    "tiny-glm4moe": SyntheticSpec("glm4moe", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2, n_ff_exp=64,
+                                                     n_expert_shared=1, n_layer_dense_lead=1)),
+    "tiny-llama4": SyntheticSpec("llama4", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=1, n_ff_exp=64,
+                                                   moe_every=2)),
+    "tiny-mistral3": SyntheticSpec("mistral3", replace(_TINY, head_dim=32)),
+    "tiny-minimax-m2": SyntheticSpec("minimax-m2", replace(_TINY, head_dim=32, n_expert=4, n_expert_used=2,
+                                                           n_ff_exp=128)),
+    "tiny-nemotron_h": SyntheticSpec("nemotron_h", _NEMOTRON_H),
+    "tiny-nemotron_h_moe": SyntheticSpec("nemotron_h_moe", replace(_NEMOTRON_H, n_expert=4, n_expert_used=2,
+                                                                   n_ff_exp=64, n_ff_shexp=128)),
+    "tiny-gemma4": SyntheticSpec("gemma4", replace(_TINY, n_layer=6, head_dim=64, head_dim_swa=32, n_head_kv=2,
+                                                   n_head_kv_full=1, tied=True, n_swa=128)),
 }
 
 
@@ -130,14 +161,20 @@ def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_typ
         out.kv(key, value_type, value)
     out.raw(_vocab_bytes(shape.n_vocab))
     offset = 0
+    offsets: dict[str, int] = {}
     for name, dims, ggml_type in tensors:
         out.tensor_info(name, dims, ggml_type, offset)
+        offsets[name] = offset
         offset += pad(_nbytes(dims, ggml_type), DEFAULT_ALIGNMENT)
     path = Path(path)
     with open(path, "wb") as stream:
         stream.write(out.data())
         data_offset = pad(stream.tell(), DEFAULT_ALIGNMENT)
         stream.truncate(data_offset + offset)
+        for name, dims, _type in tensors:
+            if name in _ONES:  # F32 tensors that zeros would turn into NaN logits
+                stream.seek(data_offset + offsets[name])
+                stream.write(array("f", [1.0] * (_nbytes(dims, F32) // 4)).tobytes())
     return path
 
 
@@ -160,6 +197,10 @@ def _tensor_type(kind: str, dims: tuple[int, ...], weight_type: int) -> int:
     return weight_type if dims[0] % block[0] == 0 else F16
 
 
+# gemma4 needs rope_freqs (zeros give NaN logits): written as ones, plain RoPE.
+_ONES = frozenset({"rope_freqs.weight"})
+
+
 # --- key/values -------------------------------------------------------------------------------------
 
 def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, object]]:
@@ -174,7 +215,7 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
         (f"{arch}.attention.layer_norm_rms_epsilon", _T_F32, 1e-5),
         (f"{arch}.rope.freq_base", _T_F32, 10000.0),
     ]
-    if s.n_ff:
+    if s.n_ff and not arch.startswith("nemotron_h"):  # nemotron_h: one length per block, 0 off FFN blocks
         kv.append((f"{arch}.feed_forward_length", _T_U32, s.n_ff))
     if s.n_head:
         kv.append((f"{arch}.attention.head_count", _T_U32, s.n_head))
@@ -192,11 +233,11 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
 
 
 def _head_kv_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
-    if arch in ("granitehybrid", "lfm2"):  # a 0 marks a recurrent block
+    if arch in ("granitehybrid", "lfm2", "nemotron_h", "nemotron_h_moe"):  # a 0 marks a block without attention
         per_layer = [s.n_head_kv if il in s.attention_layers else 0 for il in range(s.n_layer)]
         return [(f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, per_layer))]
-    if arch == "deepseek2":
-        return []  # written with the MLA keys
+    if arch in ("deepseek2", "gemma4"):
+        return []  # written with the arch's own keys
     keys: list[tuple[str, int, object]] = []
     if s.n_head:
         keys.append((f"{arch}.attention.head_count_kv", _T_U32, s.n_head_kv))
@@ -251,8 +292,84 @@ def _lfm2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
     return [(f"{arch}.shortconv.l_cache", _T_U32, s.shortconv_l_cache)]
 
 
+def _qwen3next_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    keys = _ssm_keys(arch, s) + [(f"{arch}.full_attention_interval", _T_U32, s.full_attn_interval or 4)]
+    if s.n_ff_shexp:
+        keys.append((f"{arch}.expert_shared_feed_forward_length", _T_U32, s.n_ff_shexp))
+    if arch != "qwen3next":  # qwen35: M-RoPE, the sections key is required
+        rot = s.head_dim_k
+        keys.append((f"{arch}.rope.dimension_sections", _T_ARRAY, (_T_U32, [rot // 4, rot // 8, rot // 8, 0])))
+    return keys
+
+
+def _glm4moe_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.expert_shared_count", _T_U32, s.n_expert_shared),
+            (f"{arch}.leading_dense_block_count", _T_U32, s.n_layer_dense_lead),
+            (f"{arch}.expert_gating_func", _T_U32, 2),  # sigmoid
+            (f"{arch}.expert_weights_scale", _T_F32, 1.0),
+            (f"{arch}.expert_weights_norm", _T_BOOL, True),
+            (f"{arch}.nextn_predict_layers", _T_U32, s.n_nextn)]
+
+
+def _llama4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.interleave_moe_layer_step", _T_U32, s.moe_every or 1),
+            (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k)]
+
+
+def _rope_dim_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k)]
+
+
+def _gemma4_swa(s: SyntheticShape) -> list[bool]:
+    """Five sliding-window blocks, then one full-attention block (the last block is always full)."""
+    period = s.swa_pattern or 6
+    return [il % period < period - 1 and il != s.n_layer - 1 for il in range(s.n_layer)]
+
+
+def _gemma4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    swa = _gemma4_swa(s)
+    full_kv = s.n_head_kv_full or s.n_head_kv
+    keys: list[tuple[str, int, object]] = [
+        (f"{arch}.attention.sliding_window_pattern", _T_ARRAY, (_T_BOOL, swa)),
+        (f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, [s.n_head_kv if w else full_kv for w in swa])),
+        (f"{arch}.attention.key_length", _T_U32, s.head_dim_k),
+        (f"{arch}.attention.value_length", _T_U32, s.head_dim_k),
+        (f"{arch}.attention.key_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
+        (f"{arch}.attention.value_length_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
+        (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k),
+        (f"{arch}.rope.dimension_count_swa", _T_U32, s.head_dim_swa or s.head_dim_k),
+        (f"{arch}.embedding_length_per_layer_input", _T_U32, s.n_embd_per_layer),
+        (f"{arch}.final_logit_softcapping", _T_F32, 30.0),
+    ]
+    if s.n_kv_shared:
+        keys.append((f"{arch}.attention.shared_kv_layers", _T_U32, s.n_kv_shared))
+    return keys
+
+
+def _minimax_m2_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.expert_gating_func", _T_U32, 2),  # sigmoid
+            (f"{arch}.rope.dimension_count", _T_U32, s.head_dim_k // 2)]  # partial rotary, as the real model
+
+
+def _nemotron_h_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    """Mamba2 keys, one FFN length per block (0 marks mamba2 and attention blocks), the MoE keys."""
+    keys = _ssm_keys(arch, s) + [
+        (f"{arch}.feed_forward_length", _T_ARRAY, (_T_U32, [s.n_ff if il in s.ffn_layers else 0
+                                                             for il in range(s.n_layer)])),
+        (f"{arch}.attention.layer_norm_epsilon", _T_F32, 1e-5)]
+    if s.n_expert:
+        keys += [(f"{arch}.expert_shared_feed_forward_length", _T_U32, s.n_ff_shexp or s.n_ff_exp),
+                 (f"{arch}.expert_weights_norm", _T_BOOL, True),
+                 (f"{arch}.expert_weights_scale", _T_F32, 2.5)]
+    return keys
+
+
 _ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
-              "lfm2": _lfm2_keys}
+              "lfm2": _lfm2_keys, "qwen3next": _qwen3next_keys, "qwen35": _qwen3next_keys,
+              "qwen35moe": _qwen3next_keys, "glm4moe": _glm4moe_keys, "llama4": _llama4_keys,
+              "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys,
+              "gemma4": _gemma4_keys, "minimax-m2": _minimax_m2_keys, "nemotron_h": _nemotron_h_keys,
+              "nemotron_h_moe": _nemotron_h_keys}
 
 
 # --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
@@ -407,8 +524,182 @@ def _lfm2(s: SyntheticShape) -> list[Tensor]:
     return tensors
 
 
+def _is_recurrent(s: SyntheticShape, il: int) -> bool:
+    """qwen3next/qwen35: llama.cpp's default layout, attention on every `full_attn_interval`-th block."""
+    return (il + 1) % (s.full_attn_interval or 4) != 0
+
+
+def _gated_attention(i: int, s: SyntheticShape) -> list[Tensor]:
+    """qwen3next/qwen35 attention blocks: Q doubled (query and gate), Q/K norms, a post-attention norm."""
+    b, hd = f"blk.{i}.", s.head_dim_k
+    return [(b + "attn_q.weight", (s.n_embd, hd * s.n_head * 2), "w"),
+            (b + "attn_k.weight", (s.n_embd, hd * s.n_head_kv), "w"),
+            (b + "attn_v.weight", (s.n_embd, hd * s.n_head_kv), "w"),
+            (b + "attn_output.weight", (hd * s.n_head, s.n_embd), "w"),
+            _norm(i, "attn_q_norm", hd), _norm(i, "attn_k_norm", hd)]
+
+
+def _delta_net(i: int, s: SyntheticShape, split_beta_alpha: bool) -> list[Tensor]:
+    """A gated delta net block: key_dim = d_state*n_group, value_dim = d_state*dt_rank (= d_inner)."""
+    b = f"blk.{i}."
+    key_dim, value_dim, heads = s.ssm_d_state * s.ssm_n_group, s.ssm_d_state * s.ssm_n_head, s.ssm_n_head
+    tensors: list[Tensor] = [(b + "attn_qkv.weight", (s.n_embd, key_dim * 2 + value_dim), "w"),
+                             (b + "attn_gate.weight", (s.n_embd, value_dim), "w"),
+                             (b + "ssm_conv1d.weight", (s.ssm_d_conv, key_dim * 2 + value_dim), "f32"),
+                             (b + "ssm_dt.bias", (heads,), "f32"), (b + "ssm_a", (heads,), "f32"),
+                             _norm(i, "ssm_norm", s.ssm_d_state),
+                             (b + "ssm_out.weight", (value_dim, s.n_embd), "w")]
+    if split_beta_alpha:
+        tensors += [(b + "ssm_beta.weight", (s.n_embd, heads), "w"), (b + "ssm_alpha.weight", (s.n_embd, heads), "w")]
+    else:
+        tensors.append((b + "ssm_ba.weight", (s.n_embd, 2 * heads), "w"))
+    return tensors
+
+
+def _shared_expert(i: int, s: SyntheticShape, n_ff: int, gate_inp: bool = False) -> list[Tensor]:
+    tensors = _ffn(i, s.n_embd, n_ff, "_shexp")
+    return tensors + [(f"blk.{i}.ffn_gate_inp_shexp.weight", (s.n_embd,), "f32")] if gate_inp else tensors
+
+
+def _qwen3next_like(s: SyntheticShape, arch: str) -> list[Tensor]:
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd)]
+        tensors += _delta_net(i, s, arch != "qwen3next") if _is_recurrent(s, i) else _gated_attention(i, s)
+        if arch == "qwen35":
+            tensors += _ffn(i, s.n_embd, s.n_ff)
+        else:
+            tensors += _experts(i, s, s.n_ff_exp) + _shared_expert(i, s, s.n_ff_shexp or s.n_ff, gate_inp=True)
+    return tensors
+
+
+def _gpt_oss(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(replace(s, tied=False))  # gpt-oss requires output.weight
+    for i in range(s.n_layer):
+        b, e, ff = f"blk.{i}.", s.n_expert, s.n_ff_exp
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd)]
+        tensors += _attention(i, s, q_bias=True)
+        tensors += [(b + "attn_output.bias", (s.n_embd,), "f32"), (b + "attn_sinks.weight", (s.n_head,), "f32")]
+        tensors += _experts(i, s, ff)
+        tensors += [(b + "ffn_gate_inp.bias", (e,), "f32"), (b + "ffn_gate_exps.bias", (ff, e), "f32"),
+                    (b + "ffn_down_exps.bias", (s.n_embd, e), "f32"), (b + "ffn_up_exps.bias", (ff, e), "f32")]
+    return tensors
+
+
+def _glm4moe(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd)]
+        tensors += _attention(i, s, q_bias=True)
+        if i < s.n_layer_dense_lead:
+            tensors += _ffn(i, s.n_embd, s.n_ff)
+        else:
+            tensors += _experts(i, s, s.n_ff_exp) + [(f"blk.{i}.exp_probs_b.bias", (s.n_expert,), "f32")]
+            if s.n_expert_shared:
+                tensors += _shared_expert(i, s, s.n_ff_exp * s.n_expert_shared)
+        if i >= s.n_layer - s.n_nextn:
+            b = f"blk.{i}."
+            tensors += [(b + "nextn.eh_proj.weight", (2 * s.n_embd, s.n_embd), "w"),
+                        _norm(i, "nextn.enorm", s.n_embd), _norm(i, "nextn.hnorm", s.n_embd)]
+    return tensors
+
+
+def _llama4(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(s)
+    step = s.moe_every or 1
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)] + _attention(i, s)
+        if (i + 1) % step == 0:
+            tensors += _experts(i, s, s.n_ff_exp) + _shared_expert(i, s, s.n_ff_exp)
+        else:
+            tensors += _ffn(i, s.n_embd, s.n_ff)
+    return tensors
+
+
+def _gemma4(s: SyntheticShape) -> list[Tensor]:
+    """gemma4, dense, no per-layer embeddings: per-block head size and KV heads, tied output, one
+    rope_freqs for the full-attention blocks; shared-KV blocks have no K/V projections."""
+    tensors = _embeddings(replace(s, tied=True))
+    swa = _gemma4_swa(s)
+    tensors.append(("rope_freqs.weight", (s.head_dim_k // 2,), "f32"))
+    ple = s.n_embd_per_layer
+    if ple:
+        tensors += [("per_layer_token_embd.weight", (ple * s.n_layer, s.n_vocab), "w"),
+                    ("per_layer_model_proj.weight", (s.n_embd, ple * s.n_layer), "w"),
+                    ("per_layer_proj_norm.weight", (ple,), "f32")]
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        hd = (s.head_dim_swa or s.head_dim_k) if swa[i] else s.head_dim_k
+        n_kv = s.n_head_kv if swa[i] else (s.n_head_kv_full or s.n_head_kv)
+        has_kv = i < s.n_layer - s.n_kv_shared
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd),
+                    _norm(i, "ffn_norm", s.n_embd), _norm(i, "post_ffw_norm", s.n_embd),
+                    (b + "attn_q.weight", (s.n_embd, hd * s.n_head), "w"),
+                    (b + "attn_output.weight", (hd * s.n_head, s.n_embd), "w"), _norm(i, "attn_q_norm", hd)]
+        if has_kv:
+            tensors += [(b + "attn_k.weight", (s.n_embd, hd * n_kv), "w"),
+                        (b + "attn_v.weight", (s.n_embd, hd * n_kv), "w"), _norm(i, "attn_k_norm", hd)]
+        tensors += _ffn(i, s.n_embd, s.n_ff)
+        if s.n_expert:  # routed experts beside the dense FFN, each branch between its own norms
+            tensors += _experts(i, s, s.n_ff_exp) + [(b + "ffn_gate_inp.scale", (s.n_embd,), "f32"),
+                                                     _norm(i, "pre_ffw_norm_2", s.n_embd),
+                                                     _norm(i, "post_ffw_norm_1", s.n_embd),
+                                                     _norm(i, "post_ffw_norm_2", s.n_embd)]
+        if ple:
+            tensors += [(b + "inp_gate.weight", (s.n_embd, ple), "w"), (b + "proj.weight", (ple, s.n_embd), "w"),
+                        _norm(i, "post_norm", s.n_embd)]
+    return tensors
+
+
+def _minimax_m2(s: SyntheticShape) -> list[Tensor]:
+    """minimax-m2: Q/K norms over the whole projection, every block MoE (experts n_ff wide) with a
+    selection bias; untied output."""
+    tensors = _embeddings(replace(s, tied=False))
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "ffn_norm", s.n_embd)] + _attention(i, s)
+        tensors += [_norm(i, "attn_q_norm", s.head_dim_k * s.n_head),
+                    _norm(i, "attn_k_norm", s.head_dim_k * s.n_head_kv)]
+        tensors += _experts(i, s, s.n_ff) + [(f"blk.{i}.exp_probs_b.bias", (s.n_expert,), "f32")]
+    return tensors
+
+
+def _nemotron_h(s: SyntheticShape) -> list[Tensor]:
+    """nemotron_h / nemotron_h_moe: every block is one of mamba2, attention (no RoPE) or an FFN with a
+    squared-ReLU up/down pair; with experts, the FFN blocks are up/down experts plus a shared expert."""
+    d_in_proj = 2 * s.ssm_d_inner + 2 * s.ssm_n_group * s.ssm_d_state + s.ssm_n_head
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        tensors.append(_norm(i, "attn_norm", s.n_embd))
+        if i in s.attention_layers:
+            tensors += _attention(i, s)
+        elif i not in s.ffn_layers:
+            tensors += _mamba2_block(i, s, d_in_proj)
+        elif s.n_expert:
+            e, ff, shared = s.n_expert, s.n_ff_exp, s.n_ff_shexp or s.n_ff_exp
+            tensors += [(b + "ffn_gate_inp.weight", (s.n_embd, e), "f32"), (b + "exp_probs_b.bias", (e,), "f32"),
+                        (b + "ffn_up_exps.weight", (s.n_embd, ff, e), "w"),
+                        (b + "ffn_down_exps.weight", (ff, s.n_embd, e), "w"),
+                        (b + "ffn_up_shexp.weight", (s.n_embd, shared), "w"),
+                        (b + "ffn_down_shexp.weight", (shared, s.n_embd), "w")]
+        else:
+            tensors += [(b + "ffn_up.weight", (s.n_embd, s.n_ff), "w"), (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w")]
+    return tensors
+
+
 _TENSORS = {
     "llama": _llama_like,
+    "nemotron_h": _nemotron_h,
+    "nemotron_h_moe": _nemotron_h,
+    "minimax-m2": _minimax_m2,
+    "gemma4": _gemma4,
+    "mistral3": _llama_like,
+    "qwen3next": lambda s: _qwen3next_like(s, "qwen3next"),
+    "qwen35": lambda s: _qwen3next_like(s, "qwen35"),
+    "qwen35moe": lambda s: _qwen3next_like(s, "qwen35moe"),
+    "gpt-oss": _gpt_oss,
+    "glm4moe": _glm4moe,
+    "llama4": _llama4,
     "qwen2": lambda s: _llama_like(s, q_bias=True),
     "qwen3": lambda s: _llama_like(s, qk_norm=True),
     "qwen3moe": lambda s: _llama_like(s, qk_norm=True),
