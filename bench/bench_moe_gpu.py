@@ -36,6 +36,17 @@ FILL_MARGIN = 160  # tokens left for the generated ones
 
 QWEN3_30B_A3B = SyntheticShape(n_layer=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4, n_vocab=151936,
                                head_dim=128, n_ctx_train=40960, n_expert=128, n_expert_used=8, n_ff_exp=768)
+# gpt-oss-120b-like (issue 17 case b): 36 blocks, 128 experts, top-4, SWA 128 on alternate blocks
+GPT_OSS_120B = SyntheticShape(n_layer=36, n_embd=2880, n_ff=2880, n_head=64, n_head_kv=8, n_vocab=201088,
+                              head_dim=64, n_ctx_train=131072, n_expert=128, n_expert_used=4, n_ff_exp=2880,
+                              n_swa=128)
+# GLM-4.5-Air-like (case c): 46 blocks (one NextN), dense first block, 128 experts top-8, a shared expert
+GLM_45_AIR = SyntheticShape(n_layer=47, n_embd=4096, n_ff=10944, n_head=96, n_head_kv=8, n_vocab=151552,
+                            head_dim=128, n_ctx_train=131072, n_expert=128, n_expert_used=8, n_ff_exp=1408,
+                            n_expert_shared=1, n_layer_dense_lead=1, n_nextn=1)
+MODELS = {"qwen3-30b-a3b-q4_k.gguf": ("qwen3moe", QWEN3_30B_A3B, "Q4_K"),
+          "gpt-oss-120b-like-q4_0.gguf": ("gpt-oss", GPT_OSS_120B, "Q4_0"),
+          "glm-4.5-air-like-q4_0.gguf": ("glm4moe", GLM_45_AIR, "Q4_0")}
 
 
 @dataclass
@@ -52,6 +63,8 @@ class Case:
 CASES = {
     "a": Case("a: qwen3-30b-a3b @10GiB", "qwen3-30b-a3b-q4_k.gguf", 10 * 1024, 16384),
     # the worker's own CUDA context and pools come out of the free memory too: leave room for them
+    "b": Case("b: gpt-oss-120b-like @24GiB", "gpt-oss-120b-like-q4_0.gguf", 24 * 1024, 32768),
+    "c": Case("c: glm-4.5-air-like @16GiB", "glm-4.5-air-like-q4_0.gguf", 16 * 1024, 32768),
     "d": Case("d: qwen3-30b-a3b CUDA0 6GiB + RPC0 4GiB", "qwen3-30b-a3b-q4_k.gguf", 11 * 1024, 16384,
               rpc_budget_mib=4 * 1024, cuda_budget_mib=6 * 1024),
 }
@@ -59,8 +72,9 @@ CASES = {
 
 def write_models(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "qwen3-30b-a3b-q4_k.gguf").exists():
-        write_synthetic(folder / "qwen3-30b-a3b-q4_k.gguf", "qwen3moe", QWEN3_30B_A3B, "Q4_K")
+    for name, (arch, shape, file_type) in MODELS.items():
+        if not (folder / name).exists():
+            write_synthetic(folder / name, arch, shape, file_type)
 
 
 class Ballast:
@@ -235,7 +249,7 @@ def ctx_max(server: Path, model: Path, logs: Path, rpc: list[str], budget: list[
         return found
     trial = run_trial(server, plan["argv"], ours_ctx - FILL_MARGIN, logs / "max-ours.log")
     found["max_ours_ok"] = trial.ok
-    n_ctx_train = QWEN3_30B_A3B.n_ctx_train
+    n_ctx_train = MODELS[model.name][1].n_ctx_train
 
     def loads_and_fills(ctx: int) -> bool:
         if ctx > n_ctx_train:
