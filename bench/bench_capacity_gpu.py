@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.llama_runs import largest_passing, run_trial  # noqa: E402
+from bench.llama_runs import Ballast, largest_passing, plan_cli, run_trial  # noqa: E402
 from llamalaunch.launch.logparse import BreakdownRow, BufferSize, parse_events  # noqa: E402
 from llamalaunch.model.synthetic import write_preset  # noqa: E402
 
@@ -28,34 +28,11 @@ FILL_MARGIN = 32  # tokens left for the one generated token and the template
 MIB = 1 << 20
 
 
-def plan_cli(model: Path, server: Path, args: list[str]) -> tuple[dict, float]:
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(model), "--json", "--llama-server",
-                             str(server), *args], capture_output=True, text=True, timeout=300)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        return {"error": result.stderr.strip()}, elapsed
-    return json.loads(result.stdout), elapsed
-
-
 def fit_params_time(server: Path, model: Path, args: list[str]) -> dict:
     binary = server.parent / "llama-fit-params"
     started = time.perf_counter()
     result = subprocess.run([str(binary), "-m", str(model), *args], capture_output=True, text=True, timeout=300)
     return {"seconds": time.perf_counter() - started, "stdout": result.stdout.strip()[-200:]}
-
-
-class Ballast:
-    def __init__(self, leave_free_mib: int) -> None:
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ballast.py")),
-                                         str(leave_free_mib)], stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        self.free_mib = int(line.split()[-1]) if line.startswith("ballast ready") else None
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        time.sleep(1.0)
 
 
 def buffers(trial_log: Path, plan: dict) -> dict:

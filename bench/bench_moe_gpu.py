@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.llama_runs import N_CTX, free_port, largest_passing, post, run_trial  # noqa: E402
+from bench.llama_runs import N_CTX, Ballast, free_port, largest_passing, plan_cli, post, run_trial, stop_process  # noqa: E402,E501
 from llamalaunch.model.synthetic import SyntheticShape, write_synthetic  # noqa: E402
 
 MIB = 1 << 20
@@ -75,29 +75,6 @@ def write_models(folder: Path) -> None:
     for name, (arch, shape, file_type) in MODELS.items():
         if not (folder / name).exists():
             write_synthetic(folder / name, arch, shape, file_type)
-
-
-class Ballast:
-    """Hold GPU memory so that about `leave_mib` stays free (bench/ballast.py in a child)."""
-
-    def __init__(self, leave_mib: int) -> None:
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ballast.py")),
-                                         str(leave_mib)], stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        self.free_mib = int(line.split()[-1]) if line.startswith("ballast ready") else None
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        time.sleep(1.0)
-
-
-def plan_cli(model: Path, server: Path, args: list[str]) -> dict:
-    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(model), "--json", "--llama-server",
-                             str(server), *args], capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        return {"error": result.stderr.strip()[-400:]}
-    return json.loads(result.stdout)
 
 
 def gpu_free_mib() -> int | None:
@@ -149,14 +126,7 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
                 record["filled"] = status == 200 and process.poll() is None
                 record["gpu_free_after_fill_mib"] = gpu_free_mib()
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            record["returncode"] = process.returncode
+            record["returncode"] = stop_process(process, 30)
             log.seek(0)
             lines = log.read().decode("utf-8", "replace").splitlines()
     contexts = [int(m.group(1)) for line in lines if (m := N_CTX.search(line))]
@@ -211,7 +181,7 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
             rpc = ["--rpc", f"127.0.0.1:{port}"]
             record["gpu_free_with_worker_mib"] = gpu_free_mib()
             budget = ["--budget", f"CUDA0={case.cuda_budget_mib}MiB", "--budget", f"RPC0={case.rpc_budget_mib}MiB"]
-        plan = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args])
+        plan, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args])
         record["plan"] = {k: plan.get(k) for k in ("ctx", "n_gpu_layers", "host_expert_layers", "argv", "error")}
         record["plan_devices"] = [{k: d.get(k) for k in ("name", "n_layers", "expert_layers", "moe_layers",
                                                          "weights_bytes", "kv_bytes", "compute_bytes",
@@ -242,7 +212,7 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
 
 def ctx_max(server: Path, model: Path, logs: Path, rpc: list[str], budget: list[str]) -> dict:
     """--ctx max against the true largest context with dense parts + KV on the GPU (experts on the host)."""
-    plan = plan_cli(model, server, ["--ctx", "max", *rpc, *budget])
+    plan, _ = plan_cli(model, server, ["--ctx", "max", *rpc, *budget])
     ours_ctx = plan.get("ctx")
     found: dict = {"max_ours_ctx": ours_ctx, "max_ours_error": plan.get("error")}
     if not ours_ctx:

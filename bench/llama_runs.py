@@ -99,6 +99,36 @@ def run_trial(server: Path, argv: list[str], fill_tokens: int | None, log_path: 
     return trial
 
 
+def plan_cli(model: Path, server: Path, args: list[str]) -> tuple[dict, float]:
+    """`llamalaunch plan MODEL --json ARGS` as a user runs it: the plan (or {"error": ...}) and its seconds."""
+    import sys
+
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(model), "--json", "--llama-server",
+                             str(server), *args], capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"error": result.stderr.strip()}, elapsed
+    return json.loads(result.stdout), elapsed
+
+
+class Ballast:
+    """Hold GPU memory so that about `leave_free_mib` stays free (bench/ballast.py in a child process)."""
+
+    def __init__(self, leave_free_mib: int) -> None:
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ballast.py")),
+                                         str(leave_free_mib)], stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        self.free_mib = int(line.split()[-1]) if line.startswith("ballast ready") else None
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        time.sleep(1.0)
+
+
 def largest_passing(check: "callable[[int], bool]", low: int, high: int, step: int) -> int:
     """Largest value in [low, high] (multiples of step) for which check passes; `low` is known to pass.
     `high` need not fail: the search widens past it while it passes."""
