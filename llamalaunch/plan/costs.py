@@ -14,6 +14,19 @@ from llamalaunch.plan.request import Request
 from llamalaunch.probe.device import Device
 
 
+def moe_pool_bytes(profile: ModelProfile, request: Request) -> int:
+    """CUDA pool growth of a MoE model's batched expert products, outside every buffer llama.cpp reports.
+
+    Seen on the H100 (Qwen3-30B-A3B shape, ubatch 512): 134 MiB of free memory went between the load
+    and the end of a 16k-token prompt, with experts on the host or on the GPU alike; dense models grow
+    by 10-50 MiB, which the margin covers. Four f32 copies of a ubatch's routed activations
+    (n_ubatch x n_expert_used x n_embd) come to 128 MiB there, and scale with the shape.
+    """
+    if not profile.expert_layers:
+        return 0
+    return 4 * request.n_ubatch * max(profile.n_expert_used, 1) * profile.n_embd * 4
+
+
 class CostModel:
     """What each slot and device costs at one context size.
 
@@ -58,8 +71,10 @@ class CostModel:
         return self._overhead(device.name, device.backend)
 
     def _overhead(self, name: str, backend: str) -> int:
-        """By device name first, then backend (defaults merged in at construction)."""
-        return self.overhead.get(name, self.overhead.get(backend, 0))
+        """By device name first, then backend (defaults merged in at construction); on a GPU, plus what
+        MoE matrix products take from the CUDA pool at run time."""
+        base = self.overhead.get(name, self.overhead.get(backend, 0))
+        return base + (moe_pool_bytes(self.profile, self.request) if backend == "CUDA" else 0)
 
     def estimate(self, placement: Placement) -> Estimate:
         return self._estimate(placement)
