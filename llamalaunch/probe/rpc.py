@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -671,3 +671,57 @@ def wait_for_keepers(timeout_s: float) -> bool:
         except subprocess.TimeoutExpired:
             return False
     return True
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (syscalls from 5.x share one table)
+
+
+def reset_when_closed(pid: int, endpoints: Sequence[str]) -> int:
+    """Make the connections process `pid` holds to these workers close with a reset (RST), not FIN, when
+    it exits; returns how many were switched (0 where the kernel does not let us: not Linux, no
+    pidfd_getfd, not permitted).
+
+    Killing a client that a worker still owes an answer (llama-server's HELLO queued at a busy worker, a
+    compute in flight) closes its socket with FIN: the worker writes the answer later and dies of SIGPIPE.
+    After a reset that write fails with ECONNRESET and the worker goes on to its next client.
+    """
+    import psutil
+
+    addresses = set()
+    for endpoint in endpoints:
+        with contextlib.suppress(OSError, BadInputError):
+            host, port = parse_endpoint(endpoint)
+            addresses.add((socket.gethostbyname(host), port))
+    try:
+        held = [c.fd for c in psutil.Process(pid).net_connections(kind="tcp4")
+                if c.raddr and (c.raddr.ip, c.raddr.port) in addresses and c.fd >= 0]
+    except psutil.Error:
+        return 0
+    if not held or not hasattr(os, "pidfd_open"):
+        return 0
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return 0
+    try:
+        return sum(_reset_their_socket(pidfd, fd) for fd in held)
+    finally:
+        os.close(pidfd)
+
+
+def _reset_their_socket(pidfd: int, their_fd: int) -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ours = libc.syscall(_SYS_PIDFD_GETFD, pidfd, their_fd, 0)
+    if ours < 0:
+        return False
+    sock = socket.socket(fileno=ours)  # the same socket as theirs: its options are theirs
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()  # only our descriptor: the socket lives on in their process until it exits
