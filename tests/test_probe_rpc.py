@@ -160,7 +160,8 @@ def test_dead_worker_is_refused(rpc_workers: Callable[..., RpcWorker]) -> None:
     with pytest.raises(WorkerRefusedError) as caught:
         probe_worker(worker.endpoint)
     assert worker.endpoint in str(caught.value)
-    assert f"-p {worker.port}" in str(caught.value.hint)
+    assert caught.value.hint == (f"start one with `llamalaunch worker --port-base {worker.port}` (on loopback), "
+                                 "or fix the port in --rpc")
 
 
 @pytest.mark.llama
