@@ -166,8 +166,8 @@ def refuse_busy_workers(inventory: Inventory) -> None:
     assert device.endpoint is not None
     raise WorkerBusyError(device.endpoint, f"{device.name} is serving another client "
                           f"({describe_holder(device.endpoint)}); serve does not start llama-server on a busy "
-                          "worker", f"stop that client and serve again, or leave {device.endpoint} out of --rpc "
-                          f"(`llamalaunch plan --budget {device.name}=SIZE` plans for it as a what-if)", None)
+                          "worker", f"stop that client and serve again, or leave {device.endpoint} out of --rpc; "
+                          f"`llamalaunch plan --budget {device.name}=SIZE` plans for it as a what-if", None)
 
 
 class ListedDevice(NamedTuple):
