@@ -336,7 +336,8 @@ class _Claim:
         """The lock, waiting up to `wait_s` for another probe to finish; busy at once behind a keeper."""
         path = state_dir() / "rpc" / (endpoint.replace(":", "_").replace("/", "_") + ".lock")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as write_state makes it
+            path.parent.mkdir(exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return cls(path, None)  # no place for a lock: probe unguarded, as before locks
