@@ -71,7 +71,8 @@ def test_a_load_stuck_behind_a_busy_worker_is_given_up_without_killing_the_worke
     run.wait_for_line(r" loading: pid \d+")
     with holding_worker(worker.endpoint):  # llama-server connects a dozen times while starting
         assert run.wait_exit(30) == 1
-        assert "made no progress for 3 s while loading" in run.stderr[0], run.output
+        assert f"made no progress for 3 s while loading: RPC0 {worker.endpoint} is serving another client " \
+               f"({ME})" in run.stderr[0], run.output
     assert_worker_lives(worker)
     assert not run.leftover_servers()
 

@@ -24,6 +24,7 @@ from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
 from llamalaunch.plan.types import Plan
+from llamalaunch.probe.inventory import held_elsewhere
 from llamalaunch.probe.rpc import RpcProbeError
 
 PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "failed")
@@ -160,10 +161,13 @@ class Supervisor:
             item = self._next_item(0.5)
             if item is None:
                 if not ready and time.monotonic() - last_progress > self.options.load_timeout_s:
+                    held = held_elsewhere([p.device for p in plan.devices], [self.child.pid] if self.child else [])
                     self._stop_child()
-                    message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading"
+                    message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading" \
+                              + (f": {held}" if held else "")
                     self._fail(message)
-                    raise ServeFailed(message, "raise --load-timeout, or check the workers and the log")
+                    raise ServeFailed(message, "stop that client, then serve again" if held else
+                                      "raise --load-timeout, or check the workers and the log")
                 continue
             if isinstance(item, _StopRequest):
                 return self._stop(item.signum)

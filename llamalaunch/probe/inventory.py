@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from llamalaunch.probe.rpc import (
     WorkerBusyError,
     WorkerReport,
     describe_holder,
+    holder_of,
     parse_endpoint,
     probe_worker,
 )
@@ -168,6 +169,18 @@ def refuse_busy_workers(inventory: Inventory) -> None:
                           f"({describe_holder(device.endpoint)}); serve does not start llama-server on a busy "
                           "worker", f"stop that client and serve again, or leave {device.endpoint} out of --rpc; "
                           f"`llamalaunch plan --budget {device.name}=SIZE` plans for it as a what-if", None)
+
+
+def held_elsewhere(devices: Sequence[Device], ignore_pids: Collection[int]) -> str:
+    """"RPC0 127.0.0.1:50052 is serving another client (python3, pid 4242)" for each worker this machine
+    sees held by a client not in `ignore_pids` (joined by "; "); "" when none is."""
+    said: dict[str, str] = {}
+    for device in devices:
+        if device.endpoint and device.endpoint not in said:
+            holder = holder_of(device.endpoint, ignore_pids)
+            said[device.endpoint] = f"{device.name} {device.endpoint} is serving another client ({holder})" \
+                if holder else ""
+    return "; ".join(text for text in said.values() if text)
 
 
 class ListedDevice(NamedTuple):

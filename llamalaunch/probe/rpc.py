@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,28 +286,34 @@ def _not_rpc_error(endpoint: str, second: socket.socket) -> WorkerNotRpcError:
 
 def describe_holder(endpoint: str) -> str:
     """Whom a busy worker serves, as far as this machine can see ("llama-server, pid 4242"); else a guess."""
+    return holder_of(endpoint) or "a llama-server?"
+
+
+def holder_of(endpoint: str, ignore_pids: Collection[int] = ()) -> str | None:
+    """The client a worker serves, when this machine can tell and it is not one of `ignore_pids`."""
     import psutil  # only on the busy path: listing every connection takes milliseconds
 
-    guess = "a llama-server?"
     try:
         host, port = parse_endpoint(endpoint)
         address = socket.gethostbyname(host)
         connections = psutil.net_connections(kind="tcp4")
     except (OSError, BadInputError, psutil.Error):
-        return guess
+        return None
     established = [c for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.raddr]
     # The worker runs here: its own end of the connection it accepted names the client (queued ones have no pid).
     served = [c.raddr for c in established if (c.laddr.ip, c.laddr.port) == (address, port) and c.pid]
     if served:
         peer = (served[0].ip, served[0].port)
         holders = [c.pid for c in established if (c.laddr.ip, c.laddr.port) == peer and c.pid]
+        if holders and holders[0] in ignore_pids:
+            return None
         return _process_label(holders[0]) if holders else f"a client at {peer[0]}"
-    ours = {os.getpid(), *keeper_pids(endpoint)}
+    ours = {os.getpid(), *keeper_pids(endpoint), *ignore_pids}
     local = sorted({c.pid for c in established if (c.raddr.ip, c.raddr.port) == (address, port)
                     and c.pid and c.pid not in ours})
     if local:
         return f"connected from here: {'; '.join(_process_label(pid) for pid in local)}"
-    return guess
+    return None
 
 
 def _process_label(pid: int) -> str:
