@@ -77,6 +77,21 @@ def test_a_load_stuck_behind_a_busy_worker_is_given_up_without_killing_the_worke
     assert not run.leftover_servers()
 
 
+def test_plan_with_a_budget_plans_a_busy_worker_but_verify_does_not_load_on_it(
+        rpc_workers: Callable[..., RpcWorker]) -> None:
+    worker = rpc_workers()
+    with holding_worker(worker.endpoint):
+        planned = run_cli("plan", "--demo", "--rpc", worker.endpoint, "--budget", "RPC0=1GiB", "--ctx", "1k")
+        verified = run_cli("plan", "--demo", "--rpc", worker.endpoint, "--budget", "RPC0=1GiB", "--ctx", "1k",
+                           "--verify")
+    assert planned.returncode == 0 and "RPC0" in planned.stdout, planned.stderr  # a what-if
+    assert verified.returncode == 1
+    assert verified.stderr.startswith(f"error: RPC worker {worker.endpoint}: RPC0 is busy serving another client "
+                                      f"({ME}): memory unknown; size from --budget: --verify does not start "
+                                      "llama-server on a busy worker"), verified.stderr
+    assert_worker_lives(worker)
+
+
 def test_devices_shows_unknown_memory_of_a_busy_worker_as_unknown(rpc_workers: Callable[..., RpcWorker]) -> None:
     busy, idle = rpc_workers(), rpc_workers()
     endpoints = f"{busy.endpoint},{idle.endpoint}"
