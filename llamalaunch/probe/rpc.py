@@ -569,7 +569,7 @@ class _Exchange:
         """Normal end: nothing owed, so the worker reads EOF where it waits for a command and moves on."""
         self.sock.close()
 
-    def abandon(self, claim: _Claim) -> int | None:
+    def abandon(self, claim: _Claim | None = None) -> int | None:
         """End after an error: never close on a request the worker will still answer; the keeper's pid."""
         if self.owed_bytes > 0:
             return _hand_off(self.sock, self.owed_bytes, self.endpoint, claim)
@@ -621,10 +621,11 @@ _keepers: dict[str, list[subprocess.Popen[bytes]]] = {}  # endpoint → keepers 
 _keepers_lock = threading.Lock()
 
 
-def _hand_off(sock: socket.socket, owed_bytes: int, endpoint: str, claim: _Claim) -> int | None:
+def _hand_off(sock: socket.socket, owed_bytes: int, endpoint: str, claim: _Claim | None) -> int | None:
     """Give the socket (and the endpoint's lock) to a detached keeper process; returns its pid (None: a
     thread of ours keeps it)."""
     sock.setblocking(True)
+    claim = claim or _Claim(Path(), None)
     lock_fds = (claim.fd,) if claim.fd is not None else ()
     try:
         keeper = subprocess.Popen(
