@@ -309,6 +309,8 @@ class Supervisor:
         return next((ln for ln in lines if ln and not ln.startswith("#")), None)
 
     def _mark_ready(self, plan: Plan) -> None:
+        if self.child is not None:  # its worker connections are made: they close with a reset even if
+            self.child.reset_worker_connections()  # it dies with us (PDEATHSIG) in the middle of a request
         self.ready_since = time.monotonic()
         self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")
         self.notifier.ready(f"ready: {self.base_url} ctx {plan.ctx_tokens}")
