@@ -231,12 +231,10 @@ class BusyRpcWorker:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            with conn:
-                with contextlib.suppress(OSError):
-                    first = conn.recv(1, socket.MSG_PEEK)
-                    if first == bytes([14]):
-                        self.hellos += 1
-                        _serve_like_v7(conn)
+            with conn, contextlib.suppress(OSError):
+                if conn.recv(1, socket.MSG_PEEK) == bytes([14]):
+                    self.hellos += 1
+                    _serve_like_v7(conn)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

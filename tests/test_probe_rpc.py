@@ -215,7 +215,7 @@ def test_runs_probing_a_busy_worker_share_one_waiter(rpc_workers: Callable[..., 
     with holding_worker(worker.endpoint):
         said = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                                cwd=Path(__file__).parents[1]).stdout for _ in range(3)]
-        assert all(f"busy serving another client (python" in line and f", pid {os.getpid()})" in line
+        assert all("busy serving another client (python" in line and f", pid {os.getpid()})" in line
                    for line in said), said  # this test's own process holds it
         assert len({line.split()[0] for line in said}) == 1, said
         assert len(rpc.keeper_pids(worker.endpoint)) == 1

@@ -55,10 +55,10 @@ def test_serve_refuses_a_busy_worker_even_with_a_budget(
     with holding_worker(worker.endpoint):
         run = serve(demo_model, "--rpc", worker.endpoint, "--budget", "RPC0=1GiB", "--ctx", "1k")
         assert run.wait_exit(30) == 1
-        assert run.stderr == [
+        assert run.stderr == [(
             f"error: RPC worker {worker.endpoint}: RPC0 is serving another client ({ME}); "
             f"serve does not start llama-server on a busy worker (stop that client and serve again, or leave "
-            f"{worker.endpoint} out of --rpc; `llamalaunch plan --budget RPC0=SIZE` plans for it as a what-if)"]
+            f"{worker.endpoint} out of --rpc; `llamalaunch plan --budget RPC0=SIZE` plans for it as a what-if)")]
         assert not run.servers_seen and "loading:" not in run.output
     assert_worker_lives(worker)
 
@@ -106,7 +106,8 @@ def test_devices_shows_unknown_memory_of_a_busy_worker_as_unknown(rpc_workers: C
     assert f"note: RPC0 {busy.endpoint} is serving another client ({ME}): memory " \
            "unknown; give --budget RPC0=SIZE to plan for it anyway" in table.stderr
     data = json.loads(as_json.stdout)
-    assert [(d["name"], d["free_bytes"], d["total_bytes"]) for d in data["devices"]][0] == ("RPC0", None, None)
+    first = data["devices"][0]
+    assert (first["name"], first["free_bytes"], first["total_bytes"]) == ("RPC0", None, None)
     assert data["devices"][1]["free_bytes"] > 0 and data["unknown_memory"] == ["RPC0"]
     assert_worker_lives(busy)
 
@@ -186,6 +187,11 @@ def test_a_worker_that_dies_mid_serve_and_comes_back_on_its_port_is_served_again
         back.stop()
 
 
+def generate(url: str) -> None:
+    with contextlib.suppress(OSError):  # the server dies under the request
+        complete(url, n_predict=400, timeout_s=60)
+
+
 def test_a_launcher_killed_mid_generation_does_not_kill_the_worker(
         serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
     """llama-server dies with its launcher (PDEATHSIG) while the worker owes it an answer: its
@@ -197,11 +203,7 @@ def test_a_launcher_killed_mid_generation_does_not_kill_the_worker(
         _, url, _ = run.wait_ready(timeout_s=60)
         server = run.server()
 
-        def generate() -> None:
-            with contextlib.suppress(OSError):  # the server dies under the request
-                complete(url, n_predict=400, timeout_s=60)
-
-        generating = threading.Thread(target=generate, daemon=True)
+        generating = threading.Thread(target=generate, args=(url,), daemon=True)
         generating.start()
         time.sleep(1.0)
         run.send(signal.SIGKILL)
