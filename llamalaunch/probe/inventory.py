@@ -146,8 +146,8 @@ def fill_unknown_memory(inventory: Inventory, budgets: Mapping[str, int]) -> Inv
     if missing:
         device = inventory.device(missing[0])
         raise ProbeError(f"{', '.join(missing)} {device.endpoint}: {device.note}",
-                         f"stop the other client, or give --budget {missing[0]}=SIZE to plan for it anyway "
-                         "(serve will not start llama-server on a busy worker)")
+                         f"stop the other client, or give --budget {missing[0]}=SIZE to plan for it anyway; "
+                         "serve will not start llama-server on a busy worker")
     devices = tuple(
         dataclasses.replace(device, free_bytes=budgets[device.name], total_bytes=budgets[device.name],
                             note=f"{device.note}; size from --budget")
