@@ -211,7 +211,7 @@ def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = 
     if as_json:
         print_json(inventory_to_dict(found))
         return
-    out.print(devices_table(found.devices, found.host))
+    out.print(devices_table(found.devices, found.host, found.unknown_memory))
     for problem in (*found.problems, *found.notes):
         err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
 

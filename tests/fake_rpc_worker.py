@@ -61,6 +61,13 @@ def _never_answer(conn: socket.socket) -> None:
     conn.recv(1)  # until the client goes
 
 
+def _silent_to_hello_hangs_up_on_others(conn: socket.socket) -> None:
+    """Not a worker: leaves a HELLO unanswered, and hangs up on anything else (a worker could not: it
+    serves the first connection only)."""
+    if conn.recv(1, socket.MSG_PEEK) == bytes([14]):
+        _never_answer(conn)
+
+
 def _garbage(conn: socket.socket) -> None:
     _read_request(conn)
     conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
@@ -104,6 +111,7 @@ BEHAVIOURS: dict[str, Callable[[socket.socket], None]] = {
     "good": _serve_like_v7,
     "two_devices": lambda conn: _serve_like_v7(conn, device_count=2),
     "never_answer": _never_answer,
+    "close_after_hello_when_second": _silent_to_hello_hangs_up_on_others,
     "garbage": _garbage,
     "oversized": _oversized,
     "short_reply": _short_reply,
@@ -196,3 +204,41 @@ class FullBacklog:
     def close(self) -> None:
         for sock in [*self.fillers, self.listener]:
             sock.close()
+
+
+class BusyRpcWorker:
+    """Like a ggml-rpc-server busy with another client: listen backlog 1 and no accept() until `free()`,
+    then it serves each connection in turn like a good v7 worker (what a real worker does next)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)  # as ggml-rpc's transport does: two connections wait, a third is not taken
+        self.port = int(self.listener.getsockname()[1])
+        self.hellos = 0
+        self.thread = threading.Thread(target=self._serve_in_turn, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def free(self) -> None:
+        self.thread.start()
+
+    def _serve_in_turn(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                if conn.recv(1, socket.MSG_PEEK) == bytes([14]):
+                    self.hellos += 1
+                    _serve_like_v7(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        if self.thread.is_alive():
+            self.thread.join(2)

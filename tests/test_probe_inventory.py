@@ -95,7 +95,7 @@ def test_busy_worker_has_unknown_memory_and_planning_needs_a_budget(
     assert (busy_device.free_bytes, busy_device.endpoint) == (0, busy.endpoint)
     assert busy_device.note and busy_device.note.startswith("busy")
     assert len(inventory.problems) == 1 and busy.endpoint in inventory.problems[0]
-    with pytest.raises(ProbeError, match="RPC1: memory unknown") as caught:
+    with pytest.raises(ProbeError, match=f"RPC1 {busy.endpoint}: busy serving another client \\(python") as caught:
         fill_unknown_memory(inventory, {})
     assert "--budget RPC1=SIZE" in str(caught.value.hint)
     planned = fill_unknown_memory(inventory, {"RPC1": 3 * GIB})
@@ -110,7 +110,7 @@ def test_dead_worker_names_endpoint_and_fix(rpc_workers: Callable[..., RpcWorker
     dead.stop()
     with pytest.raises(ProbeError) as caught:
         probe_devices([alive.endpoint, dead.endpoint], local_gpus=False)
-    assert dead.endpoint in str(caught.value) and "ggml-rpc-server" in str(caught.value.hint)
+    assert dead.endpoint in str(caught.value) and "llamalaunch worker" in str(caught.value.hint)
 
 
 @pytest.mark.llama

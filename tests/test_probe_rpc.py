@@ -23,15 +23,17 @@ from llamalaunch.probe import rpc
 from llamalaunch.probe.rpc import (
     WorkerBusyError,
     WorkerClosedError,
+    WorkerNotRpcError,
     WorkerRefusedError,
     WorkerReplyError,
     WorkerResetError,
+    WorkerSilentError,
     WorkerStalledError,
     WorkerUnreachableError,
     WorkerVersionError,
     probe_worker,
 )
-from tests.fake_rpc_worker import FakeRpcWorker, FullBacklog
+from tests.fake_rpc_worker import BusyRpcWorker, FakeRpcWorker, FullBacklog
 from tests.support import RpcWorker, free_port, stop_process, wait_for_port
 
 HELLO = bytes([14]) + struct.pack("<Q", 24) + bytes(24)
@@ -158,7 +160,8 @@ def test_dead_worker_is_refused(rpc_workers: Callable[..., RpcWorker]) -> None:
     with pytest.raises(WorkerRefusedError) as caught:
         probe_worker(worker.endpoint)
     assert worker.endpoint in str(caught.value)
-    assert f"-p {worker.port}" in str(caught.value.hint)
+    assert caught.value.hint == (f"start one with `llamalaunch worker --port-base {worker.port}` (on loopback), "
+                                 "or fix the port in --rpc")
 
 
 @pytest.mark.llama
@@ -202,23 +205,26 @@ def test_busy_probe_from_a_process_that_exits_at_once(rpc_workers: Callable[...,
 
 
 @pytest.mark.llama
-def test_full_queue_of_earlier_probes_still_reads_busy(rpc_workers: Callable[..., RpcWorker]) -> None:
-    """The worker's accept queue (listen backlog 1) holds two waiting connections; a third connect
-    times out. With keepers of earlier runs waiting there, that is busy, not unreachable."""
+def test_runs_probing_a_busy_worker_share_one_waiter(rpc_workers: Callable[..., RpcWorker]) -> None:
+    """Three CLI runs against a held worker: each says busy and names the holder, one waiter in all;
+    the worker survives the holder leaving and answers again."""
     worker = rpc_workers()
     code = ("from llamalaunch.probe.rpc import probe_worker, WorkerBusyError\n"
             f"try:\n    probe_worker({worker.endpoint!r}, connect_timeout_s=0.3, reply_timeout_s=0.3)\n"
-            "except WorkerBusyError as exc:\n    print(exc)\n")
+            "except WorkerBusyError as exc:\n    print(exc.keeper_pid, exc.message)\n")
     with holding_worker(worker.endpoint):
         said = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                                cwd=Path(__file__).parents[1]).stdout for _ in range(3)]
-    assert all("busy serving another client" in line for line in said), said
-    assert "fill its queue" in said[2]
+        assert all("busy serving another client (python" in line and f", pid {os.getpid()})" in line
+                   for line in said), said  # this test's own process holds it
+        assert len({line.split()[0] for line in said}) == 1, said
+        assert len(rpc.keeper_pids(worker.endpoint)) == 1
     deadline = time.monotonic() + 10
     while rpc.keeper_pids(worker.endpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert rpc.keeper_pids(worker.endpoint) == []
-    assert worker.process.poll() is None
+    time.sleep(0.3)
+    assert worker.process.poll() is None, worker.log_path.read_text()
     assert probe_worker(worker.endpoint).version == "7.0.0"
 
 
@@ -307,29 +313,99 @@ def test_slowloris_is_cut_off_at_the_reply_timeout() -> None:
     assert rpc.wait_for_keepers(5)
 
 
-def test_worker_that_never_answers_hello_is_busy_and_keeps_the_socket() -> None:
+def test_server_that_accepts_and_never_answers_is_silent_not_busy_and_keeps_the_socket() -> None:
+    """It took a second and a third connection: no busy worker does that (its queue holds two)."""
     with FakeRpcWorker("never_answer") as fake:
-        with pytest.raises(WorkerBusyError) as caught:
+        with pytest.raises(WorkerSilentError, match="accepts every connection but answered none") as caught:
             probe_worker(fake.endpoint, reply_timeout_s=0.3)
         pid = caught.value.keeper_pid
-        assert pid is not None and psutil.pid_exists(pid)
+        assert pid is not None and psutil.pid_exists(pid)  # a hung worker after all? our HELLO stays pending
         time.sleep(0.2)
-        assert len(fake.connections) == 1
         assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # still waiting for our reply
     assert rpc.wait_for_keepers(5)  # the fake hung up: the keeper sees EOF and leaves
 
 
-def test_second_probe_while_our_keeper_waits_does_not_connect_again() -> None:
-    with FakeRpcWorker("never_answer") as fake:
-        with pytest.raises(WorkerBusyError) as first:
-            probe_worker(fake.endpoint, reply_timeout_s=0.3)
+def test_busy_worker_keeps_one_waiter_which_leaves_once_answered() -> None:
+    busy = BusyRpcWorker()
+    try:
+        started = time.monotonic()
+        with pytest.raises(WorkerBusyError, match="busy serving another client") as first:
+            probe_worker(busy.endpoint, reply_timeout_s=0.3)
+        assert time.monotonic() - started < 1.5  # reply timeout, a second connection, a third not taken
         started = time.monotonic()
         with pytest.raises(WorkerBusyError, match="an earlier probe from here still waits") as second:
-            probe_worker(fake.endpoint, reply_timeout_s=0.3)
-        assert time.monotonic() - started < 0.1
+            probe_worker(busy.endpoint, reply_timeout_s=0.3)
+        assert time.monotonic() - started < 0.1  # no second connection, no second waiter
         assert second.value.keeper_pid == first.value.keeper_pid
-        assert len(fake.connections) == 1
+        assert rpc.keeper_pids(busy.endpoint) == [first.value.keeper_pid]
+        busy.free()
+        assert rpc.wait_for_keepers(5)  # answered: the keeper read the reply and left
+        assert busy.hellos == 1
+        assert probe_worker(busy.endpoint).version == "7.0.0"
+    finally:
+        busy.close()
+
+
+def test_one_waiter_per_worker_across_runs() -> None:
+    """Each CLI run is a new process: they share the endpoint's lock, not one waiter per run."""
+    busy = BusyRpcWorker()
+    code = ("from llamalaunch.probe.rpc import probe_worker, WorkerBusyError\n"
+            f"try:\n    probe_worker({busy.endpoint!r}, reply_timeout_s=0.3)\n"
+            "except WorkerBusyError as exc:\n    print(exc.keeper_pid, exc)\n")
+    try:
+        said = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                               cwd=Path(__file__).parents[1]).stdout for _ in range(3)]
+        assert all("busy serving another client" in line for line in said), said
+        assert len({line.split()[0] for line in said}) == 1, said  # the same keeper each time
+        assert "an earlier probe from here still waits" in said[2]
+        assert len(rpc.keeper_pids(busy.endpoint)) == 1
+    finally:
+        busy.free()
+        busy.close()
+
+
+def test_keeper_gives_up_after_its_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rpc, "KEEP_PENDING_S", 0.5)
+    busy = BusyRpcWorker()
+    try:
+        with pytest.raises(WorkerBusyError) as caught:
+            probe_worker(busy.endpoint, reply_timeout_s=0.3)
+        _wait_gone(caught.value.keeper_pid or 0, 5)
+        # The lock went with the keeper; our reset connections still fill the worker's queue (Linux keeps
+        # them there until accepted): the next probe cannot connect, and says busy, not unreachable.
+        with pytest.raises(WorkerBusyError, match="still full of earlier probes' connections"):
+            probe_worker(busy.endpoint, connect_timeout_s=0.3, reply_timeout_s=0.3)
+    finally:
+        busy.free()
+        busy.close()
     assert rpc.wait_for_keepers(5)
+
+
+def test_http_server_is_not_an_rpc_server_and_leaves_no_waiter(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"127.0.0.1:{port}"
+        started = time.monotonic()
+        with pytest.raises(WorkerNotRpcError) as caught:
+            probe_worker(endpoint, reply_timeout_s=0.3)
+        assert time.monotonic() - started < 1.5
+        assert caught.value.message == (f"RPC worker {endpoint}: not a ggml-rpc-server: it answers HTTP "
+                                        "(HTTP/1.0 200 OK) and not HELLO")
+        assert caught.value.hint == ("check the port in --rpc: that one is a web server's (llama-server's?); "
+                                     "start a worker with `llamalaunch worker`")
+        assert rpc.keeper_pids(endpoint) == [] and rpc.wait_for_keepers(0)
+    finally:
+        stop_process(server)
+
+
+def test_server_that_hangs_up_on_a_second_connection_is_not_an_rpc_server() -> None:
+    with FakeRpcWorker("close_after_hello_when_second") as fake:
+        with pytest.raises(WorkerNotRpcError, match="hung up on a second connection"):
+            probe_worker(fake.endpoint, reply_timeout_s=0.3)
+    assert rpc.wait_for_keepers(0)
 
 
 def test_connect_timeout_when_nobody_accepts() -> None:

@@ -141,6 +141,12 @@ class Child:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def reset_worker_connections(self) -> int:
+        from llamalaunch.probe.rpc import reset_when_closed
+
+        endpoints = rpc_endpoints(self.argv)
+        return reset_when_closed(self.pid, endpoints) if endpoints else 0
+
     def signal_group(self, signum: int) -> None:
         try:
             os.killpg(self.pid, signum)
@@ -148,8 +154,13 @@ class Child:
             pass
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM to the group, wait, then SIGKILL; returns the exit code (negative: signal)."""
+        """SIGTERM to the group, wait, then SIGKILL; returns the exit code (negative: signal).
+
+        Its connections to RPC workers are switched to close with a reset first: killed with a request
+        pending (a load stuck behind a busy worker), a plain close would kill the worker (SIGPIPE).
+        """
         if self.running():
+            self.reset_worker_connections()
             self.signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
@@ -158,6 +169,12 @@ class Child:
         returncode = self.process.wait()
         self._reader.join(timeout=2)
         return returncode
+
+
+def rpc_endpoints(argv: Sequence[str]) -> list[str]:
+    """The workers a llama-server argv names (`--rpc A,B`)."""
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--rpc"]
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
 @contextlib.contextmanager

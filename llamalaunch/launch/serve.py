@@ -34,7 +34,8 @@ from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.units import format_bytes, parse_size
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
-from llamalaunch.probe.inventory import fill_unknown_memory, probe_devices
+from llamalaunch.probe.inventory import BUSY_NOTE, fill_unknown_memory, probe_devices, refuse_busy_workers
+from llamalaunch.probe.rpc import WorkerBusyError
 from llamalaunch.toolchain.demo import demo_model_path
 from llamalaunch.toolchain.discover import INSTALL_HINT, Toolchain, find_toolchain
 
@@ -75,16 +76,20 @@ class PlanInputs:
         return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems,
                    mmproj=mmproj, draft=draft)
 
-    def probe(self) -> tuple[Device, ...]:
-        inventory = fill_unknown_memory(probe_devices(rpc=self.rpc, assume=self.assume), self.request.budget_bytes)
+    def probe(self, serving: bool = False) -> tuple[Device, ...]:
+        inventory = probe_devices(rpc=self.rpc, assume=self.assume)
+        if serving:
+            refuse_busy_workers(inventory)
+        inventory = fill_unknown_memory(inventory, self.request.budget_bytes)
         self.problems.extend(p for p in inventory.problems if p not in self.problems)
         self.devices = inventory.devices
         self.host_free_bytes = inventory.host.free_bytes
         return inventory.devices
 
-    def plan(self, lessons: Lessons | None = None) -> Plan:
+    def plan(self, lessons: Lessons | None = None, serving: bool = False) -> Plan:
+        """The plan for the devices as probed now; `serving` refuses busy workers (see refuse_busy_workers)."""
         request = lessons.apply(self.request) if lessons is not None else self.request
-        devices = self.probe()
+        devices = self.probe(serving)
         if self.draft and request.ctx_tokens is None:
             plan = self.largest_with_draft(request, devices)
         else:
@@ -148,6 +153,11 @@ class PlanInputs:
         """Load the plan's argv in the real llama-server and compare, per device and component."""
         if self.toolchain is None:
             raise ToolchainError("--verify needs llama-server", INSTALL_HINT)
+        busy = next((d for d in self.devices if d.note and d.note.startswith(BUSY_NOTE)), None)
+        if busy is not None and busy.endpoint is not None:
+            raise WorkerBusyError(busy.endpoint, f"{busy.name} is {busy.note}: --verify does not start "
+                                  "llama-server on a busy worker", "stop that client first, or plan without "
+                                  "--verify", None)
         argv = list(plan.argv)
         endpoints = argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
         names = child_names(self.devices, endpoints)
@@ -261,7 +271,7 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
         if problem is not None:
             on_event(SupervisorEvent("warning", problem))
 
-    supervisor = Supervisor(options, inputs.plan, record_and_show)
+    supervisor = Supervisor(options, lambda lessons: inputs.plan(lessons, serving=True), record_and_show)
     recorder.url = supervisor.base_url
     with stop_on_signals(supervisor.request_stop):
         return supervisor.run()

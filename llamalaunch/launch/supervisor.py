@@ -24,6 +24,8 @@ from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
 from llamalaunch.plan.types import Plan
+from llamalaunch.probe.inventory import held_elsewhere
+from llamalaunch.probe.rpc import RpcProbeError
 
 PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "failed")
 
@@ -84,6 +86,14 @@ class ServeFailed(ServeError):
     pass
 
 
+class _WorkerNotBack(Exception):
+    """Re-planning after a crash found a worker refused, unreachable or busy: try again after a backoff."""
+
+    def __init__(self, error: RpcProbeError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Supervisor:
     def __init__(self, options: ServeOptions, make_plan: Callable[[Lessons], Plan],
                  on_event: Callable[[SupervisorEvent], None], notifier: Notifier | None = None) -> None:
@@ -138,7 +148,10 @@ class Supervisor:
     def _one_launch(self) -> int | None:
         """Plan, start, and watch one llama-server; None means: launch again."""
         self._set_phase("starting", "planning")
-        plan = self._make_plan()
+        try:
+            plan = self._make_plan()
+        except _WorkerNotBack as waiting:
+            return self._restart_later(waiting.error.message, waiting.error.hint)
         self.plan = plan
         self._start(plan)
         ready = False
@@ -149,10 +162,13 @@ class Supervisor:
             item = self._next_item(0.5)
             if item is None:
                 if not ready and time.monotonic() - last_progress > self.options.load_timeout_s:
+                    held = held_elsewhere([p.device for p in plan.devices], [self.child.pid] if self.child else [])
                     self._stop_child()
-                    message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading"
+                    message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading" \
+                              + (f": {held}" if held else "")
                     self._fail(message)
-                    raise ServeFailed(message, "raise --load-timeout, or check the workers and the log")
+                    raise ServeFailed(message, "stop that client, then serve again" if held else
+                                      "raise --load-timeout, or check the workers and the log")
                 continue
             if isinstance(item, _StopRequest):
                 return self._stop(item.signum)
@@ -186,6 +202,9 @@ class Supervisor:
         try:
             plan = self.make_plan(self.lessons)
         except LaunchError as error:
+            if isinstance(error, RpcProbeError) and self.restarts > 0 and self._replanning_after is None:
+                # Relaunching after a crash: a worker that went down with it may be restarting, or busy.
+                raise _WorkerNotBack(error) from None
             if self._replanning_after is None:
                 self._fail(error.message)
                 raise
@@ -211,11 +230,16 @@ class Supervisor:
             lesson = self.lessons.learn_runtime_oom() if oom else f"llama-server exited with code {returncode}"
             if self.ready_since is not None and time.monotonic() - self.ready_since > HEALTHY_RESET_S:
                 self.restarts = 0  # a crash a week is not a crash loop
+        return self._restart_later(lesson)
+
+    def _restart_later(self, lesson: str, hint: str | None = None) -> int | None:
+        """Count one restart and back off before the next launch; give up past --max-restarts."""
         self.restarts += 1
         if self.restarts > self.options.max_restarts:
-            message = f"llama-server crashed {self.restarts} times; giving up ({lesson})"
+            message = (f"llama-server crashed {self.restarts} times; giving up ({lesson})" if hint is None else
+                       f"{lesson}; giving up after {self.restarts - 1} restarts")
             self._fail(message)
-            raise ServeFailed(message, "see the server log; raise --max-restarts to keep trying")
+            raise ServeFailed(message, f"{hint or 'see the server log'}; raise --max-restarts to keep trying")
         delay = min(self.options.backoff_initial_s * 2 ** (self.restarts - 1), self.options.backoff_max_s)
         self._set_phase("restarting", f"{lesson}; restart {self.restarts} of {self.options.max_restarts} "
                                       f"in {delay:g} s")
@@ -297,6 +321,8 @@ class Supervisor:
         return next((ln for ln in lines if ln and not ln.startswith("#")), None)
 
     def _mark_ready(self, plan: Plan) -> None:
+        if self.child is not None:  # its worker connections are made: they close with a reset even if
+            self.child.reset_worker_connections()  # it dies with us (PDEATHSIG) in the middle of a request
         self.ready_since = time.monotonic()
         self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")
         self.notifier.ready(f"ready: {self.base_url} ctx {plan.ctx_tokens}")

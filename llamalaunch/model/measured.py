@@ -108,7 +108,7 @@ def measure_argv(argv: list[str], placement: Placement, rpc_endpoints: Sequence[
     try:
         _wait_loaded(process, log_path, timeout_s)
     finally:
-        _stop(process)
+        _stop(process, rpc_endpoints)
     with open(log_path, errors="replace") as lines:
         events = tuple(parse_events(lines))
     if not any(isinstance(e, ModelLoaded) for e in events):
@@ -180,9 +180,13 @@ def _wait_loaded(process: subprocess.Popen[bytes], log_path: Path, timeout_s: fl
     raise ServeError(f"llama-server did not finish loading in {timeout_s:.0f}s", f"see {log_path}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes], rpc_endpoints: Sequence[str]) -> None:
     if process.poll() is not None:
         return
+    if rpc_endpoints:  # killed with a request pending, a plain close would kill the worker (SIGPIPE)
+        from llamalaunch.probe.rpc import reset_when_closed
+
+        reset_when_closed(process.pid, rpc_endpoints)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(STOP_TIMEOUT_S)

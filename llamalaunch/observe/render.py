@@ -67,15 +67,17 @@ def plan_view(plan: Plan) -> Group:
     return Group(*parts)
 
 
-def devices_table(devices: Sequence[Device], host: HostMemory | None) -> Table:
+def devices_table(devices: Sequence[Device], host: HostMemory | None, unknown: Sequence[str] = ()) -> Table:
+    """`unknown`: names of devices whose memory could not be read (a busy worker): "?" rather than 0."""
     table = Table(title="devices in llama.cpp order", title_justify="left")
     for column in ("#", "name", "backend", "description", "free", "total", "where"):
         table.add_column(column, justify="right" if column in ("#", "free", "total") else "left")
     for device in devices:
         where = device.endpoint or device.pci_bus_id or ("what-if" if device.assumed else "")
         description = device.description + (f" ({device.note})" if device.note else "")
-        table.add_row(str(device.order), device.name, device.backend, description,
-                      format_bytes(device.free_bytes), format_bytes(device.total_bytes), where)
+        free, total = (("?", "?") if device.name in unknown
+                       else (format_bytes(device.free_bytes), format_bytes(device.total_bytes)))
+        table.add_row(str(device.order), device.name, device.backend, description, free, total, where)
     if host is not None:
         table.add_row("", "host", "CPU", f"{host.cpu_description} ({host.cpu_count} CPUs)",
                       format_bytes(host.free_bytes), format_bytes(host.total_bytes), "", style="dim")

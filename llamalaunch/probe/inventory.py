@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,18 @@ from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.gpus import probe_local_gpus
 from llamalaunch.probe.host import probe_host
 from llamalaunch.probe.nvml import NvmlGpu, read_nvml_gpus
-from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError, WorkerReport, parse_endpoint, probe_worker
+from llamalaunch.probe.rpc import (
+    RpcProbeError,
+    WorkerBusyError,
+    WorkerReport,
+    describe_holder,
+    holder_of,
+    parse_endpoint,
+    probe_worker,
+)
 from llamalaunch.units import MIB
 
-BUSY_NOTE = "busy serving another client: memory unknown"
+BUSY_NOTE = "busy serving another client"
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,8 @@ class Inventory:
     host: HostMemory
     problems: tuple[str, ...] = ()  # what planning must know (a busy worker)
     notes: tuple[str, ...] = ()  # informative (no NVIDIA driver here)
-    unknown_memory: tuple[str, ...] = ()  # devices whose free/total are unknown (busy workers): 0 in Device
+    unknown_memory: tuple[str, ...] = ()  # devices whose free/total are unknown (busy workers): 0 in Device,
+    # "?" in tables, null in JSON
 
     def device(self, name: str) -> Device:
         for device in self.devices:
@@ -117,8 +126,9 @@ def _rpc_devices(endpoints: Sequence[str],
         if isinstance(outcome, WorkerBusyError):
             name = f"RPC{len(devices)}"
             devices.append(Device(name, "RPC", endpoint, 0, 0, len(devices), endpoint=endpoint,
-                                  worker_index=0, note=f"{BUSY_NOTE}; give --assume or --budget {name}=SIZE"))
-            problems.append(f"{name} ({endpoint}) is {BUSY_NOTE}"
+                                  worker_index=0, note=f"{BUSY_NOTE} ({outcome.holder}): memory unknown"))
+            problems.append(f"{name} {endpoint} is serving another client ({outcome.holder}): memory unknown; "
+                            f"give --budget {name}=SIZE to plan for it anyway"
                             + ("; later RPC names assume it has one device" if position < len(endpoints) - 1
                                else ""))
             continue
@@ -135,14 +145,42 @@ def fill_unknown_memory(inventory: Inventory, budgets: Mapping[str, int]) -> Inv
     missing = [name for name in inventory.unknown_memory if name not in budgets]
     if missing:
         device = inventory.device(missing[0])
-        raise ProbeError(f"{', '.join(missing)}: memory unknown ({device.endpoint} is busy serving another "
-                         "client)", f"stop the other client, or give --budget {missing[0]}=SIZE "
-                         f"(or --assume {missing[0]}=SIZE for a pure what-if)")
+        raise ProbeError(f"{', '.join(missing)} {device.endpoint}: {device.note}",
+                         f"stop the other client, or give --budget {missing[0]}=SIZE to plan for it anyway; "
+                         "serve will not start llama-server on a busy worker")
     devices = tuple(
         dataclasses.replace(device, free_bytes=budgets[device.name], total_bytes=budgets[device.name],
-                            note=f"{BUSY_NOTE}; size from --budget")
+                            note=f"{device.note}; size from --budget")
         if device.name in inventory.unknown_memory else device for device in inventory.devices)
     return dataclasses.replace(inventory, devices=devices, unknown_memory=())
+
+
+def refuse_busy_workers(inventory: Inventory) -> None:
+    """For serving: a busy worker is an error whatever --budget says.
+
+    llama-server's HELLO would wait in the worker's queue, and its load hang; stopping it then closes a
+    connection with a request pending, which kills the worker later (SIGPIPE).
+    """
+    if not inventory.unknown_memory:
+        return
+    device = inventory.device(inventory.unknown_memory[0])
+    assert device.endpoint is not None
+    raise WorkerBusyError(device.endpoint, f"{device.name} is serving another client "
+                          f"({describe_holder(device.endpoint)}); serve does not start llama-server on a busy "
+                          "worker", f"stop that client and serve again, or leave {device.endpoint} out of --rpc; "
+                          f"`llamalaunch plan --budget {device.name}=SIZE` plans for it as a what-if", None)
+
+
+def held_elsewhere(devices: Sequence[Device], ignore_pids: Collection[int]) -> str:
+    """"RPC0 127.0.0.1:50052 is serving another client (python3, pid 4242)" for each worker this machine
+    sees held by a client not in `ignore_pids` (joined by "; "); "" when none is."""
+    said: dict[str, str] = {}
+    for device in devices:
+        if device.endpoint and device.endpoint not in said:
+            holder = holder_of(device.endpoint, ignore_pids)
+            said[device.endpoint] = f"{device.name} {device.endpoint} is serving another client ({holder})" \
+                if holder else ""
+    return "; ".join(text for text in said.values() if text)
 
 
 class ListedDevice(NamedTuple):
