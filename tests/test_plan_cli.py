@@ -89,6 +89,7 @@ def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for
     refused = run_cli("plan", str(model), "--assume", "CUDA0=2GiB")
     assert refused.returncode == 2
     assert "'frobnicator' is not supported" in refused.stderr and "Traceback" not in refused.stderr
+    assert "--generic-arch gives a generic estimate" in refused.stderr  # the flag that exists
     generic = run_cli("plan", str(model), "--assume", "CUDA0=2GiB", "--ctx", "2k", "--generic-arch", "--json")
     assert generic.returncode == 0, generic.stderr
     assert any("generic, conservative estimate" in note for note in json.loads(generic.stdout)["notes"])
