@@ -128,6 +128,7 @@ BAD_INPUT = {
     "unknown command": (("frobnicate",), ["frobnicate", "--help"]),
     "devices assume": (("devices", "--assume", "CUDA0=1GiB/zz"), ["'zz'"]),
     "status name": (("status", "--name", "../x", "--once"), ["'../x'"]),
+    "status name too long": (("status", "--name", "n" * 300, "--once"), ["300 characters long", "at most 128"]),
     "worker threads 0": (("worker", "--gpus", "cpu", "-t", "0"), ["-t/--threads"]),
     # serve's own options: refused before anything starts or is written
     "serve port 70000": ((*SERVE, "--port", "70000"), ["--port 70000"]),
@@ -138,6 +139,7 @@ BAD_INPUT = {
     "serve load-timeout 0": ((*SERVE, "--load-timeout", "0"), ["--load-timeout"]),
     "serve host": ((*SERVE, "--host", "not an address"), ["--host", "127.0.0.1"]),
     "serve name": ((*SERVE, "--name", "../etc"), ["'../etc'"]),
+    "serve name too long": ((*SERVE, "--name", "n" * 300), ["300 characters long", "at most 128"]),
     "serve api key file missing": ((*SERVE, "--api-key-file", "MISSING"), ["missing.key"]),
     "serve api key file empty": ((*SERVE, "--api-key-file", "EMPTY_KEY"), ["holds no key"]),
     "serve api key file only comments": ((*SERVE, "--api-key-file", "NO_KEY"), ["holds no key"]),
