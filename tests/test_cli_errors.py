@@ -49,8 +49,12 @@ def files(tmp_path: Path, demo_model: Path) -> dict[str, Path]:
     empty_key, no_key = tmp_path / "empty.key", tmp_path / "comments.key"
     empty_key.write_text("")
     no_key.write_text("# the key goes below\n\n")
+    bad_inventory, twice_inventory = tmp_path / "box.txt", tmp_path / "twice.txt"
+    bad_inventory.write_text("# the box\nCUDA0=24GiB\ngarbage line\n")
+    twice_inventory.write_text("CUDA0=24GiB\n\ncuda0=6GiB  # again\n")
     return {"MODEL": demo_model, "NOT_GGUF": not_gguf, "TRUNCATED": truncated, "EMPTY_KEY": empty_key,
-            "NO_KEY": no_key, "MISSING": tmp_path / "missing.key"}
+            "NO_KEY": no_key, "MISSING": tmp_path / "missing.key", "BAD_INVENTORY": bad_inventory,
+            "TWICE_INVENTORY": twice_inventory}
 
 
 @pytest.fixture
@@ -114,6 +118,9 @@ BAD_INPUT = {
     "assume free above total": (("plan", "MODEL", "--assume", "CUDA0=4GiB/2GiB"), ["larger than total"]),
     "assume twice": (("plan", "MODEL", "--assume", "CUDA0=4GiB", "--assume", "CUDA0=2GiB"), ["twice"]),
     "assume unknown kind": (("plan", "MODEL", "--assume", "FOO0=4GiB"), ["'FOO0'", "CUDA0"]),
+    "inventory bad line": (("plan", "MODEL", "--inventory", "BAD_INVENTORY"), ["box.txt, line 3: 'garbage line'"]),
+    "inventory device twice": (("plan", "MODEL", "--inventory", "TWICE_INVENTORY"),
+                               ["twice.txt, line 3: CUDA0 again (first on line 1)"]),
     "dev duplicate": ((*PLAN, "-dev", "CUDA0,CUDA0"), ["twice"]),
     "dev empty": ((*PLAN, "-dev", ","), ["names no device"]),
     "dev unknown": ((*PLAN, "-dev", "CUDA9"), ["CUDA9"]),
@@ -156,6 +163,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(invoke: Invoke, home: P
     assert_one_error_line(outcome, 2, *words)
     assert "secret" not in outcome.stderr
     assert_nothing_written(home)
+
+
+def test_an_inventory_line_is_named_by_file_and_number(invoke: Invoke, files: dict[str, Path]) -> None:
+    outcome = invoke("devices", "--inventory", "BAD_INVENTORY")
+    assert (outcome.code, outcome.stdout) == (2, "")
+    assert outcome.stderr == (f"error: the inventory {files['BAD_INVENTORY']}, line 3: 'garbage line' is not "
+                              "NAME=FREE[/TOTAL] (write one NAME=FREE[/TOTAL] a line, like CUDA0=24GiB or "
+                              "RPC0=6GiB/8GiB)\n")
 
 
 @pytest.mark.llama
