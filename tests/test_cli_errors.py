@@ -129,6 +129,8 @@ BAD_INPUT = {
     "quantized V without flash attention": ((*PLAN, "-ctv", "q4_0", "-fa", "off"), ["q4_0", "-fa off"]),
     "cache type": ((*PLAN, "-ctk", "q9_9"), ["q9_9", "q8_0"]),
     "flash attn": ((*PLAN, "-fa", "maybe"), ["'maybe'", "auto"]),
+    "rpc empty list": (("plan", "MODEL", "--rpc", ","), ["--rpc ',' names no worker", "HOST:PORT"]),
+    "rpc empty": (("devices", "--rpc", " "), ["--rpc ' ' names no worker"]),
     "rpc nonsense": (("plan", "MODEL", "--rpc", "nonsense"), ["'nonsense'", "HOST:PORT"]),
     "unknown option": ((*PLAN, "--frobnicate"), ["--frobnicate", "--help"]),
     "option without value": ((*PLAN, "--ctx"), ["--ctx"]),
