@@ -25,7 +25,8 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import RunCalibration, load_overheads, overheads_for
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
-from llamalaunch.plan.companions import Companion, draft_companion, mmproj_companion, pin_device, with_reservations
+from llamalaunch.plan.companions import (Companion, check_companion_file, draft_companion, mmproj_companion,
+                                         pin_device, with_reservations)
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.schema import plan_to_dict
@@ -61,6 +62,9 @@ class PlanInputs:
                generic_arch: bool = False) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
+        for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
+            if path:  # checked now: companions are sized only once a device is chosen
+                check_companion_file(path, option)
         problems: list[str] = []
         try:
             toolchain: Toolchain | None = find_toolchain(llama_server)
