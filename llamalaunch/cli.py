@@ -124,6 +124,15 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
     return [*assume, *(read_inventory(inventory) if inventory is not None else [])]
 
 
+def check_model_or_demo(model: str | None, demo: bool) -> None:
+    """One rule for plan, serve and the systemd unit: a model path or --demo, exactly one of them."""
+    if model is None and not demo:
+        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
+    if model is not None and demo:
+        raise BadInputError(f"both a model ({model}) and --demo given", "drop one: MODEL.gguf, or --demo for the "
+                            "bundled SmolLM2-135M")
+
+
 REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
                    "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers")
 
@@ -134,8 +143,7 @@ def plan_inputs(params: dict[str, Any], demo: bool, need_toolchain: bool = False
     from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
 
-    if params["model"] is None and not demo:
-        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
+    check_model_or_demo(params["model"], demo)
     request = build_request(**{key: params[key] for key in REQUEST_OPTIONS}, devices=params["device"],
                             ctx_is_target=ctx_is_target)
     return PlanInputs.gather(model=params["model"], demo=demo, llama_server=params["llama_server"],
@@ -250,7 +258,8 @@ def plan(ctx_: typer.Context,
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @reports_errors
 def serve(ctx_: typer.Context,
-          model: Annotated[Optional[str], typer.Argument(help="GGUF model; none: the bundled demo model.")] = None,
+          model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")]
+          = None,
           demo: Annotated[bool, typer.Option("--demo", help="Serve the bundled demo model.")] = False,
           ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
           batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
@@ -287,7 +296,7 @@ def serve(ctx_: typer.Context,
     backoff = parse_seconds(backoff, "--backoff", 0, 3600)
     load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
     api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
-    inputs = plan_inputs(ctx_.params, demo or model is None, need_toolchain=True, ctx_is_target=True)
+    inputs = plan_inputs(ctx_.params, demo, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
     view = ServeConsole(out, tui=not no_tui and out.is_terminal)

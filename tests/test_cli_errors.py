@@ -94,6 +94,9 @@ BAD_INPUT = {
     "truncated gguf": (("plan", "TRUNCATED", "--assume", "CUDA0=8GiB"), ["truncated.gguf", "truncated"]),
     "model is a folder": (("plan", "/", "--assume", "CUDA0=8GiB"), ["directory"]),
     "no model": (("plan", "--assume", "CUDA0=8GiB"), ["no model", "--demo"]),
+    "serve no model": (SERVE[:1] + SERVE[2:], ["no model", "--demo"]),
+    "model and demo": ((*PLAN, "--demo"), ["both a model", "and --demo given"]),
+    "serve model and demo": ((*SERVE, "--demo"), ["both a model", "and --demo given"]),
     # context and counts
     "ctx 16kk": ((*PLAN, "--ctx", "16kk"), ["'16kk'", "16k"]),
     "ctx -5": ((*PLAN, "--ctx", "-5"), ["'-5'"]),
@@ -165,6 +168,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(invoke: Invoke, home: P
     assert_one_error_line(outcome, 2, *words)
     assert "secret" not in outcome.stderr
     assert_nothing_written(home)
+
+
+@pytest.mark.parametrize("command", ["plan", "serve"])
+def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dict[str, Path], command: str) -> None:
+    """No model is an error for both (no demo served by surprise); a model and --demo together is too."""
+    neither = invoke(command, "--assume", "CUDA0=8GiB", "--no-tui" if command == "serve" else "--json")
+    assert (neither.code, neither.stdout) == (2, "")
+    assert neither.stderr == "error: no model given (pass MODEL.gguf, or --demo for the bundled SmolLM2-135M)\n"
+    both = invoke(command, "MODEL", "--demo", "--assume", "CUDA0=8GiB")
+    assert (both.code, both.stdout) == (2, "")
+    assert both.stderr == (f"error: both a model ({files['MODEL']}) and --demo given (drop one: MODEL.gguf, or "
+                           "--demo for the bundled SmolLM2-135M)\n")
 
 
 def test_an_inventory_line_is_named_by_file_and_number(invoke: Invoke, files: dict[str, Path]) -> None:
