@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
@@ -45,6 +45,18 @@ class OneLineUsageErrors(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         with usage_errors_on_one_line():
             return super().invoke(ctx)
+
+
+class ArgsAfterSeparator(TyperCommand):
+    """serve: the words after `--` are llama-server's, never the MODEL argument (`serve --demo -- --metrics`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--" not in args:
+            return super().parse_args(ctx, args)
+        cut = args.index("--")
+        super().parse_args(ctx, args[:cut])
+        ctx.args = [*ctx.args, *args[cut + 1:]]
+        return ctx.args  # type: ignore[no-any-return]
 
 
 app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven GPUs and RPC workers.",
@@ -255,7 +267,7 @@ def plan(ctx_: typer.Context,
         raise typer.Exit(1)  # CI can rely on --verify
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@app.command(cls=ArgsAfterSeparator, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @reports_errors
 def serve(ctx_: typer.Context,
           model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")]

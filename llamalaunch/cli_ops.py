@@ -18,6 +18,9 @@ from llamalaunch.errors import BadInputError, LaunchError
 
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
+# serve's and worker's options that name files: a unit gets them absolute, checked to exist.
+UNIT_PATH_OPTIONS = ("model", "api_key_file", "inventory", "mmproj", "draft")
+UNIT_PROGRAM_OPTIONS = ("llama_server", "rpc_server")  # a path, or a command name on PATH
 _REGISTERED = "_llamalaunch_ops_registered"
 
 
@@ -261,12 +264,14 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
         raise BadInputError("--run-as is for system units", "drop --run-as, or drop --user")
     profile_args: list[str] = []
     profile_keys: set[str] = set()
+    notes: list[str] = []
     if config is not None:
         from llamalaunch.config import load_profile
 
         profile = load_profile(config.expanduser().resolve())
         profile_args = ["--config", str(profile.path)]
         profile_keys = set(profile.settings)
+        notes += filter(None, [systemd.private_tmp_note("--config", profile.path)])
     command = "serve" if kind == "server" else "worker"
     if kind == "worker" and "--" in args:
         raise BadInputError("worker takes no arguments after --", "give worker options only")
@@ -274,6 +279,11 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
         raise BadInputError("--gpus is the unit's instance name", "enable llamalaunch-worker@0 (GPU 0), "
                                                                   "@1, ... or @cpu instead")
     parsed = _check_options(ctx, command, (["--gpus", "all"] if kind == "worker" else []) + args)
+    if kind == "server" and parsed and not {"model", "demo"} & profile_keys:
+        _cli().check_model_or_demo(parsed.get("model"), bool(parsed.get("demo")))
+    args, path_notes = systemd.absolute_paths(args, _path_options(ctx, command), Path(os.getcwd()))
+    for note in [*notes, *path_notes]:
+        _cli().err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
     pinned = _pinned_binaries(kind, args, profile_keys)
     options = systemd.UnitOptions(
         launcher=systemd.launcher_argv(),
@@ -285,6 +295,19 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
         port_base=int(parsed.get("port_base") or 50052))
     instances = _worker_instances() if kind == "worker" else []
     return systemd.render(kind, options), instances
+
+
+def _path_options(ctx: typer.Context, command: str) -> Any:
+    """Which of `command`'s options take a value, and which of those are paths (from its click table)."""
+    from llamalaunch.launch.systemd import PathOptions
+
+    target = getattr(ctx.find_root().command, "commands", {})[command]
+    takes_value = {spelling: param.name for param in target.params
+                   if param.param_type_name == "option" and not getattr(param, "is_flag", False)
+                   and not getattr(param, "count", False) for spelling in (*param.opts, *param.secondary_opts)}
+    positional = next((param.name for param in target.params if param.param_type_name == "argument"), None)
+    return PathOptions(takes_value, paths=frozenset(UNIT_PATH_OPTIONS), programs=frozenset(UNIT_PROGRAM_OPTIONS),
+                       positional=positional if positional in UNIT_PATH_OPTIONS else None)
 
 
 def _check_options(ctx: typer.Context, command: str, args: list[str]) -> dict[str, Any]:

@@ -157,6 +157,8 @@ BAD_INPUT = {
     "serve api key file only comments": ((*SERVE, "--api-key-file", "NO_KEY"), ["holds no key"]),
     "serve api key on argv": ((*SERVE, "--", "--api-key", "secret"), ["--api-key-file"]),
     "serve planned flag after --": ((*SERVE, "--", "-ngl", "5"), ["-ngl", "--force"]),
+    # after --, a word is llama-server's even with --demo: never taken for the MODEL argument
+    "serve demo planned flag after --": (("serve", *SERVE[2:], "--demo", "--", "-ngl", "5"), ["-ngl", "--force"]),
 }
 
 
