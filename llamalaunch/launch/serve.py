@@ -255,6 +255,7 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
 
     calibration = RunCalibration()
+    noted: set[str] = set()
 
     def record_and_show(event: SupervisorEvent) -> None:
         problem = recorder.record(event, supervisor)
@@ -262,6 +263,10 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
         on_event(event)
         if problem is not None:
             on_event(SupervisorEvent("warning", problem))
+        for note in event.plan.notes if event.plan is not None else ():
+            if note not in noted:  # once: a restart re-plans the same way
+                noted.add(note)
+                on_event(SupervisorEvent("note", note))
 
     supervisor = Supervisor(options, inputs.plan, record_and_show)
     recorder.url = supervisor.base_url
