@@ -278,9 +278,9 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
     if kind == "worker" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in args):
         raise BadInputError("--gpus is the unit's instance name", "enable llamalaunch-worker@0 (GPU 0), "
                                                                   "@1, ... or @cpu instead")
-    parsed = _check_options(ctx, command, (["--gpus", "all"] if kind == "worker" else []) + args)
-    if kind == "server" and parsed and not {"model", "demo"} & profile_keys:
-        _cli().check_model_or_demo(parsed.get("model"), bool(parsed.get("demo")))
+    # A profile given here is not in the parse below: then its model or demo key decides at start.
+    parsed = _check_options(ctx, command, (["--gpus", "all"] if kind == "worker" else []) + args,
+                            choose_model=kind == "server" and not {"model", "demo"} & profile_keys)
     args, path_notes = systemd.absolute_paths(args, _path_options(ctx, command), Path(os.getcwd()))
     for note in [*notes, *path_notes]:
         _cli().err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
@@ -310,17 +310,23 @@ def _path_options(ctx: typer.Context, command: str) -> Any:
                        positional=positional if positional in UNIT_PATH_OPTIONS else None)
 
 
-def _check_options(ctx: typer.Context, command: str, args: list[str]) -> dict[str, Any]:
-    """Parse the options the unit will pass with the real command, so a typo fails now, not at boot."""
+def _check_options(ctx: typer.Context, command: str, args: list[str], choose_model: bool = False
+                   ) -> dict[str, Any]:
+    """Parse the options the unit will pass with the real command, so a typo fails now, not at boot
+    (with `choose_model`, serve's model-or-demo rule too)."""
     root = ctx.find_root()
     target = getattr(root.command, "commands", {}).get(command)
     if target is None or "--help" in args or "-h" in args:
         return {}
     try:
         with target.make_context(command, list(args), parent=root) as sub:
+            if choose_model:
+                _cli().chosen_model(sub)
             return dict(sub.params)
     except typer.Exit:
         return {}
+    except LaunchError:
+        raise
     except Exception as error:  # noqa: BLE001  # click's UsageError lives in typer's private copy of click
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         raise BadInputError(f"{command} options for the unit: {message}",

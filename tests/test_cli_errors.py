@@ -8,6 +8,7 @@ probe, and `--llama-server` points at the built binary, so nothing but the bad v
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -182,6 +183,18 @@ def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dic
     assert (both.code, both.stdout) == (2, "")
     assert both.stderr == (f"error: both a model ({files['MODEL']}) and --demo given (drop one: MODEL.gguf, or "
                            "--demo for the bundled SmolLM2-135M)\n")
+
+
+def test_the_command_line_wins_over_a_profile_or_environment_model(invoke: Invoke, files: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scripts/run-demo` (serve --demo) with a default profile naming a model: --demo, as given, wins."""
+    monkeypatch.setenv("LLAMALAUNCH_MODEL", str(files["NOT_GGUF"]))
+    demo = invoke("plan", "--demo", "--assume", "CUDA0=8GiB", "--json")
+    assert demo.code == 0 and json.loads(demo.stdout)["model"]["path"] == str(files["MODEL"]), demo
+    monkeypatch.delenv("LLAMALAUNCH_MODEL")
+    monkeypatch.setenv("LLAMALAUNCH_DEMO", "true")
+    model = invoke("plan", "NOT_GGUF", "--assume", "CUDA0=8GiB")
+    assert model.code == 2 and "notes.gguf" in model.stderr, model  # the model given, not the demo
 
 
 def test_an_inventory_line_is_named_by_file_and_number(invoke: Invoke, files: dict[str, Path]) -> None:
