@@ -266,12 +266,15 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
     profile_keys: set[str] = set()
     notes: list[str] = []
     if config is not None:
-        from llamalaunch.config import load_profile
+        from llamalaunch.config import KEYS_BY_NAME, load_profile
 
         profile = load_profile(config.expanduser().resolve())
         profile_args = ["--config", str(profile.path)]
         profile_keys = set(profile.settings)
         notes += filter(None, [systemd.private_tmp_note("--config", profile.path)])
+        notes += filter(None, [systemd.unit_path(str(setting.value), f"{profile.path}: {setting.key} =",
+                                                 Path("/"))[1]
+                               for setting in profile.settings.values() if KEYS_BY_NAME[setting.key].kind == "path"])
     command = "serve" if kind == "server" else "worker"
     if kind == "worker" and "--" in args:
         raise BadInputError("worker takes no arguments after --", "give worker options only")

@@ -187,8 +187,13 @@ def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path:
         "elsewhere\n" in result.stderr
     missing = invoke(app, ["systemd", "server", "--user", "m.gguf", "--mmproj", "nope.gguf"])
     assert (missing.exit_code, missing.stdout) == (2, "")
-    assert missing.stderr == (f"error: --mmproj nope.gguf: {folder}/nope.gguf does not exist (give the unit a "
+    assert missing.stderr == (f"error: --mmproj nope.gguf ({folder}/nope.gguf) does not exist (give the unit a "
                               "path that exists; a relative one is taken from this folder)\n")
+    profile = folder / "p.toml"
+    profile.write_text('model = "m.gguf"\napi_key_file = "nokey"\n', encoding="utf-8")
+    in_profile = invoke(app, ["systemd", "server", "--user", "--config", "p.toml"])
+    assert (in_profile.exit_code, in_profile.stdout) == (2, "")
+    assert in_profile.stderr.startswith(f"error: {profile}: api_key_file = {folder}/nokey does not exist (")
 
 
 def test_systemd_server_needs_a_model_or_demo(app: typer.Typer) -> None:

@@ -188,13 +188,23 @@ def _unit_path(value: str, option: str, param: str, options: PathOptions, cwd: P
         return value
     if param in options.programs and "/" not in value and not value.startswith("~"):
         return value  # a command name, found on the unit's PATH (or pinned with Environment=)
+    path, note = unit_path(value, option, cwd)
+    notes += [note] if note else []
+    return str(path)
+
+
+def unit_path(value: str, what: str, cwd: Path) -> tuple[Path, str | None]:
+    """`value` as an absolute path that exists, and a note when the unit's private /tmp hides it.
+
+    Raises:
+        BadInputError: it does not exist.
+    """
     path = Path(os.path.normpath(cwd / Path(value).expanduser()))
     if not path.exists():
-        raise BadInputError(f"{option} {value}: {path} does not exist",
+        shown = str(path) if value == str(path) else f"{value} ({path})"
+        raise BadInputError(f"{what} {shown} does not exist",
                             "give the unit a path that exists; a relative one is taken from this folder")
-    if note := private_tmp_note(option, path):
-        notes.append(note)
-    return str(path)
+    return path, private_tmp_note(what, path)
 
 
 def private_tmp_note(option: str, path: Path) -> str | None:
