@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
@@ -46,6 +46,18 @@ class OneLineUsageErrors(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         with usage_errors_on_one_line():
             return super().invoke(ctx)
+
+
+class ArgsAfterSeparator(TyperCommand):
+    """serve: the words after `--` are llama-server's, never the MODEL argument (`serve --demo -- --metrics`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--" not in args:
+            return super().parse_args(ctx, args)
+        cut = args.index("--")
+        super().parse_args(ctx, args[:cut])
+        ctx.args = [*ctx.args, *args[cut + 1:]]
+        return ctx.args  # type: ignore[no-any-return]
 
 
 app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven GPUs and RPC workers.",
@@ -129,22 +141,44 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
     return [*assume, *(read_inventory(inventory) if inventory is not None else [])]
 
 
+def chosen_model(ctx: Any) -> tuple[str | None, bool]:
+    """(model, demo) for plan, serve and the systemd unit: a model path or --demo, exactly one.
+
+    Both at the same level (both on the command line, or both from the profile and environment) is an
+    error; otherwise the command line wins, as it does for every option (--demo over a profile's model).
+    """
+    model, demo = ctx.params.get("model"), bool(ctx.params.get("demo"))
+    if model is None and not demo:
+        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
+    if model is None or not demo:
+        return model, demo
+    model_rank, demo_rank = _given_rank(ctx, "model"), _given_rank(ctx, "demo")
+    if model_rank == demo_rank:
+        raise BadInputError(f"both a model ({model}) and --demo given", "drop one: MODEL.gguf, or --demo for the "
+                            "bundled SmolLM2-135M")
+    return (model, False) if model_rank > demo_rank else (None, True)
+
+
+def _given_rank(ctx: Any, name: str) -> int:
+    source = ctx.get_parameter_source(name)
+    return 2 if source is not None and source.name == "COMMANDLINE" else 1
+
+
 REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
                    "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers",
                    "cpu_experts")
 
 
-def plan_inputs(params: dict[str, Any], demo: bool, need_toolchain: bool = False,
-                ctx_is_target: bool = False) -> Any:
+def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target: bool = False) -> Any:
     """Shared by plan and serve: everything the planner needs, from the command's parsed options."""
     from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
 
-    if params["model"] is None and not demo:
-        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
+    params = ctx.params
+    model, demo = chosen_model(ctx)
     request = build_request(**{key: params[key] for key in REQUEST_OPTIONS}, devices=params["device"],
                             ctx_is_target=ctx_is_target)
-    return PlanInputs.gather(model=params["model"], demo=demo, llama_server=params["llama_server"],
+    return PlanInputs.gather(model=model, demo=demo, llama_server=params["llama_server"],
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"])
@@ -238,7 +272,7 @@ def plan(ctx_: typer.Context,
     from llamalaunch.observe.render import command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
-    inputs = plan_inputs(ctx_.params, demo)
+    inputs = plan_inputs(ctx_)
     result = inputs.plan()
     checked = inputs.verify(result) if verify else None
     if as_json:
@@ -254,10 +288,11 @@ def plan(ctx_: typer.Context,
         raise typer.Exit(1)  # CI can rely on --verify
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@app.command(cls=ArgsAfterSeparator, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @reports_errors
 def serve(ctx_: typer.Context,
-          model: Annotated[Optional[str], typer.Argument(help="GGUF model; none: the bundled demo model.")] = None,
+          model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")]
+          = None,
           demo: Annotated[bool, typer.Option("--demo", help="Serve the bundled demo model.")] = False,
           ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
           batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
@@ -296,7 +331,7 @@ def serve(ctx_: typer.Context,
     backoff = parse_seconds(backoff, "--backoff", 0, 3600)
     load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
     api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
-    inputs = plan_inputs(ctx_.params, demo or model is None, need_toolchain=True, ctx_is_target=True)
+    inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
     view = ServeConsole(out, tui=not no_tui and out.is_terminal)

@@ -18,6 +18,9 @@ from llamalaunch.errors import BadInputError, LaunchError
 
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
+# serve's and worker's options that name files: a unit gets them absolute, checked to exist.
+UNIT_PATH_OPTIONS = ("model", "api_key_file", "inventory", "mmproj", "draft")
+UNIT_PROGRAM_OPTIONS = ("llama_server", "rpc_server")  # a path, or a command name on PATH
 _REGISTERED = "_llamalaunch_ops_registered"
 
 
@@ -272,19 +275,29 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
         raise BadInputError("--run-as is for system units", "drop --run-as, or drop --user")
     profile_args: list[str] = []
     profile_keys: set[str] = set()
+    notes: list[str] = []
     if config is not None:
-        from llamalaunch.config import load_profile
+        from llamalaunch.config import KEYS_BY_NAME, load_profile
 
         profile = load_profile(config.expanduser().resolve())
         profile_args = ["--config", str(profile.path)]
         profile_keys = set(profile.settings)
+        notes += filter(None, [systemd.private_tmp_note("--config", profile.path)])
+        notes += filter(None, [systemd.unit_path(str(setting.value), f"{profile.path}: {setting.key} =",
+                                                 Path("/"))[1]
+                               for setting in profile.settings.values() if KEYS_BY_NAME[setting.key].kind == "path"])
     command = "serve" if kind == "server" else "worker"
     if kind == "worker" and "--" in args:
         raise BadInputError("worker takes no arguments after --", "give worker options only")
     if kind == "worker" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in args):
         raise BadInputError("--gpus is the unit's instance name", "enable llamalaunch-worker@0 (GPU 0), "
                                                                   "@1, ... or @cpu instead")
-    parsed = _check_options(ctx, command, (["--gpus", "all"] if kind == "worker" else []) + args)
+    # A profile given here is not in the parse below: then its model or demo key decides at start.
+    parsed = _check_options(ctx, command, (["--gpus", "all"] if kind == "worker" else []) + args,
+                            choose_model=kind == "server" and not {"model", "demo"} & profile_keys)
+    args, path_notes = systemd.absolute_paths(args, _path_options(ctx, command), Path(os.getcwd()))
+    for note in [*notes, *path_notes]:
+        _cli().err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
     pinned = _pinned_binaries(kind, args, profile_keys)
     options = systemd.UnitOptions(
         launcher=systemd.launcher_argv(),
@@ -298,17 +311,36 @@ def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, e
     return systemd.render(kind, options), instances
 
 
-def _check_options(ctx: typer.Context, command: str, args: list[str]) -> dict[str, Any]:
-    """Parse the options the unit will pass with the real command, so a typo fails now, not at boot."""
+def _path_options(ctx: typer.Context, command: str) -> Any:
+    """Which of `command`'s options take a value, and which of those are paths (from its click table)."""
+    from llamalaunch.launch.systemd import PathOptions
+
+    target = getattr(ctx.find_root().command, "commands", {})[command]
+    takes_value = {spelling: param.name for param in target.params
+                   if param.param_type_name == "option" and not getattr(param, "is_flag", False)
+                   and not getattr(param, "count", False) for spelling in (*param.opts, *param.secondary_opts)}
+    positional = next((param.name for param in target.params if param.param_type_name == "argument"), None)
+    return PathOptions(takes_value, paths=frozenset(UNIT_PATH_OPTIONS), programs=frozenset(UNIT_PROGRAM_OPTIONS),
+                       positional=positional if positional in UNIT_PATH_OPTIONS else None)
+
+
+def _check_options(ctx: typer.Context, command: str, args: list[str], choose_model: bool = False
+                   ) -> dict[str, Any]:
+    """Parse the options the unit will pass with the real command, so a typo fails now, not at boot
+    (with `choose_model`, serve's model-or-demo rule too)."""
     root = ctx.find_root()
     target = getattr(root.command, "commands", {}).get(command)
     if target is None or "--help" in args or "-h" in args:
         return {}
     try:
         with target.make_context(command, list(args), parent=root) as sub:
+            if choose_model:
+                _cli().chosen_model(sub)
             return dict(sub.params)
     except typer.Exit:
         return {}
+    except LaunchError:
+        raise
     except Exception as error:  # noqa: BLE001  # click's UsageError lives in typer's private copy of click
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         raise BadInputError(f"{command} options for the unit: {message}",

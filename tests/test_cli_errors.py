@@ -8,6 +8,7 @@ probe, and `--llama-server` points at the built binary, so nothing but the bad v
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,8 +50,12 @@ def files(tmp_path: Path, demo_model: Path) -> dict[str, Path]:
     empty_key, no_key = tmp_path / "empty.key", tmp_path / "comments.key"
     empty_key.write_text("")
     no_key.write_text("# the key goes below\n\n")
+    bad_inventory, twice_inventory = tmp_path / "box.txt", tmp_path / "twice.txt"
+    bad_inventory.write_text("# the box\nCUDA0=24GiB\ngarbage line\n")
+    twice_inventory.write_text("CUDA0=24GiB\n\ncuda0=6GiB  # again\n")
     return {"MODEL": demo_model, "NOT_GGUF": not_gguf, "TRUNCATED": truncated, "EMPTY_KEY": empty_key,
-            "NO_KEY": no_key, "MISSING": tmp_path / "missing.key"}
+            "NO_KEY": no_key, "MISSING": tmp_path / "missing.key", "BAD_INVENTORY": bad_inventory,
+            "TWICE_INVENTORY": twice_inventory}
 
 
 @pytest.fixture
@@ -90,6 +95,9 @@ BAD_INPUT = {
     "truncated gguf": (("plan", "TRUNCATED", "--assume", "CUDA0=8GiB"), ["truncated.gguf", "truncated"]),
     "model is a folder": (("plan", "/", "--assume", "CUDA0=8GiB"), ["directory"]),
     "no model": (("plan", "--assume", "CUDA0=8GiB"), ["no model", "--demo"]),
+    "serve no model": (SERVE[:1] + SERVE[2:], ["no model", "--demo"]),
+    "model and demo": ((*PLAN, "--demo"), ["both a model", "and --demo given"]),
+    "serve model and demo": ((*SERVE, "--demo"), ["both a model", "and --demo given"]),
     # context and counts
     "ctx 16kk": ((*PLAN, "--ctx", "16kk"), ["'16kk'", "16k"]),
     "ctx -5": ((*PLAN, "--ctx", "-5"), ["'-5'"]),
@@ -114,6 +122,9 @@ BAD_INPUT = {
     "assume free above total": (("plan", "MODEL", "--assume", "CUDA0=4GiB/2GiB"), ["larger than total"]),
     "assume twice": (("plan", "MODEL", "--assume", "CUDA0=4GiB", "--assume", "CUDA0=2GiB"), ["twice"]),
     "assume unknown kind": (("plan", "MODEL", "--assume", "FOO0=4GiB"), ["'FOO0'", "CUDA0"]),
+    "inventory bad line": (("plan", "MODEL", "--inventory", "BAD_INVENTORY"), ["box.txt, line 3: 'garbage line'"]),
+    "inventory device twice": (("plan", "MODEL", "--inventory", "TWICE_INVENTORY"),
+                               ["twice.txt, line 3: CUDA0 again (first on line 1)"]),
     "dev duplicate": ((*PLAN, "-dev", "CUDA0,CUDA0"), ["twice"]),
     "dev empty": ((*PLAN, "-dev", ","), ["names no device"]),
     "dev unknown": ((*PLAN, "-dev", "CUDA9"), ["CUDA9"]),
@@ -122,12 +133,15 @@ BAD_INPUT = {
     "quantized V without flash attention": ((*PLAN, "-ctv", "q4_0", "-fa", "off"), ["q4_0", "-fa off"]),
     "cache type": ((*PLAN, "-ctk", "q9_9"), ["q9_9", "q8_0"]),
     "flash attn": ((*PLAN, "-fa", "maybe"), ["'maybe'", "auto"]),
+    "rpc empty list": (("plan", "MODEL", "--rpc", ","), ["--rpc ',' names no worker", "HOST:PORT"]),
+    "rpc empty": (("devices", "--rpc", " "), ["--rpc ' ' names no worker"]),
     "rpc nonsense": (("plan", "MODEL", "--rpc", "nonsense"), ["'nonsense'", "HOST:PORT"]),
     "unknown option": ((*PLAN, "--frobnicate"), ["--frobnicate", "--help"]),
     "option without value": ((*PLAN, "--ctx"), ["--ctx"]),
     "unknown command": (("frobnicate",), ["frobnicate", "--help"]),
     "devices assume": (("devices", "--assume", "CUDA0=1GiB/zz"), ["'zz'"]),
     "status name": (("status", "--name", "../x", "--once"), ["'../x'"]),
+    "status name too long": (("status", "--name", "n" * 300, "--once"), ["300 characters long", "at most 128"]),
     "worker threads 0": (("worker", "--gpus", "cpu", "-t", "0"), ["-t/--threads"]),
     # serve's own options: refused before anything starts or is written
     "serve port 70000": ((*SERVE, "--port", "70000"), ["--port 70000"]),
@@ -138,6 +152,7 @@ BAD_INPUT = {
     "serve load-timeout 0": ((*SERVE, "--load-timeout", "0"), ["--load-timeout"]),
     "serve host": ((*SERVE, "--host", "not an address"), ["--host", "127.0.0.1"]),
     "serve name": ((*SERVE, "--name", "../etc"), ["'../etc'"]),
+    "serve name too long": ((*SERVE, "--name", "n" * 300), ["300 characters long", "at most 128"]),
     "serve api key file missing": ((*SERVE, "--api-key-file", "MISSING"), ["missing.key"]),
     "serve api key file empty": ((*SERVE, "--api-key-file", "EMPTY_KEY"), ["holds no key"]),
     "serve api key file only comments": ((*SERVE, "--api-key-file", "NO_KEY"), ["holds no key"]),
@@ -145,6 +160,8 @@ BAD_INPUT = {
     "serve planned flag after --": ((*SERVE, "--", "-ngl", "5"), ["-ngl", "--force"]),
     "serve own expert placement after --": ((*SERVE, "--", "--n-cpu-moe", "5"), ["--n-cpu-moe", "--force"]),
     "serve cpu-experts negative": ((*SERVE, "--cpu-experts", "-1"), ["--cpu-experts"]),
+    # after --, a word is llama-server's even with --demo: never taken for the MODEL argument
+    "serve demo planned flag after --": (("serve", *SERVE[2:], "--demo", "--", "-ngl", "5"), ["-ngl", "--force"]),
 }
 
 
@@ -156,6 +173,38 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(invoke: Invoke, home: P
     assert_one_error_line(outcome, 2, *words)
     assert "secret" not in outcome.stderr
     assert_nothing_written(home)
+
+
+@pytest.mark.parametrize("command", ["plan", "serve"])
+def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dict[str, Path], command: str) -> None:
+    """No model is an error for both (no demo served by surprise); a model and --demo together is too."""
+    neither = invoke(command, "--assume", "CUDA0=8GiB", "--no-tui" if command == "serve" else "--json")
+    assert (neither.code, neither.stdout) == (2, "")
+    assert neither.stderr == "error: no model given (pass MODEL.gguf, or --demo for the bundled SmolLM2-135M)\n"
+    both = invoke(command, "MODEL", "--demo", "--assume", "CUDA0=8GiB")
+    assert (both.code, both.stdout) == (2, "")
+    assert both.stderr == (f"error: both a model ({files['MODEL']}) and --demo given (drop one: MODEL.gguf, or "
+                           "--demo for the bundled SmolLM2-135M)\n")
+
+
+def test_the_command_line_wins_over_a_profile_or_environment_model(invoke: Invoke, files: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scripts/run-demo` (serve --demo) with a default profile naming a model: --demo, as given, wins."""
+    monkeypatch.setenv("LLAMALAUNCH_MODEL", str(files["NOT_GGUF"]))
+    demo = invoke("plan", "--demo", "--assume", "CUDA0=8GiB", "--json")
+    assert demo.code == 0 and json.loads(demo.stdout)["model"]["path"] == str(files["MODEL"]), demo
+    monkeypatch.delenv("LLAMALAUNCH_MODEL")
+    monkeypatch.setenv("LLAMALAUNCH_DEMO", "true")
+    model = invoke("plan", "NOT_GGUF", "--assume", "CUDA0=8GiB")
+    assert model.code == 2 and "notes.gguf" in model.stderr, model  # the model given, not the demo
+
+
+def test_an_inventory_line_is_named_by_file_and_number(invoke: Invoke, files: dict[str, Path]) -> None:
+    outcome = invoke("devices", "--inventory", "BAD_INVENTORY")
+    assert (outcome.code, outcome.stdout) == (2, "")
+    assert outcome.stderr == (f"error: the inventory {files['BAD_INVENTORY']}, line 3: 'garbage line' is not "
+                              "NAME=FREE[/TOTAL] (write one NAME=FREE[/TOTAL] a line, like CUDA0=24GiB or "
+                              "RPC0=6GiB/8GiB)\n")
 
 
 @pytest.mark.llama

@@ -23,7 +23,7 @@ def plan_json(*args: str) -> dict:
 
 def test_mmproj_is_reserved_on_the_first_device_and_pinned_there(demo_model: Path, tmp_path: Path) -> None:
     projector = tmp_path / "mmproj.gguf"
-    projector.write_bytes(b"\0" * (8 * MIB))
+    projector.write_bytes(b"GGUF" + b"\0" * (8 * MIB - 4))
     plan = plan_json(str(demo_model), "--assume", "CUDA0=2GiB", "--assume", "CUDA1=2GiB", "--ctx", "4k",
                      "--mmproj", str(projector))
     first = plan["devices"][0] if plan["devices"][0]["name"] == "CUDA0" else plan["devices"][1]
@@ -39,6 +39,18 @@ def test_a_missing_companion_file_is_one_line(demo_model: Path) -> None:
                              "--draft", "/nonexistent/draft.gguf"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --draft /nonexistent/draft.gguf: No such file or directory")
+
+
+@pytest.mark.parametrize("option", ["--mmproj", "--draft"])
+def test_a_companion_that_is_not_gguf_is_one_line(demo_model: Path, tmp_path: Path, option: str) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a projector\n")
+    for where in ("CUDA0=2GiB", "CPU=8GiB"):  # also where no device gets the companion
+        result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(demo_model), "--assume", where,
+                                 option, str(notes)], capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (f"error: {option} {notes} is not a GGUF file (it starts with b'my n') (give "
+                                 f"{option} the .gguf file llama.cpp loads)\n")
 
 
 @pytest.mark.llama

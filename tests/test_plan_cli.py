@@ -89,6 +89,7 @@ def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for
     refused = run_cli("plan", str(model), "--assume", "CUDA0=2GiB")
     assert refused.returncode == 2
     assert "'frobnicator' is not supported" in refused.stderr and "Traceback" not in refused.stderr
+    assert "--generic-arch gives a generic estimate" in refused.stderr  # the flag that exists
     generic = run_cli("plan", str(model), "--assume", "CUDA0=2GiB", "--ctx", "2k", "--generic-arch", "--json")
     assert generic.returncode == 0, generic.stderr
     assert any("generic, conservative estimate" in note for note in json.loads(generic.stdout)["notes"])
@@ -115,3 +116,31 @@ def test_verify_names_the_devices_of_a_worker_that_exposes_two(demo_model: Path,
     checked = json.loads(result.stdout)["verify"]
     assert {row["device"] for row in checked} == {"RPC0", "RPC1", "RPC2", "Host"}
     assert all(row["within_tolerance"] for row in checked), checked
+
+
+def test_does_not_fit_names_what_took_the_memory(demo_model: Path) -> None:
+    """A 300 MiB card: the default CUDA overhead takes it all; --ctx max names no context it never asked for."""
+    refused = run_cli("plan", str(demo_model), "--assume", "CUDA0=300MiB")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        "error: Smollm2 135M 8k Lc100K Mix1 Ep2 at any context down to --ctx-min 256 (--ctx max) does not fit on "
+        "CUDA0: 300.0 MiB free - 640.0 MiB CUDA overhead (--overhead) - 15.0 MiB margin (--margin) = nothing left "
+        "(no layer fits even at the smallest context: free memory, add devices, or lower --overhead or --margin)\n")
+    fits = run_cli("plan", str(demo_model), "--assume", "CUDA0=300MiB", "--overhead", "CUDA=100MiB", "--json")
+    assert fits.returncode == 0, fits.stderr
+
+
+def test_the_plan_says_when_it_does_other_than_asked(demo_model: Path) -> None:
+    """--ctx 8193 runs as 8448, past the demo model's 8192 trained tokens: both said, in the table and the JSON."""
+    args = ("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--ctx", "8193", "--budget", "CUDA0=32GiB")
+    notes = ["--ctx 8193 becomes 8448: llama.cpp sizes the context in steps of 256",
+             "ctx 8448 is beyond the 8192 tokens the model was trained on: llama-server uses 8448, but output past "
+             "8192 tokens may degrade",
+             "--budget CUDA0=32.00 GiB is above its 24.00 GiB free: the plan uses at most the free memory"]
+    as_json = run_cli(*args, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["notes"] == notes
+    table = run_cli(*args)
+    assert table.returncode == 0, table.stderr
+    for note in notes:
+        assert note in table.stdout

@@ -199,3 +199,54 @@ def test_the_suggested_context_respects_a_forced_layer_count(llama_8b: ModelProf
     make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=suggested, n_gpu_layers=20), OPTIONS)
     with pytest.raises(PlanError):
         make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=suggested + 256, n_gpu_layers=20), OPTIONS)
+
+
+# --- what the refusal and the notes say (issue 15) ----------------------------------------------------------
+
+
+def test_a_refusal_names_what_took_the_memory(llama_8b: ModelProfile) -> None:
+    """The CUDA overhead, the reservation, the budget and the margin, each with the option that sets it."""
+    devices = [rpc(0, 2 * GIB, "10.0.0.5:50052"), cuda(0, 1 * GIB, order=1)]
+    request = Request(ctx_tokens=8192, budget_bytes={"RPC0": 512 * MIB}, reserve_bytes={"CUDA0": 256 * MIB})
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_8b, devices, request, OPTIONS)
+    assert raised.value.message == (
+        "synthetic llama 32x4096 at ctx 8192 does not fit on RPC0: 512.0 MiB budget (--budget) of 2.00 GiB free - "
+        "25.6 MiB margin (--margin) = 486.4 MiB left; CUDA0: 1.00 GiB free - 640.0 MiB CUDA overhead (--overhead) "
+        "- 256.0 MiB reserved (--reserve, --mmproj, --draft) - 51.2 MiB margin (--margin) = 76.8 MiB left")
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_8b, [cuda(0, 600 * MIB)], Request(ctx_tokens=8192), OPTIONS, {"CUDA0": 700 * MIB})
+    assert raised.value.message.endswith("CUDA0: 600.0 MiB free - 700.0 MiB CUDA overhead (--overhead) - 30.0 MiB "
+                                         "margin (--margin) = nothing left")
+    assert raised.value.hint == ("no layer fits even at the smallest context: free memory, add devices, or lower "
+                                 "--overhead or --margin")
+
+
+def test_a_refusal_at_ctx_max_names_no_context_it_was_not_asked_for(llama_70b: ModelProfile) -> None:
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=None, ctx_min_tokens=1024), OPTIONS)
+    text = str(raised.value)
+    assert text.startswith("synthetic llama 80x8192 at any context down to --ctx-min 1024 (--ctx max) does not "
+                           "fit on CUDA0: 24.00 GiB free")
+    assert "at ctx 4096 does not fit" not in text
+
+
+def test_a_context_rounded_up_or_beyond_training_is_noted(llama_8b: ModelProfile) -> None:
+    plan = make_plan(llama_8b, [cuda(0, 80 * GIB)], Request(ctx_tokens=8193), OPTIONS)
+    assert plan.ctx_tokens == 8448
+    assert plan.notes == ("--ctx 8193 becomes 8448: llama.cpp sizes the context in steps of 256",)
+    beyond = llama_8b.n_ctx_train + 4096
+    plan = make_plan(llama_8b, [cuda(0, 80 * GIB)], Request(ctx_tokens=beyond), OPTIONS)
+    assert plan.ctx_tokens == beyond
+    assert plan.notes == (f"ctx {beyond} is beyond the {llama_8b.n_ctx_train} tokens the model was trained on: "
+                          f"llama-server uses {beyond}, but output past {llama_8b.n_ctx_train} tokens may degrade",)
+    assert make_plan(llama_8b, [cuda(0, 80 * GIB)], Request(ctx_tokens=8192), OPTIONS).notes == ()
+
+
+def test_a_smaller_context_than_asked_and_a_budget_above_free_are_noted(llama_8b: ModelProfile) -> None:
+    request = Request(ctx_tokens=131072, ctx_is_target=True, ctx_min_tokens=1024, budget_bytes={"CUDA0": 64 * GIB})
+    plan = make_plan(llama_8b, [cuda(0, 8 * GIB)], request, OPTIONS)
+    assert 1024 <= plan.ctx_tokens < 131072
+    assert plan.notes == (
+        f"--ctx 131072 does not fit: ctx {plan.ctx_tokens} is used, the largest that does (--ctx-min 1024)",
+        "--budget CUDA0=64.00 GiB is above its 8.00 GiB free: the plan uses at most the free memory")

@@ -68,6 +68,19 @@ def test_serves_on_two_workers_as_planned_and_stops_on_sigterm(
     assert " stopped: " in run.output and "Traceback" not in run.output
 
 
+def test_serve_shows_the_plan_notes_once(serve: StartServe, demo_model: Path) -> None:
+    """What the plan does other than asked (--ctx 8193 runs as 8448, past the trained 8192) is said while serving."""
+    run = serve(demo_model, "--ctx", "8193")
+    _, _url, ctx = run.wait_ready()
+    assert ctx == 8448
+    notes = [line.split(" note: ", 1)[1] for line in run.stdout if " note: " in line]
+    assert notes == ["--ctx 8193 becomes 8448: llama.cpp sizes the context in steps of 256",
+                     "ctx 8448 is beyond the 8192 tokens the model was trained on: llama-server uses 8448, but "
+                     "output past 8192 tokens may degrade"]
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 128 + signal.SIGTERM
+
+
 # --- 2. the launcher killed outright ----------------------------------------------------------------
 
 

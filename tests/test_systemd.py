@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -135,17 +136,17 @@ def test_worker_template_takes_the_gpu_from_the_instance() -> None:
 
 
 def test_systemd_server_prints_the_unit_with_the_same_options(app: typer.Typer) -> None:
-    result = invoke(app, ["systemd", "server", "--ctx", "16k", "--rpc", "10.0.0.5:50052", "--", "--metrics",
+    result = invoke(app, ["systemd", "server", "--demo", "--ctx", "16k", "--rpc", "10.0.0.5:50052", "--", "--metrics",
                           "--alias", "my model"])
     assert result.exit_code == 0, result.output
     exec_start = directives(result.stdout)["ExecStart"][0]
-    assert exec_start.endswith('serve --ctx 16k --rpc 10.0.0.5:50052 -- --metrics --alias "my model"')
+    assert exec_start.endswith('serve --demo --ctx 16k --rpc 10.0.0.5:50052 -- --metrics --alias "my model"')
     assert exec_start.startswith(f"{sys.executable} -m llamalaunch ")
 
 
 def test_systemd_server_runs_with_a_profile(app: typer.Typer, tmp_path: Path) -> None:
     profile = tmp_path / "server.toml"
-    profile.write_text('ctx = "16k"\nllama_server = "/opt/llama.cpp/bin/llama-server"\n', encoding="utf-8")
+    profile.write_text('demo = true\nctx = "16k"\nllama_server = "/opt/llama.cpp/bin/llama-server"\n', encoding="utf-8")
     result = invoke(app, ["systemd", "server", "--config", str(profile), "--name", "big"],
                     env={"LLAMALAUNCH_PARALLEL": "2"})
     assert result.exit_code == 0, result.output
@@ -166,6 +167,39 @@ def test_systemd_server_runs_with_a_profile(app: typer.Typer, tmp_path: Path) ->
 def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: list[str], message: str) -> None:
     result = invoke(app, ["systemd", *args])
     assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit starts at boot from its own folder and /tmp: every path is absolute and checked now."""
+    folder = Path(os.environ["LLAMALAUNCH_HOME"]) / "work"  # under pytest's /tmp: the note says so
+    folder.mkdir()
+    for name in ("m.gguf", "k", "i"):
+        (folder / name).write_text("x\n")
+    monkeypatch.chdir(folder)
+    result = invoke(app, ["systemd", "server", "--user", "m.gguf", "--api-key-file", "k", "--inventory=i",
+                          "--llama-server", "llama-server", "--", "--alias", "a.gguf"])
+    assert result.exit_code == 0, result.output
+    assert directives(result.stdout)["ExecStart"][0].endswith(
+        f"serve {folder}/m.gguf --api-key-file {folder}/k --inventory={folder}/i --llama-server llama-server "
+        "-- --alias a.gguf")
+    assert f"note: --api-key-file {folder}/k is under /tmp, which the unit cannot see (PrivateTmp=yes): move it " \
+        "elsewhere\n" in result.stderr
+    missing = invoke(app, ["systemd", "server", "--user", "m.gguf", "--mmproj", "nope.gguf"])
+    assert (missing.exit_code, missing.stdout) == (2, "")
+    assert missing.stderr == (f"error: --mmproj nope.gguf ({folder}/nope.gguf) does not exist (give the unit a "
+                              "path that exists; a relative one is taken from this folder)\n")
+    profile = folder / "p.toml"
+    profile.write_text('model = "m.gguf"\napi_key_file = "nokey"\n', encoding="utf-8")
+    in_profile = invoke(app, ["systemd", "server", "--user", "--config", "p.toml"])
+    assert (in_profile.exit_code, in_profile.stdout) == (2, "")
+    assert in_profile.stderr.startswith(f"error: {profile}: api_key_file = {folder}/nokey does not exist (")
+
+
+def test_systemd_server_needs_a_model_or_demo(app: typer.Typer) -> None:
+    result = invoke(app, ["systemd", "server", "--ctx", "16k"])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == "error: no model given (pass MODEL.gguf, or --demo for the bundled SmolLM2-135M)\n"
 
 
 def test_systemd_worker_pins_the_rpc_server(app: typer.Typer, rpc_server: str) -> None:
@@ -199,7 +233,7 @@ def _render_all(app: typer.Typer, folder: Path) -> dict[str, Path]:
         target = folder / ("user" if user else "system")
         args = ["systemd", kind, "--install", "--unit-dir", str(target)]
         args += ["--user"] if user else ["--run-as", "llamalaunch"]
-        args += ["--ctx", "16k", "--", "--metrics"] if kind == "server" else ["--host", "127.0.0.1"]
+        args += ["--demo", "--ctx", "16k", "--", "--metrics"] if kind == "server" else ["--host", "127.0.0.1"]
         result = invoke(app, args)
         assert result.exit_code == 0, result.output
         name = SERVER_UNIT if kind == "server" else WORKER_UNIT

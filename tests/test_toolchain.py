@@ -5,13 +5,16 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import tarfile
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from llamalaunch.cli import app
 from llamalaunch.errors import ToolchainError
 from llamalaunch.paths import cache_dir
 from llamalaunch.toolchain.discover import (
@@ -151,6 +154,15 @@ def test_binary_that_does_not_start(bare_path: Path, tmp_path: Path) -> None:
         find_toolchain(str(broken), cache=NO_CACHE)
 
 
+def test_a_program_that_is_not_llama_server_is_refused(bare_path: Path) -> None:
+    """/bin/ls answers --help too; llama-server's help lists --model and --port."""
+    result = CliRunner().invoke(app, ["toolchain", "--llama-server", "/bin/ls"])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == ("error: /bin/ls does not answer like llama-server (its --help lists no --model or "
+                             "--port) (give --llama-server (or $LLAMALAUNCH_LLAMA_SERVER) the path of llama.cpp's "
+                             "llama-server, or run `llamalaunch toolchain install`)\n")
+
+
 @pytest.mark.llama
 def test_inspection_is_cached_per_binary(llama_bin_dir: Path, bare_path: Path) -> None:
     find_toolchain(str(llama_bin_dir), cache=NO_CACHE)
@@ -288,10 +300,25 @@ def test_compile_failure_shows_the_compiler_tail_and_leaves_nothing(tmp_path: Pa
 
 def test_sdist_with_the_wrong_hash_is_refused(tmp_path: Path) -> None:
     fake = tmp_path / LLAMA_CPP_SDIST.filename
-    fake.write_bytes(b"not the sdist")
+    with tarfile.open(fake, "w:gz") as archive:
+        archive.add(fake_llama_tree(tmp_path / "src"), arcname="llama_cpp_python-0.3.36")
     with pytest.raises(ToolchainError, match=r"is not the pinned llama-cpp-python==0.3.36 sdist"):
         install(False, lambda _: None, sdist=fake, cache=tmp_path / "cache")
     assert not cached_bin_dir(tmp_path / "cache", "cpu").exists()
+
+
+@pytest.mark.llama
+def test_an_sdist_that_is_not_an_archive_is_refused_even_when_installed(
+        llama_bin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build being there already is no reason to accept a wrong --sdist silently."""
+    monkeypatch.setenv("LLAMALAUNCH_CACHE", str(tmp_path / "cache"))
+    link_binaries(cached_bin_dir(tmp_path / "cache", "cpu"), llama_bin_dir)
+    text = tmp_path / "text.gguf"
+    text.write_text("not an sdist\n")
+    result = CliRunner().invoke(app, ["toolchain", "install", "--sdist", str(text)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (f"error: {text} is not a gzip/tar archive (pass the pinned sdist "
+                             f"({LLAMA_CPP_SDIST.filename}) or a llama.cpp source folder)\n")
 
 
 @pytest.mark.slow

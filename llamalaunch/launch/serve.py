@@ -27,7 +27,8 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import RunCalibration, load_overheads, overheads_for
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
-from llamalaunch.plan.companions import Companion, draft_companion, mmproj_companion, pin_device, with_reservations
+from llamalaunch.plan.companions import (Companion, check_companion_file, draft_companion, mmproj_companion,
+                                         pin_device, with_reservations)
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.schema import plan_to_dict
@@ -64,6 +65,9 @@ class PlanInputs:
                generic_arch: bool = False) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
+        for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
+            if path:  # checked now: companions are sized only once a device is chosen
+                check_companion_file(path, option)
         problems: list[str] = []
         try:
             toolchain: Toolchain | None = find_toolchain(llama_server)
@@ -263,6 +267,7 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
 
     calibration = RunCalibration()
+    noted: set[str] = set()
 
     def record_and_show(event: SupervisorEvent) -> None:
         problem = recorder.record(event, supervisor)
@@ -270,6 +275,10 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
         on_event(event)
         if problem is not None:
             on_event(SupervisorEvent("warning", problem))
+        for note in event.plan.notes if event.plan is not None else ():
+            if note not in noted:  # once: a restart re-plans the same way
+                noted.add(note)
+                on_event(SupervisorEvent("note", note))
 
     supervisor = Supervisor(options, lambda lessons: inputs.plan(lessons, serving=True), record_and_show)
     recorder.url = supervisor.base_url

@@ -35,9 +35,15 @@ class RunState:
     updated_at: float = 0.0
 
 
+MAX_NAME_BYTES = 128  # the state file, the log and its rotated copies must stay under NAME_MAX (255)
+
+
 def state_path(name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise BadInputError(f"run name {name!r} is not usable as a file name", "use letters, digits, - and _")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise BadInputError(f"run name {name[:16]!r}... is {len(name)} characters long",
+                            f"use at most {MAX_NAME_BYTES} letters, digits, - and _")
     return state_dir() / f"{name}.json"
 
 

@@ -134,6 +134,86 @@ def render(kind: str, options: UnitOptions) -> UnitFile:
                         "use `llamalaunch systemd server` or `... worker`")
 
 
+# --- paths on the unit's command line -------------------------------------------------------------
+
+PRIVATE_TMP = ("/tmp", "/var/tmp")  # PrivateTmp=yes: the unit sees empty ones of its own
+
+
+@dataclass(frozen=True)
+class PathOptions:
+    """Which words of a command's arguments are file paths, read from its option table."""
+
+    takes_value: Mapping[str, str]  # every option spelling that takes a value → its parameter's name
+    paths: frozenset[str]  # parameters whose value is a path
+    programs: frozenset[str] = frozenset()  # a path, or a bare command name looked up on PATH
+    positional: str | None = None  # the parameter of a positional argument that is a path
+
+
+def absolute_paths(args: Sequence[str], options: PathOptions, cwd: Path) -> tuple[list[str], list[str]]:
+    """`args` with every path made absolute, and notes on paths the sandbox hides.
+
+    A unit starts at boot, from its own folder, in its own /tmp: a relative or missing path given now
+    would fail there, so it is resolved and checked here. Words after `--` are llama-server's, untouched.
+
+    Raises:
+        BadInputError: a path does not exist.
+    """
+    result: list[str] = []
+    notes: list[str] = []
+    words = list(args)
+    index = 0
+    while index < len(words):
+        word = words[index]
+        spelling, equals, inline = word.partition("=")
+        if word == "--":
+            result += words[index:]
+            break
+        if word.startswith("-") and equals and spelling in options.takes_value:
+            value = _unit_path(inline, spelling, options.takes_value[spelling], options, cwd, notes)
+            result.append(f"{spelling}={value}")
+        elif word in options.takes_value and index + 1 < len(words):
+            value = _unit_path(words[index + 1], word, options.takes_value[word], options, cwd, notes)
+            result += [word, value]
+            index += 1
+        elif not word.startswith("-") and options.positional is not None:
+            result.append(_unit_path(word, options.positional.upper(), options.positional, options, cwd, notes))
+        else:
+            result.append(word)
+        index += 1
+    return result, notes
+
+
+def _unit_path(value: str, option: str, param: str, options: PathOptions, cwd: Path, notes: list[str]) -> str:
+    if param not in options.paths and param not in options.programs:
+        return value
+    if param in options.programs and "/" not in value and not value.startswith("~"):
+        return value  # a command name, found on the unit's PATH (or pinned with Environment=)
+    path, note = unit_path(value, option, cwd)
+    notes += [note] if note else []
+    return str(path)
+
+
+def unit_path(value: str, what: str, cwd: Path) -> tuple[Path, str | None]:
+    """`value` as an absolute path that exists, and a note when the unit's private /tmp hides it.
+
+    Raises:
+        BadInputError: it does not exist.
+    """
+    path = Path(os.path.normpath(cwd / Path(value).expanduser()))
+    if not path.exists():
+        shown = str(path) if value == str(path) else f"{value} ({path})"
+        raise BadInputError(f"{what} {shown} does not exist",
+                            "give the unit a path that exists; a relative one is taken from this folder")
+    return path, private_tmp_note(what, path)
+
+
+def private_tmp_note(option: str, path: Path) -> str | None:
+    hidden = next((folder for folder in PRIVATE_TMP if path.is_relative_to(folder)), None)
+    if hidden is None:
+        return None
+    return f"{option} {path} is under {hidden}, which the unit cannot see (PrivateTmp=yes): move it elsewhere"
+
+
 # --- gathering the inputs from this machine --------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ def load_profile(path: str | Path, allow_unknown_arch: bool = False) -> ModelPro
     if not arches.is_supported(arch) and not allow_unknown_arch:
         raise ModelError(
             f"{first.path}: architecture {arch!r} is not supported by llamalaunch",
-            f"supported: {', '.join(arches.SUPPORTED_ARCHS)}; --allow-unknown-arch gives a generic estimate",
+            f"supported: {', '.join(arches.SUPPORTED_ARCHS)}; --generic-arch gives a generic estimate",
         )
     keys = arches.Keys(first.kv, arch, first.path)
     tensors = [t for header in headers for t in header.tensors]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
+from llamalaunch.model.gguf_header import GGUF_MAGIC
 from llamalaunch.model.load import load_profile
 from llamalaunch.plan.request import Request
 from llamalaunch.probe.device import Device
@@ -34,23 +35,32 @@ class Companion:
         return [self.file_flag, self.path, self.device_flag, device_name, *self.extra_args]
 
 
-def _file_size(path: str, option: str) -> int:
+def check_companion_file(path: str, option: str) -> int:
+    """The file's size, once its first bytes say GGUF; BadInputError naming `option` otherwise."""
     try:
-        return os.stat(path).st_size
+        with open(path, "rb") as stream:
+            magic = stream.read(len(GGUF_MAGIC))
+            size = os.fstat(stream.fileno()).st_size
+    except IsADirectoryError:
+        raise BadInputError(f"{option} {path} is a directory", f"give {option} the .gguf file") from None
     except OSError as error:
         raise BadInputError(f"{option} {path}: {error.strerror}", f"give an existing file to {option}") from None
+    if magic != GGUF_MAGIC:
+        raise BadInputError(f"{option} {path} is not a GGUF file (it starts with {magic!r})",
+                            f"give {option} the .gguf file llama.cpp loads")
+    return size
 
 
 def mmproj_companion(path: str) -> Companion:
     """A multimodal projector: its weights (the file) and an encoder compute buffer."""
-    size = _file_size(path, "--mmproj")
+    size = check_companion_file(path, "--mmproj")
     reserve = size + max(size // MMPROJ_COMPUTE_SHARE, MMPROJ_COMPUTE_MIN)
     return Companion("mmproj", path, reserve, "--mmproj", "-mmdev")
 
 
 def draft_companion(path: str, request: Request, ctx_tokens: int, backend: str) -> Companion:
     """A draft model wholly on one device: weights, KV and compute from our own estimator."""
-    _file_size(path, "--draft")
+    check_companion_file(path, "--draft")
     profile = load_profile(path)
     placement = Placement((SlotRange("draft", backend, 0, profile.n_slots),))
     use = estimate(profile, placement, request, ctx_tokens, {"draft": 0}).devices["draft"]

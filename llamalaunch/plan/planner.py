@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from llamalaunch.errors import PlanError
 from llamalaunch.model.profile import ModelProfile
@@ -162,17 +163,65 @@ class Planner:
         if not self.devices:
             return "no device to place layers on", "give --rpc workers or --assume devices, or leave out -dev " \
                 "to run on the CPU"
-        need = f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} does not fit on " + \
-            ", ".join(f"{d.name} ({format_bytes(max(device_limit(d, self.request), 0))} usable)" for d in self.devices)
         floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        # --ctx max found no context at all: the 4096 tried for CPU spill is not what the user asked for
+        where = f"at any context down to --ctx-min {floor} (--ctx max)" if self.request.ctx_tokens is None \
+            else f"at ctx {ctx_tokens}"
+        costs = CostModel(self.profile, self.request, ctx_tokens, self.overhead)
+        need = f"{self.profile.name or self.profile.arch} {where} does not fit on " + \
+            "; ".join(self.memory_account(device, costs) for device in self.devices)
         layers = min(self.request.n_gpu_layers or self.profile.n_slots, self.profile.n_slots)
-        found = self.largest_ctx(layers, floor, ctx_tokens)
+        found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
         if found is not None:
             return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
         spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
         if spill is not None and spill.n_gpu_layers > 0:
-            return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit: add --cpu-spill"
-        return need, "no layer fits even at the smallest context: free memory, add devices, or lower margins"
+            return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: add " \
+                "--cpu-spill"
+        levers = [option for option, taken in self.takers(costs) if taken]
+        return need, "no layer fits even at the smallest context: free memory, add devices" + \
+            (f", or lower {' or '.join(levers)}" if levers else "")
+
+    def takers(self, costs: CostModel) -> list[tuple[str, bool]]:
+        """The options that set what is taken from the devices before the model, and whether any takes some."""
+        return [("--overhead", any(costs.overhead_bytes(d) for d in self.devices)),
+                ("--reserve", any(self.request.reserve_bytes.get(d.name) for d in self.devices)),
+                ("--margin", any(self.request.margin_for(d.free_bytes) for d in self.devices))]
+
+    def memory_account(self, device: Device, costs: CostModel) -> str:
+        """'CUDA0: 300.0 MiB free - 640.0 MiB CUDA overhead (--overhead) - 15.0 MiB margin (--margin) = nothing
+        left': what took the device's memory before the model's layers, KV cache and compute buffer."""
+        budget = self.request.budget_bytes.get(device.name)
+        usable = min(device.free_bytes, device.free_bytes if budget is None else budget)
+        start = f"{format_bytes(device.free_bytes)} free" if usable == device.free_bytes else \
+            f"{format_bytes(usable)} budget (--budget) of {format_bytes(device.free_bytes)} free"
+        taken = [(costs.overhead_bytes(device), f"{device.backend} overhead (--overhead)"),
+                 (self.request.reserve_bytes.get(device.name, 0), "reserved (--reserve, --mmproj, --draft)"),
+                 (self.request.margin_for(usable), "margin (--margin)")]
+        left = device_limit(device, self.request) - costs.overhead_bytes(device)
+        steps = "".join(f" - {format_bytes(size)} {what}" for size, what in taken if size)
+        return f"{device.name}: {start}{steps} = " + (f"{format_bytes(left)} left" if left > 0 else "nothing left")
+
+
+def plan_notes(planner: Planner, ctx_tokens: int) -> tuple[str, ...]:
+    """What the plan does other than asked, said rather than done silently."""
+    request, profile = planner.request, planner.profile
+    notes = []
+    if request.ctx_tokens is not None and ctx_tokens < round_ctx(request.ctx_tokens):
+        notes.append(f"--ctx {request.ctx_tokens} does not fit: ctx {ctx_tokens} is used, the largest that does "
+                     f"(--ctx-min {request.ctx_min_tokens})")
+    elif request.ctx_tokens is not None and ctx_tokens != request.ctx_tokens:
+        notes.append(f"--ctx {request.ctx_tokens} becomes {ctx_tokens}: llama.cpp sizes the context in steps "
+                     f"of {CTX_STEP}")
+    if profile.n_ctx_train and ctx_tokens > profile.n_ctx_train:
+        notes.append(f"ctx {ctx_tokens} is beyond the {profile.n_ctx_train} tokens the model was trained on: "
+                     f"llama-server uses {ctx_tokens}, but output past {profile.n_ctx_train} tokens may degrade")
+    for device in planner.devices:
+        budget = request.budget_bytes.get(device.name)
+        if budget is not None and budget > device.free_bytes:
+            notes.append(f"--budget {device.name}={format_bytes(budget)} is above its "
+                         f"{format_bytes(device.free_bytes)} free: the plan uses at most the free memory")
+    return tuple(notes)
 
 
 def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
@@ -184,7 +233,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request
     ctx_tokens, choice = planner.solve()
     if on_choice is not None:
         on_choice(ctx_tokens, choice)
-    return assemble(planner, ctx_tokens, choice, options)
+    plan = assemble(planner, ctx_tokens, choice, options)
+    return replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens)))
 
 
 def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:

@@ -116,7 +116,26 @@ def read_inventory(path: Path) -> list[str]:
         raise BadInputError(f"cannot read the inventory {path}: {getattr(error, 'strerror', None) or error}",
                             "give a text file with one NAME=FREE[/TOTAL] a line, e.g. CUDA0=24GiB") from None
     values = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    first_line: dict[str, int] = {}
+    for number, value in enumerate(values, start=1):
+        for item in _split_values([value]):
+            name = _inventory_line(path, number, item)
+            if name in first_line:
+                raise BadInputError(f"the inventory {path}, line {number}: {name} again (first on line "
+                                    f"{first_line[name]})", "give each device once")
+            first_line[name] = number
     values = [value for value in values if value]
     if not values:
         raise BadInputError(f"the inventory {path} names no device", "add lines like CUDA0=24GiB or RPC0=6GiB/8GiB")
     return values
+
+
+def _inventory_line(path: Path, number: int, item: str) -> str:
+    """The device one inventory line names; its errors name the file and the line, not --assume."""
+    try:
+        return _parse_assumption(item)[0]
+    except BadInputError as error:
+        message = error.message.removeprefix("--assume").removeprefix(":").strip().removeprefix("value ")
+        hint = error.hint if error.hint and "--assume" not in error.hint else \
+            "write one NAME=FREE[/TOTAL] a line, like CUDA0=24GiB or RPC0=6GiB/8GiB"
+        raise BadInputError(f"the inventory {path}, line {number}: {message}", hint) from None

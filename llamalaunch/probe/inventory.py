@@ -55,6 +55,9 @@ class Inventory:
 
 def split_endpoints(rpc: Sequence[str]) -> tuple[str, ...]:
     """Endpoints from repeated and/or comma-separated --rpc values; syntax checked, repeats refused."""
+    for value in rpc:
+        if not value.replace(",", "").strip():
+            raise BadInputError(f"--rpc {value!r} names no worker", "give HOST:PORT, like --rpc 127.0.0.1:50052")
     endpoints = tuple(part.strip() for value in rpc for part in value.split(",") if part.strip())
     for endpoint in endpoints:
         parse_endpoint(endpoint)

@@ -25,6 +25,8 @@ SERVER_ENV = "LLAMALAUNCH_LLAMA_SERVER"
 # Flags whose presence changes what llamalaunch passes to llama-server (`--fit off`, `-lv 4`, ...).
 CAPABILITY_FLAGS = ("--fit", "-lv", "--rpc", "-dev", "--list-devices", "--metrics", "--log-file", "--load-mode",
                     "--no-mmap")
+# Options every llama-server lists in --help (and llamalaunch passes it): what tells it from another program.
+SERVER_FLAGS = ("--model", "--port")
 # Older llama.cpp builds named the RPC worker `rpc-server`.
 RPC_SERVER_NAMES = (RPC_SERVER_BINARY, "rpc-server")
 CACHE_BACKENDS = ("cuda", "cpu")  # a CUDA build in the cache wins over a CPU one
@@ -86,7 +88,7 @@ def find_toolchain(server_option: str | None = None, config_server: str | None =
         ToolchainError: llama-server is nowhere, or a path given for it is missing or does not run.
     """
     server_path, source = _locate_server(server_option, config_server, cache or cache_dir())
-    server = inspect_binary(server_path, SERVER_BINARY)
+    server = _answers_like_server(inspect_binary(server_path, SERVER_BINARY))
     rpc_path = _find_sibling(server_path, RPC_SERVER_NAMES)
     fit_path = _find_sibling(server_path, (FIT_PARAMS_BINARY,))
     rpc_server = inspect_binary(rpc_path, RPC_SERVER_BINARY) if rpc_path else None
@@ -96,6 +98,16 @@ def find_toolchain(server_option: str | None = None, config_server: str | None =
         fit_params=inspect_binary(fit_path, FIT_PARAMS_BINARY) if fit_path else None,
         source=source,
     )
+
+
+def _answers_like_server(binary: Binary) -> Binary:
+    """Any program answers --help; llama-server's lists the options llamalaunch passes it."""
+    missing = [flag for flag in SERVER_FLAGS if not binary.knows(flag)]
+    if missing:
+        raise ToolchainError(f"{binary.path} does not answer like llama-server (its --help lists no "
+                             f"{' or '.join(missing)})", "give --llama-server (or $LLAMALAUNCH_LLAMA_SERVER) the "
+                             "path of llama.cpp's llama-server, or run `llamalaunch toolchain install`")
+    return binary
 
 
 def _same_build_version(binary: Binary, server: Binary) -> Binary:

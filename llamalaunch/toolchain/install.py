@@ -65,6 +65,8 @@ def install(cuda: bool, on_progress: Progress, jobs: int | None = None, sdist: P
             (the message carries the compiler's last lines).
     """
     cache = cache or cache_dir()
+    if sdist is not None:  # checked even when the build is there: a wrong file is a mistake to report
+        _check_sdist(sdist, on_progress)
     backend = "cuda" if cuda else "cpu"
     bin_dir = cached_bin_dir(cache, backend)
     if is_installed(bin_dir):
@@ -191,18 +193,25 @@ def _build(build_root: Path, cuda: bool, tools: dict[str, str], on_progress: Pro
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_sdist(sdist: Path, on_progress: Progress) -> None:
+    """--sdist: a llama.cpp source folder, or the pinned sdist (a gzip/tar archive, checked by sha256)."""
+    if sdist.is_dir():
+        _given_source_folder(sdist)
+        return
+    hint = f"pass the pinned sdist ({LLAMA_CPP_SDIST.filename}) or a llama.cpp source folder"
+    if not sdist.is_file():
+        raise ToolchainError(f"{sdist} does not exist", hint)
+    if not tarfile.is_tarfile(sdist):
+        raise ToolchainError(f"{sdist} is not a gzip/tar archive", hint)
+    on_progress(f"checking sha256 of {sdist}")
+    verify_sdist(sdist)
+
+
 def _source_tree(sdist: Path | None, cache: Path, work: Path, on_progress: Progress) -> Path:
+    """The llama.cpp tree to build; `sdist` was checked by install()."""
     if sdist is not None and sdist.is_dir():
         return _given_source_folder(sdist)
-    if sdist is not None:
-        if not sdist.is_file():
-            raise ToolchainError(f"{sdist} does not exist",
-                                 "pass the pinned sdist or a llama.cpp source folder")
-        on_progress(f"checking sha256 of {sdist}")
-        verify_sdist(sdist)
-        archive = sdist
-    else:
-        archive = fetch_sdist(cache, on_progress)
+    archive = sdist if sdist is not None else fetch_sdist(cache, on_progress)
     on_progress("extracting the llama.cpp source")
     return extract_llama_tree(archive, work / "src")
 
