@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llamalaunch.launch.logparse import BufferSize, buffer_device, parse_event, parse_line
+from llamalaunch.launch.logparse import READINESS_MARK, BufferSize, buffer_device, parse_event, parse_line
 from llamalaunch.observe.snapshot import LogEntry
 
 LOG_TAIL_LINES = 200
@@ -101,6 +101,11 @@ class LogFollower:
                 self.last_prompt_tokens_per_s = speed
         elif "stop processing" in raw:
             self.requests_served += 1
+        elif raw.startswith(READINESS_MARK):
+            # serve's own check: not served. The mark may come before that request's line (they race to
+            # the file), so the count can dip below zero for a moment; readers show max(0, count).
+            self.requests_served -= 1
+            self.last_prompt_tokens_per_s = self.last_generation_tokens_per_s = None
 
     def device_bytes(self, endpoints: Sequence[str], per_endpoint: Mapping[str, int]) -> dict[str, dict[str, int]]:
         """Device name (RPC0, CUDA0, HOST) → buffer kind (model, kv, compute, output) → bytes."""

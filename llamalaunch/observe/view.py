@@ -18,7 +18,7 @@ from llamalaunch.observe.snapshot import DeviceStatus, HostStatus, LogEntry, Ser
 from llamalaunch.units import GIB, MIB
 
 PHASE_STYLE = {"ready": "bold green", "loading": "bold cyan", "starting": "bold cyan", "restarting": "bold yellow",
-               "stopping": "bold yellow", "stopped": "bold", "failed": "bold red"}
+               "stopping": "bold yellow", "stopped": "bold", "failed": "bold red", "not answering": "bold red"}
 BAR_WIDTH = 12
 LOG_LEVEL_STYLE = {"W": "yellow", "E": "bold red"}
 SOURCE_NOTES = {
