@@ -7,12 +7,14 @@ command in process, with the same LLAMALAUNCH_HOME as the serve run).
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +45,7 @@ from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.nvml import NvmlGpu
 from llamalaunch.units import GIB, MIB
-from tests.serve_support import ServeRun, complete, start_serve, wait_gone
+from tests.serve_support import REPO_ROOT, ServeRun, complete, start_serve, wait_gone
 from tests.support import RpcWorker, free_port
 
 FIXTURE_LOG = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cpu-2rpc-smollm2-ts1-3-verbose.log"
@@ -224,6 +226,54 @@ def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
     assert resolve_target(name="b").state_path is not None
     result = run_status("--name", "nope", "--once")
     assert result.exit_code == 1 and "no server named 'nope'" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture
+def not_llama_server() -> Iterator[str]:
+    """A real HTTP server that is not llama-server (python's http.server: /health is a 404)."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("mode", [(), ("--once",), ("--json",)])
+def test_url_of_something_else_is_an_error_in_one_line(not_llama_server: str, mode: tuple[str, ...]) -> None:
+    result = run_status("--url", not_llama_server, *mode)
+    assert result.exit_code == 1
+    assert result.output == (f"error: {not_llama_server} is not a llama-server: /health answered HTTP 404 "
+                             "(check the address and port: llama-server answers /health with HTTP 200, or 503 "
+                             "while loading)\n")
+
+
+def _status_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real `llamalaunch status`, its stdout a pipe (no terminal, no COLUMNS: rich would take 80)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    return subprocess.run([sys.executable, "-m", "llamalaunch", "status", *args], cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          timeout=timeout_s)
+
+
+def test_status_into_a_pipe_prints_one_whole_frame_and_exits(cuda_plan: dict[str, Any], tmp_path: Path) -> None:
+    """Without a terminal there is no live view to run: one frame, as --once, nothing cut at 80 columns."""
+    me = psutil.Process()
+    long_name = "a-server-with-a-rather-long-name-for-its-run"
+    _write_run(cuda_plan, pid=me.pid, started=me.create_time(), log=tmp_path / "none.log", name=long_name)
+    done = _status_cli("--name", long_name, timeout_s=30)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "…" not in done.stdout  # no live view's escapes, nothing cut
+    assert max(len(line) for line in done.stdout.splitlines()) < 300  # and nothing padded to a huge width
+    assert long_name in done.stdout
+    for device in cuda_plan["devices"]:
+        assert re.search(rf"^{device['name']}\s+{device['n_layers']}\s", done.stdout, re.MULTILINE), done.stdout
+    argv = " ".join(cuda_plan["argv"])
+    assert argv in done.stdout.replace("\n", " ")  # the whole command line, unwrapped
 
 
 def test_url_with_nothing_there_is_gone() -> None:

@@ -103,8 +103,8 @@ class StatusCollector:
         stats, notes = self._ask(url, with_props=True)
         if stats.health not in LLAMA_HEALTH:
             raise NotLlamaServerError(f"{url} is not a llama-server: /health answered {stats.health}",
-                                      "check the address and port (llama-server answers /health with "
-                                      "HTTP 200 or, while loading, 503)")
+                                      "check the address and port: llama-server answers /health with "
+                                      "HTTP 200, or 503 while loading")
         running = stats.health not in ("unreachable",)
         return StatusSnapshot(
             taken_at=self.clock(), source="url", name=None, url=url, running=running,
