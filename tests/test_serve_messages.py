@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from llamalaunch.launch.failures import classify_failure, crash_lesson, describe_exit
 from llamalaunch.launch.supervisor import READINESS_FAILED
+from llamalaunch.model.synthetic import write_preset
+from tests.serve_support import StartServe, wait_gone
 
 
 def test_a_key_file_with_windows_line_endings_is_refused_before_anything_starts(tmp_path: Path) -> None:
@@ -51,3 +58,59 @@ def test_a_model_llama_cpp_refuses_is_said_in_llama_cpp_words() -> None:
     failure = classify_failure(lines, 1)
     assert failure.message == "llama-server could not load the model: missing tensor 'output_norm.weight'"
     assert "llamalaunch plan" not in failure.hint  # not the circular "check the file with plan"
+
+
+# --- against a real llama-server ------------------------------------------------------------------------
+
+
+@pytest.mark.llama
+def test_a_hung_server_is_restarted_and_each_end_is_named(serve: StartServe, demo_model: Path) -> None:
+    """SIGSTOP: the process lives, /health never answers. Three misses of 0.5 s: killed, counted as a
+    restart, said as such. Then SIGKILL: said as SIGKILL, not -9. The model is named at the start."""
+    run = serve(demo_model, "--ctx", "2k", "--health-interval", "0.5", "--health-misses", "3", "--backoff", "0.2")
+    ready_index, _, _ = run.wait_ready()
+    assert re.search(r" starting: planning .*\(" + re.escape(str(demo_model)) + r"\)$", run.stdout[0]), run.stdout
+    hung = run.server()
+    hung.suspend()
+    stopped_at = time.monotonic()
+    index, _ = run.wait_for_line(rf" warning: llama-server stopped answering \(3 /health checks in a row "
+                                 rf"unanswered within 0.5 s; last: .+\): killing pid {hung.pid} to restart it$",
+                                 after=ready_index, timeout_s=20)
+    assert time.monotonic() - stopped_at < 10
+    index, _ = run.wait_for_line(r" restarting: llama-server stopped answering \(.+\); restart 1 of 5 in [\d.]+ s$",
+                                 after=index)
+    ready_index, _, _ = run.wait_ready(after=index)
+    assert wait_gone(hung.pid, 5)
+    assert run.state()["restarts"] == 1
+
+    run.server().kill()
+    index, _ = run.wait_for_line(r" restarting: llama-server was killed by SIGKILL; restart 2 of 5 in [\d.]+ s$",
+                                 after=ready_index)
+    ready_index, _, _ = run.wait_ready(after=index)
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 128 + signal.SIGTERM
+    assert run.stdout[-2].endswith(" stopping: signal SIGTERM")
+    assert run.stdout[-1].endswith(" stopped: llama-server exited with code 0"), run.stdout
+    assert not run.leftover_servers()
+
+
+@pytest.fixture(scope="module")
+def refused_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A header llamalaunch plans but llama.cpp refuses: a tensor renamed (same length, the header stays valid)."""
+    path = write_preset(tmp_path_factory.mktemp("model") / "refused.gguf", "tiny-llama")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"output_norm.weight")
+    data[at:at + len(b"output_norm")] = b"outpux_norm"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.llama
+def test_a_failed_load_says_llama_cpp_reason_once(serve: StartServe, refused_model: Path) -> None:
+    run = serve(refused_model, "--ctx", "512")
+    assert run.wait_exit(timeout_s=60) == 1
+    assert run.stderr == ["error: llama-server could not load the model: check_tensor_dims: tensor "
+                          "'output_norm.weight' not found (llama.cpp refused the file: re-download it if it is "
+                          "damaged, or use a llama.cpp that knows this model)"], run.output
+    assert not any(" failed: " in line for line in run.stdout), run.output  # said once, on stderr
+    assert run.state()["phase"] == "failed"

@@ -334,16 +334,22 @@ def test_once_and_json_against_a_real_serve_then_after_sigkill(
     assert re.search(r"average [\d.,]+ / [\d.,]+", text), text  # prompt and generation tokens/s
     assert "worker busy serving our llama-server: not probed" in text
 
-    data = _json_when(lambda d: d["stats"]["requests_served"] >= 2)  # the log lags the HTTP answer a little
+    data = _json_when(lambda d: d["stats"]["requests_served"] >= 1)  # the log lags the HTTP answer a little
     assert data["running"] and data["phase"] == "ready" and data["uptime_s"] >= 0
     assert {d["name"]: d["n_layers"] for d in data["devices"]} == layers
     assert all(d["memory_source"] == "log" and d["actual_bytes"] > 0 for d in data["devices"])
     stats = data["stats"]
     assert stats["health"] == "ok" and stats["slots_total"] == 4 and stats["slots_busy"] == 0
     assert stats["generation_tokens_per_s"] > 0 and stats["last_generation_tokens_per_s"] > 0
-    assert stats["generated_tokens_total"] >= 16 and stats["requests_served"] >= 2  # readiness + ours
+    assert stats["generated_tokens_total"] >= 16 and stats["requests_served"] == 1  # ours; not the readiness check
     assert data["host"]["server_rss_bytes"] > 0 and data["argv"][0].endswith("llama-server")
     assert json.loads(run_status("--url", url, "--json").output)["name"] == "st"  # the URL finds the run
+
+    piped = _status_cli("--name", "st")  # into a pipe, as `status --name st > file` would: one whole frame
+    assert piped.returncode == 0 and "● ready" in piped.stdout and "…" not in piped.stdout, piped.stdout
+    for name, count in layers.items():
+        assert re.search(rf"^{name}\s+{count}\s", piped.stdout, re.MULTILINE), piped.stdout
+    assert f"--rpc {first.endpoint},{second.endpoint}" in piped.stdout  # the argv whole, ports and all
 
     server = run.server()
     run.send(signal.SIGKILL)
@@ -361,3 +367,37 @@ def test_once_and_json_against_a_real_serve_then_after_sigkill(
     data = json.loads(run_status("--json").output)
     assert data["running"] is False and data["phase"] == "ready"
     assert all(d["memory_source"] == "rpc probe" for d in data["devices"])  # workers free again: asked live
+
+
+@pytest.mark.llama
+def test_a_stopped_llama_server_is_not_shown_as_ready(serve_run: Callable[..., ServeRun]) -> None:
+    """SIGSTOP: the process is there, /health never answers. The state file still says ready; status must not."""
+    run = serve_run("--ctx", "2k", "--health-interval", "0")  # no liveness restarts: this test looks at status
+    run.wait_ready()
+    server = run.server()
+    server.suspend()
+    try:
+        result = run_status("--once")
+        assert result.exit_code == 0, result.output
+        assert "● not answering" in result.output and "● ready" not in result.output, result.output
+        assert "health unreachable" in result.output
+        assert json.loads(run_status("--json").output)["phase"] == "not answering"
+    finally:
+        server.resume()
+    assert "● ready" in run_status("--once").output
+
+
+@pytest.mark.llama
+def test_devices_and_plan_into_a_pipe_are_not_cut(rpc_workers: Callable[..., RpcWorker]) -> None:
+    """Two workers on loopback: at 80 columns both showed as `127.0.0.1:501…` and the sizes as `23.54…`."""
+    first, second = rpc_workers(), rpc_workers()
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    rpc = f"{first.endpoint},{second.endpoint}"
+    for args in (["devices", "--rpc", rpc], ["plan", "--demo", "--rpc", rpc, "--ctx", "4k"]):
+        done = subprocess.run([sys.executable, "-m", "llamalaunch", *args], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "…" not in done.stdout, done.stdout
+        assert "RPC0" in done.stdout and "RPC1" in done.stdout, done.stdout
+        if args[0] == "devices":
+            assert first.endpoint in done.stdout and second.endpoint in done.stdout, done.stdout
