@@ -47,7 +47,8 @@ def test_a_run_read_across_a_rotation_still_counts(tmp_path: Path) -> None:
 
 def test_the_readiness_completion_is_not_a_served_request(tmp_path: Path) -> None:
     log = tmp_path / "t.log"
-    log.write_text(f"{RELEASE.format(1)}\n{READINESS_MARK}\n")
+    debug = "0.00.378.390 D srv  update_slots: run slots completed"  # at -lv 5, the line before the mark
+    log.write_text(f"{RELEASE.format(1)}\n{debug}\n{READINESS_MARK}\n")
     follower = LogFollower(log)
     follower.update()
     assert follower.requests_served == 0

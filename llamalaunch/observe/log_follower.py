@@ -74,6 +74,13 @@ class LogFollower:
         return offset + len(data)
 
     def _feed(self, raw: str) -> None:
+        if raw.startswith(READINESS_MARK):
+            # serve's own check: not served. The mark may come before that request's line (they race to
+            # the file), so the count can dip below zero for a moment; readers show max(0, count).
+            self.requests_served -= 1
+            self.last_prompt_tokens_per_s = self.last_generation_tokens_per_s = None
+            self._level = None
+            return
         match = _LEVEL.match(raw)
         level = match.group(1) if match else None
         continued = self._level if level is None else None  # a message's later lines belong to its level
@@ -101,11 +108,6 @@ class LogFollower:
                 self.last_prompt_tokens_per_s = speed
         elif "stop processing" in raw:
             self.requests_served += 1
-        elif raw.startswith(READINESS_MARK):
-            # serve's own check: not served. The mark may come before that request's line (they race to
-            # the file), so the count can dip below zero for a moment; readers show max(0, count).
-            self.requests_served -= 1
-            self.last_prompt_tokens_per_s = self.last_generation_tokens_per_s = None
 
     def device_bytes(self, endpoints: Sequence[str], per_endpoint: Mapping[str, int]) -> dict[str, dict[str, int]]:
         """Device name (RPC0, CUDA0, HOST) → buffer kind (model, kv, compute, output) → bytes."""
