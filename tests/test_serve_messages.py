@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from llamalaunch.launch.failures import classify_failure, crash_lesson, describe_exit
 from llamalaunch.launch.supervisor import READINESS_FAILED
 from llamalaunch.model.synthetic import write_preset
-from tests.serve_support import StartServe, wait_gone
+from tests.serve_support import StartServe, complete, wait_gone
+from tests.support import RpcWorker
 
 
 def test_a_key_file_with_windows_line_endings_is_refused_before_anything_starts(tmp_path: Path) -> None:
@@ -114,3 +117,18 @@ def test_a_failed_load_says_llama_cpp_reason_once(serve: StartServe, refused_mod
                           "damaged, or use a llama.cpp that knows this model)"], run.output
     assert not any(" failed: " in line for line in run.stdout), run.output  # said once, on stderr
     assert run.state()["phase"] == "failed"
+
+
+@pytest.mark.llama
+def test_a_crash_after_ready_is_said_with_the_log_reason(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    """The worker dies; the next request makes llama-server abort (-6). Said: SIGABRT and the log's own line."""
+    worker = rpc_workers()
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--backoff", "0.2")
+    ready_index, url, _ = run.wait_ready()
+    worker.process.kill()
+    worker.process.wait(5)
+    with contextlib.suppress(OSError):  # the answer never comes: llama-server aborts mid-request
+        complete(url, n_predict=2, timeout_s=10)
+    run.wait_for_line(r" restarting: llama-server was killed by SIGABRT \(log: Remote RPC server crashed or "
+                      r"returned malformed response\); restart 1 of 5", after=ready_index)
