@@ -28,7 +28,7 @@ from rich.text import Text
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.state import list_states, read_state, state_path
-from llamalaunch.launch.supervisor import SupervisorEvent
+from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
 from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.render import plan_table
 from llamalaunch.observe.snapshot import StatusSnapshot
@@ -238,7 +238,7 @@ class ServeConsole:
         self._live: StatusLive | None = None
         self._ended = False
 
-    def attach(self, supervisor: Any) -> None:
+    def attach(self, supervisor: Supervisor) -> None:
         """`q` asks `supervisor` to stop, said as "q pressed" and with exit status 0, not as a SIGINT."""
         self.stop = lambda: supervisor.request_quit("q pressed")
 
