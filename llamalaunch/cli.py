@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.launch.ports import DEFAULT_PORT
+from llamalaunch.observe.console import cli_console
 
 
 @contextlib.contextmanager
@@ -65,8 +65,8 @@ app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven G
 toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True)
 app.add_typer(toolchain_app, name="toolchain")
 
-out = Console()
-err = Console(stderr=True)
+out = cli_console()
+err = cli_console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -316,6 +316,12 @@ def serve(ctx_: typer.Context,
                                                                    "at most 30).")] = 1.0,
           load_timeout: Annotated[float, typer.Option("--load-timeout", help="Seconds without progress before "
                                                                              "a load counts as stalled.")] = 600,
+          health_interval: Annotated[float, typer.Option(
+              "--health-interval", help="Once ready, ask /health this often (seconds; each answer may take as "
+                                        "long); 0: no liveness checks.")] = 5.0,
+          health_misses: Annotated[int, typer.Option(
+              "--health-misses", help="Unanswered /health checks in a row after which a hung llama-server is "
+                                      "killed and restarted.")] = 3,
           force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
           no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines even on a terminal.")] = False,
           config: ConfigOpt = None) -> None:
@@ -330,6 +336,8 @@ def serve(ctx_: typer.Context,
     max_restarts = parse_count(max_restarts, "--max-restarts", 0)
     backoff = parse_seconds(backoff, "--backoff", 0, 3600)
     load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
+    health_interval = parse_seconds(health_interval, "--health-interval", 0, 3600)
+    health_misses = parse_count(health_misses, "--health-misses", 1, 1000)
     api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
@@ -339,8 +347,9 @@ def serve(ctx_: typer.Context,
     code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=extra_args,
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,
                                           max_restarts=max_restarts, backoff_initial_s=backoff,
-                                          load_timeout_s=load_timeout),
-                     view.handle)
+                                          load_timeout_s=load_timeout, health_interval_s=health_interval,
+                                          health_misses=health_misses),
+                     view.handle, on_supervisor=view.attach)
     raise typer.Exit(code)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
 from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.observe.console import cli_console
 
 EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
 
@@ -37,10 +38,11 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
            ) -> None:
     """Show a running server: memory per device (planned, llama.cpp's, live), slots, tokens/s, log.
 
-    Live until q or Ctrl-C; exit status 3 with --once/--json when the server is gone.
+    Live until q or Ctrl-C on a terminal; one frame when the output is not a terminal (as --once);
+    exit status 3 with --once/--json when the server is gone.
     """
-    out = Console()
-    err = Console(stderr=True)
+    out = cli_console()
+    err = cli_console(stderr=True)
     try:
         from llamalaunch.observe.collector import StatusCollector
         from llamalaunch.observe.snapshot import snapshot_to_dict
@@ -48,11 +50,10 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
         from llamalaunch.observe.view import status_view
 
         collector = StatusCollector(resolve_target(name, url), api_key=_api_key(api_key_file))
+        snapshot = collector.collect()  # a wrong target is one error line, before any live view starts
         if as_json:
-            snapshot = collector.collect()
             sys.stdout.write(json.dumps(snapshot_to_dict(snapshot), indent=2) + "\n")
-        elif once:
-            snapshot = collector.collect()
+        elif once or not out.is_terminal:  # a pipe or a file gets one frame, not a live view's escapes
             out.print(status_view(snapshot, log_lines=log_lines))
         else:
             from llamalaunch.observe.live import run_status_view
@@ -60,7 +61,7 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
             run_status_view(out, collector)
             return
     except LaunchError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     if not snapshot.running:
         raise typer.Exit(EXIT_GONE)

@@ -132,6 +132,8 @@ KEYS: tuple[Key, ...] = (
     Key("max_restarts", "int", ("serve",), "a count from 0", bounds=(0, 1_000_000)),
     Key("backoff", "float", ("serve",), "seconds, above 0", bounds=(0.001, 3600)),
     Key("load_timeout", "float", ("serve",), "seconds, above 0", bounds=(1, 86400)),
+    Key("health_interval", "float", ("serve",), "seconds, 0 for no liveness checks", bounds=(0, 3600)),
+    Key("health_misses", "int", ("serve",), "a count from 1", bounds=(1, 1000)),
     Key("extra_args", "args", ("serve",), 'a list of llama-server arguments, like ["--metrics"]'),
     Key("gpus", "gpus", ("worker",), 'all, cpu, or GPU indices like "0,2" or [0, 2]', WORKER_SECTION,
         check=_check_gpus),

@@ -7,12 +7,14 @@ command in process, with the same LLAMALAUNCH_HOME as the serve run).
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +45,7 @@ from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.nvml import NvmlGpu
 from llamalaunch.units import GIB, MIB
-from tests.serve_support import ServeRun, complete, start_serve, wait_gone
+from tests.serve_support import REPO_ROOT, ServeRun, complete, start_serve, wait_gone
 from tests.support import RpcWorker, free_port
 
 FIXTURE_LOG = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cpu-2rpc-smollm2-ts1-3-verbose.log"
@@ -226,6 +228,54 @@ def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
     assert result.exit_code == 1 and "no server named 'nope'" in result.output and "Traceback" not in result.output
 
 
+@pytest.fixture
+def not_llama_server() -> Iterator[str]:
+    """A real HTTP server that is not llama-server (python's http.server: /health is a 404)."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("mode", [(), ("--once",), ("--json",)])
+def test_url_of_something_else_is_an_error_in_one_line(not_llama_server: str, mode: tuple[str, ...]) -> None:
+    result = run_status("--url", not_llama_server, *mode)
+    assert result.exit_code == 1
+    assert result.output == (f"error: {not_llama_server} is not a llama-server: /health answered HTTP 404 "
+                             "(check the address and port: llama-server answers /health with HTTP 200, or 503 "
+                             "while loading)\n")
+
+
+def _status_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real `llamalaunch status`, its stdout a pipe (no terminal, no COLUMNS: rich would take 80)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    return subprocess.run([sys.executable, "-m", "llamalaunch", "status", *args], cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          timeout=timeout_s)
+
+
+def test_status_into_a_pipe_prints_one_whole_frame_and_exits(cuda_plan: dict[str, Any], tmp_path: Path) -> None:
+    """Without a terminal there is no live view to run: one frame, as --once, nothing cut at 80 columns."""
+    me = psutil.Process()
+    long_name = "a-server-with-a-rather-long-name-for-its-run"
+    _write_run(cuda_plan, pid=me.pid, started=me.create_time(), log=tmp_path / "none.log", name=long_name)
+    done = _status_cli("--name", long_name, timeout_s=30)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "…" not in done.stdout  # no live view's escapes, nothing cut
+    assert max(len(line) for line in done.stdout.splitlines()) < 300  # and nothing padded to a huge width
+    assert long_name in done.stdout
+    for device in cuda_plan["devices"]:
+        assert re.search(rf"^{device['name']}\s+{device['n_layers']}\s", done.stdout, re.MULTILINE), done.stdout
+    argv = " ".join(cuda_plan["argv"])
+    assert argv in done.stdout.replace("\n", " ")  # the whole command line, unwrapped
+
+
 def test_url_with_nothing_there_is_gone() -> None:
     result = run_status("--url", f"http://127.0.0.1:{free_port()}", "--json")
     assert result.exit_code == cli_status.EXIT_GONE
@@ -284,16 +334,22 @@ def test_once_and_json_against_a_real_serve_then_after_sigkill(
     assert re.search(r"average [\d.,]+ / [\d.,]+", text), text  # prompt and generation tokens/s
     assert "worker busy serving our llama-server: not probed" in text
 
-    data = _json_when(lambda d: d["stats"]["requests_served"] >= 2)  # the log lags the HTTP answer a little
+    data = _json_when(lambda d: d["stats"]["requests_served"] >= 1)  # the log lags the HTTP answer a little
     assert data["running"] and data["phase"] == "ready" and data["uptime_s"] >= 0
     assert {d["name"]: d["n_layers"] for d in data["devices"]} == layers
     assert all(d["memory_source"] == "log" and d["actual_bytes"] > 0 for d in data["devices"])
     stats = data["stats"]
     assert stats["health"] == "ok" and stats["slots_total"] == 4 and stats["slots_busy"] == 0
     assert stats["generation_tokens_per_s"] > 0 and stats["last_generation_tokens_per_s"] > 0
-    assert stats["generated_tokens_total"] >= 16 and stats["requests_served"] >= 2  # readiness + ours
+    assert stats["generated_tokens_total"] >= 16 and stats["requests_served"] == 1  # ours; not the readiness check
     assert data["host"]["server_rss_bytes"] > 0 and data["argv"][0].endswith("llama-server")
     assert json.loads(run_status("--url", url, "--json").output)["name"] == "st"  # the URL finds the run
+
+    piped = _status_cli("--name", "st")  # into a pipe, as `status --name st > file` would: one whole frame
+    assert piped.returncode == 0 and "● ready" in piped.stdout and "…" not in piped.stdout, piped.stdout
+    for name, count in layers.items():
+        assert re.search(rf"^{name}\s+{count}\s", piped.stdout, re.MULTILINE), piped.stdout
+    assert f"--rpc {first.endpoint},{second.endpoint}" in piped.stdout  # the argv whole, ports and all
 
     server = run.server()
     run.send(signal.SIGKILL)
@@ -311,3 +367,37 @@ def test_once_and_json_against_a_real_serve_then_after_sigkill(
     data = json.loads(run_status("--json").output)
     assert data["running"] is False and data["phase"] == "ready"
     assert all(d["memory_source"] == "rpc probe" for d in data["devices"])  # workers free again: asked live
+
+
+@pytest.mark.llama
+def test_a_stopped_llama_server_is_not_shown_as_ready(serve_run: Callable[..., ServeRun]) -> None:
+    """SIGSTOP: the process is there, /health never answers. The state file still says ready; status must not."""
+    run = serve_run("--ctx", "2k", "--health-interval", "0")  # no liveness restarts: this test looks at status
+    run.wait_ready()
+    server = run.server()
+    server.suspend()
+    try:
+        result = run_status("--once")
+        assert result.exit_code == 0, result.output
+        assert "● not answering" in result.output and "● ready" not in result.output, result.output
+        assert "health unreachable" in result.output
+        assert json.loads(run_status("--json").output)["phase"] == "not answering"
+    finally:
+        server.resume()
+    assert "● ready" in run_status("--once").output
+
+
+@pytest.mark.llama
+def test_devices_and_plan_into_a_pipe_are_not_cut(rpc_workers: Callable[..., RpcWorker]) -> None:
+    """Two workers on loopback: at 80 columns both showed as `127.0.0.1:501…` and the sizes as `23.54…`."""
+    first, second = rpc_workers(), rpc_workers()
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    rpc = f"{first.endpoint},{second.endpoint}"
+    for args in (["devices", "--rpc", rpc], ["plan", "--demo", "--rpc", rpc, "--ctx", "4k"]):
+        done = subprocess.run([sys.executable, "-m", "llamalaunch", *args], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "…" not in done.stdout, done.stdout
+        assert "RPC0" in done.stdout and "RPC1" in done.stdout, done.stdout
+        if args[0] == "devices":
+            assert first.endpoint in done.stdout and second.endpoint in done.stdout, done.stdout

@@ -40,8 +40,8 @@ def _decode(raw: bytes) -> Any:
         return raw.decode("utf-8", "replace")
 
 
-def health(base_url: str, api_key: str | None = None) -> HttpResult:
-    return request(f"{base_url}/health", timeout_s=1.0, api_key=api_key)
+def health(base_url: str, api_key: str | None = None, timeout_s: float = 1.0) -> HttpResult:
+    return request(f"{base_url}/health", timeout_s=timeout_s, api_key=api_key)
 
 
 def complete_one_token(base_url: str, timeout_s: float = 60.0, api_key: str | None = None,

@@ -22,6 +22,10 @@ HOST = "Host"  # device name used for host-memory buffers
 PRINT_2DP_BYTES = MIB // 200
 PRINT_4DP_BYTES = MIB // 20000
 
+# serve writes this line into the server log once the readiness completion has answered: `status` does not
+# count that completion as a served request.
+READINESS_MARK = "llamalaunch: ready; the one-token readiness completion above is not a served request"
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PREFIX = re.compile(r"^(?:(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) )?([IWED]) (.*)$")
 _MODULE = re.compile(r"^(?:(\w{3,4}) +)?([~\w]+): (.*)$")

@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import TextIO
 
 STOP_TIMEOUT_S = 10.0
+# llama-server runs at -lv 5 (the layer lines are debug level): ~50 KB a short request. The log and its
+# rotated copies stay under LOG_MAX_BYTES × (1 + LOG_BACKUPS) whatever the uptime and however many runs.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
 _PR_SET_PDEATHSIG = 1
 
 
@@ -62,46 +66,57 @@ def _die_with_parent(launcher_pid: int) -> None:
 
 
 class LogSink:
-    """Appends child lines to a file, rotating at `max_bytes` (one old file kept).
+    """Appends child lines to a file, rotating at `max_bytes` to NAME.1 … NAME.<backups> (oldest dropped).
 
     A full disk must not stop the server: write errors are counted and reported once. The file is
     opened at the first line, so a launch refused before the child starts leaves nothing behind.
+    Safe from several threads (the child's reader, the supervisor's own marks).
     """
 
-    def __init__(self, path: Path, max_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.backups = max(1, backups)
         self.write_error: str | None = None
         self._file: TextIO | None = None
+        self._lock = threading.Lock()
 
     def _open(self) -> TextIO:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as write_state makes it
         return open(self.path, "a", encoding="utf-8", opener=_private_opener)
 
     def write(self, line: str) -> None:
-        try:
-            if self._file is None:
-                self._file = self._open()
-            self._file.write(line + "\n")
-            self._file.flush()
-            if self._file.tell() > self.max_bytes:
-                self._rotate()
-        except (OSError, ValueError) as error:
-            reason = getattr(error, "strerror", None) or error
-            self.write_error = self.write_error or f"cannot write the server log {self.path}: {reason}"
+        with self._lock:
+            try:
+                if self._file is None:
+                    self._file = self._open()
+                self._file.write(line + "\n")
+                self._file.flush()
+                if self._file.tell() > self.max_bytes:
+                    self._rotate()
+            except (OSError, ValueError) as error:
+                reason = getattr(error, "strerror", None) or error
+                self.write_error = self.write_error or f"cannot write the server log {self.path}: {reason}"
+
+    def backup(self, number: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{number}")
 
     def _rotate(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None  # reopened by the next write, even if the rename below fails
-        os.replace(self.path, self.path.with_suffix(self.path.suffix + ".1"))
+            self._file = None  # reopened by the next write, even if a rename below fails
+        for number in range(self.backups - 1, 0, -1):
+            if self.backup(number).exists():
+                os.replace(self.backup(number), self.backup(number + 1))
+        os.replace(self.path, self.backup(1))
 
     def close(self) -> None:
-        try:
-            if self._file is not None:
-                self._file.close()
-        except OSError:
-            pass
+        with self._lock:
+            try:
+                if self._file is not None:
+                    self._file.close()
+            except OSError:
+                pass
 
 
 def _private_opener(path: str, flags: int) -> int:

@@ -215,6 +215,8 @@ class ServeRequest:
     max_restarts: int = 5
     backoff_initial_s: float = 1.0
     load_timeout_s: float = 600.0
+    health_interval_s: float = 5.0
+    health_misses: int = 3
 
 
 def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
@@ -248,8 +250,11 @@ def check_not_running(name: str) -> None:
                              "stop it first, or give this one another --name")
 
 
-def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[SupervisorEvent], None]) -> int:
-    """Serve until a signal; returns the exit code (128 + signal after a clean stop)."""
+def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[SupervisorEvent], None],
+              on_supervisor: Callable[[Supervisor], None] | None = None) -> int:
+    """Serve until a signal; returns the exit code (128 + signal after a clean stop, 0 after `q`).
+
+    `on_supervisor` gets the supervisor before it starts (the view's `q` asks it to stop)."""
     assert inputs.toolchain is not None
     check_extra_args(serve.extra_args, serve.force)
     check_not_running(serve.name)
@@ -263,7 +268,8 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
                            max_restarts=serve.max_restarts, load_timeout_s=serve.load_timeout_s,
                            backoff_initial_s=serve.backoff_initial_s,
                            api_key_file=serve.api_key_file, log_path=log_path,
-                           alias=default_alias(inputs.model_path, serve.extra_args))
+                           alias=default_alias(inputs.model_path, serve.extra_args), model=model_label(inputs),
+                           health_interval_s=serve.health_interval_s, health_misses=serve.health_misses)
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
 
     calibration = RunCalibration()
@@ -282,8 +288,16 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
 
     supervisor = Supervisor(options, lambda lessons: inputs.plan(lessons, serving=True), record_and_show)
     recorder.url = supervisor.base_url
+    if on_supervisor is not None:
+        on_supervisor(supervisor)
     with stop_on_signals(supervisor.request_stop):
         return supervisor.run()
+
+
+def model_label(inputs: PlanInputs) -> str:
+    """'SmolLM2 135M Instruct (/models/smollm2.gguf)': the model's own name and the file served."""
+    name = inputs.profile.name.strip()
+    return f"{name} ({inputs.model_path})" if name and name != inputs.model_path else inputs.model_path
 
 
 class StateRecorder:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from llamalaunch.errors import LaunchError, ServeError
 from llamalaunch.launch import http
-from llamalaunch.launch.failures import classify_failure
+from llamalaunch.launch.failures import classify_failure, crash_lesson, describe_exit
 from llamalaunch.launch.lessons import Lessons
+from llamalaunch.launch.logparse import READINESS_MARK
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
@@ -45,6 +46,9 @@ class ServeOptions:
     api_key_file: Path | None = None
     log_path: Path | None = None
     alias: str | None = None  # the model's name in the API (/v1/models); None: llama-server's own choice
+    model: str = ""  # what the start line names: "SmolLM2 135M (/models/smollm2.gguf)"
+    health_interval_s: float = 5.0  # once ready, /health every this often (and this long to answer); 0: off
+    health_misses: int = 3  # unanswered /health checks in a row that make a ready server count as hung
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,17 @@ class _Ready:
 
 @dataclass(frozen=True)
 class _StopRequest:
-    signum: int
+    signum: int | None  # None: the user asked in the view (q), not by a signal
+    reason: str = ""
 
 
-_Item = ChildEvent | _Ready | _StopRequest
+@dataclass(frozen=True)
+class _Hung:
+    pid: int
+    detail: str
+
+
+_Item = ChildEvent | _Ready | _StopRequest | _Hung
 READINESS_FAILED = "llamalaunch: the one-token completion failed"
 HEALTHY_RESET_S = 600.0  # ready this long: the restart count starts again
 
@@ -127,8 +138,13 @@ class Supervisor:
         """Safe from a signal handler: the loop does the stopping."""
         self.queue.put(_StopRequest(signum))
 
+    def request_quit(self, reason: str) -> None:
+        """A stop the user asked for in the view (`q`): said as `reason`, and the exit status is 0."""
+        self.queue.put(_StopRequest(None, reason))
+
     def run(self) -> int:
-        """Serve until stopped; the exit code is 128 + the signal after a clean stop, non-zero on failure."""
+        """Serve until stopped; the exit code is 128 + the signal after a clean stop (0 after `q`),
+        non-zero on failure."""
         try:
             return self._run()
         finally:
@@ -147,7 +163,7 @@ class Supervisor:
 
     def _one_launch(self) -> int | None:
         """Plan, start, and watch one llama-server; None means: launch again."""
-        self._set_phase("starting", "planning")
+        self._set_phase("starting", f"planning {self.options.model}" if self.options.model else "planning")
         try:
             plan = self._make_plan()
         except _WorkerNotBack as waiting:
@@ -157,6 +173,8 @@ class Supervisor:
         ready = False
         oom = OomTracker()
         lines: list[str] = []
+        tail: deque[str] = deque(maxlen=50)  # this child's last lines: why it died, when it dies after ready
+        hung: str | None = None
         last_progress = time.monotonic()
         while True:
             item = self._next_item(0.5)
@@ -171,11 +189,18 @@ class Supervisor:
                                       "raise --load-timeout, or check the workers and the log")
                 continue
             if isinstance(item, _StopRequest):
-                return self._stop(item.signum)
+                return self._stop(item)
+            if isinstance(item, _Hung):
+                if self.child is not None and item.pid == self.child.pid and hung is None:
+                    hung = f"llama-server stopped answering ({item.detail})"
+                    self.on_event(SupervisorEvent("warning", f"{hung}: killing pid {item.pid} to restart it"))
+                    self.child.signal_group(signal.SIGKILL)  # hung: a graceful stop would wait for nothing
+                continue
             if isinstance(item, ChildLine):
                 last_progress = time.monotonic()
                 if not ready:  # kept to explain a failed load; a server up for days prints millions of lines
                     lines.append(item.text)
+                tail.append(item.text)
                 self.recent.append(item.text)
                 self.on_event(SupervisorEvent("line", item.text))
                 self._tell_log_error()
@@ -195,7 +220,8 @@ class Supervisor:
                     self._stop_child()
                 continue
             assert isinstance(item, ChildExit)
-            return self._after_exit(item.returncode, ready, oom.found, lines, plan)
+            why = hung or (crash_lesson(item.returncode, tail) if ready and oom.found is None else None)
+            return self._after_exit(item.returncode, ready, oom.found, lines, plan, why)
 
     def _make_plan(self) -> Plan:
         """A plan that cannot be made ends the run as failed; after an OOM, it is the ladder running out."""
@@ -216,7 +242,7 @@ class Supervisor:
         return plan
 
     def _after_exit(self, returncode: int, ready: bool, oom: OutOfMemory | None,
-                    lines: Sequence[str], plan: Plan) -> int | None:
+                    lines: Sequence[str], plan: Plan, why: str | None = None) -> int | None:
         if oom is not None and not ready:
             return self._oom_retry(oom, plan)
         if not ready:
@@ -227,7 +253,7 @@ class Supervisor:
             # Launched again like a crash: the next plan's probe names the lost worker, or finds it back.
             lesson = failure.message
         else:
-            lesson = self.lessons.learn_runtime_oom() if oom else f"llama-server exited with code {returncode}"
+            lesson = self.lessons.learn_runtime_oom() if oom else why or describe_exit(returncode)
             if self.ready_since is not None and time.monotonic() - self.ready_since > HEALTHY_RESET_S:
                 self.restarts = 0  # a crash a week is not a crash loop
         return self._restart_later(lesson)
@@ -251,7 +277,7 @@ class Supervisor:
         while (left := deadline - time.monotonic()) > 0:
             item = self._next_item(left)
             if isinstance(item, _StopRequest):
-                return self._stop(item.signum)
+                return self._stop(item)
         return None
 
     def _oom_retry(self, oom: OutOfMemory, plan: Plan) -> int | None:
@@ -324,8 +350,32 @@ class Supervisor:
         if self.child is not None:  # its worker connections are made: they close with a reset even if
             self.child.reset_worker_connections()  # it dies with us (PDEATHSIG) in the middle of a request
         self.ready_since = time.monotonic()
+        if self.sink is not None:
+            self.sink.write(READINESS_MARK)
         self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")
         self.notifier.ready(f"ready: {self.base_url} ctx {plan.ctx_tokens}")
+        if self.child is not None and self.options.health_interval_s > 0 and self.options.health_misses > 0:
+            threading.Thread(target=self._watch_health, args=(self.child,), daemon=True, name="liveness").start()
+
+    def _watch_health(self, child: Child) -> None:
+        """While `child` runs: /health every interval; `health_misses` unanswered in a row report it hung.
+
+        /health is answered by llama-server's HTTP threads (more of them than slots), so a busy server still
+        answers it; one stopped (SIGSTOP), deadlocked or swapped to death does not.
+        """
+        interval_s, needed = self.options.health_interval_s, self.options.health_misses
+        api_key = self._api_key()
+        misses = 0
+        while child.running():
+            started = time.monotonic()
+            result = http.health(self.base_url, api_key, timeout_s=interval_s)
+            misses = 0 if result.status == 200 else misses + 1
+            if misses >= needed:
+                last = result.error or f"HTTP {result.status}"
+                self.queue.put(_Hung(child.pid, f"{misses} /health checks in a row unanswered within "
+                                                f"{interval_s:g} s; last: {last}"))
+                return
+            time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
     def _record_attempt(self, plan: Plan, outcome: str) -> None:
         self.attempts.append(Attempt(len(self.attempts) + 1, plan.ctx_tokens, plan.n_gpu_layers,
@@ -372,13 +422,15 @@ class Supervisor:
     def _stop_child(self) -> int | None:
         return self.child.stop() if self.child is not None else None
 
-    def _stop(self, signum: int) -> int:
-        self._set_phase("stopping", f"signal {signal.Signals(signum).name}")
+    def _stop(self, request: _StopRequest) -> int:
+        """A clean stop: 128 + the signal that asked for it, or 0 when the user asked in the view (q)."""
+        self._set_phase("stopping", request.reason or f"signal {signal.Signals(request.signum or 0).name}")
         self.notifier.stopping()
         returncode = self._stop_child()
         self._pass_on_last_lines()
-        self._set_phase("stopped", f"llama-server exited with code {returncode}")
-        return 128 + signum
+        self._set_phase("stopped", "llama-server was not running" if returncode is None
+                        else describe_exit(returncode))
+        return 0 if request.signum is None else 128 + request.signum
 
     def _pass_on_last_lines(self) -> None:
         """What the child printed while stopping (its memory breakdown) still reaches the listeners."""

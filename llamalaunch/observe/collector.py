@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from llamalaunch.errors import BadInputError
+from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.launch.logparse import HOST
 from llamalaunch.launch.state import RunState, launcher_alive, read_state
 from llamalaunch.observe.live_memory import LiveMemory, MemoryReader
@@ -52,6 +52,14 @@ def _process_rss(pid: int) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+UNRESPONSIVE = "not answering"  # the phase shown for a ready server whose /health does not answer
+LLAMA_HEALTH = ("ok", "loading", "unreachable")  # what /health of a llama-server (or of nothing) answers
+
+
+class NotLlamaServerError(LaunchError):
+    """Something answers at the URL, but not as llama-server does."""
 
 
 def stats_have_busy(stats: ServerStats | None) -> bool:
@@ -93,6 +101,10 @@ class StatusCollector:
 
     def _from_url(self, url: str) -> StatusSnapshot:
         stats, notes = self._ask(url, with_props=True)
+        if stats.health not in LLAMA_HEALTH:
+            raise NotLlamaServerError(f"{url} is not a llama-server: /health answered {stats.health}",
+                                      "check the address and port: llama-server answers /health with "
+                                      "HTTP 200, or 503 while loading")
         running = stats.health not in ("unreachable",)
         return StatusSnapshot(
             taken_at=self.clock(), source="url", name=None, url=url, running=running,
@@ -133,11 +145,14 @@ class StatusCollector:
         stats = _with_log(stats, follower)
         if not running and server_alive:
             notes.append(f"the launcher is gone but llama-server (pid {state.child_pid}) still runs")
+        phase = state.phase
+        if running and phase == "ready" and stats.health != "ok":
+            phase = UNRESPONSIVE  # the state file says ready; a server that does not answer is not
         model = plan.get("model", {})
         return StatusSnapshot(
             taken_at=self.clock(), source="state", name=state.name, url=url, running=running,
             gone_reason=None if running else _gone_reason(state, launcher_ok, note),
-            phase=state.phase, phase_detail=state.phase_detail, launcher_pid=state.launcher_pid,
+            phase=phase, phase_detail=state.phase_detail, launcher_pid=state.launcher_pid,
             server_pid=state.child_pid, server_alive=server_alive, started_at=state.started_at or None,
             ready_at=state.ready_at, updated_at=state.updated_at or None, restarts=state.restarts,
             attempts=tuple(_attempt(a) for a in state.attempts), model_name=model.get("name"),
@@ -190,7 +205,7 @@ def _rpc_layout(devices: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str,
 def _with_log(stats: ServerStats, follower: LogFollower | None) -> ServerStats:
     if follower is None:
         return stats
-    return dataclasses.replace(stats, requests_served=follower.requests_served,
+    return dataclasses.replace(stats, requests_served=max(0, follower.requests_served),
                                last_prompt_tokens_per_s=follower.last_prompt_tokens_per_s,
                                last_generation_tokens_per_s=follower.last_generation_tokens_per_s)
 

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.state import list_states, read_state, state_path
-from llamalaunch.launch.supervisor import SupervisorEvent
+from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
 from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.render import plan_table
 from llamalaunch.observe.snapshot import StatusSnapshot
@@ -222,8 +222,9 @@ class ServeConsole:
     """What `serve` shows: on a terminal the live status view; elsewhere plain timestamped lines.
 
     `handle(event)` takes every SupervisorEvent (the child's own lines go to its log file, which the
-    view reads). `stop` is what `q` does (default: SIGINT to this process, as Ctrl-C); `name` is the
-    run's name (default: the state file whose launcher is this process).
+    view reads). `stop` is what `q` does (default: SIGINT to this process, as Ctrl-C; `attach` a
+    supervisor for a stop said as "q pressed"); `name` is the run's name (default: the state file whose
+    launcher is this process).
     """
 
     def __init__(self, console: Console, tui: bool, stop: Callable[[], None] | None = None,
@@ -237,8 +238,17 @@ class ServeConsole:
         self._live: StatusLive | None = None
         self._ended = False
 
+    def attach(self, supervisor: Supervisor) -> None:
+        """`q` asks `supervisor` to stop, said as "q pressed" and with exit status 0, not as a SIGINT."""
+        self.stop = lambda: supervisor.request_quit("q pressed")
+
     def handle(self, event: SupervisorEvent) -> None:
         if event.kind == "line":
+            return
+        if event.phase == "failed":
+            # The failure ends serve with its `error:` line (and hint) on stderr: said once, not twice.
+            if self._live is not None:
+                self.close()
             return
         if not self.tui:
             self._plain(event)

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llamalaunch.launch.logparse import BufferSize, buffer_device, parse_event, parse_line
+from llamalaunch.launch.logparse import READINESS_MARK, BufferSize, buffer_device, parse_event, parse_line
 from llamalaunch.observe.snapshot import LogEntry
 
 LOG_TAIL_LINES = 200
@@ -74,6 +74,13 @@ class LogFollower:
         return offset + len(data)
 
     def _feed(self, raw: str) -> None:
+        if raw.startswith(READINESS_MARK):
+            # serve's own check: not served. The mark may come before that request's line (they race to
+            # the file), so the count can dip below zero for a moment; readers show max(0, count).
+            self.requests_served -= 1
+            self.last_prompt_tokens_per_s = self.last_generation_tokens_per_s = None
+            self._level = None
+            return
         match = _LEVEL.match(raw)
         level = match.group(1) if match else None
         continued = self._level if level is None else None  # a message's later lines belong to its level

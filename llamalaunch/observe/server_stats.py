@@ -72,6 +72,9 @@ def ask_server(url: str, api_key: str | None = None, with_props: bool = False,
         return ServerStats("loading"), notes
     if health.status != 200:
         return ServerStats(f"HTTP {health.status}"), [f"{url}/health answered HTTP {health.status}"]
+    if not (isinstance(health.body, dict) and health.body.get("status") == "ok"):
+        return ServerStats("HTTP 200, not llama-server's answer"), [f"{url}/health answered HTTP 200 but not "
+                                                                   "with llama-server's {\"status\": \"ok\"}"]
     busy = None
     if slots_total is None:
         slots_total, busy = _ask_slots(url, api_key, notes)

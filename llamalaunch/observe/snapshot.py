@@ -73,7 +73,7 @@ class ServerStats:
     generated_tokens_total: int | None = None
     requests_processing: int | None = None
     requests_deferred: int | None = None
-    requests_served: int | None = None  # completed requests in the log (readiness check included)
+    requests_served: int | None = None  # completed requests in the log (serve's readiness check not counted)
     last_prompt_tokens_per_s: float | None = None  # the last request's timings, from the log
     last_generation_tokens_per_s: float | None = None
     ctx_tokens: int | None = None  # /props, for --url

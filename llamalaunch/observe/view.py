@@ -18,7 +18,7 @@ from llamalaunch.observe.snapshot import DeviceStatus, HostStatus, LogEntry, Ser
 from llamalaunch.units import GIB, MIB
 
 PHASE_STYLE = {"ready": "bold green", "loading": "bold cyan", "starting": "bold cyan", "restarting": "bold yellow",
-               "stopping": "bold yellow", "stopped": "bold", "failed": "bold red"}
+               "stopping": "bold yellow", "stopped": "bold", "failed": "bold red", "not answering": "bold red"}
 BAR_WIDTH = 12
 LOG_LEVEL_STYLE = {"W": "yellow", "E": "bold red"}
 SOURCE_NOTES = {
@@ -270,6 +270,17 @@ def log_panel(snapshot: StatusSnapshot, max_lines: int | None = None) -> Panel:
                  border_style="red" if snapshot.log_errors else "yellow" if snapshot.log_warnings else "dim")
 
 
+class FittedPanel:
+    """A panel as wide as the terminal; elsewhere (a pipe: no width to fill) as wide as its lines."""
+
+    def __init__(self, panel: Panel) -> None:
+        self.panel = panel
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        self.panel.expand = console.is_terminal
+        yield self.panel
+
+
 # --- the frame -----------------------------------------------------------------------------------------
 
 
@@ -291,7 +302,7 @@ def status_view(snapshot: StatusSnapshot, show_log: bool = True, log_lines: int 
     parts += [Text(note, style="yellow") for note in snapshot.notes]
     parts += list(extra)
     if show_log and snapshot.source == "state":
-        parts.append(log_panel(snapshot, log_lines))
+        parts.append(FittedPanel(log_panel(snapshot, log_lines)))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)
