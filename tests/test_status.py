@@ -401,3 +401,23 @@ def test_devices_and_plan_into_a_pipe_are_not_cut(rpc_workers: Callable[..., Rpc
         assert "RPC0" in done.stdout and "RPC1" in done.stdout, done.stdout
         if args[0] == "devices":
             assert first.endpoint in done.stdout and second.endpoint in done.stdout, done.stdout
+
+
+def test_status_shows_the_experts_each_device_holds(tmp_path: Path) -> None:
+    """A MoE plan with experts in host memory: the view says how many of each device's MoE blocks keep theirs."""
+    from llamalaunch.model.synthetic import SyntheticShape, write_synthetic
+
+    shape = SyntheticShape(n_layer=24, n_embd=1024, n_ff=2048, n_head=16, n_head_kv=4, n_vocab=32000, head_dim=64,
+                           n_expert=32, n_expert_used=4, n_ff_exp=512)
+    profile = load_profile(write_synthetic(tmp_path / "moe.gguf", "qwen3moe", shape))
+    full = make_plan(profile, [_cuda(0, 40 * GIB, 80 * GIB)], Request(ctx_tokens=4096), ArgvOptions(profile.path))
+    squeezed = _cuda(0, full.devices[0].planned_bytes * 2 // 3, 80 * GIB)
+    plan = plan_to_dict(make_plan(profile, [squeezed], Request(ctx_tokens=4096), ArgvOptions(profile.path)))
+    held = plan["devices"][0]["expert_layers"]
+    assert 0 < held < 24 and plan["host_expert_layers"]
+    me = psutil.Process()
+    path = _write_run(plan, pid=me.pid, started=me.create_time(), log=tmp_path / "none.log", name="moe")
+    snapshot = StatusCollector(StatusTarget(path, None), memory=MemoryReader(read_gpus=_nvml((61 * GIB,)))).collect()
+    console = Console(width=150, record=True)
+    console.print(status_view(snapshot))
+    assert re.search(rf"^CUDA0\s+25 \({held}/24 experts\)", console.export_text(), re.MULTILINE)

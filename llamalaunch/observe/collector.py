@@ -226,7 +226,8 @@ def _device(raw: dict[str, Any], actual: Mapping[str, int], live: LiveMemory) ->
         free_at_plan_bytes=int(raw.get("free_bytes", 0)), total_bytes=int(raw.get("total_bytes", 0)),
         actual_weights_bytes=actual.get("model"), actual_kv_bytes=actual.get("kv"),
         actual_compute_bytes=actual.get("compute"), used_bytes=live.used_bytes, free_bytes=live.free_bytes,
-        memory_source=live.source, memory_note=live.note)
+        memory_source=live.source, memory_note=live.note, expert_layers=int(raw.get("expert_layers", 0)),
+        moe_layers=int(raw.get("moe_layers", 0)))
 
 
 def _host(plan: dict[str, Any], actual: Mapping[str, int] | None, rss: int | None) -> HostStatus | None:

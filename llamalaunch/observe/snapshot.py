@@ -38,6 +38,15 @@ class DeviceStatus:
     free_bytes: int | None
     memory_source: str  # "nvml", "rpc probe", "log", "plan", "none"
     memory_note: str | None = None
+    expert_layers: int = 0  # MoE blocks whose routed experts this device holds
+    moe_layers: int = 0  # MoE blocks on this device
+
+    @property
+    def layers_text(self) -> str:
+        """`49`, or `49 (21/48 experts)` when some of its MoE blocks keep their experts in host memory."""
+        if self.moe_layers and self.expert_layers < self.moe_layers:
+            return f"{self.n_layers} ({self.expert_layers}/{self.moe_layers} experts)"
+        return str(self.n_layers)
 
     @property
     def actual_bytes(self) -> int | None:

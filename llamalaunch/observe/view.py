@@ -147,7 +147,7 @@ def devices_table(snapshot: StatusSnapshot, bar_width: int = BAR_WIDTH) -> Table
             table.add_row(device.name, "0", *(["-"] * 7), f"left out: {device.reason}", style="yellow")
             continue
         table.add_row(
-            Text(device.name, style="bold"), Text(str(device.n_layers), style="bold"),
+            Text(device.name, style="bold"), Text(device.layers_text, style="bold"),
             short_bytes(device.planned_weights_bytes), short_bytes(device.planned_kv_bytes),
             short_bytes(device.planned_compute_bytes), short_bytes(device.planned_bytes),
             short_bytes(device.actual_bytes), short_bytes(device.used_bytes), short_bytes(device.free_bytes),
