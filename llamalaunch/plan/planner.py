@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 from llamalaunch.errors import PlanError
@@ -9,6 +10,7 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
 from llamalaunch.model.estimate import SlotRange
 from llamalaunch.plan.costs import CostModel
+from llamalaunch.plan.speed import SpeedFigures
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
@@ -178,13 +180,24 @@ class Planner:
 def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
               options: ArgvOptions, overhead: Mapping[str, int] | None = None,
               on_choice: Callable[[int, Choice], None] | None = None,
-              host_free_bytes: int | None = None) -> Plan:
-    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does."""
+              host_free_bytes: int | None = None, speed: SpeedFigures | None = None) -> Plan:
+    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does.
+
+    With `speed` figures, the fastest of the placements that fit is taken (plan/choose.py)."""
+    from llamalaunch.plan.choose import alternatives, candidates, pick
+
     planner = Planner(profile, devices, request, overhead, host_free_bytes)
     ctx_tokens, choice = planner.solve()
+    found = candidates(planner, ctx_tokens, choice, speed, request.prefer) if speed is not None else []
+    picked = pick(found, request.prefer) if found else None
+    if picked is not None:
+        ctx_tokens, choice = picked.ctx_tokens, picked.choice
     if on_choice is not None:
         on_choice(ctx_tokens, choice)
-    return assemble(planner, ctx_tokens, choice, options)
+    plan = assemble(planner, ctx_tokens, choice, options)
+    if picked is None:
+        return plan
+    return dataclasses.replace(plan, speed=picked.speed, alternatives=alternatives(found, picked))
 
 
 def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:

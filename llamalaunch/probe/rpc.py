@@ -46,6 +46,7 @@ MAX_DEVICES_PER_WORKER = 64
 # How long a keeper waits for the reply a busy worker owes us before giving up (then it resets the
 # connection, which the worker survives: its write fails with ECONNRESET instead of raising SIGPIPE).
 KEEP_PENDING_S = 3600.0
+LINK_SAMPLES = 3  # tiny round trips timed after HELLO, for the speed estimate's link latency
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class WorkerReport:
     version: str  # "7.0.0"
     devices: tuple[WorkerDevice, ...]
     elapsed_s: float
+    round_trip_s: float | None = None  # the fastest of a few tiny round trips: the link's latency
 
 
 class RpcProbeError(ProbeError):
@@ -147,6 +149,7 @@ def probe_worker(endpoint: str, connect_timeout_s: float = 1.0, reply_timeout_s:
         version = exchange.hello()
         count = exchange.device_count()
         devices = tuple(exchange.device_memory(index) for index in range(count))
+        round_trip = exchange.round_trip()
     except WorkerBusyError as exc:
         exc.keeper_pid = exchange.abandon()
         raise
@@ -154,7 +157,7 @@ def probe_worker(endpoint: str, connect_timeout_s: float = 1.0, reply_timeout_s:
         exchange.abandon()
         raise
     exchange.close()
-    return WorkerReport(endpoint, version, devices, time.monotonic() - started)
+    return WorkerReport(endpoint, version, devices, time.monotonic() - started, round_trip)
 
 
 def _connect(endpoint: str, host: str, port: int, timeout_s: float) -> socket.socket:
@@ -227,6 +230,15 @@ class _Exchange:
             raise WorkerReplyError(self.endpoint, f"device {index} claims {free} bytes free of {total}, "
                                    "which is not believable", "is that port really a ggml-rpc-server?")
         return WorkerDevice(index, free, total)
+
+    def round_trip(self, samples: int = LINK_SAMPLES) -> float:
+        """Seconds of the fastest of a few DEVICE_COUNT calls: safe here, the worker already serves us."""
+        best = float("inf")
+        for _ in range(samples):
+            started = time.perf_counter()
+            self._call(CMD_DEVICE_COUNT, b"", _DEVICE_COUNT_REPLY.size)
+            best = min(best, time.perf_counter() - started)
+        return best
 
     def _call(self, cmd: int, payload: bytes, reply_size: int) -> bytes:
         """Send one request and read its fixed-size reply; a reply of any other size is an error."""
