@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llamalaunch.errors import PlanError
+from llamalaunch.model.estimate import Placement, SlotRange
 from llamalaunch.plan.split import Choice, Fitter, drop_idle, output_device_orders
 from llamalaunch.plan.speed import Alternative, SpeedEstimate, SpeedFigures, estimate_speed
+from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 
 if TYPE_CHECKING:  # the planner imports this module
@@ -187,3 +189,11 @@ def alternatives(found: Sequence[Candidate], picked: Candidate, limit: int = 5) 
     """The picked candidate and the best others, for `plan --compare`."""
     others = [c for c in found if c is not picked][:limit - 1]
     return tuple(Alternative(c.label, c.ctx_tokens, c.speed, c is picked) for c in [picked, *others])
+
+
+def estimate_plan(plan: Plan, figures: SpeedFigures) -> SpeedEstimate:
+    """The estimate for a finished plan (e.g. one made without speed figures, or with other figures)."""
+    ranges = tuple(SlotRange(d.device.name, d.device.backend, d.first_slot or 0, d.n_layers)
+                   for d in plan.devices if not d.excluded and d.n_layers)
+    return estimate_speed(plan.model, plan.request, plan.ctx_tokens, Placement(ranges, plan.host_expert_layers),
+                          figures)

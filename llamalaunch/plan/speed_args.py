@@ -13,15 +13,14 @@ from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.assume import canonical_device_name
 from llamalaunch.units import parse_tokens
 
-PREFER = ("context", "speed")
 _NUMBER = r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
 _RATE = re.compile(_NUMBER + r"\s*([kmgt]?)(i?)(bit|bps|b)(?:/s)?$", re.IGNORECASE)
 _LATENCY = re.compile(_NUMBER + r"\s*(s|ms|us|µs)$", re.IGNORECASE)
 _FLOPS = re.compile(_NUMBER + r"\s*([kmgtp]?)(flops)?$", re.IGNORECASE)
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
 _LATENCY_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
-LINK_HINT = "write it like --link RPC0=1Gbit/0.3ms (rate in bit or B per second, round trip in s, ms or us)"
-SPEED_HINT = "write it like --device-speed RPC0=20GB or RPC0=20GB:500GFLOPS (memory bandwidth per second)"
+LINK_HINT = "write it like --link RPC0=1Gbit/0.3ms: a rate in bit or B per second, a round trip in s, ms or us"
+SPEED_HINT = "write it like --device-speed RPC0=20GB or RPC0=20GB:500GFLOPS, memory bandwidth per second"
 
 
 def _items(values: Sequence[str]) -> list[str]:
@@ -94,12 +93,6 @@ def parse_fill(text: str | None) -> int | None:
     return None if text is None or text.strip().lower() in ("", "half") else parse_tokens(text, "--fill")
 
 
-def parse_prefer(text: str) -> str:
-    if text not in PREFER:
-        raise BadInputError(f"--prefer {text!r} is not allowed", "use --prefer context or --prefer speed")
-    return text
-
-
 @dataclass(frozen=True)
 class SpeedArgs:
     """The speed options of plan and serve, parsed; `figures` adds what the probes and calibration know."""
@@ -107,12 +100,15 @@ class SpeedArgs:
     links: Mapping[str, Link] = field(default_factory=dict)
     device_speeds: Mapping[str, DeviceSpeed] = field(default_factory=dict)
     fill_tokens: int | None = None
+    enabled: bool = True  # False: plan by memory alone, no estimate (benchmarks compare against it)
 
     @classmethod
     def parse(cls, link: Sequence[str] = (), device_speed: Sequence[str] = (), fill: str | None = None) -> SpeedArgs:
         return cls(parse_links(link), parse_device_speeds(device_speed), parse_fill(fill))
 
-    def figures(self, devices: Sequence[Device], host: HostMemory | None) -> SpeedFigures:
+    def figures(self, devices: Sequence[Device], host: HostMemory | None) -> SpeedFigures | None:
+        if not self.enabled:
+            return None
         from llamalaunch.observe.speed_calibration import calibrated, load_speed_factors
         from llamalaunch.probe.speed import host_speed, speed_figures
 
