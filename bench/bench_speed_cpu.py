@@ -1,7 +1,9 @@
 """Speed on CPU: the speed-aware split against the even-spare split, and estimated against measured tok/s.
 
-Two real ggml-rpc-server workers on loopback with unequal speed (`-t 2` and `-t 1`), the demo model
-(SmolLM2-135M Q4_1) or a synthetic one. Steps, all in one run:
+Two real ggml-rpc-server workers on loopback with unequal speed, the demo model (SmolLM2-135M Q4_1) or
+another. Both run one thread; RPC1 runs under a CPU quota (a cgroup v1 `cpu.cfs_quota_us`, `--quota`
+of one core) where the cgroup can be written, else the workers differ by thread count (`-t 2`, `-t 1`).
+llama-server itself runs one thread. Steps, all in one run:
 
 1. calibrate: each worker alone holds the whole model (`-dev RPCi`); llama-server's own timings of
    the requests it served are folded into the speed calibration of that worker (observe/speed_calibration).
@@ -39,26 +41,54 @@ from llamalaunch.plan.types import Plan
 
 PROMPT_TOKENS = 512
 GEN_TOKENS = 64
-THREADS = (2, 1)  # worker RPC0 fast, RPC1 slow
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
 
 @contextmanager
-def workers(bin_dir: Path, log_dir: Path) -> Iterator[list[str]]:
+def quota_group(share: float) -> Iterator[Path | None]:
+    """A cgroup v1 CPU group limited to `share` of one core; None where cgroups cannot be written."""
+    group = CGROUP_CPU / f"llamalaunch-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(100000 * share)))
+    except OSError:
+        yield None
+        return
+    try:
+        yield group
+    finally:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+
+@contextmanager
+def workers(bin_dir: Path, log_dir: Path, quota: float) -> Iterator[tuple[list[str], str]]:
+    """RPC0 fast and RPC1 slow; yields the endpoints and how RPC1 was slowed."""
     started: list[subprocess.Popen] = []
     endpoints = []
-    try:
-        for threads in THREADS:
-            port = free_port()
-            log = open(log_dir / f"rpc-{port}.log", "wb")
-            started.append(subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
-                                             "-t", str(threads)], stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}))
-            endpoints.append(f"127.0.0.1:{port}")
-        time.sleep(1.0)
-        yield endpoints
-    finally:
-        for process in started:
-            stop_process(process)
+    with quota_group(quota) as group:
+        threads = (1, 1) if group is not None else (2, 1)
+        how = f"RPC1 under a CPU quota of {quota:.0%} of a core, both -t 1" if group is not None else \
+            "no writable cgroup: RPC0 -t 2, RPC1 -t 1"
+        try:
+            for index, count in enumerate(threads):
+                port = free_port()
+                log = open(log_dir / f"rpc-{port}.log", "wb")
+                process = subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
+                                            "-t", str(count)], stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                started.append(process)
+                if index == 1 and group is not None:
+                    (group / "cgroup.procs").write_text(str(process.pid))
+                endpoints.append(f"127.0.0.1:{port}")
+            time.sleep(1.0)
+            yield endpoints, how
+        finally:
+            for process in started:
+                stop_process(process)
 
 
 def plan_for(model: Path, server: Path, endpoints: list[str], ctx: int, device: str | None, budget: list[str],
@@ -102,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ctx", type=int, default=2048)
-    parser.add_argument("--budget-mib", type=int, default=130, help="per worker in the split comparison")
+    parser.add_argument("--budget-mib", type=int, default=200, help="per worker in the split comparison")
+    parser.add_argument("--quota", type=float, default=0.25, help="RPC1's share of one core")
     parser.add_argument("--out", type=Path, default=Path("bench/results") / f"cpu-{time.strftime('%Y-%m-%d')}")
     args = parser.parse_args(argv)
     bin_dir = default_bin_dir()
@@ -116,14 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["LLAMALAUNCH_HOME"] = str(home)  # calibration and host probe of this run only
     os.environ.pop("LLAMALAUNCH_CACHE", None)
     rows: list[dict] = []
-    with workers(bin_dir, home) as endpoints:
-        def plan(device: str | None, budget: list[str], speed: bool, threads: int = 2) -> Plan:
+    with workers(bin_dir, home, args.quota) as (endpoints, slowed):
+        def plan(device: str | None, budget: list[str], speed: bool, threads: int = 1) -> Plan:
             return plan_for(args.model, server, endpoints if device != "host" else [], args.ctx,
                             device if device != "host" else None, budget, speed, threads)
 
         # 1. host only and each worker alone; the workers' runs calibrate them
-        alone = {"host (-t 2)": plan("host", [], False), "RPC0 alone (-t 2)": plan("RPC0", [], False),
-                 "RPC1 alone (-t 1)": plan("RPC1", [], False)}
+        alone = {"host (-t 1)": plan("host", [], False), "RPC0 alone (fast)": plan("RPC0", [], False),
+                 "RPC1 alone (slow)": plan("RPC1", [], False)}
         before = {name: estimate_plan(p, default_figures(p, endpoints, args, server)) for name, p in alone.items()}
         for name, p in alone.items():
             result = measure(server, p.argv, home / f"{name.split()[0]}.log")
@@ -145,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             after = estimate_plan(p, calibrated_figures(p, endpoints, args, server))
             rows.append(row(name, p, estimate_plan(p, figures), after, runs[key]))
     data = {"machine": machine(), "llama_build": llama_build(bin_dir), "model": str(args.model), "ctx": args.ctx,
-            "threads": {"RPC0": THREADS[0], "RPC1": THREADS[1]}, "budget_mib": args.budget_mib,
+            "workers": slowed, "budget_mib": args.budget_mib,
             "prompt_tokens": PROMPT_TOKENS, "gen_tokens": GEN_TOKENS, "rounds": args.rounds, "rows": rows}
     table = format_table(rows)
     print("\n".join(table))

@@ -249,3 +249,21 @@ def test_a_loopback_worker_gets_a_measured_round_trip_and_a_known_estimate(
     assert result.returncode == 0, result.stderr
     speed = json.loads(result.stdout)["speed"]
     assert speed["unknown"] == [] and speed["generation_tps"] > 0
+
+
+def test_status_shows_the_plans_estimate_beside_the_measured_speeds() -> None:
+    from rich.console import Console
+
+    from llamalaunch.observe.collector import _estimated_tps
+    from llamalaunch.observe.snapshot import StatusSnapshot
+    from llamalaunch.observe.view import status_view
+
+    assert _estimated_tps({"speed": {"prompt_tps": 812.0, "generation_tps": 45.25}}) == (812.0, 45.25)
+    assert _estimated_tps({}) is None  # a plan from before the estimate existed
+    snapshot = StatusSnapshot(taken_at=0.0, source="url", name=None, url="http://127.0.0.1:8080", running=True,
+                              gone_reason=None, phase="ready", estimated_tps=(812.0, 45.25))
+    console = Console(record=True, width=150)
+    console.print(status_view(snapshot, show_log=False))
+    text = console.export_text()
+    assert "tok/s prompt / generation: average" in text
+    assert "estimated before launch, tok/s prompt / generation: 812.0 / 45.2 (one sequence)" in text

@@ -61,7 +61,7 @@ def host_speed(host: HostMemory | None, path: Path | None = None, measure: bool 
     return DeviceSpeed("CPU", figures[0], figures[1], "probe")
 
 
-def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[float, float] | None:
+def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 9) -> tuple[float, float] | None:
     """(read bytes/s, FLOP/s): a sum over a buffer larger than the caches, and an f32 matrix product on
     every core; best of `repeats` after a warm-up. None when numpy is missing or a timing is not usable."""
     try:
