@@ -81,7 +81,9 @@ def pick(found: Sequence[Candidate], prefer: str) -> Candidate:
 
 
 def _label(choice: Choice, how: str) -> str:
-    split = "+".join(f"{d.name}:{c}" for d, c in zip(choice.order, choice.counts)) or "host only"
+    if not choice.order:
+        return "host only"
+    split = "+".join(f"{d.name}:{c}" for d, c in zip(choice.order, choice.counts))
     experts = f", experts of {len(choice.host_expert_layers)} layers on host" if choice.host_expert_layers else ""
     return f"{split} ({how}{experts})"
 
