@@ -24,7 +24,8 @@ from llamalaunch.probe.device import Device
 if TYPE_CHECKING:  # the planner imports this module
     from llamalaunch.plan.planner import Planner
 
-BETTER = 1.01  # a candidate must be 1% faster to displace the planner's own choice (estimates are rough)
+BETTER = 1.05  # a candidate must be 5% faster to displace the even-spare split (estimates are rough; a
+# loopback hop under load, for one, is not worth a device kept nearly full)
 MAX_MOVES = 32
 
 
