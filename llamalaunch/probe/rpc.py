@@ -46,7 +46,6 @@ MAX_DEVICES_PER_WORKER = 64
 # How long a keeper waits for the reply a busy worker owes us before giving up (then it resets the
 # connection, which the worker survives: its write fails with ECONNRESET instead of raising SIGPIPE).
 KEEP_PENDING_S = 3600.0
-LINK_SAMPLES = 3  # tiny round trips timed after HELLO, for the speed estimate's link latency
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class WorkerReport:
     version: str  # "7.0.0"
     devices: tuple[WorkerDevice, ...]
     elapsed_s: float
-    round_trip_s: float | None = None  # the fastest of a few tiny round trips: the link's latency
+    round_trip_s: float | None = None  # the fastest request after HELLO: the link's latency
 
 
 class RpcProbeError(ProbeError):
@@ -149,7 +148,6 @@ def probe_worker(endpoint: str, connect_timeout_s: float = 1.0, reply_timeout_s:
         version = exchange.hello()
         count = exchange.device_count()
         devices = tuple(exchange.device_memory(index) for index in range(count))
-        round_trip = exchange.round_trip()
     except WorkerBusyError as exc:
         exc.keeper_pid = exchange.abandon()
         raise
@@ -157,7 +155,7 @@ def probe_worker(endpoint: str, connect_timeout_s: float = 1.0, reply_timeout_s:
         exchange.abandon()
         raise
     exchange.close()
-    return WorkerReport(endpoint, version, devices, time.monotonic() - started, round_trip)
+    return WorkerReport(endpoint, version, devices, time.monotonic() - started, exchange.fastest_s)
 
 
 def _connect(endpoint: str, host: str, port: int, timeout_s: float) -> socket.socket:
@@ -201,6 +199,7 @@ class _Exchange:
         self.deadline = deadline
         self.owed_bytes = 0  # reply bytes the worker will still write to this socket
         self.accepted = False  # the worker answered HELLO: it is serving us
+        self.fastest_s: float | None = None  # the fastest round trip after HELLO
 
     def hello(self) -> str:
         reply = self._call(CMD_HELLO, _HELLO_REQUEST, _HELLO_REPLY.size)
@@ -231,17 +230,19 @@ class _Exchange:
                                    "which is not believable", "is that port really a ggml-rpc-server?")
         return WorkerDevice(index, free, total)
 
-    def round_trip(self, samples: int = LINK_SAMPLES) -> float:
-        """Seconds of the fastest of a few DEVICE_COUNT calls: safe here, the worker already serves us."""
-        best = float("inf")
-        for _ in range(samples):
-            started = time.perf_counter()
-            self._call(CMD_DEVICE_COUNT, b"", _DEVICE_COUNT_REPLY.size)
-            best = min(best, time.perf_counter() - started)
-        return best
-
     def _call(self, cmd: int, payload: bytes, reply_size: int) -> bytes:
-        """Send one request and read its fixed-size reply; a reply of any other size is an error."""
+        """Send one request and read its fixed-size reply; a reply of any other size is an error.
+
+        The calls after HELLO are timed: the fastest is the link's round trip (the worker already serves
+        us then, so no extra request is ever sent for it)."""
+        started = time.perf_counter()
+        reply = self._exchange(cmd, payload, reply_size)
+        if cmd != CMD_HELLO:
+            elapsed = time.perf_counter() - started
+            self.fastest_s = elapsed if self.fastest_s is None else min(self.fastest_s, elapsed)
+        return reply
+
+    def _exchange(self, cmd: int, payload: bytes, reply_size: int) -> bytes:
         self._send(_REQUEST_HEADER.pack(cmd, len(payload)) + payload)
         self.owed_bytes = _REPLY_HEADER.size + reply_size
         (size,) = _REPLY_HEADER.unpack(self._recv(_REPLY_HEADER.size))
