@@ -159,7 +159,8 @@ def plan_inputs(params: dict[str, Any], demo: bool, need_toolchain: bool = False
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
-                             speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill")))
+                             speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill"),
+                                                        bool(params.get("compare"))))
 
 
 # --- commands -------------------------------------------------------------------------------------

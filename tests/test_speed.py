@@ -267,3 +267,14 @@ def test_status_shows_the_plans_estimate_beside_the_measured_speeds() -> None:
     text = console.export_text()
     assert "tok/s prompt / generation: average" in text
     assert "estimated before launch, tok/s prompt / generation: 812.0 / 45.2 (one sequence)" in text
+
+
+def test_compare_lists_smaller_contexts_that_would_be_faster(llama_8b: ModelProfile) -> None:
+    devices = [rpc(0, 4 * GIB), rpc(1, 8 * GIB)]
+    plan = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS, speed=two_workers(1e9, 40e9), compare=True)
+    assert plan.alternatives[0].chosen and plan.alternatives[0].ctx_tokens == plan.ctx_tokens
+    without = [a for a in plan.alternatives if "without RPC0" in a.label]
+    assert without and without[0].ctx_tokens < plan.ctx_tokens
+    assert without[0].speed.generation_tps > plan.speed.generation_tps  # the trade a user sees
+    plain = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS, speed=two_workers(1e9, 40e9))
+    assert [a.label for a in plain.alternatives] == [plan.alternatives[0].label]  # not searched without --compare

@@ -111,7 +111,8 @@ class PlanInputs:
         options = ArgvOptions(self.model_path, capabilities,
                               tuple((c, pinned.name) for c in companions) if pinned is not None else ())
         plan = make_plan(self.profile, devices, request, options, self.overheads(devices),
-                         host_free_bytes=self.host_free_bytes, speed=self.speed_args.figures(devices, self.host))
+                         host_free_bytes=self.host_free_bytes, speed=self.speed_args.figures(devices, self.host),
+                         compare=self.speed_args.compare)
         notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
                  for c in companions if pinned is not None]
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))

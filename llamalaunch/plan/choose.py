@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from llamalaunch.errors import PlanError
 from llamalaunch.model.estimate import Placement, SlotRange
-from llamalaunch.plan.split import Choice, Fitter, drop_idle, output_device_orders
+from llamalaunch.plan.split import Choice, Fitter, device_limit, drop_idle, output_device_orders
 from llamalaunch.plan.speed import Alternative, SpeedEstimate, SpeedFigures, estimate_speed
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
@@ -48,13 +48,14 @@ def rate(speed: SpeedEstimate) -> tuple[float, float]:
 
 
 def candidates(planner: Planner, ctx_tokens: int, chosen: Choice, figures: SpeedFigures,
-               prefer: str = "context") -> list[Candidate]:
-    """The planner's choice first, then the other placements that fit, fastest first after it."""
+               prefer: str = "context", compare: bool = False) -> list[Candidate]:
+    """The planner's choice first, then the other placements that fit, fastest first after it. Smaller
+    contexts (--ctx max) are weighed for `--prefer speed`, and listed for `--compare`."""
     first = Candidate(_label(chosen, "even spare"), ctx_tokens, chosen, speed_of(planner, ctx_tokens, chosen, figures))
     found = [first]
     if first.speed.generation_tps is not None:
         found += _same_context(planner, ctx_tokens, chosen, figures)
-    if planner.request.ctx_tokens is None and (prefer == "speed" or first.speed.generation_tps is not None):
+    if planner.request.ctx_tokens is None and (prefer == "speed" or compare):
         found += _smaller_contexts(planner, ctx_tokens, chosen, figures)
     unique: dict[tuple, Candidate] = {}
     for candidate in found:
@@ -102,56 +103,75 @@ def _same_context(planner: Planner, ctx_tokens: int, chosen: Choice, figures: Sp
         if order != chosen.order:
             found.append(Candidate(_label(base, "even spare"), ctx_tokens, base,
                                    speed_of(planner, ctx_tokens, base, figures)))
-        tuned = by_speed(fitter, base, lambda c: rate(speed_of(planner, ctx_tokens, c, figures)))
+        tuned = by_speed(fitter, base, lambda c: speed_of(planner, ctx_tokens, c, figures))
         if tuned != base:
             found.append(Candidate(_label(tuned, "faster devices filled"), ctx_tokens, tuned,
                                    speed_of(planner, ctx_tokens, tuned, figures)))
     return found
 
 
-def by_speed(fitter: Fitter, choice: Choice, score: Callable[[Choice], tuple[float, float]]) -> Choice:
-    """Move layers between devices while they fit and the estimate improves (the most that fit at once)."""
-    best, best_score = choice, score(choice)
+def by_speed(fitter: Fitter, choice: Choice, speed: Callable[[Choice], SpeedEstimate]) -> Choice:
+    """Move layers towards devices that take less time a slot while they fit and the estimate improves
+    (the most that fit at once)."""
+    best, best_speed = choice, speed(choice)
     for _ in range(MAX_MOVES):
-        step = _best_move(fitter, best, best_score, score)
+        step = _best_move(fitter, best, best_speed, speed)
         if step is None:
             break
-        best, best_score = step
+        best, best_speed = step
     return drop_idle(best)
 
 
-def _best_move(fitter: Fitter, choice: Choice, current: tuple[float, float],
-               score: Callable[[Choice], tuple[float, float]]) -> tuple[Choice, tuple[float, float]] | None:
-    found: tuple[Choice, tuple[float, float]] | None = None
+def _best_move(fitter: Fitter, choice: Choice, current: SpeedEstimate,
+               speed: Callable[[Choice], SpeedEstimate]) -> tuple[Choice, SpeedEstimate] | None:
+    found: tuple[Choice, SpeedEstimate] | None = None
+    times = {part.name: part.generation_s for part in current.parts}
+    per_slot = [times.get(d.name, 0.0) / max(count, 1) for d, count in zip(choice.order, choice.counts)]
     for source in range(len(choice.order)):
         for target in range(len(choice.order)):
-            if source == target or choice.counts[source] == 0:
+            if source == target or choice.counts[source] == 0 or per_slot[target] > per_slot[source]:
                 continue
             moved = _largest_move(fitter, choice, source, target)
             if moved is None:
                 continue
-            value = score(moved)
-            if value[0] > current[0] * 1.001 and (found is None or value > found[1]):
-                found = (moved, value)
+            estimate = speed(moved)
+            if rate(estimate)[0] > rate(current)[0] * 1.001 and (found is None or rate(estimate) > rate(found[1])):
+                found = (moved, estimate)
     return found
 
 
 def _largest_move(fitter: Fitter, choice: Choice, source: int, target: int) -> Choice | None:
-    """The most slots from `source` to `target` that still fit (bisection; fit falls as more move)."""
-    def moved(k: int) -> Choice:
+    """The most slots from `source` to `target` that still fit: bisection with the compute buffers of the
+    current placement (prefix sums only), then checked with the full estimate, one slot less at a time."""
+    def moved(k: int) -> tuple[int, ...]:
         counts = list(choice.counts)
         counts[source] -= k
         counts[target] += k
-        return dataclasses.replace(choice, counts=tuple(counts))
+        return tuple(counts)
 
+    guess = fitter.placement(choice.order, choice.counts, choice.n_gpu_layers)
     low, high = 0, choice.counts[source]
     while low < high:
         middle = (low + high + 1) // 2
-        if fitter.fits(choice.order, moved(middle).counts, choice.n_gpu_layers):
+        if _roughly_fits(fitter, choice, moved(middle), guess):
             low = middle
         else:
             high = middle - 1
-    return moved(low) if low else None
+    for k in range(low, max(low - 4, 0), -1):
+        if fitter.fits(choice.order, moved(k), choice.n_gpu_layers):
+            return dataclasses.replace(choice, counts=moved(k))
+    return None
+
+
+def _roughly_fits(fitter: Fitter, choice: Choice, counts: Sequence[int], guess: Placement) -> bool:
+    first = fitter.n_slots - choice.n_gpu_layers
+    for device, count in zip(choice.order, counts):
+        fixed = fitter.costs.compute_bytes(guess, device.name) + fitter.costs.overhead_bytes(device)
+        if count and fitter.costs.range_bytes(device.backend, first, count) + fixed > device_limit(device,
+                                                                                                   fitter.request):
+            return False
+        first += count
+    return True
 
 
 def _smaller_contexts(planner: Planner, ctx_tokens: int, chosen: Choice,

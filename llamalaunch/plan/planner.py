@@ -180,15 +180,17 @@ class Planner:
 def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
               options: ArgvOptions, overhead: Mapping[str, int] | None = None,
               on_choice: Callable[[int, Choice], None] | None = None,
-              host_free_bytes: int | None = None, speed: SpeedFigures | None = None) -> Plan:
+              host_free_bytes: int | None = None, speed: SpeedFigures | None = None,
+              compare: bool = False) -> Plan:
     """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does.
 
-    With `speed` figures, the fastest of the placements that fit is taken (plan/choose.py)."""
+    With `speed` figures, the fastest of the placements that fit is taken (plan/choose.py); `compare`
+    also lists smaller contexts among the alternatives."""
     from llamalaunch.plan.choose import alternatives, candidates, pick
 
     planner = Planner(profile, devices, request, overhead, host_free_bytes)
     ctx_tokens, choice = planner.solve()
-    found = candidates(planner, ctx_tokens, choice, speed, request.prefer) if speed is not None else []
+    found = candidates(planner, ctx_tokens, choice, speed, request.prefer, compare) if speed is not None else []
     picked = pick(found, request.prefer) if found else None
     if picked is not None:
         ctx_tokens, choice = picked.ctx_tokens, picked.choice

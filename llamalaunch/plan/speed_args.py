@@ -101,10 +101,12 @@ class SpeedArgs:
     device_speeds: Mapping[str, DeviceSpeed] = field(default_factory=dict)
     fill_tokens: int | None = None
     enabled: bool = True  # False: plan by memory alone, no estimate (benchmarks compare against it)
+    compare: bool = False  # plan --compare: list smaller contexts among the alternatives too
 
     @classmethod
-    def parse(cls, link: Sequence[str] = (), device_speed: Sequence[str] = (), fill: str | None = None) -> SpeedArgs:
-        return cls(parse_links(link), parse_device_speeds(device_speed), parse_fill(fill))
+    def parse(cls, link: Sequence[str] = (), device_speed: Sequence[str] = (), fill: str | None = None,
+              compare: bool = False) -> SpeedArgs:
+        return cls(parse_links(link), parse_device_speeds(device_speed), parse_fill(fill), compare=compare)
 
     def figures(self, devices: Sequence[Device], host: HostMemory | None) -> SpeedFigures | None:
         if not self.enabled:
