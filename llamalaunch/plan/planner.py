@@ -10,6 +10,7 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
 from llamalaunch.model.estimate import SlotRange
 from llamalaunch.plan.costs import CostModel
+from llamalaunch.plan.speed import SpeedFigures
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
@@ -227,14 +228,27 @@ def plan_notes(planner: Planner, ctx_tokens: int) -> tuple[str, ...]:
 def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
               options: ArgvOptions, overhead: Mapping[str, int] | None = None,
               on_choice: Callable[[int, Choice], None] | None = None,
-              host_free_bytes: int | None = None) -> Plan:
-    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does."""
+              host_free_bytes: int | None = None, speed: SpeedFigures | None = None,
+              compare: bool = False) -> Plan:
+    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does.
+
+    With `speed` figures, the fastest of the placements that fit is taken (plan/choose.py); `compare`
+    also lists smaller contexts among the alternatives."""
+    from llamalaunch.plan.choose import alternatives, candidates, pick
+
     planner = Planner(profile, devices, request, overhead, host_free_bytes)
     ctx_tokens, choice = planner.solve()
+    found = candidates(planner, ctx_tokens, choice, speed, request.prefer, compare) if speed is not None else []
+    picked = pick(found, request.prefer) if found else None
+    if picked is not None:
+        ctx_tokens, choice = picked.ctx_tokens, picked.choice
     if on_choice is not None:
         on_choice(ctx_tokens, choice)
     plan = assemble(planner, ctx_tokens, choice, options)
-    return replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens)))
+    plan = replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens)))
+    if picked is None:
+        return plan
+    return replace(plan, speed=picked.speed, alternatives=alternatives(found, picked))
 
 
 def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:
