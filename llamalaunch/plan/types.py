@@ -59,5 +59,6 @@ class Plan:
     argv: tuple[str, ...]  # llama-server arguments after the binary
     notes: tuple[str, ...] = ()
     host_expert_layers: frozenset[int] = frozenset()  # blocks on devices whose routed experts are in host memory
+    host_expert_parts: frozenset[tuple[int, str]] = frozenset()  # (block, expert kind) in host memory, split blocks
     speed: SpeedEstimate | None = None  # None: no speed figures were given to the planner
     alternatives: tuple[Alternative, ...] = ()  # placements that fit, the chosen one first (plan --compare)
