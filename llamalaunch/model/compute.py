@@ -162,29 +162,47 @@ def _slot_owners(n_slots: int, ranges: Sequence[tuple[str, str, int, int]], cpu:
 
 def layer_kind(spec: ModelSpec, il: int) -> tuple[object, ...]:
     moe = spec.moe_layers[il] if spec.moe_layers else spec.n_expert > 0 and il >= spec.n_layer_dense_lead
-    return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe)
+    shared_kv = bool(spec.kv_source) and spec.kv_source[il] != il
+    ffn_only = bool(spec.ffn_layers) and spec.ffn_layers[il]
+    return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe,
+            shared_kv, ffn_only)
+
+
+MAX_PERIOD = 8  # layer patterns repeat with a period up to this (hybrids: 4; gemma: 5-6)
 
 
 def replayed_layers(spec: ModelSpec, owners: Sequence[int]) -> tuple[int, ...]:
-    """The layers whose allocation pattern can differ: on each device its first three and last two
-    layers, the first two of each kind, and the two layers after every change of kind. A layer that
-    repeats its predecessors' kind and device allocates exactly as they did, so it is skipped."""
+    """The layers whose allocation pattern can differ. On each device the layers' kinds are split into
+    a prefix and a part that repeats with period P (1 for uniform models, 4 for a hybrid with attention
+    on every 4th layer); the prefix and the first three periods, and the last two periods, are
+    replayed. A whole period that repeats the ones before it on the same device allocates exactly as
+    they did, so it is skipped; a device without such a pattern replays every layer."""
     keep: set[int] = set()
     kinds = [layer_kind(spec, il) for il in range(spec.n_layer)]
     runs: dict[int, list[int]] = {}
     for il in range(spec.n_layer):
         runs.setdefault(owners[il], []).append(il)
     for layers in runs.values():
-        keep.update(layers[:3])
-        keep.update(layers[-2:])
-        seen: dict[tuple[object, ...], int] = {}
-        for position, il in enumerate(layers):
-            seen[kinds[il]] = seen.get(kinds[il], 0) + 1
-            changed = any(position >= back and kinds[layers[position - back]] != kinds[layers[position - back - 1]]
-                          for back in (0, 1) if position - back - 1 >= 0)
-            if seen[kinds[il]] <= 2 or changed:
-                keep.add(il)
+        pattern = _periodic(tuple(kinds[il] for il in layers))
+        if pattern is None:
+            keep.update(layers)
+            continue
+        start, period = pattern
+        keep.update(layers[:start + 3 * period])
+        keep.update(layers[-2 * period:])
     return tuple(sorted(keep))
+
+
+def _periodic(kinds: tuple[tuple[object, ...], ...]) -> tuple[int, int] | None:
+    """(start, period) with the smallest start + 3·period such that kinds[start:] repeats every period."""
+    best: tuple[int, int] | None = None
+    for start in range(MAX_PERIOD + 1):
+        for period in range(1, MAX_PERIOD + 1):
+            if all(kinds[i] == kinds[i - period] for i in range(start + period, len(kinds))):
+                if best is None or start + 3 * period < best[0] + 3 * best[1]:
+                    best = (start, period)
+                break
+    return best
 
 
 @lru_cache(maxsize=64)

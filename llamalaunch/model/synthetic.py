@@ -234,7 +234,7 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
         kv.append((f"{arch}.expert_feed_forward_length", _T_U32, s.n_ff_exp))
     if s.n_swa:
         kv.append((f"{arch}.attention.sliding_window", _T_U32, s.n_swa))
-    if s.swa_pattern:
+    if s.swa_pattern and arch != "gemma4":  # gemma4 writes the per-block array
         kv.append((f"{arch}.attention.sliding_window_pattern", _T_U32, s.swa_pattern))
     return kv + _ARCH_KEYS.get(arch, _no_keys)(arch, s)
 
