@@ -289,7 +289,7 @@ def _names_sliding_window(profile: ModelProfile) -> bool:
 
 def _uses_mrope(sections: object) -> bool:
     """llama_hparams::use_mrope: the first two rope sections are non-zero."""
-    values = getattr(sections, "values", None) or ()
+    values = tuple(getattr(sections, "values", None) or ())
     return len(values) >= 2 and bool(values[0]) and bool(values[1])
 
 
