@@ -33,10 +33,10 @@ from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
 
-MID = {"n_layer": 8, "n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_head_kv": 4, "n_vocab": 32000}
-_QWEN_NEXT = {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 512, "ssm_d_inner": 1024,
-              "ssm_d_state": 64, "ssm_n_group": 4, "ssm_n_head": 16}
-_NEMOTRON_H = {**MID, "ssm_d_inner": 2048, "ssm_d_state": 64, "ssm_n_head": 32, "ssm_n_group": 8,
+MID: dict[str, object] = {"n_layer": 8, "n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_head_kv": 4, "n_vocab": 32000}
+_QWEN_NEXT: dict[str, object] = {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 512,
+                                 "ssm_d_inner": 1024, "ssm_d_state": 64, "ssm_n_group": 4, "ssm_n_head": 16}
+_NEMOTRON_H: dict[str, object] = {**MID, "ssm_d_inner": 2048, "ssm_d_state": 64, "ssm_n_head": 32, "ssm_n_group": 8,
                "attention_layers": (2, 6), "ffn_layers": (1, 3, 5, 7)}
 # family -> (synthetic preset, shape changes); "smollm2" is the real demo model
 FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     bin_dir = Path(args.bin_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     (work / "logs").mkdir()
-    workers, endpoints = start_workers(bin_dir, max(AXES["devices"]), work)  # type: ignore[arg-type]
+    workers, endpoints = start_workers(bin_dir, max(AXES["devices"]), work)  # type: ignore[arg-type,type-var]
     results: list[CaseResult] = []
     try:
         for case in cases:

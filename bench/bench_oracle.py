@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                     totals = device_totals(tuple(compare(projected, real.estimate)))
                     cells = " ".join(f"{row.device}:{100 * row.relative:+.1f}%" for row in totals)
                     took = f" ({seconds:.2f} s)" if name == "fit-params" else ""
-                    print(f"{family:10} ctx={ctx:<6} np={parallel} ub={ubatch:<4} dev={devices} {name:10} {cells}{took}",
-                          flush=True)
+                    head = f"{family:10} ctx={ctx:<6} np={parallel} ub={ubatch:<4} dev={devices}"
+                    print(f"{head} {name:10} {cells}{took}", flush=True)
     finally:
         for worker in workers:
             worker.terminate()

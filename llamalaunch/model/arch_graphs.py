@@ -1085,7 +1085,8 @@ class NemotronHGraph(RecurrentBuilder):
             else:
                 q, k, v = self.build_qkv(cur, il)
                 wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
-                wo_b = self.w(il, spec.n_embd, type_name="f32") if spec.has(f"blk.{il}.attn_output.bias", False) else None
+                has_bias = spec.has(f"blk.{il}.attn_output.bias", False)
+                wo_b = self.w(il, spec.n_embd, type_name="f32") if has_bias else None
                 cur = self.build_attn(q, k, v, wo, il, wo_b=wo_b)
             inp_l = g.add(cur, inp_sa)
         cur = self.build_norm(inp_l, self.norm_w(-1), -1)

@@ -695,7 +695,8 @@ def _nemotron_h(s: SyntheticShape) -> list[Tensor]:
                         (b + "ffn_up_shexp.weight", (s.n_embd, shared), "w"),
                         (b + "ffn_down_shexp.weight", (shared, s.n_embd), "w")]
         else:
-            tensors += [(b + "ffn_up.weight", (s.n_embd, s.n_ff), "w"), (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w")]
+            tensors += [(b + "ffn_up.weight", (s.n_embd, s.n_ff), "w"),
+                        (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w")]
     return tensors
 
 
