@@ -25,7 +25,7 @@ from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures, estimate_spe
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.rpc import probe_worker
 from llamalaunch.probe.speed import gpu_speed, host_speed, speed_figures
-from llamalaunch.units import GIB, MIB
+from llamalaunch.units import GIB
 from tests.support import RpcWorker
 from tests.test_experts import QWEN3_30B_A3B
 

@@ -66,6 +66,8 @@ class ModelSpec:
     n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
     kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
     ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
+    generic: bool = False  # an arch without an exact graph, replayed as a (superset) llama graph
+    generic_iswa: bool = False  # ... whose file names a sliding window
 
     def hd(self, il: int) -> tuple[int, int]:
         """(K, V) head size of layer `il`."""
@@ -410,6 +412,8 @@ class LlamaGraph(Builder):
         inp_l = self.build_inp_embd()
         inp_pos = self.build_inp_pos()
         self.build_attn_inp_kv()
+        if spec.generic_iswa:  # an unknown arch with a sliding window may hold a second mask (kv_iswa)
+            self.build_attn_inp_kv(True)
         out_ids = self.build_inp_out_ids()
         for il in self.layers:
             inp_sa = inp_l
@@ -426,7 +430,11 @@ class LlamaGraph(Builder):
                 inp_sa = g.get_rows(inp_sa, out_ids)
             ffn_inp = g.add(cur, inp_sa)
             cur = self.build_norm(ffn_inp, self.norm_w(il), il)
-            cur = self.build_moe(cur, il) if spec.n_expert else self.build_ffn_par(cur, il, spec.n_ff[il])
+            if spec.n_expert and spec.generic and spec.n_ff[il]:
+                # an unknown MoE arch may mix dense, routed and shared FFNs: plan for all of them
+                cur = g.add(self.build_moe(cur, il), self.build_ffn_par(cur, il, spec.n_ff[il]))
+            else:
+                cur = self.build_moe(cur, il) if spec.n_expert else self.build_ffn_par(cur, il, spec.n_ff[il])
             inp_l = g.add(cur, ffn_inp)
         self.build_output(inp_l)
 
@@ -1091,7 +1099,8 @@ class NemotronHGraph(RecurrentBuilder):
             else:
                 q, k, v = self.build_qkv(cur, il)
                 wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
-                wo_b = self.w(il, spec.n_embd, type_name="f32") if spec.has(f"blk.{il}.attn_output.bias", False) else None
+                has_bias = spec.has(f"blk.{il}.attn_output.bias", False)
+                wo_b = self.w(il, spec.n_embd, type_name="f32") if has_bias else None
                 cur = self.build_attn(q, k, v, wo, il, wo_b=wo_b)
             inp_l = g.add(cur, inp_sa)
         cur = self.build_norm(inp_l, self.norm_w(-1), -1)
