@@ -24,6 +24,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "argv": list(plan.argv),
         "notes": list(plan.notes),
         "host_expert_layers": sorted(plan.host_expert_layers),
+        "overhead_sources": dict(plan.overhead_sources),
     }
 
 

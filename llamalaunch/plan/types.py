@@ -58,3 +58,4 @@ class Plan:
     argv: tuple[str, ...]  # llama-server arguments after the binary
     notes: tuple[str, ...] = ()
     host_expert_layers: frozenset[int] = frozenset()  # blocks on devices whose routed experts are in host memory
+    overhead_sources: tuple[tuple[str, str], ...] = ()  # device name, "measured <when>" / "given" / "assumed"
