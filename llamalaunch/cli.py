@@ -259,26 +259,17 @@ def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = 
 
 def calibrate_devices(devices: Sequence[Any]) -> None:
     """`devices --calibrate`: measure every real device again, one line each on stderr."""
-    from llamalaunch.observe.calibration import (calibratable, calibrate_new, calibration_for, load_calibrations,
-                                                 OverheadSource)
+    from llamalaunch.observe.calibration import calibratable, calibrate_new
     from llamalaunch.paths import cache_dir
     from llamalaunch.toolchain.demo import demo_model_path
     from llamalaunch.toolchain.discover import find_toolchain
-    from llamalaunch.units import format_bytes
 
     real = [d for d in devices if calibratable(d)]
     if not real:
         err.print("note: nothing to calibrate: what-if devices, busy workers and the CPU are not", highlight=False)
         return
-    problems = calibrate_new(real, find_toolchain(None).server.path, demo_model_path(cache_dir()), force=True)
-    known = load_calibrations()
-    for device in real:
-        found = calibration_for(device, known)
-        if found is not None and not any(p.startswith(f"{device.name}:") for p in problems):
-            when = OverheadSource("measured", found.measured_at).describe()
-            err.print(f"{device.name}: overhead {format_bytes(found.overhead_bytes)}, {when}", highlight=False)
-    for problem in problems:
-        err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
+    for line in calibrate_new(real, find_toolchain(None).server.path, demo_model_path(cache_dir()), force=True):
+        err.print(line if "calibrated:" in line else f"[yellow]note:[/yellow] {line}", highlight=False)
 
 
 @app.command()

@@ -232,21 +232,25 @@ def calibrate_device(server: Path, model_path: str, device: Device,
 
 def calibrate_new(devices: Sequence[Device], server: Path | None, model_path: Path | None, force: bool = False,
                   path: Path | None = None) -> list[str]:
-    """Calibrate each real device not seen before (every one with `force`); returns one line per
-    calibration that failed (the default is planned then)."""
+    """Calibrate each real device not seen before (every one with `force`); one line per calibration,
+    done ('RPC0: overhead calibrated: ...') or failed (then the default is planned)."""
     known = load_calibrations(path)
-    problems: list[str] = []
+    lines: list[str] = []
     for device in devices:
         if not calibratable(device) or (not force and calibration_for(device, known) is not None):
             continue
+        started = time.monotonic()
         try:
             if server is None or model_path is None or not model_path.exists():
-                raise CalibrationError("no llama-server" if server is None else "no demo model",
-                                       "run `llamalaunch demo` (and have llama-server)")
-            record_overhead(device, calibrate_device(server, str(model_path), device), path)
+                raise CalibrationError("no llama-server" if server is None else "no demo model: run `llamalaunch demo`")
+            overhead = calibrate_device(server, str(model_path), device)
         except LaunchError as error:
-            problems.append(f"{device.name}: overhead not calibrated ({error.message}); planned with the default")
-    return problems
+            lines.append(f"{device.name}: overhead not calibrated ({error.message}); planned with the default")
+            continue
+        record_overhead(device, overhead, path)
+        lines.append(f"{device.name}: overhead calibrated: {format_bytes(overhead)} "
+                     f"({time.monotonic() - started:.1f} s load of the demo model, once per device)")
+    return lines
 
 
 def sources_for(devices: Iterable[Device], known: Mapping[str, Calibration],
