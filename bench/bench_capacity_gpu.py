@@ -238,8 +238,8 @@ def first_serve_case(server: Path, name: str, shape: Shape, logs: Path, rpc: lis
 
 
 def first_serve_table(records: list[dict]) -> list[str]:
-    lines = [f"{'case':<12}{'assumed':>9}{'first':>9}{'true':>9}{'asm/true':>10}{'first/true':>11}"
-             f"{'ok(a,f)':>10}{'calib s':>9}{'planned oh':>11}{'outside':>9}"]
+    lines = [(f"{'case':<12}{'assumed':>9}{'first':>9}{'true':>9}{'asm/true':>10}{'first/true':>11}"
+              f"{'ok(a,f)':>10}{'calib s':>9}{'planned oh':>11}{'outside':>9}")]
     for r in records:
         true = r.get("true_ctx") or 0
         a, f = r.get("assumed", {}), r.get("first", {})

@@ -7,11 +7,10 @@ measures every side it compares and writes its JSON and table.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from collections.abc import Callable
 
 from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed
 from tests.support import RpcWorker
