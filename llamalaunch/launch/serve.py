@@ -113,13 +113,13 @@ class PlanInputs:
         return dataclasses.replace(plan, notes=(*plan.notes, *notes),
                                    overhead_sources=tuple((name, s.describe()) for name, s in sources.items()))
 
-    def calibrate_new(self, devices: Sequence[Device], force: bool = False) -> list[str]:
+    def calibrate_new(self, devices: Sequence[Device]) -> list[str]:
         """Calibrate devices seen for the first time (DESIGN.md §3: the overhead differs per GPU and
-        driver), each at most once per run; what-if devices never. Lines for the calibrations that failed."""
+        driver), each tried at most once per run; what-if devices never. One line per calibration."""
         fresh = [d for d in devices if calibratable(d) and d.name not in self.calibration_tried]
         self.calibration_tried.update(d.name for d in fresh)
         server = self.toolchain.server.path if self.toolchain is not None else None
-        return calibrate_new(fresh, server, cache_dir(), force=force)
+        return calibrate_new(fresh, server, cache_dir())
 
     def plan_at(self, request: Request, devices: Sequence[Device]) -> Plan:
         """One plan, the companions reserved for this request's context on the device they are pinned to."""
