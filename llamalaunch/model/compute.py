@@ -43,7 +43,8 @@ def compute_buffers(profile: ModelProfile, placement: Placement, request: Reques
     ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in placement.ranges)
     offloaded = range(profile.n_slots - placement.n_gpu_layers, profile.n_layer)
     host_experts = frozenset(il for il in placement.host_expert_layers if il in offloaded)
-    sizes = _cached(_ProfileKey(profile), ranges, host_experts, _request_key(request), shape)
+    host_parts = frozenset(part for part in placement.host_expert_parts if part[0] in offloaded)
+    sizes = _cached(_ProfileKey(profile), ranges, (host_experts, host_parts), _request_key(request), shape)
     devices = {name: sizes[i] for i, (name, _, _, _) in enumerate(ranges)}
     return devices, sizes[-1]
 
@@ -89,7 +90,10 @@ _pieces: dict[tuple[object, ...], list[_Piece]] = {}
 _MAX_KEYS = 4096
 
 
-def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], host_experts: frozenset[int],
+HostExperts = tuple[frozenset[int], frozenset[tuple[int, str]]]  # whole blocks, (block, kind) of split ones
+
+
+def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], host_experts: HostExperts,
             request_key: tuple[object, ...], shape: ContextShape) -> tuple[int, ...]:
     """Sizes per backend; one replay answers every context over which the allocation pattern holds."""
     profile = key.profile
@@ -108,7 +112,7 @@ def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], hos
     return piece.at(n_kv)
 
 
-def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...], host_experts: frozenset[int],
+def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...], host_experts: HostExperts,
             request_key: tuple[object, ...], shape: ContextShape, n_kv_swa: int) -> _Piece:
     type_k, type_v, _ = request_key
     spec = model_spec(profile)
@@ -127,7 +131,7 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
                       n_kv_swa=n_kv_swa or n_kv, n_stream=shape.n_stream, flash_attn=shape.flash_attn,
                       type_k=str(type_k), type_v=str(type_v), layer_backend=tuple(owners[:profile.n_layer]),
                       output_backend=owners[-1], cpu_backend=cpu, full_offload=full_offload,
-                      host_expert_layers=host_experts)
+                      host_expert_layers=host_experts[0], host_expert_parts=host_experts[1])
         with capture() as created:
             builder = builder_class(spec, res)
             builder.layers = layers
@@ -136,7 +140,7 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
     (builder, created), (_, twin_created) = graphs
     twin = {a.id: b for a, b in zip(created, twin_created)}
     # llama_context: no pipeline parallelism when tensor overrides (-ot) are set
-    pipeline = len(ranges) > 1 and full_offload and not host_experts
+    pipeline = len(ranges) > 1 and full_offload and not any(host_experts)
     sizes, valid = reserve_affine(builder.gf, twin, shape.n_ctx_seq, CELL_STEP, backends, pipeline,
                                   assigned=builder.assigned)
     margin = GENERIC_MARGIN if profile.arch not in BUILDERS or profile.generic_estimate else 1.0
@@ -163,14 +167,15 @@ def _slot_owners(n_slots: int, ranges: Sequence[tuple[str, str, int, int]], cpu:
     return owners
 
 
-def layer_kind(spec: ModelSpec, il: int, host_experts: frozenset[int] = frozenset()) -> tuple[object, ...]:
+def layer_kind(spec: ModelSpec, il: int, host_experts: HostExperts = (frozenset(), frozenset())) -> tuple[object, ...]:
     moe = spec.moe_layers[il] if spec.moe_layers else spec.n_expert > 0 and il >= spec.n_layer_dense_lead
+    split = tuple(sorted(kind for layer, kind in host_experts[1] if layer == il))
     return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe,
-            il in host_experts)
+            il in host_experts[0], split)
 
 
 def replayed_layers(spec: ModelSpec, owners: Sequence[int],
-                    host_experts: frozenset[int] = frozenset()) -> tuple[int, ...]:
+                    host_experts: HostExperts = (frozenset(), frozenset())) -> tuple[int, ...]:
     """The layers whose allocation pattern can differ: on each device its first three and last two
     layers, the first two of each kind, and the two layers after every change of kind. A layer that
     repeats its predecessors' kind and device allocates exactly as they did, so it is skipped."""

@@ -25,7 +25,7 @@ from llamalaunch.model.gguf_header import (
     read_header,
     row_bytes,
 )
-from llamalaunch.model.profile import ModelProfile, SlotWeights
+from llamalaunch.model.profile import ExpertPart, ModelProfile, SlotWeights
 
 CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT, ggml-impl.h
 CUDA_ALIGNMENT = 128  # ggml_backend_cuda_buffer_type_get_alignment
@@ -132,14 +132,22 @@ class _Sizes:
     cuda: int = 0
     experts: int = 0
     experts_cuda: int = 0
+    parts: tuple[tuple[str, int, int], ...] = ()  # expert tensor kind, its CPU and CUDA bytes
 
     def __add__(self, other: _Sizes) -> _Sizes:
+        merged: dict[str, tuple[int, int]] = {}
+        for name, cpu, cuda in (*self.parts, *other.parts):
+            had_cpu, had_cuda = merged.get(name, (0, 0))
+            merged[name] = (had_cpu + cpu, had_cuda + cuda)
         return _Sizes(self.cpu + other.cpu, self.cuda + other.cuda, self.experts + other.experts,
-                      self.experts_cuda + other.experts_cuda)
+                      self.experts_cuda + other.experts_cuda,
+                      tuple((name, cpu, cuda) for name, (cpu, cuda) in sorted(merged.items())))
 
     def slot(self) -> SlotWeights:
+        parts = sorted((ExpertPart(name, cpu, cuda - cpu) for name, cpu, cuda in self.parts),
+                       key=lambda part: (-part.bytes, part.name))
         return SlotWeights(bytes=self.cpu, cuda_extra_bytes=self.cuda - self.cpu, expert_bytes=self.experts,
-                           expert_cuda_extra_bytes=self.experts_cuda - self.experts)
+                           expert_cuda_extra_bytes=self.experts_cuda - self.experts, expert_parts=tuple(parts))
 
 
 def tensor_sizes(tensor: TensorInfo) -> _Sizes:
@@ -150,8 +158,10 @@ def tensor_sizes(tensor: TensorInfo) -> _Sizes:
     if tensor.is_quantized and ne0 % MATRIX_ROW_PADDING:
         cuda_alloc += row_bytes(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
     cuda = pad(cuda_alloc, CUDA_ALIGNMENT)
-    is_expert = bool(_EXPERTS.search(tensor.name))
-    return _Sizes(cpu, cuda, cpu if is_expert else 0, cuda if is_expert else 0)
+    if not _EXPERTS.search(tensor.name):
+        return _Sizes(cpu, cuda)
+    kind = tensor.name.split(".")[2] if _BLOCK.match(tensor.name) else tensor.name
+    return _Sizes(cpu, cuda, cpu, cuda, ((kind, cpu, cuda),))
 
 
 def _sum(tensors: Iterable[TensorInfo]) -> _Sizes:
