@@ -6,7 +6,7 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -130,6 +130,8 @@ MmprojOpt = Annotated[Optional[str], typer.Option("--mmproj", help="Multimodal p
                                                                   "the first device.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft model for speculative decoding: "
                                                                 "reserved and pinned to the first device.")]
+CalibrateOpt = Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Measure the overhead of a device "
+                                           "seen for the first time (a second's load of a small model).")]
 OverheadOpt = Annotated[list[str], typer.Option("--overhead", help="Memory outside llama.cpp's accounting, "
                                                                     "NAME=SIZE or BACKEND=SIZE (CUDA context).")]
 LinkOpt = Annotated[list[str], typer.Option("--link", help="What-if network to an RPC worker NAME=RATE/ROUNDTRIP, "
@@ -193,6 +195,7 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
+                             calibrate=params["calibrate"],
                              speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill"),
                                                         bool(params.get("compare"))))
 
@@ -248,6 +251,8 @@ def demo_model(path_only: Annotated[bool, typer.Option("--path", help="Print onl
 @reports_errors
 def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
             as_json: JsonOpt = False,
+            recalibrate: Annotated[bool, typer.Option("--calibrate", help="Measure each device's overhead outside "
+                                                                        "llama.cpp's accounting again, now.")] = False,
             config: ConfigOpt = None) -> None:
     """Show the free memory of every device llama.cpp would use, in its order."""
     from llamalaunch.observe.render import devices_table
@@ -255,12 +260,28 @@ def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = 
     from llamalaunch.probe.schema import inventory_to_dict
 
     found = probe_devices(rpc=rpc, assume=what_if(assume, inventory))
+    if recalibrate:
+        calibrate_devices(found.devices)
     if as_json:
         print_json(inventory_to_dict(found))
         return
     out.print(devices_table(found.devices, found.host, found.unknown_memory))
     for problem in (*found.problems, *found.notes):
         err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
+
+
+def calibrate_devices(devices: Sequence[Any]) -> None:
+    """`devices --calibrate`: measure every real device again, one line each on stderr."""
+    from llamalaunch.observe.calibration import calibratable, calibrate_new
+    from llamalaunch.paths import cache_dir
+    from llamalaunch.toolchain.discover import find_toolchain
+
+    real = [d for d in devices if calibratable(d)]
+    if not real:
+        err.print("note: nothing to calibrate: what-if devices, busy workers and the CPU are not", highlight=False)
+        return
+    for line in calibrate_new(real, find_toolchain(None).server.path, cache_dir(), force=True):
+        err.print(line if "calibrated:" in line else f"[yellow]note:[/yellow] {line}", highlight=False)
 
 
 @app.command()
@@ -277,6 +298,7 @@ def plan(ctx_: typer.Context,
          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
          cpu_experts: CpuExpertsOpt = None,
          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
+         calibrate: CalibrateOpt = True,
          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
          link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
@@ -322,6 +344,7 @@ def serve(ctx_: typer.Context,
           margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
          cpu_experts: CpuExpertsOpt = None,
           overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
+          calibrate: CalibrateOpt = True,
           generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None,
           host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
           port: Annotated[int, typer.Option("--port", help="Port (llama-server's default; 0: any free one).")]

@@ -130,6 +130,7 @@ KEYS: tuple[Key, ...] = (
     Key("compare", "bool", ("plan",), "true or false: list the placements that fit with their estimated speed"),
     Key("overhead", "sizes", PLAN_SERVE, 'a table of device names to sizes, like { CUDA0 = "600MiB" }',
         check=lambda values: parse_device_sizes(values, "overhead")),
+    Key("calibrate", "bool", PLAN_SERVE, "true or false: measure the overhead of devices seen for the first time"),
     Key("llama_server", "program", (*PLAN_SERVE, "toolchain", "worker"),
         "a path to llama-server (or its folder), or a command on PATH"),
     Key("host", "str", ("serve",), "an address to listen on, like 127.0.0.1"),

@@ -16,6 +16,8 @@ def _private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("LLAMALAUNCH_HOME", str(home))
     monkeypatch.setenv("LLAMALAUNCH_CACHE", os.environ.get("LLAMALAUNCH_CACHE", str(_default_cache())))
+    # Calibration on first sight adds a short load per new worker: only the tests about it turn it on.
+    monkeypatch.setenv("LLAMALAUNCH_CALIBRATE", "false")
 
 
 def _default_cache() -> Path:

@@ -7,11 +7,13 @@ measures every side it compares and writes its JSON and table.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bench import bench_capacity_cpu, bench_launch, bench_plan_speed
+from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed
+from tests.support import RpcWorker
 
 pytestmark = pytest.mark.llama
 
@@ -50,3 +52,24 @@ def test_capacity_cpu_loads_ours_fit_and_bisects(llama_bin_dir: Path, tmp_path: 
     # --fit sees host RAM as the worker's free memory: it takes the whole trained context and fails
     assert loads["fit"]["ctx"] == bench_capacity_cpu.MODEL_SHAPE["n_ctx_train"] and not loads["fit"]["ok"]
     assert config["checks"] and config["true_ctx"] >= loads["ours"]["ctx"]
+
+
+def test_first_serve_capacity_runs_on_rpc_workers(llama_bin_dir: Path, tmp_path: Path,
+                                                  rpc_workers: Callable[..., RpcWorker]) -> None:
+    """bench/gpu/7-capacity-first-serve.sh's benchmark, on a CPU worker with tiny shapes: each case plans in
+    a new home with the default assumed, then calibrates on first sight, loads and fills both, and finds
+    the true maximum."""
+    cases = ["gqa", "qkv", "moe"]
+    assert bench_capacity_gpu.main(["--first-serve", "--quick", "--server", str(llama_bin_dir / "llama-server"),
+                                    "--out", str(tmp_path), "--logs", str(tmp_path / "logs"),
+                                    "--rpc", rpc_workers().endpoint, "--cases", *cases]) == 0
+    records = json.loads((tmp_path / "first_serve.json").read_text())
+    assert [r["case"] for r in records] == cases
+    for record in records:
+        assert record["assumed"]["ok"] and record["first"]["ok"], record
+        assert record["assumed"]["overhead_sources"] == {"RPC0": "assumed"}
+        assert record["first"]["overhead_sources"]["RPC0"].startswith("measured ")
+        assert any(note.startswith("RPC0: overhead calibrated:") for note in record["first"]["notes"])
+        assert record["calibrated_same_ctx"] and record["true_ctx"] >= record["first"]["ctx"]
+    table = (tmp_path / "first_serve.txt").read_text()
+    assert "failed loads or fills: 0" in table

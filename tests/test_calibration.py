@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from llamalaunch.launch.logparse import BreakdownRow
 from llamalaunch.launch.supervisor import SupervisorEvent
-from llamalaunch.observe.calibration import Calibrator, RunCalibration, load_overheads, overheads_for
+from llamalaunch.observe.calibration import (CALIBRATION_MODEL, Calibration, CalibrationError, Calibrator, OverheadSource,
+                                             RunCalibration, calibration_for, calibration_overhead, identity_key,
+                                             load_calibrations, load_overheads, overheads_for, record_overhead,
+                                             sources_for)
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB
+from bench.llama_runs import worker_baseline_vsz
+from tests.serve_support import ServeRun
+from tests.support import RpcWorker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llama-server-logs"
 FIXTURE = FIXTURES / "cuda-h100-excerpts-8b.log"
@@ -59,3 +77,138 @@ def test_a_real_h100_run_that_filled_its_context(tmp_path: Path) -> None:
         calibrator.feed(line)
     recorded = calibrator.record(tmp_path / "c.json")
     assert recorded == {"CUDA0": (10238 - 112 - 9520) * MIB}
+
+
+# --- calibration on first sight (issue 19) -------------------------------------------------------------
+
+def test_a_device_whose_free_memory_does_not_track_allocations_has_no_overhead() -> None:
+    """A CPU worker reports its host's RAM, unchanged by the load (seen: `24105 = 24105 + (123 = ...)`)."""
+    worker = Device("RPC0", "RPC", "127.0.0.1:50061", 24105 * MIB, 24105 * MIB, 0, endpoint="127.0.0.1:50061")
+    row = BreakdownRow("RPC0", "127.0.0.1:50061", 24105, 24105, 123, 16, 48, 59, -123)
+    assert calibration_overhead(worker, row) == 0
+
+
+def test_a_calibrating_load_on_a_gpu_reads_free_before_less_free_after_less_its_own() -> None:
+    row = BreakdownRow("CUDA0", "NVIDIA H100 80GB HBM3", 81079, 75822, 4658, 4026, 512, 120, 597)
+    assert calibration_overhead(h100(75822 + 4658 + 607), row) == 607 * MIB
+    with pytest.raises(CalibrationError, match="implausible overhead"):
+        calibration_overhead(h100(75822 + 4658 + 5000), row)
+
+
+def test_each_gpu_and_worker_is_its_own_calibration(tmp_path: Path) -> None:
+    """A GPU by UUID and driver, a worker by endpoint and device; a GPU without its own figure still
+    plans with one of its kind, a worker never with another worker's."""
+    gpu = dataclasses.replace(h100(80000), uuid="GPU-1234")
+    assert identity_key(gpu, lambda: "580.65") == "CUDA:GPU-1234:driver 580.65"
+    worker = Device("RPC1", "RPC", "CPU", 1 << 34, 1 << 34, 1, endpoint="10.0.0.5:50052", worker_index=1)
+    assert identity_key(worker) == "RPC:10.0.0.5:50052#1:CPU"
+    record_overhead(h100(80000), 600 * MIB, tmp_path / "c.json")
+    known = load_calibrations(tmp_path / "c.json")
+    assert calibration_for(h100(1), known) == Calibration(600 * MIB, known["CUDA:NVIDIA H100 80GB HBM3"].measured_at)
+    assert calibration_for(worker, known) is None
+    assert sources_for([worker, h100(1)], known, given=["RPC"]) == {
+        "RPC1": OverheadSource("given"), "CUDA0": OverheadSource("measured", known["CUDA:NVIDIA H100 80GB HBM3"]
+                                                                  .measured_at)}
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llamalaunch", *args], capture_output=True, text=True, timeout=300,
+                          check=False, env={**os.environ, "COLUMNS": "200", **env})
+
+
+def stored(home: Path) -> dict[str, Any]:
+    return dict(json.loads((home / "calibration.json").read_text()))
+
+
+@pytest.mark.llama
+def test_the_first_plan_calibrates_each_new_worker_once_and_says_so(
+        demo_model: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker], home: Path) -> None:
+    workers = ",".join(rpc_workers().endpoint for _ in range(2))
+    server = str(llama_bin_dir / "llama-server")
+    args = ("plan", str(demo_model), "--rpc", workers, "--ctx", "2k", "--llama-server", server)
+    first = run_cli(*args, "--json", LLAMALAUNCH_CALIBRATE="true")
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    calibrated = [n for n in data["notes"] if "overhead calibrated" in n]
+    assert [n.split(":")[0] for n in calibrated] == ["RPC0", "RPC1"]
+    assert all("0.0 MiB" in n and "load of a small model, once per device" in n for n in calibrated)
+    assert set(data["overhead_sources"]) == {"RPC0", "RPC1"}
+    assert all(s.startswith("measured 20") for s in data["overhead_sources"].values())
+    before = stored(home)
+    assert len(before) == 2 and all(v["overhead_bytes"] == 0 for v in before.values())
+
+    second = run_cli(*args, LLAMALAUNCH_CALIBRATE="true")  # seen before: no load, the plan says measured
+    assert second.returncode == 0, second.stderr
+    assert "calibrated" not in second.stdout + second.stderr
+    assert "overhead outside llama.cpp's accounting: RPC0 measured 20" in second.stdout
+    assert stored(home) == before
+
+    again = run_cli("devices", "--rpc", workers, "--calibrate", LLAMALAUNCH_LLAMA_SERVER=server)
+    assert again.returncode == 0, again.stderr
+    found = re.findall(r"^(RPC\d): overhead calibrated: 0\.0 MiB \(", again.stderr, re.MULTILINE)
+    assert found == ["RPC0", "RPC1"]
+    assert all(stored(home)[key]["measured_at"] > before[key]["measured_at"] for key in before)
+
+
+@pytest.mark.llama
+def test_no_calibrate_and_what_if_devices_plan_with_the_default(
+        demo_model: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker], home: Path) -> None:
+    server = str(llama_bin_dir / "llama-server")
+    worker = rpc_workers().endpoint
+    skipped = run_cli("plan", str(demo_model), "--rpc", worker, "--ctx", "2k", "--llama-server", server,
+                      "--no-calibrate", LLAMALAUNCH_CALIBRATE="true")
+    assert skipped.returncode == 0, skipped.stderr
+    assert ("overhead outside llama.cpp's accounting: RPC0 assumed (assumed = the default; `llamalaunch devices "
+            "--calibrate` measures it)") in skipped.stdout
+    what_if = run_cli("plan", str(demo_model), "--assume", "CUDA0=8GiB", "--ctx", "2k", "--json",
+                      LLAMALAUNCH_CALIBRATE="true")
+    assert what_if.returncode == 0, what_if.stderr
+    assert json.loads(what_if.stdout)["overhead_sources"] == {}
+    assert not (home / "calibration.json").exists()
+
+
+@pytest.mark.llama
+def test_a_calibration_that_fails_to_load_is_one_line_and_the_plan_goes_on(
+        demo_model: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker], home: Path) -> None:
+    """A worker that cannot hold even the small model (held by `prlimit --as`): the default is planned."""
+    worker = rpc_workers(address_space_bytes=worker_baseline_vsz(llama_bin_dir) + 32 * MIB)
+    result = run_cli("plan", str(demo_model), "--rpc", worker.endpoint, "--ctx", "2k",
+                     "--llama-server", str(llama_bin_dir / "llama-server"), LLAMALAUNCH_CALIBRATE="true")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^RPC0: overhead not calibrated \(llama-server did not load the model: .*\); planned with "
+                     r"the default$", result.stdout, re.MULTILINE), result.stdout
+    assert "RPC0 assumed" in result.stdout and "-c 2048" in result.stdout
+    assert not (home / "calibration.json").exists()
+
+
+@pytest.mark.llama
+def test_a_machine_without_the_demo_model_calibrates_with_a_synthetic_one(
+        demo_model: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker], home: Path,
+        tmp_path: Path) -> None:
+    """The GPU machine cannot fetch the demo model: a zero-weight model of its shape is written instead."""
+    cache = tmp_path / "empty-cache"
+    result = run_cli("plan", str(demo_model), "--rpc", rpc_workers().endpoint, "--ctx", "2k",
+                     "--llama-server", str(llama_bin_dir / "llama-server"), LLAMALAUNCH_CALIBRATE="true",
+                     LLAMALAUNCH_CACHE=str(cache))
+    assert result.returncode == 0, result.stderr
+    assert "RPC0: overhead calibrated: 0.0 MiB (" in result.stdout
+    assert (cache / "models" / CALIBRATION_MODEL).exists() and not (cache / "models" / demo_model.name).exists()
+
+
+@pytest.mark.llama
+def test_the_first_serve_calibrates_each_worker_once_the_second_does_not(
+        demo_model: Path, rpc_workers: Callable[..., RpcWorker], serve: Callable[..., ServeRun], home: Path) -> None:
+    workers = ",".join(rpc_workers().endpoint for _ in range(2))
+    first = serve(demo_model, "--rpc", workers, "--ctx", "2k", env={"LLAMALAUNCH_CALIBRATE": "true"})
+    first.wait_ready(timeout_s=120)
+    first.send(signal.SIGTERM)
+    first.wait_exit()
+    assert len(re.findall(r"RPC\d: overhead calibrated: ", first.output)) == 2, first.output
+    before = stored(home)
+    second = serve(demo_model, "--rpc", workers, "--ctx", "2k", name="t2", env={"LLAMALAUNCH_CALIBRATE": "true"})
+    second.wait_ready(timeout_s=120)
+    second.send(signal.SIGTERM)
+    second.wait_exit()
+    assert "overhead calibrated" not in second.output
+    assert "RPC0 measured 20" in second.output and "RPC1 measured 20" in second.output
+    assert stored(home) == before

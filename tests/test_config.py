@@ -23,7 +23,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXAMPLES = sorted(CONFIGS.glob("*.toml"))
 # Options that choose how a result is shown, not what runs: not storable.
 NOT_STORABLE = {"as_json", "verify", "config", "cuda", "jobs", "sdist", "path_only", "kind", "user",
-                "install_units", "unit_dir", "run_as", "env", "quiet", "force", "no_tui", "command"}
+                "install_units", "unit_dir", "run_as", "env", "quiet", "force", "no_tui", "command",
+                "recalibrate"}
 
 
 @pytest.fixture(scope="module")

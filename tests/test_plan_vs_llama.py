@@ -96,6 +96,12 @@ def check_plan_against_llama_server(spec: dict, tmp_path: Path, llama_bin_dir: P
                 for slot in range(d["first_slot"], d["first_slot"] + d["n_layers"])}
     assert assigned == expected
     # 2. buffers: weights and KV exact (printed to 0.01 MiB), compute within max(5%, 16 MiB)
+    assert_buffers_match(plan, events)
+
+
+def assert_buffers_match(plan: dict, events: list) -> None:
+    """Per device of the plan: weights and KV (with recurrent state) as printed, compute within max(5%, 16 MiB)."""
+    names = child_device_names(plan)
     endpoints = plan["argv"][plan["argv"].index("--rpc") + 1].split(",")
     seen: dict[tuple[str, str], int] = {}
     for event in events:
@@ -108,6 +114,7 @@ def check_plan_against_llama_server(spec: dict, tmp_path: Path, llama_bin_dir: P
         name = names[device["name"]]
         assert abs(seen[(name, "model")] - device["weights_bytes"]) <= 0.01 * MIB, (name, "model")
         # two printed KV buffers (SWA and full caches) round by 0.005 MiB each
-        assert abs(seen.get((name, "kv"), 0) + seen.get((name, "rs"), 0) - device["kv_bytes"]) <= 0.01 * MIB + 8
+        kv = seen.get((name, "kv"), 0) + seen.get((name, "rs"), 0)
+        assert abs(kv - device["kv_bytes"]) <= 0.01 * MIB + 8, (name, "kv", kv, device["kv_bytes"])
         error = seen[(name, "compute")] - device["compute_bytes"]
         assert abs(error) <= max(0.05 * seen[(name, "compute")], 16 * MIB), (name, "compute", error / MIB)

@@ -31,6 +31,6 @@ port = int(state["url"].rsplit(":", 1)[1])
 print("fill", post(port, "/completion", {"prompt": [100] * (state["plan"]["ctx"] - 32), "n_predict": 1}, 600)[0])
 PY
 kill -TERM $S; wait $S; kill $B1; wait $B1 2>/dev/null; sleep 2
-cat $LLAMALAUNCH_CACHE/calibration.json
+cat $LLAMALAUNCH_HOME/calibration.json  # under LLAMALAUNCH_HOME when set
 echo "=== capacity with the calibration"
 python3 bench/bench_capacity_gpu.py --server $BIN/llama-server --out $OUT --free-gib 6 10 --skip-70b 2>&1 | tail -4

@@ -24,7 +24,8 @@ from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.model.measured import ComponentError, compare, measure_plan
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.observe.calibration import RunCalibration, load_overheads, overheads_for
+from llamalaunch.observe.calibration import (RunCalibration, calibratable, calibrate_new, load_calibrations,
+                                             load_overheads, overhead_note, overheads_for, sources_for)
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
 from llamalaunch.plan.companions import (Companion, check_companion_file, draft_companion, mmproj_companion,
@@ -60,12 +61,15 @@ class PlanInputs:
     host_free_bytes: int | None = None
     speed_args: SpeedArgs = field(default_factory=lambda: SpeedArgs())
     host: HostMemory | None = None
+    calibrate: bool = False  # measure the overhead of devices seen for the first time before planning
+    calibration_tried: set[str] = field(default_factory=set)
 
     @classmethod
     def gather(cls, *, model: str | None, demo: bool, llama_server: str | None, rpc: Sequence[str],
                assume: Sequence[str], overhead: Sequence[str], request: Request,
                need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None,
-               generic_arch: bool = False, speed_args: SpeedArgs | None = None) -> PlanInputs:
+               generic_arch: bool = False, speed_args: SpeedArgs | None = None,
+               calibrate: bool = False) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
         for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
@@ -81,7 +85,7 @@ class PlanInputs:
             problems.append(f"{error}; the command line assumes a current llama-server")
         overheads = parse_overheads(overhead)
         return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems,
-                   mmproj=mmproj, draft=draft, speed_args=speed_args or SpeedArgs())
+                   mmproj=mmproj, draft=draft, speed_args=speed_args or SpeedArgs(), calibrate=calibrate)
 
     def probe(self, serving: bool = False) -> tuple[Device, ...]:
         inventory = probe_devices(rpc=self.rpc, assume=self.assume)
@@ -98,17 +102,29 @@ class PlanInputs:
         """The plan for the devices as probed now; `serving` refuses busy workers (see refuse_busy_workers)."""
         request = lessons.apply(self.request) if lessons is not None else self.request
         devices = self.probe(serving)
+        notes = self.calibrate_new(devices) if self.calibrate else []
         if self.draft and request.ctx_tokens is None:
             plan = self.largest_with_draft(request, devices)
         else:
             plan = self.plan_at(request, devices)
-        notes = []
+        sources = sources_for(devices, load_calibrations(), self.overhead)
+        if note := overhead_note(sources):
+            notes.append(note)
         if self.host_free_bytes is not None and plan.host.total_bytes > self.host_free_bytes:
             notes.append(f"host: the plan needs {format_bytes(plan.host.total_bytes)} of host memory but "
                          f"{format_bytes(self.host_free_bytes)} is available: lower --ctx, or add devices")
         if self.profile.generic_estimate:
             notes.append(f"{self.profile.arch} is not a known architecture: a generic, conservative estimate")
-        return dataclasses.replace(plan, notes=(*plan.notes, *notes))
+        return dataclasses.replace(plan, notes=(*plan.notes, *notes),
+                                   overhead_sources=tuple((name, s.describe()) for name, s in sources.items()))
+
+    def calibrate_new(self, devices: Sequence[Device]) -> list[str]:
+        """Calibrate devices seen for the first time (DESIGN.md §3: the overhead differs per GPU and
+        driver), each tried at most once per run; what-if devices never. One line per calibration."""
+        fresh = [d for d in devices if calibratable(d) and d.name not in self.calibration_tried]
+        self.calibration_tried.update(d.name for d in fresh)
+        server = self.toolchain.server.path if self.toolchain is not None else None
+        return calibrate_new(fresh, server, cache_dir())
 
     def plan_at(self, request: Request, devices: Sequence[Device]) -> Plan:
         """One plan, the companions reserved for this request's context on the device they are pinned to."""

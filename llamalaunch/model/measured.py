@@ -91,9 +91,10 @@ def measure_load(bin_dir: Path, model_path: str, placement: Placement, request: 
 
 def measure_plan(server: Path, plan_argv: Sequence[str], placement: Placement, rpc_endpoints: Sequence[str],
                  devices_per_endpoint: Mapping[str, int] | None = None,
-                 timeout_s: float = LOAD_TIMEOUT_S) -> Measurement:
-    """A plan's own argv, loaded for real (`plan --verify`)."""
-    argv = [str(server), *plan_argv, "--host", "127.0.0.1", "--port", str(_free_port()), "--no-warmup", "-lv", "5"]
+                 timeout_s: float = LOAD_TIMEOUT_S, warmup: bool = False) -> Measurement:
+    """A plan's own argv, loaded for real (`plan --verify`; with `warmup`, as a server starts by default)."""
+    argv = [str(server), *plan_argv, "--host", "127.0.0.1", "--port", str(_free_port()),
+            *([] if warmup else ["--no-warmup"]), "-lv", "5"]
     return measure_argv(argv, placement, rpc_endpoints, None, timeout_s, devices_per_endpoint)
 
 

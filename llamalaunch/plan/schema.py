@@ -29,6 +29,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "speed": speed_to_dict(plan.speed) if plan.speed is not None else None,
         "alternatives": [{"label": a.label, "ctx": a.ctx_tokens, "chosen": a.chosen, **speed_to_dict(a.speed)}
                          for a in plan.alternatives],
+        "overhead_sources": dict(plan.overhead_sources),
     }
 
 

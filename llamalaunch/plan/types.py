@@ -62,3 +62,4 @@ class Plan:
     host_expert_parts: frozenset[tuple[int, str]] = frozenset()  # (block, expert kind) in host memory, split blocks
     speed: SpeedEstimate | None = None  # None: no speed figures were given to the planner
     alternatives: tuple[Alternative, ...] = ()  # placements that fit, the chosen one first (plan --compare)
+    overhead_sources: tuple[tuple[str, str], ...] = ()  # device name, "measured <when>" / "given" / "assumed"
