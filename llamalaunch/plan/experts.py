@@ -4,7 +4,8 @@ llama.cpp's `--fit` and `--n-cpu-moe` keep attention, norms, router, shared expe
 every layer on the GPUs and leave only routed-expert tensors in host memory: a token then reads its few
 active experts from host RAM instead of running whole layers on the CPU, which is what makes it faster
 than a layer spill. Here the dense parts and KV are placed first (the usual even-spare split, with every
-expert on the host), then each device takes back the experts of its own blocks until it is full.
+expert on the host), then each device takes back the experts of its own blocks until it is full, and the
+largest expert tensors of one more block.
 """
 
 from __future__ import annotations
@@ -72,12 +73,8 @@ def _split(costs: CostModel, base: Placement, choice: Choice, host: set[int], pa
     return host, parts
 
 
-def split_placement(base: Placement, host: frozenset[int], parts: frozenset[tuple[int, str]]) -> Placement:
-    return replace(base, host_expert_layers=host, host_expert_parts=parts)
-
-
 def _fits(costs: CostModel, base: Placement, host: set[int], parts: set[tuple[int, str]], device: Device) -> bool:
-    placement = split_placement(base, frozenset(host), frozenset(parts))
+    placement = replace(base, host_expert_layers=frozenset(host), host_expert_parts=frozenset(parts))
     return costs.estimate(placement).devices[device.name].total_bytes <= device_limit(device, costs.request)
 
 
