@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def home_dir() -> Path | None:
@@ -33,3 +35,24 @@ def state_dir() -> Path:
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(runtime) / "llamalaunch"
     return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "llamalaunch"
+
+
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """A JSON object from a small record file; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_atomic(path: Path, data: object) -> bool:
+    """Write through a temporary file and a rename, so a reader never sees half a record; False on OSError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(json.dumps(data, indent=1))
+        os.replace(temp, path)
+    except OSError:
+        return False
+    return True

@@ -13,7 +13,6 @@ the exit breakdown read (`calibrate_new`). A failure is one line and the default
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.logparse import BreakdownRow, parse_event, parse_line
 from llamalaunch.launch.supervisor import SupervisorEvent
-from llamalaunch.paths import cache_dir, home_dir
+from llamalaunch.paths import cache_dir, home_dir, read_json_dict, write_json_atomic
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB, format_bytes
 
@@ -101,21 +100,11 @@ def measured_overhead(device: Device, row: BreakdownRow) -> int | None:
 
 def record_overhead(device: Device, overhead_bytes: int, path: Path | None = None) -> None:
     target = path or calibration_path()
-    try:
-        data = json.loads(target.read_text()) if target.exists() else {}
-        data = data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        data = {}
+    data = read_json_dict(target)
     entry = {"overhead_bytes": overhead_bytes, "device": device.name, "measured_at": time.time()}
     keys = {identity_key(device)} | ({calibration_key(device)} if device.endpoint is None else set())
     data.update({key: entry for key in keys})
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps(data, indent=1))
-        os.replace(temp, target)
-    except OSError:
-        pass  # calibration only sharpens later plans
+    write_json_atomic(target, data)  # calibration only sharpens later plans: a failed write is no error
 
 
 class Calibrator:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamalaunch.observe.calibration import calibration_key
-from llamalaunch.paths import cache_dir
+from llamalaunch.paths import cache_dir, write_json_atomic
 from llamalaunch.plan.speed import DeviceSpeed, SpeedEstimate, SpeedFigures
 from llamalaunch.probe.device import Device
 
@@ -83,10 +82,4 @@ def _ratio(measured: float | None, estimated: float | None) -> float:
 
 def _write(target: Path, factors: Mapping[str, SpeedFactor]) -> None:
     data = {key: {"generation": f.generation, "prompt": f.prompt} for key, f in factors.items()}
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps(data, indent=1))
-        os.replace(temp, target)
-    except OSError:
-        pass  # calibration only sharpens later plans
+    write_json_atomic(target, data)  # calibration only sharpens later plans: a failed write is no error

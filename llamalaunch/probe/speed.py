@@ -5,12 +5,11 @@ measured probe (cached on disk), RPC links from the probe's round trips or `--li
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llamalaunch.paths import cache_dir
+from llamalaunch.paths import cache_dir, read_json_dict, write_json_atomic
 from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.probe.device import Device, HostMemory
 
@@ -85,19 +84,9 @@ def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 9) -> tuple[
 
 
 def _store(target: Path, key: str, value: Mapping[str, float]) -> None:
-    try:
-        data = json.loads(target.read_text()) if target.exists() else {}
-        data = data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        data = {}
+    data = read_json_dict(target)
     data[key] = dict(value)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps(data, indent=1))
-        os.replace(temp, target)
-    except OSError:
-        pass  # the next plan measures again
+    write_json_atomic(target, data)  # when it fails, the next plan measures again
 
 
 def is_loopback(endpoint: str | None) -> bool:
