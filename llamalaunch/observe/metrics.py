@@ -93,6 +93,10 @@ def _scrape_families(cache: SnapshotCache[T], age_s: float) -> Iterator[Metric]:
     errors = CounterMetricFamily(PREFIX + "collect_errors", "Collections that failed (the last snapshot stood).")
     errors.add_metric([], cache.errors)
     yield errors
+    collections = CounterMetricFamily(PREFIX + "collections", "Snapshots collected (scrapes within a second "
+                                      "of the last collection share it).")
+    collections.add_metric([], cache.collections)
+    yield collections
 
 
 def _gauge(name: str, doc: str, value: float | None, labels: Sequence[str] = (),
@@ -157,6 +161,8 @@ def _run_families(snapshot: StatusSnapshot) -> Iterator[Metric]:
     yield _gauge("gpu_layers", "Slots offloaded (-ngl).", snapshot.n_gpu_layers)
     yield _gauge("model_slots", "The model's slots (blocks + the output layer).", snapshot.n_slots)
     yield _gauge("slots_total", "llama-server's slots (-np).", snapshot.stats.slots_total)
+    yield _gauge("host_expert_layers", "MoE layers whose routed experts stay in host memory.",
+                 snapshot.host_expert_layers)
 
 
 def _oom_families(snapshot: StatusSnapshot) -> Iterator[Metric]:
@@ -235,8 +241,6 @@ def _host_families(snapshot: StatusSnapshot) -> Iterator[Metric]:
     yield _gauge("host_server_rss_bytes", "llama-server's resident memory.", host.server_rss_bytes)
     yield _gauge("host_free_bytes", "Host memory available now.", host.free_bytes)
     yield _gauge("host_total_bytes", "Host memory.", host.total_bytes)
-    yield _gauge("host_expert_layers", "MoE layers whose routed experts stay in host memory.",
-                 snapshot.host_expert_layers)
 
 
 def relayed_families(text: str | None) -> Iterator[Metric]:
