@@ -376,3 +376,20 @@ def test_the_dashboard_is_valid_json_and_queries_only_our_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["title"] and dashboard["panels"]
     assert all(name.startswith("llamalaunch_") for name in _queried())
+
+
+# --- profile keys -------------------------------------------------------------------------------------
+
+
+def test_metrics_port_and_host_are_profile_keys_for_serve_and_worker(tmp_path: Path) -> None:
+    from llamalaunch.config import default_map, load_profile, merged_settings
+    from llamalaunch.errors import BadInputError
+
+    profile = tmp_path / "p.toml"
+    profile.write_text('metrics_port = 9464\nmetrics_host = "0.0.0.0"\n[worker]\nmetrics_port = 9465\n')
+    commands = default_map(merged_settings(load_profile(profile), environ={}))
+    assert commands["serve"]["metrics_port"] == 9464 and commands["serve"]["metrics_host"] == "0.0.0.0"
+    assert commands["worker"]["metrics_port"] == 9465
+    profile.write_text("metrics_port = 70000\n")
+    with pytest.raises(BadInputError, match="metrics_port = 70000 is not allowed: out of range"):
+        load_profile(profile)
