@@ -23,8 +23,10 @@ from llamalaunch.observe.snapshot import AttemptStatus, DeviceStatus, ServerStat
 from tests.serve_support import StartServe, wait_gone
 from tests.support import RpcWorker, free_port
 from tests.test_serve_e2e import small_worker
-from tests.test_worker import start_worker  # noqa: F401  # the fixture
-from tests.test_worker import WorkerCommand
+from tests.test_worker import (
+    WorkerCommand,
+    start_worker,  # noqa: F401  # the fixture
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "configs" / "grafana-llamalaunch.json"
@@ -57,12 +59,12 @@ def phase(samples: Samples) -> str | None:
 
 
 def _device(name: str, backend: str, **fields: object) -> DeviceStatus:
-    base: dict[str, object] = dict(
-        name=name, backend=backend, description="", endpoint=None, excluded=False, reason=None, n_layers=25,
-        first_slot=0, planned_weights_bytes=3 << 30, planned_kv_bytes=1 << 30, planned_compute_bytes=300 << 20,
-        planned_overhead_bytes=600 << 20, planned_bytes=5 << 30, free_at_plan_bytes=10 << 30,
-        total_bytes=80 << 30, actual_weights_bytes=None, actual_kv_bytes=None, actual_compute_bytes=None,
-        used_bytes=6 << 30, free_bytes=74 << 30, memory_source="nvml")
+    base: dict[str, object] = {
+        "name": name, "backend": backend, "description": "", "endpoint": None, "excluded": False, "reason": None, "n_layers": 25,
+        "first_slot": 0, "planned_weights_bytes": 3 << 30, "planned_kv_bytes": 1 << 30, "planned_compute_bytes": 300 << 20,
+        "planned_overhead_bytes": 600 << 20, "planned_bytes": 5 << 30, "free_at_plan_bytes": 10 << 30,
+        "total_bytes": 80 << 30, "actual_weights_bytes": None, "actual_kv_bytes": None, "actual_compute_bytes": None,
+        "used_bytes": 6 << 30, "free_bytes": 74 << 30, "memory_source": "nvml"}
     return DeviceStatus(**{**base, **fields})  # type: ignore[arg-type]
 
 
@@ -172,6 +174,30 @@ def test_status_json_leaves_the_relayed_text_out() -> None:
     assert "metrics_text" not in data["stats"] and data["last_exit_code"] is None
 
 
+def test_a_worker_with_a_client_is_never_probed_and_keeps_its_last_idle_figures() -> None:
+    from llamalaunch.launch.worker import WorkerState
+    from llamalaunch.observe.metrics import WorkerProbe
+    from llamalaunch.probe.rpc import WorkerDevice, WorkerReport
+
+    probed: list[str] = []
+    client = {"held": False}
+    now = {"t": 100.0}
+
+    def probe(endpoint: str) -> WorkerReport:
+        probed.append(endpoint)
+        return WorkerReport(endpoint, "7.0.0", (WorkerDevice(0, 5 << 30, 8 << 30),), 0.002)
+
+    state = WorkerState("CUDA0", "RTX 4090", "127.0.0.1:50052", "127.0.0.1", 50052, 4242, True, 0)
+    rows = WorkerProbe(lambda: [state], probe, lambda pid, port: client["held"], lambda: now["t"])
+    (idle,) = rows.rows()
+    assert probed == ["127.0.0.1:50052"] and idle.memory[0].free_bytes == 5 << 30 and not idle.busy
+    client["held"] = True
+    now["t"] = 130.0
+    (busy,) = rows.rows()
+    assert probed == ["127.0.0.1:50052"]  # not asked again while a client holds it
+    assert busy.busy and busy.memory == idle.memory and busy.memory_age_s == 30.0
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 
@@ -196,8 +222,8 @@ def test_serve_with_the_metrics_port_taken_is_one_line_and_starts_nothing(
         port = taken.getsockname()[1]
         run = serve(demo_model, "--ctx", "2k", "--metrics-port", str(port))
         assert run.wait_exit() == 2
-    assert run.stderr == [f"error: cannot listen on 127.0.0.1:{port} for --metrics-port: port {port} is in use "
-                          "(stop what listens there, or pass another --metrics-port)"]
+    assert run.stderr == [(f"error: cannot listen on 127.0.0.1:{port} for --metrics-port: port {port} is in use "
+                          "(stop what listens there, or pass another --metrics-port)")]
     assert not run.servers_seen and not run.state_path.exists()
 
 
@@ -216,8 +242,8 @@ def test_worker_with_the_metrics_port_taken_is_one_line(
     lines = []
     while not worker.lines.empty():
         lines.append(worker.lines.get())
-    assert lines == [f"error: cannot listen on 127.0.0.1:{port} for --metrics-port: port {port} is in use "
-                     "(stop what listens there, or pass another --metrics-port)"]
+    assert lines == [(f"error: cannot listen on 127.0.0.1:{port} for --metrics-port: port {port} is in use "
+                     "(stop what listens there, or pass another --metrics-port)")]
 
 
 # --- a real serve --------------------------------------------------------------------------------------
