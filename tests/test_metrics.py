@@ -14,7 +14,9 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +25,7 @@ from llamalaunch.observe.snapshot import AttemptStatus, DeviceStatus, ServerStat
 from tests.serve_support import StartServe, wait_gone
 from tests.support import RpcWorker, free_port
 from tests.test_serve_e2e import small_worker
+from tests.test_status import _nvml, _write_run, cuda_plan  # noqa: F401  # the fixture
 from tests.test_worker import (
     WorkerCommand,
     start_worker,  # noqa: F401  # the fixture
@@ -196,6 +199,40 @@ def test_a_worker_with_a_client_is_never_probed_and_keeps_its_last_idle_figures(
     (busy,) = rows.rows()
     assert probed == ["127.0.0.1:50052"]  # not asked again while a client holds it
     assert busy.busy and busy.memory == idle.memory and busy.memory_age_s == 30.0
+
+
+def test_nvml_is_read_at_most_once_a_second_under_concurrent_scrapes(
+        cuda_plan: dict[str, Any]) -> None:  # noqa: F811
+    """The real collector and HTTP endpoint on a CUDA plan; NVML (injected: no GPU here) counts its reads."""
+    from llamalaunch.observe.collector import StatusCollector
+    from llamalaunch.observe.live_memory import MemoryReader
+    from llamalaunch.observe.metrics import MetricsServer, ServeMetrics
+    from llamalaunch.observe.target import StatusTarget
+
+    me = psutil.Process()
+    path = _write_run(cuda_plan, pid=me.pid, started=me.create_time(), url="")
+    nvml = _nvml((61 << 30, 75 << 30))
+    reads: list[float] = []
+
+    def read_gpus() -> list[Any]:
+        reads.append(time.monotonic())
+        return nvml()
+
+    collector = StatusCollector(StatusTarget(path, None), memory=MemoryReader(read_gpus=read_gpus))
+    server = MetricsServer("127.0.0.1", free_port())
+    server.start(ServeMetrics(SnapshotCache(collector.collect)))
+    port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        scrapers = Scrapers(port, count=8)
+        time.sleep(2.5)
+        scrapers.finish()
+    finally:
+        server.close()
+    assert not scrapers.failures and len(scrapers.scrapes) > 10
+    assert 1 <= len(reads) <= 4, len(reads)  # 2.5 s: at most one read a second (plus the first)
+    last = scrapers.scrapes[-1]
+    assert value(last, "llamalaunch_device_used_bytes", device="CUDA1", backend="CUDA", id="GPU-1") == 75 << 30
+    assert value(last, "llamalaunch_device_memory_source", device="CUDA0", id="GPU-0", source="nvml") == 1
 
 
 # --- bad input -------------------------------------------------------------------------------------
