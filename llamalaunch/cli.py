@@ -136,6 +136,16 @@ MetricsHostOpt = Annotated[str, typer.Option("--metrics-host", help="Address for
                                                                      "loopback).")]
 OverheadOpt = Annotated[list[str], typer.Option("--overhead", help="Memory outside llama.cpp's accounting, "
                                                                     "NAME=SIZE or BACKEND=SIZE (CUDA context).")]
+LinkOpt = Annotated[list[str], typer.Option("--link", help="What-if network to an RPC worker NAME=RATE/ROUNDTRIP, "
+                                                          "e.g. RPC0=1Gbit/0.3ms (default: measured by the probe).")]
+DeviceSpeedOpt = Annotated[list[str], typer.Option("--device-speed", help="What-if speed NAME=BANDWIDTH or "
+                                                                          "NAME=BANDWIDTH:FLOPS, e.g. RPC0=20GB:500GFLOPS "
+                                                                          "(per second; CPU for the host).")]
+PreferOpt = Annotated[str, typer.Option("--prefer", help="When placements differ: context (the largest context, "
+                                                         "then the fastest) or speed (the fastest, then the "
+                                                         "largest context).")]
+FillOpt = Annotated[Optional[str], typer.Option("--fill", help="Context fill for the speed estimate, e.g. 8k "
+                                                              "(default: half the context).")]
 
 
 def what_if(assume: list[str], inventory: Path | None) -> list[str]:
@@ -170,13 +180,14 @@ def _given_rank(ctx: Any, name: str) -> int:
 
 REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
                    "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers",
-                   "cpu_experts")
+                   "cpu_experts", "prefer")
 
 
 def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target: bool = False) -> Any:
     """Shared by plan and serve: everything the planner needs, from the command's parsed options."""
     from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
+    from llamalaunch.plan.speed_args import SpeedArgs
 
     params = ctx.params
     model, demo = chosen_model(ctx)
@@ -185,7 +196,9 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
     return PlanInputs.gather(model=model, demo=demo, llama_server=params["llama_server"],
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
-                             mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"])
+                             mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
+                             speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill"),
+                                                        bool(params.get("compare"))))
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -270,10 +283,14 @@ def plan(ctx_: typer.Context,
          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
          verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
+         link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
+         fill: FillOpt = None,
+         compare: Annotated[bool, typer.Option("--compare", help="Also list the best placements that fit, with "
+                                                                 "context and estimated speed.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
     from llamalaunch.model.measured import within_tolerance
-    from llamalaunch.observe.render import command_line, plan_view, verify_table
+    from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     inputs = plan_inputs(ctx_)
@@ -284,6 +301,8 @@ def plan(ctx_: typer.Context,
     else:
         out.print(plan_view(result))
         out.print(command_line(inputs.server_name(), result.argv), soft_wrap=True, highlight=False, markup=False)
+        if compare:
+            out.print(alternatives_table(result))
         for problem in inputs.problems:
             err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
         if checked is not None:
@@ -328,6 +347,7 @@ def serve(ctx_: typer.Context,
                                       "killed and restarted.")] = 3,
           force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
           no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines even on a terminal.")] = False,
+          link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
           metrics_port: MetricsPortOpt = None, metrics_host: MetricsHostOpt = "127.0.0.1",
           config: ConfigOpt = None) -> None:
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""

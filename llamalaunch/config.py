@@ -24,6 +24,7 @@ from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.paths import config_dir
 from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
 from llamalaunch.plan.request import CACHE_TYPES, FLASH_ATTN
+from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
 from llamalaunch.probe.assume import canonical_device_name, parse_assumptions, parse_device_sizes
 from llamalaunch.probe.inventory import split_endpoints
 from llamalaunch.units import parse_tokens
@@ -120,6 +121,13 @@ KEYS: tuple[Key, ...] = (
     Key("cpu_spill", "bool", PLAN_SERVE, "true or false"),
     Key("gpu_layers", "int", PLAN_SERVE, "a layer count from 0", bounds=(0, 100_000)),
     Key("cpu_experts", "int", PLAN_SERVE, "a MoE layer count from 0", bounds=(0, 100_000)),
+    Key("prefer", "str", PLAN_SERVE, "context or speed", check=_check_choice(("context", "speed"))),
+    Key("link", "sizes", PLAN_SERVE, 'a table of RPC devices to links, like { RPC0 = "1Gbit/0.3ms" }',
+        check=lambda values: parse_links(values)),
+    Key("device_speed", "sizes", PLAN_SERVE, 'a table of devices to speeds, like { RPC0 = "20GB:500GFLOPS" }',
+        check=lambda values: parse_device_speeds(values)),
+    Key("fill", "tokens", ("plan",), 'a context fill for the speed estimate, like "8k"', check=parse_fill),
+    Key("compare", "bool", ("plan",), "true or false: list the placements that fit with their estimated speed"),
     Key("overhead", "sizes", PLAN_SERVE, 'a table of device names to sizes, like { CUDA0 = "600MiB" }',
         check=lambda values: parse_device_sizes(values, "overhead")),
     Key("llama_server", "program", (*PLAN_SERVE, "toolchain", "worker"),

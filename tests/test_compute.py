@@ -73,6 +73,40 @@ def test_replaying_a_few_layers_changes_nothing(counts: tuple[int, ...], n_kv: i
     assert sizes[0] == sizes[1]
 
 
+@pytest.mark.parametrize(("preset", "changes", "periodic"), [
+    ("tiny-qwen35moe", {"n_layer": 40}, True),  # attention every 4th layer
+    ("tiny-glm4moe", {"n_layer": 46, "n_layer_dense_lead": 3}, True),  # a dense prefix, then all MoE
+    ("tiny-gemma4", {"n_layer": 30, "n_kv_shared": 10, "swa_pattern": 5}, False),  # shared KV from another device
+    ("tiny-nemotron_h", {"n_layer": 24, "attention_layers": (5, 12, 19), "ffn_layers": tuple(range(1, 24, 2))},
+     False),
+])
+@pytest.mark.parametrize("devices", [1, 3])
+def test_periodic_layers_replay_like_all_layers(tmp_path, preset: str, changes: dict, periodic: bool,
+                                                devices: int) -> None:
+    """Hybrid and interleaved layer patterns skip whole periods only: exactly the full replay's sizes
+    (skipping one layer inside a period was seen to move a device by 0.75 MiB)."""
+    from llamalaunch.model import compute
+    from llamalaunch.model.load import load_profile
+    from llamalaunch.model.synthetic import write_preset
+    from bench.bench_accuracy import even_placement
+
+    profile = load_profile(write_preset(tmp_path / "m.gguf", preset, **changes))
+    placement, request = even_placement(profile.n_slots, devices), Request(n_parallel=4, n_ubatch=2048)
+    compute._pieces.clear()
+    skipped = estimate(profile, placement, request, 8192)
+    real_replayed = compute.replayed_layers
+    try:
+        compute.replayed_layers = lambda spec, owners, host_experts: tuple(range(spec.n_layer))
+        compute._pieces.clear()
+        everything = estimate(profile, placement, request, 8192)
+    finally:
+        compute.replayed_layers = real_replayed
+        compute._pieces.clear()
+    assert skipped == everything
+    replayed = real_replayed(compute.model_spec(profile), [0] * profile.n_layer)
+    assert (len(replayed) < profile.n_layer) == periodic  # irregular patterns replay every layer
+
+
 def test_compute_grows_with_context_without_flash_attention() -> None:
     small = estimate(smollm2_shape(), ONE, Request(flash_attn="off"), 4096).devices["RPC0"].compute_bytes
     large = estimate(smollm2_shape(), ONE, Request(flash_attn="off"), 16384).devices["RPC0"].compute_bytes
@@ -91,7 +125,7 @@ def test_one_replay_answers_a_range_of_contexts_exactly(flash_attn: str) -> None
     for ctx in (4096, 20480, 65536, 131072, 8192, 40960):
         shape = context_shape(request, ctx)
         ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in TS_1_3.ranges)
-        via_ranges = compute._cached(compute._ProfileKey(profile), ranges, frozenset(), compute._request_key(request), shape)
+        via_ranges = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._request_key(request), shape)
         compute._pieces.clear()
-        fresh = compute._cached(compute._ProfileKey(profile), ranges, frozenset(), compute._request_key(request), shape)
+        fresh = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._request_key(request), shape)
         assert via_ranges == fresh

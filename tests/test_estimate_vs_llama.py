@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_accuracy import FAMILIES, even_placement
+from bench.bench_accuracy import FAMILIES, device_totals, even_placement, generic_within
 from llamalaunch.model.estimate import estimate
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.measured import compare, measure_load, within_tolerance
@@ -62,6 +62,31 @@ def test_estimate_equals_llama_server(family: str, ctx: int, parallel: int, ubat
     bad = [row for row in rows if not within_tolerance(row)]
     assert not bad, bad
     assert any(row.component == "compute" and row.measured_bytes > 0 for row in rows)
+
+
+# long-tail archs (no exact family): the generic estimate, each device's total within +25% / -0%
+GENERIC_CASES = [
+    ("smollm3", 4096, 4, 512, "f16", 2), ("exaone", 65536, 1, 2048, "q8_0", 3),
+    ("ernie4_5", 16384, 4, 2048, "q4_0", 1), ("granite", 131072, 1, 512, "f16", 2),
+    ("seed_oss", 8192, 1, 2048, "q8_0", 3), ("olmo2", 32768, 4, 512, "f16", 2),
+]
+
+
+@pytest.mark.parametrize(("family", "ctx", "parallel", "ubatch", "cache", "devices"), GENERIC_CASES)
+def test_generic_estimate_never_under(family: str, ctx: int, parallel: int, ubatch: int, cache: str, devices: int,
+                                      tmp_path: Path, llama_bin_dir: Path,
+                                      rpc_workers: Callable[..., RpcWorker]) -> None:
+    preset, changes = FAMILIES[family]
+    path = str(write_preset(tmp_path / f"{family}.gguf", preset, **changes))
+    profile = load_profile(path, allow_unknown_arch=True)
+    assert profile.generic_estimate
+    request = Request(n_parallel=parallel, n_ubatch=ubatch, cache_type_k=cache, cache_type_v=cache)
+    placement = even_placement(profile.n_slots, devices)
+    endpoints = [rpc_workers().endpoint for _ in range(devices)]
+    measured = measure_load(llama_bin_dir, path, placement, request, ctx, endpoints, log_dir=tmp_path)
+    totals = device_totals(tuple(compare(estimate(profile, placement, request, ctx), measured.estimate)))
+    assert len(totals) == devices + 1
+    assert all(generic_within(row) for row in totals), totals
 
 
 def test_fit_params_projection_runs(tmp_path: Path, llama_bin_dir: Path,

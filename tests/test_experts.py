@@ -63,24 +63,31 @@ def test_a_moe_model_that_does_not_fit_keeps_every_layer_and_spills_experts(moe:
     assert plan.n_gpu_layers == moe.n_slots  # every layer's attention and KV on the GPU
     device = plan.devices[0]
     assert 0 < device.expert_layers < 48 and device.moe_layers == 48
-    assert len(plan.host_expert_layers) == 48 - device.expert_layers
-    # the experts of the first blocks stay on the host, in one run
+    split = {il for il, _ in plan.host_expert_parts}
+    assert len(plan.host_expert_layers) + len(split) == 48 - device.expert_layers
+    # the experts of the first blocks stay on the host, in one run; the next block is split: its largest
+    # expert tensor kinds came back to the GPU while it had room (as --fit's partial layers)
     assert plan.host_expert_layers == frozenset(range(len(plan.host_expert_layers)))
+    assert split == {len(plan.host_expert_layers)}
+    kinds = {kind for _, kind in plan.host_expert_parts}
+    assert 0 < len(kinds) < 3
     assert plan.host.weights_bytes >= len(plan.host_expert_layers) * moe.slots[0].expert_bytes
-    # maximal: one more block's experts on the GPU does not fit
+    # maximal: the whole split block's experts on the host frees less than another block needs
     with pytest.raises(PlanError):
-        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=len(plan.host_expert_layers) - 1),
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=len(plan.host_expert_layers)),
                   OPTIONS)
 
 
 def test_the_override_pattern_matches_exactly_the_spilled_expert_tensors(moe: ModelProfile, moe_path: Path) -> None:
     plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS)
-    pattern, buffer_type = (ot_value(plan) or "").rsplit("=", 1)
-    assert buffer_type == "CPU"
+    overrides = [item.rsplit("=", 1) for item in (ot_value(plan) or "").split(",")]
+    assert {buffer_type for _, buffer_type in overrides} == {"CPU"} and len(overrides) == 2
     names = [t.name for t in read_header(moe_path).tensors]
-    matched = {name for name in names if re.search(pattern, name)}  # llama.cpp: std::regex_search
-    expected = {name for name in names if "_exps." in name
-                and int(name.split(".")[1]) in plan.host_expert_layers}
+    # llama.cpp: std::regex_search of each pattern on every tensor name, the first match wins
+    matched = {name for name in names if any(re.search(pattern, name) for pattern, _ in overrides)}
+    expected = {name for name in names if "_exps." in name and
+                (int(name.split(".")[1]) in plan.host_expert_layers
+                 or (int(name.split(".")[1]), name.split(".")[2]) in plan.host_expert_parts)}
     assert matched == expected and expected
 
 

@@ -1,6 +1,7 @@
 """Expert spill checked against what llama-server really did, on real ggml-rpc-server workers.
 
-MoE synthetic models (qwen3moe; deepseek2 with a dense lead layer and a shared expert) on one or two
+MoE synthetic models (qwen3moe; deepseek2 and glm4moe with a dense lead layer and a shared expert;
+gpt-oss with expert biases) on one or two
 workers whose budget holds the dense parts and KV but not every expert; one worker is also held to
 its budget by `prlimit --as`. The plan's `-ot` must be reproduced exactly: every layer on the planned
 device, the devices' model and KV buffers equal to the plan, the host's model buffer (loaded, not
@@ -31,6 +32,11 @@ CASES = {
                                                      "n_ff_exp": 512, "n_vocab": 2048}, [40, 30], True),
     "deepseek2-dense-lead": ("tiny-deepseek2", {"n_layer": 6, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
                                                 "n_vocab": 2048}, [40], False),
+    # expert biases (ffn_*_exps.bias) move with their experts
+    "gpt-oss": ("tiny-gpt-oss", {"n_layer": 6, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512, "n_vocab": 2048},
+                [40], False),
+    "glm4moe-shared-expert": ("tiny-glm4moe", {"n_layer": 6, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
+                                               "n_vocab": 2048}, [40], False),
 }
 
 
@@ -54,7 +60,7 @@ def test_llama_server_reproduces_the_expert_spill(name: str, tmp_path: Path, lla
     for index, budget in enumerate(budgets_mib):
         args += ["--budget", f"RPC{index}={budget}MiB"]
     plan = plan_json(model, args, llama_bin_dir)
-    assert plan["host_expert_layers"], "the case must spill experts"
+    assert plan["host_expert_layers"] or plan["host_expert_parts"], "the case must spill experts"
     assert plan["n_gpu_layers"] == plan["model"]["n_slots"]  # every layer stays on the workers
     # a prompt of one whole ubatch, with the host's weights loaded (not mapped) so its buffer is exact
     run = run_llama_server(llama_bin_dir, [*plan["argv"], "-lm", "none"], prompt=[7] * 512)

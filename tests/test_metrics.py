@@ -348,6 +348,7 @@ def test_a_real_serve_through_an_oom_replan_and_a_restart_under_concurrent_scrap
         reason = dict(next(ls for (n, ls) in ready if n == "llamalaunch_last_oom_replan_info"))["reason"]
         assert reason.startswith("out of memory on RPC0 allocating kv")
         assert value(ready, "llamalaunch_context_tokens") == ctx
+        assert value(ready, "llamalaunch_estimated_tokens_per_second", kind="generation") > 0  # type: ignore[operator]
         assert value(ready, "llamalaunch_device_layers", **labels) == run.state()["plan"]["devices"][0]["n_layers"]
         assert value(ready, "llamalaunch_device_expert_layers", **labels) == 0
         for component in ("weights", "kv", "compute", "overhead"):

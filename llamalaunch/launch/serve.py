@@ -38,7 +38,8 @@ from llamalaunch.plan.request import Request
 from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.units import format_bytes, parse_size
 from llamalaunch.plan.types import Plan
-from llamalaunch.probe.device import Device
+from llamalaunch.plan.speed_args import SpeedArgs
+from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.inventory import BUSY_NOTE, fill_unknown_memory, probe_devices, refuse_busy_workers
 from llamalaunch.probe.rpc import WorkerBusyError
 from llamalaunch.toolchain.demo import demo_model_path
@@ -61,12 +62,14 @@ class PlanInputs:
     mmproj: str | None = None
     draft: str | None = None
     host_free_bytes: int | None = None
+    speed_args: SpeedArgs = field(default_factory=lambda: SpeedArgs())
+    host: HostMemory | None = None
 
     @classmethod
     def gather(cls, *, model: str | None, demo: bool, llama_server: str | None, rpc: Sequence[str],
                assume: Sequence[str], overhead: Sequence[str], request: Request,
                need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None,
-               generic_arch: bool = False) -> PlanInputs:
+               generic_arch: bool = False, speed_args: SpeedArgs | None = None) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
         for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
@@ -82,7 +85,7 @@ class PlanInputs:
             problems.append(f"{error}; the command line assumes a current llama-server")
         overheads = parse_overheads(overhead)
         return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems,
-                   mmproj=mmproj, draft=draft)
+                   mmproj=mmproj, draft=draft, speed_args=speed_args or SpeedArgs())
 
     def probe(self, serving: bool = False) -> tuple[Device, ...]:
         inventory = probe_devices(rpc=self.rpc, assume=self.assume)
@@ -92,6 +95,7 @@ class PlanInputs:
         self.problems.extend(p for p in inventory.problems if p not in self.problems)
         self.devices = inventory.devices
         self.host_free_bytes = inventory.host.free_bytes
+        self.host = inventory.host
         return inventory.devices
 
     def plan(self, lessons: Lessons | None = None, serving: bool = False) -> Plan:
@@ -120,7 +124,8 @@ class PlanInputs:
         options = ArgvOptions(self.model_path, capabilities,
                               tuple((c, pinned.name) for c in companions) if pinned is not None else ())
         plan = make_plan(self.profile, devices, request, options, self.overheads(devices),
-                         host_free_bytes=self.host_free_bytes)
+                         host_free_bytes=self.host_free_bytes, speed=self.speed_args.figures(devices, self.host),
+                         compare=self.speed_args.compare)
         notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
                  for c in companions if pinned is not None]
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))

@@ -336,7 +336,7 @@ class Supervisor:
         """With experts in host memory, a prompt of a whole ubatch: large batches stream host weights to
         the GPU and allocate there at run time, which a one-token answer never does (issue 17)."""
         plan = self.plan
-        if plan is None or not plan.host_expert_layers:
+        if plan is None or not (plan.host_expert_layers or plan.host_expert_parts):
             return "Hi"
         token = min(100, plan.model.n_vocab - 1)
         return [token] * min(plan.request.n_ubatch, plan.ctx_tokens // 2)

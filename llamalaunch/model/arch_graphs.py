@@ -66,6 +66,8 @@ class ModelSpec:
     n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
     kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
     ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
+    generic: bool = False  # an arch without an exact graph, replayed as a (superset) llama graph
+    generic_iswa: bool = False  # ... whose file names a sliding window
 
     def hd(self, il: int) -> tuple[int, int]:
         """(K, V) head size of layer `il`."""
@@ -96,6 +98,7 @@ class Reserve:
     cpu_backend: int
     full_offload: bool
     host_expert_layers: frozenset[int] = frozenset()  # blocks whose routed experts stay in host memory
+    host_expert_parts: frozenset[tuple[int, str]] = frozenset()  # (block, expert kind) in host memory
 
 
 class Builder:
@@ -119,9 +122,12 @@ class Builder:
         backend = self.res.output_backend if il < 0 else self.res.layer_backend[il]
         return g.weight(type_name or self.spec.weight_type, *ne, backend=backend)
 
-    def expert_w(self, il: int, *ne: int, type_name: str | None = None) -> Tensor:
-        """A routed-expert tensor: on its layer's device, or in host memory when the plan left it there."""
-        backend = self.res.cpu_backend if il in self.res.host_expert_layers else self.res.layer_backend[il]
+    def expert_w(self, il: int, kind: str, *ne: int, type_name: str | None = None) -> Tensor:
+        """A routed-expert tensor (`ffn_up_exps`, ...): on its layer's device, or in host memory when the
+        plan left its block's experts, or this kind of them, there."""
+        res = self.res
+        on_host = il in res.host_expert_layers or (il, kind) in res.host_expert_parts
+        backend = res.cpu_backend if on_host else res.layer_backend[il]
         return g.weight(type_name or self.spec.weight_type, *ne, backend=backend)
 
     def norm_w(self, il: int, n: int | None = None) -> Tensor:
@@ -406,6 +412,8 @@ class LlamaGraph(Builder):
         inp_l = self.build_inp_embd()
         inp_pos = self.build_inp_pos()
         self.build_attn_inp_kv()
+        if spec.generic_iswa:  # an unknown arch with a sliding window may hold a second mask (kv_iswa)
+            self.build_attn_inp_kv(True)
         out_ids = self.build_inp_out_ids()
         for il in self.layers:
             inp_sa = inp_l
@@ -422,7 +430,11 @@ class LlamaGraph(Builder):
                 inp_sa = g.get_rows(inp_sa, out_ids)
             ffn_inp = g.add(cur, inp_sa)
             cur = self.build_norm(ffn_inp, self.norm_w(il), il)
-            cur = self.build_moe(cur, il) if spec.n_expert else self.build_ffn_par(cur, il, spec.n_ff[il])
+            if spec.n_expert and spec.generic and spec.n_ff[il]:
+                # an unknown MoE arch may mix dense, routed and shared FFNs: plan for all of them
+                cur = g.add(self.build_moe(cur, il), self.build_ffn_par(cur, il, spec.n_ff[il]))
+            else:
+                cur = self.build_moe(cur, il) if spec.n_expert else self.build_ffn_par(cur, il, spec.n_ff[il])
             inp_l = g.add(cur, ffn_inp)
         self.build_output(inp_l)
 
@@ -464,23 +476,25 @@ def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: boo
     if weight_before_ffn:
         cur = g.mul(g.repeat(cur, g.Tensor("f32", (n_embd, n_used, n_tokens))), weights)
 
-    def add_id(t: Tensor, width: int) -> Tensor:
-        return g.Tensor(t.type, t.ne, "ADD_ID", (t, b.expert_w(il, width, n_expert, type_name="f32"), selected))
+    def add_id(t: Tensor, kind: str, width: int) -> Tensor:
+        return g.Tensor(t.type, t.ne, "ADD_ID", (t, b.expert_w(il, kind, width, n_expert, type_name="f32"), selected))
 
     up_type, gate_type, down_type = spec.expert_types or (None, None, None)
-    up = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=up_type), cur, selected)
+    up = g.mul_mat_id(b.expert_w(il, "ffn_up_exps", n_embd, n_ff, n_expert, type_name=up_type), cur, selected)
     if biases:
-        up = add_id(up, n_ff)
+        up = add_id(up, "ffn_up_exps", n_ff)
     if gate:
-        cur = g.mul_mat_id(b.expert_w(il, n_embd, n_ff, n_expert, type_name=gate_type), cur, selected)
+        cur = g.mul_mat_id(b.expert_w(il, "ffn_gate_exps", n_embd, n_ff, n_expert, type_name=gate_type), cur,
+                           selected)
         if biases:
-            cur = add_id(cur, n_ff)
+            cur = add_id(cur, "ffn_gate_exps", n_ff)
         par = g.glu(cur, up)
     else:
         par = g.sqr(g.unary(up)) if relu_sqr else g.unary(up)
-    experts = g.mul_mat_id(b.expert_w(il, n_ff, n_embd, n_expert, type_name=down_type), par, selected)
+    experts = g.mul_mat_id(b.expert_w(il, "ffn_down_exps", n_ff, n_embd, n_expert, type_name=down_type), par,
+                           selected)
     if biases:
-        experts = add_id(experts, n_embd)
+        experts = add_id(experts, "ffn_down_exps", n_embd)
     if not weight_before_ffn:
         experts = g.mul(experts, weights)
     b.gf.expand(experts)
@@ -1085,7 +1099,8 @@ class NemotronHGraph(RecurrentBuilder):
             else:
                 q, k, v = self.build_qkv(cur, il)
                 wo = self.w(il, spec.head_dim_k * spec.n_head[il], spec.n_embd)
-                wo_b = self.w(il, spec.n_embd, type_name="f32") if spec.has(f"blk.{il}.attn_output.bias", False) else None
+                has_bias = spec.has(f"blk.{il}.attn_output.bias", False)
+                wo_b = self.w(il, spec.n_embd, type_name="f32") if has_bias else None
                 cur = self.build_attn(q, k, v, wo, il, wo_b=wo_b)
             inp_l = g.add(cur, inp_sa)
         cur = self.build_norm(inp_l, self.norm_w(-1), -1)

@@ -40,25 +40,34 @@ class Placement:
     """Devices in llama.cpp order, contiguous, covering slots [n_slots_total - n_gpu_layers, n_slots_total).
 
     Slots before the first range stay on the host (CPU spill). The routed experts of the blocks in
-    `host_expert_layers` stay in host memory although their block is on a device (`-ot …=CPU`).
+    `host_expert_layers` stay in host memory although their block is on a device (`-ot …=CPU`); of a block
+    split between the two, `host_expert_parts` names the expert tensor kinds on the host (block, kind).
     """
 
     ranges: tuple[SlotRange, ...]
     host_expert_layers: frozenset[int] = frozenset()
+    host_expert_parts: frozenset[tuple[int, str]] = frozenset()
+
+    def split_parts(self, layer: int) -> frozenset[str]:
+        """The expert kinds of a split block that are on the host (empty for other blocks)."""
+        return frozenset(kind for il, kind in self.host_expert_parts if il == layer)
 
     @property
     def n_gpu_layers(self) -> int:
         return sum(r.n_slots for r in self.ranges)
 
 
-def host_experts_override(layers: frozenset[int]) -> str:
-    """`-ot` value keeping the routed-expert tensors (`blk.N.*_exps.*`) of these blocks in host memory.
+def host_experts_override(placement: Placement) -> str:
+    """`-ot` value keeping the routed-expert tensors (`blk.N.*_exps.*`) of the host's blocks in host memory.
 
-    llama.cpp matches the pattern with std::regex_search on each tensor name; `\\.` after the number
-    keeps `blk.1.` from matching `blk.12.`.
+    llama.cpp matches each pattern with std::regex_search on every tensor name; `\\.` after the number
+    keeps `blk.1.` from matching `blk.12.`. A block split between device and host names its host kinds.
     """
-    numbers = "|".join(str(il) for il in sorted(layers))
-    return f"blk\\.({numbers})\\.[^.]*_exps\\.=CPU"
+    whole = "|".join(str(il) for il in sorted(placement.host_expert_layers))
+    patterns = [f"blk\\.({whole})\\.[^.]*_exps\\.=CPU"] if whole else []
+    for il in sorted({il for il, _ in placement.host_expert_parts}):
+        patterns.append(f"blk\\.{il}\\.({'|'.join(sorted(placement.split_parts(il)))})\\.=CPU")
+    return ",".join(patterns)
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,11 @@ def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_
         if slot in placement.host_expert_layers:
             weights[owner.device] += weights_here.dense_bytes(owner.backend)
             host_weights += weights_here.expert_bytes
+        elif placement.split_parts(slot):
+            on_host = placement.split_parts(slot)
+            weights[owner.device] += weights_here.full_bytes(owner.backend) - \
+                weights_here.parts_bytes(on_host, owner.backend)
+            host_weights += weights_here.parts_bytes(on_host, "CPU")
         else:
             weights[owner.device] += weights_here.full_bytes(owner.backend)
         kv[owner.device] += layer_kv

@@ -25,7 +25,7 @@ from llamalaunch.model.gguf_header import (
     read_header,
     row_bytes,
 )
-from llamalaunch.model.profile import ModelProfile, SlotWeights
+from llamalaunch.model.profile import ExpertPart, ModelProfile, SlotWeights
 
 CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT, ggml-impl.h
 CUDA_ALIGNMENT = 128  # ggml_backend_cuda_buffer_type_get_alignment
@@ -36,8 +36,10 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 _EXPERTS = re.compile(r"_exps(\.|$)")
 
 
-def load_profile(path: str | Path, allow_unknown_arch: bool = False) -> ModelProfile:
-    """Read a model's header(s) — one file or all shards of a split model — into a ModelProfile."""
+def load_profile(path: str | Path, allow_unknown_arch: bool = False, generic: bool = False) -> ModelProfile:
+    """Read a model's header(s) — one file or all shards of a split model — into a ModelProfile.
+
+    `generic` plans even a known arch as an unknown one would be (the generic estimate's benchmark)."""
     shard_paths = shard_set(Path(path))
     headers = [read_header(shard) for shard in shard_paths]
     _check_shards(headers)
@@ -50,7 +52,7 @@ def load_profile(path: str | Path, allow_unknown_arch: bool = False) -> ModelPro
         )
     keys = arches.Keys(first.kv, arch, first.path)
     tensors = [t for header in headers for t in header.tensors]
-    return _profile(first, keys, tensors, shard_paths, sum(h.file_size for h in headers))
+    return _profile(first, keys, tensors, shard_paths, sum(h.file_size for h in headers), generic)
 
 
 def shard_set(path: Path) -> tuple[Path, ...]:
@@ -132,14 +134,22 @@ class _Sizes:
     cuda: int = 0
     experts: int = 0
     experts_cuda: int = 0
+    parts: tuple[tuple[str, int, int], ...] = ()  # expert tensor kind, its CPU and CUDA bytes
 
     def __add__(self, other: _Sizes) -> _Sizes:
+        merged: dict[str, tuple[int, int]] = {}
+        for name, cpu, cuda in (*self.parts, *other.parts):
+            had_cpu, had_cuda = merged.get(name, (0, 0))
+            merged[name] = (had_cpu + cpu, had_cuda + cuda)
         return _Sizes(self.cpu + other.cpu, self.cuda + other.cuda, self.experts + other.experts,
-                      self.experts_cuda + other.experts_cuda)
+                      self.experts_cuda + other.experts_cuda,
+                      tuple((name, cpu, cuda) for name, (cpu, cuda) in sorted(merged.items())))
 
     def slot(self) -> SlotWeights:
+        parts = sorted((ExpertPart(name, cpu, cuda - cpu) for name, cpu, cuda in self.parts),
+                       key=lambda part: (-part.bytes, part.name))
         return SlotWeights(bytes=self.cpu, cuda_extra_bytes=self.cuda - self.cpu, expert_bytes=self.experts,
-                           expert_cuda_extra_bytes=self.experts_cuda - self.experts)
+                           expert_cuda_extra_bytes=self.experts_cuda - self.experts, expert_parts=tuple(parts))
 
 
 def tensor_sizes(tensor: TensorInfo) -> _Sizes:
@@ -150,8 +160,10 @@ def tensor_sizes(tensor: TensorInfo) -> _Sizes:
     if tensor.is_quantized and ne0 % MATRIX_ROW_PADDING:
         cuda_alloc += row_bytes(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
     cuda = pad(cuda_alloc, CUDA_ALIGNMENT)
-    is_expert = bool(_EXPERTS.search(tensor.name))
-    return _Sizes(cpu, cuda, cpu if is_expert else 0, cuda if is_expert else 0)
+    if not _EXPERTS.search(tensor.name):
+        return _Sizes(cpu, cuda)
+    kind = tensor.name.split(".")[2] if _BLOCK.match(tensor.name) else tensor.name
+    return _Sizes(cpu, cuda, cpu, cuda, ((kind, cpu, cuda),))
 
 
 def _sum(tensors: Iterable[TensorInfo]) -> _Sizes:
@@ -232,25 +244,27 @@ def _profile(
     tensors: list[TensorInfo],
     shard_paths: tuple[Path, ...],
     file_bytes: int,
+    generic: bool = False,
 ) -> ModelProfile:
     arch = keys.arch
+    known = arches.is_supported(arch) and not generic
     n_layer = keys.number("block_count")
     if not 0 < n_layer <= MAX_LAYERS:
         raise ModelError(f"{header.path}: block_count is {n_layer}", f"a model has 1 to {MAX_LAYERS} blocks")
     hp = _hparams(keys, n_layer)
-    if not arches.is_supported(arch) and not any(hp.n_head):
+    if not known and not any(hp.n_head):
         raise ModelError(
             f"{header.path}: architecture {arch!r} has no attention.head_count; its cache cannot be "
             "estimated",
             "use a supported architecture",
         )
     head_dim_k, head_dim_v = arches.head_dims(arch, keys, hp)
-    layout = arches.arch_layout(arch, keys, hp)
-    _check_attention(keys, hp, layout)
+    layout = arches.arch_layout(arch if known else "", keys, hp)
+    _check_attention(keys, hp, layout, known)
     placement = _place(arch, tensors, n_layer, header.path)
     blocks = placement.blocks
     n_nextn = keys.number("nextn_predict_layers", 0)
-    if arch in arches.SKIPS_NEXTN_WEIGHTS and 0 < n_nextn < n_layer:
+    if known and arch in arches.SKIPS_NEXTN_WEIGHTS and 0 < n_nextn < n_layer:
         blocks = blocks[:n_layer - n_nextn] + (_Sizes(),) * n_nextn
     n_ff = keys.per_layer("feed_forward_length", n_layer, (0,) * n_layer)
     n_ff_exp = keys.per_layer("expert_feed_forward_length", n_layer, (0,) * n_layer)
@@ -284,17 +298,17 @@ def _profile(
         n_expert=keys.number("expert_count", 0),
         n_expert_used=max(keys.per_layer("expert_used_count", n_layer, (0,) * n_layer)),
         n_embd_out=keys.number("embedding_length_out", 0),
-        generic_estimate=not arches.is_supported(arch),
+        generic_estimate=not known,
         per_device_bytes=placement.per_device.cpu,
         n_nextn_layers=n_nextn,
         n_ff_exp=max(n_ff_exp),
         head_dim_k_swa=keys.number("attention.key_length_swa", 0),
         head_dim_v_swa=keys.number("attention.value_length_swa", 0),
-        n_kv_shared_layers=keys.number("attention.shared_kv_layers", 0),
+        n_kv_shared_layers=keys.number("attention.shared_kv_layers", 0) if known else 0,
     )
 
 
-def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchLayout) -> None:
+def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchLayout, known: bool) -> None:
     """Reject what llama.cpp would divide by: no embedding, attention layers without heads or KV heads,
     or a head count that is not a multiple of the KV head count (grouped-query attention)."""
     def bad(name: str, value: object, why: str) -> ModelError:
@@ -305,7 +319,6 @@ def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchL
         raise bad("embedding_length", 0, "a model needs a positive embedding length")
     recurrent = layout.recurrent_layers or (False,) * hp.n_layer
     no_attention = layout.attention_free or (False,) * hp.n_layer
-    known = arches.is_supported(keys.arch)
     for il in range(hp.n_layer):
         if recurrent[il] or no_attention[il] or (not known and 0 in (hp.n_head[il], hp.n_head_kv[il])):
             continue  # an unknown arch may mark recurrent layers with 0 heads

@@ -59,8 +59,8 @@ def placement_args(placement: Placement) -> list[str]:
     args = ["-dev", ",".join(r.device for r in ranges), "-ngl", str(placement.n_gpu_layers)]
     if len(ranges) > 1:
         args += ["-ts", ",".join(str(r.n_slots) for r in ranges)]
-    if placement.host_expert_layers:
-        args += ["-ot", host_experts_override(placement.host_expert_layers)]
+    if placement.host_expert_layers or placement.host_expert_parts:
+        args += ["-ot", host_experts_override(placement)]
     return args
 
 

@@ -6,6 +6,18 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class ExpertPart:
+    """One kind of routed-expert tensor of a block (`ffn_down_exps`: its weight and bias), padded bytes."""
+
+    name: str
+    bytes: int
+    cuda_extra_bytes: int = 0
+
+    def size(self, backend: str) -> int:
+        return self.bytes + (self.cuda_extra_bytes if backend == "CUDA" else 0)
+
+
+@dataclass(frozen=True)
 class SlotWeights:
     """Weight bytes of one slot (a block, or the output slot), padded as llama.cpp pads them."""
 
@@ -13,6 +25,11 @@ class SlotWeights:
     cuda_extra_bytes: int = 0  # one padding row per quantized tensor with ne0 % 512 != 0, on CUDA only
     expert_bytes: int = 0  # part of `bytes` in MoE expert tensors (what `-ot exps=CPU` would move)
     expert_cuda_extra_bytes: int = 0  # part of `cuda_extra_bytes` in those expert tensors
+    expert_parts: tuple[ExpertPart, ...] = ()  # the expert bytes by tensor kind, largest first
+
+    def parts_bytes(self, kinds: frozenset[str], backend: str) -> int:
+        """Bytes of these expert tensor kinds in a buffer of `backend`."""
+        return sum(part.size(backend) for part in self.expert_parts if part.name in kinds)
 
     def dense_bytes(self, backend: str) -> int:
         """What stays on a device of `backend` when this slot's routed experts live on the host."""

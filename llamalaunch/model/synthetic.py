@@ -132,6 +132,13 @@ SHAPES: dict[str, SyntheticSpec] = {
     "tiny-nemotron_h": SyntheticSpec("nemotron_h", _NEMOTRON_H),
     "tiny-nemotron_h_moe": SyntheticSpec("nemotron_h_moe", replace(_NEMOTRON_H, n_expert=4, n_expert_used=2,
                                                                    n_ff_exp=64, n_ff_shexp=128)),
+    # long-tail archs: llama.cpp runs them, llamalaunch plans them with the generic estimate
+    "tiny-smollm3": SyntheticSpec("smollm3", _TINY),
+    "tiny-exaone": SyntheticSpec("exaone", _TINY),
+    "tiny-ernie4_5": SyntheticSpec("ernie4_5", _TINY),
+    "tiny-granite": SyntheticSpec("granite", _TINY),
+    "tiny-seed_oss": SyntheticSpec("seed_oss", replace(_TINY, head_dim=32)),
+    "tiny-olmo2": SyntheticSpec("olmo2", _TINY),
     "tiny-gemma4": SyntheticSpec("gemma4", replace(_TINY, n_layer=6, head_dim=64, head_dim_swa=32, n_head_kv=2,
                                                    n_head_kv_full=1, tied=True, n_swa=128)),
 }
@@ -227,7 +234,7 @@ def _keys(arch: str, s: SyntheticShape, file_type: str) -> list[tuple[str, int, 
         kv.append((f"{arch}.expert_feed_forward_length", _T_U32, s.n_ff_exp))
     if s.n_swa:
         kv.append((f"{arch}.attention.sliding_window", _T_U32, s.n_swa))
-    if s.swa_pattern:
+    if s.swa_pattern and arch != "gemma4":  # gemma4 writes the per-block array
         kv.append((f"{arch}.attention.sliding_window_pattern", _T_U32, s.swa_pattern))
     return kv + _ARCH_KEYS.get(arch, _no_keys)(arch, s)
 
@@ -364,12 +371,17 @@ def _nemotron_h_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, objec
     return keys
 
 
+def _granite_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    return [(f"{arch}.logit_scale", _T_F32, 8.0), (f"{arch}.residual_scale", _T_F32, 0.22),
+            (f"{arch}.embedding_scale", _T_F32, 12.0), (f"{arch}.attention.scale", _T_F32, 0.015625)]
+
+
 _ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
               "lfm2": _lfm2_keys, "qwen3next": _qwen3next_keys, "qwen35": _qwen3next_keys,
               "qwen35moe": _qwen3next_keys, "glm4moe": _glm4moe_keys, "llama4": _llama4_keys,
               "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys,
               "gemma4": _gemma4_keys, "minimax-m2": _minimax_m2_keys, "nemotron_h": _nemotron_h_keys,
-              "nemotron_h_moe": _nemotron_h_keys}
+              "nemotron_h_moe": _nemotron_h_keys, "granite": _granite_keys}
 
 
 # --- tensors (names and shapes as src/models/<arch>.cpp creates them) --------------------------------
@@ -683,12 +695,38 @@ def _nemotron_h(s: SyntheticShape) -> list[Tensor]:
                         (b + "ffn_up_shexp.weight", (s.n_embd, shared), "w"),
                         (b + "ffn_down_shexp.weight", (shared, s.n_embd), "w")]
         else:
-            tensors += [(b + "ffn_up.weight", (s.n_embd, s.n_ff), "w"), (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w")]
+            tensors += [(b + "ffn_up.weight", (s.n_embd, s.n_ff), "w"),
+                        (b + "ffn_down.weight", (s.n_ff, s.n_embd), "w")]
+    return tensors
+
+
+def _seed_oss(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "attn_norm", s.n_embd), _norm(i, "post_attention_norm", s.n_embd)]
+        tensors += _attention(i, s, q_bias=True) + _ffn(i, s.n_embd, s.n_ff)
+    return tensors
+
+
+def _olmo2(s: SyntheticShape) -> list[Tensor]:
+    tensors = _embeddings(s)
+    for i in range(s.n_layer):
+        tensors += [_norm(i, "post_attention_norm", s.n_embd), _norm(i, "post_ffw_norm", s.n_embd)]
+        tensors += _attention(i, s) + [_norm(i, "attn_q_norm", s.head_dim_k * s.n_head),
+                                       _norm(i, "attn_k_norm", s.head_dim_k * s.n_head_kv)]
+        tensors += _ffn(i, s.n_embd, s.n_ff)
     return tensors
 
 
 _TENSORS = {
     "llama": _llama_like,
+    # long-tail archs (no exact family: planned with the generic estimate), for its accuracy benchmark
+    "smollm3": _llama_like,
+    "exaone": _llama_like,
+    "ernie4_5": _llama_like,
+    "granite": _llama_like,
+    "seed_oss": _seed_oss,
+    "olmo2": _olmo2,
     "nemotron_h": _nemotron_h,
     "nemotron_h_moe": _nemotron_h,
     "minimax-m2": _minimax_m2,

@@ -159,7 +159,8 @@ class StatusCollector:
             attempts=tuple(_attempt(a) for a in state.attempts), model_name=model.get("name"),
             model_arch=model.get("arch"), model_path=model.get("path") or state.model_path,
             n_layer=model.get("n_layer"), n_slots=model.get("n_slots"), ctx_tokens=plan.get("ctx"),
-            n_gpu_layers=plan.get("n_gpu_layers"), host_expert_layers=len(plan.get("host_expert_layers", [])),
+            n_gpu_layers=plan.get("n_gpu_layers"), estimated_tps=_estimated_tps(plan),
+            host_expert_layers=len(plan.get("host_expert_layers", [])),
             devices=tuple(_device(d, actual.get(d["name"], {}), m) for d, m in zip(devices, live, strict=True)),
             host=_host(plan, actual.get(HOST), _process_rss(state.child_pid) if server_alive and state.child_pid
                        else None),
@@ -229,6 +230,11 @@ def _device(raw: dict[str, Any], actual: Mapping[str, int], live: LiveMemory) ->
         actual_compute_bytes=actual.get("compute"), used_bytes=live.used_bytes, free_bytes=live.free_bytes,
         memory_source=live.source, memory_note=live.note, expert_layers=int(raw.get("expert_layers", 0)),
         moe_layers=int(raw.get("moe_layers", 0)), uuid=live.uuid)
+
+
+def _estimated_tps(plan: dict[str, Any]) -> tuple[float | None, float | None] | None:
+    speed = plan.get("speed")
+    return (speed.get("prompt_tps"), speed.get("generation_tps")) if isinstance(speed, dict) else None
 
 
 def _host(plan: dict[str, Any], actual: Mapping[str, int] | None, rss: int | None) -> HostStatus | None:

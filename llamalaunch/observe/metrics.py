@@ -163,6 +163,12 @@ def _run_families(snapshot: StatusSnapshot) -> Iterator[Metric]:
     yield _gauge("slots_total", "llama-server's slots (-np).", snapshot.stats.slots_total)
     yield _gauge("host_expert_layers", "MoE layers whose routed experts stay in host memory.",
                  snapshot.host_expert_layers)
+    estimate = GaugeMetricFamily(PREFIX + "estimated_tokens_per_second", "The plan's speed estimate, before "
+                                 "launch (compare with llamalaunch_server_*_seconds_total).", labels=["kind"])
+    for kind, tps in zip(("prompt", "generation"), snapshot.estimated_tps or (None, None)):
+        if tps is not None:
+            estimate.add_metric([kind], tps)
+    yield estimate
 
 
 def _oom_families(snapshot: StatusSnapshot) -> Iterator[Metric]:

@@ -59,9 +59,40 @@ def command_line(server: str, argv: Sequence[str]) -> str:
     return shlex.join([server, *argv])
 
 
+def format_tps(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def speed_line(plan: Plan) -> Text | None:
+    """est. tok/s under the table: the figures, or which figure is unknown (the plan is by memory then)."""
+    speed = plan.speed
+    if speed is None:
+        return None
+    if speed.generation_tps is None:
+        return Text(f"est. tok/s: unknown ({', '.join(speed.unknown)} not known: give --device-speed or "
+                    "--link); placed by memory", style="dim")
+    return Text(f"est. tok/s: generation {format_tps(speed.generation_tps)}, prompt {format_tps(speed.prompt_tps)} "
+                f"(one sequence, {speed.fill_tokens} tokens in context)")
+
+
+def alternatives_table(plan: Plan) -> Table:
+    """`plan --compare`: the placements that fit, the chosen one first."""
+    table = Table(title="placements that fit (est. tok/s, one sequence)", title_justify="left")
+    for column in ("", "placement", "ctx", "generation", "prompt"):
+        table.add_column(column, justify="left" if column in ("", "placement") else "right")
+    for alternative in plan.alternatives:
+        table.add_row("*" if alternative.chosen else "", alternative.label, str(alternative.ctx_tokens),
+                      format_tps(alternative.speed.generation_tps), format_tps(alternative.speed.prompt_tps))
+    return table
+
+
 def plan_view(plan: Plan) -> Group:
     """The table and why devices were left out; the command line is printed unwrapped by the caller."""
     parts: list[Table | Text] = [plan_table(plan)]
+    line = speed_line(plan)
+    parts += [line] if line is not None else []
     parts += [Text(f"{d.device.name} left out: {d.reason}", style="yellow") for d in plan.devices if d.excluded]
     parts += [Text(note, style="yellow") for note in plan.notes]
     return Group(*parts)

@@ -144,6 +144,7 @@ class StatusSnapshot:
     log_warnings: int = 0
     log_errors: int = 0
     notes: tuple[str, ...] = ()
+    estimated_tps: tuple[float | None, float | None] | None = None  # the plan's (prompt, generation) estimate
 
     @property
     def uptime_s(self) -> float | None:

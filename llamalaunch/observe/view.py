@@ -296,6 +296,9 @@ def status_view(snapshot: StatusSnapshot, show_log: bool = True, log_lines: int 
         parts.append(DevicesTable(snapshot))
         parts += device_notes(snapshot)
     parts.append(server_line(snapshot.stats))
+    if snapshot.estimated_tps is not None:
+        parts.append(Text(f"estimated before launch, tok/s prompt / generation: {_pair(*snapshot.estimated_tps)} "
+                          "(one sequence)", style="dim"))
     if (attempts := attempts_table(snapshot)) is not None:
         parts.append(attempts)
     parts.append(argv_line(snapshot.argv))

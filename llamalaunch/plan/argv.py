@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llamalaunch.model.estimate import host_experts_override
+from llamalaunch.model.estimate import Placement, host_experts_override
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.companions import Companion
 from llamalaunch.plan.request import Request
@@ -95,8 +95,8 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
     argv += ["-ctk", request.cache_type_k, "-ctv", request.cache_type_v, "-fa", request.flash_attn]
     if request.swa_full:
         argv.append("--swa-full")
-    if choice.host_expert_layers:
-        argv += ["-ot", host_experts_override(choice.host_expert_layers)]
+    if choice.host_expert_layers or choice.host_expert_parts:
+        argv += ["-ot", host_experts_override(Placement((), choice.host_expert_layers, choice.host_expert_parts))]
         argv += load_host_experts_args(choice, options)
     for companion, device in options.companions:
         argv += companion.argv(names[device])

@@ -28,7 +28,8 @@ def fill_experts(costs: CostModel, choice: Choice) -> Choice:
     """Give each device back the experts of its own blocks, the last blocks first, while it stays in its limit.
 
     `costs` and `choice` have every routed expert on the host. A device keeps the experts of its first
-    blocks on the host, so what stays there is one contiguous run of blocks per device.
+    blocks on the host, so what stays there is one contiguous run of blocks per device; the last block of
+    that run may be split, its largest expert tensors on the device (as --fit's partial layers).
     """
     base = Fitter(costs, costs.request).placement(choice.order, choice.counts, choice.n_gpu_layers)
     host = set(costs.host_expert_layers)
@@ -38,24 +39,46 @@ def fill_experts(costs: CostModel, choice: Choice) -> Choice:
         low, high = 0, len(mine)  # bisection on how many of its blocks keep their experts on the host
         while low < high:
             middle = (low + high) // 2
-            if _fits(costs, base, frozenset(others | set(mine[:middle])), device):
+            if _fits(costs, base, others | set(mine[:middle]), set(), device):
                 high = middle
             else:
                 low = middle + 1
         host = others | set(mine[:low])
     while True:
         # compute buffers move a little with the other devices' choices: settle one block at a time
-        late = [(d, mine) for d, mine in zip(choice.order, owned) if not _fits(costs, base, frozenset(host), d)]
-        back = [il for il in late[0][1] if il not in host] if late else []
+        late = [mine for d, mine in zip(choice.order, owned) if not _fits(costs, base, host, set(), d)]
+        back = [il for il in late[0] if il not in host] if late else []
         if not back:
             break
         host.add(back[0])
-    return replace(choice, host_expert_layers=frozenset(host))
+    parts: set[tuple[int, str]] = set()
+    for mine in owned:
+        spilled = [il for il in mine if il in host]
+        if spilled:
+            host, parts = _split(costs, base, choice, host, parts, spilled[-1])
+    return replace(choice, host_expert_layers=frozenset(host), host_expert_parts=frozenset(parts))
 
 
-def _fits(costs: CostModel, base: Placement, host: frozenset[int], device: Device) -> bool:
-    use = costs.estimate(replace(base, host_expert_layers=host)).devices[device.name]
-    return use.total_bytes <= device_limit(device, costs.request)
+def _split(costs: CostModel, base: Placement, choice: Choice, host: set[int], parts: set[tuple[int, str]],
+           block: int) -> tuple[set[int], set[tuple[int, str]]]:
+    """Bring the largest expert tensors of `block` back to its device while every device stays in its limit."""
+    on_host = [part.name for part in costs.profile.slots[block].expert_parts]  # largest first
+    for kind in list(on_host):
+        rest = [k for k in on_host if k != kind]
+        trial_host = host - {block}
+        trial_parts = {p for p in parts if p[0] != block} | {(block, k) for k in rest}
+        if all(_fits(costs, base, trial_host, trial_parts, device) for device in choice.order):
+            host, parts, on_host = trial_host, trial_parts, rest
+    return host, parts
+
+
+def split_placement(base: Placement, host: frozenset[int], parts: frozenset[tuple[int, str]]) -> Placement:
+    return replace(base, host_expert_layers=host, host_expert_parts=parts)
+
+
+def _fits(costs: CostModel, base: Placement, host: set[int], parts: set[tuple[int, str]], device: Device) -> bool:
+    placement = split_placement(base, frozenset(host), frozenset(parts))
+    return costs.estimate(placement).devices[device.name].total_bytes <= device_limit(device, costs.request)
 
 
 def host_within(request: Request, host_free_bytes: int | None, host_total_bytes: int) -> bool:

@@ -81,7 +81,7 @@ def build_request(*, ctx: str, ctx_min: str = "256", parallel: int = 4, kv_unifi
                   flash_attn: str = "auto", swa_full: bool = False, margin: str | None = None,
                   reserve: Sequence[str] = (), budget: Sequence[str] = (), devices: str | None = None,
                   exclude: Sequence[str] = (), cpu_spill: bool = False, gpu_layers: int | None = None,
-                  cpu_experts: int | None = None,
+                  cpu_experts: int | None = None, prefer: str = "context",
                   ctx_is_target: bool = False) -> Request:
     request = Request(
         ctx_tokens=parse_ctx(ctx),
@@ -103,6 +103,7 @@ def build_request(*, ctx: str, ctx_min: str = "256", parallel: int = 4, kv_unifi
         cpu_spill=cpu_spill,
         n_gpu_layers=None if gpu_layers is None else parse_count(gpu_layers, "-ngl", 0, 100_000),
         cpu_experts=None if cpu_experts is None else parse_count(cpu_experts, "--cpu-experts", 0, 100_000),
+        prefer=parse_choice(prefer, ("context", "speed"), "--prefer"),
     )
     if request.ctx_tokens is not None and request.ctx_tokens < request.ctx_min_tokens:
         raise BadInputError(f"--ctx {request.ctx_tokens} is below --ctx-min {request.ctx_min_tokens}",

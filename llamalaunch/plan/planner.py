@@ -8,8 +8,9 @@ from dataclasses import replace
 from llamalaunch.errors import PlanError
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
-from llamalaunch.model.estimate import SlotRange
+from llamalaunch.model.estimate import Placement, SlotRange
 from llamalaunch.plan.costs import CostModel
+from llamalaunch.plan.speed import SpeedFigures
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
@@ -57,14 +58,19 @@ class Planner:
         if dense is None:
             return None
         choice = fill_experts(self.costs(ctx_tokens, every), dense)
-        costs = self.costs(ctx_tokens, choice.host_expert_layers)
-        if not Fitter(costs, self.request).fits(choice.order, choice.counts, choice.n_gpu_layers):
+        estimate = self.costs(ctx_tokens, choice.host_expert_layers).estimate(self.placement(ctx_tokens, choice))
+        if any(estimate.devices[d.name].total_bytes > device_limit(d, self.request) for d in choice.order):
             return None
-        host = costs.estimate(Fitter(costs, self.request).placement(choice.order, choice.counts,
-                                                                    choice.n_gpu_layers)).host
+        host = estimate.host
         if not host_within(self.request, self.host_free_bytes, host.total_bytes):
             raise PlanError(*self.host_refusal(ctx_tokens, host.total_bytes))
         return choice
+
+    def placement(self, ctx_tokens: int, choice: Choice) -> Placement:
+        """The choice's placement, with the expert tensors of split blocks where the choice put them."""
+        fitter = Fitter(self.costs(ctx_tokens, choice.host_expert_layers), self.request)
+        return replace(fitter.placement(choice.order, choice.counts, choice.n_gpu_layers),
+                       host_expert_parts=choice.host_expert_parts)
 
     def host_refusal(self, ctx_tokens: int, host_bytes: int) -> tuple[str, str]:
         free = self.host_free_bytes or 0
@@ -227,42 +233,56 @@ def plan_notes(planner: Planner, ctx_tokens: int) -> tuple[str, ...]:
 def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request,
               options: ArgvOptions, overhead: Mapping[str, int] | None = None,
               on_choice: Callable[[int, Choice], None] | None = None,
-              host_free_bytes: int | None = None) -> Plan:
-    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does."""
+              host_free_bytes: int | None = None, speed: SpeedFigures | None = None,
+              compare: bool = False) -> Plan:
+    """Plan `profile` on `devices`; raise PlanError saying what would fit when nothing does.
+
+    With `speed` figures, the fastest of the placements that fit is taken (plan/choose.py); `compare`
+    also lists smaller contexts among the alternatives."""
+    from llamalaunch.plan.choose import alternatives, candidates, pick
+
     planner = Planner(profile, devices, request, overhead, host_free_bytes)
     ctx_tokens, choice = planner.solve()
+    found = candidates(planner, ctx_tokens, choice, speed, request.prefer, compare) if speed is not None else []
+    picked = pick(found, request.prefer) if found else None
+    if picked is not None:
+        ctx_tokens, choice = picked.ctx_tokens, picked.choice
     if on_choice is not None:
         on_choice(ctx_tokens, choice)
     plan = assemble(planner, ctx_tokens, choice, options)
-    return replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens)))
+    plan = replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens)))
+    if picked is None:
+        return plan
+    return replace(plan, speed=picked.speed, alternatives=alternatives(found, picked))
 
 
 def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:
-    costs = planner.costs(ctx_tokens, choice.host_expert_layers)
-    fitter = Fitter(costs, planner.request)
-    placement = fitter.placement(choice.order, choice.counts, choice.n_gpu_layers)
-    estimate = costs.estimate(placement)
+    placement = planner.placement(ctx_tokens, choice)
+    estimate = planner.costs(ctx_tokens, choice.host_expert_layers).estimate(placement)
+    spilled = choice.host_expert_layers | {il for il, _ in choice.host_expert_parts}
     plans: list[DevicePlan] = []
     for device, slot_range in zip(choice.order, placement.ranges):
         plans.append(device_plan(planner.request, device, None, slot_range.first_slot, slot_range.n_slots,
-                                 estimate.devices[device.name], expert_counts(planner.profile, slot_range,
-                                                                              choice.host_expert_layers)))
+                                 estimate.devices[device.name], expert_counts(planner.profile, slot_range, spilled)))
     for device in planner.all_devices:
         if device.is_host or device in choice.order:
             continue
         plans.append(device_plan(planner.request, device, leave_out_reason(planner, device, choice),
                                  None, 0, MemoryUse()))
     argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
-    notes = (expert_note(planner.profile, choice, argv),) if choice.host_expert_layers else ()
+    notes = (expert_note(planner.profile, choice, argv),) if spilled else ()
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
-                choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers)
+                choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers,
+                host_expert_parts=choice.host_expert_parts)
 
 
 def expert_note(profile: ModelProfile, choice: Choice, argv: Sequence[str]) -> str:
     held = len(choice.host_expert_layers)
     how = "loaded into pinned memory (-lm none: faster prompts than the file mapping)" if "-lm" in argv \
         else "read through the file mapping"
-    return (f"experts of {held} of {len(profile.expert_layers)} MoE layers stay in host memory, {how}; "
+    split = sorted({il for il, _ in choice.host_expert_parts})
+    partly = f" (and part of block {', '.join(map(str, split))}'s)" if split else ""
+    return (f"experts of {held} of {len(profile.expert_layers)} MoE layers{partly} stay in host memory, {how}; "
             "every layer's attention, shared weights and KV cache are on the devices")
 
 

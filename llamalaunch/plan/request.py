@@ -46,6 +46,7 @@ class Request:
     cpu_spill: bool = False
     n_gpu_layers: int | None = None  # force a layer count (partial offload); None: as many as fit
     cpu_experts: int | None = None  # MoE: keep the experts of the first N MoE blocks on the host; None: plan it
+    prefer: str = "context"  # which wins when placements differ: the larger context, or the faster estimate
 
     def margin_for(self, usable_bytes: int) -> int:
         """Free memory kept on a device with `usable_bytes` (free, or its budget)."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llamalaunch.model.measured import ComponentError, within_tolerance
+from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
 
 SCHEMA_VERSION = 1
@@ -24,7 +25,20 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "argv": list(plan.argv),
         "notes": list(plan.notes),
         "host_expert_layers": sorted(plan.host_expert_layers),
+        "host_expert_parts": [list(part) for part in sorted(plan.host_expert_parts)],
+        "speed": speed_to_dict(plan.speed) if plan.speed is not None else None,
+        "alternatives": [{"label": a.label, "ctx": a.ctx_tokens, "chosen": a.chosen, **speed_to_dict(a.speed)}
+                         for a in plan.alternatives],
     }
+
+
+def speed_to_dict(speed: SpeedEstimate) -> dict[str, Any]:
+    """est. tok/s (None: a figure was unknown, named in `unknown`), per device seconds of a token."""
+    return {"generation_tps": speed.generation_tps, "prompt_tps": speed.prompt_tps,
+            "fill_tokens": speed.fill_tokens, "ubatch_tokens": speed.ubatch_tokens, "unknown": list(speed.unknown),
+            "parts": [{"device": p.name, "generation_s": p.generation_s, "prompt_s": p.prompt_s,
+                       "read_bytes": p.read_bytes} for p in speed.parts],
+            "hop_generation_s": speed.hop_generation_s, "hop_prompt_s": speed.hop_prompt_s}
 
 
 def memory_to_dict(memory: MemoryUse) -> dict[str, int]:

@@ -8,7 +8,7 @@ so a placement is a list of per-device slot counts in the order the devices are 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.estimate import Placement, SlotRange
@@ -147,6 +147,7 @@ class Choice:
     n_gpu_layers: int
     excluded: dict[str, str]
     host_expert_layers: frozenset[int] = frozenset()  # blocks on a device whose routed experts stay on the host
+    host_expert_parts: frozenset[tuple[int, str]] = frozenset()  # (block, expert kind) on the host of split blocks
 
 
 def choose_placement(fitter: Fitter, devices: Sequence[Device], n_gpu_layers: int) -> Choice | None:
@@ -183,8 +184,7 @@ def drop_idle(choice: Choice) -> Choice:
         return choice
     kept = [(device, count) for device, count in zip(choice.order, choice.counts) if count > 0]
     excluded = {**choice.excluded, **{d.name: "not needed: the other devices hold every layer" for d in idle}}
-    return Choice(tuple(d for d, _ in kept), tuple(c for _, c in kept), choice.n_gpu_layers, excluded,
-                  choice.host_expert_layers)
+    return replace(choice, order=tuple(d for d, _ in kept), counts=tuple(c for _, c in kept), excluded=excluded)
 
 
 def min_spare_share(fitter: Fitter, order: Sequence[Device], counts: Sequence[int], n_gpu_layers: int) -> float:

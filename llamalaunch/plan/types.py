@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
+from llamalaunch.plan.speed import Alternative, SpeedEstimate
 from llamalaunch.probe.device import Device
 
 
@@ -58,3 +59,6 @@ class Plan:
     argv: tuple[str, ...]  # llama-server arguments after the binary
     notes: tuple[str, ...] = ()
     host_expert_layers: frozenset[int] = frozenset()  # blocks on devices whose routed experts are in host memory
+    host_expert_parts: frozenset[tuple[int, str]] = frozenset()  # (block, expert kind) in host memory, split blocks
+    speed: SpeedEstimate | None = None  # None: no speed figures were given to the planner
+    alternatives: tuple[Alternative, ...] = ()  # placements that fit, the chosen one first (plan --compare)

@@ -28,6 +28,7 @@ class Device:
     memory_clock_mhz: int | None = None
     assumed: bool = False  # a what-if device typed by the user, not probed
     note: str | None = None  # e.g. "busy: serving another client; figures from the last probe"
+    rpc_round_trip_s: float | None = None  # RPC: the fastest tiny round trip the probe timed
 
     @property
     def is_host(self) -> bool:

@@ -138,7 +138,7 @@ def _rpc_devices(endpoints: Sequence[str],
         for worker_device in outcome.devices:
             devices.append(Device(f"RPC{len(devices)}", "RPC", endpoint, worker_device.free_bytes,
                                   worker_device.total_bytes, len(devices), endpoint=endpoint,
-                                  worker_index=worker_device.index))
+                                  worker_index=worker_device.index, rpc_round_trip_s=outcome.round_trip_s))
     return devices, problems
 
 

@@ -80,6 +80,7 @@ class WorkerReport:
     version: str  # "7.0.0"
     devices: tuple[WorkerDevice, ...]
     elapsed_s: float
+    round_trip_s: float | None = None  # the fastest request after HELLO: the link's latency
 
 
 class RpcProbeError(ProbeError):
@@ -202,7 +203,7 @@ def _probe(endpoint: str, host: str, port: int, connect_timeout_s: float, reply_
         exchange.abandon(claim)
         raise
     exchange.close()
-    return WorkerReport(endpoint, version, devices, time.monotonic() - started)
+    return WorkerReport(endpoint, version, devices, time.monotonic() - started, exchange.fastest_s)
 
 
 def _hello(exchange: _Exchange, address: str, port: int, reply_timeout_s: float) -> str:
@@ -463,6 +464,7 @@ class _Exchange:
         self.deadline = deadline
         self.owed_bytes = 0  # reply bytes the worker will still write to this socket
         self.accepted = False  # the worker answered HELLO: it is serving us
+        self.fastest_s: float | None = None  # the fastest round trip after HELLO
 
     def hello(self) -> str:
         """Send HELLO and read its answer; `_NoAnswerYet` when nothing came in time (see `hello_reply`)."""
@@ -499,9 +501,17 @@ class _Exchange:
         return WorkerDevice(index, free, total)
 
     def _call(self, cmd: int, payload: bytes, reply_size: int) -> bytes:
-        """Send one request and read its fixed-size reply; a reply of any other size is an error."""
+        """Send one request and read its fixed-size reply; a reply of any other size is an error.
+
+        The calls after HELLO are timed: the fastest is the link's round trip (the worker already serves
+        us then, so no extra request is ever sent for it)."""
+        started = time.perf_counter()
         self._request(cmd, payload, reply_size)
-        return self._reply(cmd, reply_size)
+        reply = self._reply(cmd, reply_size)
+        if cmd != CMD_HELLO:
+            elapsed = time.perf_counter() - started
+            self.fastest_s = elapsed if self.fastest_s is None else min(self.fastest_s, elapsed)
+        return reply
 
     def _request(self, cmd: int, payload: bytes, reply_size: int) -> None:
         self._send(_REQUEST_HEADER.pack(cmd, len(payload)) + payload)

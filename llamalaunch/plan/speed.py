@@ -1,0 +1,273 @@
+"""Tokens per second before launch: what each device reads and computes per token, and the hops between them.
+
+Pure: figures in, estimate out. One sequence is served at a time, so the devices of a layer split work
+one after another and their times add up: a generated token costs every device the bytes it reads (the
+weights of its slots, for MoE only the active experts, and the KV cache at the context fill) over its
+memory bandwidth, a fixed cost per slot (kernel launches, thread barriers), and every hop between devices
+(an RPC round trip and the activations). A prompt is processed an ubatch at a time: each device reads
+its weights once per ubatch and computes every token, whichever takes longer; experts left in host
+memory are streamed to a GPU for large batches (llama.cpp's op offload) or computed by the host.
+
+Every figure may be unknown: the estimate then says so and the plan is made by memory alone.
+The defaults below are stated as defaults; `efficiency` factors are calibrated from real runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.request import Request
+
+if TYPE_CHECKING:  # model.estimate imports plan.types, which holds a SpeedEstimate
+    from llamalaunch.model.estimate import Placement
+
+# Bits per weight of the bulk of a file type (for FLOPs from bytes); unknown types count as 4.5.
+_BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_0": 5.5, "Q5_1": 6.0,
+                    "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K_S": 4.6, "Q4_K_M": 4.85,
+                    "Q3_K_S": 3.5, "Q3_K_M": 3.9, "Q3_K_L": 4.3, "Q2_K": 3.35, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+                    "MXFP4": 4.25}
+DEFAULT_BITS_PER_WEIGHT = 4.5
+
+# Defaults, per device kind (calibration replaces the efficiencies): the share of the peak bandwidth a
+# generated token reaches, the share of the peak FLOP/s a prompt ubatch reaches, and a fixed cost per slot.
+DEFAULT_GEN_EFFICIENCY = MappingProxyType({"CUDA": 0.6, "CPU": 0.7})
+DEFAULT_PROMPT_EFFICIENCY = MappingProxyType({"CUDA": 0.35, "CPU": 0.5})
+DEFAULT_SLOT_OVERHEAD_S = MappingProxyType({"CUDA": 6e-6, "CPU": 15e-6})
+HOST_TO_GPU_BYTES_S = 25e9  # PCIe 4.0 x16 in practice: experts streamed to a GPU for a prompt ubatch
+LOCAL_HOP_S = 10e-6  # a copy between the host and a local GPU
+# An RPC device gets its graph with every compute call: tensor descriptions, about this much per slot.
+RPC_GRAPH_BYTES_PER_SLOT = 16 * 1024
+OP_OFFLOAD_MIN_BATCH = 32  # llama.cpp streams host weights to a GPU for batches at least this large
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """What one device can do; None: not known."""
+
+    kind: str  # "CUDA" or "CPU": which defaults and calibration apply (an RPC worker's own kind)
+    bandwidth_bytes_s: float | None
+    flops: float | None
+    source: str  # where the figures came from: "NVML", "probe", "--device-speed", "host (loopback)", ...
+    gen_efficiency: float = 0.0  # 0: the kind's default
+    prompt_efficiency: float = 0.0
+    slot_overhead_s: float = -1.0  # <0: the kind's default
+
+    def __post_init__(self) -> None:
+        if not self.gen_efficiency:
+            object.__setattr__(self, "gen_efficiency", DEFAULT_GEN_EFFICIENCY.get(self.kind, 0.6))
+        if not self.prompt_efficiency:
+            object.__setattr__(self, "prompt_efficiency", DEFAULT_PROMPT_EFFICIENCY.get(self.kind, 0.35))
+        if self.slot_overhead_s < 0:
+            object.__setattr__(self, "slot_overhead_s", DEFAULT_SLOT_OVERHEAD_S.get(self.kind, 15e-6))
+
+    @property
+    def known(self) -> bool:
+        return self.bandwidth_bytes_s is not None and self.flops is not None
+
+
+UNKNOWN_CPU = DeviceSpeed("CPU", None, None, "unknown")
+
+
+@dataclass(frozen=True)
+class Link:
+    """The network between the host and an RPC worker."""
+
+    round_trip_s: float
+    bytes_s: float
+    source: str  # "probe", "--link", "assumed"
+
+
+@dataclass(frozen=True)
+class SpeedFigures:
+    host: DeviceSpeed = UNKNOWN_CPU
+    devices: Mapping[str, DeviceSpeed] = field(default_factory=dict)  # by llama.cpp device name
+    links: Mapping[str, Link] = field(default_factory=dict)  # RPC device name → its worker's link
+    fill_tokens: int | None = None  # context fill the estimate is for; None: half the context
+
+
+@dataclass(frozen=True)
+class DeviceTime:
+    """One device's (or the host's) share of a token's time."""
+
+    name: str
+    generation_s: float
+    prompt_s: float  # per ubatch
+    read_bytes: int  # per generated token: weights and KV
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    generation_tps: float | None  # None: a figure is unknown (see `unknown`)
+    prompt_tps: float | None
+    fill_tokens: int
+    ubatch_tokens: int
+    parts: tuple[DeviceTime, ...] = ()
+    hop_generation_s: float = 0.0
+    hop_prompt_s: float = 0.0
+    unknown: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A placement that fits, for `plan --compare`."""
+
+    label: str
+    ctx_tokens: int
+    speed: SpeedEstimate
+    chosen: bool
+
+
+@dataclass
+class _Work:
+    """What one compute location does per token (generation) and per ubatch (prompt)."""
+
+    gen_bytes: float = 0.0  # bytes read per generated token
+    gen_flops: float = 0.0
+    prompt_bytes: float = 0.0  # bytes read once per ubatch
+    prompt_flops: float = 0.0  # per token
+    slots: int = 0
+    streamed_bytes: float = 0.0  # host experts streamed to this GPU per ubatch
+
+
+def bits_per_weight(profile: ModelProfile) -> float:
+    return _BITS_PER_WEIGHT.get(profile.file_type.upper(), DEFAULT_BITS_PER_WEIGHT)
+
+
+def default_fill(ctx_tokens: int) -> int:
+    return max(ctx_tokens // 2, 1)
+
+
+def estimate_speed(profile: ModelProfile, request: Request, ctx_tokens: int, placement: Placement,
+                   figures: SpeedFigures) -> SpeedEstimate:
+    """Generation and prompt tokens per second of `placement` at the figures' context fill."""
+    fill = min(figures.fill_tokens or default_fill(ctx_tokens), ctx_tokens)
+    ubatch = max(1, min(request.n_ubatch, request.n_batch, ctx_tokens))
+    works, route = _work(profile, request, placement, fill, ubatch)
+    speeds = {**{r.device: figures.devices.get(r.device) for r in placement.ranges}, "host": figures.host}
+    unknown = [f"{name} speed" for name, work in works.items()
+               if _busy(work) and (speeds.get(name) is None or not speeds[name].known)]
+    hop_gen, hop_prompt, link_unknown = _hops(profile, placement, route, figures, ubatch)
+    unknown += link_unknown
+    if unknown:
+        return SpeedEstimate(None, None, fill, ubatch, unknown=tuple(dict.fromkeys(unknown)))
+    parts = tuple(_time(name, work, speeds[name], ubatch) for name, work in works.items() if _busy(work))
+    gen_s = sum(p.generation_s for p in parts) + hop_gen
+    prompt_s = sum(p.prompt_s for p in parts) + hop_prompt
+    return SpeedEstimate(1 / gen_s if gen_s > 0 else None, ubatch / prompt_s if prompt_s > 0 else None, fill,
+                         ubatch, parts, hop_gen, hop_prompt)
+
+
+def _busy(work: _Work) -> bool:
+    return work.slots > 0 or work.gen_bytes > 0
+
+
+def _work(profile: ModelProfile, request: Request, placement: Placement, fill: int,
+          ubatch: int) -> tuple[dict[str, _Work], list[str]]:
+    """Per location, what it does; and the order the locations compute a token in (for the hops)."""
+    from llamalaunch.model.kv import kv_bytes_per_layer
+
+    owners = _owners(profile, placement)
+    backends = {r.device: r.backend for r in placement.ranges}
+    one_sequence = dataclasses.replace(request, n_parallel=1, kv_unified=True)
+    kv = {b: kv_bytes_per_layer(profile, one_sequence, fill, b) for b in {"CPU", *backends.values()}}
+    bpw = bits_per_weight(profile)
+    used = profile.n_expert_used / profile.n_expert if profile.n_expert else 1.0
+    works: dict[str, _Work] = {"host": _Work(), **{name: _Work() for name in backends}}
+    route = ["host"]  # token embeddings are looked up in host memory
+    for il, slot in enumerate(profile.slots):
+        owner = owners[il]
+        backend = backends.get(owner, "CPU")
+        work = works[owner]
+        experts_here = il not in placement.host_expert_layers or owner == "host"
+        expert_bytes = slot.expert_bytes + (slot.expert_cuda_extra_bytes if backend == "CUDA" else 0)
+        dense = slot.full_bytes(backend) - expert_bytes
+        layer_kv = kv[backend][il] if il < profile.n_layer else 0
+        attention_flops = _attention_flops(profile, il, fill) if il < profile.n_layer else 0.0
+        work.slots += 1
+        work.gen_bytes += dense + layer_kv + (expert_bytes * used if experts_here else 0)
+        work.gen_flops += (dense + (expert_bytes * used if experts_here else 0)) * 8 / bpw * 2 + attention_flops
+        work.prompt_bytes += dense + layer_kv + (expert_bytes if experts_here else 0)
+        work.prompt_flops += (dense + (expert_bytes * used if experts_here else 0)) * 8 / bpw * 2 + attention_flops
+        _append(route, owner)
+        if not experts_here:
+            _host_experts(works, route, owner, backend, slot.expert_bytes, used, bpw, ubatch)
+    _append(route, "host")  # logits come back to the host
+    return works, route
+
+
+def _host_experts(works: dict[str, _Work], route: list[str], owner: str, backend: str, expert_bytes: int,
+                  used: float, bpw: float, ubatch: int) -> None:
+    """A block's routed experts in host memory: the host computes them for a token; a GPU streams them in
+    for a prompt ubatch (op offload), any other device hands the ubatch to the host and back."""
+    host = works["host"]
+    host.gen_bytes += expert_bytes * used
+    host.gen_flops += expert_bytes * used * 8 / bpw * 2
+    if backend == "CUDA" and ubatch >= OP_OFFLOAD_MIN_BATCH:
+        works[owner].streamed_bytes += expert_bytes
+        works[owner].prompt_flops += expert_bytes * used * 8 / bpw * 2
+    else:
+        host.prompt_bytes += expert_bytes
+        host.prompt_flops += expert_bytes * used * 8 / bpw * 2
+    route.extend(["host", owner])
+
+
+def _attention_flops(profile: ModelProfile, il: int, fill: int) -> float:
+    """QK and AV for one token against `fill` cached tokens (recurrent layers: none)."""
+    if profile.recurrent_layers and profile.recurrent_layers[il]:
+        return 0.0
+    cells = min(fill, profile.n_swa) if profile.n_swa and profile.swa_layers[il] else fill
+    head_k, head_v = profile.layer_head_dims(il)
+    return 2.0 * profile.n_head[il] * (head_k + head_v) * cells
+
+
+def _owners(profile: ModelProfile, placement: Placement) -> list[str]:
+    owners = ["host"] * profile.n_slots
+    for r in placement.ranges:
+        for il in range(r.first_slot, r.first_slot + r.n_slots):
+            owners[il] = r.device
+    return owners
+
+
+def _append(route: list[str], where: str) -> None:
+    if route[-1] != where:
+        route.append(where)
+
+
+def _time(name: str, work: _Work, speed: DeviceSpeed, ubatch: int) -> DeviceTime:
+    """The roofline (reading or computing, whichever is slower) over the share of it the device reaches."""
+    bandwidth = speed.bandwidth_bytes_s or 1.0
+    flops = speed.flops or 1.0
+    gen = max(work.gen_bytes / bandwidth, work.gen_flops / flops) / speed.gen_efficiency
+    prompt = max(work.prompt_bytes / bandwidth, ubatch * work.prompt_flops / flops) / speed.prompt_efficiency
+    prompt += work.streamed_bytes / HOST_TO_GPU_BYTES_S
+    overhead = work.slots * speed.slot_overhead_s
+    return DeviceTime(name, gen + overhead, prompt + overhead, int(work.gen_bytes))
+
+
+def _hops(profile: ModelProfile, placement: Placement, route: Sequence[str], figures: SpeedFigures,
+          ubatch: int) -> tuple[float, float, list[str]]:
+    """Time of the hand-overs between locations: per token and per ubatch."""
+    backends = {r.device: r.backend for r in placement.ranges}
+    slots = {r.device: r.n_slots for r in placement.ranges}
+    activation = profile.n_embd * 4  # f32 hidden state per token
+    gen = prompt = 0.0
+    unknown: list[str] = []
+    for a, b in zip(route, route[1:]):
+        device = b if b != "host" else a
+        if backends.get(device) == "RPC":
+            link = figures.links.get(device)
+            if link is None:
+                unknown.append(f"{device} link")
+                continue
+            graph = RPC_GRAPH_BYTES_PER_SLOT * slots[device] if b == device else 0
+            gen += link.round_trip_s + (activation + graph) / link.bytes_s
+            prompt += link.round_trip_s + (activation * ubatch + graph) / link.bytes_s
+        else:
+            gen += LOCAL_HOP_S
+            prompt += LOCAL_HOP_S + activation * ubatch / HOST_TO_GPU_BYTES_S
+    return gen, prompt, unknown

@@ -1,0 +1,123 @@
+"""Command-line speed figures: `--link RPC0=1Gbit/0.3ms`, `--device-speed RPC0=20GB:500GFLOPS`, `--fill 8k`,
+`--prefer context|speed`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from llamalaunch.errors import BadInputError
+from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures
+from llamalaunch.probe.device import Device, HostMemory
+from llamalaunch.probe.assume import canonical_device_name
+from llamalaunch.units import parse_tokens
+
+_NUMBER = r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
+_RATE = re.compile(_NUMBER + r"\s*([kmgt]?)(i?)(bit|bps|b)(?:/s)?$", re.IGNORECASE)
+_LATENCY = re.compile(_NUMBER + r"\s*(s|ms|us|µs)$", re.IGNORECASE)
+_FLOPS = re.compile(_NUMBER + r"\s*([kmgtp]?)(flops)?$", re.IGNORECASE)
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+_LATENCY_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+LINK_HINT = "write it like --link RPC0=1Gbit/0.3ms: a rate in bit or B per second, a round trip in s, ms or us"
+SPEED_HINT = "write it like --device-speed RPC0=20GB or RPC0=20GB:500GFLOPS, memory bandwidth per second"
+
+
+def _items(values: Sequence[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def parse_rate(text: str) -> float | None:
+    """Bytes per second from '1Gbit', '100Mbps', '20GB', '1.5GiB'; None when it is not a rate."""
+    match = _RATE.match(text.strip())
+    if match is None:
+        return None
+    number, prefix, binary, unit = float(match.group(1)), match.group(2).lower(), match.group(3), match.group(4)
+    scale = 1024.0 ** "kmgt".index(prefix) * 1024 if binary and prefix else _SCALE[prefix]
+    value = number * scale
+    bits = unit.lower() in ("bit", "bps") or unit == "b"  # 1Gb is a gigabit, 1GB a gigabyte
+    return value / 8 if bits else value
+
+
+def parse_links(values: Sequence[str]) -> dict[str, Link]:
+    """{'RPC0': Link} from ['RPC0=1Gbit/0.3ms']."""
+    links: dict[str, Link] = {}
+    for item in _items(values):
+        name_text, sep, rest = item.partition("=")
+        rate_text, slash, latency_text = rest.rpartition("/")
+        if not sep or not slash:
+            raise BadInputError(f"--link value {item!r} is not NAME=RATE/ROUNDTRIP", LINK_HINT)
+        name, backend = canonical_device_name(name_text, "--link")
+        if backend != "RPC":
+            raise BadInputError(f"--link {name}: only RPC devices have a network link", "name an RPC device")
+        rate = parse_rate(rate_text)
+        latency = _LATENCY.match(latency_text.strip())
+        if rate is None or rate <= 0:
+            raise BadInputError(f"--link {name}: {rate_text!r} is not a rate", LINK_HINT)
+        if latency is None:
+            raise BadInputError(f"--link {name}: {latency_text!r} is not a round-trip time", LINK_HINT)
+        if name in links:
+            raise BadInputError(f"--link gives {name} twice", "give each device once")
+        seconds = float(latency.group(1)) * _LATENCY_SCALE[latency.group(2).lower()]
+        links[name] = Link(seconds, rate, "--link")
+    return links
+
+
+def parse_device_speeds(values: Sequence[str]) -> dict[str, DeviceSpeed]:
+    """{'RPC0': DeviceSpeed} from ['RPC0=20GB:500GFLOPS']; FLOP/s default to 25 per byte of bandwidth."""
+    speeds: dict[str, DeviceSpeed] = {}
+    for item in _items(values):
+        name_text, sep, rest = item.partition("=")
+        bandwidth_text, _colon, flops_text = rest.partition(":")
+        if not sep or not bandwidth_text.strip():
+            raise BadInputError(f"--device-speed value {item!r} is not NAME=BANDWIDTH[:FLOPS]", SPEED_HINT)
+        name, backend = canonical_device_name(name_text, "--device-speed")
+        bandwidth = parse_rate(bandwidth_text)
+        if bandwidth is None or bandwidth <= 0:
+            raise BadInputError(f"--device-speed {name}: {bandwidth_text!r} is not a bandwidth", SPEED_HINT)
+        flops = bandwidth * 25  # a GPU's or a CPU's usual balance: compute-bound only for large batches
+        if flops_text.strip():
+            match = _FLOPS.match(flops_text.strip())
+            if match is None or float(match.group(1)) <= 0:
+                raise BadInputError(f"--device-speed {name}: {flops_text!r} is not a FLOP/s figure", SPEED_HINT)
+            flops = float(match.group(1)) * _SCALE[match.group(2).lower()]
+        if name in speeds:
+            raise BadInputError(f"--device-speed gives {name} twice", "give each device once")
+        kind = "CPU" if backend in ("CPU", "RPC") else "CUDA"
+        speeds[name] = DeviceSpeed(kind, bandwidth, flops, "--device-speed")
+    return speeds
+
+
+def parse_fill(text: str | None) -> int | None:
+    """--fill: tokens already in the context for the estimate ('8k', '8192'); None: half the context."""
+    return None if text is None or text.strip().lower() in ("", "half") else parse_tokens(text, "--fill")
+
+
+@dataclass(frozen=True)
+class SpeedArgs:
+    """The speed options of plan and serve, parsed; `figures` adds what the probes and calibration know."""
+
+    links: Mapping[str, Link] = field(default_factory=dict)
+    device_speeds: Mapping[str, DeviceSpeed] = field(default_factory=dict)
+    fill_tokens: int | None = None
+    enabled: bool = True  # False: plan by memory alone, no estimate (benchmarks compare against it)
+    compare: bool = False  # plan --compare: list smaller contexts among the alternatives too
+
+    @classmethod
+    def parse(cls, link: Sequence[str] = (), device_speed: Sequence[str] = (), fill: str | None = None,
+              compare: bool = False) -> SpeedArgs:
+        return cls(parse_links(link), parse_device_speeds(device_speed), parse_fill(fill), compare=compare)
+
+    def figures(self, devices: Sequence[Device], host: HostMemory | None) -> SpeedFigures | None:
+        if not self.enabled:
+            return None
+        from llamalaunch.observe.speed_calibration import calibrated, load_speed_factors
+        from llamalaunch.probe.speed import host_speed, speed_figures
+
+        names = {d.name for d in devices}
+        for name in [*self.links, *self.device_speeds]:
+            if name != "CPU" and name not in names:
+                raise BadInputError(f"speed figure for unknown device {name!r}",
+                                    f"devices here: {', '.join(sorted(names)) or 'none'}")
+        figures = speed_figures(devices, host_speed(host), self.device_speeds, self.links, self.fill_tokens)
+        return calibrated(figures, devices, load_speed_factors())

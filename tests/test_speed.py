@@ -1,0 +1,280 @@
+"""The speed estimate (plan/speed.py), the choice by it (plan/choose.py), its figures and its calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llamalaunch.model.estimate import Placement, SlotRange
+from llamalaunch.model.kv import kv_bytes_per_layer
+from llamalaunch.model.load import load_profile
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.model.synthetic import write_preset, write_synthetic
+from llamalaunch.observe.speed_calibration import calibrated, load_speed_factors, record_speed
+from llamalaunch.plan.argv import ArgvOptions
+from llamalaunch.plan.choose import estimate_plan
+from llamalaunch.plan.planner import make_plan
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures, estimate_speed
+from llamalaunch.probe.device import Device, HostMemory
+from llamalaunch.probe.rpc import probe_worker
+from llamalaunch.probe.speed import gpu_speed, host_speed, speed_figures
+from llamalaunch.units import GIB
+from tests.support import RpcWorker
+from tests.test_experts import QWEN3_30B_A3B
+
+OPTIONS = ArgvOptions("m.gguf")
+FAST_GPU = DeviceSpeed("CUDA", 1e12, 100e12, "test")
+HOST = DeviceSpeed("CPU", 50e9, 1e12, "test")
+
+
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory: pytest.TempPathFactory) -> ModelProfile:
+    return load_profile(write_preset(tmp_path_factory.mktemp("m") / "8b.gguf", "llama-8b"))
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory: pytest.TempPathFactory) -> ModelProfile:
+    return load_profile(write_synthetic(tmp_path_factory.mktemp("m") / "a3b.gguf", "qwen3moe", QWEN3_30B_A3B, "Q4_K"))
+
+
+def cuda(index: int, free: int) -> Device:
+    return Device(f"CUDA{index}", "CUDA", "what-if", free, free, index, assumed=True)
+
+
+def rpc(index: int, free: int) -> Device:
+    return Device(f"RPC{index}", "RPC", f"10.0.0.{index}:50052", free, free, index, endpoint=f"10.0.0.{index}:50052")
+
+
+def whole(profile: ModelProfile, name: str = "CUDA0", backend: str = "CUDA") -> Placement:
+    return Placement((SlotRange(name, backend, 0, profile.n_slots),))
+
+
+def one_sequence_kv(profile: ModelProfile, fill: int, backend: str) -> int:
+    return sum(kv_bytes_per_layer(profile, Request(n_parallel=1), fill, backend))
+
+
+def test_a_token_reads_every_weight_and_the_kv_at_the_fill(llama_8b: ModelProfile) -> None:
+    figures = SpeedFigures(HOST, {"CUDA0": FAST_GPU}, fill_tokens=4096)
+    speed = estimate_speed(llama_8b, Request(), 16384, whole(llama_8b), figures)
+    (gpu,) = speed.parts
+    weights = sum(slot.full_bytes("CUDA") for slot in llama_8b.slots)
+    assert gpu.read_bytes == weights + one_sequence_kv(llama_8b, 4096, "CUDA")
+    # bandwidth-bound: bytes over bandwidth x efficiency, plus the per-slot cost, plus the two host hops
+    expected = gpu.read_bytes / (1e12 * FAST_GPU.gen_efficiency) + llama_8b.n_slots * FAST_GPU.slot_overhead_s
+    assert gpu.generation_s == pytest.approx(expected)
+    assert speed.generation_tps == pytest.approx(1 / (expected + speed.hop_generation_s))
+    assert speed.fill_tokens == 4096 and speed.unknown == ()
+    # default fill: half the context; a fuller context reads more KV and is slower
+    assert estimate_speed(llama_8b, Request(), 16384, whole(llama_8b), SpeedFigures(HOST, {"CUDA0": FAST_GPU})
+                          ).fill_tokens == 8192
+    full = estimate_speed(llama_8b, Request(), 16384, whole(llama_8b), dataclasses.replace(figures, fill_tokens=16384))
+    assert full.generation_tps < speed.generation_tps
+
+
+def test_moe_reads_only_the_active_experts_and_the_host_reads_its_own(moe: ModelProfile) -> None:
+    figures = SpeedFigures(HOST, {"CUDA0": FAST_GPU}, fill_tokens=256)
+    kv = one_sequence_kv(moe, 256, "CUDA")
+    on_gpu = estimate_speed(moe, Request(), 4096, whole(moe), figures)
+    experts = sum(s.expert_bytes + s.expert_cuda_extra_bytes for s in moe.slots)
+    dense = sum(s.full_bytes("CUDA") for s in moe.slots) - experts
+    assert on_gpu.parts[0].read_bytes == pytest.approx(dense + experts * 8 / 128 + kv, abs=len(moe.slots))
+    spilled = dataclasses.replace(whole(moe), host_expert_layers=frozenset(range(24)))
+    split = estimate_speed(moe, Request(), 4096, spilled, figures)
+    parts = {p.name: p for p in split.parts}
+    host_experts = sum(moe.slots[il].expert_bytes for il in range(24))
+    assert parts["host"].read_bytes == pytest.approx(host_experts * 8 / 128, abs=24)
+    assert split.generation_tps < on_gpu.generation_tps  # the host's 50 GB/s is slower than the GPU's
+    assert split.prompt_tps < on_gpu.prompt_tps  # the experts are streamed to the GPU for every ubatch
+
+
+def test_every_rpc_hop_costs_a_round_trip(llama_8b: ModelProfile) -> None:
+    placement = Placement((SlotRange("RPC0", "RPC", 0, 16), SlotRange("RPC1", "RPC", 16, llama_8b.n_slots - 16)))
+    speeds = {"RPC0": HOST, "RPC1": HOST}
+
+    def seconds(round_trip: float) -> float:
+        links = {name: Link(round_trip, 1e9, "test") for name in speeds}
+        speed = estimate_speed(llama_8b, Request(), 4096, placement, SpeedFigures(HOST, speeds, links))
+        return 1 / speed.generation_tps
+
+    # host -> RPC0 -> RPC1 -> host: three hops, each an RPC round trip
+    assert seconds(0.010) - seconds(0.0) == pytest.approx(0.030)
+
+
+def test_an_unknown_figure_says_so_and_the_plan_is_made_by_memory(llama_8b: ModelProfile) -> None:
+    devices = [rpc(0, 3 * GIB), rpc(1, 6 * GIB)]
+    by_memory = make_plan(llama_8b, devices, Request(ctx_tokens=4096), OPTIONS)
+    unknown = make_plan(llama_8b, devices, Request(ctx_tokens=4096), OPTIONS,
+                        speed=SpeedFigures(HOST, {"RPC0": HOST}))  # RPC1's speed and both links unknown
+    assert unknown.speed is not None and unknown.speed.generation_tps is None
+    assert set(unknown.speed.unknown) == {"RPC1 speed", "RPC0 link", "RPC1 link"}
+    assert unknown.argv == by_memory.argv
+
+
+def two_workers(slow: float, fast: float) -> SpeedFigures:
+    links = {"RPC0": Link(1e-4, 1e9, "test"), "RPC1": Link(1e-4, 1e9, "test")}
+    return SpeedFigures(HOST, {"RPC0": DeviceSpeed("CPU", slow, slow * 25, "test"),
+                               "RPC1": DeviceSpeed("CPU", fast, fast * 25, "test")}, links)
+
+
+def test_more_layers_go_to_the_faster_device_when_both_fit(llama_8b: ModelProfile) -> None:
+    devices = [rpc(0, 5 * GIB), rpc(1, 5 * GIB)]
+    even = make_plan(llama_8b, devices, Request(ctx_tokens=4096), OPTIONS)
+    fast = make_plan(llama_8b, devices, Request(ctx_tokens=4096), OPTIONS, speed=two_workers(10e9, 40e9))
+    layers = {p.device.name: p.n_layers for p in fast.devices}
+    even_layers = {p.device.name: p.n_layers for p in even.devices}
+    assert layers["RPC1"] > even_layers["RPC1"] and layers["RPC0"] < even_layers["RPC0"]
+    assert fast.ctx_tokens == even.ctx_tokens == 4096
+    assert all(p.planned_bytes <= p.limit_bytes for p in fast.devices)
+    assert fast.speed.generation_tps > estimate_plan(even, two_workers(10e9, 40e9)).generation_tps
+    assert fast.alternatives[0].chosen and "faster devices filled" in fast.alternatives[0].label
+    assert any("even spare" in a.label for a in fast.alternatives[1:])
+    # equal speeds: the even-spare split stays
+    same = make_plan(llama_8b, devices, Request(ctx_tokens=4096), OPTIONS, speed=two_workers(20e9, 20e9))
+    assert same.argv == even.argv
+
+
+def test_prefer_speed_trades_context_for_a_faster_plan(llama_8b: ModelProfile) -> None:
+    devices = [rpc(0, 4 * GIB), rpc(1, 8 * GIB)]
+    figures = two_workers(1e9, 40e9)
+    wide = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS, speed=figures)
+    quick = make_plan(llama_8b, devices, Request(ctx_tokens=None, prefer="speed"), OPTIONS, speed=figures)
+    assert [p.device.name for p in wide.devices if not p.excluded] == ["RPC0", "RPC1"]
+    assert [p.device.name for p in quick.devices if not p.excluded] == ["RPC1"]
+    assert quick.ctx_tokens < wide.ctx_tokens
+    assert quick.speed.generation_tps > wide.speed.generation_tps
+    left_out = next(p for p in quick.devices if p.device.name == "RPC0")
+    assert left_out.reason == "left out: the plan is faster without it (--prefer speed)"
+
+
+def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b: ModelProfile,
+                                                                       tmp_path: Path) -> None:
+    device = cuda(0, 24 * GIB)
+    figures = SpeedFigures(HOST, {"CUDA0": FAST_GPU})
+    before = estimate_speed(llama_8b, Request(), 4096, whole(llama_8b), figures)
+    path = tmp_path / "speed.json"
+    record_speed([device], False, before, before.generation_tps / 2, before.prompt_tps * 2, path)
+    factors = load_speed_factors(path)
+    assert factors["CUDA:what-if"].generation == pytest.approx(0.5)
+    after = estimate_speed(llama_8b, Request(), 4096, whole(llama_8b), calibrated(figures, [device], factors))
+    assert after.generation_tps == pytest.approx(before.generation_tps / 2, rel=0.05)
+    assert after.prompt_tps == pytest.approx(before.prompt_tps * 2, rel=0.05)
+    # a broken measurement (a thousandfold off) is not recorded
+    record_speed([device], False, after, after.generation_tps * 1000, None, path)
+    assert load_speed_factors(path)["CUDA:what-if"].generation == pytest.approx(0.5)
+
+
+def test_gpu_figures_come_from_nvml_bus_width_and_clock() -> None:
+    h100 = Device("CUDA0", "CUDA", "NVIDIA H100 80GB HBM3", GIB, GIB, 0, compute_capability="9.0",
+                  memory_bus_width_bits=5120, memory_clock_mhz=2619)
+    speed = gpu_speed(h100)
+    assert speed.bandwidth_bytes_s == pytest.approx(3.35e12, rel=0.01)
+    assert speed.flops == 989e12
+    assert not gpu_speed(cuda(0, GIB)).known  # a what-if GPU: no NVML figures
+
+
+def test_the_host_probe_measures_once_and_is_read_from_disk(tmp_path: Path) -> None:
+    host = HostMemory(GIB, GIB, 2, "test CPU")
+    path = tmp_path / "host_speed.json"
+    assert host_speed(host, path, measure=False).source == "unknown"
+    measured = host_speed(host, path)
+    assert measured.known and measured.source == "probe"
+    cached = host_speed(host, path)
+    assert cached.source == "probe (cached)" and cached.bandwidth_bytes_s == measured.bandwidth_bytes_s
+    assert json.loads(path.read_text())["test CPU|2"]["flops"] > 0
+
+
+def test_given_figures_win_over_probed_ones() -> None:
+    devices = [rpc(0, GIB)]
+    figures = speed_figures(devices, HOST)
+    assert not figures.devices["RPC0"].known and "remote worker" in figures.devices["RPC0"].source
+    given = speed_figures(devices, HOST, {"RPC0": HOST}, {"RPC0": Link(3e-4, 1.25e8, "--link")})
+    assert given.devices["RPC0"] is HOST and given.links["RPC0"].round_trip_s == 3e-4
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llamalaunch", *args], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COLUMNS": "150"})
+
+
+LINK = "write it like --link RPC0=1Gbit/0.3ms: a rate in bit or B per second, a round trip in s, ms or us"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--link", "RPC0=1Gbt/0.3ms"], f"error: --link RPC0: '1Gbt' is not a rate ({LINK})"),
+    (["--link", "RPC0=1Gbit"], f"error: --link value 'RPC0=1Gbit' is not NAME=RATE/ROUNDTRIP ({LINK})"),
+    (["--link", "RPC0=1Gbit/fast"], f"error: --link RPC0: 'fast' is not a round-trip time ({LINK})"),
+    (["--link", "CUDA0=1Gbit/1ms"], "error: --link CUDA0: only RPC devices have a network link (name an RPC device)"),
+    (["--link", "RPC7=1Gbit/1ms"], "error: speed figure for unknown device 'RPC7' (devices here: RPC0)"),
+    (["--device-speed", "RPC0=quick"], "error: --device-speed RPC0: 'quick' is not a bandwidth (write it like "
+     "--device-speed RPC0=20GB or RPC0=20GB:500GFLOPS, memory bandwidth per second)"),
+    (["--prefer", "fast"], "error: --prefer 'fast' is not allowed (use one of context, speed)"),
+])
+def test_bad_speed_options_get_one_line(demo_model: Path, args: list[str], message: str) -> None:
+    result = run_cli("plan", str(demo_model), "--assume", "RPC0=1GiB", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_shows_the_estimate_and_compare_lists_the_candidates(demo_model: Path) -> None:
+    common = ["plan", str(demo_model), "--ctx", "4k", "--assume", "RPC0=100MiB,RPC1=200MiB",
+              "--link", "RPC0=10Gbit/0.1ms,RPC1=10Gbit/0.1ms", "--device-speed", "RPC0=5GB,RPC1=40GB"]
+    table = run_cli(*common, "--compare")
+    assert table.returncode == 0, table.stderr
+    assert "est. tok/s: generation " in table.stdout and "(one sequence, 2048 tokens in context)" in table.stdout
+    assert "placements that fit" in table.stdout and "(faster devices filled)" in table.stdout
+    data = json.loads(run_cli(*common, "--json").stdout)
+    assert data["speed"]["generation_tps"] > 0 and data["speed"]["fill_tokens"] == 2048
+    assert {"prompt_tps", "unknown", "parts", "ubatch_tokens"} <= set(data["speed"])
+    assert data["alternatives"][0]["chosen"] is True
+    unknown = run_cli("plan", str(demo_model), "--ctx", "4k", "--assume", "RPC0=100MiB,RPC1=200MiB")
+    assert unknown.returncode == 0
+    assert "est. tok/s: unknown (RPC0 speed, RPC1 speed, RPC0 link, RPC1 link not known" in " ".join(
+        unknown.stdout.split())
+
+
+def test_a_loopback_worker_gets_a_measured_round_trip_and_a_known_estimate(
+        rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    worker = rpc_workers()
+    report = probe_worker(worker.endpoint)
+    assert report.round_trip_s is not None and 0 < report.round_trip_s < 0.5
+    result = run_cli("plan", str(demo_model), "--ctx", "2k", "--rpc", worker.endpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    speed = json.loads(result.stdout)["speed"]
+    assert speed["unknown"] == [] and speed["generation_tps"] > 0
+
+
+def test_status_shows_the_plans_estimate_beside_the_measured_speeds() -> None:
+    from rich.console import Console
+
+    from llamalaunch.observe.collector import _estimated_tps
+    from llamalaunch.observe.snapshot import StatusSnapshot
+    from llamalaunch.observe.view import status_view
+
+    assert _estimated_tps({"speed": {"prompt_tps": 812.0, "generation_tps": 45.25}}) == (812.0, 45.25)
+    assert _estimated_tps({}) is None  # a plan from before the estimate existed
+    snapshot = StatusSnapshot(taken_at=0.0, source="url", name=None, url="http://127.0.0.1:8080", running=True,
+                              gone_reason=None, phase="ready", estimated_tps=(812.0, 45.25))
+    console = Console(record=True, width=150)
+    console.print(status_view(snapshot, show_log=False))
+    text = console.export_text()
+    assert "tok/s prompt / generation: average" in text
+    assert "estimated before launch, tok/s prompt / generation: 812.0 / 45.2 (one sequence)" in text
+
+
+def test_compare_lists_smaller_contexts_that_would_be_faster(llama_8b: ModelProfile) -> None:
+    devices = [rpc(0, 4 * GIB), rpc(1, 8 * GIB)]
+    plan = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS, speed=two_workers(1e9, 40e9), compare=True)
+    assert plan.alternatives[0].chosen and plan.alternatives[0].ctx_tokens == plan.ctx_tokens
+    without = [a for a in plan.alternatives if "without RPC0" in a.label]
+    assert without and without[0].ctx_tokens < plan.ctx_tokens
+    assert without[0].speed.generation_tps > plan.speed.generation_tps  # the trade a user sees
+    plain = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS, speed=two_workers(1e9, 40e9))
+    assert [a.label for a in plain.alternatives] == [plan.alternatives[0].label]  # not searched without --compare
