@@ -132,6 +132,10 @@ DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft model fo
                                                                 "reserved and pinned to the first device.")]
 CalibrateOpt = Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Measure the overhead of a device "
                                            "seen for the first time (a second's load of a small model).")]
+MetricsPortOpt = Annotated[Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics on "
+                                                                          "this port (/metrics).")]
+MetricsHostOpt = Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port (default "
+                                                                     "loopback).")]
 OverheadOpt = Annotated[list[str], typer.Option("--overhead", help="Memory outside llama.cpp's accounting, "
                                                                     "NAME=SIZE or BACKEND=SIZE (CUDA context).")]
 LinkOpt = Annotated[list[str], typer.Option("--link", help="What-if network to an RPC worker NAME=RATE/ROUNDTRIP, "
@@ -367,6 +371,7 @@ def serve(ctx_: typer.Context,
           force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
           no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines even on a terminal.")] = False,
           link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
+          metrics_port: MetricsPortOpt = None, metrics_host: MetricsHostOpt = "127.0.0.1",
           config: ConfigOpt = None) -> None:
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
     from llamalaunch.launch.serve import run_serve, ServeRequest
@@ -381,6 +386,7 @@ def serve(ctx_: typer.Context,
     load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
     health_interval = parse_seconds(health_interval, "--health-interval", 0, 3600)
     health_misses = parse_count(health_misses, "--health-misses", 1, 1000)
+    metrics_port = None if metrics_port is None else parse_count(metrics_port, "--metrics-port", 1, 65535)
     api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
@@ -391,7 +397,8 @@ def serve(ctx_: typer.Context,
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,
                                           max_restarts=max_restarts, backoff_initial_s=backoff,
                                           load_timeout_s=load_timeout, health_interval_s=health_interval,
-                                          health_misses=health_misses),
+                                          health_misses=health_misses, metrics_port=metrics_port,
+                                          metrics_host=metrics_host),
                      view.handle, on_supervisor=view.attach)
     raise typer.Exit(code)
 

@@ -156,6 +156,10 @@ def worker_command(
         max_restarts: Annotated[Optional[int], typer.Option(
             "--max-restarts", help="Give up after this many restarts of a worker (default: never).")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Hide the workers' own output.")] = False,
+        metrics_port: Annotated[Optional[int], typer.Option(
+            "--metrics-port", help="Serve Prometheus metrics of the workers on this port (/metrics).")] = None,
+        metrics_host: Annotated[str, typer.Option(
+            "--metrics-host", help="Address for --metrics-port (default loopback).")] = "127.0.0.1",
         config: ConfigOpt = None) -> None:
     """Run one ggml-rpc-server per local GPU (or one on the CPU), restart them if they die, print --rpc."""
     from llamalaunch.launch.worker import (
@@ -168,12 +172,14 @@ def worker_command(
         worker_specs,
     )
     from llamalaunch.launch.process import stop_on_signals
+    from llamalaunch.observe.metrics import MetricsServer, SnapshotCache, WorkerMetrics, WorkerProbe
     from llamalaunch.plan.parse import parse_count
     from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
 
     cli = _cli()
     bind = check_host(host)
     threads = None if threads is None else parse_count(threads, "-t/--threads", 1, 4096)
+    metrics_port = None if metrics_port is None else parse_count(metrics_port, "--metrics-port", 1, 65535)
     if warning := exposure_warning(bind):
         cli.err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     binary = find_rpc_server(rpc_server, llama_server)
@@ -183,9 +189,17 @@ def worker_command(
         cli.err.print(f"note: no GPU ({probe.reason}); serving the CPU", highlight=False, soft_wrap=True)
     specs = worker_specs(binary, selected, bind, port_base, threads)
     check_ports_free(specs)
+    metrics = MetricsServer(metrics_host, metrics_port) if metrics_port is not None else None
     pool = WorkerPool(specs, _worker_view(cli.out, quiet), max_restarts=max_restarts)
-    with stop_on_signals(pool.request_stop):
-        code = pool.run()
+    if metrics is not None:
+        metrics.start(WorkerMetrics(SnapshotCache(WorkerProbe(pool.states).rows)))
+        cli.out.print(f"Prometheus metrics on {metrics.url}", highlight=False, soft_wrap=True)
+    try:
+        with stop_on_signals(pool.request_stop):
+            code = pool.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     raise typer.Exit(code)
 
 

@@ -144,6 +144,8 @@ KEYS: tuple[Key, ...] = (
     Key("health_interval", "float", ("serve",), "seconds, 0 for no liveness checks", bounds=(0, 3600)),
     Key("health_misses", "int", ("serve",), "a count from 1", bounds=(1, 1000)),
     Key("extra_args", "args", ("serve",), 'a list of llama-server arguments, like ["--metrics"]'),
+    Key("metrics_port", "int", ("serve",), "a port from 1 to 65535 for /metrics", bounds=(1, 65535)),
+    Key("metrics_host", "str", ("serve",), "an address for /metrics, like 127.0.0.1"),
     Key("gpus", "gpus", ("worker",), 'all, cpu, or GPU indices like "0,2" or [0, 2]', WORKER_SECTION,
         check=_check_gpus),
     Key("port_base", "int", ("worker",), "a port from 1 to 65535", WORKER_SECTION, bounds=(1, 65535)),
@@ -152,6 +154,9 @@ KEYS: tuple[Key, ...] = (
     Key("rpc_server", "program", ("worker",), "a path to ggml-rpc-server", WORKER_SECTION,
         env="LLAMALAUNCH_RPC_SERVER"),  # like LLAMALAUNCH_LLAMA_SERVER
     Key("max_restarts", "int", ("worker",), "a count from 0", WORKER_SECTION, bounds=(0, 1_000_000)),
+    Key("metrics_port", "int", ("worker",), "a port from 1 to 65535 for /metrics", WORKER_SECTION,
+        bounds=(1, 65535)),
+    Key("metrics_host", "str", ("worker",), "an address for /metrics, like 127.0.0.1", WORKER_SECTION),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 # Spellings people will type for a key: llama-server's long option names.

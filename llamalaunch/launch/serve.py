@@ -26,6 +26,10 @@ from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import (RunCalibration, calibratable, calibrate_new, load_calibrations,
                                              load_overheads, overhead_note, overheads_for, sources_for)
+from llamalaunch.observe.collector import StatusCollector
+from llamalaunch.observe.metrics import MetricsServer, ServeMetrics, SnapshotCache
+from llamalaunch.observe.snapshot import StatusSnapshot
+from llamalaunch.observe.target import StatusTarget
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
 from llamalaunch.plan.companions import (Companion, check_companion_file, draft_companion, mmproj_companion,
@@ -238,6 +242,8 @@ class ServeRequest:
     load_timeout_s: float = 600.0
     health_interval_s: float = 5.0
     health_misses: int = 3
+    metrics_port: int | None = None  # serve /metrics (Prometheus) there
+    metrics_host: str = "127.0.0.1"
 
 
 def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
@@ -283,6 +289,7 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
         on_event(SupervisorEvent("warning", f"llama-server will listen on {serve.host}: reachable from the "
                                             "network" + ("" if serve.api_key_file else " without an API key")))
     port = pick_port(serve.host, serve.port, reuse_port="--reuse-port" in serve.extra_args)
+    metrics = MetricsServer(serve.metrics_host, serve.metrics_port) if serve.metrics_port is not None else None
     log_path = state_dir() / f"{serve.name}.log"
     options = ServeOptions(name=serve.name, server=inputs.toolchain.server.path, host=serve.host, port=port,
                            extra_args=serve.extra_args, max_attempts=serve.max_attempts,
@@ -311,8 +318,33 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     recorder.url = supervisor.base_url
     if on_supervisor is not None:
         on_supervisor(supervisor)
-    with stop_on_signals(supervisor.request_stop):
-        return supervisor.run()
+    if metrics is not None:
+        metrics.start(ServeMetrics(SnapshotCache(serve_snapshots(serve.name, supervisor, recorder))))
+        on_event(SupervisorEvent("note", f"Prometheus metrics on {metrics.url}"))
+    try:
+        with stop_on_signals(supervisor.request_stop):
+            return supervisor.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def serve_snapshots(name: str, supervisor: Supervisor, recorder: StateRecorder) -> Callable[[], StatusSnapshot]:
+    """Snapshots of this run for /metrics: the collector `status` uses, on the state file this run keeps.
+
+    Its workers are never probed (the collector sees this launcher running): llama-server holds them, or
+    the next plan is about to probe them, and a probe of ours could make that one find them busy."""
+    collector = StatusCollector(StatusTarget(state_path(name), None), api_key=supervisor.api_key())
+
+    def collect() -> StatusSnapshot:
+        state = recorder.state
+        if not state.plan:  # nothing written yet (an earlier run's file may still be there): the first plan
+            return StatusSnapshot(taken_at=time.time(), source="state", name=name, url=recorder.url, running=True,
+                                  gone_reason=None, phase=supervisor.phase, launcher_pid=state.launcher_pid,
+                                  started_at=state.started_at, model_path=state.model_path)
+        return collector.collect()
+
+    return collect
 
 
 def model_label(inputs: PlanInputs) -> str:
@@ -336,6 +368,7 @@ class StateRecorder:
         if event.kind == "line" or (event.plan is None and not self.state.plan):
             return None  # nothing is written before there is a plan: bad input leaves no trace
         changes: dict[str, Any] = {"url": self.url, "phase": supervisor.phase, "restarts": supervisor.restarts,
+                                   "last_exit_code": supervisor.last_exit_code,
                                    "updated_at": time.time(),
                                    "attempts": [dataclasses.asdict(a) for a in supervisor.attempts]}
         if event.kind == "phase":

@@ -29,6 +29,7 @@ class RunState:
     started_at: float = 0.0
     ready_at: float | None = None
     restarts: int = 0
+    last_exit_code: int | None = None  # llama-server's last exit status (negative: killed by a signal)
     plan: dict[str, Any] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)

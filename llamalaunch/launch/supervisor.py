@@ -116,6 +116,7 @@ class Supervisor:
         self.lessons = Lessons()
         self.attempts: list[Attempt] = []
         self.restarts = 0
+        self.last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
         self.ready_since: float | None = None
         self.phase = "starting"
         self.child: Child | None = None
@@ -220,6 +221,7 @@ class Supervisor:
                     self._stop_child()
                 continue
             assert isinstance(item, ChildExit)
+            self.last_exit_code = item.returncode
             why = hung or (crash_lesson(item.returncode, tail) if ready and oom.found is None else None)
             return self._after_exit(item.returncode, ready, oom.found, lines, plan, why)
 
@@ -320,7 +322,7 @@ class Supervisor:
         child = self.child  # this thread judges this child only, not one started after it died
         if child is None:
             return
-        api_key = self._api_key()
+        api_key = self.api_key()
         deadline = time.monotonic() + self.options.load_timeout_s
         while time.monotonic() < deadline and child.running():
             if http.health(self.base_url, api_key).status == 200:
@@ -339,7 +341,7 @@ class Supervisor:
         token = min(100, plan.model.n_vocab - 1)
         return [token] * min(plan.request.n_ubatch, plan.ctx_tokens // 2)
 
-    def _api_key(self) -> str | None:
+    def api_key(self) -> str | None:
         """The first key, read as llama-server reads the file: lines split at \\n only, # comments."""
         if self.options.api_key_file is None:
             return None
@@ -364,7 +366,7 @@ class Supervisor:
         answers it; one stopped (SIGSTOP), deadlocked or swapped to death does not.
         """
         interval_s, needed = self.options.health_interval_s, self.options.health_misses
-        api_key = self._api_key()
+        api_key = self.api_key()
         misses = 0
         while child.running():
             started = time.monotonic()
@@ -427,6 +429,7 @@ class Supervisor:
         self._set_phase("stopping", request.reason or f"signal {signal.Signals(request.signum or 0).name}")
         self.notifier.stopping()
         returncode = self._stop_child()
+        self.last_exit_code = returncode if returncode is not None else self.last_exit_code
         self._pass_on_last_lines()
         self._set_phase("stopped", "llama-server was not running" if returncode is None
                         else describe_exit(returncode))

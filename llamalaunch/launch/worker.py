@@ -76,6 +76,20 @@ class WorkerEvent:
     time: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class WorkerState:
+    """One worker as the pool sees it now (for `worker --metrics-port`)."""
+
+    label: str
+    description: str
+    endpoint: str
+    host: str
+    port: int
+    pid: int | None  # while it runs
+    alive: bool  # running and listening
+    restarts: int
+
+
 # --- what to run ---------------------------------------------------------------------------------
 
 
@@ -292,6 +306,18 @@ class WorkerPool:
         """Safe from a signal handler: the loop does the stopping."""
         self._signum = signum
         self._stop.set()
+
+    def states(self) -> tuple[WorkerState, ...]:
+        """Each worker now; safe from another thread (it only reads)."""
+        found = []
+        for slot in self.slots:
+            child = slot.child
+            running = child is not None and child.running()
+            found.append(WorkerState(slot.spec.label, slot.spec.description, slot.spec.endpoint,
+                                     "127.0.0.1" if slot.spec.host == "0.0.0.0" else slot.spec.host,
+                                     slot.spec.port, child.pid if child is not None and running else None,
+                                     running and slot.listening, slot.restarts))
+        return tuple(found)
 
     def run(self) -> int:
         """Start all, supervise until a stop request; returns 128 + the signal number.

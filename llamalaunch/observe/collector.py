@@ -155,10 +155,12 @@ class StatusCollector:
             phase=phase, phase_detail=state.phase_detail, launcher_pid=state.launcher_pid,
             server_pid=state.child_pid, server_alive=server_alive, started_at=state.started_at or None,
             ready_at=state.ready_at, updated_at=state.updated_at or None, restarts=state.restarts,
+            last_exit_code=state.last_exit_code,
             attempts=tuple(_attempt(a) for a in state.attempts), model_name=model.get("name"),
             model_arch=model.get("arch"), model_path=model.get("path") or state.model_path,
             n_layer=model.get("n_layer"), n_slots=model.get("n_slots"), ctx_tokens=plan.get("ctx"),
             n_gpu_layers=plan.get("n_gpu_layers"), estimated_tps=_estimated_tps(plan),
+            host_expert_layers=len(plan.get("host_expert_layers", [])),
             devices=tuple(_device(d, actual.get(d["name"], {}), m) for d, m in zip(devices, live, strict=True)),
             host=_host(plan, actual.get(HOST), _process_rss(state.child_pid) if server_alive and state.child_pid
                        else None),
@@ -227,7 +229,7 @@ def _device(raw: dict[str, Any], actual: Mapping[str, int], live: LiveMemory) ->
         actual_weights_bytes=actual.get("model"), actual_kv_bytes=actual.get("kv"),
         actual_compute_bytes=actual.get("compute"), used_bytes=live.used_bytes, free_bytes=live.free_bytes,
         memory_source=live.source, memory_note=live.note, expert_layers=int(raw.get("expert_layers", 0)),
-        moe_layers=int(raw.get("moe_layers", 0)))
+        moe_layers=int(raw.get("moe_layers", 0)), uuid=live.uuid)
 
 
 def _estimated_tps(plan: dict[str, Any]) -> tuple[float | None, float | None] | None:

@@ -13,7 +13,7 @@ from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError, WorkerReport, 
 ProbeWorker = Callable[[str], WorkerReport]
 
 
-def _quick_probe(endpoint: str) -> WorkerReport:
+def quick_probe(endpoint: str) -> WorkerReport:
     return probe_worker(endpoint, connect_timeout_s=0.5, reply_timeout_s=1.0)
 
 
@@ -23,13 +23,14 @@ class LiveMemory:
     free_bytes: int | None
     source: str
     note: str | None = None
+    uuid: str | None = None  # a GPU's, when NVML sees it
 
 
 class MemoryReader:
     """Live device memory: NVML for CUDA devices, the RPC probe for idle workers; the plan otherwise."""
 
     def __init__(self, read_gpus: Callable[[], Sequence[NvmlGpu]] = read_nvml_gpus,
-                 probe: ProbeWorker = _quick_probe) -> None:
+                 probe: ProbeWorker = quick_probe) -> None:
         self.read_gpus = read_gpus
         self.probe = probe
 
@@ -72,7 +73,7 @@ class MemoryReader:
             return LiveMemory(None, None, "none", f"NVML does not see {device['name']} from here")
         note = None if gpu.description == device.get("description") else \
             f"NVML's {device['name']} here is {gpu.description}, not {device.get('description')}"
-        return LiveMemory(gpu.total_bytes - gpu.free_bytes, gpu.free_bytes, "nvml", note)
+        return LiveMemory(gpu.total_bytes - gpu.free_bytes, gpu.free_bytes, "nvml", note, gpu.uuid)
 
 
 def _from_plan(device: dict[str, Any], actual_bytes: int | None, why: str) -> LiveMemory:

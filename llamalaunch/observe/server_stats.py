@@ -91,7 +91,7 @@ def ask_server(url: str, api_key: str | None = None, with_props: bool = False,
         prompt_tokens_total=_as_int(metrics.get("llamacpp:prompt_tokens_total")),
         generated_tokens_total=_as_int(metrics.get("llamacpp:tokens_predicted_total")),
         requests_processing=processing, requests_deferred=_as_int(metrics.get("llamacpp:requests_deferred")),
-        counters=_counters(metrics))
+        counters=_counters(metrics), metrics_text=metrics_result.body if metrics else None)
     if with_props:
         stats = _with_props(stats, http.get_json(url, "/props", api_key))
     return stats, notes

@@ -40,6 +40,7 @@ class DeviceStatus:
     memory_note: str | None = None
     expert_layers: int = 0  # MoE blocks whose routed experts this device holds
     moe_layers: int = 0  # MoE blocks on this device
+    uuid: str | None = None  # the GPU's, from NVML
 
     @property
     def layers_text(self) -> str:
@@ -88,6 +89,7 @@ class ServerStats:
     ctx_tokens: int | None = None  # /props, for --url
     model_path: str | None = None  # /props, for --url
     counters: tuple[float, ...] | None = None  # the raw /metrics counters the rates come from
+    metrics_text: str | None = None  # /metrics as llama-server wrote it (relayed by `serve --metrics-port`)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class StatusSnapshot:
     ready_at: float | None = None
     updated_at: float | None = None
     restarts: int = 0
+    last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
     attempts: tuple[AttemptStatus, ...] = ()
     model_name: str | None = None
     model_arch: str | None = None
@@ -131,6 +134,7 @@ class StatusSnapshot:
     n_slots: int | None = None
     ctx_tokens: int | None = None
     n_gpu_layers: int | None = None
+    host_expert_layers: int = 0  # MoE layers whose experts stay in host memory
     devices: tuple[DeviceStatus, ...] = ()
     host: HostStatus | None = None
     argv: tuple[str, ...] = ()
@@ -155,6 +159,7 @@ def snapshot_to_dict(snapshot: StatusSnapshot) -> dict[str, Any]:
     data = dataclasses.asdict(snapshot)
     data["schema"] = SNAPSHOT_SCHEMA
     data["uptime_s"] = snapshot.uptime_s
+    del data["stats"]["metrics_text"]  # /metrics relays it; in JSON it would repeat the counters above
     for device, raw in zip(snapshot.devices, data["devices"], strict=True):
         raw["actual_bytes"] = device.actual_bytes
     if snapshot.host is not None:
