@@ -132,3 +132,12 @@ def test_a_crash_after_ready_is_said_with_the_log_reason(
         complete(url, n_predict=2, timeout_s=10)
     run.wait_for_line(r" restarting: llama-server was killed by SIGABRT \(log: Remote RPC server crashed or "
                       r"returned malformed response\); restart 1 of 5", after=ready_index)
+
+
+def test_a_lost_worker_is_said_in_llama_cpp_words_even_when_another_thread_prints_over_it() -> None:
+    from llamalaunch.launch.failures import crash_reason
+
+    glued = ("0.10.751.337 E /src/ggml-rpc.cpp:612: Remote RPC server crashed or returned malformed responsesrv  "
+             "update_slots: id  0 | task 3 | n_past = 1")
+    assert crash_reason([glued, "0.10.751.400 E recv failed (bytes_recv=0)"]) == \
+        "Remote RPC server crashed or returned malformed response"

@@ -71,8 +71,14 @@ _CRASH_LINES = (_WORKER_LOST, re.compile(r"GGML_ASSERT|CUDA error|out of memory|
 
 
 def crash_reason(lines: Sequence[str]) -> str | None:
-    """The line in the child's last output that says why it died, without its prefixes; None if none does."""
-    for pattern in _CRASH_LINES:
+    """The line in the child's last output that says why it died, without its prefixes; None if none does.
+
+    A lost worker is said in llama.cpp's own words alone: threads dying together print over each other,
+    so the rest of that line can be another thread's half line."""
+    lost = next((m for line in reversed(lines) if (m := _WORKER_LOST.search(line))), None)
+    if lost is not None:
+        return lost.group(0)
+    for pattern in _CRASH_LINES[1:]:
         found = next((line for line in reversed(lines) if pattern.search(line)), None)
         if found is not None:
             text = _SOURCE_PREFIX.sub("", _LOG_PREFIX.sub("", found.strip()))
