@@ -144,12 +144,14 @@ def test_ctx_max_takes_the_largest_context_whose_host_experts_fit_host_memory(mo
     assert_consistent(plan)
     assert 4096 < plan.ctx_tokens < 40960 and plan.host.total_bytes <= host - 64 * MIB
     with pytest.raises(PlanError):  # one step more does not fit
-        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=plan.ctx_tokens + 256), OPTIONS, host_free_bytes=host)
-    with pytest.raises(PlanError) as refusal:  # no context is small enough: the smallest is named, no --ctx hint
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=plan.ctx_tokens + 256), OPTIONS,
+                  host_free_bytes=host)
+    # no context is small enough: the smallest is named, and no --ctx hint
+    with pytest.raises(PlanError) as refusal:
         make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=None), OPTIONS, host_free_bytes=4 * GIB)
     assert str(refusal.value) == (
-        "synthetic qwen3moe 48x2048 at ctx 256 needs 7.02 GiB of host memory for the experts that do not fit on the "
-        "devices and the host's buffers; 4.00 GiB is available (free host memory or add devices)")
+        "synthetic qwen3moe 48x2048 at ctx 256 needs 7.02 GiB of host memory for the experts that do not fit "
+        "on the devices and the host's buffers; 4.00 GiB is available (free host memory or add devices)")
 
 
 def test_plan_cli_shows_experts_per_device_and_refuses_a_small_host(moe_path: Path) -> None:

@@ -23,7 +23,8 @@ def measure_folders(tmp: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("how", [["--verify"], ["--calibrate", "--json"]], ids=["verify", "calibrate"])
-def test_a_real_load_that_went_well_leaves_no_log_folder(how: list[str], demo_model: Path, llama_bin_dir: Path,
+def test_a_real_load_that_went_well_leaves_no_log_folder(how: list[str], demo_model: Path,
+                                                          llama_bin_dir: Path,
                                                           rpc_workers: Callable[..., RpcWorker],
                                                           tmp_path: Path) -> None:
     worker = rpc_workers()
@@ -35,7 +36,8 @@ def test_a_real_load_that_went_well_leaves_no_log_folder(how: list[str], demo_mo
                              "--llama-server", str(llama_bin_dir / "llama-server")],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    assert ("planned vs llama-server" in result.stdout) if "--verify" in how else ("overhead calibrated" in result.stdout)
+    said = "planned vs llama-server" if "--verify" in how else "overhead calibrated"
+    assert said in result.stdout
     assert measure_folders(tmp) == []
 
 

@@ -90,8 +90,8 @@ def _check_cache_blocks(request: Request, profile: ModelProfile) -> None:
                                    ("V", "-ctv", request.cache_type_v, profile.head_dim_v)):
         block_size = _type_block(name)[0]
         if is_quantized(name) and head % block_size:
-            raise BadInputError(f"a {name} {what} cache has blocks of {block_size}, which do not divide this model's "
-                                f"{what} head size {head}: llama.cpp refuses it at load",
+            raise BadInputError(f"a {name} {what} cache has blocks of {block_size}, which do not divide this "
+                                f"model's {what} head size {head}: llama.cpp refuses it at load",
                                 f"use {flag} f16, bf16 or f32")
 
 

@@ -27,7 +27,7 @@ def round_ctx(tokens: int) -> int:
 
 
 def largest_fitting(low: int, high: int, choose: Callable[[int], Choice | None]) -> tuple[int, Choice] | None:
-    """Largest ctx in [low, high] (multiples of 256) where `choose` finds a choice; it finds fewer as ctx grows."""
+    """Largest ctx in [low, high] (multiples of 256) where `choose` finds a choice (fewer as ctx grows)."""
     low, high = round_ctx(low), round_ctx(high)
     found = choose(low)
     if found is None:
@@ -102,7 +102,8 @@ class Planner:
         return (f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} needs "
                 f"{format_bytes(host_bytes)} of host memory for the experts that do not fit on the devices "
                 f"and the host's buffers; {format_bytes(free)} is available",
-                "free host memory or add devices" if self.request.ctx_tokens is None  # --ctx max tried them all
+                # --ctx max tried every context already
+                "free host memory or add devices" if self.request.ctx_tokens is None
                 else "free host memory, add devices, or lower --ctx")
 
     def largest_ctx(self, n_gpu_layers: int, low: int, high: int,
