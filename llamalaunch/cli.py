@@ -300,8 +300,8 @@ def plan(ctx_: typer.Context,
          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
          calibrate: CalibrateOpt = True,
          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
-         verify: Annotated[bool, typer.Option("--verify", help="Load the plan in the real llama-server, compare "
-                                              "what it allocates (exit 1 out of tolerance).")] = False,
+         verify: Annotated[bool, typer.Option("--verify", help="Load the plan in llama-server, compare what "
+                                              "it allocates (exit 1 out of tolerance).")] = False,
          link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
          fill: FillOpt = None,
          compare: Annotated[bool, typer.Option("--compare", help="Also list the best placements that fit, with "
