@@ -116,7 +116,8 @@ ReserveOpt = Annotated[list[str], typer.Option("--reserve", help="Keep NAME=SIZE
                                                                   "CUDA1=1.5GiB.")]
 BudgetOpt = Annotated[list[str], typer.Option("--budget", help="Never plan more than NAME=SIZE on a device.")]
 MarginOpt = Annotated[Optional[str], typer.Option("--margin", help="Free memory kept on every device "
-                                                                    "(default 64MiB).")]
+                                                                    "(default 64MiB; 5% of a device with less "
+                                                                    "than 1.25GiB, at least 8MiB).")]
 SpillOpt = Annotated[bool, typer.Option("--cpu-spill", help="Keep the first layers on the CPU when the model "
                                                              "does not fit.")]
 NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="Force the number of offloaded "
