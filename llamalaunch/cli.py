@@ -116,7 +116,8 @@ ReserveOpt = Annotated[list[str], typer.Option("--reserve", help="Keep NAME=SIZE
                                                                   "CUDA1=1.5GiB.")]
 BudgetOpt = Annotated[list[str], typer.Option("--budget", help="Never plan more than NAME=SIZE on a device.")]
 MarginOpt = Annotated[Optional[str], typer.Option("--margin", help="Free memory kept on every device "
-                                                                    "(default 64MiB).")]
+                                                                    "(default 64MiB; 5% of a device with less "
+                                                                    "than 1.25GiB, at least 8MiB).")]
 SpillOpt = Annotated[bool, typer.Option("--cpu-spill", help="Keep the first layers on the CPU when the model "
                                                              "does not fit.")]
 NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="Force the number of offloaded "
@@ -304,7 +305,8 @@ def plan(ctx_: typer.Context,
          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
          calibrate: CalibrateOpt = True,
          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
-         verify: Annotated[bool, typer.Option("--verify", help="Compare with llama.cpp's own projection.")] = False,
+         verify: Annotated[bool, typer.Option("--verify", help="Load the plan in llama-server, compare what "
+                                              "it allocates (exit 1 out of tolerance).")] = False,
          link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
          fill: FillOpt = None,
          compare: Annotated[bool, typer.Option("--compare", help="Also list the best placements that fit, with "

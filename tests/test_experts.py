@@ -137,6 +137,23 @@ def test_host_memory_too_small_for_the_spilled_experts_is_refused_with_the_numbe
     assert "host memory" in message and "2.00 GiB is available" in message
 
 
+def test_ctx_max_takes_the_largest_context_whose_host_experts_fit_host_memory(moe: ModelProfile) -> None:
+    """At the trained 40960 the host would need 10.86 GiB; 8 GiB holds the experts of a smaller context."""
+    host = 8 * GIB
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=None), OPTIONS, host_free_bytes=host)
+    assert_consistent(plan)
+    assert 4096 < plan.ctx_tokens < 40960 and plan.host.total_bytes <= host - 64 * MIB
+    with pytest.raises(PlanError):  # one step more does not fit
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=plan.ctx_tokens + 256), OPTIONS,
+                  host_free_bytes=host)
+    # no context is small enough: the smallest is named, and no --ctx hint
+    with pytest.raises(PlanError) as refusal:
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=None), OPTIONS, host_free_bytes=4 * GIB)
+    assert str(refusal.value) == (
+        "synthetic qwen3moe 48x2048 at ctx 256 needs 7.02 GiB of host memory for the experts that do not fit "
+        "on the devices and the host's buffers; 4.00 GiB is available (free host memory or add devices)")
+
+
 def test_plan_cli_shows_experts_per_device_and_refuses_a_small_host(moe_path: Path) -> None:
     base = [sys.executable, "-m", "llamalaunch", "plan", str(moe_path), "--ctx", "16k", "--assume", "CUDA0=10GiB"]
     shown = subprocess.run([*base, "--assume", "CPU=64GiB"], capture_output=True, text=True, timeout=60,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +112,26 @@ def test_bad_cache_type_is_an_error() -> None:
         estimate(smollm2_shape(), TS_1_3, Request(cache_type_k="q3_k"), 4096)
     with pytest.raises(BadInputError):
         estimate(smollm2_shape(), TS_1_3, Request(flash_attn="off", cache_type_v="q8_0"), 4096)
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["-ctk", "q8_0"], "error: a q8_0 K cache has blocks of 32, which do not divide this model's K head size "
+                       "16: llama.cpp refuses it at load (use -ctk f16, bf16 or f32)"),
+    (["-ctv", "q4_0", "-fa", "on"], "error: a q4_0 V cache has blocks of 32, which do not divide this "
+                                    "model's V head size 16: llama.cpp refuses it at load "
+                                    "(use -ctv f16, bf16 or f32)")])
+def test_a_quantized_cache_whose_block_does_not_divide_the_head_size_is_refused(
+        flags: list[str], line: str, tmp_path: Path, llama_bin_dir: Path) -> None:
+    """Head size 16 under blocks of 32: refused in the plan as llama_init_from_model refuses it at load."""
+    from typer.testing import CliRunner
+
+    from llamalaunch.cli import app
+    from llamalaunch.model.synthetic import write_preset
+
+    model = write_preset(tmp_path / "h16.gguf", "tiny-llama", head_dim=16)
+    refused = CliRunner().invoke(app, ["plan", str(model), "--assume", "CPU=1GiB", "--ctx", "1k", *flags])
+    assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", line + "\n")
+    loaded = subprocess.run([str(llama_bin_dir / "llama-server"), "-m", str(model), "-c", "256", "--port",
+                             "0", "--fit", "off", "--no-warmup", *flags],
+                            capture_output=True, text=True, timeout=60)
+    assert loaded.returncode != 0 and "does not divide n_embd_head" in loaded.stderr + loaded.stdout

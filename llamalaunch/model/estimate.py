@@ -120,7 +120,7 @@ def _per_device_weights(profile: ModelProfile, owners: tuple[SlotRange | None, .
 def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_tokens: int,
              overhead_bytes: Mapping[str, int] | None = None) -> Estimate:
     """Bytes llama-server would allocate on each device of `placement` and on the host."""
-    check_cache_types(request)
+    check_cache_types(request, profile)
     shape = context_shape(request, ctx_tokens)
     owners = slot_devices(profile, placement)
     weights = {r.device: 0 for r in placement.ranges}

@@ -73,13 +73,26 @@ def context_shape(request: Request, ctx_tokens: int) -> ContextShape:
     return ContextShape(n_ctx, n_ctx_seq, n_stream, n_seq, n_batch, n_ubatch, flash_attn_enabled(request))
 
 
-def check_cache_types(request: Request) -> None:
+def check_cache_types(request: Request, profile: ModelProfile | None = None) -> None:
     for what, name in (("K", request.cache_type_k), ("V", request.cache_type_v)):
         if name not in CACHE_TYPES:
             raise BadInputError(f"unknown {what} cache type {name!r}", f"use one of {', '.join(CACHE_TYPES)}")
     if request.flash_attn == "off" and is_quantized(request.cache_type_v):
         raise BadInputError(f"a {request.cache_type_v} V cache needs flash attention",
                             "drop --flash-attn off or use an f16 V cache")
+    if profile is not None:
+        _check_cache_blocks(request, profile)
+
+
+def _check_cache_blocks(request: Request, profile: ModelProfile) -> None:
+    """llama_init_from_model refuses a quantized cache whose block size does not divide the head size."""
+    for what, flag, name, head in (("K", "-ctk", request.cache_type_k, profile.head_dim_k),
+                                   ("V", "-ctv", request.cache_type_v, profile.head_dim_v)):
+        block_size = _type_block(name)[0]
+        if is_quantized(name) and head % block_size:
+            raise BadInputError(f"a {name} {what} cache has blocks of {block_size}, which do not divide this "
+                                f"model's {what} head size {head}: llama.cpp refuses it at load",
+                                f"use {flag} f16, bf16 or f32")
 
 
 def _type_block(type_name: str) -> tuple[int, int]:
@@ -174,7 +187,7 @@ def _alignment(backend: str) -> int:
 def kv_bytes_per_layer(profile: ModelProfile, request: Request, ctx_tokens: int,
                        backend: str = "CPU") -> tuple[int, ...]:
     """Cache bytes of every block (n_layer entries) on a device of `backend`."""
-    check_cache_types(request)
+    check_cache_types(request, profile)
     shape = context_shape(request, ctx_tokens)
     return tuple(layer_kv_bytes(profile, request, shape, il, backend) for il in range(profile.n_layer))
 

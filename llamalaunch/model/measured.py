@@ -12,6 +12,7 @@ Two projections, not equally true (DESIGN.md §3):
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,7 @@ def measure_plan(server: Path, plan_argv: Sequence[str], placement: Placement, r
 
 def measure_argv(argv: list[str], placement: Placement, rpc_endpoints: Sequence[str], log_dir: Path | None,
                  timeout_s: float, devices_per_endpoint: Mapping[str, int] | None = None) -> Measurement:
+    scratch = log_dir is None  # a folder of our own: removed unless a failure names the log in it
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="llamalaunch-measure-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
@@ -117,6 +119,9 @@ def measure_argv(argv: list[str], placement: Placement, rpc_endpoints: Sequence[
         reason = failure.text if failure is not None else _last_error_line(log_path)
         raise ServeError(f"llama-server did not load the model: {reason}", f"see {log_path}")
     estimate = estimate_from_events(events, placement, rpc_endpoints, devices_per_endpoint)
+    # a run without the exit breakdown keeps its log: calibration reports it by this path
+    if scratch and breakdown_rows(events):
+        shutil.rmtree(log_dir, ignore_errors=True)
     return Measurement(estimate, events, tuple(argv), str(log_path))
 
 

@@ -26,6 +26,28 @@ def round_ctx(tokens: int) -> int:
     return -(-tokens // CTX_STEP) * CTX_STEP
 
 
+def largest_fitting(low: int, high: int, choose: Callable[[int], Choice | None]) -> tuple[int, Choice] | None:
+    """Largest ctx in [low, high] (multiples of 256) where `choose` finds a choice (fewer as ctx grows)."""
+    low, high = round_ctx(low), round_ctx(high)
+    found = choose(low)
+    if found is None:
+        return None
+    best = (low, found)
+    top = choose(high)
+    if top is not None:
+        return high, top
+    while high - low > CTX_STEP:
+        middle = round_ctx((low + high) // 2)
+        if middle in (low, high):
+            break
+        choice = choose(middle)
+        if choice is None:
+            high = middle
+        else:
+            low, best = middle, (middle, choice)
+    return best
+
+
 class Planner:
     """Plans for one model, device set and request; `overhead` is bytes per device name or backend."""
 
@@ -51,8 +73,9 @@ class Planner:
         fitter = Fitter(self.costs(ctx_tokens, host_experts), self.request)
         return choose_placement(fitter, self.devices, n_gpu_layers) if self.devices else None
 
-    def expert_choice(self, ctx_tokens: int) -> Choice | None:
-        """Every block on the devices, as many routed experts as fit there, the rest in host memory."""
+    def expert_choice(self, ctx_tokens: int, refuse_host: bool = True) -> Choice | None:
+        """Every block on the devices, as many routed experts as fit there, the rest in host memory
+        (a host too small for them: PlanError, or None when not `refuse_host`)."""
         every = frozenset(self.profile.expert_layers)
         dense = self.choice_at(ctx_tokens, self.profile.n_slots, every)
         if dense is None:
@@ -63,6 +86,8 @@ class Planner:
             return None
         host = estimate.host
         if not host_within(self.request, self.host_free_bytes, host.total_bytes):
+            if not refuse_host:
+                return None
             raise PlanError(*self.host_refusal(ctx_tokens, host.total_bytes))
         return choice
 
@@ -77,29 +102,19 @@ class Planner:
         return (f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} needs "
                 f"{format_bytes(host_bytes)} of host memory for the experts that do not fit on the devices "
                 f"and the host's buffers; {format_bytes(free)} is available",
-                "free host memory, add devices, or lower --ctx")
+                # --ctx max tried every context already
+                "free host memory or add devices" if self.request.ctx_tokens is None
+                else "free host memory, add devices, or lower --ctx")
 
     def largest_ctx(self, n_gpu_layers: int, low: int, high: int,
                     host_experts: frozenset[int] | None = None) -> tuple[int, Choice] | None:
         """Largest ctx in [low, high] (multiples of 256) that fits; feasibility falls as ctx grows."""
-        low, high = round_ctx(low), round_ctx(high)
-        found = self.choice_at(low, n_gpu_layers, host_experts)
-        if found is None:
-            return None
-        best = (low, found)
-        top = self.choice_at(high, n_gpu_layers, host_experts)
-        if top is not None:
-            return high, top
-        while high - low > CTX_STEP:
-            middle = round_ctx((low + high) // 2)
-            if middle in (low, high):
-                break
-            choice = self.choice_at(middle, n_gpu_layers, host_experts)
-            if choice is None:
-                high = middle
-            else:
-                low, best = middle, (middle, choice)
-        return best
+        return largest_fitting(low, high, lambda ctx: self.choice_at(ctx, n_gpu_layers, host_experts))
+
+    def largest_expert_ctx(self, low: int, high: int) -> tuple[int, Choice] | None:
+        """--ctx max with experts spilled: the largest ctx whose experts left on the host fit its memory
+        (a smaller context leaves more room on the devices for experts)."""
+        return largest_fitting(low, high, lambda ctx: self.expert_choice(ctx, refuse_host=False))
 
     def most_layers(self, ctx_tokens: int) -> Choice | None:
         """CPU spill: the most trailing slots that fit at this ctx (bisection on -ngl)."""
@@ -130,9 +145,11 @@ class Planner:
                 # --ctx max: the largest context with dense parts and KV on the devices, then the experts
                 spilled = self.largest_ctx(full, floor, self.ctx_ceiling(), frozenset(self.profile.expert_layers))
                 if spilled is not None and (found is None or spilled[0] > found[0]):
-                    choice = self.expert_choice(spilled[0])
-                    if choice is not None:
-                        return spilled[0], choice
+                    experts = self.largest_expert_ctx(found[0] if found else floor, spilled[0])
+                    if experts is not None and (found is None or experts[0] > found[0]):
+                        return experts
+                    if found is None:  # not even the smallest context leaves the host enough: say so
+                        self.expert_choice(floor)
             if found is not None:
                 return found
             # Spilling for --ctx max: a useful context (llama.cpp's --fit floor) rather than 256 tokens.
