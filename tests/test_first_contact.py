@@ -135,8 +135,9 @@ def test_the_model_is_named_by_its_file_and_a_restart_gets_the_same_port(
     complete(url, n_predict=2)  # connections that llama-server closes: TIME_WAIT on its port once it stops
     first.send(2)
     assert first.wait_exit(30) == 130
-    with socket.socket() as plain, pytest.raises(OSError):
-        plain.bind(("127.0.0.1", port))  # its connections wait in TIME_WAIT: bind without SO_REUSEADDR fails
+    # Which side closes first (so which port holds TIME_WAIT) is up to the HTTP stacks: the pre-check's
+    # answer to a TIME_WAIT port is tested deterministically in
+    # test_a_port_in_time_wait_is_accepted_as_llama_server_accepts_it; here, the restart itself.
     # at once, on the same port; the user's own alias wins
     second = serve(demo_model, "--ctx", "1k", "--port", str(port), name="second", extra=["--alias", "mine"])
     _, url, _ = second.wait_ready(120)
