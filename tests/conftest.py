@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +81,18 @@ def serve(llama_bin_dir: Path, home: Path) -> Iterator[Callable[..., ServeRun]]:
     yield start
     for run in runs:
         run.cleanup()
+
+
+@pytest.fixture
+def http_server() -> Iterator[str]:
+    """HOST:PORT of a real HTTP server that is neither llama-server nor a worker (python's http.server)."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -381,24 +381,16 @@ def test_keeper_gives_up_after_its_time_limit(monkeypatch: pytest.MonkeyPatch) -
     assert rpc.wait_for_keepers(5)
 
 
-def test_http_server_is_not_an_rpc_server_and_leaves_no_waiter(tmp_path: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        endpoint = f"127.0.0.1:{port}"
-        started = time.monotonic()
-        with pytest.raises(WorkerNotRpcError) as caught:
-            probe_worker(endpoint, reply_timeout_s=0.3)
-        assert time.monotonic() - started < 1.5
-        assert caught.value.message == (f"RPC worker {endpoint}: not a ggml-rpc-server: it answers HTTP "
-                                        "(HTTP/1.0 200 OK) and not HELLO")
-        assert caught.value.hint == ("check the port in --rpc: that one is a web server's (llama-server's?); "
-                                     "start a worker with `llamalaunch worker`")
-        assert rpc.keeper_pids(endpoint) == [] and rpc.wait_for_keepers(0)
-    finally:
-        stop_process(server)
+def test_http_server_is_not_an_rpc_server_and_leaves_no_waiter(http_server: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerNotRpcError) as caught:
+        probe_worker(http_server, reply_timeout_s=0.3)
+    assert time.monotonic() - started < 1.5
+    assert caught.value.message == (f"RPC worker {http_server}: not a ggml-rpc-server: it answers HTTP "
+                                    "(HTTP/1.0 200 OK) and not HELLO")
+    assert caught.value.hint == ("check the port in --rpc: that one is a web server's (llama-server's?); "
+                                 "start a worker with `llamalaunch worker`")
+    assert rpc.keeper_pids(http_server) == [] and rpc.wait_for_keepers(0)
 
 
 def test_server_that_hangs_up_on_a_second_connection_is_not_an_rpc_server() -> None:

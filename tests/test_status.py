@@ -7,14 +7,12 @@ command in process, with the same LLAMALAUNCH_HOME as the serve run).
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -229,18 +227,9 @@ def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def not_llama_server() -> Iterator[str]:
-    """A real HTTP server that is not llama-server (python's http.server: /health is a 404)."""
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def not_llama_server(http_server: str) -> str:
+    """The URL of a real HTTP server that is not llama-server (its /health is a 404)."""
+    return f"http://{http_server}"
 
 
 @pytest.mark.parametrize("mode", [(), ("--once",), ("--json",)])

@@ -22,7 +22,7 @@ import pytest
 
 from llamalaunch.probe import rpc
 from tests.serve_support import REPO_ROOT, StartServe, complete, wait_gone
-from tests.support import RpcWorker, free_port, stop_process, wait_for_port
+from tests.support import RpcWorker, free_port, wait_for_port
 from tests.test_probe_rpc import holding_worker
 
 pytestmark = pytest.mark.llama
@@ -115,24 +115,16 @@ def test_devices_shows_unknown_memory_of_a_busy_worker_as_unknown(rpc_workers: C
 # --- not a worker --------------------------------------------------------------------------------------
 
 
-def test_plan_at_an_http_server_says_so_at_once_and_leaves_no_waiter(tmp_path: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        endpoint = f"127.0.0.1:{port}"
-        started = time.monotonic()
-        done = run_cli("plan", "--demo", "--rpc", endpoint)
-        took = time.monotonic() - started
-        assert done.returncode == 1 and done.stderr == (
-            f"error: RPC worker {endpoint}: not a ggml-rpc-server: it answers HTTP (HTTP/1.0 200 OK) and not "
-            "HELLO (check the port in --rpc: that one is a web server's (llama-server's?); start a worker "
-            "with `llamalaunch worker`)\n"), done.stderr
-        assert took < 6, took  # start-up, the 2 s HELLO timeout and an instant answer on a second connection
-        assert rpc.keeper_pids(endpoint) == []  # nothing left holding a connection
-    finally:
-        stop_process(server)
+def test_plan_at_an_http_server_says_so_at_once_and_leaves_no_waiter(http_server: str) -> None:
+    started = time.monotonic()
+    done = run_cli("plan", "--demo", "--rpc", http_server)
+    took = time.monotonic() - started
+    assert done.returncode == 1 and done.stderr == (
+        f"error: RPC worker {http_server}: not a ggml-rpc-server: it answers HTTP (HTTP/1.0 200 OK) and not "
+        "HELLO (check the port in --rpc: that one is a web server's (llama-server's?); start a worker "
+        "with `llamalaunch worker`)\n"), done.stderr
+    assert took < 6, took  # start-up, the 2 s HELLO timeout and an instant answer on a second connection
+    assert rpc.keeper_pids(http_server) == []  # nothing left holding a connection
 
 
 def test_connection_refused_suggests_llamalaunch_worker_on_loopback() -> None:
