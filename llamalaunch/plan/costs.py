@@ -18,9 +18,10 @@ def moe_pool_bytes(profile: ModelProfile, request: Request) -> int:
     """CUDA pool growth of a MoE model's batched expert products, outside every buffer llama.cpp reports.
 
     Seen on the H100 (Qwen3-30B-A3B shape, ubatch 512): 134 MiB of free memory went between the load
-    and the end of a 16k-token prompt, with experts on the host or on the GPU alike; dense models grow
-    by 10-50 MiB, which the margin covers. Four f32 copies of a ubatch's routed activations
-    (n_ubatch x n_expert_used x n_embd) come to 128 MiB there, and scale with the shape.
+    and the end of a 16k-token prompt, in our plan and in --fit's (both with experts on the host; not
+    measured with every expert on the GPU, reserved there too); dense models grow by 10-50 MiB, which the
+    margin covers. Four f32 copies of a ubatch's routed activations (n_ubatch x n_expert_used x n_embd)
+    come to 128 MiB there, and scale with the shape.
     """
     if not profile.expert_layers:
         return 0
