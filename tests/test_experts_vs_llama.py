@@ -11,6 +11,7 @@ ubatch served (the host's experts are used for real).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from llamalaunch.launch.logparse import HOST, BufferSize, LayerAssigned, buffer_device, parse_events
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.units import MIB
+from tests.serve_support import ServeRun
 from tests.support import RpcWorker, run_llama_server
 from tests.test_plan_vs_llama import WORKER_ADDRESS_SPACE_SLACK, child_device_names, plan_json
 
@@ -84,3 +86,16 @@ def test_llama_server_reproduces_the_expert_spill(name: str, tmp_path: Path, lla
     assert abs(host_model - plan["host"]["weights_bytes"]) <= 0.02 * MIB, (host_model, plan["host"])
     host_compute_error = seen[(HOST, "compute")] - plan["host"]["compute_bytes"]
     assert abs(host_compute_error) <= max(0.01 * seen[(HOST, "compute")], 32 * MIB)
+
+
+def test_serve_checks_readiness_with_a_whole_ubatch_when_experts_live_on_the_host(
+        tmp_path: Path, serve: Callable[..., ServeRun], rpc_workers: Callable[..., RpcWorker]) -> None:
+    """Large batches stream host experts to the device and allocate there at run time: one token would not."""
+    preset, changes, budgets_mib, _ = CASES["qwen3moe-1-worker"]
+    model = write_preset(tmp_path / "m.gguf", preset, **changes)
+    worker = rpc_workers()
+    run = serve(model, "--rpc", worker.endpoint, "--budget", f"RPC0={budgets_mib[0]}MiB", "--ctx", "4096",
+                "-np", "1")
+    run.wait_ready(120)
+    prompts = [int(n) for n in re.findall(r"new prompt, .*task\.n_tokens = (\d+)", run.log_path.read_text())]
+    assert prompts and prompts[0] == 512, prompts  # -ub 512: the readiness request is one whole ubatch
