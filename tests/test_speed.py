@@ -21,10 +21,11 @@ from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
-from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures, estimate_speed
+from llamalaunch.plan.speed import estimate_speed
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.rpc import probe_worker
 from llamalaunch.probe.speed import gpu_speed, host_speed, speed_figures
+from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import GIB
 from tests.support import RpcWorker
 from tests.test_experts import QWEN3_30B_A3B

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from llamalaunch.errors import LaunchError, ServeError
 from llamalaunch.launch import http
@@ -105,10 +106,35 @@ class _WorkerNotBack(Exception):
         self.error = error
 
 
+class SupervisedChild(Protocol):
+    """What the supervisor uses of a started child (process.Child, or a test's scripted stand-in)."""
+
+    pid: int
+
+    def running(self) -> bool: ...
+
+    def stop(self) -> int: ...
+
+    def signal_group(self, signum: int) -> None: ...
+
+    def reset_worker_connections(self) -> int: ...
+
+
+# Starts a child: (argv, env, the queue its ChildEvents go to, the log sink) → the child.
+ChildFactory = Callable[[Sequence[str], dict[str, str], "queue.Queue[ChildEvent]", LogSink | None],
+                        SupervisedChild]
+
+
 class Supervisor:
+    """The child factory and the clock are parameters, as honcho's manager takes `_process_ctor` and
+    `_clock`: tests replay scripted children through the real loop without processes or waiting."""
+
     def __init__(self, options: ServeOptions, make_plan: Callable[[Lessons], Plan],
-                 on_event: Callable[[SupervisorEvent], None], notifier: Notifier | None = None) -> None:
+                 on_event: Callable[[SupervisorEvent], None], notifier: Notifier | None = None,
+                 child_factory: ChildFactory = Child, clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
+        self.child_factory = child_factory
+        self.clock = clock
         self.make_plan = make_plan
         self.on_event = on_event
         self.notifier = notifier or Notifier()
@@ -119,7 +145,7 @@ class Supervisor:
         self.last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
         self.ready_since: float | None = None
         self.phase = "starting"
-        self.child: Child | None = None
+        self.child: SupervisedChild | None = None
         self.plan: Plan | None = None
         self.recent: deque[str] = deque(maxlen=200)
         self.sink = LogSink(options.log_path) if options.log_path else None
@@ -176,11 +202,11 @@ class Supervisor:
         lines: list[str] = []
         tail: deque[str] = deque(maxlen=50)  # this child's last lines: why it died, when it dies after ready
         hung: str | None = None
-        last_progress = time.monotonic()
+        last_progress = self.clock()
         while True:
             item = self._next_item(0.5)
             if item is None:
-                if not ready and time.monotonic() - last_progress > self.options.load_timeout_s:
+                if not ready and self.clock() - last_progress > self.options.load_timeout_s:
                     held = held_elsewhere([p.device for p in plan.devices], [self.child.pid] if self.child else [])
                     self._stop_child()
                     message = f"llama-server made no progress for {self.options.load_timeout_s:g} s while loading" \
@@ -198,7 +224,7 @@ class Supervisor:
                     self.child.signal_group(signal.SIGKILL)  # hung: a graceful stop would wait for nothing
                 continue
             if isinstance(item, ChildLine):
-                last_progress = time.monotonic()
+                last_progress = self.clock()
                 if not ready:  # kept to explain a failed load; a server up for days prints millions of lines
                     lines.append(item.text)
                 tail.append(item.text)
@@ -256,7 +282,7 @@ class Supervisor:
             lesson = failure.message
         else:
             lesson = self.lessons.learn_runtime_oom() if oom else why or describe_exit(returncode)
-            if self.ready_since is not None and time.monotonic() - self.ready_since > HEALTHY_RESET_S:
+            if self.ready_since is not None and self.clock() - self.ready_since > HEALTHY_RESET_S:
                 self.restarts = 0  # a crash a week is not a crash loop
         return self._restart_later(lesson)
 
@@ -275,8 +301,8 @@ class Supervisor:
 
     def _wait_backoff(self, delay_s: float) -> int | None:
         """Sleep out the backoff unless a stop request comes; stale items (a late readiness answer) wait too."""
-        deadline = time.monotonic() + delay_s
-        while (left := deadline - time.monotonic()) > 0:
+        deadline = self.clock() + delay_s
+        while (left := deadline - self.clock()) > 0:
             item = self._next_item(left)
             if isinstance(item, _StopRequest):
                 return self._stop(item)
@@ -302,7 +328,7 @@ class Supervisor:
     def _start(self, plan: Plan) -> None:
         argv = [str(self.options.server), *plan.argv, *self._runtime_args(), *self.options.extra_args]
         env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        self.child = Child(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
+        self.child = self.child_factory(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
         self.on_event(SupervisorEvent("plan", f"attempt {len(self.attempts) + 1}: ctx {plan.ctx_tokens}, "
                                               f"{describe_layers(plan)}", plan=plan))
         self._set_phase("loading", f"pid {self.child.pid}, ctx {plan.ctx_tokens}")
@@ -323,8 +349,8 @@ class Supervisor:
         if child is None:
             return
         api_key = self.api_key()
-        deadline = time.monotonic() + self.options.load_timeout_s
-        while time.monotonic() < deadline and child.running():
+        deadline = self.clock() + self.options.load_timeout_s
+        while self.clock() < deadline and child.running():
             if http.health(self.base_url, api_key).status == 200:
                 result = http.complete_one_token(self.base_url, api_key=api_key, prompt=self._readiness_prompt())
                 ok = result.status == 200
@@ -351,7 +377,7 @@ class Supervisor:
     def _mark_ready(self, plan: Plan) -> None:
         if self.child is not None:  # its worker connections are made: they close with a reset even if
             self.child.reset_worker_connections()  # it dies with us (PDEATHSIG) in the middle of a request
-        self.ready_since = time.monotonic()
+        self.ready_since = self.clock()
         if self.sink is not None:
             self.sink.write(READINESS_MARK)
         self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")
@@ -359,7 +385,7 @@ class Supervisor:
         if self.child is not None and self.options.health_interval_s > 0 and self.options.health_misses > 0:
             threading.Thread(target=self._watch_health, args=(self.child,), daemon=True, name="liveness").start()
 
-    def _watch_health(self, child: Child) -> None:
+    def _watch_health(self, child: SupervisedChild) -> None:
         """While `child` runs: /health every interval; `health_misses` unanswered in a row report it hung.
 
         /health is answered by llama-server's HTTP threads (more of them than slots), so a busy server still
@@ -369,7 +395,7 @@ class Supervisor:
         api_key = self.api_key()
         misses = 0
         while child.running():
-            started = time.monotonic()
+            started = self.clock()
             result = http.health(self.base_url, api_key, timeout_s=interval_s)
             misses = 0 if result.status == 200 else misses + 1
             if misses >= needed:
@@ -377,7 +403,7 @@ class Supervisor:
                 self.queue.put(_Hung(child.pid, f"{misses} /health checks in a row unanswered within "
                                                 f"{interval_s:g} s; last: {last}"))
                 return
-            time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+            time.sleep(max(0.0, interval_s - (self.clock() - started)))
 
     def _record_attempt(self, plan: Plan, outcome: str) -> None:
         self.attempts.append(Attempt(len(self.attempts) + 1, plan.ctx_tokens, plan.n_gpu_layers,
@@ -397,10 +423,10 @@ class Supervisor:
         Fed on every call, not only when the queue is idle: a busy server at -lv 5 prints lines
         without pause, and a long backoff must not look like a hang either.
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock() + timeout_s
         while True:
             self._watchdog()
-            left = deadline - time.monotonic()
+            left = deadline - self.clock()
             if left <= 0:
                 return None
             try:
@@ -417,9 +443,9 @@ class Supervisor:
 
     def _watchdog(self) -> None:
         interval_s = self.notifier.watchdog_interval_s
-        if interval_s is not None and time.monotonic() - self._watchdog_sent_at >= interval_s:
+        if interval_s is not None and self.clock() - self._watchdog_sent_at >= interval_s:
             self.notifier.watchdog()
-            self._watchdog_sent_at = time.monotonic()
+            self._watchdog_sent_at = self.clock()
 
     def _stop_child(self) -> int | None:
         return self.child.stop() if self.child is not None else None

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from llamalaunch.observe.calibration import calibration_key
 from llamalaunch.paths import cache_dir, write_json_atomic
-from llamalaunch.plan.speed import DeviceSpeed, SpeedEstimate, SpeedFigures
+from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.probe.device import Device
+from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 
 HOST_KEY = "CPU:host"
 PLAUSIBLE_FACTOR = (0.02, 50.0)  # outside: a broken measurement, not a device

@@ -10,12 +10,12 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
 from llamalaunch.model.estimate import Placement, SlotRange
 from llamalaunch.plan.costs import CostModel
-from llamalaunch.plan.speed import SpeedFigures
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
 from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
 from llamalaunch.probe.device import Device
+from llamalaunch.probe.speed_figures import SpeedFigures
 from llamalaunch.units import format_bytes
 
 

@@ -15,13 +15,13 @@ The defaults below are stated as defaults; `efficiency` factors are calibrated f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
+from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 
 if TYPE_CHECKING:  # model.estimate imports plan.types, which holds a SpeedEstimate
     from llamalaunch.model.estimate import Placement
@@ -33,61 +33,11 @@ _BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K":
                     "MXFP4": 4.25}
 DEFAULT_BITS_PER_WEIGHT = 4.5
 
-# Defaults, per device kind (calibration replaces the efficiencies): the share of the peak bandwidth a
-# generated token reaches, the share of the peak FLOP/s a prompt ubatch reaches, and a fixed cost per slot.
-DEFAULT_GEN_EFFICIENCY = MappingProxyType({"CUDA": 0.6, "CPU": 0.7})
-DEFAULT_PROMPT_EFFICIENCY = MappingProxyType({"CUDA": 0.35, "CPU": 0.5})
-DEFAULT_SLOT_OVERHEAD_S = MappingProxyType({"CUDA": 6e-6, "CPU": 15e-6})
 HOST_TO_GPU_BYTES_S = 25e9  # PCIe 4.0 x16 in practice: experts streamed to a GPU for a prompt ubatch
 LOCAL_HOP_S = 10e-6  # a copy between the host and a local GPU
 # An RPC device gets its graph with every compute call: tensor descriptions, about this much per slot.
 RPC_GRAPH_BYTES_PER_SLOT = 16 * 1024
 OP_OFFLOAD_MIN_BATCH = 32  # llama.cpp streams host weights to a GPU for batches at least this large
-
-
-@dataclass(frozen=True)
-class DeviceSpeed:
-    """What one device can do; None: not known."""
-
-    kind: str  # "CUDA" or "CPU": which defaults and calibration apply (an RPC worker's own kind)
-    bandwidth_bytes_s: float | None
-    flops: float | None
-    source: str  # where the figures came from: "NVML", "probe", "--device-speed", "host (loopback)", ...
-    gen_efficiency: float = 0.0  # 0: the kind's default
-    prompt_efficiency: float = 0.0
-    slot_overhead_s: float = -1.0  # <0: the kind's default
-
-    def __post_init__(self) -> None:
-        if not self.gen_efficiency:
-            object.__setattr__(self, "gen_efficiency", DEFAULT_GEN_EFFICIENCY.get(self.kind, 0.6))
-        if not self.prompt_efficiency:
-            object.__setattr__(self, "prompt_efficiency", DEFAULT_PROMPT_EFFICIENCY.get(self.kind, 0.35))
-        if self.slot_overhead_s < 0:
-            object.__setattr__(self, "slot_overhead_s", DEFAULT_SLOT_OVERHEAD_S.get(self.kind, 15e-6))
-
-    @property
-    def known(self) -> bool:
-        return self.bandwidth_bytes_s is not None and self.flops is not None
-
-
-UNKNOWN_CPU = DeviceSpeed("CPU", None, None, "unknown")
-
-
-@dataclass(frozen=True)
-class Link:
-    """The network between the host and an RPC worker."""
-
-    round_trip_s: float
-    bytes_s: float
-    source: str  # "probe", "--link", "assumed"
-
-
-@dataclass(frozen=True)
-class SpeedFigures:
-    host: DeviceSpeed = UNKNOWN_CPU
-    devices: Mapping[str, DeviceSpeed] = field(default_factory=dict)  # by llama.cpp device name
-    links: Mapping[str, Link] = field(default_factory=dict)  # RPC device name → its worker's link
-    fill_tokens: int | None = None  # context fill the estimate is for; None: half the context
 
 
 @dataclass(frozen=True)

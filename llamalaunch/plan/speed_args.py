@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from llamalaunch.errors import BadInputError
-from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.assume import canonical_device_name
+from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import parse_tokens
 
 _NUMBER = r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)"

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from llamalaunch.paths import cache_dir, read_json_dict, write_json_atomic
-from llamalaunch.plan.speed import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.probe.device import Device, HostMemory
+from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 
 # Dense FP16 tensor FLOP/s of a GPU class: by name first, else by compute capability (the common part).
 _GPU_FLOPS_BY_NAME = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),

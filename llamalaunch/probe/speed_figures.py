@@ -1,0 +1,61 @@
+"""The speed figures of devices and links, as the probe finds them and the estimate in plan/speed.py reads them.
+
+Here, below both, so that the probe does not import the planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+# Defaults, per device kind (calibration replaces the efficiencies): the share of the peak bandwidth a
+# generated token reaches, the share of the peak FLOP/s a prompt ubatch reaches, and a fixed cost per slot.
+DEFAULT_GEN_EFFICIENCY = MappingProxyType({"CUDA": 0.6, "CPU": 0.7})
+DEFAULT_PROMPT_EFFICIENCY = MappingProxyType({"CUDA": 0.35, "CPU": 0.5})
+DEFAULT_SLOT_OVERHEAD_S = MappingProxyType({"CUDA": 6e-6, "CPU": 15e-6})
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """What one device can do; None: not known."""
+
+    kind: str  # "CUDA" or "CPU": which defaults and calibration apply (an RPC worker's own kind)
+    bandwidth_bytes_s: float | None
+    flops: float | None
+    source: str  # where the figures came from: "NVML", "probe", "--device-speed", "host (loopback)", ...
+    gen_efficiency: float = 0.0  # 0: the kind's default
+    prompt_efficiency: float = 0.0
+    slot_overhead_s: float = -1.0  # <0: the kind's default
+
+    def __post_init__(self) -> None:
+        if not self.gen_efficiency:
+            object.__setattr__(self, "gen_efficiency", DEFAULT_GEN_EFFICIENCY.get(self.kind, 0.6))
+        if not self.prompt_efficiency:
+            object.__setattr__(self, "prompt_efficiency", DEFAULT_PROMPT_EFFICIENCY.get(self.kind, 0.35))
+        if self.slot_overhead_s < 0:
+            object.__setattr__(self, "slot_overhead_s", DEFAULT_SLOT_OVERHEAD_S.get(self.kind, 15e-6))
+
+    @property
+    def known(self) -> bool:
+        return self.bandwidth_bytes_s is not None and self.flops is not None
+
+
+UNKNOWN_CPU = DeviceSpeed("CPU", None, None, "unknown")
+
+
+@dataclass(frozen=True)
+class Link:
+    """The network between the host and an RPC worker."""
+
+    round_trip_s: float
+    bytes_s: float
+    source: str  # "probe", "--link", "assumed"
+
+
+@dataclass(frozen=True)
+class SpeedFigures:
+    host: DeviceSpeed = UNKNOWN_CPU
+    devices: Mapping[str, DeviceSpeed] = field(default_factory=dict)  # by llama.cpp device name
+    links: Mapping[str, Link] = field(default_factory=dict)  # RPC device name → its worker's link
+    fill_tokens: int | None = None  # context fill the estimate is for; None: half the context
