@@ -26,9 +26,8 @@ from types import MappingProxyType
 from llamalaunch.errors import ServeError, ToolchainError
 from llamalaunch.launch.logparse import (HOST, BreakdownRow, BufferSize, Event, Listening, LoadFailed, ModelLoaded,
                                          OutOfMemory, buffer_device, parse_events)
-from llamalaunch.model.estimate import Estimate, Placement, host_experts_override
+from llamalaunch.model.estimate import Estimate, MemoryUse, Placement, host_experts_override
 from llamalaunch.plan.request import Request
-from llamalaunch.plan.types import MemoryUse
 from llamalaunch.units import MIB
 
 LOAD_TIMEOUT_S = 120.0
