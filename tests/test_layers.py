@@ -46,7 +46,7 @@ def module_name(path: Path) -> str:
 
 
 def imported_modules(source: str, importer: str, is_package: bool = False) -> set[str]:
-    """Every llamalaunch module `source` (the text of module `importer`) imports, relative imports resolved."""
+    """The llamalaunch modules that module `importer` (its text: `source`) imports, relative ones resolved."""
     found: set[str] = set()
     package = importer.split(".") if is_package else importer.split(".")[:-1]
     for node in ast.walk(ast.parse(source)):

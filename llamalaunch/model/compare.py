@@ -1,4 +1,4 @@
-"""Planned against measured memory, row by row: what the analytic estimate got wrong, and what is close enough.
+"""Planned against measured memory, row by row: what the estimate got wrong, and what is close enough.
 
 The measurement itself (running llama-server and reading its log) is launch/measure.py's.
 """
@@ -37,7 +37,8 @@ class ComponentRow:
 def compare(planned: Estimate, measured: Estimate) -> list[ComponentRow]:
     """Per device (and the host) and component, what the analytic estimate got wrong."""
     rows: list[ComponentRow] = []
-    pairs = [(name, planned.devices[name], measured.devices.get(name, MemoryUse())) for name in planned.devices]
+    pairs = [(name, planned.devices[name], measured.devices.get(name, MemoryUse()))
+             for name in planned.devices]
     pairs.append((HOST, planned.host, measured.host))
     for name, plan, real in pairs:
         for component in COMPONENTS:

@@ -13,7 +13,8 @@ from types import MappingProxyType
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model import compute
-from llamalaunch.model.kv import ContextSpec, check_cache_types, context_shape, layer_kv_bytes, output_buffer_bytes
+from llamalaunch.model.kv import (ContextSpec, check_cache_types, context_shape, layer_kv_bytes,
+                                  output_buffer_bytes)
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.units import MIB
 
