@@ -28,7 +28,8 @@ from pathlib import Path
 from llamalaunch.errors import LaunchError
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.measured import ComponentError, compare, measure_load, within_tolerance
+from llamalaunch.launch.measure import measure_load
+from llamalaunch.model.compare import ComponentRow, compare, within_tolerance
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
@@ -109,7 +110,7 @@ class Case:
 @dataclass(frozen=True)
 class CaseResult:
     case: Case
-    rows: tuple[ComponentError, ...]
+    rows: tuple[ComponentRow, ...]
     error: str | None = None
     generic: bool = False  # planned with the generic estimate (an arch without an exact family)
 
@@ -117,18 +118,18 @@ class CaseResult:
 GENERIC_OVER = 0.25  # the generic estimate: each device's total within +25% / -0% of the real load
 
 
-def device_totals(rows: tuple[ComponentError, ...]) -> list[ComponentError]:
+def device_totals(rows: tuple[ComponentRow, ...]) -> list[ComponentRow]:
     """Weights + KV + compute per device (and the host)."""
     devices = dict.fromkeys(row.device for row in rows)
-    return [ComponentError(device, "total", sum(r.planned_bytes for r in rows if r.device == device),
+    return [ComponentRow(device, "total", sum(r.planned_bytes for r in rows if r.device == device),
                            sum(r.measured_bytes for r in rows if r.device == device)) for device in devices]
 
 
-def generic_within(row: ComponentError) -> bool:
+def generic_within(row: ComponentRow) -> bool:
     return 0 <= row.error_bytes <= row.measured_bytes * GENERIC_OVER
 
 
-def row_ok(row: ComponentError, generic: bool) -> bool:
+def row_ok(row: ComponentRow, generic: bool) -> bool:
     """Generic: only a device's total counts (+25% / -0%). Exact: each component's tolerance, and each
     device's total within max(1%, 32 MiB)."""
     if row.component == "total":

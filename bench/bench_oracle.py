@@ -19,7 +19,8 @@ from pathlib import Path
 from bench.bench_accuracy import FAMILIES, device_totals, even_placement, start_workers
 from llamalaunch.model.estimate import estimate
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.measured import compare, measure_fit_params, measure_load
+from llamalaunch.launch.measure import measure_fit_params, measure_load
+from llamalaunch.model.compare import compare
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.request import Request
 

@@ -313,7 +313,7 @@ def plan(ctx_: typer.Context,
                                                                  "context and estimated speed.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
-    from llamalaunch.model.measured import within_tolerance
+    from llamalaunch.model.compare import within_tolerance
     from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 

@@ -23,7 +23,8 @@ from typing import Any
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.paths import config_dir
 from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
-from llamalaunch.plan.request import CACHE_TYPES, FLASH_ATTN
+from llamalaunch.model.kv import CACHE_TYPES
+from llamalaunch.plan.request import FLASH_ATTN
 from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
 from llamalaunch.probe.assume import canonical_device_name, parse_assumptions, parse_device_sizes
 from llamalaunch.probe.inventory import split_endpoints

@@ -125,7 +125,7 @@ def test_one_replay_answers_a_range_of_contexts_exactly(flash_attn: str) -> None
     for ctx in (4096, 20480, 65536, 131072, 8192, 40960):
         shape = context_shape(request, ctx)
         ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in TS_1_3.ranges)
-        via_ranges = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._request_key(request), shape)
+        via_ranges = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._spec_key(request), shape)
         compute._pieces.clear()
-        fresh = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._request_key(request), shape)
+        fresh = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._spec_key(request), shape)
         assert via_ranges == fresh

@@ -14,7 +14,8 @@ import pytest
 from bench.bench_accuracy import FAMILIES, device_totals, even_placement, generic_within
 from llamalaunch.model.estimate import estimate
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.measured import compare, measure_load, within_tolerance
+from llamalaunch.launch.measure import measure_load
+from llamalaunch.model.compare import compare, within_tolerance
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.request import Request
 from tests.support import RpcWorker
@@ -92,7 +93,7 @@ def test_generic_estimate_never_under(family: str, ctx: int, parallel: int, ubat
 def test_fit_params_projection_runs(tmp_path: Path, llama_bin_dir: Path,
                                     rpc_workers: Callable[..., RpcWorker]) -> None:
     """llama-fit-params' dry run: same weights (whole MiB), a larger compute figure on the output device."""
-    from llamalaunch.model.measured import measure_fit_params
+    from llamalaunch.launch.measure import measure_fit_params
 
     if not (llama_bin_dir / "llama-fit-params").exists():
         pytest.skip("llama-fit-params not built")

@@ -10,7 +10,8 @@ import pytest
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
-from llamalaunch.model.kv import context_shape, kv_bytes_per_layer, output_buffer_bytes, row_size, swa_cells
+from llamalaunch.model.kv import (ContextSpec, context_shape, kv_bytes_per_layer, output_buffer_bytes,
+                                  row_size, swa_cells)
 from llamalaunch.model.profile import ModelProfile, SlotWeights
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
@@ -135,3 +136,15 @@ def test_a_quantized_cache_whose_block_does_not_divide_the_head_size_is_refused(
                              "0", "--fit", "off", "--no-warmup", *flags],
                             capture_output=True, text=True, timeout=60)
     assert loaded.returncode != 0 and "does not divide n_embd_head" in loaded.stderr + loaded.stdout
+
+
+@pytest.mark.parametrize("options", [{}, {"n_parallel": 3, "kv_unified": False, "cache_type_k": "q8_0"},
+                                     {"flash_attn": "off", "swa_full": True, "n_ubatch": 256}])
+def test_the_model_layer_sizes_a_context_spec_as_it_sizes_the_request(options: dict[str, object]) -> None:
+    """Issue 16: kv and estimate take the model layer's ContextSpec; a Request is one, plus plan options."""
+    spec = ContextSpec(**options)  # type: ignore[arg-type]
+    request = Request(ctx_tokens=None, cpu_spill=True, **options)  # type: ignore[arg-type]
+    assert isinstance(request, ContextSpec)
+    assert kv_bytes_per_layer(smollm2_shape(), spec, 8192) == \
+        kv_bytes_per_layer(smollm2_shape(), request, 8192)
+    assert estimate(smollm2_shape(), TS_1_3, spec, 8192) == estimate(smollm2_shape(), TS_1_3, request, 8192)

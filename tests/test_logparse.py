@@ -109,7 +109,7 @@ def test_buffer_device(buffer: str, endpoints: tuple[str, ...], counts: dict[str
 def test_estimate_from_the_rpc_log() -> None:
     """The measured estimator books the last load's buffer lines per llama.cpp device."""
     from llamalaunch.model.estimate import Placement, SlotRange
-    from llamalaunch.model.measured import breakdown_rows, estimate_from_events
+    from llamalaunch.launch.measure import breakdown_rows, estimate_from_events
 
     events = events_of(RPC_LOG)
     placement = Placement((SlotRange("RPC0", "RPC", 0, 8), SlotRange("RPC1", "RPC", 8, 23)))

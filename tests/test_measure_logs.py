@@ -12,7 +12,7 @@ import pytest
 
 from llamalaunch.errors import ServeError
 from llamalaunch.model.estimate import Placement, SlotRange
-from llamalaunch.model.measured import measure_plan
+from llamalaunch.launch.measure import measure_plan
 from tests.support import RpcWorker
 
 pytestmark = pytest.mark.llama

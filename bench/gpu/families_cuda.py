@@ -12,7 +12,8 @@ from bench.bench_accuracy import FAMILIES
 from llamalaunch.errors import LaunchError
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.measured import compare, measure_load
+from llamalaunch.launch.measure import measure_load
+from llamalaunch.model.compare import compare
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB

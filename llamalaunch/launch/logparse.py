@@ -15,9 +15,9 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from llamalaunch.model.compare import HOST
 from llamalaunch.units import MIB
 
-HOST = "Host"  # device name used for host-memory buffers
 # half a unit of the last printed digit: "12.34 MiB" is exact to within this
 PRINT_2DP_BYTES = MIB // 200
 PRINT_4DP_BYTES = MIB // 20000

@@ -21,7 +21,8 @@ from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
 from llamalaunch.model.estimate import Estimate, Placement, SlotRange
-from llamalaunch.model.measured import ComponentError, compare, measure_plan
+from llamalaunch.launch.measure import measure_plan
+from llamalaunch.model.compare import ComponentRow, compare
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import (RunCalibration, calibratable, calibrate_new, load_calibrations,
@@ -178,7 +179,7 @@ class PlanInputs:
                       if not any(d.name == name and d.backend in by_backend for d in devices)}
         return {**calibrated, **self.overhead}  # the cost model puts the defaults under these
 
-    def verify(self, plan: Plan) -> list[ComponentError]:
+    def verify(self, plan: Plan) -> list[ComponentRow]:
         """Load the plan's argv in the real llama-server and compare, per device and component."""
         if self.toolchain is None:
             raise ToolchainError("--verify needs llama-server", INSTALL_HINT)

@@ -23,9 +23,8 @@ from llamalaunch.model.arch_graphs import BUILDERS, ModelSpec, Reserve
 from llamalaunch.model.gguf_header import TensorInfo, read_header
 from llamalaunch.model.ggml_sched import Backend, reserve_affine
 from llamalaunch.model.ggml_sim import capture
-from llamalaunch.model.kv import ContextShape, swa_cells
+from llamalaunch.model.kv import ContextShape, ContextSpec, swa_cells
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.request import Request
 
 if TYPE_CHECKING:
     from llamalaunch.model.estimate import Placement
@@ -39,21 +38,21 @@ CUDA_ALIGNMENT = 128
 GENERIC_MARGIN = 1.2
 
 
-def compute_buffers(profile: ModelProfile, placement: Placement, request: Request,
+def compute_buffers(profile: ModelProfile, placement: Placement, spec: ContextSpec,
                     shape: ContextShape) -> tuple[dict[str, int], int]:
     """(compute bytes per device name, host compute bytes) for `placement`."""
     ranges = tuple((r.device, r.backend, r.first_slot, r.n_slots) for r in placement.ranges)
     offloaded = range(profile.n_slots - placement.n_gpu_layers, profile.n_layer)
     host_experts = frozenset(il for il in placement.host_expert_layers if il in offloaded)
     host_parts = frozenset(part for part in placement.host_expert_parts if part[0] in offloaded)
-    sizes = _cached(_ProfileKey(profile), ranges, (host_experts, host_parts), _request_key(request), shape)
+    sizes = _cached(_ProfileKey(profile), ranges, (host_experts, host_parts), _spec_key(spec), shape)
     devices = {name: sizes[i] for i, (name, _, _, _) in enumerate(ranges)}
     return devices, sizes[-1]
 
 
-def _request_key(request: Request) -> tuple[object, ...]:
-    """The request fields not already in ContextShape that change the graph."""
-    return (request.cache_type_k, request.cache_type_v, request.swa_full)
+def _spec_key(spec: ContextSpec) -> tuple[object, ...]:
+    """The context options not already in ContextShape that change the graph."""
+    return (spec.cache_type_k, spec.cache_type_v, spec.swa_full)
 
 
 class _ProfileKey:
@@ -96,18 +95,18 @@ HostExperts = tuple[frozenset[int], frozenset[tuple[int, str]]]  # whole blocks,
 
 
 def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], host_experts: HostExperts,
-            request_key: tuple[object, ...], shape: ContextShape) -> tuple[int, ...]:
+            spec_key: tuple[object, ...], shape: ContextShape) -> tuple[int, ...]:
     """Sizes per backend; one replay answers every context over which the allocation pattern holds."""
     profile = key.profile
     n_kv = shape.n_ctx_seq
-    n_kv_swa = swa_cells(profile, Request(swa_full=bool(request_key[2]), n_parallel=shape.n_seq,
-                                          n_ubatch=shape.n_ubatch), shape) if any(profile.swa_layers) else 0
-    structure = (key, ranges, host_experts, request_key, shape.n_stream, shape.n_seq, shape.n_ubatch, shape.flash_attn,
+    n_kv_swa = swa_cells(profile, ContextSpec(swa_full=bool(spec_key[2]), n_parallel=shape.n_seq,
+                                              n_ubatch=shape.n_ubatch), shape) if any(profile.swa_layers) else 0
+    structure = (key, ranges, host_experts, spec_key, shape.n_stream, shape.n_seq, shape.n_ubatch, shape.flash_attn,
                  n_kv_swa)
     for piece in _pieces.get(structure, ()):
         if piece.lo <= n_kv <= piece.hi:
             return piece.at(n_kv)
-    piece = _replay(profile, ranges, host_experts, request_key, shape, n_kv_swa)
+    piece = _replay(profile, ranges, host_experts, spec_key, shape, n_kv_swa)
     if len(_pieces) >= _MAX_KEYS:
         _pieces.clear()
     _pieces.setdefault(structure, []).append(piece)
@@ -115,8 +114,8 @@ def _cached(key: _ProfileKey, ranges: tuple[tuple[str, str, int, int], ...], hos
 
 
 def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...], host_experts: HostExperts,
-            request_key: tuple[object, ...], shape: ContextShape, n_kv_swa: int) -> _Piece:
-    type_k, type_v, _ = request_key
+            spec_key: tuple[object, ...], shape: ContextShape, n_kv_swa: int) -> _Piece:
+    type_k, type_v, _ = spec_key
     spec = model_spec(profile)
     backends = _backends(ranges)
     cpu = len(backends) - 1

@@ -13,16 +13,29 @@ from types import MappingProxyType
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model import compute
-from llamalaunch.model.kv import check_cache_types, context_shape, layer_kv_bytes, output_buffer_bytes
+from llamalaunch.model.kv import (ContextSpec, check_cache_types, context_shape, layer_kv_bytes,
+                                  output_buffer_bytes)
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.request import Request
-from llamalaunch.plan.types import MemoryUse
 from llamalaunch.units import MIB
 
 # Memory a backend takes outside llama.cpp's accounting when the caller has no measurement.
 # CUDA: context, cuBLAS workspace and memory pool were 597-599 MiB on an H100 (CUDA 13, driver 580)
 # whatever the context; 640 MiB covers that with room for pool growth. Measure it per GPU when you can.
 DEFAULT_OVERHEAD_BYTES: Mapping[str, int] = MappingProxyType({"CUDA": 640 * MIB, "RPC": 0, "CPU": 0})
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes one device (or the host) holds, by component."""
+
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    compute_bytes: int = 0
+    overhead_bytes: int = 0  # outside llama.cpp's accounting: CUDA context, cuBLAS, pool
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
 
 
 @dataclass(frozen=True)
@@ -117,19 +130,19 @@ def _per_device_weights(profile: ModelProfile, owners: tuple[SlotRange | None, .
     return profile.per_device_bytes if holds_block else 0
 
 
-def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_tokens: int,
+def estimate(profile: ModelProfile, placement: Placement, spec: ContextSpec, ctx_tokens: int,
              overhead_bytes: Mapping[str, int] | None = None) -> Estimate:
     """Bytes llama-server would allocate on each device of `placement` and on the host."""
-    check_cache_types(request, profile)
-    shape = context_shape(request, ctx_tokens)
+    check_cache_types(spec, profile)
+    shape = context_shape(spec, ctx_tokens)
     owners = slot_devices(profile, placement)
     weights = {r.device: 0 for r in placement.ranges}
     kv = {r.device: 0 for r in placement.ranges}
-    host_weights, host_kv = profile.host_bytes, output_buffer_bytes(profile, request)
+    host_weights, host_kv = profile.host_bytes, output_buffer_bytes(profile, spec)
     for slot, owner in enumerate(owners):
         layer_kv = 0
         if slot < profile.n_layer:
-            layer_kv = layer_kv_bytes(profile, request, shape, slot, owner.backend if owner else "CPU")
+            layer_kv = layer_kv_bytes(profile, spec, shape, slot, owner.backend if owner else "CPU")
         if owner is None:
             host_weights += _host_slot_bytes(profile, slot)
             host_kv += layer_kv
@@ -149,7 +162,7 @@ def estimate(profile: ModelProfile, placement: Placement, request: Request, ctx_
     host_weights += _per_device_weights(profile, owners, None)
     for r in placement.ranges:
         weights[r.device] += _per_device_weights(profile, owners, r)
-    device_compute, host_compute = compute.compute_buffers(profile, placement, request, shape)
+    device_compute, host_compute = compute.compute_buffers(profile, placement, spec, shape)
     devices = {r.device: MemoryUse(weights[r.device], kv[r.device], device_compute.get(r.device, 0),
                                    overhead_for(r, overhead_bytes))
                for r in placement.ranges}

@@ -23,7 +23,8 @@ from llamalaunch.model.ggml_types import GGML_TYPE_IDS, GGML_TYPES
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.request import CACHE_TYPES, Request
+
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 CTX_PAD = 256  # llama.cpp rounds n_ctx (and per-stream and SWA cell counts) up to this
 CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT: CPU and RPC-to-CPU buffers
@@ -34,6 +35,20 @@ F32_BYTES = 4
 
 def pad(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """The context options the model layer sizes from; plan's Request extends it with planning options."""
+
+    n_parallel: int = 4  # llama-server's -np auto: 4 slots, unified KV cache of n_ctx cells
+    kv_unified: bool = True
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    swa_full: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,41 +68,41 @@ class ContextShape:
         return self.n_stream == 1
 
 
-def flash_attn_enabled(request: Request) -> bool:
+def flash_attn_enabled(spec: ContextSpec) -> bool:
     """`auto` resolves to on: every backend we plan for (CPU, CUDA, RPC) runs FA for the layer's device."""
-    return request.flash_attn != "off"
+    return spec.flash_attn != "off"
 
 
-def context_shape(request: Request, ctx_tokens: int) -> ContextShape:
+def context_shape(spec: ContextSpec, ctx_tokens: int) -> ContextShape:
     if ctx_tokens <= 0:
         raise BadInputError(f"context of {ctx_tokens} tokens", "give a positive context size")
-    n_seq = max(1, request.n_parallel)
+    n_seq = max(1, spec.n_parallel)
     n_ctx = pad(ctx_tokens, CTX_PAD)
-    if request.kv_unified or n_seq == 1:
+    if spec.kv_unified or n_seq == 1:
         n_ctx_seq, n_stream = n_ctx, 1
     else:
         n_ctx_seq, n_stream = pad(n_ctx // n_seq, CTX_PAD), n_seq
         n_ctx = n_ctx_seq * n_seq
-    n_batch = min(n_ctx, request.n_batch)  # causal attention: a batch never exceeds the context
-    n_ubatch = min(n_batch, request.n_ubatch or n_batch)
-    return ContextShape(n_ctx, n_ctx_seq, n_stream, n_seq, n_batch, n_ubatch, flash_attn_enabled(request))
+    n_batch = min(n_ctx, spec.n_batch)  # causal attention: a batch never exceeds the context
+    n_ubatch = min(n_batch, spec.n_ubatch or n_batch)
+    return ContextShape(n_ctx, n_ctx_seq, n_stream, n_seq, n_batch, n_ubatch, flash_attn_enabled(spec))
 
 
-def check_cache_types(request: Request, profile: ModelProfile | None = None) -> None:
-    for what, name in (("K", request.cache_type_k), ("V", request.cache_type_v)):
+def check_cache_types(spec: ContextSpec, profile: ModelProfile | None = None) -> None:
+    for what, name in (("K", spec.cache_type_k), ("V", spec.cache_type_v)):
         if name not in CACHE_TYPES:
             raise BadInputError(f"unknown {what} cache type {name!r}", f"use one of {', '.join(CACHE_TYPES)}")
-    if request.flash_attn == "off" and is_quantized(request.cache_type_v):
-        raise BadInputError(f"a {request.cache_type_v} V cache needs flash attention",
+    if spec.flash_attn == "off" and is_quantized(spec.cache_type_v):
+        raise BadInputError(f"a {spec.cache_type_v} V cache needs flash attention",
                             "drop --flash-attn off or use an f16 V cache")
     if profile is not None:
-        _check_cache_blocks(request, profile)
+        _check_cache_blocks(spec, profile)
 
 
-def _check_cache_blocks(request: Request, profile: ModelProfile) -> None:
+def _check_cache_blocks(spec: ContextSpec, profile: ModelProfile) -> None:
     """llama_init_from_model refuses a quantized cache whose block size does not divide the head size."""
-    for what, flag, name, head in (("K", "-ctk", request.cache_type_k, profile.head_dim_k),
-                                   ("V", "-ctv", request.cache_type_v, profile.head_dim_v)):
+    for what, flag, name, head in (("K", "-ctk", spec.cache_type_k, profile.head_dim_k),
+                                   ("V", "-ctv", spec.cache_type_v, profile.head_dim_v)):
         block_size = _type_block(name)[0]
         if is_quantized(name) and head % block_size:
             raise BadInputError(f"a {name} {what} cache has blocks of {block_size}, which do not divide this "
@@ -144,17 +159,17 @@ def n_embd_v_gqa(profile: ModelProfile, il: int) -> int:
     return profile.layer_head_dims(il)[1] * profile.n_head_kv[il]
 
 
-def swa_cells(profile: ModelProfile, request: Request, shape: ContextShape) -> int:
+def swa_cells(profile: ModelProfile, spec: ContextSpec, shape: ContextShape) -> int:
     """Cells per stream of a sliding-window layer."""
-    if request.swa_full or profile.n_swa <= 0:
+    if spec.swa_full or profile.n_swa <= 0:
         return shape.n_ctx_seq
     window = profile.n_swa * (shape.n_seq if shape.unified else 1) + shape.n_ubatch
     return pad(min(shape.n_ctx_seq, window), CTX_PAD)
 
 
-def layer_cells(profile: ModelProfile, request: Request, shape: ContextShape, il: int) -> int:
+def layer_cells(profile: ModelProfile, spec: ContextSpec, shape: ContextShape, il: int) -> int:
     is_swa = bool(profile.swa_layers) and profile.swa_layers[il]
-    return swa_cells(profile, request, shape) if is_swa else shape.n_ctx_seq
+    return swa_cells(profile, spec, shape) if is_swa else shape.n_ctx_seq
 
 
 def _v_width(profile: ModelProfile, shape: ContextShape, il: int) -> int:
@@ -164,7 +179,7 @@ def _v_width(profile: ModelProfile, shape: ContextShape, il: int) -> int:
     return max(n_embd_v_gqa(profile, j) for j in range(profile.n_layer) if has_attention_kv(profile, j))
 
 
-def layer_kv_bytes(profile: ModelProfile, request: Request, shape: ContextShape, il: int,
+def layer_kv_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape, il: int,
                    backend: str = "CPU") -> int:
     """K + V (or the recurrent states) of layer `il` in a buffer of `backend`."""
     if not has_cache(profile, il):
@@ -173,10 +188,10 @@ def layer_kv_bytes(profile: ModelProfile, request: Request, shape: ContextShape,
         rows = shape.n_seq  # max(1, n_seq_max) rows, one per sequence
         return (pad(profile.recurrent_r_bytes_per_seq * rows, _alignment(backend))
                 + pad(profile.recurrent_s_bytes_per_seq * rows, _alignment(backend)))
-    rows = layer_cells(profile, request, shape, il) * shape.n_stream
-    size = tensor_alloc_bytes(request.cache_type_k, n_embd_k_gqa(profile, il), rows, backend)
+    rows = layer_cells(profile, spec, shape, il) * shape.n_stream
+    size = tensor_alloc_bytes(spec.cache_type_k, n_embd_k_gqa(profile, il), rows, backend)
     if not is_mla(profile):
-        size += tensor_alloc_bytes(request.cache_type_v, _v_width(profile, shape, il), rows, backend)
+        size += tensor_alloc_bytes(spec.cache_type_v, _v_width(profile, shape, il), rows, backend)
     return size
 
 
@@ -184,14 +199,14 @@ def _alignment(backend: str) -> int:
     return CUDA_ALIGNMENT if backend == "CUDA" else CPU_ALIGNMENT
 
 
-def kv_bytes_per_layer(profile: ModelProfile, request: Request, ctx_tokens: int,
+def kv_bytes_per_layer(profile: ModelProfile, spec: ContextSpec, ctx_tokens: int,
                        backend: str = "CPU") -> tuple[int, ...]:
     """Cache bytes of every block (n_layer entries) on a device of `backend`."""
-    check_cache_types(request, profile)
-    shape = context_shape(request, ctx_tokens)
-    return tuple(layer_kv_bytes(profile, request, shape, il, backend) for il in range(profile.n_layer))
+    check_cache_types(spec, profile)
+    shape = context_shape(spec, ctx_tokens)
+    return tuple(layer_kv_bytes(profile, spec, shape, il, backend) for il in range(profile.n_layer))
 
 
-def output_buffer_bytes(profile: ModelProfile, request: Request) -> int:
+def output_buffer_bytes(profile: ModelProfile, spec: ContextSpec) -> int:
     """llama-server's logits buffer in host memory: n_vocab floats for each of n_parallel outputs."""
-    return profile.n_vocab * max(1, request.n_parallel) * F32_BYTES
+    return profile.n_vocab * max(1, spec.n_parallel) * F32_BYTES

@@ -204,7 +204,7 @@ def calibrate_device(server: Path, model_path: str, device: Device,
     and read the overhead off the exit breakdown. Raises CalibrationError (or another LaunchError)."""
     from llamalaunch.model.estimate import Placement, SlotRange
     from llamalaunch.model.load import load_profile
-    from llamalaunch.model.measured import breakdown_rows, measure_plan
+    from llamalaunch.launch.measure import breakdown_rows, measure_plan
 
     endpoints = [device.endpoint] if device.endpoint is not None else []
     name = f"RPC{device.worker_index or 0}" if device.endpoint is not None else device.name

@@ -12,7 +12,7 @@ from rich.text import Text
 from llamalaunch.plan.types import DevicePlan, Plan
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.toolchain.discover import Binary, Toolchain
-from llamalaunch.model.measured import ComponentError, within_tolerance
+from llamalaunch.model.compare import ComponentRow, within_tolerance
 from llamalaunch.units import MIB, format_bytes
 
 
@@ -131,7 +131,7 @@ def toolchain_table(toolchain: Toolchain) -> Table:
     return table
 
 
-def verify_table(rows: Sequence[ComponentError]) -> Table:
+def verify_table(rows: Sequence[ComponentRow]) -> Table:
     """`plan --verify`: what the plan said against what llama-server allocated, per device and component."""
     table = Table(title="planned vs llama-server's own buffers (a real load of the plan's argv)", title_justify="left")
     for column in ("device", "component", "planned", "llama-server", "difference", "within tolerance"):

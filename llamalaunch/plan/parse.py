@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llamalaunch.errors import BadInputError
-from llamalaunch.plan.request import CACHE_TYPES, FLASH_ATTN, Request
+from llamalaunch.model.kv import CACHE_TYPES
+from llamalaunch.plan.request import FLASH_ATTN, Request
 from llamalaunch.probe.assume import parse_device_sizes
 from llamalaunch.units import parse_size, parse_tokens
 

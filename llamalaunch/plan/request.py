@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from llamalaunch.model.kv import ContextSpec
 from llamalaunch.units import MIB
 
-CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 FLASH_ATTN = ("on", "off", "auto")
 # Default safety margin per device. llama.cpp's --fit keeps 1024 MiB; we plan exactly and keep only
 # what run-time allocations outside llama.cpp's accounting needed in measured runs: the CUDA pool's
@@ -23,20 +23,16 @@ def _frozen(mapping: Mapping[str, int] | None) -> Mapping[str, int]:
 
 
 @dataclass(frozen=True)
-class Request:
-    """A plan request. `ctx_tokens=None` means the largest context that fits (`--ctx max`)."""
+class Request(ContextSpec):
+    """A plan request. `ctx_tokens=None` means the largest context that fits (`--ctx max`).
+
+    It is the model layer's ContextSpec (slots, KV layout, batch sizes, cache types) plus what only
+    planning needs, so the model layer sizes a Request as it is without importing plan/.
+    """
 
     ctx_tokens: int | None = 4096
     ctx_min_tokens: int = 256
     ctx_is_target: bool = False  # serve: fall back to the largest ctx >= ctx_min when ctx does not fit
-    n_parallel: int = 4  # llama-server's -np auto: 4 slots, unified KV cache of n_ctx cells
-    kv_unified: bool = True
-    n_batch: int = 2048
-    n_ubatch: int = 512
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    flash_attn: str = "auto"
-    swa_full: bool = False
     margin_bytes: int | None = None  # None: the default, scaled to the device
     extra_margin_bytes: int = 0  # learnt from run-time out-of-memory failures
     reserve_bytes: Mapping[str, int] = field(default_factory=lambda: _frozen(None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llamalaunch.model.measured import ComponentError, within_tolerance
+from llamalaunch.model.compare import ComponentRow, within_tolerance
 from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
 
@@ -62,7 +62,7 @@ def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
     }
 
 
-def verify_to_list(rows: Sequence[ComponentError]) -> list[dict[str, Any]]:
+def verify_to_list(rows: Sequence[ComponentRow]) -> list[dict[str, Any]]:
     """`plan --verify --json`: planned against llama-server's own figures, per device and component."""
     return [{"device": row.device, "component": row.component, "planned_bytes": row.planned_bytes,
              "measured_bytes": row.measured_bytes, "within_tolerance": within_tolerance(row)} for row in rows]

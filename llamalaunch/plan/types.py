@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llamalaunch.model.estimate import MemoryUse
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.speed import Alternative, SpeedEstimate
 from llamalaunch.probe.device import Device
-
-
-@dataclass(frozen=True)
-class MemoryUse:
-    """Bytes one device (or the host) holds, by component."""
-
-    weights_bytes: int = 0
-    kv_bytes: int = 0
-    compute_bytes: int = 0
-    overhead_bytes: int = 0  # outside llama.cpp's accounting: CUDA context, cuBLAS, pool
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
 
 
 @dataclass(frozen=True)

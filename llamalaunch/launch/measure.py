@@ -1,5 +1,7 @@
 """The measured estimator: ask the local llama.cpp build what it allocates for the same placement.
 
+model/compare.py compares the two; this module runs llama.cpp and reads what it printed.
+
 Two projections, not equally true (DESIGN.md §3):
 - `load` (default): start llama-server with the exact argv (`--fit off`, explicit -dev/-ngl/-ts), wait
   until the model is loaded, stop it, and read the buffer lines it printed. These are the real
@@ -26,9 +28,8 @@ from types import MappingProxyType
 from llamalaunch.errors import ServeError, ToolchainError
 from llamalaunch.launch.logparse import (HOST, BreakdownRow, BufferSize, Event, Listening, LoadFailed, ModelLoaded,
                                          OutOfMemory, buffer_device, parse_events)
-from llamalaunch.model.estimate import Estimate, Placement, host_experts_override
+from llamalaunch.model.estimate import Estimate, MemoryUse, Placement, host_experts_override
 from llamalaunch.plan.request import Request
-from llamalaunch.plan.types import MemoryUse
 from llamalaunch.units import MIB
 
 LOAD_TIMEOUT_S = 120.0
@@ -239,49 +240,3 @@ def breakdown_rows(events: Iterable[Event]) -> list[BreakdownRow]:
             last = []
         last.append(row)
     return last
-
-
-def mib(value: int) -> float:
-    return value / MIB
-
-
-COMPONENTS = ("weights", "kv", "compute")
-
-
-@dataclass(frozen=True)
-class ComponentError:
-    """Planned minus measured for one component of one device (HOST for the host)."""
-
-    device: str
-    component: str  # weights, kv, compute
-    planned_bytes: int
-    measured_bytes: int
-
-    @property
-    def error_bytes(self) -> int:
-        return self.planned_bytes - self.measured_bytes
-
-    @property
-    def relative(self) -> float:
-        return self.error_bytes / self.measured_bytes if self.measured_bytes else 0.0
-
-
-def compare(planned: Estimate, measured: Estimate) -> list[ComponentError]:
-    """Per device (and the host) and component, what the analytic estimate got wrong."""
-    rows: list[ComponentError] = []
-    pairs = [(name, planned.devices[name], measured.devices.get(name, MemoryUse())) for name in planned.devices]
-    pairs.append((HOST, planned.host, measured.host))
-    for name, plan, real in pairs:
-        for component in COMPONENTS:
-            field = f"{component}_bytes"
-            rows.append(ComponentError(name, component, getattr(plan, field), getattr(real, field)))
-    return rows
-
-
-def within_tolerance(row: ComponentError) -> bool:
-    """Weights and KV: equal to the printed MiB (0.01). Compute: within max(5%, 16 MiB)."""
-    if row.component == "compute":
-        return abs(row.error_bytes) <= max(row.measured_bytes // 20, 16 * MIB)
-    # 0.01 MiB: a device's SWA and full caches print as two buffers that round by 0.005 MiB each; the
-    # few bytes on top are the flooring of each parsed "N.NN MiB"
-    return abs(row.error_bytes) <= MIB // 100 + 8
