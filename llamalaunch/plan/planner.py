@@ -8,7 +8,7 @@ from dataclasses import replace
 from llamalaunch.errors import PlanError
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
-from llamalaunch.model.estimate import Placement, SlotRange
+from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.plan.costs import CostModel
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
@@ -81,7 +81,7 @@ class Planner:
         if dense is None:
             return None
         choice = fill_experts(self.costs(ctx_tokens, every), dense)
-        estimate = self.costs(ctx_tokens, choice.host_expert_layers).estimate(self.placement(ctx_tokens, choice))
+        _, estimate = self.placed(ctx_tokens, choice)
         if any(estimate.devices[d.name].total_bytes > device_limit(d, self.request) for d in choice.order):
             return None
         host = estimate.host
@@ -91,11 +91,12 @@ class Planner:
             raise PlanError(*self.host_refusal(ctx_tokens, host.total_bytes))
         return choice
 
-    def placement(self, ctx_tokens: int, choice: Choice) -> Placement:
-        """The choice's placement, with the expert tensors of split blocks where the choice put them."""
-        fitter = Fitter(self.costs(ctx_tokens, choice.host_expert_layers), self.request)
-        return replace(fitter.placement(choice.order, choice.counts, choice.n_gpu_layers),
-                       host_expert_parts=choice.host_expert_parts)
+    def placed(self, ctx_tokens: int, choice: Choice) -> tuple[Placement, Estimate]:
+        """The choice's placement (the expert tensors of split blocks where it put them) and its estimate."""
+        costs = self.costs(ctx_tokens, choice.host_expert_layers)
+        placement = Fitter(costs, self.request).placement(choice.order, choice.counts, choice.n_gpu_layers)
+        placement = replace(placement, host_expert_parts=choice.host_expert_parts)
+        return placement, costs.estimate(placement)
 
     def host_refusal(self, ctx_tokens: int, host_bytes: int) -> tuple[str, str]:
         free = self.host_free_bytes or 0
@@ -274,8 +275,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request
 
 
 def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOptions) -> Plan:
-    placement = planner.placement(ctx_tokens, choice)
-    estimate = planner.costs(ctx_tokens, choice.host_expert_layers).estimate(placement)
+    placement, estimate = planner.placed(ctx_tokens, choice)
     spilled = choice.host_expert_layers | {il for il, _ in choice.host_expert_parts}
     plans: list[DevicePlan] = []
     for device, slot_range in zip(choice.order, placement.ranges):
