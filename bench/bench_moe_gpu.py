@@ -164,7 +164,9 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
 PARTS = ("ours", "nommap", "fit", "search", "max")
 
 
-def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS) -> dict:
+def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
+             saved: "callable[[dict], None]" = lambda record: None) -> dict:
+    """One case; `saved(record)` after each contender, so a run cut short still leaves what it measured."""
     model = models / case.model
     record: dict = {"case": case.name, "ctx": case.ctx}
     ballast = Ballast(case.free_mib)
@@ -190,18 +192,23 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
         if "argv" in plan and "ours" in parts:
             record["ours"] = measure(server, plan["argv"], logs / "ours.log", case.ctx)
             print("ours", json.dumps(record["ours"]), flush=True)
+            saved(record)
         if "argv" in plan and "nommap" in parts:
             record["ours_no_mmap"] = measure(server, [*plan["argv"], "-lm", "none"], logs / "ours-nommap.log", None)
             print("ours -lm none", json.dumps(record["ours_no_mmap"]), flush=True)
+            saved(record)
         if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
             record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", case.ctx)
             print("fit", json.dumps(record["fit"]), flush=True)
+            saved(record)
         start = len(plan.get("host_expert_layers") or []) or 24
         if not case.rpc_budget_mib and "search" in parts:
             record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc)
             print("n-cpu-moe", json.dumps(record["n_cpu_moe"]), flush=True)
+            saved(record)
         if "max" in parts:
             record.update(ctx_max(server, model, logs, rpc, budget))
+            saved(record)
     finally:
         if worker is not None:
             worker.kill()
@@ -269,7 +276,9 @@ def main() -> None:
     write_models(models)
     results = []
     for key in args.cases:
-        results.append(run_case(args.server, models, CASES[key], args.logs, tuple(args.parts.split(","))))
+        def saved(record: dict) -> None:
+            (args.out / f"{args.tag}.json").write_text(json.dumps([*results, record], indent=2) + "\n")
+        results.append(run_case(args.server, models, CASES[key], args.logs, tuple(args.parts.split(",")), saved))
         (args.out / f"{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = table(results)
     (args.out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
