@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from llamalaunch import cli_ops, cli_status
+from llamalaunch.cli_common import chosen_model, err, opt, out, print_json, reports_errors
 from llamalaunch.cli_ops import ConfigOpt
-from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.launch.ports import DEFAULT_PORT
-from llamalaunch.observe.console import cli_console
+from llamalaunch.options import check_params
 
 
 @contextlib.contextmanager
@@ -65,90 +62,9 @@ app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven G
 toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True)
 app.add_typer(toolchain_app, name="toolchain")
 
-out = cli_console()
-err = cli_console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
+# --- shared options (spellings, defaults and help: options.py) --------------------------------------
 
-
-def reports_errors(command: F) -> F:
-    """Every LaunchError becomes one line on stderr and its exit code; never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except LaunchError as error:
-            err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
-# --- shared options -------------------------------------------------------------------------------
-
-LlamaServerOpt = Annotated[Optional[str], typer.Option("--llama-server", help="Path of llama-server to use.")]
-RpcOpt = Annotated[list[str], typer.Option("--rpc", help="RPC workers HOST:PORT (comma-separated or repeated).")]
-# No square brackets in help texts: typer renders them as rich markup ("[/TOTAL]" is a closing tag).
-AssumeOpt = Annotated[list[str], typer.Option("--assume", help="What-if device NAME=FREE or NAME=FREE/TOTAL, "
-                                                                "e.g. CUDA0=24GiB; no probe runs.")]
-InventoryOpt = Annotated[Optional[Path], typer.Option("--inventory", help="File of what-if devices, one "
-                                                                         "NAME=FREE or NAME=FREE/TOTAL a line.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-CtxOpt = Annotated[str, typer.Option("-c", "--ctx-size", "--ctx", help="Context: 16k, 16384 or max.")]
-CtxMinOpt = Annotated[str, typer.Option("--ctx-min", help="Smallest context to accept when shrinking.")]
-ParallelOpt = Annotated[int, typer.Option("-np", "--parallel", help="Server slots (llama-server's default: 4).")]
-KvuOpt = Annotated[bool, typer.Option("-kvu/-no-kvu", "--kv-unified/--no-kv-unified", help="Unified KV cache.")]
-BatchOpt = Annotated[int, typer.Option("-b", "--batch-size", help="Logical batch size.")]
-UbatchOpt = Annotated[int, typer.Option("-ub", "--ubatch-size", help="Physical batch size.")]
-CtkOpt = Annotated[str, typer.Option("-ctk", "--cache-type-k", help="K cache type (f16, q8_0, q4_0, ...).")]
-CtvOpt = Annotated[str, typer.Option("-ctv", "--cache-type-v", help="V cache type (quantized needs -fa).")]
-FaOpt = Annotated[str, typer.Option("-fa", "--flash-attn", help="Flash attention: on, off or auto.")]
-SwaFullOpt = Annotated[bool, typer.Option("--swa-full", help="Full-size cache for sliding-window layers.")]
-DevOpt = Annotated[Optional[str], typer.Option("-dev", "--device", help="Devices to use, in order: CUDA0,RPC0.")]
-ExcludeOpt = Annotated[list[str], typer.Option("--exclude", help="Leave a device out (repeatable).")]
-ReserveOpt = Annotated[list[str], typer.Option("--reserve", help="Keep NAME=SIZE free on a device, e.g. "
-                                                                  "CUDA1=1.5GiB.")]
-BudgetOpt = Annotated[list[str], typer.Option("--budget", help="Never plan more than NAME=SIZE on a device.")]
-MarginOpt = Annotated[Optional[str], typer.Option("--margin", help="Free memory kept on every device "
-                                                                    "(default 64MiB; 5% of a device with less "
-                                                                    "than 1.25GiB, at least 8MiB).")]
-SpillOpt = Annotated[bool, typer.Option("--cpu-spill", help="Keep the first layers on the CPU when the model "
-                                                             "does not fit.")]
-NglOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", help="Force the number of offloaded "
-                                                                          "slots.")]
-CpuExpertsOpt = Annotated[Optional[int], typer.Option("--cpu-experts", help="MoE: keep the routed experts of "
-                                                                          "the first N MoE layers in host memory "
-                                                                          "(default: as many on the devices as fit).")]
-GenericOpt = Annotated[bool, typer.Option("--generic-arch", help="Plan an architecture llamalaunch does not know "
-                                                                   "with a conservative generic estimate.")]
-MmprojOpt = Annotated[Optional[str], typer.Option("--mmproj", help="Multimodal projector: reserved and pinned to "
-                                                                  "the first device.")]
-DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft model for speculative decoding: "
-                                                                "reserved and pinned to the first device.")]
-CalibrateOpt = Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Measure the overhead of a device "
-                                           "seen for the first time (a second's load of a small model).")]
-MetricsPortOpt = Annotated[Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics on "
-                                                                          "this port (/metrics).")]
-MetricsHostOpt = Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port (default "
-                                                                     "loopback).")]
-OverheadOpt = Annotated[list[str], typer.Option("--overhead", help="Memory outside llama.cpp's accounting, "
-                                                                    "NAME=SIZE or BACKEND=SIZE (CUDA context).")]
-LinkOpt = Annotated[list[str], typer.Option("--link", help="What-if network to an RPC worker NAME=RATE/ROUNDTRIP, "
-                                                          "e.g. RPC0=1Gbit/0.3ms (default: measured by the probe).")]
-DeviceSpeedOpt = Annotated[list[str], typer.Option("--device-speed", help="What-if speed NAME=BANDWIDTH or "
-                                                                          "NAME=BANDWIDTH:FLOPS, e.g. RPC0=20GB:500GFLOPS "
-                                                                          "(per second; CPU for the host).")]
-PreferOpt = Annotated[str, typer.Option("--prefer", help="When placements differ: context (the largest context, "
-                                                         "then the fastest) or speed (the fastest, then the "
-                                                         "largest context).")]
-FillOpt = Annotated[Optional[str], typer.Option("--fill", help="Context fill for the speed estimate, e.g. 8k "
-                                                              "(default: half the context).")]
 
 
 def what_if(assume: list[str], inventory: Path | None) -> list[str]:
@@ -156,29 +72,6 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
     from llamalaunch.probe.assume import read_inventory
 
     return [*assume, *(read_inventory(inventory) if inventory is not None else [])]
-
-
-def chosen_model(ctx: Any) -> tuple[str | None, bool]:
-    """(model, demo) for plan, serve and the systemd unit: a model path or --demo, exactly one.
-
-    Both at the same level (both on the command line, or both from the profile and environment) is an
-    error; otherwise the command line wins, as it does for every option (--demo over a profile's model).
-    """
-    model, demo = ctx.params.get("model"), bool(ctx.params.get("demo"))
-    if model is None and not demo:
-        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
-    if model is None or not demo:
-        return model, demo
-    model_rank, demo_rank = _given_rank(ctx, "model"), _given_rank(ctx, "demo")
-    if model_rank == demo_rank:
-        raise BadInputError(f"both a model ({model}) and --demo given", "drop one: MODEL.gguf, or --demo for the "
-                            "bundled SmolLM2-135M")
-    return (model, False) if model_rank > demo_rank else (None, True)
-
-
-def _given_rank(ctx: Any, name: str) -> int:
-    source = ctx.get_parameter_source(name)
-    return 2 if source is not None and source.name == "COMMANDLINE" else 1
 
 
 REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
@@ -210,7 +103,7 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
 
 @toolchain_app.callback()
 @reports_errors
-def toolchain_show(ctx: typer.Context, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
+def toolchain_show(ctx: typer.Context, llama_server: str | None = opt("llama_server"), as_json: JsonOpt = False,
                    config: ConfigOpt = None) -> None:
     """Show which llama-server, ggml-rpc-server and llama-fit-params will be used."""
     if ctx.invoked_subcommand is not None:
@@ -229,8 +122,8 @@ def toolchain_show(ctx: typer.Context, llama_server: LlamaServerOpt = None, as_j
 @toolchain_app.command("install")
 @reports_errors
 def toolchain_install(cuda: Annotated[bool, typer.Option("--cuda", help="Build with CUDA.")] = False,
-                      jobs: Annotated[Optional[int], typer.Option("-j", "--jobs", help="Parallel jobs.")] = None,
-                      sdist: Annotated[Optional[Path], typer.Option("--sdist", help="Local copy of the pinned "
+                      jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Parallel jobs.")] = None,
+                      sdist: Annotated[Path | None, typer.Option("--sdist", help="Local copy of the pinned "
                                                                                      "sdist.")] = None) -> None:
     """Build llama-server, ggml-rpc-server and llama-fit-params from the pinned llama.cpp sdist."""
     from llamalaunch.toolchain.install import install
@@ -254,8 +147,8 @@ def demo_model(path_only: Annotated[bool, typer.Option("--path", help="Print onl
 
 @app.command()
 @reports_errors
-def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
-            as_json: JsonOpt = False,
+def devices(rpc: list[str] = opt("rpc"), assume: list[str] = opt("assume"),
+            inventory: Path | None = opt("inventory"), as_json: JsonOpt = False,
             recalibrate: Annotated[bool, typer.Option("--calibrate", help="Measure each device's overhead outside "
                                                                         "llama.cpp's accounting again, now.")] = False,
             config: ConfigOpt = None) -> None:
@@ -291,32 +184,31 @@ def calibrate_devices(devices: Sequence[Any]) -> None:
 
 @app.command()
 @reports_errors
-def plan(ctx_: typer.Context,
-         model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")] = None,
-         demo: Annotated[bool, typer.Option("--demo", help="Plan the bundled demo model.")] = False,
-         ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
-         batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
-         cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
-         rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
-         device: DevOpt = None,
-         exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
-         margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
-         cpu_experts: CpuExpertsOpt = None,
-         overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
-         calibrate: CalibrateOpt = True,
-         generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None, as_json: JsonOpt = False,
+def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt("demo"),
+         ctx: str = opt("ctx"), ctx_min: str = opt("ctx_min"), parallel: int = opt("parallel"),
+         kv_unified: bool = opt("kv_unified"), batch: int = opt("batch"), ubatch: int = opt("ubatch"),
+         cache_type_k: str = opt("cache_type_k"), cache_type_v: str = opt("cache_type_v"),
+         flash_attn: str = opt("flash_attn"), swa_full: bool = opt("swa_full"), rpc: list[str] = opt("rpc"),
+         assume: list[str] = opt("assume"), inventory: Path | None = opt("inventory"),
+         device: str | None = opt("device"), exclude: list[str] = opt("exclude"),
+         reserve: list[str] = opt("reserve"), budget: list[str] = opt("budget"),
+         margin: str | None = opt("margin"), cpu_spill: bool = opt("cpu_spill"),
+         gpu_layers: int | None = opt("gpu_layers"), cpu_experts: int | None = opt("cpu_experts"),
+         overhead: list[str] = opt("overhead"), mmproj: str | None = opt("mmproj"),
+         draft: str | None = opt("draft"), calibrate: bool = opt("calibrate"),
+         generic_arch: bool = opt("generic_arch"), llama_server: str | None = opt("llama_server"),
+         link: list[str] = opt("link"), device_speed: list[str] = opt("device_speed"),
+         prefer: str = opt("prefer"),
+         fill: str | None = opt("fill"), compare: bool = opt("compare"), as_json: JsonOpt = False,
          verify: Annotated[bool, typer.Option("--verify", help="Load the plan in llama-server, compare what "
                                               "it allocates (exit 1 out of tolerance).")] = False,
-         link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
-         fill: FillOpt = None,
-         compare: Annotated[bool, typer.Option("--compare", help="Also list the best placements that fit, with "
-                                                                 "context and estimated speed.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
     from llamalaunch.model.compare import within_tolerance
     from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
+    check_params("plan", ctx_.params)
     inputs = plan_inputs(ctx_)
     result = inputs.plan()
     checked = inputs.verify(result) if verify else None
@@ -337,59 +229,40 @@ def plan(ctx_: typer.Context,
 
 @app.command(cls=ArgsAfterSeparator, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @reports_errors
-def serve(ctx_: typer.Context,
-          model: Annotated[Optional[str], typer.Argument(help="GGUF model (first shard of a split model).")]
-          = None,
-          demo: Annotated[bool, typer.Option("--demo", help="Serve the bundled demo model.")] = False,
-          ctx: CtxOpt = "max", ctx_min: CtxMinOpt = "256", parallel: ParallelOpt = 4, kv_unified: KvuOpt = True,
-          batch: BatchOpt = 2048, ubatch: UbatchOpt = 512, cache_type_k: CtkOpt = "f16",
-          cache_type_v: CtvOpt = "f16", flash_attn: FaOpt = "auto", swa_full: SwaFullOpt = False,
-          rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = None,  # noqa: B006
-         device: DevOpt = None,
-          exclude: ExcludeOpt = [], reserve: ReserveOpt = [], budget: BudgetOpt = [],  # noqa: B006
-          margin: MarginOpt = None, cpu_spill: SpillOpt = False, gpu_layers: NglOpt = None,
-         cpu_experts: CpuExpertsOpt = None,
-          overhead: OverheadOpt = [], mmproj: MmprojOpt = None, draft: DraftOpt = None,  # noqa: B006
-          calibrate: CalibrateOpt = True,
-          generic_arch: GenericOpt = False, llama_server: LlamaServerOpt = None,
-          host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option("--port", help="Port (llama-server's default; 0: any free one).")]
-          = DEFAULT_PORT,
-          name: Annotated[str, typer.Option("--name", help="Run name, for `status --name`.")] = "default",
-          api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File with the API key.")]
-          = None,
-          max_attempts: Annotated[int, typer.Option("--max-attempts", help="Loads tried on out-of-memory.")] = 3,
-          max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after crashes.")] = 5,
-          backoff: Annotated[float, typer.Option("--backoff", help="First restart delay in seconds (doubles, "
-                                                                   "at most 30).")] = 1.0,
-          load_timeout: Annotated[float, typer.Option("--load-timeout", help="Seconds without progress before "
-                                                                             "a load counts as stalled.")] = 600,
-          health_interval: Annotated[float, typer.Option(
-              "--health-interval", help="Once ready, ask /health this often (seconds; each answer may take as "
-                                        "long); 0: no liveness checks.")] = 5.0,
-          health_misses: Annotated[int, typer.Option(
-              "--health-misses", help="Unanswered /health checks in a row after which a hung llama-server is "
-                                      "killed and restarted.")] = 3,
+def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt("demo"),
+          ctx: str = opt("ctx"), ctx_min: str = opt("ctx_min"), parallel: int = opt("parallel"),
+          kv_unified: bool = opt("kv_unified"), batch: int = opt("batch"), ubatch: int = opt("ubatch"),
+          cache_type_k: str = opt("cache_type_k"), cache_type_v: str = opt("cache_type_v"),
+          flash_attn: str = opt("flash_attn"), swa_full: bool = opt("swa_full"), rpc: list[str] = opt("rpc"),
+          assume: list[str] = opt("assume"), inventory: Path | None = opt("inventory"),
+          device: str | None = opt("device"), exclude: list[str] = opt("exclude"),
+          reserve: list[str] = opt("reserve"), budget: list[str] = opt("budget"),
+          margin: str | None = opt("margin"), cpu_spill: bool = opt("cpu_spill"),
+          gpu_layers: int | None = opt("gpu_layers"), cpu_experts: int | None = opt("cpu_experts"),
+          overhead: list[str] = opt("overhead"), mmproj: str | None = opt("mmproj"),
+          draft: str | None = opt("draft"), calibrate: bool = opt("calibrate"),
+          generic_arch: bool = opt("generic_arch"), llama_server: str | None = opt("llama_server"),
+          link: list[str] = opt("link"), device_speed: list[str] = opt("device_speed"),
+          prefer: str = opt("prefer"),
+          host: str = opt("host"), port: int = opt("port"), name: str = opt("name"),
+          api_key_file: Path | None = opt("api_key_file"), max_attempts: int = opt("max_attempts"),
+          max_restarts: int = opt("max_restarts"), backoff: float = opt("backoff"),
+          load_timeout: float = opt("load_timeout"), health_interval: float = opt("health_interval"),
+          health_misses: int = opt("health_misses"), metrics_port: int | None = opt("metrics_port"),
+          metrics_host: str = opt("metrics_host"),
           force: Annotated[bool, typer.Option("--force", help="Pass through -ngl/-ts/-c after -- anyway.")] = False,
           no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines even on a terminal.")] = False,
-          link: LinkOpt = [], device_speed: DeviceSpeedOpt = [], prefer: PreferOpt = "context",  # noqa: B006
-          metrics_port: MetricsPortOpt = None, metrics_host: MetricsHostOpt = "127.0.0.1",
           config: ConfigOpt = None) -> None:
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
-    from llamalaunch.launch.serve import run_serve, ServeRequest
-    from llamalaunch.plan.parse import check_api_key_file, parse_count, parse_listen_host, parse_seconds
+    from llamalaunch.launch.http import read_api_key
+    from llamalaunch.launch.serve import ServeRequest, run_serve
+    from llamalaunch.plan.parse import parse_listen_host
 
     # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
     host = parse_listen_host(host)
-    port = parse_count(port, "--port", 0, 65535)
-    max_attempts = parse_count(max_attempts, "--max-attempts", 1, 100)
-    max_restarts = parse_count(max_restarts, "--max-restarts", 0)
-    backoff = parse_seconds(backoff, "--backoff", 0, 3600)
-    load_timeout = parse_seconds(load_timeout, "--load-timeout", 0.1, 7 * 86400)
-    health_interval = parse_seconds(health_interval, "--health-interval", 0, 3600)
-    health_misses = parse_count(health_misses, "--health-misses", 1, 1000)
-    metrics_port = None if metrics_port is None else parse_count(metrics_port, "--metrics-port", 1, 65535)
-    api_key_file = None if api_key_file is None else check_api_key_file(api_key_file)
+    check_params("serve", ctx_.params)
+    if api_key_file is not None:
+        read_api_key(api_key_file)  # a file llama-server would read no key from is refused now
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
@@ -408,8 +281,6 @@ def serve(ctx_: typer.Context,
 def main() -> None:
     app()
 
-
-from llamalaunch import cli_ops, cli_status  # noqa: E402  # at the bottom: they fetch reports_errors from here
 
 cli_ops.register(app)
 cli_status.register(app)

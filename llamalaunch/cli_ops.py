@@ -1,33 +1,28 @@
 """Commands for running llamalaunch as a service: `--config` profiles, `config show`, `worker`, `systemd`.
 
-cli.py calls `register(app)` at its bottom. Nothing here imports cli.py at module level (it imports
-this module), so the shared helpers (reports_errors, out, err, print_json) are fetched when needed.
+cli.py calls `register(app)`; the shared helpers come from cli_common, never from cli.py (no cycle).
+The work is launch/'s (worker.py, systemd_unit.py): these commands parse, call and print.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
+from llamalaunch.cli_common import chosen_model, err, opt, out, print_error, print_json, reports_errors
 from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.options import COMMANDS, check_params
 
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
-# serve's and worker's options that name files: a unit gets them absolute, checked to exist.
-UNIT_PATH_OPTIONS = ("model", "api_key_file", "inventory", "mmproj", "draft")
-UNIT_PROGRAM_OPTIONS = ("llama_server", "rpc_server")  # a path, or a command name on PATH
 _REGISTERED = "_llamalaunch_ops_registered"
-
-
-def _cli() -> Any:
-    from llamalaunch import cli
-
-    return cli
 
 
 # --- --config ---------------------------------------------------------------------------------------
@@ -48,12 +43,12 @@ def _on_version_option(value: bool) -> None:
     if value:
         from llamalaunch import __version__
 
-        _cli().out.print(f"llamalaunch {__version__}", highlight=False)
+        out.print(f"llamalaunch {__version__}", highlight=False)
         raise typer.Exit()
 
 
 def root_callback(ctx: typer.Context,
-                  config: Annotated[Optional[Path], typer.Option(
+                  config: Annotated[Path | None, typer.Option(
                       "--config", help="TOML profile with option values (see configs/). Precedence: command "
                                        "line > LLAMALAUNCH_<OPTION> > profile > defaults. Default: "
                                        "$LLAMALAUNCH_CONFIG, else ~/.config/llamalaunch/config.toml.")] = None,
@@ -64,20 +59,20 @@ def root_callback(ctx: typer.Context,
     apply_profile(ctx, config)
 
 
-def _on_config_option(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+def _on_config_option(ctx: typer.Context, value: Path | None) -> Path | None:
     """Eager --config after a command name: its profile replaces the root's for this command."""
     if value is None or ctx.resilient_parsing:
         return value
     try:
         apply_profile(ctx, value, ctx.info_name or "")
     except LaunchError as error:
-        _cli().err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        print_error(error)
         raise typer.Exit(error.exit_code) from None
     return value
 
 
 # Add `config: ConfigOpt = None` to a command to accept `--config FILE` after its name too.
-ConfigOpt = Annotated[Optional[Path], typer.Option(
+ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", is_eager=True, callback=_on_config_option,
     help="TOML profile (see configs/); command line > LLAMALAUNCH_<OPTION> > profile > defaults.")]
 
@@ -90,15 +85,6 @@ def _settings(ctx: typer.Context) -> tuple[Any, dict[str, Any]]:
     return load_settings(None)
 
 
-def _command_defaults(ctx: typer.Context, command: str) -> dict[str, Any]:
-    root = ctx.find_root().command
-    target = getattr(root, "commands", {}).get(command)
-    if target is None:
-        raise BadInputError(f"--for {command!r} is not a command",
-                            "use serve, plan, devices, toolchain or worker")
-    return {param.name: param.default for param in target.params if param.name}
-
-
 def config_show(ctx: typer.Context,
                 command: Annotated[str, typer.Option("--for", help="Whose options: serve, plan, devices, "
                                                                    "toolchain or worker.")] = "serve",
@@ -109,11 +95,12 @@ def config_show(ctx: typer.Context,
 
     from llamalaunch.config import resolve
 
+    if command not in COMMANDS:
+        raise BadInputError(f"--for {command!r} is not a command", "use serve, plan, devices, toolchain or worker")
     profile, settings = _settings(ctx)
-    rows = resolve(command, settings, _command_defaults(ctx, command))
-    cli = _cli()
+    rows = resolve(command, settings)
     if as_json:
-        cli.print_json({"profile": str(profile.path) if profile else None, "command": command,
+        print_json({"profile": str(profile.path) if profile else None, "command": command,
                         "options": [{"key": row.key, "value": row.value, "source": row.source,
                                      "origin": row.origin} for row in rows]})
         return
@@ -124,9 +111,9 @@ def config_show(ctx: typer.Context,
         where = f"env {row.origin}" if row.source == "env" else row.source
         style = "dim" if row.source == "default" else None
         table.add_row(row.key, _show_value(row.value), where, style=style)
-    cli.out.print(f"{command} options; profile: {profile.path if profile else 'none'}", highlight=False,
-                  soft_wrap=True)
-    cli.out.print(table)
+    out.print(f"{command} options; profile: {profile.path if profile else 'none'}", highlight=False,
+              soft_wrap=True)
+    out.print(table)
 
 
 def _show_value(value: Any) -> str:
@@ -141,66 +128,41 @@ def _show_value(value: Any) -> str:
 
 
 def worker_command(
-        gpus: Annotated[str, typer.Option("--gpus", help="GPUs to serve: all, cpu, or CUDA indices like 0,2 "
-                                                         "(no GPU: one CPU worker).")] = "all",
-        port_base: Annotated[int, typer.Option("--port-base", help="GPU i listens on port-base + i; the CPU "
-                                                                   "worker on port-base.")] = 50052,
-        host: Annotated[str, typer.Option("--host", help="IPv4 address to bind. Anything but loopback is "
-                                                         "reachable without authentication.")] = "127.0.0.1",
-        threads: Annotated[Optional[int], typer.Option(
-            "-t", "--threads", help="CPU threads (CPU worker default: physical cores).")] = None,
-        rpc_server: Annotated[Optional[str], typer.Option(
-            "--rpc-server", help="Path of ggml-rpc-server.")] = None,
-        llama_server: Annotated[Optional[str], typer.Option(
-            "--llama-server", help="llama-server whose build's ggml-rpc-server to use.")] = None,
-        max_restarts: Annotated[Optional[int], typer.Option(
-            "--max-restarts", help="Give up after this many restarts of a worker (default: never).")] = None,
+        ctx: typer.Context, gpus: str = opt("worker.gpus"), port_base: int = opt("worker.port_base"),
+        host: str = opt("worker.host"), threads: int | None = opt("worker.threads"),
+        rpc_server: str | None = opt("worker.rpc_server"), llama_server: str | None = opt("llama_server"),
+        max_restarts: int | None = opt("worker.max_restarts"),
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Hide the workers' own output.")] = False,
-        metrics_port: Annotated[Optional[int], typer.Option(
-            "--metrics-port", help="Serve Prometheus metrics of the workers on this port (/metrics).")] = None,
-        metrics_host: Annotated[str, typer.Option(
-            "--metrics-host", help="Address for --metrics-port (default loopback).")] = "127.0.0.1",
+        metrics_port: int | None = opt("worker.metrics_port"), metrics_host: str = opt("worker.metrics_host"),
         config: ConfigOpt = None) -> None:
     """Run one ggml-rpc-server per local GPU (or one on the CPU), restart them if they die, print --rpc."""
-    from llamalaunch.launch.worker import (
-        WorkerPool,
-        check_host,
-        check_ports_free,
-        exposure_warning,
-        find_rpc_server,
-        select_gpus,
-        worker_specs,
-    )
-    from llamalaunch.launch.process import stop_on_signals
-    from llamalaunch.observe.metrics import MetricsServer, SnapshotCache, WorkerMetrics, WorkerProbe
-    from llamalaunch.plan.parse import parse_count
-    from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
+    from llamalaunch.launch.worker import WorkerRequest, prepare_workers, run_workers
 
-    cli = _cli()
-    bind = check_host(host)
-    threads = None if threads is None else parse_count(threads, "-t/--threads", 1, 4096)
-    metrics_port = None if metrics_port is None else parse_count(metrics_port, "--metrics-port", 1, 65535)
-    if warning := exposure_warning(bind):
-        cli.err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
-    binary = find_rpc_server(rpc_server, llama_server)
-    probe = GpuProbe(()) if gpus.strip().lower() == "cpu" else probe_local_gpus()
-    selected = select_gpus(gpus, probe.devices, probe.reason)
-    if not selected and probe.reason and gpus.strip().lower() != "cpu":
-        cli.err.print(f"note: no GPU ({probe.reason}); serving the CPU", highlight=False, soft_wrap=True)
-    specs = worker_specs(binary, selected, bind, port_base, threads)
-    check_ports_free(specs)
-    metrics = MetricsServer(metrics_host, metrics_port) if metrics_port is not None else None
-    pool = WorkerPool(specs, _worker_view(cli.out, quiet), max_restarts=max_restarts)
-    if metrics is not None:
-        metrics.start(WorkerMetrics(SnapshotCache(WorkerProbe(pool.states).rows)))
-        cli.out.print(f"Prometheus metrics on {metrics.url}", highlight=False, soft_wrap=True)
+    check_params("worker", ctx.params)
+    request = WorkerRequest(gpus=gpus, port_base=port_base, host=host, threads=threads, rpc_server=rpc_server,
+                            llama_server=llama_server, max_restarts=max_restarts)
+    specs = prepare_workers(request, _say)
+    attach = None if metrics_port is None else functools.partial(_worker_metrics, metrics_host, metrics_port)
+    raise typer.Exit(run_workers(specs, _worker_view(out, quiet), max_restarts, attach))
+
+
+def _say(kind: str, text: str) -> None:
+    prefix = "[yellow]warning:[/yellow] " if kind == "warning" else "note: "
+    err.print(f"{prefix}{text}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _worker_metrics(host: str, port: int, pool: Any) -> Iterator[None]:
+    """/metrics of the workers while the pool runs."""
+    from llamalaunch.observe.metrics import MetricsServer, SnapshotCache, WorkerMetrics, WorkerProbe
+
+    metrics = MetricsServer(host, port)
     try:
-        with stop_on_signals(pool.request_stop):
-            code = pool.run()
+        metrics.start(WorkerMetrics(SnapshotCache(WorkerProbe(pool.states).rows)))
+        out.print(f"Prometheus metrics on {metrics.url}", highlight=False, soft_wrap=True)
+        yield
     finally:
-        if metrics is not None:
-            metrics.close()
-    raise typer.Exit(code)
+        metrics.close()
 
 
 def _worker_view(console: Any, quiet: bool) -> Callable[[Any], None]:
@@ -231,29 +193,32 @@ def systemd_command(
             "--user", help="A user unit (systemctl --user) instead of a system unit.")] = False,
         install_units: Annotated[bool, typer.Option("--install", help="Write the unit instead of printing "
                                                                       "it.")] = False,
-        unit_dir: Annotated[Optional[Path], typer.Option("--unit-dir", help="Folder to write it to (default: "
+        unit_dir: Annotated[Path | None, typer.Option("--unit-dir", help="Folder to write it to (default: "
                                                                             "systemd's).")] = None,
-        run_as: Annotated[Optional[str], typer.Option("--run-as", help="User= of a system unit (default: "
+        run_as: Annotated[str | None, typer.Option("--run-as", help="User= of a system unit (default: "
                                                                        "you; root: root).")] = None,
         env: Annotated[list[str], typer.Option("--env", help="Extra Environment= NAME=VALUE (repeatable).")]
         = [],  # noqa: B006
-        config: Annotated[Optional[Path], typer.Option("--config", help="Profile the unit runs with "
+        config: Annotated[Path | None, typer.Option("--config", help="Profile the unit runs with "
                                                                         "(ExecStart gets its absolute "
                                                                         "path).")] = None) -> None:
     """Print (or --install) a systemd unit running `serve` or `worker` with the options that follow."""
     from llamalaunch.launch import systemd
+    from llamalaunch.launch.systemd_unit import UnitRequest, build_unit
 
-    cli = _cli()
-    unit, instances = _build_unit(ctx, kind, user, run_as, env, config, _passthrough_args(ctx))
+    request = UnitRequest(kind, tuple(_passthrough_args(ctx)), user, run_as, tuple(env), config)
+    unit = build_unit(request, lambda command, args, choose_model: _check_options(ctx, command, args, choose_model),
+                      lambda command: _path_options(ctx, command),
+                      lambda note: err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True))
     if not install_units:
-        sys.stdout.write(unit.content)
+        sys.stdout.write(unit.file.content)
         return
     folder = unit_dir or systemd.unit_dir(user)
-    for path in systemd.install([unit], folder):
-        cli.out.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    cli.out.print("next:", highlight=False)
-    for step in systemd.next_steps(unit, user, folder, instances):
-        cli.out.print(f"  {step}", markup=False, highlight=False, soft_wrap=True)
+    for path in systemd.install([unit.file], folder):
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    out.print("next:", highlight=False)
+    for step in systemd.next_steps(unit.file, user, folder, unit.instances):
+        out.print(f"  {step}", markup=False, highlight=False, soft_wrap=True)
 
 
 class _KeepsSeparator(TyperCommand):
@@ -276,70 +241,22 @@ def _passthrough_args(ctx: typer.Context) -> list[str]:
     return [*args[:len(args) - len(after)], "--", *after]
 
 
-def _build_unit(ctx: typer.Context, kind: str, user: bool, run_as: str | None, env: Sequence[str],
-                config: Path | None, args: list[str]) -> tuple[Any, list[str]]:
-    import os
-
-    from llamalaunch.launch import systemd
-
-    if kind not in ("server", "worker"):
-        raise BadInputError(f"unit kind {kind!r} is not known",
-                            "use `llamalaunch systemd server` or `... worker`")
-    if user and run_as:
-        raise BadInputError("--run-as is for system units", "drop --run-as, or drop --user")
-    profile_args: list[str] = []
-    profile_keys: set[str] = set()
-    notes: list[str] = []
-    if config is not None:
-        from llamalaunch.config import KEYS_BY_NAME, load_profile
-
-        profile = load_profile(config.expanduser().resolve())
-        profile_args = ["--config", str(profile.path)]
-        profile_keys = set(profile.settings)
-        notes += filter(None, [systemd.private_tmp_note("--config", profile.path)])
-        notes += filter(None, [systemd.unit_path(str(setting.value), f"{profile.path}: {setting.key} =",
-                                                 Path("/"))[1]
-                               for setting in profile.settings.values() if KEYS_BY_NAME[setting.key].kind == "path"])
-    command = "serve" if kind == "server" else "worker"
-    if kind == "worker" and "--" in args:
-        raise BadInputError("worker takes no arguments after --", "give worker options only")
-    if kind == "worker" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in args):
-        raise BadInputError("--gpus is the unit's instance name", "enable llamalaunch-worker@0 (GPU 0), "
-                                                                  "@1, ... or @cpu instead")
-    # A profile given here is not in the parse below: then its model or demo key decides at start.
-    parsed = _check_options(ctx, command, (["--gpus", "all"] if kind == "worker" else []) + args,
-                            choose_model=kind == "server" and not {"model", "demo"} & profile_keys)
-    args, path_notes = systemd.absolute_paths(args, _path_options(ctx, command), Path(os.getcwd()))
-    for note in [*notes, *path_notes]:
-        _cli().err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
-    pinned = _pinned_binaries(kind, args, profile_keys)
-    options = systemd.UnitOptions(
-        launcher=systemd.launcher_argv(),
-        args=(*profile_args, command, *(("--gpus", systemd.INSTANCE) if kind == "worker" else ()), *args),
-        user_unit=user, run_as=None if user else (run_as or systemd.default_run_as()),
-        environment=systemd.unit_environment(kind, user, os.environ, pinned, env),
-        read_write_paths=systemd.read_write_paths(kind, user), working_directory=os.getcwd(),
-        description=f"llamalaunch: {'llama-server' if kind == 'server' else 'ggml-rpc-server worker'}",
-        port_base=int(parsed.get("port_base") or 50052))
-    instances = _worker_instances() if kind == "worker" else []
-    return systemd.render(kind, options), instances
-
-
 def _path_options(ctx: typer.Context, command: str) -> Any:
     """Which of `command`'s options take a value, and which of those are paths (from its click table)."""
     from llamalaunch.launch.systemd import PathOptions
+    from llamalaunch.launch.systemd_unit import UNIT_PATH_OPTIONS, UNIT_PROGRAM_OPTIONS
 
     target = getattr(ctx.find_root().command, "commands", {})[command]
     takes_value = {spelling: param.name for param in target.params
                    if param.param_type_name == "option" and not getattr(param, "is_flag", False)
                    and not getattr(param, "count", False) for spelling in (*param.opts, *param.secondary_opts)}
     positional = next((param.name for param in target.params if param.param_type_name == "argument"), None)
-    return PathOptions(takes_value, paths=frozenset(UNIT_PATH_OPTIONS), programs=frozenset(UNIT_PROGRAM_OPTIONS),
+    return PathOptions(takes_value, paths=UNIT_PATH_OPTIONS, programs=UNIT_PROGRAM_OPTIONS,
                        positional=positional if positional in UNIT_PATH_OPTIONS else None)
 
 
 def _check_options(ctx: typer.Context, command: str, args: list[str], choose_model: bool = False
-                   ) -> dict[str, Any]:
+                   ) -> Mapping[str, Any]:
     """Parse the options the unit will pass with the real command, so a typo fails now, not at boot
     (with `choose_model`, serve's model-or-demo rule too)."""
     root = ctx.find_root()
@@ -349,7 +266,7 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
     try:
         with target.make_context(command, list(args), parent=root) as sub:
             if choose_model:
-                _cli().chosen_model(sub)
+                chosen_model(sub)
             return dict(sub.params)
     except typer.Exit:
         return {}
@@ -361,36 +278,6 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
                             f"check them with `llamalaunch {command} --help`") from None
 
 
-def _pinned_binaries(kind: str, args: Sequence[str], profile_keys: set[str]) -> dict[str, str]:
-    """Binaries found now, pinned with Environment=: the service's PATH is not the user's shell's."""
-    from llamalaunch.errors import ToolchainError
-
-    given = {arg.split("=", 1)[0] for arg in args}
-    try:
-        if kind == "server":
-            if "--llama-server" in given or "llama_server" in profile_keys:
-                return {}
-            from llamalaunch.toolchain.discover import SERVER_ENV, find_toolchain
-
-            return {SERVER_ENV: str(find_toolchain(None).server.path)}
-        if {"--rpc-server", "--llama-server"} & given or {"worker.rpc_server", "llama_server"} & profile_keys:
-            return {}
-        from llamalaunch.launch.worker import RPC_SERVER_ENV, find_rpc_server
-
-        return {RPC_SERVER_ENV: str(find_rpc_server())}
-    except ToolchainError as error:
-        _cli().err.print(f"[yellow]note:[/yellow] {error}; the unit will search its own PATH",
-                         highlight=False, soft_wrap=True)
-        return {}
-
-
-def _worker_instances() -> list[str]:
-    from llamalaunch.probe.gpus import probe_local_gpus
-
-    gpus = probe_local_gpus().devices
-    return [str(gpu.order) for gpu in gpus] or ["cpu"]
-
-
 # --- registration -------------------------------------------------------------------------------------
 
 
@@ -399,7 +286,6 @@ def register(app: typer.Typer) -> None:
     if getattr(app, _REGISTERED, False):
         return
     setattr(app, _REGISTERED, True)
-    reports_errors = _cli().reports_errors
     if app.registered_callback is None:
         app.callback()(reports_errors(root_callback))
     config_app = typer.Typer(help="Show the options a profile and the environment give each command.",

@@ -10,20 +10,10 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.errors import LaunchError
 from llamalaunch.observe.console import cli_console
 
 EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
-
-
-def _api_key(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
-    except OSError as error:
-        raise BadInputError(f"cannot read the API key file {path}: {error.strerror}", "check the path") from None
-    return next((line for line in lines if line and not line.startswith("#")), None)
 
 
 def status(name: Annotated[str | None, typer.Option("--name", help="Which serve run (see `serve --name`).")]
@@ -44,12 +34,14 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
     out = cli_console()
     err = cli_console(stderr=True)
     try:
+        from llamalaunch.launch.http import read_api_key
         from llamalaunch.observe.collector import StatusCollector
         from llamalaunch.observe.snapshot import snapshot_to_dict
         from llamalaunch.observe.target import resolve_target
         from llamalaunch.observe.view import status_view
 
-        collector = StatusCollector(resolve_target(name, url), api_key=_api_key(api_key_file))
+        api_key = read_api_key(api_key_file) if api_key_file is not None else None
+        collector = StatusCollector(resolve_target(name, url), api_key=api_key)
         snapshot = collector.collect()  # a wrong target is one error line, before any live view starts
         if as_json:
             sys.stdout.write(json.dumps(snapshot_to_dict(snapshot), indent=2) + "\n")

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.model.kv import CACHE_TYPES
+from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, options_of
 from llamalaunch.paths import config_dir
 from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
-from llamalaunch.model.kv import CACHE_TYPES
 from llamalaunch.plan.request import FLASH_ATTN
 from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
 from llamalaunch.probe.assume import canonical_device_name, parse_assumptions, parse_device_sizes
@@ -36,36 +37,11 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CONFIG_ENV = "LLAMALAUNCH_CONFIG"
-ENV_PREFIX = "LLAMALAUNCH_"
 DEFAULT_PROFILE = "config.toml"
-WORKER_SECTION = "worker"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
-PLAN_SERVE = ("plan", "serve")
-PROBING = ("plan", "serve", "devices")
-
-
-@dataclass(frozen=True)
-class Key:
-    """One storable option: `param` is the command function's parameter (click's default_map key)."""
-
-    param: str
-    kind: str  # how a TOML or environment value becomes the value the command line would give
-    commands: tuple[str, ...]
-    allowed: str  # what a value may be, for error messages
-    section: str = ""  # "" (top level) or "worker"
-    check: Callable[[Any], object] | None = None  # raises BadInputError for a bad value
-    bounds: tuple[float, float] | None = None  # numbers: inclusive range
-    env: str | None = None  # the environment variable, where it is not LLAMALAUNCH_<SECTION>_<KEY>
-
-    @property
-    def name(self) -> str:
-        return f"{self.section}.{self.param}" if self.section else self.param
-
-    @property
-    def env_var(self) -> str:
-        return self.env or ENV_PREFIX + self.name.replace(".", "_").upper()
+Key = Option  # one storable option (see options.py: the one table the CLI reads too)
 
 
 def _check_choice(allowed: Sequence[str]) -> Callable[[Any], object]:
@@ -89,77 +65,29 @@ def _check_gpus(value: Any) -> None:
         raise BadInputError(f"{value!r} is not all, cpu or a list of GPU indices like 0,2")
 
 
-_SIZE = "a size like 1.5GiB, 512MiB or 0"
-_TABLE = 'a table of device names to sizes, like { CUDA1 = "1GiB" }'
-KEYS: tuple[Key, ...] = (
-    Key("model", "path", PLAN_SERVE, "a GGUF file path (relative to the profile's folder)"),
-    Key("demo", "bool", PLAN_SERVE, "true or false"),
-    Key("ctx", "tokens", PLAN_SERVE, 'a context like "16k", 16384 or "max"', check=parse_ctx),
-    Key("ctx_min", "tokens", PLAN_SERVE, 'a token count like "2k" or 2048', check=parse_tokens),
-    Key("parallel", "int", PLAN_SERVE, "a slot count from 1 to 256", bounds=(1, 256)),
-    Key("kv_unified", "bool", PLAN_SERVE, "true or false"),
-    Key("batch", "int", PLAN_SERVE, "a positive batch size", bounds=(1, 1 << 20)),
-    Key("ubatch", "int", PLAN_SERVE, "a positive batch size", bounds=(1, 1 << 20)),
-    Key("cache_type_k", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES),
-        check=_check_choice(CACHE_TYPES)),
-    Key("cache_type_v", "str", PLAN_SERVE, "one of " + ", ".join(CACHE_TYPES),
-        check=_check_choice(CACHE_TYPES)),
-    Key("flash_attn", "switch", PLAN_SERVE, "on, off, auto (or true/false)", check=_check_choice(FLASH_ATTN)),
-    Key("swa_full", "bool", PLAN_SERVE, "true or false"),
-    Key("rpc", "list", PROBING, 'a list of workers like ["10.0.0.5:50052"]', check=split_endpoints),
-    Key("assume", "sizes", PROBING, 'a table of what-if devices, like { CUDA0 = "24GiB" }',
-        check=lambda values: parse_assumptions(values)),
-    Key("generic_arch", "bool", PLAN_SERVE, "true or false: plan unknown architectures with a generic estimate"),
-    Key("mmproj", "path", PLAN_SERVE, "a multimodal projector GGUF, reserved on the first device"),
-    Key("draft", "path", PLAN_SERVE, "a draft model GGUF for speculative decoding, reserved on the first device"),
-    Key("inventory", "path", PROBING, "a file of what-if devices, one NAME=FREE[/TOTAL] a line"),
-    Key("device", "names", PLAN_SERVE, 'a list of devices in order, like ["CUDA0", "RPC0"]',
-        check=lambda value: _check_device_names(split_names(value) or ())),
-    Key("exclude", "list", PLAN_SERVE, 'a list of device names, like ["CUDA1"]', check=_check_device_names),
-    Key("reserve", "sizes", PLAN_SERVE, _TABLE, check=lambda values: parse_device_sizes(values, "reserve")),
-    Key("budget", "sizes", PLAN_SERVE, _TABLE, check=lambda values: parse_device_sizes(values, "budget")),
-    Key("margin", "size", PLAN_SERVE, _SIZE, check=parse_margin),
-    Key("cpu_spill", "bool", PLAN_SERVE, "true or false"),
-    Key("gpu_layers", "int", PLAN_SERVE, "a layer count from 0", bounds=(0, 100_000)),
-    Key("cpu_experts", "int", PLAN_SERVE, "a MoE layer count from 0", bounds=(0, 100_000)),
-    Key("prefer", "str", PLAN_SERVE, "context or speed", check=_check_choice(("context", "speed"))),
-    Key("link", "sizes", PLAN_SERVE, 'a table of RPC devices to links, like { RPC0 = "1Gbit/0.3ms" }',
-        check=lambda values: parse_links(values)),
-    Key("device_speed", "sizes", PLAN_SERVE, 'a table of devices to speeds, like { RPC0 = "20GB:500GFLOPS" }',
-        check=lambda values: parse_device_speeds(values)),
-    Key("fill", "tokens", ("plan",), 'a context fill for the speed estimate, like "8k"', check=parse_fill),
-    Key("compare", "bool", ("plan",), "true or false: list the placements that fit with their estimated speed"),
-    Key("overhead", "sizes", PLAN_SERVE, 'a table of device names to sizes, like { CUDA0 = "600MiB" }',
-        check=lambda values: parse_device_sizes(values, "overhead")),
-    Key("calibrate", "bool", PLAN_SERVE, "true or false: measure the overhead of devices seen for the first time"),
-    Key("llama_server", "program", (*PLAN_SERVE, "toolchain", "worker"),
-        "a path to llama-server (or its folder), or a command on PATH"),
-    Key("host", "str", ("serve",), "an address to listen on, like 127.0.0.1"),
-    Key("port", "int", ("serve",), "a port from 0 (any free one) to 65535", bounds=(0, 65535)),
-    Key("name", "str", ("serve",), "a run name"),
-    Key("api_key_file", "path", ("serve",), "a path to a file holding the API key"),
-    Key("max_attempts", "int", ("serve",), "a count from 1", bounds=(1, 100)),
-    Key("max_restarts", "int", ("serve",), "a count from 0", bounds=(0, 1_000_000)),
-    Key("backoff", "float", ("serve",), "seconds, above 0", bounds=(0.001, 3600)),
-    Key("load_timeout", "float", ("serve",), "seconds, above 0", bounds=(1, 86400)),
-    Key("health_interval", "float", ("serve",), "seconds, 0 for no liveness checks", bounds=(0, 3600)),
-    Key("health_misses", "int", ("serve",), "a count from 1", bounds=(1, 1000)),
-    Key("extra_args", "args", ("serve",), 'a list of llama-server arguments, like ["--metrics"]'),
-    Key("metrics_port", "int", ("serve",), "a port from 1 to 65535 for /metrics", bounds=(1, 65535)),
-    Key("metrics_host", "str", ("serve",), "an address for /metrics, like 127.0.0.1"),
-    Key("gpus", "gpus", ("worker",), 'all, cpu, or GPU indices like "0,2" or [0, 2]', WORKER_SECTION,
-        check=_check_gpus),
-    Key("port_base", "int", ("worker",), "a port from 1 to 65535", WORKER_SECTION, bounds=(1, 65535)),
-    Key("host", "str", ("worker",), "an IPv4 address to bind, like 127.0.0.1", WORKER_SECTION),
-    Key("threads", "int", ("worker",), "a thread count from 1", WORKER_SECTION, bounds=(1, 4096)),
-    Key("rpc_server", "program", ("worker",), "a path to ggml-rpc-server", WORKER_SECTION,
-        env="LLAMALAUNCH_RPC_SERVER"),  # like LLAMALAUNCH_LLAMA_SERVER
-    Key("max_restarts", "int", ("worker",), "a count from 0", WORKER_SECTION, bounds=(0, 1_000_000)),
-    Key("metrics_port", "int", ("worker",), "a port from 1 to 65535 for /metrics", WORKER_SECTION,
-        bounds=(1, 65535)),
-    Key("metrics_host", "str", ("worker",), "an address for /metrics, like 127.0.0.1", WORKER_SECTION),
-)
-KEYS_BY_NAME = {key.name: key for key in KEYS}
+# How a value is checked beyond its kind and bounds: each raises BadInputError for a bad value.
+CHECKS: Mapping[str, Callable[[Any], object]] = {
+    "ctx": parse_ctx,
+    "ctx_min": parse_tokens,
+    "cache_type_k": _check_choice(CACHE_TYPES),
+    "cache_type_v": _check_choice(CACHE_TYPES),
+    "flash_attn": _check_choice(FLASH_ATTN),
+    "rpc": split_endpoints,
+    "assume": lambda values: parse_assumptions(values),
+    "device": lambda value: _check_device_names(split_names(value) or ()),
+    "exclude": _check_device_names,
+    "reserve": lambda values: parse_device_sizes(values, "reserve"),
+    "budget": lambda values: parse_device_sizes(values, "budget"),
+    "margin": parse_margin,
+    "prefer": _check_choice(("context", "speed")),
+    "link": lambda values: parse_links(values),
+    "device_speed": lambda values: parse_device_speeds(values),
+    "fill": parse_fill,
+    "overhead": lambda values: parse_device_sizes(values, "overhead"),
+    "worker.gpus": _check_gpus,
+}
+KEYS: tuple[Option, ...] = OPTIONS
+KEYS_BY_NAME = OPTIONS_BY_NAME
 # Spellings people will type for a key: llama-server's long option names.
 ALIASES = {"ctx_size": "ctx", "batch_size": "batch", "ubatch_size": "ubatch", "n_gpu_layers": "gpu_layers",
            "devices": "device", "gpu_layers_count": "gpu_layers", "parallel_slots": "parallel"}
@@ -270,7 +198,7 @@ def _known_key(name: str, where: str) -> Key:
 
 def _bad(key: Key, raw: Any, where: str, why: str = "") -> BadInputError:
     return BadInputError(f"{where}: {key.name} = {raw!r} is not allowed{': ' + why if why else ''}",
-                         f"{key.name} must be {key.allowed}")
+                         f"{key.name} must be {key.description}")
 
 
 def _convert(key: Key, raw: Any, where: str, base: Path | None, from_env: bool) -> Any:
@@ -279,11 +207,12 @@ def _convert(key: Key, raw: Any, where: str, base: Path | None, from_env: bool) 
         value = _CONVERTERS[key.kind](raw, from_env, base)
     except (TypeError, ValueError):
         raise _bad(key, raw, where) from None
-    if key.bounds is not None and not key.bounds[0] <= value <= key.bounds[1]:
+    if key.bounds is not None and key.out_of_bounds(value):
         raise _bad(key, raw, where, "out of range")
-    if key.check is not None:
+    check = CHECKS.get(key.name)
+    if check is not None:
         try:
-            key.check(value)
+            check(value)
         except LaunchError as error:
             raise _bad(key, raw, where, error.message) from None
     return value
@@ -425,21 +354,17 @@ def default_map(settings: Mapping[str, Setting]) -> dict[str, dict[str, Any]]:
     return commands
 
 
-def keys_for(command: str) -> tuple[Key, ...]:
-    return tuple(key for key in KEYS if command in key.commands)
-
-
-def resolve(command: str, settings: Mapping[str, Setting], defaults: Mapping[str, Any]) -> list[Resolved]:
-    """Every storable option of `command`: its value and whether default, profile or environment gave it.
-
-    `defaults` maps parameter names to the command's own defaults (the CLI reads them from click).
-    """
+def resolve(command: str, settings: Mapping[str, Setting]) -> list[Resolved]:
+    """Every storable option of `command`: its value and whether default, profile or environment gave it."""
     rows: list[Resolved] = []
-    for key in keys_for(command):
+    for key in options_of(command):
         setting = settings.get(key.name)
         if setting is not None:
             rows.append(Resolved(key.name, setting.value, setting.source, setting.origin))
         else:
-            rows.append(Resolved(key.name, defaults.get(key.param, [] if key.kind == "args" else None),
-                                 "default", ""))
+            rows.append(Resolved(key.name, _shown_default(key.default), "default", ""))
     return rows
+
+
+def _shown_default(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # click gives a repeatable option's as a list

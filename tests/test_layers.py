@@ -15,13 +15,13 @@ PACKAGE = Path(llamalaunch.__file__).parent
 
 # Lowest first; stages on one line may use each other.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"__init__", "units", "errors", "paths"}),
+    frozenset({"__init__", "units", "errors", "paths", "options"}),
     frozenset({"toolchain", "probe", "model"}),
     frozenset({"plan"}),
     frozenset({"config"}),  # profiles and settings: reads plan's choices, read by launch/ and the CLI
     frozenset({"launch"}),
     frozenset({"observe"}),
-    frozenset({"cli", "cli_ops", "cli_status", "__main__"}),
+    frozenset({"cli", "cli_common", "cli_ops", "cli_status", "__main__"}),
 )
 
 # Upward edges that remain, (importer, imported) as module names. Each is a debt: remove the line when

@@ -6,7 +6,34 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from llamalaunch.errors import BadInputError
+
+
+def read_api_key(path: Path) -> str:
+    """The key llama-server takes from --api-key-file, read as it reads the file: lines split at \\n only
+    (a \\r stays), `#` comments skipped, the first key counts. serve checks the file with this before
+    anything starts, the supervisor and `status` authenticate with it.
+
+    Raises:
+        BadInputError: the file cannot be read, holds no key (a server that answers anyone), or a key
+            has spaces or a carriage return around it (llama-server would expect them in every request).
+    """
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise BadInputError(f"cannot read the API key file {path}: {why}", "check the path and its permissions"
+                            ) from None
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not any(key.strip() for key in keys):
+        raise BadInputError(f"the API key file {path} holds no key", "write the key on a line of its own")
+    if any(key != key.strip() for key in keys):
+        raise BadInputError(f"a key in {path} has spaces or a carriage return around it (Windows line endings?)",
+                            "llama-server would expect them in every request: save the file with plain \\n endings")
+    return keys[0]
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ import errno
 import socket
 
 from llamalaunch.errors import ServeError
+from llamalaunch.options import LLAMA_SERVER_PORT
 
-DEFAULT_PORT = 8080  # llama-server's own default: the URL stays the same from run to run
+DEFAULT_PORT = LLAMA_SERVER_PORT  # llama-server's own default: the URL stays the same from run to run
 ANY_PORT = 0
 
 

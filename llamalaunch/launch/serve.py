@@ -16,7 +16,7 @@ import psutil
 
 from llamalaunch.errors import BadInputError, PlanError, ServeError, ToolchainError
 from llamalaunch.launch.lessons import Lessons
-from llamalaunch.launch.ports import DEFAULT_PORT, pick_port
+from llamalaunch.launch.ports import pick_port
 from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
@@ -31,6 +31,7 @@ from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.metrics import MetricsServer, ServeMetrics, SnapshotCache
 from llamalaunch.observe.snapshot import StatusSnapshot
 from llamalaunch.observe.target import StatusTarget
+from llamalaunch.options import DEFAULTS
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
 from llamalaunch.plan.companions import (Companion, check_companion_file, draft_companion, mmproj_companion,
@@ -231,20 +232,22 @@ PLANNED_FLAGS = frozenset({
 
 @dataclass(frozen=True)
 class ServeRequest:
-    name: str = "default"
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    extra_args: tuple[str, ...] = ()
+    """serve's own options; the defaults are the option table's (options.py)."""
+
+    name: str = DEFAULTS["name"]
+    host: str = DEFAULTS["host"]
+    port: int = DEFAULTS["port"]
+    extra_args: tuple[str, ...] = DEFAULTS["extra_args"]
     force: bool = False
-    api_key_file: Path | None = None
-    max_attempts: int = 3
-    max_restarts: int = 5
-    backoff_initial_s: float = 1.0
-    load_timeout_s: float = 600.0
-    health_interval_s: float = 5.0
-    health_misses: int = 3
-    metrics_port: int | None = None  # serve /metrics (Prometheus) there
-    metrics_host: str = "127.0.0.1"
+    api_key_file: Path | None = DEFAULTS["api_key_file"]
+    max_attempts: int = DEFAULTS["max_attempts"]
+    max_restarts: int = DEFAULTS["max_restarts"]
+    backoff_initial_s: float = DEFAULTS["backoff"]
+    load_timeout_s: float = DEFAULTS["load_timeout"]
+    health_interval_s: float = DEFAULTS["health_interval"]
+    health_misses: int = DEFAULTS["health_misses"]
+    metrics_port: int | None = DEFAULTS["metrics_port"]  # serve /metrics (Prometheus) there
+    metrics_host: str = DEFAULTS["metrics_host"]
 
 
 def check_extra_args(extra_args: Sequence[str], force: bool) -> None:

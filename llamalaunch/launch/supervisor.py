@@ -25,6 +25,7 @@ from llamalaunch.launch.logparse import READINESS_MARK
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
+from llamalaunch.options import DEFAULTS
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.inventory import held_elsewhere
 from llamalaunch.probe.rpc import RpcProbeError
@@ -36,20 +37,21 @@ PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "
 class ServeOptions:
     name: str
     server: Path
-    host: str = "127.0.0.1"
-    port: int = 8080
-    extra_args: tuple[str, ...] = ()
-    max_attempts: int = 3  # OOM ladder: loads tried before giving up
-    max_restarts: int = 5  # crashes after ready before giving up
-    backoff_initial_s: float = 1.0
+    host: str = DEFAULTS["host"]
+    port: int = DEFAULTS["port"]
+    extra_args: tuple[str, ...] = DEFAULTS["extra_args"]
+    max_attempts: int = DEFAULTS["max_attempts"]  # OOM ladder: loads tried before giving up
+    max_restarts: int = DEFAULTS["max_restarts"]  # crashes after ready before giving up
+    backoff_initial_s: float = DEFAULTS["backoff"]
     backoff_max_s: float = 30.0
-    load_timeout_s: float = 600.0  # no progress for this long while loading: a stalled load
-    api_key_file: Path | None = None
+    load_timeout_s: float = DEFAULTS["load_timeout"]  # no progress this long while loading: a stalled load
+    api_key_file: Path | None = DEFAULTS["api_key_file"]
     log_path: Path | None = None
     alias: str | None = None  # the model's name in the API (/v1/models); None: llama-server's own choice
     model: str = ""  # what the start line names: "SmolLM2 135M (/models/smollm2.gguf)"
-    health_interval_s: float = 5.0  # once ready, /health every this often (and this long to answer); 0: off
-    health_misses: int = 3  # unanswered /health checks in a row that make a ready server count as hung
+    # once ready, /health every this often (and this long to answer); 0: off
+    health_interval_s: float = DEFAULTS["health_interval"]
+    health_misses: int = DEFAULTS["health_misses"]  # unanswered /health in a row: a ready server is hung
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class SupervisedChild(Protocol):
     """What the supervisor uses of a started child (process.Child, or a test's scripted stand-in)."""
 
     pid: int
+    argv: list[str]
 
     def running(self) -> bool: ...
 
@@ -368,11 +371,8 @@ class Supervisor:
         return [token] * min(plan.request.n_ubatch, plan.ctx_tokens // 2)
 
     def api_key(self) -> str | None:
-        """The first key, read as llama-server reads the file: lines split at \\n only, # comments."""
-        if self.options.api_key_file is None:
-            return None
-        lines = self.options.api_key_file.read_bytes().decode("utf-8").split("\n")
-        return next((ln for ln in lines if ln and not ln.startswith("#")), None)
+        """The key llama-server was given (see http.read_api_key)."""
+        return None if self.options.api_key_file is None else http.read_api_key(self.options.api_key_file)
 
     def _mark_ready(self, plan: Plan) -> None:
         if self.child is not None:  # its worker connections are made: they close with a reset even if

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +29,12 @@ import psutil
 
 from llamalaunch.errors import BadInputError, LaunchError, ToolchainError
 from llamalaunch.launch.notify import Notifier
-from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, PopenFactory
+from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, PopenFactory, stop_on_signals
+from llamalaunch.options import DEFAULTS
 from llamalaunch.probe.device import Device
 
-DEFAULT_PORT_BASE = 50052
-DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT_BASE: int = DEFAULTS["worker.port_base"]
+DEFAULT_HOST: str = DEFAULTS["worker.host"]
 RPC_SERVER_ENV = "LLAMALAUNCH_RPC_SERVER"
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")  # older builds named it rpc-server
 READY_TIMEOUT_S = 30.0
@@ -88,6 +90,50 @@ class WorkerState:
     pid: int | None  # while it runs
     alive: bool  # running and listening
     restarts: int
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    """`llamalaunch worker`'s options; the defaults are the option table's (options.py)."""
+
+    gpus: str = DEFAULTS["worker.gpus"]
+    port_base: int = DEFAULTS["worker.port_base"]
+    host: str = DEFAULTS["worker.host"]
+    threads: int | None = DEFAULTS["worker.threads"]
+    rpc_server: str | None = DEFAULTS["worker.rpc_server"]
+    llama_server: str | None = DEFAULTS["llama_server"]
+    max_restarts: int | None = DEFAULTS["worker.max_restarts"]
+
+
+def prepare_workers(request: WorkerRequest, on_message: Callable[[str, str], None]) -> tuple[WorkerSpec, ...]:
+    """The workers `request` asks for, checked (host, binary, GPUs, free ports) before any starts.
+
+    `on_message(kind, text)` gets a "warning" (listening beyond loopback) and "note"s as they arise.
+    """
+    from llamalaunch.probe.gpus import GpuProbe, probe_local_gpus
+
+    bind = check_host(request.host)
+    if warning := exposure_warning(bind):
+        on_message("warning", warning)
+    binary = find_rpc_server(request.rpc_server, request.llama_server)
+    cpu_only = request.gpus.strip().lower() == "cpu"
+    probe = GpuProbe(()) if cpu_only else probe_local_gpus()
+    selected = select_gpus(request.gpus, probe.devices, probe.reason)
+    if not selected and probe.reason and not cpu_only:
+        on_message("note", f"no GPU ({probe.reason}); serving the CPU")
+    specs = worker_specs(binary, selected, bind, request.port_base, request.threads)
+    check_ports_free(specs)
+    return specs
+
+
+def run_workers(specs: Sequence[WorkerSpec], on_event: Callable[[WorkerEvent], None],
+                max_restarts: int | None = None,
+                attach: Callable[[WorkerPool], AbstractContextManager[object]] | None = None) -> int:
+    """Run the workers until SIGINT/SIGTERM; returns 128 + the signal. `attach` wraps the run with what
+    watches the pool (the CLI's /metrics server)."""
+    pool = WorkerPool(specs, on_event, max_restarts=max_restarts)
+    with attach(pool) if attach is not None else contextlib.nullcontext(), stop_on_signals(pool.request_stop):
+        return pool.run()
 
 
 # --- what to run ---------------------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import socket
 from collections.abc import Sequence
-from pathlib import Path
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.kv import CACHE_TYPES
+from llamalaunch.options import DEFAULTS, checked
 from llamalaunch.plan.request import FLASH_ATTN, Request
 from llamalaunch.probe.assume import parse_device_sizes
 from llamalaunch.units import parse_size, parse_tokens
@@ -25,19 +24,6 @@ def parse_choice(value: str, allowed: Sequence[str], option: str) -> str:
     return value
 
 
-def parse_count(value: int, option: str, minimum: int = 1, maximum: int = 1 << 20) -> int:
-    if not minimum <= value <= maximum:
-        raise BadInputError(f"{option} {value} is out of range", f"give a value from {minimum} to {maximum}")
-    return value
-
-
-def parse_seconds(value: float, option: str, minimum: float, maximum: float) -> float:
-    """A duration option; NaN and infinity are out of range too (they would disable the timer)."""
-    if math.isnan(value) or not minimum <= value <= maximum:
-        raise BadInputError(f"{option} {value:g} is out of range", f"give seconds from {minimum:g} to {maximum:g}")
-    return value
-
-
 def parse_listen_host(host: str) -> str:
     """--host for llama-server: an address or a name that resolves (llama-server binds it by getaddrinfo)."""
     try:
@@ -46,24 +32,6 @@ def parse_listen_host(host: str) -> str:
         raise BadInputError(f"--host {host!r} is not an address", "give an IP address of this machine, like "
                             "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
     return host
-
-
-def check_api_key_file(path: Path) -> Path:
-    """--api-key-file as llama-server reads it (a key per line, `#` comments). A file without a key would
-    start a server that answers anyone: refused, as is one that cannot be read."""
-    try:
-        lines = path.read_bytes().decode("utf-8").split("\n")  # as llama-server reads it: \r stays
-    except (OSError, UnicodeDecodeError) as error:
-        why = error.strerror if isinstance(error, OSError) else "not a text file"
-        raise BadInputError(f"cannot read the API key file {path}: {why}", "check the path and its permissions"
-                            ) from None
-    keys = [line for line in lines if line and not line.startswith("#")]
-    if not any(key.strip() for key in keys):
-        raise BadInputError(f"the API key file {path} holds no key", "write the key on a line of its own")
-    if any(key != key.strip() for key in keys):
-        raise BadInputError(f"a key in {path} has spaces or a carriage return around it (Windows line endings?)",
-                            "llama-server would expect them in every request: save the file with plain \\n endings")
-    return path
 
 
 def split_names(value: str | None) -> tuple[str, ...] | None:
@@ -77,21 +45,23 @@ def split_names(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def build_request(*, ctx: str, ctx_min: str = "256", parallel: int = 4, kv_unified: bool = True,
-                  batch: int = 2048, ubatch: int = 512, cache_type_k: str = "f16", cache_type_v: str = "f16",
-                  flash_attn: str = "auto", swa_full: bool = False, margin: str | None = None,
+def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int = DEFAULTS["parallel"],
+                  kv_unified: bool = DEFAULTS["kv_unified"], batch: int = DEFAULTS["batch"],
+                  ubatch: int = DEFAULTS["ubatch"], cache_type_k: str = DEFAULTS["cache_type_k"],
+                  cache_type_v: str = DEFAULTS["cache_type_v"], flash_attn: str = DEFAULTS["flash_attn"],
+                  swa_full: bool = DEFAULTS["swa_full"], margin: str | None = DEFAULTS["margin"],
                   reserve: Sequence[str] = (), budget: Sequence[str] = (), devices: str | None = None,
-                  exclude: Sequence[str] = (), cpu_spill: bool = False, gpu_layers: int | None = None,
-                  cpu_experts: int | None = None, prefer: str = "context",
-                  ctx_is_target: bool = False) -> Request:
+                  exclude: Sequence[str] = (), cpu_spill: bool = DEFAULTS["cpu_spill"],
+                  gpu_layers: int | None = DEFAULTS["gpu_layers"], cpu_experts: int | None = DEFAULTS["cpu_experts"],
+                  prefer: str = DEFAULTS["prefer"], ctx_is_target: bool = False) -> Request:
     request = Request(
         ctx_tokens=parse_ctx(ctx),
         ctx_min_tokens=parse_tokens(ctx_min, "--ctx-min"),
         ctx_is_target=ctx_is_target,
-        n_parallel=parse_count(parallel, "-np/--parallel", 1, 256),
+        n_parallel=checked("parallel", parallel),
         kv_unified=kv_unified,
-        n_batch=parse_count(batch, "-b/--batch-size", 1),
-        n_ubatch=parse_count(ubatch, "-ub/--ubatch-size", 1),
+        n_batch=checked("batch", batch),
+        n_ubatch=checked("ubatch", ubatch),
         cache_type_k=parse_choice(cache_type_k, CACHE_TYPES, "-ctk/--cache-type-k"),
         cache_type_v=parse_choice(cache_type_v, CACHE_TYPES, "-ctv/--cache-type-v"),
         flash_attn=parse_choice(flash_attn, FLASH_ATTN, "-fa/--flash-attn"),
@@ -102,8 +72,8 @@ def build_request(*, ctx: str, ctx_min: str = "256", parallel: int = 4, kv_unifi
         devices=split_names(devices),
         exclude=tuple(exclude),
         cpu_spill=cpu_spill,
-        n_gpu_layers=None if gpu_layers is None else parse_count(gpu_layers, "-ngl", 0, 100_000),
-        cpu_experts=None if cpu_experts is None else parse_count(cpu_experts, "--cpu-experts", 0, 100_000),
+        n_gpu_layers=checked("gpu_layers", gpu_layers),
+        cpu_experts=checked("cpu_experts", cpu_experts),
         prefer=parse_choice(prefer, ("context", "speed"), "--prefer"),
     )
     if request.ctx_tokens is not None and request.ctx_tokens < request.ctx_min_tokens:

@@ -1,0 +1,78 @@
+"""What every command module of the CLI shares: the consoles, the one error handler, JSON output, options
+declared from the one table (options.py), the model-or-demo rule. Imports no other cli module."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.markup import escape
+
+from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.observe.console import cli_console
+from llamalaunch.options import OPTIONS_BY_NAME
+
+out = cli_console()
+err = cli_console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Every LaunchError becomes one line on stderr and its exit code; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LaunchError as error:
+            print_error(error)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_error(error: LaunchError) -> None:
+    err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def opt(name: str) -> Any:
+    """The typer declaration of option `name` ("ctx", "worker.port_base"): spellings, default and help from
+    the table, so the command line, profiles and the environment agree."""
+    option = OPTIONS_BY_NAME[name]
+    value = list(option.default) if isinstance(option.default, tuple) else option.default
+    if not option.flags:
+        return typer.Argument(value, help=option.help)
+    return typer.Option(value, *option.flags, help=option.help)
+
+
+def chosen_model(ctx: Any) -> tuple[str | None, bool]:
+    """(model, demo) for plan, serve and the systemd unit: a model path or --demo, exactly one.
+
+    Both at the same level (both on the command line, or both from the profile and environment) is an
+    error; otherwise the command line wins, as it does for every option (--demo over a profile's model).
+    """
+    model, demo = ctx.params.get("model"), bool(ctx.params.get("demo"))
+    if model is None and not demo:
+        raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
+    if model is None or not demo:
+        return model, demo
+    model_rank, demo_rank = _given_rank(ctx, "model"), _given_rank(ctx, "demo")
+    if model_rank == demo_rank:
+        raise BadInputError(f"both a model ({model}) and --demo given", "drop one: MODEL.gguf, or --demo for the "
+                            "bundled SmolLM2-135M")
+    return (model, False) if model_rank > demo_rank else (None, True)
+
+
+def _given_rank(ctx: Any, name: str) -> int:
+    source = ctx.get_parameter_source(name)
+    return 2 if source is not None and source.name == "COMMANDLINE" else 1
