@@ -6,7 +6,8 @@ the command line always overrides; the environment simply replaces profile entri
 
 A profile is flat: `ctx = "16k"`, `rpc = ["10.0.0.5:50052"]`, `[reserve] CUDA1 = "1GiB"`; the options
 of `llamalaunch worker` live in a `[worker]` table. Keys are the long option names with `_` (a `-`
-is accepted too); every value is checked here, so a typo fails at once, naming the file and the key.
+is accepted too), from the one table of options (options.py: kinds, bounds, defaults); every value is
+checked here, so a typo fails at once, naming the file and the key.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ CONFIG_ENV = "LLAMALAUNCH_CONFIG"
 DEFAULT_PROFILE = "config.toml"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-
-Key = Option  # one storable option (see options.py: the one table the CLI reads too)
 
 
 def _check_choice(allowed: Sequence[str]) -> Callable[[Any], object]:
@@ -86,8 +85,6 @@ CHECKS: Mapping[str, Callable[[Any], object]] = {
     "overhead": lambda values: parse_device_sizes(values, "overhead"),
     "worker.gpus": _check_gpus,
 }
-KEYS: tuple[Option, ...] = OPTIONS
-KEYS_BY_NAME = OPTIONS_BY_NAME
 # Spellings people will type for a key: llama-server's long option names.
 ALIASES = {"ctx_size": "ctx", "batch_size": "batch", "ubatch_size": "ubatch", "n_gpu_layers": "gpu_layers",
            "devices": "device", "gpu_layers_count": "gpu_layers", "parallel_slots": "parallel"}
@@ -170,11 +167,11 @@ def _flatten(data: Mapping[str, Any], where: str) -> list[tuple[str, Any]]:
     return items
 
 
-def _check_swallowed(key: Key, raw: Any, where: str) -> None:
+def _check_swallowed(key: Option, raw: Any, where: str) -> None:
     """TOML's classic trap: every key after a [reserve] header belongs to the reserve table."""
     if not isinstance(raw, dict):
         return
-    stray = [name for name in raw if name.replace("-", "_") in KEYS_BY_NAME or name == WORKER_SECTION]
+    stray = [name for name in raw if name.replace("-", "_") in OPTIONS_BY_NAME or name == WORKER_SECTION]
     if stray:
         raise BadInputError(f"{where}: the {key.name} table holds {', '.join(stray)}: in TOML every key "
                             "below a table's header line belongs to that table",
@@ -182,26 +179,26 @@ def _check_swallowed(key: Key, raw: Any, where: str) -> None:
                             "{ NAME = \"SIZE\" } on one line")
 
 
-def _known_key(name: str, where: str) -> Key:
+def _known_key(name: str, where: str) -> Option:
     section, _dot, bare = name.rpartition(".")
     bare = bare.replace("-", "_")
     bare = ALIASES.get(bare, bare) if not section else bare
     full = f"{section}.{bare}" if section else bare
-    if full in KEYS_BY_NAME:
-        return KEYS_BY_NAME[full]
-    choices = [key.param for key in KEYS if key.section == section]
+    if full in OPTIONS_BY_NAME:
+        return OPTIONS_BY_NAME[full]
+    choices = [key.param for key in OPTIONS if key.section == section]
     close = difflib.get_close_matches(bare, choices, n=1)
     where_keys = f" in the {section} table" if section else ""
     hint = f"did you mean {close[0]!r}?" if close else f"allowed keys{where_keys}: " + ", ".join(choices)
     raise BadInputError(f"{where}: unknown key {name!r}", hint)
 
 
-def _bad(key: Key, raw: Any, where: str, why: str = "") -> BadInputError:
+def _bad(key: Option, raw: Any, where: str, why: str = "") -> BadInputError:
     return BadInputError(f"{where}: {key.name} = {raw!r} is not allowed{': ' + why if why else ''}",
                          f"{key.name} must be {key.description}")
 
 
-def _convert(key: Key, raw: Any, where: str, base: Path | None, from_env: bool) -> Any:
+def _convert(key: Option, raw: Any, where: str, base: Path | None, from_env: bool) -> Any:
     """The value in the form the command line gives it (str, int, bool, list[str]), checked."""
     try:
         value = _CONVERTERS[key.kind](raw, from_env, base)
@@ -322,7 +319,7 @@ def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
     """LLAMALAUNCH_<KEY> variables that name a key (others, like LLAMALAUNCH_HOME, are not options)."""
     env = os.environ if environ is None else environ
     settings: dict[str, Setting] = {}
-    for key in KEYS:
+    for key in OPTIONS:
         raw = env.get(key.env_var)
         if raw is not None and raw.strip():
             where = f"environment variable {key.env_var}"
@@ -348,7 +345,7 @@ def default_map(settings: Mapping[str, Setting]) -> dict[str, dict[str, Any]]:
     """click's default_map: {"plan": {"ctx": "16k", ...}, "serve": {...}, "worker": {...}}."""
     commands: dict[str, dict[str, Any]] = {}
     for name, setting in settings.items():
-        key = KEYS_BY_NAME[name]
+        key = OPTIONS_BY_NAME[name]
         for command in key.commands:
             commands.setdefault(command, {})[key.param] = setting.value
     return commands

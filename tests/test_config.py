@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from llamalaunch import cli_ops
 from llamalaunch.cli import app as cli_app
-from llamalaunch.config import KEYS, default_map, environment_settings, load_profile, load_settings
+from llamalaunch.config import default_map, environment_settings, load_profile, load_settings
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.synthetic import write_preset
+from llamalaunch.options import OPTIONS
 from llamalaunch.paths import config_dir
 from llamalaunch.units import GIB
 
@@ -270,6 +271,6 @@ def _params(app: typer.Typer, command: str) -> dict[str, Any]:
 def test_keys_and_command_options_agree(app: typer.Typer, command: str) -> None:
     """Every key is an option of its commands, and every option that says what runs is a key."""
     params = _params(app, command)
-    keys = {key.param for key in KEYS if command in key.commands}
+    keys = {key.param for key in OPTIONS if command in key.commands}
     assert keys - {"extra_args"} <= set(params), keys - set(params)
     assert set(params) - NOT_STORABLE <= keys, set(params) - NOT_STORABLE - keys

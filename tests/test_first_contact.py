@@ -78,12 +78,12 @@ def test_port_0_is_any_free_port() -> None:
 
 
 def test_the_default_port_is_llama_servers_own() -> None:
-    from llamalaunch.config import KEYS_BY_NAME
     from llamalaunch.launch.serve import ServeRequest
+    from llamalaunch.options import OPTIONS_BY_NAME
 
     serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
     assert {p.name: p.default for p in serve.params}["port"] == DEFAULT_PORT == ServeRequest().port == 8080
-    assert KEYS_BY_NAME["port"].bounds == (0, 65535)  # a profile may say 0 too
+    assert OPTIONS_BY_NAME["port"].bounds == (0, 65535)  # a profile may say 0 too
 
 
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from llamalaunch.errors import BadInputError, ToolchainError
 from llamalaunch.launch import systemd
-from llamalaunch.options import DEFAULTS
+from llamalaunch.options import DEFAULTS, OPTIONS_BY_NAME
 
 # serve's and worker's options that name files: a unit gets them absolute, checked to exist.
 UNIT_PATH_OPTIONS = frozenset({"model", "api_key_file", "inventory", "mmproj", "draft"})
@@ -85,12 +85,12 @@ def _profile(config: Path | None) -> tuple[list[str], set[str], list[str]]:
     """(--config argument, the profile's keys, notes on its paths) for a unit that runs with a profile."""
     if config is None:
         return [], set(), []
-    from llamalaunch.config import KEYS_BY_NAME, load_profile
+    from llamalaunch.config import load_profile
 
     profile = load_profile(config.expanduser().resolve())
     notes = list(filter(None, [systemd.private_tmp_note("--config", profile.path)]))
     notes += filter(None, [systemd.unit_path(str(setting.value), f"{profile.path}: {setting.key} =", Path("/"))[1]
-                           for setting in profile.settings.values() if KEYS_BY_NAME[setting.key].kind == "path"])
+                           for setting in profile.settings.values() if OPTIONS_BY_NAME[setting.key].kind == "path"])
     return ["--config", str(profile.path)], set(profile.settings), notes
 
 
