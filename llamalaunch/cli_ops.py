@@ -11,7 +11,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand
@@ -194,14 +194,14 @@ def systemd_command(
         install_units: Annotated[bool, typer.Option("--install", help="Write the unit instead of printing "
                                                                       "it.")] = False,
         unit_dir: Annotated[Path | None, typer.Option("--unit-dir", help="Folder to write it to (default: "
-                                                                            "systemd's).")] = None,
+                                                                         "systemd's).")] = None,
         run_as: Annotated[str | None, typer.Option("--run-as", help="User= of a system unit (default: "
-                                                                       "you; root: root).")] = None,
+                                                                    "you; root: root).")] = None,
         env: Annotated[list[str], typer.Option("--env", help="Extra Environment= NAME=VALUE (repeatable).")]
         = [],  # noqa: B006
         config: Annotated[Path | None, typer.Option("--config", help="Profile the unit runs with "
-                                                                        "(ExecStart gets its absolute "
-                                                                        "path).")] = None) -> None:
+                                                                     "(ExecStart gets its absolute "
+                                                                     "path).")] = None) -> None:
     """Print (or --install) a systemd unit running `serve` or `worker` with the options that follow."""
     from llamalaunch.launch import systemd
     from llamalaunch.launch.systemd_unit import UnitRequest, build_unit

@@ -113,13 +113,20 @@ def test_serve_and_worker_dataclasses_default_to_the_table(cls: type) -> None:
 def test_the_error_lines_read_as_written() -> None:
     """Two keys written out, so the generated expectations below cannot drift unnoticed."""
     port = invoke(["serve", "--port", "70000"])
-    assert (port.exit_code, port.output) == (2, "error: --port 70000 is out of range (give a value from 0 to "
-                                                "65535)\n")
+    assert (port.exit_code, port.output) == (2, ("error: --port 70000 is out of range (give a value from 0 to "
+                                                 "65535)\n"))
     timeout = invoke(["serve", "--load-timeout", "0.05"])
     assert timeout.output == "error: --load-timeout 0.05 is out of range (give seconds from 0.1 to 604800)\n"
     env = invoke(["serve"], env={"LLAMALAUNCH_PORT": "70000"})
-    assert (env.exit_code, env.output) == (2, "error: environment variable LLAMALAUNCH_PORT: port = '70000' is "
-                                              "not allowed: out of range (port must be a port from 0 to 65535)\n")
+    assert (env.exit_code, env.output) == (2, ("error: environment variable LLAMALAUNCH_PORT: port = '70000' is "
+                                               "not allowed: out of range (port must be a port from 0 to 65535)\n"))
+
+
+def test_a_profile_error_line_reads_as_written(tmp_path: Path) -> None:
+    (profile := tmp_path / "p.toml").write_text("load_timeout = 0.05\n", encoding="utf-8")
+    result = invoke(["--config", str(profile), "serve"])
+    assert (result.exit_code, result.output) == (2, (f"error: {profile}: load_timeout = 0.05 is not allowed: out of "
+                                                     "range (load_timeout must be seconds from 0.1 to 604800)\n"))
 
 
 @pytest.mark.parametrize("option", BOUNDED, ids=_id)
@@ -140,8 +147,8 @@ def test_a_profile_refuses_out_of_bounds(option: Option, tmp_path: Path) -> None
         profile.write_text(in_toml(option, value), encoding="utf-8")
         result = invoke(["--config", str(profile), command_of(option)])
         assert (result.exit_code, result.output) == (
-            2, f"error: {profile}: {option.name} = {value!r} is not allowed: out of range ({option.name} must be "
-               f"{option.description})\n")
+            2, (f"error: {profile}: {option.name} = {value!r} is not allowed: out of range ({option.name} must be "
+                f"{option.description})\n"))
 
 
 @pytest.mark.parametrize("option", BOUNDED, ids=_id)
@@ -149,8 +156,8 @@ def test_the_environment_refuses_out_of_bounds(option: Option) -> None:
     for value in outside(option):
         result = invoke([command_of(option)], env={option.env_var: str(value)})
         assert (result.exit_code, result.output) == (
-            2, f"error: environment variable {option.env_var}: {option.name} = '{value}' is not allowed: out of "
-               f"range ({option.name} must be {option.description})\n")
+            2, (f"error: environment variable {option.env_var}: {option.name} = '{value}' is not allowed: out of "
+                f"range ({option.name} must be {option.description})\n"))
 
 
 @pytest.mark.parametrize("option", BOUNDED, ids=_id)
