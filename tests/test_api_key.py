@@ -26,8 +26,8 @@ def test_the_first_key_as_llama_server_reads_it(tmp_path: Path, content: bytes, 
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "the API key file {path} holds no key (write the key on a line of its own)"),
     (b"# only a comment\n\n", "the API key file {path} holds no key (write the key on a line of its own)"),
-    (b"secret\r\n", "a key in {path} has spaces or a carriage return around it (Windows line endings?) "
-                    "(llama-server would expect them in every request: save the file with plain \\n endings)"),
+    (b"secret\r\n", ("a key in {path} has spaces or a carriage return around it (Windows line endings?) "
+                     "(llama-server would expect them in every request: save the file with plain \\n endings)")),
     (b" secret\n", "a key in {path} has spaces or a carriage return around it"),
     (b"\xff\xfe", "cannot read the API key file {path}: not a text file (check the path and its permissions)"),
 ])
