@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamalaunch.model.ggml_types import GGML_TYPE_IDS, GGML_TYPES
-
 from llamalaunch.errors import BadInputError
+from llamalaunch.model.ggml.types import is_quantized, row_size, type_block
 from llamalaunch.model.profile import ModelProfile
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -103,26 +102,11 @@ def _check_cache_blocks(spec: ContextSpec, profile: ModelProfile) -> None:
     """llama_init_from_model refuses a quantized cache whose block size does not divide the head size."""
     for what, flag, name, head in (("K", "-ctk", spec.cache_type_k, profile.head_dim_k),
                                    ("V", "-ctv", spec.cache_type_v, profile.head_dim_v)):
-        block_size = _type_block(name)[0]
+        block_size = type_block(name)[0]
         if is_quantized(name) and head % block_size:
             raise BadInputError(f"a {name} {what} cache has blocks of {block_size}, which do not divide this "
                                 f"model's {what} head size {head}: llama.cpp refuses it at load",
                                 f"use {flag} f16, bf16 or f32")
-
-
-def _type_block(type_name: str) -> tuple[int, int]:
-    _name, block_size, type_size = GGML_TYPES[GGML_TYPE_IDS[type_name.upper()]]
-    return block_size, type_size
-
-
-def is_quantized(type_name: str) -> bool:
-    return type_name not in ("f32", "f16", "bf16")
-
-
-def row_size(type_name: str, n_elements: int) -> int:
-    """ggml_row_size: bytes of one row of `n_elements` of a ggml type."""
-    block_size, type_size = _type_block(type_name)
-    return type_size * n_elements // block_size
 
 
 def tensor_alloc_bytes(type_name: str, ne0: int, n_rows: int, backend: str) -> int:

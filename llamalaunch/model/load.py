@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model import arch as arches
+from llamalaunch.model.ggml.types import row_size
 from llamalaunch.model.gguf_header import (
     GgufArray,
     GgufHeader,
@@ -23,7 +24,6 @@ from llamalaunch.model.gguf_header import (
     file_type_name,
     pad,
     read_header,
-    row_bytes,
 )
 from llamalaunch.model.profile import ExpertPart, ModelProfile, SlotWeights
 
@@ -158,7 +158,7 @@ def tensor_sizes(tensor: TensorInfo) -> _Sizes:
     cuda_alloc = tensor.nbytes
     ne0 = tensor.shape[0] if tensor.shape else 1
     if tensor.is_quantized and ne0 % MATRIX_ROW_PADDING:
-        cuda_alloc += row_bytes(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
+        cuda_alloc += row_size(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
     cuda = pad(cuda_alloc, CUDA_ALIGNMENT)
     if not _EXPERTS.search(tensor.name):
         return _Sizes(cpu, cuda)
