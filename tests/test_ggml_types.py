@@ -10,7 +10,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from llamalaunch.model.ggml import sim
 from llamalaunch.model.ggml.sched import Backend
-from llamalaunch.model.ggml.types import FILE_TYPES, GGML_TYPES, NEWER_THAN_GGUF, is_quantized, row_size, type_block
+from llamalaunch.model.ggml.types import (
+    FILE_TYPES,
+    GGML_TYPES,
+    NEWER_THAN_GGUF,
+    is_quantized,
+    row_size,
+    type_block,
+)
 from llamalaunch.model.kv import tensor_alloc_bytes
 
 

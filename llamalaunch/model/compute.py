@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from llamalaunch.errors import LaunchError
+from llamalaunch.model.ggml.buffers import CPU_ALIGNMENT, alignment
 from llamalaunch.model.ggml.graphs import BUILDERS, ModelSpec, Reserve
 from llamalaunch.model.ggml.sched import Backend, reserve_affine
 from llamalaunch.model.ggml.sim import capture
@@ -26,8 +27,6 @@ from llamalaunch.model.kv import ContextShape, ContextSpec, swa_cells
 from llamalaunch.model.placement import Placement
 from llamalaunch.model.profile import ModelProfile
 
-CPU_ALIGNMENT = 32
-CUDA_ALIGNMENT = 128
 # Archs without an exact graph here are replayed with a superset llama graph of the same shape (MoE beside
 # the dense FFN, a second mask when the file names a sliding window) and padded by this factor: their
 # extra ops are not modelled. 1.2 keeps llama-like long-tail archs within +25% of each device's total
@@ -149,8 +148,7 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
 
 
 def _backends(ranges: Sequence[tuple[str, str, int, int]]) -> list[Backend]:
-    backends = [Backend(name, kind, name, CUDA_ALIGNMENT if kind == "CUDA" else CPU_ALIGNMENT)
-                for name, kind, _, _ in ranges]
+    backends = [Backend(name, kind, name, alignment(kind)) for name, kind, _, _ in ranges]
     # the CPU backend allocates from the first device's host buffer type when it has one (CUDA_Host)
     host_buft = "CUDA_Host" if ranges and ranges[0][1] == "CUDA" else "CPU"
     return [*backends, Backend("CPU", "CPU", host_buft, CPU_ALIGNMENT)]

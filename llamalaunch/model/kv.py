@@ -20,15 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamalaunch.errors import BadInputError
+from llamalaunch.model.ggml.buffers import alignment, cuda_alloc_size
 from llamalaunch.model.ggml.types import is_quantized, row_size, type_block
 from llamalaunch.model.profile import ModelProfile
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 CTX_PAD = 256  # llama.cpp rounds n_ctx (and per-stream and SWA cell counts) up to this
-CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT: CPU and RPC-to-CPU buffers
-CUDA_ALIGNMENT = 128
-CUDA_ROW_PADDING = 512  # MATRIX_ROW_PADDING: quantized tensors get their last row padded to this
 F32_BYTES = 4
 
 
@@ -113,10 +111,8 @@ def tensor_alloc_bytes(type_name: str, ne0: int, n_rows: int, backend: str) -> i
     """Bytes a [ne0, n_rows] tensor takes in a buffer of `backend`, padding included."""
     size = row_size(type_name, ne0) * n_rows
     if backend == "CUDA":
-        if is_quantized(type_name) and ne0 % CUDA_ROW_PADDING:
-            size += row_size(type_name, CUDA_ROW_PADDING - ne0 % CUDA_ROW_PADDING)
-        return pad(size, CUDA_ALIGNMENT)
-    return pad(size, CPU_ALIGNMENT)
+        size = cuda_alloc_size(type_name, ne0, size)
+    return pad(size, alignment(backend))
 
 
 def is_mla(profile: ModelProfile) -> bool:
@@ -170,17 +166,13 @@ def layer_kv_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape
         return 0
     if not has_attention_kv(profile, il):
         rows = shape.n_seq  # max(1, n_seq_max) rows, one per sequence
-        return (pad(profile.recurrent_r_bytes_per_seq * rows, _alignment(backend))
-                + pad(profile.recurrent_s_bytes_per_seq * rows, _alignment(backend)))
+        return (pad(profile.recurrent_r_bytes_per_seq * rows, alignment(backend))
+                + pad(profile.recurrent_s_bytes_per_seq * rows, alignment(backend)))
     rows = layer_cells(profile, spec, shape, il) * shape.n_stream
     size = tensor_alloc_bytes(spec.cache_type_k, n_embd_k_gqa(profile, il), rows, backend)
     if not is_mla(profile):
         size += tensor_alloc_bytes(spec.cache_type_v, _v_width(profile, shape, il), rows, backend)
     return size
-
-
-def _alignment(backend: str) -> int:
-    return CUDA_ALIGNMENT if backend == "CUDA" else CPU_ALIGNMENT
 
 
 def kv_bytes_per_layer(profile: ModelProfile, spec: ContextSpec, ctx_tokens: int,

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamalaunch.model.ggml.alloc import Affine, GraphAllocator, Range, same_layout
+from llamalaunch.model.ggml.buffers import cuda_alloc_size
 from llamalaunch.model.ggml.sim import FLAG_INPUT, FLAG_OUTPUT, VIEW_OPS, Graph, Tensor
-from llamalaunch.model.ggml.types import is_quantized, row_size
 
 MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES
-CUDA_ROW_PADDING = 512
 CUDA_OFFLOAD_MIN_BATCH = 32
 
 
@@ -42,9 +41,7 @@ class Backend:
             return size
         if tensor.op == "FLASH_ATTN_EXT":
             return _cuda_flash_attn_size(tensor, size)
-        if is_quantized(tensor.type) and tensor.ne[0] % CUDA_ROW_PADDING:
-            size += row_size(tensor.type, CUDA_ROW_PADDING - tensor.ne[0] % CUDA_ROW_PADDING)
-        return size
+        return cuda_alloc_size(tensor.type, tensor.ne[0], size)
 
     def offload_op(self, node: Tensor) -> bool:
         if self.kind != "CUDA":
