@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 
+import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from llamalaunch.model.ggml import sim
+from llamalaunch.model.ggml import LLAMA_CPP_COMMIT, sim
 from llamalaunch.model.ggml.sched import Backend
 from llamalaunch.model.ggml.types import (
     FILE_TYPES,
@@ -19,6 +21,8 @@ from llamalaunch.model.ggml.types import (
     type_block,
 )
 from llamalaunch.model.kv import tensor_alloc_bytes
+from llamalaunch.paths import cache_dir
+from llamalaunch.toolchain.pin import LLAMA_CPP_SDIST
 
 
 def test_type_sizes_and_names_match_gguf() -> None:
@@ -45,6 +49,19 @@ def test_a_type_newer_than_gguf_is_known_everywhere() -> None:
     assert tensor_alloc_bytes("q2_0", 128, 4, "CPU") == 4 * 36 + 16  # padded to 32
     cuda = Backend("CUDA0", "CUDA", "CUDA0", 128)
     assert cuda.alloc_size(sim.new("q2_0", 128, 4)) == 4 * 36 + row_size("q2_0", 512 - 128)
+
+
+def test_the_replay_names_the_llama_cpp_it_mirrors() -> None:
+    """model/ggml says which llama.cpp it follows: the commit vendored in the pinned sdist. A new pin
+    fails here until the replay is checked against the new tree and the commit updated."""
+    archive = cache_dir() / "downloads" / LLAMA_CPP_SDIST.filename
+    if not archive.exists():
+        pytest.skip("the pinned sdist is not downloaded (scripts/setup fetches it)")
+    root = LLAMA_CPP_SDIST.tree_in_archive.split("/")[0]
+    with tarfile.open(archive) as tar:
+        head = tar.extractfile(f"{root}/.git/modules/vendor/llama.cpp/HEAD")
+        assert head is not None
+        assert head.read().decode().strip() == LLAMA_CPP_COMMIT
 
 
 def test_planning_never_imports_gguf_or_numpy() -> None:
