@@ -1,5 +1,4 @@
-"""deepseek2 (src/models/deepseek2.cpp): multi-head latent attention, with or without the MLA cache.
-"""
+"""deepseek2 (src/models/deepseek2.cpp): multi-head latent attention, with or without the MLA cache."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""gemma2 / gemma3 (src/models/gemma2.cpp, gemma3.cpp) and gemma4 (gemma4.cpp).
-"""
+"""gemma2 / gemma3 (src/models/gemma2.cpp, gemma3.cpp) and gemma4 (gemma4.cpp)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""glm4moe (src/models/glm4-moe.cpp): a dense prefix, then sigmoid-gated MoE with a shared expert.
-"""
+"""glm4moe (src/models/glm4-moe.cpp): a dense prefix, then sigmoid-gated MoE with a shared expert."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""gpt-oss (src/models/openai-moe.cpp): attention sinks, biased experts, softmax over the selected.
-"""
+"""gpt-oss (src/models/openai-moe.cpp): attention sinks, biased experts, softmax over the selected."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""lfm2 (src/models/lfm2.cpp): short-convolution blocks beside attention blocks.
-"""
+"""lfm2 (src/models/lfm2.cpp): short-convolution blocks beside attention blocks."""
 
 from __future__ import annotations
 

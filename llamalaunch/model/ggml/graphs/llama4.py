@@ -1,5 +1,4 @@
-"""llama4 (src/models/llama4.cpp): chunked attention layers, MoE on every `step`-th block.
-"""
+"""llama4 (src/models/llama4.cpp): chunked attention layers, MoE on every `step`-th block."""
 
 from __future__ import annotations
 

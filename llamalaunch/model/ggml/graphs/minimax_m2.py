@@ -1,5 +1,4 @@
-"""minimax-m2 (src/models/minimax-m2.cpp).
-"""
+"""minimax-m2 (src/models/minimax-m2.cpp)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""phi3 (src/models/phi3.cpp): fused QKV, fused gate/up FFN.
-"""
+"""phi3 (src/models/phi3.cpp): fused QKV, fused gate/up FFN."""
 
 from __future__ import annotations
 
