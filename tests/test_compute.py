@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from llamalaunch.model.arch_graphs import LlamaGraph, ModelSpec, Reserve
 from llamalaunch.model.compute import replayed_layers
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
-from llamalaunch.model.ggml_sched import Backend, reserve
+from llamalaunch.model.ggml.graphs import ModelSpec, Reserve
+from llamalaunch.model.ggml.graphs.llama import LlamaGraph
+from llamalaunch.model.ggml.sched import Backend, reserve
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
 from tests.test_kv import smollm2_shape
@@ -85,10 +86,10 @@ def test_periodic_layers_replay_like_all_layers(tmp_path, preset: str, changes: 
                                                 devices: int) -> None:
     """Hybrid and interleaved layer patterns skip whole periods only: exactly the full replay's sizes
     (skipping one layer inside a period was seen to move a device by 0.75 MiB)."""
+    from bench.bench_accuracy import even_placement
     from llamalaunch.model import compute
     from llamalaunch.model.load import load_profile
     from llamalaunch.model.synthetic import write_preset
-    from bench.bench_accuracy import even_placement
 
     profile = load_profile(write_preset(tmp_path / "m.gguf", preset, **changes))
     placement, request = even_placement(profile.n_slots, devices), Request(n_parallel=4, n_ubatch=2048)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamalaunch.model.estimate import Estimate, MemoryUse
+from llamalaunch.model.estimate import Estimate
+from llamalaunch.model.placement import MemoryUse
 from llamalaunch.units import MIB
 
 HOST = "Host"  # device name used for host-memory buffers

@@ -2,7 +2,7 @@
 
 llama.cpp sizes its compute buffers by building the worst-case graph (n_ubatch tokens over the full
 KV cache), splitting it across backends and running ggml-alloc over it (llama_context::sched_reserve).
-We do the same on shapes only: arch_graphs builds the graph, ggml_sched splits and allocates it. The
+We do the same on shapes only: ggml/graphs builds the graph, ggml/sched splits and allocates it. The
 prompt-processing graph is the largest of the reservations llama.cpp makes, so it alone sets the size.
 
 Speed: layers of one kind on one device repeat the same allocation pattern, so only a few of them are
@@ -16,21 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from llamalaunch.errors import LaunchError
-from llamalaunch.model.arch_graphs import BUILDERS, ModelSpec, Reserve
+from llamalaunch.model.ggml.buffers import CPU_ALIGNMENT, alignment
+from llamalaunch.model.ggml.graphs import BUILDERS, ModelSpec, Reserve
+from llamalaunch.model.ggml.sched import Backend, reserve_affine
+from llamalaunch.model.ggml.sim import capture
 from llamalaunch.model.gguf_header import TensorInfo, read_header
-from llamalaunch.model.ggml_sched import Backend, reserve_affine
-from llamalaunch.model.ggml_sim import capture
 from llamalaunch.model.kv import ContextShape, ContextSpec, swa_cells
+from llamalaunch.model.placement import Placement
 from llamalaunch.model.profile import ModelProfile
 
-if TYPE_CHECKING:
-    from llamalaunch.model.estimate import Placement
-
-CPU_ALIGNMENT = 32
-CUDA_ALIGNMENT = 128
 # Archs without an exact graph here are replayed with a superset llama graph of the same shape (MoE beside
 # the dense FFN, a second mask when the file names a sliding window) and padded by this factor: their
 # extra ops are not modelled. 1.2 keeps llama-like long-tail archs within +25% of each device's total
@@ -152,8 +148,7 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
 
 
 def _backends(ranges: Sequence[tuple[str, str, int, int]]) -> list[Backend]:
-    backends = [Backend(name, kind, name, CUDA_ALIGNMENT if kind == "CUDA" else CPU_ALIGNMENT)
-                for name, kind, _, _ in ranges]
+    backends = [Backend(name, kind, name, alignment(kind)) for name, kind, _, _ in ranges]
     # the CPU backend allocates from the first device's host buffer type when it has one (CUDA_Host)
     host_buft = "CUDA_Host" if ranges and ranges[0][1] == "CUDA" else "CPU"
     return [*backends, Backend("CPU", "CPU", host_buft, CPU_ALIGNMENT)]

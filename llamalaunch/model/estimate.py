@@ -13,61 +13,25 @@ from types import MappingProxyType
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model import compute
-from llamalaunch.model.kv import (ContextSpec, check_cache_types, context_shape, layer_kv_bytes,
-                                  output_buffer_bytes)
+from llamalaunch.model.kv import (
+    ContextSpec,
+    check_cache_types,
+    context_shape,
+    layer_kv_bytes,
+    output_buffer_bytes,
+)
+from llamalaunch.model.placement import MemoryUse, Placement, SlotRange
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.units import MIB
+
+# the placement types are part of this API (estimate() takes a Placement, answers in MemoryUse)
+__all__ = ["DEFAULT_OVERHEAD_BYTES", "Estimate", "MemoryUse", "Placement", "SlotRange", "estimate",
+           "host_experts_override", "overhead_for", "slot_devices"]
 
 # Memory a backend takes outside llama.cpp's accounting when the caller has no measurement.
 # CUDA: context, cuBLAS workspace and memory pool were 597-599 MiB on an H100 (CUDA 13, driver 580)
 # whatever the context; 640 MiB covers that with room for pool growth. Measure it per GPU when you can.
 DEFAULT_OVERHEAD_BYTES: Mapping[str, int] = MappingProxyType({"CUDA": 640 * MIB, "RPC": 0, "CPU": 0})
-
-
-@dataclass(frozen=True)
-class MemoryUse:
-    """Bytes one device (or the host) holds, by component."""
-
-    weights_bytes: int = 0
-    kv_bytes: int = 0
-    compute_bytes: int = 0
-    overhead_bytes: int = 0  # outside llama.cpp's accounting: CUDA context, cuBLAS, pool
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
-
-
-@dataclass(frozen=True)
-class SlotRange:
-    """`n_slots` consecutive slots from `first_slot` on one device."""
-
-    device: str
-    backend: str
-    first_slot: int
-    n_slots: int
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Devices in llama.cpp order, contiguous, covering slots [n_slots_total - n_gpu_layers, n_slots_total).
-
-    Slots before the first range stay on the host (CPU spill). The routed experts of the blocks in
-    `host_expert_layers` stay in host memory although their block is on a device (`-ot …=CPU`); of a block
-    split between the two, `host_expert_parts` names the expert tensor kinds on the host (block, kind).
-    """
-
-    ranges: tuple[SlotRange, ...]
-    host_expert_layers: frozenset[int] = frozenset()
-    host_expert_parts: frozenset[tuple[int, str]] = frozenset()
-
-    def split_parts(self, layer: int) -> frozenset[str]:
-        """The expert kinds of a split block that are on the host (empty for other blocks)."""
-        return frozenset(kind for il, kind in self.host_expert_parts if il == layer)
-
-    @property
-    def n_gpu_layers(self) -> int:
-        return sum(r.n_slots for r in self.ranges)
 
 
 def host_experts_override(placement: Placement) -> str:

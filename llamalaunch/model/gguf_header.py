@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from llamalaunch.model.ggml_types import FILE_TYPES, GGML_TYPES
-
 from llamalaunch.errors import ModelError
+from llamalaunch.model.ggml import types as ggml_types
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -32,10 +31,6 @@ MAX_STRING_ARRAY = 1 << 24  # the largest vocabularies and merge lists have unde
 MAX_KEPT_ARRAY = 4096  # arrays longer than this keep their length only (tokens, merges, scores)
 _CHUNK = 1 << 20
 
-# Types newer than the gguf package we pin: (block size, bytes per block), from ggml.c.
-_EXTRA_TYPE_SIZES: dict[int, tuple[int, int]] = {42: (64, 18)}  # Q2_0
-_EXTRA_TYPE_NAMES: dict[int, str] = {42: "Q2_0"}
-_NOT_QUANTIZED = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 
 # GGUF value types: id -> (struct format, size in bytes); 8 = string, 9 = array.
 _STRING, _ARRAY = 8, 9
@@ -77,11 +72,11 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return ggml_type_name(self.ggml_type)
+        return ggml_types.type_name(self.ggml_type)
 
     @property
     def is_quantized(self) -> bool:
-        return self.type_name not in _NOT_QUANTIZED
+        return ggml_types.is_quantized(self.ggml_type)
 
 
 @dataclass(frozen=True)
@@ -98,39 +93,12 @@ class GgufHeader:
         return self.kv.get(key, default)
 
 
-def ggml_type_name(ggml_type: int) -> str:
-    if ggml_type in _EXTRA_TYPE_NAMES:
-        return _EXTRA_TYPE_NAMES[ggml_type]
-    return GGML_TYPES[ggml_type][0]
-
-
 def file_type_name(file_type: int) -> str:
     """general.file_type as llama.cpp names it in logs: 'Q4_0', 'Q4_K_M', 'F16'."""
-    name = FILE_TYPES.get(file_type)
+    name = ggml_types.FILE_TYPES.get(file_type)
     if name is None:
         return f"type {file_type}"
     return name.replace("MOSTLY_", "").replace("ALL_", "")
-
-
-def type_block(ggml_type: int) -> tuple[int, int] | None:
-    """(elements per block, bytes per block) of a ggml type, or None for a type we do not know."""
-    if ggml_type in _EXTRA_TYPE_SIZES:
-        return _EXTRA_TYPE_SIZES[ggml_type]
-    if ggml_type not in GGML_TYPES:
-        return None
-    _name, block_size, type_size = GGML_TYPES[ggml_type]
-    return block_size, type_size
-
-
-def row_bytes(ggml_type: int, n_elements: int) -> int:
-    """ggml_row_size: bytes of `n_elements` consecutive elements of one row."""
-    block = type_block(ggml_type)
-    if block is None:
-        raise ModelError(
-            f"unknown ggml tensor type {ggml_type}", "update llamalaunch to a version that knows it"
-        )
-    block_size, type_size = block
-    return type_size * (n_elements // block_size)
 
 
 def pad(size: int, alignment: int) -> int:
@@ -364,16 +332,15 @@ def _read_tensor_info(reader: _Reader) -> _RawTensor:
 
 
 def _tensor_nbytes(reader: _Reader, raw: _RawTensor) -> int:
-    block = type_block(raw.ggml_type)
-    if block is None:
+    if not ggml_types.is_known(raw.ggml_type):
         raise reader.fail(f"tensor {raw.name!r} has unknown ggml type {raw.ggml_type}")
-    block_size, type_size = block
+    block_size, type_size = ggml_types.type_block(raw.ggml_type)
     if any(ne >= 1 << 63 for ne in raw.shape):
         raise reader.fail(f"tensor {raw.name!r} has a negative dimension")
     ne0 = raw.shape[0] if raw.shape else 1
     if ne0 % block_size:
         raise reader.fail(
-            f"tensor {raw.name!r} of type {ggml_type_name(raw.ggml_type)} has {ne0} elements "
+            f"tensor {raw.name!r} of type {ggml_types.type_name(raw.ggml_type)} has {ne0} elements "
             f"per row, not a multiple of its block size {block_size}"
         )
     n_elements = 1

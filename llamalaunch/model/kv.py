@@ -19,17 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamalaunch.model.ggml_types import GGML_TYPE_IDS, GGML_TYPES
-
 from llamalaunch.errors import BadInputError
+from llamalaunch.model.ggml.buffers import alignment, cuda_alloc_size
+from llamalaunch.model.ggml.types import is_quantized, row_size, type_block
 from llamalaunch.model.profile import ModelProfile
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 CTX_PAD = 256  # llama.cpp rounds n_ctx (and per-stream and SWA cell counts) up to this
-CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT: CPU and RPC-to-CPU buffers
-CUDA_ALIGNMENT = 128
-CUDA_ROW_PADDING = 512  # MATRIX_ROW_PADDING: quantized tensors get their last row padded to this
 F32_BYTES = 4
 
 
@@ -103,36 +100,19 @@ def _check_cache_blocks(spec: ContextSpec, profile: ModelProfile) -> None:
     """llama_init_from_model refuses a quantized cache whose block size does not divide the head size."""
     for what, flag, name, head in (("K", "-ctk", spec.cache_type_k, profile.head_dim_k),
                                    ("V", "-ctv", spec.cache_type_v, profile.head_dim_v)):
-        block_size = _type_block(name)[0]
+        block_size = type_block(name)[0]
         if is_quantized(name) and head % block_size:
             raise BadInputError(f"a {name} {what} cache has blocks of {block_size}, which do not divide this "
                                 f"model's {what} head size {head}: llama.cpp refuses it at load",
                                 f"use {flag} f16, bf16 or f32")
 
 
-def _type_block(type_name: str) -> tuple[int, int]:
-    _name, block_size, type_size = GGML_TYPES[GGML_TYPE_IDS[type_name.upper()]]
-    return block_size, type_size
-
-
-def is_quantized(type_name: str) -> bool:
-    return type_name not in ("f32", "f16", "bf16")
-
-
-def row_size(type_name: str, n_elements: int) -> int:
-    """ggml_row_size: bytes of one row of `n_elements` of a ggml type."""
-    block_size, type_size = _type_block(type_name)
-    return type_size * n_elements // block_size
-
-
 def tensor_alloc_bytes(type_name: str, ne0: int, n_rows: int, backend: str) -> int:
     """Bytes a [ne0, n_rows] tensor takes in a buffer of `backend`, padding included."""
     size = row_size(type_name, ne0) * n_rows
     if backend == "CUDA":
-        if is_quantized(type_name) and ne0 % CUDA_ROW_PADDING:
-            size += row_size(type_name, CUDA_ROW_PADDING - ne0 % CUDA_ROW_PADDING)
-        return pad(size, CUDA_ALIGNMENT)
-    return pad(size, CPU_ALIGNMENT)
+        size = cuda_alloc_size(type_name, ne0, size)
+    return pad(size, alignment(backend))
 
 
 def is_mla(profile: ModelProfile) -> bool:
@@ -186,17 +166,13 @@ def layer_kv_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape
         return 0
     if not has_attention_kv(profile, il):
         rows = shape.n_seq  # max(1, n_seq_max) rows, one per sequence
-        return (pad(profile.recurrent_r_bytes_per_seq * rows, _alignment(backend))
-                + pad(profile.recurrent_s_bytes_per_seq * rows, _alignment(backend)))
+        return (pad(profile.recurrent_r_bytes_per_seq * rows, alignment(backend))
+                + pad(profile.recurrent_s_bytes_per_seq * rows, alignment(backend)))
     rows = layer_cells(profile, spec, shape, il) * shape.n_stream
     size = tensor_alloc_bytes(spec.cache_type_k, n_embd_k_gqa(profile, il), rows, backend)
     if not is_mla(profile):
         size += tensor_alloc_bytes(spec.cache_type_v, _v_width(profile, shape, il), rows, backend)
     return size
-
-
-def _alignment(backend: str) -> int:
-    return CUDA_ALIGNMENT if backend == "CUDA" else CPU_ALIGNMENT
 
 
 def kv_bytes_per_layer(profile: ModelProfile, spec: ContextSpec, ctx_tokens: int,

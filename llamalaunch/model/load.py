@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model import arch as arches
+from llamalaunch.model.ggml.buffers import CPU_ALIGNMENT, CUDA_ALIGNMENT, cuda_alloc_size
 from llamalaunch.model.gguf_header import (
     GgufArray,
     GgufHeader,
@@ -23,13 +24,9 @@ from llamalaunch.model.gguf_header import (
     file_type_name,
     pad,
     read_header,
-    row_bytes,
 )
 from llamalaunch.model.profile import ExpertPart, ModelProfile, SlotWeights
 
-CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT, ggml-impl.h
-CUDA_ALIGNMENT = 128  # ggml_backend_cuda_buffer_type_get_alignment
-MATRIX_ROW_PADDING = 512  # ggml-cuda/common.cuh
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 _SHARD = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -155,11 +152,8 @@ class _Sizes:
 def tensor_sizes(tensor: TensorInfo) -> _Sizes:
     """What one tensor takes in a CPU buffer and in a CUDA buffer (ggml_backend_buft_get_alloc_size)."""
     cpu = pad(tensor.nbytes, CPU_ALIGNMENT)
-    cuda_alloc = tensor.nbytes
     ne0 = tensor.shape[0] if tensor.shape else 1
-    if tensor.is_quantized and ne0 % MATRIX_ROW_PADDING:
-        cuda_alloc += row_bytes(tensor.ggml_type, MATRIX_ROW_PADDING - ne0 % MATRIX_ROW_PADDING)
-    cuda = pad(cuda_alloc, CUDA_ALIGNMENT)
+    cuda = pad(cuda_alloc_size(tensor.ggml_type, ne0, tensor.nbytes), CUDA_ALIGNMENT)
     if not _EXPERTS.search(tensor.name):
         return _Sizes(cpu, cuda)
     kind = tensor.name.split(".")[2] if _BLOCK.match(tensor.name) else tensor.name

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
-from llamalaunch.model.gguf_header import (DEFAULT_ALIGNMENT, GGUF_MAGIC, ggml_type_name, pad, read_header,
-                                           type_block)
+from llamalaunch.model.ggml.types import GGML_TYPE_IDS, type_block, type_name
+from llamalaunch.model.gguf_header import DEFAULT_ALIGNMENT, GGUF_MAGIC, pad, read_header
 
 # ggml type ids by name (only those a synthetic model uses for its matrices).
-WEIGHT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10,
-                "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "BF16": 30}
+WEIGHT_TYPES = {name: GGML_TYPE_IDS[name] for name in ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K",
+                                                      "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "BF16")}
 # general.file_type (LLAMA_FTYPE) for a file whose matrices are all of one type.
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
                "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
@@ -186,12 +186,11 @@ def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_typ
 
 
 def _nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
-    block = type_block(ggml_type)
-    assert block is not None
+    block_size, type_size = type_block(ggml_type)
     count = 1
     for ne in dims:
         count *= ne
-    return count // block[0] * block[1]
+    return count // block_size * type_size
 
 
 def _tensor_type(kind: str, dims: tuple[int, ...], weight_type: int) -> int:
@@ -199,9 +198,7 @@ def _tensor_type(kind: str, dims: tuple[int, ...], weight_type: int) -> int:
     file's type, or F16 where a row is not a whole number of its blocks (as llama-quantize falls back)."""
     if kind == "f32" or len(dims) < 2:
         return F32
-    block = type_block(weight_type)
-    assert block is not None
-    return weight_type if dims[0] % block[0] == 0 else F16
+    return weight_type if dims[0] % type_block(weight_type)[0] == 0 else F16
 
 
 # gemma4 needs rope_freqs (zeros give NaN logits): written as ones, plain RoPE.
@@ -829,5 +826,5 @@ class _Writer:
 def describe(path: str | Path) -> str:
     """One line: what a synthetic file claims to be (for logs of tests and benchmarks)."""
     header = read_header(path)
-    types = sorted({ggml_type_name(t.ggml_type) for t in header.tensors})
+    types = sorted({type_name(t.ggml_type) for t in header.tensors})
     return f"{header.get('general.name')} ({len(header.tensors)} tensors, {', '.join(types)})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
-from llamalaunch.model.ggml_sim import FLAG_INPUT, FLAG_OUTPUT, INPLACE_OPS, Tensor
+from llamalaunch.model.ggml.sim import FLAG_INPUT, FLAG_OUTPUT, INPLACE_OPS, Tensor
 
 _HUGE = 1 << 62
 
@@ -41,7 +41,7 @@ class Range:
 class Affine:
     """c + s·(n - n0), compared by its value at n0; every comparison narrows the shared Range."""
 
-    __slots__ = ("c", "s", "range")
+    __slots__ = ("c", "range", "s")
 
     def __init__(self, c: int, s: int, range_: Range) -> None:
         self.c = c
@@ -105,7 +105,8 @@ class DynAlloc:
 
     def alloc(self, size: int | Affine) -> int | Affine:
         size = _aligned(size, self.alignment)
-        best, best_size = -1, _HUGE
+        best = -1
+        best_size: int | Affine = _HUGE
         for i in range(len(self.blocks) - 1):
             block_size = self.blocks[i][1]
             if block_size >= size and block_size <= best_size:
@@ -119,8 +120,7 @@ class DynAlloc:
         if block[1] == 0:
             del self.blocks[best]
         end = offset + size
-        if end > self.max_size:
-            self.max_size = end
+        self.max_size = max(self.max_size, end)  # compares end > max_size, as ggml does
         return offset
 
     def free(self, offset: int | Affine, size: int | Affine) -> None:
@@ -147,7 +147,7 @@ class DynAlloc:
 
 
 class _Node:
-    __slots__ = ("n_children", "n_views", "buffer", "offset", "allocated")
+    __slots__ = ("allocated", "buffer", "n_children", "n_views", "offset")
 
     def __init__(self) -> None:
         self.n_children = 0

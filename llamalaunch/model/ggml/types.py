@@ -1,5 +1,6 @@
-"""ggml tensor types and GGUF file types: the facts the reader needs, without importing gguf (numpy).
+"""The one table of ggml tensor types (ggml.c type_traits) and GGUF file types, without importing gguf (numpy).
 
+Every size in the package comes from here: the GGUF reader, the KV cache, the weights, the graph replay.
 Checked against the gguf package by tests/test_ggml_types.py.
 """
 
@@ -41,8 +42,13 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17),
     40: ("NVFP4", 64, 36),
     41: ("Q1_0", 128, 18),
+    42: ("Q2_0", 64, 18),
 }
+NEWER_THAN_GGUF = frozenset({42})  # types the pinned gguf package does not know yet (sizes from ggml.c)
 GGML_TYPE_IDS: dict[str, int] = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
+# (elements per block, bytes per block) by type id and by name, upper and lower case ("Q8_0", "q8_0")
+_BLOCKS: dict[int | str, tuple[int, int]] = {
+    key: (block, size) for type_id, (name, block, size) in GGML_TYPES.items() for key in (type_id, name, name.lower())}
 
 # general.file_type: the name llama.cpp prints for it
 FILE_TYPES: dict[int, str] = {
@@ -83,3 +89,28 @@ FILE_TYPES: dict[int, str] = {
     40: "MOSTLY_Q1_0",
     1024: "GUESSED",
 }
+
+
+def type_block(ggml_type: int | str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a ggml type, by id or name; KeyError for an unknown one."""
+    return _BLOCKS[ggml_type]
+
+
+def is_known(ggml_type: int | str) -> bool:
+    return ggml_type in _BLOCKS
+
+
+def type_name(ggml_type: int) -> str:
+    """The name ggml gives a type id: 'Q4_K', 'F16'."""
+    return GGML_TYPES[ggml_type][0]
+
+
+def row_size(ggml_type: int | str, n_elements: int) -> int:
+    """ggml_row_size: bytes of `n_elements` consecutive elements of one row."""
+    block_size, type_size = _BLOCKS[ggml_type]
+    return type_size * n_elements // block_size
+
+
+def is_quantized(ggml_type: int | str) -> bool:
+    """ggml_is_quantized: every quantized type packs several elements per block, no plain type does."""
+    return _BLOCKS[ggml_type][0] > 1

@@ -1,4 +1,4 @@
-"""ggml's backend scheduler and graph allocator, replayed on ggml_sim graphs to size compute buffers.
+"""ggml's backend scheduler and graph allocator, replayed on sim.py graphs to size compute buffers.
 
 `reserve(graph, backends, ...)` follows ggml_backend_sched_split_graph (ggml-backend.cpp: assign a
 backend to every node, split the graph where the backend changes, copy split inputs, keep 4 copies of
@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llamalaunch.model.ggml_alloc import Affine, GraphAllocator, Range, same_layout
-from llamalaunch.model.ggml_sim import FLAG_INPUT, FLAG_OUTPUT, VIEW_OPS, Graph, Tensor, row_size
+from llamalaunch.model.ggml.alloc import Affine, GraphAllocator, Range, same_layout
+from llamalaunch.model.ggml.buffers import cuda_alloc_size
+from llamalaunch.model.ggml.sim import FLAG_INPUT, FLAG_OUTPUT, VIEW_OPS, Graph, Tensor
 
 MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES
-CUDA_ROW_PADDING = 512
 CUDA_OFFLOAD_MIN_BATCH = 32
-_QUANT_FREE = frozenset({"f32", "f16", "bf16", "i32", "i64", "i8"})
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,7 @@ class Backend:
             return size
         if tensor.op == "FLASH_ATTN_EXT":
             return _cuda_flash_attn_size(tensor, size)
-        if tensor.type not in _QUANT_FREE and tensor.ne[0] % CUDA_ROW_PADDING:
-            size += row_size(tensor.type, CUDA_ROW_PADDING - tensor.ne[0] % CUDA_ROW_PADDING)
-        return size
+        return cuda_alloc_size(tensor.type, tensor.ne[0], size)
 
     def offload_op(self, node: Tensor) -> bool:
         if self.kind != "CUDA":
@@ -202,7 +199,8 @@ class _Scheduler:
     def split(self) -> list[tuple[int, list[Tensor], list[Tensor]]]:
         """[(backend, inputs, nodes)]; node sources that cross backends are replaced by copies."""
         splits: list[tuple[int, list[Tensor], list[Tensor]]] = []
-        current, inputs, nodes = -1, [], []
+        inputs: list[Tensor] = []
+        nodes: list[Tensor] = []
         first = next((n for n in self.graph.nodes if n.op not in VIEW_OPS), None)
         current = self.bid(first) if first is not None else self.cpu
         for node in self.graph.nodes:
@@ -244,10 +242,10 @@ class _Scheduler:
 def reserve(graph: Graph, backends: Sequence[Backend], pipeline: bool, op_offload: bool = True,
             assigned: dict[int, int] | None = None) -> list[int]:
     """Compute buffer bytes per backend (in `backends` order) for one worst-case graph."""
-    sched, nodes, leafs = _schedule(graph, backends, pipeline, op_offload, assigned or {})
+    _, nodes, leafs = _schedule(graph, backends, pipeline, op_offload, assigned or {})
     allocator = GraphAllocator([b.alignment for b in backends], [b.buft for b in backends],
                                lambda tensor, index: backends[index].alloc_size(tensor))
-    return [int(size) for size in allocator.run(nodes, leafs)]  # type: ignore[call-overload]
+    return [size if isinstance(size, int) else size.c for size in allocator.run(nodes, leafs)]  # ints in, ints out
 
 
 def reserve_affine(graph: Graph, twin: dict[int, Tensor], n0: int, dn: int, backends: Sequence[Backend],

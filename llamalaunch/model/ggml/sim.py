@@ -2,7 +2,7 @@
 
 No data is ever touched. Each op creates a tensor with the type, shape, strides and sources ggml's
 own constructor gives it (ggml/src/ggml.c), so that a graph built here with the same calls as
-llama.cpp's model builders has the same nodes, in the same order, as the real one. ggml_sched.py then
+llama.cpp's model builders has the same nodes, in the same order, as the real one. sched.py then
 splits it across backends and allocates it the way ggml-backend.cpp and ggml-alloc.c do.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import count
 
-from llamalaunch.model.kv import _type_block
+from llamalaunch.model.ggml.types import type_block
 
 FLAG_INPUT = 1
 FLAG_OUTPUT = 2
@@ -21,7 +21,6 @@ INPLACE_OPS = frozenset({"FILL", "SCALE", "DIAG_MASK_ZERO", "DIAG_MASK_INF", "AD
                          "MUL", "DIV", "SQR", "SQRT", "LOG", "UNARY", "ROPE", "ROPE_BACK", "SILU_BACK",
                          "RMS_NORM", "RMS_NORM_BACK", "CLAMP", "SOFT_MAX", "SOFT_MAX_BACK"})
 VIEW_OPS = frozenset({"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})  # ggml_is_view_op
-_PLAIN = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "i32": (1, 4), "i64": (1, 8), "i8": (1, 1)}
 _ids = count()
 _captures: list[list[Tensor]] = []
 
@@ -37,15 +36,23 @@ def capture() -> Iterator[list[Tensor]]:
         _captures.pop()
 
 
-def type_block(type_name: str) -> tuple[int, int]:
-    return _PLAIN.get(type_name) or _type_block(type_name)
-
-
 class Tensor:
     """A ggml tensor without data. `buffer` is the backend index of a pre-allocated tensor (weights, KV)."""
 
-    __slots__ = ("id", "op", "type", "ne", "nb", "src", "view_src", "view_offs", "flags", "name", "buffer",
+    __slots__ = ("buffer", "flags", "id", "name", "nb", "ne", "op", "src", "type", "view_offs", "view_src",
                  "weights")
+    id: int
+    op: str
+    type: str
+    ne: tuple[int, ...]
+    nb: tuple[int, ...]
+    src: tuple[Tensor | None, ...]
+    view_src: Tensor | None
+    view_offs: int
+    flags: int
+    name: str
+    buffer: int | None  # the backend index of a pre-allocated tensor
+    weights: bool  # a WEIGHTS-usage buffer (the scheduler follows weights)
 
     def __init__(self, type_name: str, ne: Sequence[int], op: str = "NONE", src: Sequence[Tensor | None] = (),
                  view_src: Tensor | None = None, view_offs: int = 0, nb: Sequence[int] | None = None) -> None:
@@ -62,8 +69,8 @@ class Tensor:
         self.src = tuple(src)
         self.flags = 0
         self.name = ""
-        self.buffer: int | None = None
-        self.weights = False  # a WEIGHTS-usage buffer (the scheduler follows weights)
+        self.buffer = None
+        self.weights = False
         if _captures:
             _captures[-1].append(self)
 
@@ -96,11 +103,6 @@ def contiguous_strides(type_name: str, ne: Sequence[int]) -> tuple[int, ...]:
     for i in (2, 3):
         nb.append(nb[i - 1] * ne[i - 1])
     return tuple(nb)
-
-
-def row_size(type_name: str, n: int) -> int:
-    block, size = type_block(type_name)
-    return size * n // block
 
 
 # --- tensor constructors ---------------------------------------------------------------------------
@@ -285,20 +287,20 @@ def view_1d(a: Tensor, ne0: int, offset: int) -> Tensor:
 
 
 def view_2d(a: Tensor, ne0: int, ne1: int, nb1: int, offset: int) -> Tensor:
-    block, size = type_block(a.type)
+    size = type_block(a.type)[1]
     nb = (size, nb1, nb1 * ne1, nb1 * ne1)
     return Tensor(a.type, (ne0, ne1), "VIEW", (a,), view_src=a, view_offs=offset, nb=nb)
 
 
 def view_3d(a: Tensor, ne0: int, ne1: int, ne2: int, nb1: int, nb2: int, offset: int) -> Tensor:
-    block, size = type_block(a.type)
+    size = type_block(a.type)[1]
     nb = (size, nb1, nb2, nb2 * ne2)
     return Tensor(a.type, (ne0, ne1, ne2), "VIEW", (a,), view_src=a, view_offs=offset, nb=nb)
 
 
 def view_4d(a: Tensor, ne0: int, ne1: int, ne2: int, ne3: int, nb1: int, nb2: int, nb3: int,
             offset: int) -> Tensor:
-    block, size = type_block(a.type)
+    size = type_block(a.type)[1]
     return Tensor(a.type, (ne0, ne1, ne2, ne3), "VIEW", (a,), view_src=a, view_offs=offset,
                   nb=(size, nb1, nb2, nb3))
 
@@ -336,10 +338,15 @@ class Graph:
                 if node.id in self._seen:
                     continue
                 self._seen.add(node.id)
-            while index < len(node.src) and (node.src[index] is None or node.src[index].id in self._seen):
+            src: Tensor | None = None
+            while index < len(node.src):
+                candidate = node.src[index]
+                if candidate is not None and candidate.id not in self._seen:
+                    src = candidate
+                    break
                 index += 1
-            if index < len(node.src):
-                stack.append((node, index + 1))
-                stack.append((node.src[index], 0))  # type: ignore[arg-type]
+            if src is None:
+                (self.leafs if node.op == "NONE" else self.nodes).append(node)
                 continue
-            (self.leafs if node.op == "NONE" else self.nodes).append(node)
+            stack.append((node, index + 1))
+            stack.append((src, 0))
