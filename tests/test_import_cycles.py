@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tests.test_layers import PACKAGE, imported_modules, module_name
+from tests.test_layers import import_graph
 
 # Cycles that remain, each as its sorted modules: a debt (issue 16); remove the line when the cycle goes.
 KNOWN_CYCLES: frozenset[tuple[str, ...]] = frozenset({
-    ("llamalaunch.model.compute", "llamalaunch.model.estimate"),
     ("llamalaunch.plan.choose", "llamalaunch.plan.planner"),
 })
-
-
-def import_graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        importer = module_name(path)
-        graph[importer] = imported_modules(Path(path).read_text(), importer, path.name == "__init__.py") - {importer}
-    return graph
 
 
 def cycles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:

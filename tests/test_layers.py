@@ -38,12 +38,6 @@ KNOWN_UPWARD: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-# Import cycles that remain, each as its set of modules; the same rule as KNOWN_UPWARD.
-KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"llamalaunch.cli", "llamalaunch.cli_ops"}),  # issue 16: the CLI's two halves
-    frozenset({"llamalaunch.plan.choose", "llamalaunch.plan.planner"}),
-})
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -96,22 +90,6 @@ def upward_edges() -> set[tuple[str, str]]:
             if layer(imported) > layer(importer)}
 
 
-def import_cycles() -> set[frozenset[str]]:
-    """The sets of modules that import each other, directly or through others (strongly connected)."""
-    graph = import_graph()
-    reach: dict[str, set[str]] = {}
-    for start in graph:
-        seen, todo = set(), [start]
-        while todo:
-            for imported in graph.get(todo.pop(), ()):
-                if imported not in seen:
-                    seen.add(imported)
-                    todo.append(imported)
-        reach[start] = seen
-    return {frozenset(other for other in graph if other in reach[module] and module in reach[other])
-            for module in graph if module in reach[module]}
-
-
 def test_no_module_imports_a_higher_stage() -> None:
     new = sorted(upward_edges() - KNOWN_UPWARD)
     assert not new, "upward imports (see STYLE.md's layer order): " + ", ".join(f"{a} -> {b}" for a, b in new)
@@ -120,16 +98,6 @@ def test_no_module_imports_a_higher_stage() -> None:
 def test_known_exceptions_still_exist() -> None:
     """An exception whose edge is gone is stale: remove it so the edge cannot come back unnoticed."""
     assert sorted(KNOWN_UPWARD - upward_edges()) == []
-
-
-def test_no_import_cycles() -> None:
-    """compute.py and estimate.py shared Placement through a TYPE_CHECKING import: a cycle (issue 16)."""
-    new = sorted(sorted(cycle) for cycle in import_cycles() - KNOWN_CYCLES)
-    assert not new, "import cycles: " + "; ".join(" <-> ".join(cycle) for cycle in new)
-
-
-def test_known_cycles_still_exist() -> None:
-    assert sorted(sorted(cycle) for cycle in KNOWN_CYCLES - import_cycles()) == []
 
 
 def test_an_upward_import_is_caught() -> None:
