@@ -254,7 +254,7 @@ def format_table(data: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bin-dir", type=Path, default=None)

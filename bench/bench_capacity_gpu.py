@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.llama_runs import Ballast, largest_passing, plan_cli, run_trial  # noqa: E402
 from llamalaunch.launch.logparse import BreakdownRow, BufferSize, parse_events  # noqa: E402
-from llamalaunch.model.synthetic import SHAPES, SyntheticShape, write_preset, write_synthetic  # noqa: E402
+from tests.synthetic import SHAPES, SyntheticShape, write_preset, write_synthetic  # noqa: E402
 
 FILL_MARGIN = 32  # tokens left for the one generated token and the template
 MIB = 1 << 20

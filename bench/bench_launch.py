@@ -263,7 +263,7 @@ def format_table(data: dict) -> list[str]:
 
 
 def prepare_models(quick: bool, work: Path) -> list[tuple[str, Path]]:
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
     from llamalaunch.paths import cache_dir
     from llamalaunch.toolchain.demo import demo_model_path
 

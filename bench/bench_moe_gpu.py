@@ -27,7 +27,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.llama_runs import N_CTX, Ballast, free_port, largest_passing, plan_cli, post, run_trial, stop_process  # noqa: E402,E501
-from llamalaunch.model.synthetic import SyntheticShape, write_synthetic  # noqa: E402
+from tests.synthetic import SyntheticShape, write_synthetic  # noqa: E402
 
 MIB = 1 << 20
 PROMPT_TOKENS = 1024

@@ -21,7 +21,7 @@ from llamalaunch.model.estimate import estimate
 from llamalaunch.model.load import load_profile
 from llamalaunch.launch.measure import measure_fit_params, measure_load
 from llamalaunch.model.compare import compare
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.plan.request import Request
 
 LONG_TAIL = ("smollm3", "exaone", "ernie4_5", "granite", "seed_oss", "olmo2")

@@ -40,7 +40,7 @@ from bench.llama_runs import (
 )
 from llamalaunch.launch.serve import PlanInputs
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.parse import build_request
 from llamalaunch.plan.planner import make_plan

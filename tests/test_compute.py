@@ -87,7 +87,7 @@ def test_periodic_layers_replay_like_all_layers(tmp_path, preset: str, changes: 
     (skipping one layer inside a period was seen to move a device by 0.75 MiB)."""
     from llamalaunch.model import compute
     from llamalaunch.model.load import load_profile
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
     from bench.bench_accuracy import even_placement
 
     profile = load_profile(write_preset(tmp_path / "m.gguf", preset, **changes))

@@ -15,7 +15,7 @@ from llamalaunch import cli_ops
 from llamalaunch.cli import app as cli_app
 from llamalaunch.config import KEYS, default_map, environment_settings, load_profile, load_settings
 from llamalaunch.errors import BadInputError
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.paths import config_dir
 from llamalaunch.units import GIB
 
