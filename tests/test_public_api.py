@@ -16,9 +16,12 @@ else:
     import tomli as tomllib
 
 import llamalaunch
+from llamalaunch import api
+from tests.synthetic import write_preset
 
 PACKAGE = Path(llamalaunch.__file__).parent
 ROOT = PACKAGE.parent
+BENCH = ROOT / "bench"
 
 
 def imports(path: Path) -> Iterator[str]:
@@ -70,3 +73,31 @@ def test_gguf_is_a_test_dependency_only() -> None:
 def test_the_package_carries_no_test_or_bench_code() -> None:
     assert not (PACKAGE / "model" / "synthetic.py").exists()
     assert {name: paths for name, paths in package_imports().items() if name in ("tests", "bench")} == {}
+
+
+def test_bench_uses_the_package_through_its_public_api_only() -> None:
+    internal = {str(path.relative_to(ROOT)): sorted(names) for path in sorted(BENCH.rglob("*.py"))
+                if (names := {n for n in imports(path) if n.split(".")[0] == "llamalaunch" and n != "llamalaunch.api"})}
+    assert internal == {}
+
+
+def test_bench_scripts_find_the_repository_without_editing_sys_path() -> None:
+    """They run as `python -m bench.NAME` from the repository root (bench/gpu/*.sh too)."""
+    edits = [str(path.relative_to(ROOT)) for path in sorted(BENCH.rglob("*"))
+             if path.suffix in (".py", ".sh") and "sys.path" in path.read_text()]
+    assert edits == []
+
+
+def test_every_public_name_exists() -> None:
+    assert [name for name in api.__all__ if not hasattr(api, name)] == []
+    assert len(set(api.__all__)) == len(api.__all__)
+
+
+def test_the_api_docstring_example_plans_a_model_for_what_if_devices(tmp_path: Path) -> None:
+    model = write_preset(tmp_path / "llama-8b.gguf", "llama-8b")
+    request = api.build_request(ctx="max")
+    inputs = api.PlanInputs.gather(model=str(model), demo=False, llama_server=None, rpc=[],
+                                   assume=["CUDA0=24GiB"], overhead=[], request=request)
+    plan = inputs.plan()
+    assert plan.ctx_tokens == 131072 and [d.device.name for d in plan.devices] == ["CUDA0"]
+    assert plan.argv[:4] == ("-m", str(model), "-c", "131072")
