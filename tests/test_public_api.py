@@ -17,6 +17,7 @@ else:
 
 import llamalaunch
 from llamalaunch import api
+from llamalaunch.observe.calibration import CALIBRATION_MODEL
 from tests.synthetic import write_preset
 
 PACKAGE = Path(llamalaunch.__file__).parent
@@ -73,6 +74,13 @@ def test_gguf_is_a_test_dependency_only() -> None:
 def test_the_package_carries_no_test_or_bench_code() -> None:
     assert not (PACKAGE / "model" / "synthetic.py").exists()
     assert {name: paths for name, paths in package_imports().items() if name in ("tests", "bench")} == {}
+
+
+def test_the_package_data_covers_the_calibration_model_header() -> None:
+    """calibration on first sight writes its model from this header; a wheel without it could not."""
+    shipped = {path for pattern in pyproject()["tool"]["setuptools"]["package-data"]["llamalaunch"]
+               for path in PACKAGE.glob(pattern)}
+    assert PACKAGE / "observe" / (CALIBRATION_MODEL + ".xz") in shipped
 
 
 def test_bench_uses_the_package_through_its_public_api_only() -> None:
