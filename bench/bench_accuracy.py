@@ -25,14 +25,20 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llamalaunch.errors import LaunchError
-from llamalaunch.model.estimate import Placement, SlotRange, estimate
-from llamalaunch.model.load import load_profile
-from llamalaunch.launch.measure import measure_load
-from llamalaunch.model.compare import ComponentRow, compare, within_tolerance
-from llamalaunch.model.synthetic import write_preset
-from llamalaunch.plan.request import Request
-from llamalaunch.units import MIB
+from llamalaunch.api import (
+    MIB,
+    ComponentRow,
+    LaunchError,
+    Placement,
+    Request,
+    SlotRange,
+    compare,
+    estimate,
+    load_profile,
+    measure_load,
+    within_tolerance,
+)
+from tests.synthetic import write_preset
 
 MID: dict[str, object] = {"n_layer": 8, "n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_head_kv": 4, "n_vocab": 32000}
 _QWEN_NEXT: dict[str, object] = {**MID, "head_dim": 64, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 512,
@@ -157,7 +163,7 @@ def sampled_cases(families: list[str], per_family: int, seed: int) -> list[Case]
 
 def model_path(family: str, models_dir: Path) -> str:
     if family == "smollm2":
-        from llamalaunch.toolchain.demo import demo_model_path
+        from llamalaunch.api import demo_model_path
         cache = Path(os.environ.get("LLAMALAUNCH_CACHE", Path.home() / ".cache" / "llamalaunch"))
         return str(demo_model_path(cache))
     preset, changes = FAMILIES[family]

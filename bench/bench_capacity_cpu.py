@@ -41,7 +41,7 @@ from bench.llama_runs import (
     worker_baseline_vsz,
     write_results,
 )
-from llamalaunch.units import MIB
+from llamalaunch.api import MIB
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILL_MARGIN = 32  # tokens left for the generated token
@@ -152,7 +152,7 @@ def pinned_ctx(argv: list[str], ctx: int) -> list[str]:
 
 
 def fit_target_args(endpoints: list[str], room_mib: int) -> list[str]:
-    from llamalaunch.probe.rpc import probe_worker
+    from llamalaunch.api import probe_worker
 
     free_mib = [probe_worker(endpoint).devices[0].free_bytes // MIB for endpoint in endpoints]
     return ["-fitt", ",".join(str(max(free - room_mib, 0)) for free in free_mib)]
@@ -254,7 +254,7 @@ def format_table(data: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bin-dir", type=Path, default=None)

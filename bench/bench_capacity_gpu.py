@@ -6,7 +6,7 @@ real loads, --fit off), all in one run; then the same for layers with a 70B shap
 offload. Also: plan speed against llama-fit-params, and our per-device figures against what the
 real loads printed. Prints a table and writes JSON.
 
-Usage (on the GPU machine): python bench/bench_capacity_gpu.py --server BIN/llama-server --out DIR
+Usage (on the GPU machine): python -m bench.bench_capacity_gpu --server BIN/llama-server --out DIR
 
 `--first-serve` (issue 19): capacity on a machine's first serve. For each shape (dense, GQA, SWA,
 quantized KV, one and four slots, MoE), in a fresh LLAMALAUNCH_HOME (a new machine, no calibration):
@@ -31,11 +31,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.llama_runs import Ballast, largest_passing, plan_cli, run_trial  # noqa: E402
-from llamalaunch.launch.logparse import BreakdownRow, BufferSize, parse_events  # noqa: E402
-from llamalaunch.model.synthetic import SHAPES, SyntheticShape, write_preset, write_synthetic  # noqa: E402
+from bench.llama_runs import Ballast, largest_passing, plan_cli, run_trial
+from llamalaunch.api import BreakdownRow, BufferSize, parse_events
+from tests.synthetic import SHAPES, SyntheticShape, write_preset, write_synthetic
 
 FILL_MARGIN = 32  # tokens left for the one generated token and the template
 MIB = 1 << 20

@@ -45,7 +45,7 @@ from bench.llama_runs import (
 )
 
 if TYPE_CHECKING:
-    from llamalaunch.launch.serve import PlanInputs
+    from llamalaunch.api import PlanInputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_POLL_S = 0.02
@@ -184,8 +184,7 @@ def time_command(argv: list[str], runs: int) -> list[float]:
 
 def gather(model: Path, server: Path, endpoint: str) -> PlanInputs:
     """What serve gathers before it plans: the same request as `serve --ctx 4096`."""
-    from llamalaunch.launch.serve import PlanInputs
-    from llamalaunch.plan.parse import build_request
+    from llamalaunch.api import PlanInputs, build_request
 
     return PlanInputs.gather(model=str(model), demo=False, llama_server=str(server), rpc=[endpoint],
                              assume=[], overhead=[], request=build_request(ctx="4096", ctx_is_target=True),
@@ -263,9 +262,8 @@ def format_table(data: dict) -> list[str]:
 
 
 def prepare_models(quick: bool, work: Path) -> list[tuple[str, Path]]:
-    from llamalaunch.model.synthetic import write_preset
-    from llamalaunch.paths import cache_dir
-    from llamalaunch.toolchain.demo import demo_model_path
+    from llamalaunch.api import cache_dir, demo_model_path
+    from tests.synthetic import write_preset
 
     if quick:
         return [("tiny-llama", write_preset(work / "tiny-llama.gguf", "tiny-llama"))]

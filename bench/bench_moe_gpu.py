@@ -8,7 +8,7 @@ run-time allocations happen there). Also `--ctx max` against the true largest co
 expert on the host (dense parts + KV on the GPU: what --ctx max promises). Zero-weight synthetic
 models route every token to the same experts: all contenders face that alike.
 
-Usage (on the GPU machine): python bench/bench_moe_gpu.py --server BIN/llama-server --out DIR [--cases a d]
+Usage (on the GPU machine): python -m bench.bench_moe_gpu --server BIN/llama-server --out DIR [--cases a d]
 """
 
 from __future__ import annotations
@@ -17,17 +17,23 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.llama_runs import N_CTX, Ballast, free_port, largest_passing, plan_cli, post, run_trial, stop_process  # noqa: E402,E501
-from llamalaunch.model.synthetic import SyntheticShape, write_synthetic  # noqa: E402
+from bench.llama_runs import (
+    N_CTX,
+    Ballast,
+    free_port,
+    largest_passing,
+    plan_cli,
+    post,
+    run_trial,
+    stop_process,
+)
+from tests.synthetic import SyntheticShape, write_synthetic
 
 MIB = 1 << 20
 PROMPT_TOKENS = 1024

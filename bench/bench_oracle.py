@@ -17,12 +17,8 @@ import time
 from pathlib import Path
 
 from bench.bench_accuracy import FAMILIES, device_totals, even_placement, start_workers
-from llamalaunch.model.estimate import estimate
-from llamalaunch.model.load import load_profile
-from llamalaunch.launch.measure import measure_fit_params, measure_load
-from llamalaunch.model.compare import compare
-from llamalaunch.model.synthetic import write_preset
-from llamalaunch.plan.request import Request
+from llamalaunch.api import Request, compare, estimate, load_profile, measure_fit_params, measure_load
+from tests.synthetic import write_preset
 
 LONG_TAIL = ("smollm3", "exaone", "ernie4_5", "granite", "seed_oss", "olmo2")
 CASES = ((4096, 1, 512, 2), (32768, 4, 2048, 3))  # ctx, -np, -ub, devices

@@ -38,15 +38,17 @@ from bench.llama_runs import (
     run_fit_params,
     write_results,
 )
-from llamalaunch.launch.serve import PlanInputs
-from llamalaunch.model.load import load_profile
-from llamalaunch.model.synthetic import write_preset
-from llamalaunch.plan.argv import ArgvOptions
-from llamalaunch.plan.parse import build_request
-from llamalaunch.plan.planner import make_plan
-from llamalaunch.plan.types import Plan
-from llamalaunch.probe.rpc import probe_worker
-from llamalaunch.units import MIB
+from llamalaunch.api import (
+    MIB,
+    ArgvOptions,
+    Plan,
+    PlanInputs,
+    build_request,
+    load_profile,
+    make_plan,
+    probe_worker,
+)
+from tests.synthetic import write_preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHAT_IF_GPUS = ("CUDA0=24GiB", "CUDA1=24GiB", "CUDA2=16GiB", "CUDA3=12GiB", "CUDA4=11GiB", "CUDA5=8GiB",

@@ -30,13 +30,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.llama_runs import default_bin_dir, free_port, llama_build, machine, post, stop_process, write_results
-from llamalaunch.launch.serve import PlanInputs
-from llamalaunch.observe.speed_calibration import record_speed
-from llamalaunch.plan.choose import estimate_plan
-from llamalaunch.plan.parse import build_request
-from llamalaunch.plan.speed_args import SpeedArgs
-from llamalaunch.plan.types import Plan
+from bench.llama_runs import (
+    default_bin_dir,
+    free_port,
+    llama_build,
+    machine,
+    post,
+    stop_process,
+    write_results,
+)
+from llamalaunch.api import Plan, PlanInputs, SpeedArgs, build_request, estimate_plan, record_speed
 
 PROMPT_TOKENS = 512
 GEN_TOKENS = 64
@@ -138,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     bin_dir = default_bin_dir()
     server = bin_dir / "llama-server"
     if args.model is None:
-        from llamalaunch.paths import cache_dir
-        from llamalaunch.toolchain.demo import demo_model_path
+        from llamalaunch.api import cache_dir, demo_model_path
 
         args.model = demo_model_path(cache_dir())
     home = Path(tempfile.mkdtemp(prefix="bench-speed-"))
@@ -192,10 +194,8 @@ def calibrated_figures(plan: Plan, endpoints: list[str], args: argparse.Namespac
 
 
 def _figures(plan: Plan, endpoints: list[str], args: argparse.Namespace, server: Path, calibrated: bool):
-    from llamalaunch.observe.speed_calibration import calibrated as scale, load_speed_factors
-    from llamalaunch.probe.host import probe_host
-    from llamalaunch.probe.inventory import probe_devices
-    from llamalaunch.probe.speed import host_speed, speed_figures
+    from llamalaunch.api import calibrated as scale
+    from llamalaunch.api import host_speed, load_speed_factors, probe_devices, probe_host, speed_figures
 
     devices = probe_devices(rpc=endpoints).devices
     figures = speed_figures(devices, host_speed(probe_host()))

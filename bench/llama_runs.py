@@ -152,7 +152,7 @@ def default_bin_dir() -> Path:
     """LLAMALAUNCH_BIN_DIR, else llamalaunch's own CPU build cache (as the tests' llama_bin_dir fixture)."""
     import os
 
-    from llamalaunch.toolchain.discover import cached_bin_dir
+    from llamalaunch.api import cached_bin_dir
 
     given = os.environ.get("LLAMALAUNCH_BIN_DIR")
     if given:
@@ -181,7 +181,7 @@ def machine() -> dict:
 
     import psutil
 
-    from llamalaunch.probe.host import cpu_model
+    from llamalaunch.api import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),

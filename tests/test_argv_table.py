@@ -15,13 +15,13 @@ import pytest
 
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions, build_argv
 from llamalaunch.plan.companions import Companion
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.split import Choice
 from llamalaunch.probe.device import Device
 from llamalaunch.units import GIB
+from tests.synthetic import write_preset
 
 A, B, C = "10.0.0.5:50052", "10.0.0.6:50052", "10.0.0.7:50052"
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
+import lzma
 import os
 import re
 import signal
@@ -17,18 +19,25 @@ import pytest
 
 from llamalaunch.launch.logparse import BreakdownRow
 from llamalaunch.launch.supervisor import SupervisorEvent
-from llamalaunch.observe.calibration import (CALIBRATION_MODEL, Calibration, CalibrationError, Calibrator, OverheadSource,
+import llamalaunch.observe.calibration as calibration_module
+from llamalaunch.model.gguf_header import read_header
+from llamalaunch.observe.calibration import (CALIBRATION_MODEL, CALIBRATION_MODEL_BYTES, Calibration, CalibrationError, Calibrator, OverheadSource,
                                              RunCalibration, calibration_for, calibration_overhead, identity_key,
                                              load_calibrations, load_overheads, overheads_for, record_overhead,
-                                             sources_for)
+                                             sources_for, write_calibration_model)
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB
 from bench.llama_runs import worker_baseline_vsz
 from tests.serve_support import ServeRun
 from tests.support import RpcWorker
+from tests.synthetic import SyntheticShape, write_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llama-server-logs"
 FIXTURE = FIXTURES / "cuda-h100-excerpts-8b.log"
+# The demo model's shape (SmolLM2-135M), zero weights: the calibration model where the demo was never fetched.
+DEMO_SHAPE = SyntheticShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, n_vocab=49152,
+                            n_ctx_train=8192)
+SHIPPED_HEADER = Path(calibration_module.__file__).parent / (CALIBRATION_MODEL + ".xz")
 
 
 def h100(free_mib: int) -> Device:
@@ -212,3 +221,29 @@ def test_the_first_serve_calibrates_each_worker_once_the_second_does_not(
     assert "overhead calibrated" not in second.output
     assert "RPC0 measured 20" in second.output and "RPC1 measured 20" in second.output
     assert stored(home) == before
+
+
+def test_the_shipped_calibration_model_is_the_demo_shape_from_the_synthetic_writer(tmp_path: Path) -> None:
+    """The package ships the header only (the writer is a test tool); regenerate: python -m tests.test_calibration"""
+    shipped = write_calibration_model(tmp_path / "models" / CALIBRATION_MODEL)
+    written = write_synthetic(tmp_path / "written.gguf", "llama", DEMO_SHAPE, "Q4_0")
+    assert filecmp.cmp(shipped, written, shallow=False), "regenerate: .venv/bin/python -m tests.test_calibration"
+    assert shipped.stat().st_blocks * 512 < shipped.stat().st_size // 10  # sparse: the weights take no disk
+    assert [p.name for p in shipped.parent.iterdir()] == [CALIBRATION_MODEL]  # no partial file left
+
+
+def regenerate_calibration_model(folder: Path) -> None:
+    """Write the shipped header and print the size for CALIBRATION_MODEL_BYTES."""
+    written = write_synthetic(folder / "demo-shape.gguf", "llama", DEMO_SHAPE, "Q4_0")
+    header = read_header(written)
+    with open(written, "rb") as stream:
+        SHIPPED_HEADER.write_bytes(lzma.compress(stream.read(header.data_offset), preset=9))
+    print(f"{SHIPPED_HEADER}: written; CALIBRATION_MODEL_BYTES = {header.file_size:_}"
+          f" (now {CALIBRATION_MODEL_BYTES:_})")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        regenerate_calibration_model(Path(folder))

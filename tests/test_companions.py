@@ -93,7 +93,7 @@ def test_a_companion_keeps_its_worker_on_the_rpc_list_when_no_layer_went_there(d
 
 def test_ctx_max_with_a_draft_sizes_the_draft_for_the_context_it_gets(demo_model: Path, tmp_path: Path) -> None:
     """The draft shares -c: the largest context is the one where model and draft both fit, not less."""
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     model = write_preset(tmp_path / "8b.gguf", "llama-8b")
     common = (str(model), "--assume", "CUDA0=12GiB", "--draft", str(demo_model))

@@ -89,7 +89,7 @@ def test_periodic_layers_replay_like_all_layers(tmp_path, preset: str, changes: 
     from bench.bench_accuracy import even_placement
     from llamalaunch.model import compute
     from llamalaunch.model.load import load_profile
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     profile = load_profile(write_preset(tmp_path / "m.gguf", preset, **changes))
     placement, request = even_placement(profile.n_slots, devices), Request(n_parallel=4, n_ubatch=2048)

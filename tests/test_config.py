@@ -15,10 +15,10 @@ from llamalaunch import cli_ops
 from llamalaunch.cli import app as cli_app
 from llamalaunch.config import default_map, environment_settings, load_profile, load_settings
 from llamalaunch.errors import BadInputError
-from llamalaunch.model.synthetic import write_preset
 from llamalaunch.options import OPTIONS
 from llamalaunch.paths import config_dir
 from llamalaunch.units import GIB
+from tests.synthetic import write_preset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXAMPLES = sorted(CONFIGS.glob("*.toml"))

@@ -16,7 +16,7 @@ from llamalaunch.model.estimate import estimate
 from llamalaunch.model.load import load_profile
 from llamalaunch.launch.measure import measure_load
 from llamalaunch.model.compare import compare, within_tolerance
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.plan.request import Request
 from tests.support import RpcWorker
 

@@ -19,7 +19,7 @@ from llamalaunch.errors import PlanError
 from llamalaunch.model.gguf_header import read_header
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.model.synthetic import SyntheticShape, write_synthetic
+from tests.synthetic import SyntheticShape, write_synthetic
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.types import Plan

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model.gguf_header import GgufArray, parse_header, read_header
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 FUZZ_EXAMPLES = int(os.environ.get("LLAMALAUNCH_FUZZ_EXAMPLES", "2000"))

@@ -127,7 +127,7 @@ def test_a_quantized_cache_whose_block_does_not_divide_the_head_size_is_refused(
     from typer.testing import CliRunner
 
     from llamalaunch.cli import app
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     model = write_preset(tmp_path / "h16.gguf", "tiny-llama", head_dim=16)
     refused = CliRunner().invoke(app, ["plan", str(model), "--assume", "CPU=1GiB", "--ctx", "1k", *flags])

@@ -21,6 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"config"}),  # profiles and settings: reads plan's choices, read by launch/ and the CLI
     frozenset({"launch"}),
     frozenset({"observe"}),
+    frozenset({"api"}),  # the public API: re-exports entry points of the stages below (scripts, bench/)
     frozenset({"cli", "cli_common", "cli_ops", "cli_status", "__main__"}),
 )
 

@@ -20,7 +20,7 @@ import pytest
 from llamalaunch.errors import ModelError
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.model.synthetic import SHAPES, write_preset
+from tests.synthetic import SHAPES, write_preset
 from llamalaunch.units import MIB
 from tests.support import RpcWorker, free_port, stop_process
 

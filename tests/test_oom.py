@@ -55,7 +55,7 @@ def test_a_missing_model_is_not_an_oom() -> None:
 
 
 def test_the_failing_kv_allocation_caps_that_device_halfway(tmp_path: Path) -> None:
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     profile = load_profile(write_preset(tmp_path / "m.gguf", "llama-8b"))
     device = Device("CUDA0", "CUDA", "H100", 10 * GIB, 80 * GIB, 0)

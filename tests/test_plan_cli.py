@@ -82,7 +82,7 @@ def test_an_inventory_file_plans_like_the_same_assume_options(demo_model: Path, 
 
 
 def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for(tmp_path: Path) -> None:
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
     from tests.test_gguf_header import rewrite_gguf
 
     model = rewrite_gguf(write_preset(tmp_path / "m.gguf", "tiny-llama"), tmp_path / "x", 1, arch="frobnicator")[0]
@@ -96,7 +96,7 @@ def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for
 
 
 def test_a_plan_beyond_host_memory_says_so(tmp_path: Path) -> None:
-    from llamalaunch.model.synthetic import write_preset
+    from tests.synthetic import write_preset
 
     model = write_preset(tmp_path / "70b.gguf", "llama-70b")
     result = run_cli("plan", str(model), "--assume", "CPU=8GiB", "--ctx", "32k", "--json")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from llamalaunch.launch.logparse import BufferSize, LayerAssigned, buffer_device, parse_events
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.units import MIB
 from tests.support import RpcWorker, run_llama_server
 

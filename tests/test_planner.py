@@ -9,7 +9,7 @@ import pytest
 from llamalaunch.errors import BadInputError, PlanError
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request

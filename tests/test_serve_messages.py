@@ -15,7 +15,7 @@ import pytest
 
 from llamalaunch.launch.failures import classify_failure, crash_lesson, describe_exit
 from llamalaunch.launch.supervisor import READINESS_FAILED
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from tests.serve_support import StartServe, complete, wait_gone
 from tests.support import RpcWorker
 

@@ -28,7 +28,7 @@ from llamalaunch import cli_status
 from llamalaunch.errors import BadInputError
 from llamalaunch.launch.state import RunState, write_state
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.live_memory import MemoryReader
 from llamalaunch.observe.log_follower import LogFollower
@@ -394,7 +394,7 @@ def test_devices_and_plan_into_a_pipe_are_not_cut(rpc_workers: Callable[..., Rpc
 
 def test_status_shows_the_experts_each_device_holds(tmp_path: Path) -> None:
     """A MoE plan with experts in host memory: the view says how many of each device's MoE blocks keep theirs."""
-    from llamalaunch.model.synthetic import SyntheticShape, write_synthetic
+    from tests.synthetic import SyntheticShape, write_synthetic
 
     shape = SyntheticShape(n_layer=24, n_embd=1024, n_ff=2048, n_head=16, n_head_kv=4, n_vocab=32000, head_dim=64,
                            n_expert=32, n_expert_used=4, n_ff_exp=512)

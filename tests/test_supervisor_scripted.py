@@ -26,7 +26,7 @@ from llamalaunch.launch.supervisor import (
     _Ready,
 )
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request

@@ -10,7 +10,7 @@ import pytest
 
 from llamalaunch.model.gguf_header import read_header
 from llamalaunch.model.load import load_profile
-from llamalaunch.model.synthetic import SHAPES, SyntheticShape, write_preset, write_synthetic
+from tests.synthetic import SHAPES, SyntheticShape, write_preset, write_synthetic
 from tests.test_model_profile import assert_buffers_match, serve_once
 
 TINY = sorted(name for name in SHAPES if name.startswith("tiny-"))

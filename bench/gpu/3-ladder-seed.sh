@@ -2,7 +2,7 @@
 # GPU call 3: the seed's scenario: CUDA0 plus a ggml-rpc-server on the same GPU as RPC0, budgets 24 GiB / 6 GiB.
 source bench/gpu/env.sh
 M=/tmp/seed-models
-python3 bench/gpu/seed_models.py $M
+python3 -m bench.gpu.seed_models $M
 
 echo "=== seed scenario: CUDA0 (budget 24 GiB) + RPC0 on the same GPU (budget 6 GiB)"
 $BIN/ggml-rpc-server -H 127.0.0.1 -p 50052 -d CUDA0 > /tmp/rpc.log 2>&1 & W=$!

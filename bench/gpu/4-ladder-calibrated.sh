@@ -3,7 +3,7 @@
 # context and records the calibrated overhead, then capacity again with the calibration in place.
 source bench/gpu/env.sh
 M=/tmp/seed-models
-[ -f $M/llama-8b.gguf ] || python3 bench/gpu/seed_models.py $M
+[ -f $M/llama-8b.gguf ] || python3 -m bench.gpu.seed_models $M
 
 echo "=== OOM ladder: 10 GiB free, then 3 GiB more taken as llama-server starts"
 python3 bench/ballast.py 10240 > /tmp/b1.log 2>&1 & B1=$!
@@ -23,8 +23,7 @@ wait_for /tmp/b1.log "ballast ready" 60
 $LL serve $M/llama-8b.gguf --ctx max --no-tui --name cal > /tmp/cal.txt 2>&1 & S=$!
 wait_for /tmp/cal.txt "^[0-9T:-]+ (ready|failed):" 120; cat /tmp/cal.txt
 python3 - <<'PY'
-import json, sys
-sys.path.insert(0, ".")
+import json
 from bench.llama_runs import post
 state = json.load(open("/tmp/llhome/state/cal.json"))
 port = int(state["url"].rsplit(":", 1)[1])
@@ -33,4 +32,4 @@ PY
 kill -TERM $S; wait $S; kill $B1; wait $B1 2>/dev/null; sleep 2
 cat $LLAMALAUNCH_HOME/calibration.json  # under LLAMALAUNCH_HOME when set
 echo "=== capacity with the calibration"
-python3 bench/bench_capacity_gpu.py --server $BIN/llama-server --out $OUT --free-gib 6 10 --skip-70b 2>&1 | tail -4
+python3 -m bench.bench_capacity_gpu --server $BIN/llama-server --out $OUT --free-gib 6 10 --skip-70b 2>&1 | tail -4

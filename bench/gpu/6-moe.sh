@@ -10,4 +10,4 @@ if [ ! -x $BIN/llama-server ]; then
     time python3 -m llamalaunch toolchain install --cuda --sdist /tmp/llama.cpp -j 16 2>&1 | grep -v "^\[" | tail -5
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv
-python3 bench/bench_moe_gpu.py --server $BIN/llama-server --out $OUT "$@"
+python3 -m bench.bench_moe_gpu --server $BIN/llama-server --out $OUT "$@"

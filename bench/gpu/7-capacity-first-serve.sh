@@ -10,7 +10,7 @@
 set -o pipefail
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv | tee $OUT/gpu.txt
-python3 bench/bench_capacity_gpu.py --first-serve --server $BIN/llama-server --out $OUT --logs /tmp/first-serve \
+python3 -m bench.bench_capacity_gpu --first-serve --server $BIN/llama-server --out $OUT --logs /tmp/first-serve \
     "$@" 2>&1 | tee $OUT/first-serve-run.txt
 for home in /tmp/first-serve-*; do [ -f $home/calibration.json ] && { echo "== $home"; cat $home/calibration.json; }; done \
     | tee $OUT/calibrations.txt

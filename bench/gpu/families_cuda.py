@@ -1,6 +1,6 @@
 """The 2026 families on one CUDA device: planned weights, KV and compute against the real load.
 
-    PYTHONPATH=. python3 bench/gpu/families_cuda.py BIN_DIR OUT_DIR
+    python3 -m bench.gpu.families_cuda BIN_DIR OUT_DIR
 """
 
 from __future__ import annotations
@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 
 from bench.bench_accuracy import FAMILIES
-from llamalaunch.errors import LaunchError
-from llamalaunch.model.estimate import Placement, SlotRange, estimate
-from llamalaunch.model.load import load_profile
-from llamalaunch.launch.measure import measure_load
-from llamalaunch.model.compare import compare
-from llamalaunch.model.synthetic import write_preset
-from llamalaunch.plan.request import Request
-from llamalaunch.units import MIB
+from llamalaunch.api import (
+    MIB,
+    LaunchError,
+    Placement,
+    Request,
+    SlotRange,
+    compare,
+    estimate,
+    load_profile,
+    measure_load,
+)
+from tests.synthetic import write_preset
 
 NEW = ("qwen3next", "qwen35", "qwen35moe", "gpt-oss", "glm4moe", "llama4", "mistral3", "gemma4", "gemma4-shared",
        "gemma4-moe", "gemma4-ple", "minimax-m2", "nemotron_h", "nemotron_h_moe")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from llamalaunch.model.synthetic import SyntheticShape, write_preset, write_synthetic  # noqa: E402
+from tests.synthetic import SyntheticShape, write_preset, write_synthetic
 
 folder = Path(sys.argv[1])
 folder.mkdir(parents=True, exist_ok=True)

