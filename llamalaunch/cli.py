@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from llamalaunch import cli_values
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.launch.ports import DEFAULT_PORT
-from llamalaunch.observe.console import cli_console
+from llamalaunch.observe.console import escape, lazy_console, real_console
 
 
 @contextlib.contextmanager
@@ -43,6 +43,10 @@ class OneLineUsageErrors(TyperGroup):
         with usage_errors_on_one_line():
             return super().make_context(*args, **kwargs)
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        cli_values.install(self, ctx)  # option values without pydantic where they need no conversion
+        return super().parse_args(ctx, args)  # type: ignore[no-any-return]
+
     def invoke(self, ctx: Any) -> Any:
         with usage_errors_on_one_line():
             return super().invoke(ctx)
@@ -65,8 +69,8 @@ app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven G
 toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True)
 app.add_typer(toolchain_app, name="toolchain")
 
-out = cli_console()
-err = cli_console(stderr=True)
+out = lazy_console()  # rich is imported when something is printed: never on a --json path
+err = lazy_console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -314,7 +318,6 @@ def plan(ctx_: typer.Context,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
     from llamalaunch.model.compare import within_tolerance
-    from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     inputs = plan_inputs(ctx_)
@@ -323,6 +326,8 @@ def plan(ctx_: typer.Context,
     if as_json:
         print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
+        from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
+
         out.print(plan_view(result))
         out.print(command_line(inputs.server_name(), result.argv), soft_wrap=True, highlight=False, markup=False)
         if compare:
@@ -393,7 +398,7 @@ def serve(ctx_: typer.Context,
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
-    view = ServeConsole(out, tui=not no_tui and out.is_terminal)
+    view = ServeConsole(real_console(out), tui=not no_tui and out.is_terminal)
     extra_args = tuple(ctx_.args) or tuple(ctx_.lookup_default("extra_args") or ())
     code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=extra_args,
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from llamalaunch.errors import BadInputError
 from llamalaunch.paths import state_dir
 
@@ -80,6 +78,8 @@ def list_states() -> list[Path]:
 
 def launcher_alive(state: RunState) -> bool:
     """True only if the pid is alive AND is the same process (a reused pid is not ours)."""
+    import psutil  # here: `plan` imports this module through serve, and never asks
+
     try:
         process = psutil.Process(state.launcher_pid)
         return abs(process.create_time() - state.launcher_started_at) < 1.0

@@ -9,14 +9,14 @@ file we accept is one llama.cpp accepts.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from llamalaunch.model.ggml_types import FILE_TYPES, GGML_TYPES
-
 from llamalaunch.errors import ModelError
+from llamalaunch.model.ggml_types import FILE_TYPES, GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -220,13 +220,25 @@ class _Reader:
         self.pos += n
 
 
+_FileStamp = tuple[str, int, int, int, int, int]
+_recent: dict[_FileStamp, GgufHeader] = {}  # the last few files read: a plan reads its model's header twice
+_RECENT_FILES = 8
+
+
 def read_header(path: str | Path) -> GgufHeader:
     """Read the header and tensor table of one GGUF file; ModelError (one line) for anything wrong."""
     path = Path(path)
     try:
         with open(path, "rb") as stream:
-            stream.seek(0, 2)
-            return parse_header(stream, stream.tell(), str(path))
+            stat = os.fstat(stream.fileno())
+            stamp = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            if (header := _recent.get(stamp)) is None:
+                stream.seek(0, 2)
+                header = parse_header(stream, stream.tell(), str(path))
+                if len(_recent) >= _RECENT_FILES:
+                    _recent.pop(next(iter(_recent)))
+                _recent[stamp] = header
+            return header
     except FileNotFoundError:
         raise ModelError(f"{path}: no such file", "check the model path") from None
     except IsADirectoryError:
