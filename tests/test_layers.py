@@ -21,7 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"config"}),  # profiles and settings: reads plan's choices, read by launch/ and the CLI
     frozenset({"launch"}),
     frozenset({"observe"}),
-    frozenset({"cli", "cli_ops", "cli_status", "__main__"}),
+    frozenset({"cli", "cli_ops", "cli_status", "cli_values", "__main__"}),
 )
 
 # Upward edges that remain, (importer, imported) as module names. Each is a debt: remove the line when

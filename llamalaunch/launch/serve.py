@@ -17,7 +17,6 @@ from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.ports import DEFAULT_PORT, pick_port
 from llamalaunch.launch.process import stop_on_signals
 from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
-from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
 from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
@@ -40,6 +39,7 @@ from llamalaunch.toolchain.demo import demo_model_path
 from llamalaunch.toolchain.discover import INSTALL_HINT, Toolchain, find_toolchain
 
 if TYPE_CHECKING:  # the rest is imported where used: `plan --json` needs none of it (nor prometheus, psutil)
+    from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
     from llamalaunch.model.compare import ComponentRow
     from llamalaunch.observe.snapshot import StatusSnapshot
 
@@ -282,6 +282,8 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     """Serve until a signal; returns the exit code (128 + signal after a clean stop, 0 after `q`).
 
     `on_supervisor` gets the supervisor before it starts (the view's `q` asks it to stop)."""
+    from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
+
     assert inputs.toolchain is not None
     check_extra_args(serve.extra_args, serve.force)
     check_not_running(serve.name)
