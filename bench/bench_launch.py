@@ -262,15 +262,16 @@ def format_table(data: dict) -> list[str]:
     return lines
 
 
-def prepare_models(quick: bool, work: Path) -> list[tuple[str, Path]]:
+def prepare_models(quick: bool, work: Path, only: str | None = None) -> list[tuple[str, Path]]:
     from llamalaunch.model.synthetic import write_preset
     from llamalaunch.paths import cache_dir
     from llamalaunch.toolchain.demo import demo_model_path
 
     if quick:
         return [("tiny-llama", write_preset(work / "tiny-llama.gguf", "tiny-llama"))]
-    return [("smollm2-135m", demo_model_path(cache_dir())),
-            ("llama-8b", write_preset(work / "llama-8b.gguf", "llama-8b"))]
+    makers = {"smollm2-135m": lambda: demo_model_path(cache_dir()),
+              "llama-8b": lambda: write_preset(work / "llama-8b.gguf", "llama-8b")}
+    return [(label, make()) for label, make in makers.items() if only is None or label == only]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bin-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="folder for launch.json and launch.txt")
     parser.add_argument("--quick", action="store_true", help="a tiny model only (the smoke test)")
+    parser.add_argument("--only", default=None, help="one model of the full set: smollm2-135m or llama-8b")
     args = parser.parse_args(argv)
     bin_dir = args.bin_dir or default_bin_dir()
     server = bin_dir / "llama-server"
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(scratch)
         worker = start_rpc_worker(bin_dir, work)
         try:
-            models = prepare_models(args.quick, work)
+            models = prepare_models(args.quick, work, args.only)
             parts = {label: time_command([sys.executable, "-c", code], args.runs)
                      for label, code in IMPORT_PARTS.items()}
             parts.update(time_in_process(models[0][1], server, worker.endpoint, args.runs))
