@@ -17,7 +17,7 @@ from llamalaunch import cli_values
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.launch.ports import DEFAULT_PORT
-from llamalaunch.observe.console import escape, lazy_console, real_console
+from llamalaunch.observe.console import escape, lazy_console, real_console, surely_not_a_terminal
 
 
 @contextlib.contextmanager
@@ -398,7 +398,8 @@ def serve(ctx_: typer.Context,
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
-    view = ServeConsole(real_console(out), tui=not no_tui and out.is_terminal)
+    tui = not no_tui and not surely_not_a_terminal(sys.stdout) and out.is_terminal  # rich only for the TUI
+    view = ServeConsole(real_console(out) if tui else out, tui=tui)
     extra_args = tuple(ctx_.args) or tuple(ctx_.lookup_default("extra_args") or ())
     code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=extra_args,
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,

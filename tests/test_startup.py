@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -20,6 +22,7 @@ from llamalaunch.model import gguf_header
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.probe.host import linux_memory, probe_host
 from llamalaunch.toolchain import demo, discover
+from tests.serve_support import ServeRun
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Packages `plan --json` for what-if devices never needs: the rich tables, psutil and NVML (it probes
@@ -135,3 +138,28 @@ def test_the_demo_model_is_hashed_once_not_per_command(demo_model: Path, monkeyp
         demo._verified.clear()  # as in a new process
         assert demo.demo_model_path(cache) == cache / "models" / demo_model.name
     assert len(hashed) == 1
+
+
+def test_process_start_time_is_psutils_without_importing_it() -> None:
+    from llamalaunch.launch.state import process_started_at
+
+    for pid in (os.getpid(), os.getppid(), 1):
+        assert process_started_at(pid) == pytest.approx(psutil.Process(pid).create_time(), abs=0.011)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert process_started_at(gone.pid) is None
+
+
+
+def test_serve_without_a_terminal_imports_none_of_the_heavy_packages(serve: Callable[..., ServeRun],
+                                                                      demo_model: Path) -> None:
+    """systemd's serve: plain lines (no rich), no psutil, no Prometheus unless --metrics-port, no pydantic.
+    pynvml is imported: serve looks at the local GPUs."""
+    run = serve(demo_model, "--ctx", "1024", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    run.wait_ready(timeout_s=120)
+    run.process.send_signal(signal.SIGINT)
+    assert run.wait_exit() == 130
+    packages = {name.split(".")[0] for name in IMPORTED.findall("\n".join(run.stderr))}
+    assert "llamalaunch" in packages
+    heavy = {"rich", "psutil", "prometheus_client", "pydantic", "pydantic_core", "numpy", "gguf"}
+    assert sorted(packages.intersection(heavy)) == []

@@ -16,7 +16,8 @@ from llamalaunch.errors import BadInputError, PlanError, ServeError, ToolchainEr
 from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.ports import DEFAULT_PORT, pick_port
 from llamalaunch.launch.process import stop_on_signals
-from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
+from llamalaunch.launch.state import (RunState, launcher_alive, process_started_at, read_state, state_path,
+                                     write_state)
 from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
@@ -365,10 +366,9 @@ class StateRecorder:
     """Keeps the run state file in step with the supervisor's events, for `status`."""
 
     def __init__(self, name: str, model_path: str, log_path: str) -> None:
-        import psutil
-
-        me = psutil.Process()
-        self.state = RunState(name=name, launcher_pid=me.pid, launcher_started_at=me.create_time(), url="",
+        pid = os.getpid()
+        started_at = process_started_at(pid) or time.time()
+        self.state = RunState(name=name, launcher_pid=pid, launcher_started_at=started_at, url="",
                               model_path=model_path, log_path=log_path, phase="starting", started_at=time.time())
         self.url = ""
         self.write_error: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -69,3 +70,12 @@ def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
     return rich_escape(text)
+
+
+def surely_not_a_terminal(stream: Any) -> bool:
+    """True when rich would call `stream` no terminal, found without importing rich: not a tty, and
+    neither TTY_COMPATIBLE nor FORCE_COLOR (which rich obeys) says otherwise."""
+    if os.environ.get("TTY_COMPATIBLE", "") in ("0", "1") or os.environ.get("FORCE_COLOR") is not None:
+        return os.environ.get("TTY_COMPATIBLE") == "0"
+    isatty = getattr(stream, "isatty", None)
+    return isatty is None or not isatty()

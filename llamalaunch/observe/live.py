@@ -22,13 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from rich.text import Text
-
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.state import list_states, read_state, state_path
 
 if TYPE_CHECKING:  # serve's plain lines need none of the live view: it is imported when it starts
     from rich.console import Console, RenderableType
+    from rich.text import Text
 
     from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
     from llamalaunch.observe.collector import StatusCollector
@@ -171,6 +170,8 @@ class StatusLive:
         return f"{time.strftime('%H:%M:%S')} · refreshes every {self.refresh_s:g} s · {keys}"
 
     def frame(self) -> RenderableType:
+        from rich.text import Text
+
         from llamalaunch.observe.view import status_view
 
         if self.last is None:
@@ -287,9 +288,11 @@ class ServeConsole:
         atexit.register(self.close)  # an error that ends serve early must not leave the terminal in cbreak
 
     def _plain(self, event: SupervisorEvent) -> None:
+        """One line as it is (no rich markup: a message is text; and serve under systemd never loads rich)."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.time))
         label = event.phase or event.kind
-        self.console.print(f"{stamp} {label}: {event.message}", highlight=False, soft_wrap=True)
+        sys.stdout.write(f"{stamp} {label}: {event.message}\n")
+        sys.stdout.flush()
 
     def _rich(self, event: SupervisorEvent) -> None:
         if event.plan is not None:
@@ -300,6 +303,8 @@ class ServeConsole:
 
 
 def _event_text(event: SupervisorEvent) -> Text:
+    from rich.text import Text
+
     style = _PHASE_STYLE.get(event.phase or "", "cyan" if event.kind == "phase" else "yellow")
     text = Text(time.strftime("%H:%M:%S ", time.localtime(event.time)), style="dim")
     text.append(event.phase or event.kind, style=style)
