@@ -16,6 +16,10 @@ rows; on a machine shared with other work the CPU column is the steadier figure.
 
     python -m bench.bench_startup --out bench/results/cpu-2026-12-07
     python -m bench.bench_startup --runs 3                              # a quick look
+    python -m bench.bench_startup --baseline /tmp/main-checkout         # plus the plan rows of another tree
+
+With --baseline DIR the plan rows are also run as `python -m llamalaunch` from DIR (another checkout, e.g.
+`git worktree add DIR COMMIT`), in the same rotation: before and after side by side on one machine.
 """
 
 from __future__ import annotations
@@ -45,26 +49,33 @@ def llamalaunch_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "llamalaunch"]
 
 
-def rows(demo: Path, synthetic: Path) -> dict[str, list[str]]:
-    plan = [*llamalaunch_command(), "plan"]
+def rows(demo: Path, synthetic: Path, baseline: Path | None = None) -> dict[str, list[str]]:
     what_if = ["--assume", "CUDA0=8GiB", "--json"]
-    return {"python -c pass": [sys.executable, "-c", "pass"],
-            "python -c 'import typer'": [sys.executable, "-c", "import typer"],
-            "plan demo": [*plan, str(demo), *what_if],
-            "plan --demo": [*plan, "--demo", *what_if],
-            "plan synthetic": [*plan, str(synthetic), *what_if]}
+    found = {"python -c pass": [sys.executable, "-c", "pass"],
+             "python -c 'import typer'": [sys.executable, "-c", "import typer"]}
+    trees = {"": llamalaunch_command(), **({" (baseline)": [sys.executable, "-m", "llamalaunch"]} if baseline else {})}
+    for suffix, command in trees.items():
+        found.update({f"plan demo{suffix}": [*command, "plan", str(demo), *what_if],
+                      f"plan --demo{suffix}": [*command, "plan", "--demo", *what_if],
+                      f"plan synthetic{suffix}": [*command, "plan", str(synthetic), *what_if]})
+    return found
 
 
-def child_env() -> dict[str, str]:
+def tree_of(label: str, baseline: Path | None) -> Path:
+    return baseline if baseline is not None and label.endswith("(baseline)") else REPO_ROOT
+
+
+def child_env(tree: Path = REPO_ROOT) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
-    return {**env, "PYTHONUNBUFFERED": "1"}  # bytecode is written as on a user's machine
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # bytecode is written as on a user's machine
+    return env if tree == REPO_ROOT else {**env, "PYTHONPATH": str(tree)}
 
 
-def run_once(argv: list[str]) -> tuple[float, float]:
+def run_once(argv: list[str], tree: Path = REPO_ROOT) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one run; the output must be what the command promises."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO_ROOT, env=child_env(), stdin=subprocess.DEVNULL, capture_output=True,
+    done = subprocess.run(argv, cwd=tree, env=child_env(tree), stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, check=False)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -81,11 +92,12 @@ def heavy_imports(argv: list[str]) -> list[str]:
     return sorted(packages.intersection(HEAVY))
 
 
-def measure(commands: dict[str, list[str]], runs: int) -> dict[str, dict[str, list[float]]]:
+def measure(commands: dict[str, list[str]], runs: int,
+            baseline: Path | None = None) -> dict[str, dict[str, list[float]]]:
     samples: dict[str, dict[str, list[float]]] = {label: {"wall_s": [], "cpu_s": []} for label in commands}
     for index in range(runs + 1):  # index 0: warm-up (bytecode, page cache), not counted
         for label, argv in commands.items():
-            wall, cpu = run_once(argv)
+            wall, cpu = run_once(argv, tree_of(label, baseline))
             if index:
                 samples[label]["wall_s"].append(wall)
                 samples[label]["cpu_s"].append(cpu)
@@ -118,17 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="timed runs per row (after one warm-up)")
     parser.add_argument("--out", type=Path, default=None, help="folder for startup.json and startup.txt")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout, timed beside this one")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as scratch:
         synthetic = write_preset(Path(scratch) / "tiny-llama.gguf", "tiny-llama")
-        commands = rows(demo_model_path(cache_dir()), synthetic)
+        commands = rows(demo_model_path(cache_dir()), synthetic, args.baseline)
         started_machine = machine()
-        samples = measure(commands, args.runs)
+        samples = measure(commands, args.runs, args.baseline)
         heavy = heavy_imports(commands["plan demo"])
     data = {"benchmark": "startup", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": args.runs,
             "machine": started_machine, "load_avg_1m_after": round(os.getloadavg()[0], 2),
             "commands": commands,
-            "summary": summary(samples), "samples": samples, "heavy_imports_of_plan": heavy, "target_s": TARGET_S}
+            "summary": summary(samples), "samples": samples, "heavy_imports_of_plan": heavy, "target_s": TARGET_S,
+            "baseline": str(args.baseline) if args.baseline else None}
     table = format_table(data)
     print("\n".join(table))
     if args.out:
