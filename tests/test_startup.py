@@ -163,3 +163,22 @@ def test_serve_without_a_terminal_imports_none_of_the_heavy_packages(serve: Call
     assert "llamalaunch" in packages
     heavy = {"rich", "psutil", "prometheus_client", "pydantic", "pydantic_core", "numpy", "gguf"}
     assert sorted(packages.intersection(heavy)) == []
+
+
+def test_a_vocabulary_walked_once_is_jumped_over_the_next_time(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMALAUNCH_CACHE", str(tmp_path / "cache"))
+    path = write_preset(tmp_path / "m.gguf", "tiny-llama", n_vocab=6000)  # arrays past MAX_KEPT_ARRAY: walked
+    gguf_header._recent.clear()
+    first = gguf_header.read_header(path)
+    records = json.loads((tmp_path / "cache" / "gguf-string-arrays.json").read_text())
+    (ends,) = records.values()
+    ((start, end),) = ends.items()  # the tokens array (scores and types are skipped by size)
+    assert end > int(start)
+    gguf_header._recent.clear()  # as in the next command
+    assert gguf_header.read_header(path) == first
+    # A record that does not fit (the cache damaged) costs a second walk, never a wrong header.
+    stamp = next(iter(records))
+    (tmp_path / "cache" / "gguf-string-arrays.json").write_text(json.dumps({stamp: {k: int(k) + 8 for k in ends}}))
+    gguf_header._recent.clear()
+    assert gguf_header.read_header(path) == first

@@ -17,6 +17,7 @@ from typing import BinaryIO, Union
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model.ggml_types import FILE_TYPES, GGML_TYPES
+from llamalaunch.paths import cache_dir, read_json_dict, write_json_atomic
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -148,6 +149,10 @@ class _Reader:
         self.pos = 0
         self.window = b""
         self.window_start = 0
+        # Where string arrays starting at an offset end, from an earlier read of this very file (see
+        # read_header), and those found now: a 128k vocabulary and its merges take ~40 ms to walk.
+        self.known_ends: dict[int, int] = {}
+        self.found_ends: dict[int, int] = {}
 
     def fail(self, problem: str) -> ModelError:
         return ModelError(
@@ -195,6 +200,14 @@ class _Reader:
 
     def skip_strings(self, count: int, what: str) -> None:
         """Walk `count` strings without keeping them (tokenizer vocabularies)."""
+        start = self.pos
+        if start in self.known_ends and start < self.known_ends[start] <= self.file_size:
+            self.pos = self.known_ends[start]
+            return
+        self._walk_strings(count, what)
+        self.found_ends[start] = self.pos
+
+    def _walk_strings(self, count: int, what: str) -> None:
         unpack_from = _U64.unpack_from
         remaining = count
         while remaining:
@@ -238,8 +251,7 @@ def read_header(path: str | Path) -> GgufHeader:
             stat = os.fstat(stream.fileno())
             stamp = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             if (header := _recent.get(stamp)) is None:
-                stream.seek(0, 2)
-                header = parse_header(stream, stream.tell(), str(path))
+                header = _read_with_known_ends(stream, stat.st_size, str(path), repr(stamp))
                 if len(_recent) >= _RECENT_FILES:
                     _recent.pop(next(iter(_recent)))
                 _recent[stamp] = header
@@ -256,6 +268,33 @@ def read_header(path: str | Path) -> GgufHeader:
         raise ModelError(
             f"{path}: cannot read ({error.strerror or error})", "check the file and the disk"
         ) from None
+
+
+_ENDS_FILE = "gguf-string-arrays.json"  # {file stamp: {offset: end}} of the files read last
+_ENDS_FILES_KEPT = 32
+
+
+def _read_with_known_ends(stream: BinaryIO, file_size: int, name: str, stamp: str) -> GgufHeader:
+    """parse_header, jumping over the string arrays an earlier read of this unchanged file walked; the ends
+    it finds are kept for the next read (best effort: a cache that cannot be written only costs time)."""
+    path = cache_dir() / _ENDS_FILE
+    records = read_json_dict(path)
+    reader = _Reader(stream, file_size, name)
+    known = records.get(stamp)
+    if isinstance(known, dict):
+        reader.known_ends = {int(k): v for k, v in known.items() if k.isdigit() and isinstance(v, int)}
+    try:
+        header = _read(reader)
+    except ModelError:
+        if not reader.known_ends:
+            raise
+        reader = _Reader(stream, file_size, name)  # a record that does not fit the file: walk it all again
+        header = _read(reader)
+    if reader.found_ends:
+        records.pop(stamp, None)
+        kept = dict(list(records.items())[-(_ENDS_FILES_KEPT - 1):])
+        write_json_atomic(path, {**kept, stamp: {**reader.known_ends, **reader.found_ends}})
+    return header
 
 
 def parse_header(stream: BinaryIO, file_size: int, name: str) -> GgufHeader:
