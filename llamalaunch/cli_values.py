@@ -75,14 +75,16 @@ def _plain_first_class() -> Any:
         descriptor: Any
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
-            plain = plain_value(self.annotation, value)
-            if plain is not _NOT_PLAIN:
-                return plain
-            info = self.parameter_info
+            info, descriptor = self.parameter_info, self.descriptor
+            # Bounds (min/max), choices and custom parsers are typer's to check, always.
+            if not (descriptor.is_ranged or descriptor.is_choice or info.parser is not None):
+                plain = plain_value(self.annotation, value)
+                if plain is not _NOT_PLAIN:
+                    return plain
             if (self.annotation is Path and info.path_type in (None, Path) and type(value) is str and value
-                    and self.descriptor.is_path and not self.descriptor.is_file):
+                    and descriptor.is_path and not descriptor.is_file and info.parser is None):
                 # typer's own path checks (exists, dir_okay...), on the Path pydantic would have made
                 return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
-            return build_runtime_param(self.descriptor)._coerce_value(value, param=param, ctx=ctx)
+            return build_runtime_param(descriptor)._coerce_value(value, param=param, ctx=ctx)
 
     return PlainFirst

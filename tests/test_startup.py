@@ -11,12 +11,16 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 import psutil
 import pytest
+import typer
 from typer._coercion import build_runtime_param, resolve_type_descriptor
 from typer.models import OptionInfo
+from typer.testing import CliRunner
 
+from llamalaunch.cli import OneLineUsageErrors
 from llamalaunch.cli_values import _NOT_PLAIN, plain_value
 from llamalaunch.model import gguf_header
 from llamalaunch.model.synthetic import write_preset
@@ -79,8 +83,6 @@ class _Param:
 
 
 def test_a_malformed_number_gets_typers_own_message(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from llamalaunch.cli import app
 
     model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
@@ -182,3 +184,25 @@ def test_a_vocabulary_walked_once_is_jumped_over_the_next_time(tmp_path: Path,
     (tmp_path / "cache" / "gguf-string-arrays.json").write_text(json.dumps({stamp: {k: int(k) + 8 for k in ends}}))
     gguf_header._recent.clear()
     assert gguf_header.read_header(path) == first
+
+
+def test_bounds_choices_and_parsers_stay_typers_to_check() -> None:
+    """An option with min/max, a Literal choice or a parser is converted by typer, as without cli_values."""
+    app = typer.Typer(cls=OneLineUsageErrors)
+
+    @app.command()
+    def run(port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+            fa: Annotated[Literal["on", "off"], typer.Option()] = "on",
+            size: Annotated[int, typer.Option(parser=lambda text: int(text) * 1024)] = 0) -> None:
+        print(port, fa, size)
+
+    @app.command()
+    def other() -> None:  # two commands: a group, as llamalaunch's CLI
+        pass
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", "--port", "80", "--fa", "off", "--size", "2"]).stdout == "80 off 2048\n"
+    for args, problem in ((["--port", "0"], "--port"), (["--fa", "maybe"], "--fa")):
+        result = runner.invoke(app, ["run", *args])
+        assert result.exit_code == 2 and result.stderr.startswith("error: Invalid value for ")
+        assert problem in result.stderr
