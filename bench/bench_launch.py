@@ -17,6 +17,10 @@ and once, separately: `python -c pass`, the imports serve needs, PlanInputs.gath
 
     python -m bench.bench_launch --out bench/results/cpu-2026-11-25
     python -m bench.bench_launch --quick --runs 1            # the smoke test's settings
+    python -m bench.bench_launch --only smollm2-135m --runs 3 --baseline DIR   # plus serve from another tree
+
+With --baseline DIR (another checkout, e.g. `git worktree add DIR COMMIT`) each round also times that
+tree's serve, in the same rotation: before and after side by side.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class ServeTiming:
     loading_s: float
     child_listening_s: float | None
     ctx: int
+    cpu_before_child_s: float | None = None  # the launcher's own CPU time when it says `loading`: what the
+    # start-up costs whatever else the machine runs (the wall times above grow with its load)
 
     def phases(self) -> dict[str, float | None]:
         load = self.child_listening_s
@@ -84,6 +90,7 @@ class ModelResult:
     bare_s: list[float] = field(default_factory=list)
     bare_lv5_s: list[float] = field(default_factory=list)
     serve: list[ServeTiming] = field(default_factory=list)
+    serve_baseline: list[ServeTiming] = field(default_factory=list)  # --baseline: another tree's serve
 
 
 # --- one run of each variant ---------------------------------------------------------------------------
@@ -111,6 +118,7 @@ class LineClock:
 
     def __init__(self, process: subprocess.Popen[str], started: float) -> None:
         self.lines: list[tuple[float, str]] = []
+        self.cpu_at: dict[str, float | None] = {}  # the process's CPU seconds when a SERVE_LINES line came
         self.changed = threading.Condition()
         self.process = process
         self.started = started
@@ -120,6 +128,9 @@ class LineClock:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            for key, text in SERVE_LINES.items():
+                if text in line:
+                    self.cpu_at[key] = process_cpu_s(self.process.pid)
             with self.changed:
                 self.lines.append((time.perf_counter() - self.started, line.rstrip("\n")))
                 self.changed.notify_all()
@@ -151,13 +162,15 @@ def child_listening_s(log_path: Path) -> float | None:
 
 
 def time_serve(server: Path, model: Path, serve_args: list[str], home: Path, name: str,
-               timeout_s: float = 300.0) -> ServeTiming:
+               timeout_s: float = 300.0, tree: Path = REPO_ROOT) -> ServeTiming:
     argv = [sys.executable, "-m", "llamalaunch", "serve", str(model), "--name", name, "--no-tui",
             "--llama-server", str(server), *serve_args]
-    env = {**os.environ, "LLAMALAUNCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LLAMALAUNCH_HOME": str(home), "PYTHONUNBUFFERED": "1",
+           **({"PYTHONPATH": str(tree)} if tree != REPO_ROOT else {})}
     env.pop("NOTIFY_SOCKET", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode is written and used, as on a user's machine
     started = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(argv, cwd=tree, env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     clock = LineClock(process, started)
     try:
@@ -167,7 +180,17 @@ def time_serve(server: Path, model: Path, serve_args: list[str], home: Path, nam
     finally:
         stop_process(process, 30)
     ctx = int(ready_line.rsplit(" ctx ", 1)[1].split()[0])
-    return ServeTiming(ready_s, starting_s, loading_s, child_listening_s(home / "state" / f"{name}.log"), ctx)
+    return ServeTiming(ready_s, starting_s, loading_s, child_listening_s(home / "state" / f"{name}.log"), ctx,
+                       clock.cpu_at.get("loading"))
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the parts measured on their own -------------------------------------------------------------------
@@ -208,7 +231,7 @@ def time_in_process(model: Path, server: Path, endpoint: str, runs: int) -> dict
 
 
 def bench_model(model: Path, label: str, server: Path, endpoint: str, runs: int,
-                work: Path) -> ModelResult:
+                work: Path, baseline: Path | None = None) -> ModelResult:
     argv = list(gather(model, server, endpoint).plan().argv)
     result = ModelResult(label, argv)
     home = work / f"home-{label}"
@@ -219,26 +242,33 @@ def bench_model(model: Path, label: str, server: Path, endpoint: str, runs: int,
         serve = time_serve(server, model, serve_args, home, f"{label}-{index}")
         if serve.ctx != int(argv[argv.index("-c") + 1]):
             raise RuntimeError(f"serve planned ctx {serve.ctx}, plan argv {argv}")
+        before = None if baseline is None else time_serve(server, model, serve_args, home,
+                                                           f"{label}-baseline-{index}", tree=baseline)
         if index:
             result.bare_s.append(bare)
             result.bare_lv5_s.append(bare_lv5)
             result.serve.append(serve)
+            if before is not None:
+                result.serve_baseline.append(before)
     return result
 
 
-def summary(result: ModelResult) -> dict:
-    serve_s = [s.ready_s for s in result.serve]
-    phases = {key: median_s([value for s in result.serve if (value := s.phases()[key]) is not None])
-              for key in PHASES}
-    bare, serve = median_s(result.bare_s), median_s(serve_s)
+def summary(result: ModelResult, timings: str = "serve") -> dict:
+    runs: list[ServeTiming] = getattr(result, timings)
+    phases = {key: median_s([value for s in runs if (value := s.phases()[key]) is not None]) for key in PHASES}
+    bare, serve = median_s(result.bare_s), median_s([s.ready_s for s in runs])
+    cpu = median_s([s.cpu_before_child_s for s in runs if s.cpu_before_child_s is not None])
     return {"bare_s": bare, "bare_lv5_s": median_s(result.bare_lv5_s), "serve_s": serve,
-            "ratio_serve_over_bare": serve / bare, "extra_s": serve - bare, "serve_phases_s": phases}
+            "ratio_serve_over_bare": serve / bare, "extra_s": serve - bare, "serve_phases_s": phases,
+            "serve_cpu_before_child_s": cpu}
 
 
 def to_json(results: list[ModelResult], parts: dict, runs: int, bin_dir: Path) -> dict:
     models = [{"model": r.model, "argv": r.argv, "median": summary(r),
+               **({"median_baseline": summary(r, "serve_baseline")} if r.serve_baseline else {}),
                "samples": {"bare_s": r.bare_s, "bare_lv5_s": r.bare_lv5_s,
-                           "serve": [asdict(s) for s in r.serve]}}
+                           "serve": [asdict(s) for s in r.serve],
+                           "serve_baseline": [asdict(s) for s in r.serve_baseline]}}
               for r in results]
     return {"benchmark": "launch", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs,
             "machine": machine(), "llama_cpp": llama_build(bin_dir), "models": models,
@@ -247,28 +277,34 @@ def to_json(results: list[ModelResult], parts: dict, runs: int, bin_dir: Path) -
 
 
 def format_table(data: dict) -> list[str]:
-    lines = ["time to ready, median of alternating runs (seconds); ratio = serve / bare",
-             (f"{'model':14} {'runs':>4} {'bare':>7} {'bare-lv5':>8} {'serve':>7} {'ratio':>6} {'extra':>6}"
+    lines = [("time to ready, median of alternating runs (seconds); ratio = serve / bare; CPU = serve's own CPU "
+              "seconds before llama-server starts (load-independent)"),
+             (f"{'model':24} {'runs':>4} {'bare':>7} {'bare-lv5':>8} {'serve':>7} {'ratio':>6} {'extra':>6} {'CPU':>5}"
               f"   serve phases: {' / '.join(PHASES)}")]
     for m in data["models"]:
-        s = m["median"]
-        phases = " / ".join(f"{s['serve_phases_s'][key]:.3f}" for key in PHASES)
-        runs = len(m["samples"]["bare_s"])
-        lines.append(f"{m['model']:14} {runs:>4} {s['bare_s']:7.3f} {s['bare_lv5_s']:8.3f} "
-                     f"{s['serve_s']:7.3f} {s['ratio_serve_over_bare']:5.2f}x {s['extra_s']:6.3f}   {phases}")
+        for which, label in (("median", m["model"]), ("median_baseline", f"{m['model']} (baseline)")):
+            if which not in m:
+                continue
+            s = m[which]
+            phases = " / ".join(f"{s['serve_phases_s'][key]:.3f}" for key in PHASES)
+            runs = len(m["samples"]["bare_s"])
+            lines.append(f"{label:24} {runs:>4} {s['bare_s']:7.3f} {s['bare_lv5_s']:8.3f} "
+                         f"{s['serve_s']:7.3f} {s['ratio_serve_over_bare']:5.2f}x {s['extra_s']:6.3f} "
+                         f"{s.get('serve_cpu_before_child_s', float('nan')):5.3f}   {phases}")
     lines.append("measured apart (medians, seconds):")
     lines += [f"  {key:44} {value:.3f}" for key, value in data["parts_median_s"].items()]
     return lines
 
 
-def prepare_models(quick: bool, work: Path) -> list[tuple[str, Path]]:
+def prepare_models(quick: bool, work: Path, only: str | None = None) -> list[tuple[str, Path]]:
     from llamalaunch.api import cache_dir, demo_model_path
     from tests.synthetic import write_preset
 
     if quick:
         return [("tiny-llama", write_preset(work / "tiny-llama.gguf", "tiny-llama"))]
-    return [("smollm2-135m", demo_model_path(cache_dir())),
-            ("llama-8b", write_preset(work / "llama-8b.gguf", "llama-8b"))]
+    makers = {"smollm2-135m": lambda: demo_model_path(cache_dir()),
+              "llama-8b": lambda: write_preset(work / "llama-8b.gguf", "llama-8b")}
+    return [(label, make()) for label, make in makers.items() if only is None or label == only]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bin-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="folder for launch.json and launch.txt")
     parser.add_argument("--quick", action="store_true", help="a tiny model only (the smoke test)")
+    parser.add_argument("--only", default=None, help="one model of the full set: smollm2-135m or llama-8b")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout: its serve timed too")
     args = parser.parse_args(argv)
     bin_dir = args.bin_dir or default_bin_dir()
     server = bin_dir / "llama-server"
@@ -287,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(scratch)
         worker = start_rpc_worker(bin_dir, work)
         try:
-            models = prepare_models(args.quick, work)
+            models = prepare_models(args.quick, work, args.only)
             parts = {label: time_command([sys.executable, "-c", code], args.runs)
                      for label, code in IMPORT_PARTS.items()}
             parts.update(time_in_process(models[0][1], server, worker.endpoint, args.runs))
             results = [bench_model(path, label, server, worker.endpoint, args.runs_8b if "8b" in label
-                                   else args.runs, work) for label, path in models]
+                                   else args.runs, work, args.baseline) for label, path in models]
         finally:
             worker.stop()
     data = to_json(results, parts, args.runs, bin_dir)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from llamalaunch import cli_ops, cli_status
+from llamalaunch import cli_ops, cli_status, cli_values
 from llamalaunch.cli_common import chosen_model, err, opt, out, print_json, reports_errors
 from llamalaunch.cli_ops import ConfigOpt
+from llamalaunch.observe.console import escape, real_console, surely_not_a_terminal
 from llamalaunch.options import check_params
 
 
@@ -39,6 +40,10 @@ class OneLineUsageErrors(TyperGroup):
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         with usage_errors_on_one_line():
             return super().make_context(*args, **kwargs)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        cli_values.install(self, ctx)  # option values without pydantic where they need no conversion
+        return super().parse_args(ctx, args)  # type: ignore[no-any-return]
 
     def invoke(self, ctx: Any) -> Any:
         with usage_errors_on_one_line():
@@ -205,7 +210,6 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
     from llamalaunch.model.compare import within_tolerance
-    from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
@@ -215,6 +219,8 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
     if as_json:
         print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
+        from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
+
         out.print(plan_view(result))
         out.print(command_line(inputs.server_name(), result.argv), soft_wrap=True, highlight=False, markup=False)
         if compare:
@@ -266,7 +272,8 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)
     from llamalaunch.observe.live import ServeConsole
 
-    view = ServeConsole(out, tui=not no_tui and out.is_terminal)
+    tui = not no_tui and not surely_not_a_terminal(sys.stdout) and out.is_terminal  # rich only for the TUI
+    view = ServeConsole(real_console(out) if tui else out, tui=tui)
     extra_args = tuple(ctx_.args) or tuple(ctx_.lookup_default("extra_args") or ())
     code = run_serve(inputs, ServeRequest(name=name, host=host, port=port, extra_args=extra_args,
                                           force=force, api_key_file=api_key_file, max_attempts=max_attempts,

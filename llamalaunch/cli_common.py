@@ -10,14 +10,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from rich.markup import escape
 
 from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.observe.console import cli_console
+from llamalaunch.observe.console import escape, lazy_console
 from llamalaunch.options import OPTIONS_BY_NAME
 
-out = cli_console()
-err = cli_console(stderr=True)
+out = lazy_console()  # rich is imported when something is printed: never on a --json path
+err = lazy_console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 

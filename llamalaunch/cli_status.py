@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from llamalaunch.errors import LaunchError
-from llamalaunch.observe.console import cli_console
+from llamalaunch.observe.console import cli_console, escape
 
 EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
 

@@ -10,27 +10,19 @@ from types import MappingProxyType
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from llamalaunch.errors import BadInputError, PlanError, ServeError, ToolchainError
 from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.ports import pick_port
 from llamalaunch.launch.process import stop_on_signals
-from llamalaunch.launch.state import RunState, launcher_alive, read_state, state_path, write_state
-from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
+from llamalaunch.launch.state import (RunState, launcher_alive, process_started_at, read_state, state_path,
+                                     write_state)
 from llamalaunch.model.estimate import Estimate, Placement, SlotRange
-from llamalaunch.launch.measure import measure_plan
-from llamalaunch.model.compare import ComponentRow, compare
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.observe.calibration import (RunCalibration, calibratable, calibrate_new, load_calibrations,
                                              load_overheads, overhead_note, overheads_for, sources_for)
-from llamalaunch.observe.collector import StatusCollector
-from llamalaunch.observe.metrics import MetricsServer, ServeMetrics, SnapshotCache
-from llamalaunch.observe.snapshot import StatusSnapshot
-from llamalaunch.observe.target import StatusTarget
 from llamalaunch.options import DEFAULTS
 from llamalaunch.paths import cache_dir, state_dir
 from llamalaunch.plan.argv import ArgvOptions, child_names
@@ -47,6 +39,11 @@ from llamalaunch.probe.inventory import BUSY_NOTE, fill_unknown_memory, probe_de
 from llamalaunch.probe.rpc import WorkerBusyError
 from llamalaunch.toolchain.demo import demo_model_path
 from llamalaunch.toolchain.discover import INSTALL_HINT, Toolchain, find_toolchain
+
+if TYPE_CHECKING:  # the rest is imported where used: `plan --json` needs none of it (nor prometheus, psutil)
+    from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
+    from llamalaunch.model.compare import ComponentRow
+    from llamalaunch.observe.snapshot import StatusSnapshot
 
 
 @dataclass
@@ -182,6 +179,9 @@ class PlanInputs:
 
     def verify(self, plan: Plan) -> list[ComponentRow]:
         """Load the plan's argv in the real llama-server and compare, per device and component."""
+        from llamalaunch.launch.measure import measure_plan
+        from llamalaunch.model.compare import compare
+
         if self.toolchain is None:
             raise ToolchainError("--verify needs llama-server", INSTALL_HINT)
         busy = next((d for d in self.devices if d.note and d.note.startswith(BUSY_NOTE)), None)
@@ -286,6 +286,8 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     """Serve until a signal; returns the exit code (128 + signal after a clean stop, 0 after `q`).
 
     `on_supervisor` gets the supervisor before it starts (the view's `q` asks it to stop)."""
+    from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
+
     assert inputs.toolchain is not None
     check_extra_args(serve.extra_args, serve.force)
     check_not_running(serve.name)
@@ -293,6 +295,8 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
         on_event(SupervisorEvent("warning", f"llama-server will listen on {serve.host}: reachable from the "
                                             "network" + ("" if serve.api_key_file else " without an API key")))
     port = pick_port(serve.host, serve.port, reuse_port="--reuse-port" in serve.extra_args)
+    if serve.metrics_port is not None:
+        from llamalaunch.observe.metrics import MetricsServer, ServeMetrics, SnapshotCache
     metrics = MetricsServer(serve.metrics_host, serve.metrics_port) if serve.metrics_port is not None else None
     log_path = state_dir() / f"{serve.name}.log"
     options = ServeOptions(name=serve.name, server=inputs.toolchain.server.path, host=serve.host, port=port,
@@ -338,6 +342,10 @@ def serve_snapshots(name: str, supervisor: Supervisor, recorder: StateRecorder) 
 
     Its workers are never probed (the collector sees this launcher running): llama-server holds them, or
     the next plan is about to probe them, and a probe of ours could make that one find them busy."""
+    from llamalaunch.observe.collector import StatusCollector
+    from llamalaunch.observe.snapshot import StatusSnapshot
+    from llamalaunch.observe.target import StatusTarget
+
     collector = StatusCollector(StatusTarget(state_path(name), None), api_key=supervisor.api_key())
 
     def collect() -> StatusSnapshot:
@@ -361,8 +369,9 @@ class StateRecorder:
     """Keeps the run state file in step with the supervisor's events, for `status`."""
 
     def __init__(self, name: str, model_path: str, log_path: str) -> None:
-        me = psutil.Process()
-        self.state = RunState(name=name, launcher_pid=me.pid, launcher_started_at=me.create_time(), url="",
+        pid = os.getpid()
+        started_at = process_started_at(pid) or time.time()
+        self.state = RunState(name=name, launcher_pid=pid, launcher_started_at=started_at, url="",
                               model_path=model_path, log_path=log_path, phase="starting", started_at=time.time())
         self.url = ""
         self.write_error: str | None = None

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from llamalaunch.errors import BadInputError
 from llamalaunch.paths import state_dir
 
@@ -80,8 +78,31 @@ def list_states() -> list[Path]:
 
 def launcher_alive(state: RunState) -> bool:
     """True only if the pid is alive AND is the same process (a reused pid is not ours)."""
+    started_at = process_started_at(state.launcher_pid)
+    return started_at is not None and abs(started_at - state.launcher_started_at) < 1.0
+
+
+def process_started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch; psutil's create_time), None if there is none.
+
+    On Linux from /proc, as psutil computes it (boot time + start ticks): importing psutil costs every
+    `serve` 20 ms before llama-server starts. Elsewhere through psutil."""
     try:
-        process = psutil.Process(state.launcher_pid)
-        return abs(process.create_time() - state.launcher_started_at) < 1.0
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None  # Linux: no such process
+        return _psutil_started_at(pid)
+    except (OSError, IndexError, StopIteration):
+        return _psutil_started_at(pid)
+    return float(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+
+
+def _psutil_started_at(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+        return None

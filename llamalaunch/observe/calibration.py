@@ -17,13 +17,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.logparse import BreakdownRow, parse_event, parse_line
-from llamalaunch.launch.supervisor import SupervisorEvent
 from llamalaunch.paths import cache_dir, home_dir, read_json_dict, write_json_atomic
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB, format_bytes
+
+if TYPE_CHECKING:  # `plan` reads the overheads here and never runs a supervisor
+    from llamalaunch.launch.supervisor import SupervisorEvent
 
 # A figure outside this range is another process's doing (memory freed or taken meanwhile).
 PLAUSIBLE_OVERHEAD = (64 * MIB, 4096 * MIB)

@@ -20,20 +20,18 @@ import tty
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
-
-from rich.console import Console, RenderableType
-from rich.live import Live
-from rich.text import Text
+from typing import IO, TYPE_CHECKING, Any
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.state import list_states, read_state, state_path
-from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
-from llamalaunch.observe.collector import StatusCollector
-from llamalaunch.observe.render import plan_table
-from llamalaunch.observe.snapshot import StatusSnapshot
-from llamalaunch.observe.target import StatusTarget
-from llamalaunch.observe.view import status_view
+
+if TYPE_CHECKING:  # serve's plain lines need none of the live view: it is imported when it starts
+    from rich.console import Console, RenderableType
+    from rich.text import Text
+
+    from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
+    from llamalaunch.observe.collector import StatusCollector
+    from llamalaunch.observe.snapshot import StatusSnapshot
 
 REFRESH_S = 1.0
 _PHASE_STYLE = {"ready": "bold green", "failed": "bold red", "restarting": "yellow", "stopping": "yellow"}
@@ -105,6 +103,8 @@ class StatusLive:
         self.last: StatusSnapshot | None = None
         self._final = False  # the last frame: no footer (no keys, no refreshing)
         self._error: str | None = None
+        from rich.live import Live
+
         self._live = Live(console=console, auto_refresh=False, transient=False)
         self._keys = KeyReader(self._on_key) if keys else None
         self._has_keys = False
@@ -170,6 +170,10 @@ class StatusLive:
         return f"{time.strftime('%H:%M:%S')} · refreshes every {self.refresh_s:g} s · {keys}"
 
     def frame(self) -> RenderableType:
+        from rich.text import Text
+
+        from llamalaunch.observe.view import status_view
+
         if self.last is None:
             return Text(self._error or "collecting ...", style="red" if self._error else "dim")
         extra = [*self.extra(), *([Text(self._error, style="red")] if self._error else [])]
@@ -274,6 +278,9 @@ class ServeConsole:
         path = find_own_state(self.name)
         if path is None:
             return
+        from llamalaunch.observe.collector import StatusCollector
+        from llamalaunch.observe.target import StatusTarget
+
         collector = StatusCollector(StatusTarget(path, None))
         self._live = StatusLive(self.console, collector.collect, self.stop, quit_hint="q stop the server",
                                 refresh_s=self.refresh_s, extra=lambda: list(self.recent))
@@ -281,17 +288,23 @@ class ServeConsole:
         atexit.register(self.close)  # an error that ends serve early must not leave the terminal in cbreak
 
     def _plain(self, event: SupervisorEvent) -> None:
+        """One line as it is (no rich markup: a message is text; and serve under systemd never loads rich)."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.time))
         label = event.phase or event.kind
-        self.console.print(f"{stamp} {label}: {event.message}", highlight=False, soft_wrap=True)
+        sys.stdout.write(f"{stamp} {label}: {event.message}\n")
+        sys.stdout.flush()
 
     def _rich(self, event: SupervisorEvent) -> None:
         if event.plan is not None:
+            from llamalaunch.observe.render import plan_table
+
             self.console.print(plan_table(event.plan))
         self.console.print(_event_text(event), highlight=False, soft_wrap=True)
 
 
 def _event_text(event: SupervisorEvent) -> Text:
+    from rich.text import Text
+
     style = _PHASE_STYLE.get(event.phase or "", "cyan" if event.kind == "phase" else "yellow")
     text = Text(time.strftime("%H:%M:%S ", time.localtime(event.time)), style="dim")
     text.append(event.phase or event.kind, style=style)

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -107,6 +106,10 @@ def _assumed_inventory(assume: Sequence[str], endpoints: Sequence[str]) -> Inven
 def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,
                    reply_timeout_s: float) -> list[WorkerReport | WorkerBusyError]:
     """Probe all workers at once (a busy one costs the whole reply timeout); raise the first failure."""
+    if not endpoints:
+        return []
+    from concurrent.futures import ThreadPoolExecutor  # here: what-if planning probes no worker
+
     def probe(endpoint: str) -> WorkerReport | RpcProbeError:
         try:
             return probe_worker(endpoint, connect_timeout_s, reply_timeout_s)

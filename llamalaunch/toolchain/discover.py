@@ -7,8 +7,8 @@ from llama-server's folder first, so the three always come from one build when t
 
 from __future__ import annotations
 
-import mmap
 import json
+import mmap
 import os
 import re
 import shutil
@@ -16,6 +16,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from llamalaunch.errors import ToolchainError
 from llamalaunch.paths import cache_dir
@@ -184,8 +185,10 @@ def inspect_binary(path: Path, name: str) -> Binary:
     with _inspected_lock:
         if key in _inspected:
             return _inspected[key]
-    binary = _read_inspection(key) or _inspect_now(path, name)
-    _write_inspection(key, binary)
+    binary = _read_inspection(key)
+    if binary is None:
+        binary = _inspect_now(path, name)
+        _write_inspection(key, binary)
     with _inspected_lock:
         _inspected[key] = binary
     return binary
@@ -198,7 +201,7 @@ def _inspection_file() -> Path:
 def _read_inspection(key: tuple[str, str, int, int]) -> Binary | None:
     """The on-disk record of an earlier inspection: a CUDA build's --help costs seconds to start."""
     try:
-        record = json.loads(_inspection_file().read_text()).get(repr(key))
+        record = _inspection_records().get(repr(key))
         if record is None:
             return None
         options = frozenset(record["options"])
@@ -208,12 +211,34 @@ def _read_inspection(key: tuple[str, str, int, int]) -> Binary | None:
         return None
 
 
-def _write_inspection(key: tuple[str, str, int, int], binary: Binary) -> None:
+_records_read: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+
+
+def _inspection_records() -> dict[str, Any]:
+    """The records file, parsed once per process while it stays unchanged (plan reads three records)."""
+    global _records_read
     path = _inspection_file()
     try:
-        records = json.loads(path.read_text()) if path.exists() else {}
-        if not isinstance(records, dict):
+        stat = path.stat()
+    except FileNotFoundError:
+        return {}
+    stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+    if _records_read is None or _records_read[0] != stamp:
+        records = json.loads(path.read_text())
+        _records_read = (stamp, records if isinstance(records, dict) else {})
+    return _records_read[1]
+
+
+def _write_inspection(key: tuple[str, str, int, int], binary: Binary) -> None:
+    """Add one record; records of binaries that are gone (tests' stand-ins) are dropped, so the file
+    stays a few records long instead of growing with every temporary build."""
+    path = _inspection_file()
+    try:
+        try:
+            records = _inspection_records()
+        except ValueError:
             records = {}
+        records = {k: v for k, v in records.items() if isinstance(v, dict) and Path(str(v.get("path"))).exists()}
         records[repr(key)] = {"name": binary.name, "path": str(binary.path), "version": binary.version,
                               "backend": binary.backend, "capabilities": sorted(binary.capabilities),
                               "options": sorted(binary.options)}

@@ -6,7 +6,6 @@ llama.cpp version here changes the build cache folder name too, so old and new b
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -87,6 +86,8 @@ BUILD_TARGETS = (SERVER_BINARY, RPC_SERVER_BINARY, FIT_PARAMS_BINARY)
 
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (the files here are 77-98 MB)."""
+    import hashlib  # here: loading OpenSSL costs every command a few ms
+
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(_CHUNK_BYTES):
