@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from llamalaunch.cli import OneLineUsageErrors
 from llamalaunch.cli_values import _NOT_PLAIN, plain_value
 from llamalaunch.model import gguf_header
-from llamalaunch.model.synthetic import write_preset
+from tests.synthetic import write_preset
 from llamalaunch.probe.host import linux_memory, probe_host
 from llamalaunch.toolchain import demo, discover
 from tests.serve_support import ServeRun
