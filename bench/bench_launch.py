@@ -45,7 +45,7 @@ from bench.llama_runs import (
 )
 
 if TYPE_CHECKING:
-    from llamalaunch.launch.serve import PlanInputs
+    from llamalaunch.plan.pipeline import PlanInputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_POLL_S = 0.02
@@ -184,7 +184,7 @@ def time_command(argv: list[str], runs: int) -> list[float]:
 
 def gather(model: Path, server: Path, endpoint: str) -> PlanInputs:
     """What serve gathers before it plans: the same request as `serve --ctx 4096`."""
-    from llamalaunch.launch.serve import PlanInputs
+    from llamalaunch.plan.pipeline import PlanInputs
     from llamalaunch.plan.parse import build_request
 
     return PlanInputs.gather(model=str(model), demo=False, llama_server=str(server), rpc=[endpoint],

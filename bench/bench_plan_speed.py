@@ -38,7 +38,7 @@ from bench.llama_runs import (
     run_fit_params,
     write_results,
 )
-from llamalaunch.launch.serve import PlanInputs
+from llamalaunch.plan.pipeline import PlanInputs
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions

@@ -6,7 +6,7 @@ of one core) where the cgroup can be written, else the workers differ by thread 
 llama-server itself runs one thread. Steps, all in one run:
 
 1. calibrate: each worker alone holds the whole model (`-dev RPCi`); llama-server's own timings of
-   the requests it served are folded into the speed calibration of that worker (observe/speed_calibration).
+   the requests it served are folded into the speed calibration of that worker (plan/speed_calibration).
 2. compare: with --budget on both workers (neither holds the whole model), the planner's even-spare split
    and the speed-aware split (fastest of the placements that fit, calibrated figures) are started in
    turn, `--rounds` times alternating; generation and prompt tok/s from llama-server's timings, median.
@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.llama_runs import default_bin_dir, free_port, llama_build, machine, post, stop_process, write_results
-from llamalaunch.launch.serve import PlanInputs
-from llamalaunch.observe.speed_calibration import record_speed
+from llamalaunch.plan.pipeline import PlanInputs
+from llamalaunch.plan.speed_calibration import record_speed
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.parse import build_request
 from llamalaunch.plan.speed_args import SpeedArgs
@@ -192,7 +192,7 @@ def calibrated_figures(plan: Plan, endpoints: list[str], args: argparse.Namespac
 
 
 def _figures(plan: Plan, endpoints: list[str], args: argparse.Namespace, server: Path, calibrated: bool):
-    from llamalaunch.observe.speed_calibration import calibrated as scale, load_speed_factors
+    from llamalaunch.plan.speed_calibration import calibrated as scale, load_speed_factors
     from llamalaunch.probe.host import probe_host
     from llamalaunch.probe.inventory import probe_devices
     from llamalaunch.probe.speed import host_speed, speed_figures

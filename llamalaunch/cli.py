@@ -188,8 +188,8 @@ REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch"
 
 def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target: bool = False) -> Any:
     """Shared by plan and serve: everything the planner needs, from the command's parsed options."""
-    from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
+    from llamalaunch.plan.pipeline import PlanInputs
     from llamalaunch.plan.speed_args import SpeedArgs
 
     params = ctx.params
@@ -200,9 +200,16 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
-                             calibrate=params["calibrate"],
+                             calibrate=calibrate_first_sight if params["calibrate"] else None,
                              speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill"),
                                                         bool(params.get("compare"))))
+
+
+def calibrate_first_sight(devices: Sequence[Any], server: Path | None) -> list[str]:
+    """PlanInputs' calibration of devices seen for the first time: a short llama-server load (launch/)."""
+    from llamalaunch.launch.calibrate import calibrate_new
+
+    return calibrate_new(devices, server)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -277,8 +284,9 @@ def devices(rpc: RpcOpt = [], assume: AssumeOpt = [], inventory: InventoryOpt = 
 
 def calibrate_devices(devices: Sequence[Any]) -> None:
     """`devices --calibrate`: measure every real device again, one line each on stderr."""
-    from llamalaunch.observe.calibration import calibratable, calibrate_new
+    from llamalaunch.launch.calibrate import calibrate_new
     from llamalaunch.paths import cache_dir
+    from llamalaunch.plan.overheads import calibratable
     from llamalaunch.toolchain.discover import find_toolchain
 
     real = [d for d in devices if calibratable(d)]
@@ -313,13 +321,14 @@ def plan(ctx_: typer.Context,
                                                                  "context and estimated speed.")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
+    from llamalaunch.launch.measure import verify_plan
     from llamalaunch.model.compare import within_tolerance
     from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     inputs = plan_inputs(ctx_)
     result = inputs.plan()
-    checked = inputs.verify(result) if verify else None
+    checked = verify_plan(inputs, result) if verify else None
     if as_json:
         print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
@@ -377,6 +386,7 @@ def serve(ctx_: typer.Context,
           config: ConfigOpt = None) -> None:
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
     from llamalaunch.launch.serve import run_serve, ServeRequest
+    from llamalaunch.observe.serve_metrics import SERVE_OBSERVERS
     from llamalaunch.plan.parse import check_api_key_file, parse_count, parse_listen_host, parse_seconds
 
     # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
@@ -401,7 +411,7 @@ def serve(ctx_: typer.Context,
                                           load_timeout_s=load_timeout, health_interval_s=health_interval,
                                           health_misses=health_misses, metrics_port=metrics_port,
                                           metrics_host=metrics_host),
-                     view.handle, on_supervisor=view.attach)
+                     view.handle, on_supervisor=view.attach, observers=SERVE_OBSERVERS)
     raise typer.Exit(code)
 
 

@@ -20,7 +20,7 @@ def test_file_type_names_match_gguf() -> None:
 
 
 def test_planning_never_imports_gguf_or_numpy() -> None:
-    code = ("import sys; from llamalaunch.launch.serve import PlanInputs; "
+    code = ("import sys; from llamalaunch.plan.pipeline import PlanInputs; "
             "print('gguf' in sys.modules, 'numpy' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

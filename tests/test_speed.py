@@ -16,7 +16,7 @@ from llamalaunch.model.kv import kv_bytes_per_layer
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.model.synthetic import write_preset, write_synthetic
-from llamalaunch.observe.speed_calibration import calibrated, load_speed_factors, record_speed
+from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors, record_speed
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.planner import make_plan

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalaunch.observe.calibration import calibration_key
-from llamalaunch.paths import cache_dir, write_json_atomic
+from llamalaunch.paths import write_json_atomic
+from llamalaunch.plan.overheads import calibration_key, calibration_path
 from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
@@ -31,7 +31,8 @@ class SpeedFactor:
 
 
 def speed_calibration_path() -> Path:
-    return cache_dir() / "speed_calibration.json"
+    """Beside the overhead store (plan/overheads.py), under LLAMALAUNCH_HOME when set."""
+    return calibration_path().with_name("speed_calibration.json")
 
 
 def load_speed_factors(path: Path | None = None) -> dict[str, SpeedFactor]:
@@ -55,7 +56,7 @@ def calibrated(figures: SpeedFigures, devices: Iterable[Device], factors: Mappin
 def _scale(speed: DeviceSpeed, factor: SpeedFactor) -> DeviceSpeed:
     return dataclasses.replace(speed, gen_efficiency=speed.gen_efficiency * factor.generation,
                                prompt_efficiency=speed.prompt_efficiency * factor.prompt,
-                               source=f"{speed.source}, calibrated")
+                               source=f"{speed.source}, calibrated", calibrated=True)
 
 
 def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEstimate,
