@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from llamalaunch.probe.rpc import probe_worker
 from llamalaunch.probe.speed import gpu_speed, host_speed, speed_figures
 from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import GIB
+from tests.serve_support import ServeRun, complete
 from tests.support import RpcWorker
 from tests.test_experts import QWEN3_30B_A3B
 
@@ -169,6 +172,59 @@ def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b:
     # a broken measurement (a thousandfold off) is not recorded
     record_speed([device], False, after, after.generation_tps * 1000, None, path)
     assert load_speed_factors(path)["CUDA:what-if"].generation == pytest.approx(0.5)
+
+
+def test_served_tokens_count_real_requests_not_the_readiness_check() -> None:
+    """The 8B log: the readiness check (4 prompt tokens, 1 generated) is left out, the filled prompt counts."""
+    from llamalaunch.launch.calibrate import ServedTokens
+
+    served = ServedTokens()
+    log = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cuda-h100-8b-ctx42752-filled.log"
+    for line in log.read_text().splitlines():
+        served.feed(line)
+    assert served.prompt_tokens == 42720 and served.prompt_tps() == pytest.approx(42720 / 5.20041)
+    assert served.generation_tps() is None  # one generated token each: too few to time
+    lines = ["I slot print_timing: id  0 | task 5 |        eval time =     100.00 ms /    10 tokens "
+             "(   10.00 ms per token,   100.00 tokens per second)",
+             "I slot      release: id  0 | task 5 | stop processing: n_tokens = 110, truncated = 0"]
+    for line in lines:
+        served.feed(line)
+    assert served.generation_tps() == pytest.approx(100.0)
+    assert served.mean_fill() == 105  # from 100 to 110 tokens in the context while generating
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *args], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.llama
+def test_serve_calibrates_the_next_plans_speed_from_the_requests_it_served(
+        serve: Callable[..., ServeRun], demo_model: Path, home: Path, llama_bin_dir: Path) -> None:
+    """llama-server's own timings of what it served (not the readiness check) become the host's factor."""
+    plan_args = (str(demo_model), "--ctx", "2k", "-np", "1", "--llama-server", str(llama_bin_dir / "llama-server"))
+    before = json.loads(plan_cli(*plan_args, "--json").stdout)["speed"]
+    assert before["calibrated"] == [] and before["generation_tps"]
+
+    run = serve(demo_model, "--ctx", "2k", "-np", "1")
+    _, url, _ = run.wait_ready(timeout_s=120)
+    for word in ("alpha", "beta", "gamma"):  # other prompts each time: a cached prompt is not evaluated again
+        answer = complete(url, prompt=" ".join([word] * 60), n_predict=16, timeout_s=120)
+        assert answer["tokens_predicted"] == 16
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(timeout_s=60) == 128 + signal.SIGTERM
+
+    factors = load_speed_factors(home / "speed_calibration.json")
+    assert set(factors) == {"CPU:host"}
+    after = json.loads(plan_cli(*plan_args, "--json").stdout)["speed"]
+    assert after["calibrated"] == ["host"]
+    # the host's whole share of a token is scaled by its factor (its fixed cost per slot is not: 5%)
+    assert after["generation_tps"] == pytest.approx(before["generation_tps"] * factors["CPU:host"].generation,
+                                                    rel=0.05)
+    table = plan_cli(*plan_args).stdout
+    assert "tokens in context; calibrated by earlier runs on host)" in table
 
 
 def test_gpu_figures_come_from_nvml_bus_width_and_clock() -> None:
