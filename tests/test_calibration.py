@@ -19,8 +19,9 @@ from llamalaunch.launch.logparse import BreakdownRow
 from llamalaunch.launch.supervisor import SupervisorEvent
 from llamalaunch.launch.calibrate import (CALIBRATION_MODEL, CalibrationError, Calibrator, RunCalibration,
                                          calibration_overhead)
-from llamalaunch.plan.overheads import (Calibration, OverheadSource, calibration_for, identity_key, load_calibrations,
-                                        load_overheads, overheads_for, record_overhead, sources_for)
+from llamalaunch.plan.overheads import (Calibration, OverheadSource, calibration_for, identity_key,
+                                        load_calibrations, load_overheads, overheads_for, record_overhead,
+                                        sources_for)
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB
 from bench.llama_runs import worker_baseline_vsz

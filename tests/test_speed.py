@@ -175,7 +175,7 @@ def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b:
 
 
 def test_served_tokens_count_real_requests_not_the_readiness_check() -> None:
-    """The 8B log: the readiness check (4 prompt tokens, 1 generated) is left out, the filled prompt counts."""
+    """The 8B log: the readiness check (4 prompt tokens, 1 generated) is left out; the full prompt counts."""
     from llamalaunch.launch.calibrate import ServedTokens
 
     served = ServedTokens()
@@ -194,8 +194,8 @@ def test_served_tokens_count_real_requests_not_the_readiness_check() -> None:
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *args], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *args], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     return result
 
@@ -204,7 +204,8 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_serve_calibrates_the_next_plans_speed_from_the_requests_it_served(
         serve: Callable[..., ServeRun], demo_model: Path, home: Path, llama_bin_dir: Path) -> None:
     """llama-server's own timings of what it served (not the readiness check) become the host's factor."""
-    plan_args = (str(demo_model), "--ctx", "2k", "-np", "1", "--llama-server", str(llama_bin_dir / "llama-server"))
+    server = str(llama_bin_dir / "llama-server")
+    plan_args = (str(demo_model), "--ctx", "2k", "-np", "1", "--llama-server", server)
     before = json.loads(plan_cli(*plan_args, "--json").stdout)["speed"]
     assert before["calibrated"] == [] and before["generation_tps"]
 

@@ -130,7 +130,8 @@ class RunSpeedCalibration:
     The measured speeds are compared with the plan's estimate at the context fill the requests had
     (`estimate_at(plan, fill)`), not at the fill the plan states."""
 
-    def __init__(self, estimate_at: Callable[[Plan, int], SpeedEstimate | None], path: Path | None = None) -> None:
+    def __init__(self, estimate_at: Callable[[Plan, int], SpeedEstimate | None],
+                 path: Path | None = None) -> None:
         self.estimate_at = estimate_at
         self.path = path
         self.plan: Plan | None = None
@@ -157,7 +158,8 @@ class RunSpeedCalibration:
         if estimate is None:
             return {}
         used = [p.device for p in plan.devices if not p.excluded and p.n_layers]
-        on_host = plan.n_gpu_layers < plan.model.n_slots or bool(plan.host_expert_layers or plan.host_expert_parts)
+        on_host = plan.n_gpu_layers < plan.model.n_slots or \
+            bool(plan.host_expert_layers or plan.host_expert_parts)
         return record_speed(used, on_host, estimate, generation, prompt, self.path)
 
 
@@ -185,8 +187,8 @@ def calibration_overhead(device: Device, row: BreakdownRow) -> int:
     overhead = dropped - own
     low, high = PLAUSIBLE_OVERHEAD
     if not -low <= overhead <= high:
-        raise CalibrationError(f"{device.name}: implausible overhead {format_bytes(overhead)} (another process "
-                               "took or freed memory during the load)")
+        raise CalibrationError(f"{device.name}: implausible overhead {format_bytes(overhead)} (another "
+                               "process took or freed memory during the load)")
     return max(overhead, 0)
 
 
@@ -200,7 +202,8 @@ def calibrate_device(server: Path, model_path: str, device: Device,
 
     endpoints = [device.endpoint] if device.endpoint is not None else []
     name = f"RPC{device.worker_index or 0}" if device.endpoint is not None else device.name
-    argv = ["-m", model_path, "--fit", "off", *(["--rpc", endpoints[0]] if endpoints else []),  # --rpc before -dev
+    argv = ["-m", model_path, "--fit", "off",
+            *(["--rpc", endpoints[0]] if endpoints else []),  # --rpc before -dev
             "-dev", name, "-ngl", "all", "-c", str(CALIBRATION_CTX), "-np", "1"]
     slots = load_profile(model_path).n_layer + 1
     placement = Placement((SlotRange(name, device.backend, 0, slots),))
@@ -226,15 +229,16 @@ def calibration_model(cache: Path) -> Path:
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_synthetic(path, "llama", SyntheticShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3,
-                                                          n_vocab=49152, n_ctx_train=8192))
+            write_synthetic(path, "llama", SyntheticShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9,
+                                                          n_head_kv=3, n_vocab=49152, n_ctx_train=8192))
         except OSError as error:
-            raise CalibrationError(f"cannot write a calibration model in {path.parent}: {error.strerror}") from None
+            raise CalibrationError(f"cannot write a calibration model in {path.parent}: "
+                                   f"{error.strerror}") from None
     return path
 
 
-def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path | None = None, force: bool = False,
-                  path: Path | None = None) -> list[str]:
+def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path | None = None,
+                  force: bool = False, path: Path | None = None) -> list[str]:
     """Calibrate each real device not seen before (every one with `force`); one line per calibration,
     done ('RPC0: overhead calibrated: ...') or failed (then the default is planned). Also what
     PlanInputs runs for devices seen for the first time (its `calibrate`)."""
@@ -250,7 +254,8 @@ def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path | 
                 raise CalibrationError("no llama-server")
             overhead = calibrate_device(server, str(calibration_model(cache)), device)
         except LaunchError as error:
-            lines.append(f"{device.name}: overhead not calibrated ({error.message}); planned with the default")
+            lines.append(f"{device.name}: overhead not calibrated ({error.message}); "
+                         "planned with the default")
             continue
         record_overhead(device, overhead, path)
         lines.append(f"{device.name}: overhead calibrated: {format_bytes(overhead)} "

@@ -32,14 +32,14 @@ _MODULE = re.compile(r"^(?:(\w{3,4}) +)?([~\w]+): (.*)$")
 
 
 # A request's own timings, printed when its slot is released (`slot print_timing: id 3 | task 0 | ...`).
-_TIMING = re.compile(r"(prompt eval|eval) time = +([\d.]+) ms / +(\d+) tokens \( *[\d.]+ ms per token, +([\d.]+) "
-                     r"tokens per second\)")
+_TIMING = re.compile(r"(prompt eval|eval) time = +([\d.]+) ms / +(\d+) tokens "
+                     r"\( *[\d.]+ ms per token, +([\d.]+) tokens per second\)")
 _RELEASE = re.compile(r"stop processing: n_tokens = (\d+)")
 
 
 @dataclass(frozen=True)
 class RequestTiming:
-    """One request's prompt ('prompt eval time') or generation ('eval time') timing, as llama-server printed it."""
+    """One request's prompt ('prompt eval time') or generation ('eval time') timing, as printed."""
 
     kind: str  # "prompt" or "generation"
     ms: float

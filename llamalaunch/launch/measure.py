@@ -267,8 +267,9 @@ def verify_plan(inputs: PlanInputs, plan: Plan) -> list[ComponentRow]:
     names = child_names(inputs.devices, endpoints)
     ranges = tuple(SlotRange(names[p.device.name], p.device.backend, p.first_slot or 0, p.n_layers)
                    for p in plan.devices if not p.excluded)
-    per_worker = {endpoint: sum(1 for d in inputs.devices if d.endpoint == endpoint) for endpoint in endpoints}
+    per_worker = {endpoint: sum(1 for d in inputs.devices if d.endpoint == endpoint)
+                  for endpoint in endpoints}
     measured = measure_plan(inputs.toolchain.server.path, argv, Placement(ranges), endpoints, per_worker)
-    planned = Estimate(MappingProxyType({names[p.device.name]: p.memory for p in plan.devices if not p.excluded}),
-                       plan.host)
+    used = {names[p.device.name]: p.memory for p in plan.devices if not p.excluded}
+    planned = Estimate(MappingProxyType(used), plan.host)
     return compare(planned, measured.estimate)

@@ -1,4 +1,5 @@
-"""Serve: the plan's llama-server, supervised, with the run state `status` reads and the calibrations it feeds.
+"""Serve: the plan's llama-server, supervised, with the run state `status` reads and the calibrations
+it feeds.
 
 Planning is plan/pipeline.py's (`PlanInputs`, re-planned at every launch); what watches the run from above
 (the /metrics endpoint, the live view) comes in as observers and callbacks from the CLI layer.
@@ -124,7 +125,8 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
                            max_restarts=serve.max_restarts, load_timeout_s=serve.load_timeout_s,
                            backoff_initial_s=serve.backoff_initial_s,
                            api_key_file=serve.api_key_file, log_path=log_path,
-                           alias=default_alias(inputs.model_path, serve.extra_args), model=inputs.model_label(),
+                           alias=default_alias(inputs.model_path, serve.extra_args),
+                           model=inputs.model_label(),
                            health_interval_s=serve.health_interval_s, health_misses=serve.health_misses)
     recorder = StateRecorder(serve.name, inputs.model_path, str(log_path))
     # what this run measures sharpens the next plans: the memory overhead, the speed

@@ -1,6 +1,7 @@
 """serve's observers from this stage: /metrics (Prometheus) on the snapshots `status` shows.
 
-launch/serve.py runs them (`run_serve(..., observers=SERVE_OBSERVERS)`); they import launch/, never the reverse.
+launch/serve.py runs them (`run_serve(..., observers=SERVE_OBSERVERS)`); they import launch/, never the
+reverse.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def serve_metrics(run: ServeRun) -> Iterator[None]:
         return
     metrics = MetricsServer(run.request.metrics_host, run.request.metrics_port)
     try:
-        metrics.start(ServeMetrics(SnapshotCache(serve_snapshots(run.request.name, run.supervisor, run.recorder))))
+        snapshots = serve_snapshots(run.request.name, run.supervisor, run.recorder)
+        metrics.start(ServeMetrics(SnapshotCache(snapshots)))
         run.on_event(SupervisorEvent("note", f"Prometheus metrics on {metrics.url}"))
         yield
     finally:
@@ -36,7 +38,8 @@ def serve_metrics(run: ServeRun) -> Iterator[None]:
 SERVE_OBSERVERS: tuple[RunObserver, ...] = (serve_metrics,)
 
 
-def serve_snapshots(name: str, supervisor: Supervisor, recorder: StateRecorder) -> Callable[[], StatusSnapshot]:
+def serve_snapshots(name: str, supervisor: Supervisor,
+                    recorder: StateRecorder) -> Callable[[], StatusSnapshot]:
     """Snapshots of this run for /metrics: the collector `status` uses, on the state file this run keeps.
 
     Its workers are never probed (the collector sees this launcher running): llama-server holds them, or
@@ -46,9 +49,10 @@ def serve_snapshots(name: str, supervisor: Supervisor, recorder: StateRecorder) 
     def collect() -> StatusSnapshot:
         state = recorder.state
         if not state.plan:  # nothing written yet (an earlier run's file may still be there): the first plan
-            return StatusSnapshot(taken_at=time.time(), source="state", name=name, url=recorder.url, running=True,
-                                  gone_reason=None, phase=supervisor.phase, launcher_pid=state.launcher_pid,
-                                  started_at=state.started_at, model_path=state.model_path)
+            return StatusSnapshot(taken_at=time.time(), source="state", name=name, url=recorder.url,
+                                  running=True, gone_reason=None, phase=supervisor.phase,
+                                  launcher_pid=state.launcher_pid, started_at=state.started_at,
+                                  model_path=state.model_path)
         return collector.collect()
 
     return collect

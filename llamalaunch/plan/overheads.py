@@ -146,9 +146,10 @@ def parse_overheads(values: Sequence[str]) -> dict[str, int]:
         for item in value.split(","):
             name, sep, size = item.partition("=")
             if not sep or not name.strip():
-                raise BadInputError(f"--overhead {item!r} is not NAME=SIZE", "write it like --overhead CUDA=600MiB")
-            sizes[name.strip()] = parse_size(size, f"--overhead {name.strip()}") if size.strip() not in ("0", "0B") \
-                else 0
+                raise BadInputError(f"--overhead {item!r} is not NAME=SIZE",
+                                    "write it like --overhead CUDA=600MiB")
+            zero = size.strip() in ("0", "0B")
+            sizes[name.strip()] = 0 if zero else parse_size(size, f"--overhead {name.strip()}")
     return sizes
 
 

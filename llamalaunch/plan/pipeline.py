@@ -103,7 +103,7 @@ class PlanInputs:
         return inventory.devices
 
     def plan(self, lessons: Lessons | None = None, serving: bool = False) -> Plan:
-        """The plan for the devices as probed now; `serving` refuses busy workers (see refuse_busy_workers)."""
+        """The plan for the devices as probed now; `serving` refuses busy workers (refuse_busy_workers)."""
         request = lessons.apply(self.request) if lessons is not None else self.request
         devices = self.probe(serving)
         notes = self.calibrate_new(devices)
@@ -119,8 +119,8 @@ class PlanInputs:
                          f"{format_bytes(self.host_free_bytes)} is available: lower --ctx, or add devices")
         if self.profile.generic_estimate:
             notes.append(f"{self.profile.arch} is not a known architecture: a generic, conservative estimate")
-        return dataclasses.replace(plan, notes=(*plan.notes, *notes),
-                                   overhead_sources=tuple((name, s.describe()) for name, s in sources.items()))
+        described = tuple((name, source.describe()) for name, source in sources.items())
+        return dataclasses.replace(plan, notes=(*plan.notes, *notes), overhead_sources=described)
 
     def calibrate_new(self, devices: Sequence[Device]) -> list[str]:
         """Calibrate devices seen for the first time (DESIGN.md §3: the overhead differs per GPU and
@@ -141,8 +141,8 @@ class PlanInputs:
         options = ArgvOptions(self.model_path, capabilities,
                               tuple((c, pinned.name) for c in companions) if pinned is not None else ())
         plan = make_plan(self.profile, devices, request, options, planned_overheads(devices, self.overhead),
-                         host_free_bytes=self.host_free_bytes, speed=self.speed_args.figures(devices, self.host),
-                         compare=self.speed_args.compare)
+                         host_free_bytes=self.host_free_bytes,
+                         speed=self.speed_args.figures(devices, self.host), compare=self.speed_args.compare)
         notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
                  for c in companions if pinned is not None]
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))

@@ -60,7 +60,7 @@ class SpeedEstimate:
     hop_generation_s: float = 0.0
     hop_prompt_s: float = 0.0
     unknown: tuple[str, ...] = ()
-    calibrated: tuple[str, ...] = ()  # the parts whose efficiencies earlier runs calibrated (speed_calibration)
+    calibrated: tuple[str, ...] = ()  # parts whose efficiencies earlier runs calibrated (speed_calibration)
 
 
 @dataclass(frozen=True)

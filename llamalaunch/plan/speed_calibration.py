@@ -44,7 +44,8 @@ def load_speed_factors(path: Path | None = None) -> dict[str, SpeedFactor]:
         return {}
 
 
-def calibrated(figures: SpeedFigures, devices: Iterable[Device], factors: Mapping[str, SpeedFactor]) -> SpeedFigures:
+def calibrated(figures: SpeedFigures, devices: Iterable[Device],
+               factors: Mapping[str, SpeedFactor]) -> SpeedFigures:
     """The figures with each device's efficiencies scaled by its recorded factors."""
     by_name = {d.name: factors[calibration_key(d)] for d in devices if calibration_key(d) in factors}
     scaled = {name: _scale(speed, by_name[name]) if name in by_name else speed
@@ -60,7 +61,8 @@ def _scale(speed: DeviceSpeed, factor: SpeedFactor) -> DeviceSpeed:
 
 
 def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEstimate,
-                 generation_tps: float | None, prompt_tps: float | None, path: Path | None = None) -> dict[str, SpeedFactor]:
+                 generation_tps: float | None, prompt_tps: float | None,
+                 path: Path | None = None) -> dict[str, SpeedFactor]:
     """Fold one run's measured speeds (llama-server's `timings`) into the factors of the devices it used."""
     target = path or speed_calibration_path()
     factors = load_speed_factors(target)
