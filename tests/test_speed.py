@@ -172,6 +172,9 @@ def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b:
     # a broken measurement (a thousandfold off) is not recorded
     record_speed([device], False, after, after.generation_tps * 1000, None, path)
     assert load_speed_factors(path)["CUDA:what-if"].generation == pytest.approx(0.5)
+    # and the host, with only a broken measurement, is not called calibrated
+    assert record_speed([], True, after, after.generation_tps * 1000, None, path) == {}
+    assert set(load_speed_factors(path)) == {"CUDA:what-if"}
 
 
 def test_served_tokens_count_real_requests_not_the_readiness_check() -> None:

@@ -63,25 +63,28 @@ def _scale(speed: DeviceSpeed, factor: SpeedFactor) -> DeviceSpeed:
 def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEstimate,
                  generation_tps: float | None, prompt_tps: float | None,
                  path: Path | None = None) -> dict[str, SpeedFactor]:
-    """Fold one run's measured speeds (llama-server's `timings`) into the factors of the devices it used."""
+    """Fold one run's measured speeds (llama-server's `timings`) into the factors of the devices it used;
+    nothing when neither speed is a usable measurement (a device is then not called calibrated)."""
     target = path or speed_calibration_path()
     factors = load_speed_factors(target)
     gen = _ratio(generation_tps, estimate.generation_tps)
     prompt = _ratio(prompt_tps, estimate.prompt_tps)
+    if gen is None and prompt is None:
+        return {}
     keys = [calibration_key(d) for d in devices] + ([HOST_KEY] if used_host else [])
     for key in keys:
         old = factors.get(key, SpeedFactor())
-        factors[key] = SpeedFactor(old.generation * gen, old.prompt * prompt)
+        factors[key] = SpeedFactor(old.generation * (gen or 1.0), old.prompt * (prompt or 1.0))
     _write(target, factors)
     return {key: factors[key] for key in keys}
 
 
-def _ratio(measured: float | None, estimated: float | None) -> float:
+def _ratio(measured: float | None, estimated: float | None) -> float | None:
     if not measured or not estimated:
-        return 1.0
+        return None
     ratio = measured / estimated
     low, high = PLAUSIBLE_FACTOR
-    return ratio if low <= ratio <= high else 1.0
+    return ratio if low <= ratio <= high else None
 
 
 def _write(target: Path, factors: Mapping[str, SpeedFactor]) -> None:
