@@ -233,8 +233,10 @@ def estimate_from_events(events: Iterable[Event], placement: Placement, rpc_endp
 
 def _last_load(events: list[Event]) -> list[Event]:
     """Events from the last `model` buffer line group on: the real load follows any dry runs."""
-    starts = [i for i, e in enumerate(events) if isinstance(e, BufferSize) and e.kind == "model"
-              and (i == 0 or not (isinstance(events[i - 1], BufferSize) and events[i - 1].kind == "model"))]
+    def is_model(event: Event) -> bool:
+        return isinstance(event, BufferSize) and event.kind == "model"
+
+    starts = [i for i, e in enumerate(events) if is_model(e) and (i == 0 or not is_model(events[i - 1]))]
     return events[starts[-1]:] if starts else events
 
 
