@@ -94,6 +94,7 @@ class ServedTokens:
 
     prompt_tokens: int = 0
     prompt_s: float = 0.0
+    prompts: int = 0
     generated_tokens: int = 0
     generation_s: float = 0.0
     fill_token_sum: float = 0.0  # the context fill while generating, summed over the generated tokens
@@ -104,6 +105,7 @@ class ServedTokens:
         if timing is not None and timing.kind == "prompt" and timing.tokens >= PROMPT_MIN_TOKENS:
             self.prompt_tokens += timing.tokens
             self.prompt_s += timing.ms / 1000
+            self.prompts += 1
         elif timing is not None and timing.kind == "generation" and timing.tokens >= GENERATION_MIN_TOKENS:
             self._pending = (timing.tokens, timing.ms / 1000)
         elif self._pending is not None and (n_tokens := released_tokens(line)) is not None:
@@ -122,15 +124,19 @@ class ServedTokens:
     def mean_fill(self) -> int | None:
         return round(self.fill_token_sum / self.generated_tokens) if self.generated_tokens else None
 
+    def mean_prompt(self) -> int | None:
+        return round(self.prompt_tokens / self.prompts) if self.prompts else None
+
 
 class RunSpeedCalibration:
     """Folds llama-server's own timings of the requests a serve run answered into the speed calibration
     (plan/speed_calibration.py) when its child ends, so that the next plan's est. tok/s is calibrated.
 
-    The measured speeds are compared with the plan's estimate at the context fill the requests had
-    (`estimate_at(plan, fill)`), not at the fill the plan states."""
+    The measured speeds are compared with the plan's estimate for the requests served: at the context
+    fill they had and with their prompt size (`estimate_at(plan, fill, prompt)`), not at the fill the plan
+    states or with whole ubatches."""
 
-    def __init__(self, estimate_at: Callable[[Plan, int], SpeedEstimate | None],
+    def __init__(self, estimate_at: Callable[[Plan, int, int | None], SpeedEstimate | None],
                  path: Path | None = None) -> None:
         self.estimate_at = estimate_at
         self.path = path
@@ -152,7 +158,8 @@ class RunSpeedCalibration:
         if plan.speed is None or (generation is None and prompt is None):
             return {}
         try:
-            estimate = self.estimate_at(plan, served.mean_fill() or plan.speed.fill_tokens)
+            fill = served.mean_fill() or plan.speed.fill_tokens
+            estimate = self.estimate_at(plan, fill, served.mean_prompt())
         except LaunchError:
             return {}  # a figure no longer known: this run sharpens nothing
         if estimate is None:

@@ -177,10 +177,17 @@ class PlanInputs:
         """What calibration measured for these GPUs, then the user's --overhead on top."""
         return planned_overheads(devices, self.overhead)
 
-    def speed_at(self, plan: Plan, fill_tokens: int) -> SpeedEstimate | None:
-        """The plan's speed estimate at another context fill (the requests served had), same figures."""
+    def speed_at(self, plan: Plan, fill_tokens: int,
+                 prompt_tokens: int | None = None) -> SpeedEstimate | None:
+        """The plan's speed estimate for the requests served: at their context fill, their prompts in
+        batches of their size when smaller than an ubatch; the figures planned with."""
         figures = self.speed_args.figures(self.devices, self.host) if plan.speed is not None else None
-        return estimate_plan(plan, dataclasses.replace(figures, fill_tokens=fill_tokens)) if figures else None
+        if figures is None:
+            return None
+        if prompt_tokens:
+            ubatch = max(1, min(plan.request.n_ubatch, prompt_tokens))
+            plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, n_ubatch=ubatch))
+        return estimate_plan(plan, dataclasses.replace(figures, fill_tokens=fill_tokens))
 
     def server_name(self) -> str:
         return str(self.toolchain.server.path) if self.toolchain is not None else "llama-server"
