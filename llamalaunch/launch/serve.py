@@ -93,7 +93,7 @@ def check_not_running(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class ServeRun:
+class ObservedRun:
     """What an observer of a serve run is given before the run starts."""
 
     request: ServeRequest
@@ -103,7 +103,7 @@ class ServeRun:
 
 
 # Entered before the supervisor runs and left when it is done (e.g. observe/serve_metrics.py's /metrics).
-RunObserver = Callable[[ServeRun], AbstractContextManager[Any]]
+RunObserver = Callable[[ObservedRun], AbstractContextManager[Any]]
 
 
 def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[SupervisorEvent], None],
@@ -151,7 +151,7 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
         on_supervisor(supervisor)
     with contextlib.ExitStack() as running:
         for observer in observers:
-            running.enter_context(observer(ServeRun(serve, supervisor, recorder, on_event)))
+            running.enter_context(observer(ObservedRun(serve, supervisor, recorder, on_event)))
         with stop_on_signals(supervisor.request_stop):
             return supervisor.run()
 

@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
-from llamalaunch.launch.serve import RunObserver, ServeRun, StateRecorder
+from llamalaunch.launch.serve import ObservedRun, RunObserver, StateRecorder
 from llamalaunch.launch.state import state_path
 from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
 from llamalaunch.observe.collector import StatusCollector
@@ -20,7 +20,7 @@ from llamalaunch.observe.target import StatusTarget
 
 
 @contextlib.contextmanager
-def serve_metrics(run: ServeRun) -> Iterator[None]:
+def serve_metrics(run: ObservedRun) -> Iterator[None]:
     """--metrics-port: /metrics while the run lasts (the port is bound before llama-server starts)."""
     if run.request.metrics_port is None:
         yield
