@@ -6,7 +6,7 @@ of one core) where the cgroup can be written, else the workers differ by thread 
 llama-server itself runs one thread. Steps, all in one run:
 
 1. calibrate: each worker alone holds the whole model (`-dev RPCi`); llama-server's own timings of
-   the requests it served are folded into the speed calibration of that worker (observe/speed_calibration).
+   the requests it served are folded into the speed calibration of that worker (plan/speed_calibration).
 2. compare: with --budget on both workers (neither holds the whole model), the planner's even-spare split
    and the speed-aware split (fastest of the placements that fit, calibrated figures) are started in
    turn, `--rounds` times alternating; generation and prompt tok/s from llama-server's timings, median.

@@ -123,8 +123,8 @@ def format_table(data: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.synthetic import write_preset
     from llamalaunch.api import cache_dir, demo_model_path
+    from tests.synthetic import write_preset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="timed runs per row (after one warm-up)")

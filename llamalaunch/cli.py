@@ -86,8 +86,8 @@ REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch"
 
 def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target: bool = False) -> Any:
     """Shared by plan and serve: everything the planner needs, from the command's parsed options."""
-    from llamalaunch.launch.serve import PlanInputs
     from llamalaunch.plan.parse import build_request
+    from llamalaunch.plan.pipeline import PlanInputs
     from llamalaunch.plan.speed_args import SpeedArgs
 
     params = ctx.params
@@ -98,9 +98,16 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
-                             calibrate=params["calibrate"],
+                             calibrate=calibrate_first_sight if params["calibrate"] else None,
                              speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill"),
                                                         bool(params.get("compare"))))
+
+
+def calibrate_first_sight(devices: Sequence[Any], server: Path | None) -> list[str]:
+    """PlanInputs' calibration of devices seen for the first time: a short llama-server load (launch/)."""
+    from llamalaunch.launch.calibrate import calibrate_new
+
+    return calibrate_new(devices, server)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -175,8 +182,9 @@ def devices(rpc: list[str] = opt("rpc"), assume: list[str] = opt("assume"),
 
 def calibrate_devices(devices: Sequence[Any]) -> None:
     """`devices --calibrate`: measure every real device again, one line each on stderr."""
-    from llamalaunch.observe.calibration import calibratable, calibrate_new
+    from llamalaunch.launch.calibrate import calibrate_new
     from llamalaunch.paths import cache_dir
+    from llamalaunch.plan.overheads import calibratable
     from llamalaunch.toolchain.discover import find_toolchain
 
     real = [d for d in devices if calibratable(d)]
@@ -209,13 +217,14 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
                                               "it allocates (exit 1 out of tolerance).")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
+    from llamalaunch.launch.measure import verify_plan
     from llamalaunch.model.compare import within_tolerance
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
     inputs = plan_inputs(ctx_)
     result = inputs.plan()
-    checked = inputs.verify(result) if verify else None
+    checked = verify_plan(inputs, result) if verify else None
     if as_json:
         print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
@@ -263,6 +272,7 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
     from llamalaunch.launch.http import read_api_key
     from llamalaunch.launch.serve import ServeRequest, run_serve
     from llamalaunch.plan.parse import parse_listen_host
+    from llamalaunch.observe.serve_metrics import SERVE_OBSERVERS
 
     # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
     host = parse_listen_host(host)
@@ -281,7 +291,7 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
                                           load_timeout_s=load_timeout, health_interval_s=health_interval,
                                           health_misses=health_misses, metrics_port=metrics_port,
                                           metrics_host=metrics_host),
-                     view.handle, on_supervisor=view.attach)
+                     view.handle, on_supervisor=view.attach, observers=SERVE_OBSERVERS)
     raise typer.Exit(code)
 
 

@@ -17,17 +17,33 @@ from typing import Any
 
 import pytest
 
+import llamalaunch.launch.calibrate as calibration_module
+from bench.llama_runs import worker_baseline_vsz
+from llamalaunch.launch.calibrate import (
+    CALIBRATION_MODEL,
+    CALIBRATION_MODEL_BYTES,
+    CalibrationError,
+    Calibrator,
+    RunCalibration,
+    calibration_overhead,
+    write_calibration_model,
+)
 from llamalaunch.launch.logparse import BreakdownRow
 from llamalaunch.launch.supervisor import SupervisorEvent
-import llamalaunch.observe.calibration as calibration_module
 from llamalaunch.model.gguf_header import read_header
-from llamalaunch.observe.calibration import (CALIBRATION_MODEL, CALIBRATION_MODEL_BYTES, Calibration, CalibrationError, Calibrator, OverheadSource,
-                                             RunCalibration, calibration_for, calibration_overhead, identity_key,
-                                             load_calibrations, load_overheads, overheads_for, record_overhead,
-                                             sources_for, write_calibration_model)
+from llamalaunch.plan.overheads import (
+    Calibration,
+    OverheadSource,
+    calibration_for,
+    identity_key,
+    load_calibrations,
+    load_overheads,
+    overheads_for,
+    record_overhead,
+    sources_for,
+)
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB
-from bench.llama_runs import worker_baseline_vsz
 from tests.serve_support import ServeRun
 from tests.support import RpcWorker
 from tests.synthetic import SyntheticShape, write_synthetic

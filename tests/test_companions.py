@@ -71,12 +71,12 @@ def test_draft_loads_where_planned_and_serves(demo_model: Path, llama_bin_dir: P
 
 def test_a_companion_keeps_its_worker_on_the_rpc_list_when_no_layer_went_there(demo_model: Path) -> None:
     """Otherwise llama.cpp renumbers the workers and -devd would name another one."""
+    from llamalaunch.model.load import load_profile
     from llamalaunch.plan.argv import ArgvOptions
     from llamalaunch.plan.companions import Companion
     from llamalaunch.plan.planner import make_plan
     from llamalaunch.plan.request import Request
     from llamalaunch.probe.device import Device
-    from llamalaunch.model.load import load_profile
 
     small = Device("RPC0", "RPC", "a", 60 * MIB, 60 * MIB, 0, endpoint="10.0.0.5:50052", worker_index=0)
     large = Device("RPC1", "RPC", "b", 8192 * MIB, 8192 * MIB, 1, endpoint="10.0.0.6:50052", worker_index=0)
@@ -102,3 +102,20 @@ def test_ctx_max_with_a_draft_sizes_the_draft_for_the_context_it_gets(demo_model
     one_more = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *common, "--ctx", str(best["ctx"] + 256)],
                               capture_output=True, text=True, timeout=120)
     assert one_more.returncode == 1 and "does not fit" in one_more.stderr
+
+
+def test_serve_sizes_the_draft_for_the_context_it_gets_as_plan_does(demo_model: Path, tmp_path: Path) -> None:
+    """serve's request shrinks to fit (ctx_is_target); the draft search must not let that hide a misfit."""
+    from llamalaunch.plan.parse import build_request
+    from llamalaunch.plan.pipeline import PlanInputs
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "8b.gguf", "llama-8b")
+
+    def largest(ctx_is_target: bool) -> int:
+        inputs = PlanInputs.gather(model=str(model), demo=False, llama_server=None, rpc=[],
+                                   assume=["CUDA0=12GiB"], overhead=[], draft=str(demo_model),
+                                   request=build_request(ctx="max", ctx_is_target=ctx_is_target))
+        return inputs.plan().ctx_tokens
+
+    assert largest(ctx_is_target=True) == largest(ctx_is_target=False) > 40000

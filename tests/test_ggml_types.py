@@ -65,7 +65,7 @@ def test_the_replay_names_the_llama_cpp_it_mirrors() -> None:
 
 
 def test_planning_never_imports_gguf_or_numpy() -> None:
-    code = ("import sys; from llamalaunch.launch.serve import PlanInputs; "
+    code = ("import sys; from llamalaunch.plan.pipeline import PlanInputs; "
             "print('gguf' in sys.modules, 'numpy' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

@@ -27,16 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = (
 
 # Upward edges that remain, (importer, imported) as module names. Each is a debt: remove the line when
 # the edge goes; a new upward edge fails the test.
-KNOWN_UPWARD: frozenset[tuple[str, str]] = frozenset({
-    # issue 16: serve wires the observers in; the run/observe split is still to do
-    ("llamalaunch.launch.serve", "llamalaunch.observe.calibration"),
-    ("llamalaunch.launch.serve", "llamalaunch.observe.collector"),
-    ("llamalaunch.launch.serve", "llamalaunch.observe.metrics"),
-    ("llamalaunch.launch.serve", "llamalaunch.observe.snapshot"),
-    ("llamalaunch.launch.serve", "llamalaunch.observe.target"),
-    # issue 16: the speed calibration store is read by the planner but lives in observe/
-    ("llamalaunch.plan.speed_args", "llamalaunch.observe.speed_calibration"),
-})
+KNOWN_UPWARD: frozenset[tuple[str, str]] = frozenset()
 
 
 

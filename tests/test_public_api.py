@@ -17,7 +17,7 @@ else:
 
 import llamalaunch
 from llamalaunch import api
-from llamalaunch.observe.calibration import CALIBRATION_MODEL
+from llamalaunch.launch.calibrate import CALIBRATION_MODEL
 from tests.synthetic import write_preset
 
 PACKAGE = Path(llamalaunch.__file__).parent
@@ -80,7 +80,7 @@ def test_the_package_data_covers_the_calibration_model_header() -> None:
     """calibration on first sight writes its model from this header; a wheel without it could not."""
     shipped = {path for pattern in pyproject()["tool"]["setuptools"]["package-data"]["llamalaunch"]
                for path in PACKAGE.glob(pattern)}
-    assert PACKAGE / "observe" / (CALIBRATION_MODEL + ".xz") in shipped
+    assert PACKAGE / "launch" / (CALIBRATION_MODEL + ".xz") in shipped
 
 
 def test_bench_uses_the_package_through_its_public_api_only() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,19 +17,20 @@ from llamalaunch.model.estimate import Placement, SlotRange
 from llamalaunch.model.kv import kv_bytes_per_layer
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from tests.synthetic import write_preset, write_synthetic
-from llamalaunch.observe.speed_calibration import calibrated, load_speed_factors, record_speed
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.speed import estimate_speed
+from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors, record_speed
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.rpc import probe_worker
 from llamalaunch.probe.speed import gpu_speed, host_speed, speed_figures
 from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import GIB
+from tests.serve_support import ServeRun, complete
 from tests.support import RpcWorker
+from tests.synthetic import write_preset, write_synthetic
 from tests.test_experts import QWEN3_30B_A3B
 
 OPTIONS = ArgvOptions("m.gguf")
@@ -169,6 +172,78 @@ def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b:
     # a broken measurement (a thousandfold off) is not recorded
     record_speed([device], False, after, after.generation_tps * 1000, None, path)
     assert load_speed_factors(path)["CUDA:what-if"].generation == pytest.approx(0.5)
+    # and the host, with only a broken measurement, is not called calibrated
+    assert record_speed([], True, after, after.generation_tps * 1000, None, path) == {}
+    assert set(load_speed_factors(path)) == {"CUDA:what-if"}
+
+
+def test_served_tokens_count_real_requests_not_the_readiness_check() -> None:
+    """The 8B log: the readiness check (4 prompt tokens, 1 generated) is left out; the full prompt counts."""
+    from llamalaunch.launch.calibrate import ServedTokens
+
+    served = ServedTokens()
+    log = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cuda-h100-8b-ctx42752-filled.log"
+    for line in log.read_text().splitlines():
+        served.feed(line)
+    assert served.prompt_tokens == 42720 and served.prompt_tps() == pytest.approx(42720 / 5.20041)
+    assert served.mean_prompt() == 42720
+    assert served.generation_tps() is None  # one generated token each: too few to time
+    lines = ["I slot print_timing: id  0 | task 5 |        eval time =     100.00 ms /    10 tokens "
+             "(   10.00 ms per token,   100.00 tokens per second)",
+             "I slot      release: id  0 | task 5 | stop processing: n_tokens = 110, truncated = 0"]
+    for line in lines:
+        served.feed(line)
+    assert served.generation_tps() == pytest.approx(100.0)
+    assert served.mean_fill() == 105  # from 100 to 110 tokens in the context while generating
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *args], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.llama
+def test_serve_calibrates_the_next_plans_speed_from_the_requests_it_served(
+        serve: Callable[..., ServeRun], demo_model: Path, home: Path, llama_bin_dir: Path) -> None:
+    """llama-server's own timings of what it served (not the readiness check) become the host's factor."""
+    server = str(llama_bin_dir / "llama-server")
+    plan_args = (str(demo_model), "--ctx", "2k", "-np", "1", "--llama-server", server)
+    before = json.loads(plan_cli(*plan_args, "--json").stdout)["speed"]
+    assert before["calibrated"] == [] and before["generation_tps"]
+
+    run = serve(demo_model, "--ctx", "2k", "-np", "1")
+    _, url, _ = run.wait_ready(timeout_s=120)
+    for word in ("alpha", "beta", "gamma"):  # other prompts each time: a cached prompt is not evaluated again
+        answer = complete(url, prompt=" ".join([word] * 60), n_predict=16, timeout_s=120)
+        assert answer["tokens_predicted"] == 16
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(timeout_s=60) == 128 + signal.SIGTERM
+
+    factors = load_speed_factors(home / "speed_calibration.json")
+    assert set(factors) == {"CPU:host"}
+    after = json.loads(plan_cli(*plan_args, "--json").stdout)["speed"]
+    assert after["calibrated"] == ["host"]
+    # the host's share of a token is scaled by its factor; its fixed cost per slot (under 6% of it) is not
+    assert after["generation_tps"] == pytest.approx(before["generation_tps"] * factors["CPU:host"].generation,
+                                                    rel=0.1)
+    table = plan_cli(*plan_args).stdout
+    assert "tokens in context; calibrated by earlier runs on host)" in table
+    # the calibrated estimate for the requests served (their fill and prompt size) is what llama-server timed
+    from llamalaunch.launch.calibrate import ServedTokens
+    from llamalaunch.plan.parse import build_request
+    from llamalaunch.plan.pipeline import PlanInputs
+
+    served = ServedTokens()
+    for line in run.log_path.read_text().splitlines():
+        served.feed(line)
+    inputs = PlanInputs.gather(model=str(demo_model), demo=False, llama_server=server, rpc=[], assume=[],
+                               overhead=[], request=build_request(ctx="2k", parallel=1, ctx_is_target=True))
+    estimate = inputs.speed_at(inputs.plan(), served.mean_fill() or 1, served.mean_prompt())
+    assert estimate is not None and estimate.calibrated == ("host",)
+    assert estimate.generation_tps == pytest.approx(served.generation_tps(), rel=0.1)
+    assert estimate.prompt_tps == pytest.approx(served.prompt_tps(), rel=0.1)
 
 
 def test_gpu_figures_come_from_nvml_bus_width_and_clock() -> None:

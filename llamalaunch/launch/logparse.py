@@ -31,6 +31,36 @@ _PREFIX = re.compile(r"^(?:(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) )?([IWED]) (.*)$")
 _MODULE = re.compile(r"^(?:(\w{3,4}) +)?([~\w]+): (.*)$")
 
 
+# A request's own timings, printed when its slot is released (`slot print_timing: id 3 | task 0 | ...`).
+_TIMING = re.compile(r"(prompt eval|eval) time = +([\d.]+) ms / +(\d+) tokens "
+                     r"\( *[\d.]+ ms per token, +([\d.]+) tokens per second\)")
+_RELEASE = re.compile(r"stop processing: n_tokens = (\d+)")
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One request's prompt ('prompt eval time') or generation ('eval time') timing, as printed."""
+
+    kind: str  # "prompt" or "generation"
+    ms: float
+    tokens: int
+    tokens_per_s: float
+
+
+def parse_timing(line: str) -> RequestTiming | None:
+    match = _TIMING.search(line) if "print_timing" in line else None
+    if match is None:
+        return None
+    return RequestTiming("prompt" if match.group(1) == "prompt eval" else "generation", float(match.group(2)),
+                         int(match.group(3)), float(match.group(4)))
+
+
+def released_tokens(line: str) -> int | None:
+    """The tokens in a slot's context when its request ended (`stop processing: n_tokens = N`)."""
+    match = _RELEASE.search(line) if "stop processing" in line else None
+    return int(match.group(1)) if match else None
+
+
 @dataclass(frozen=True)
 class LogLine:
     time_us: int | None  # since the server started

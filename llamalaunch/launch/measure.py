@@ -24,13 +24,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from llamalaunch.errors import ServeError, ToolchainError
 from llamalaunch.launch.logparse import (HOST, BreakdownRow, BufferSize, Event, Listening, LoadFailed, ModelLoaded,
                                          OutOfMemory, buffer_device, parse_events)
-from llamalaunch.model.estimate import Estimate, MemoryUse, Placement, host_experts_override
+from llamalaunch.model.compare import ComponentRow, compare
+from llamalaunch.model.estimate import Estimate, MemoryUse, Placement, SlotRange, host_experts_override
+from llamalaunch.plan.argv import child_names
 from llamalaunch.plan.request import Request
+from llamalaunch.plan.types import Plan
 from llamalaunch.units import MIB
+
+if TYPE_CHECKING:
+    from llamalaunch.plan.pipeline import PlanInputs
 
 LOAD_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -226,8 +233,10 @@ def estimate_from_events(events: Iterable[Event], placement: Placement, rpc_endp
 
 def _last_load(events: list[Event]) -> list[Event]:
     """Events from the last `model` buffer line group on: the real load follows any dry runs."""
-    starts = [i for i, e in enumerate(events) if isinstance(e, BufferSize) and e.kind == "model"
-              and (i == 0 or not (isinstance(events[i - 1], BufferSize) and events[i - 1].kind == "model"))]
+    def is_model(event: Event) -> bool:
+        return isinstance(event, BufferSize) and event.kind == "model"
+
+    starts = [i for i, e in enumerate(events) if is_model(e) and (i == 0 or not is_model(events[i - 1]))]
     return events[starts[-1]:] if starts else events
 
 
@@ -240,3 +249,29 @@ def breakdown_rows(events: Iterable[Event]) -> list[BreakdownRow]:
             last = []
         last.append(row)
     return last
+
+
+def verify_plan(inputs: PlanInputs, plan: Plan) -> list[ComponentRow]:
+    """plan --verify: load the plan's argv in the real llama-server and compare, per device and component."""
+    from llamalaunch.probe.inventory import BUSY_NOTE
+    from llamalaunch.probe.rpc import WorkerBusyError
+    from llamalaunch.toolchain.discover import INSTALL_HINT
+
+    if inputs.toolchain is None:
+        raise ToolchainError("--verify needs llama-server", INSTALL_HINT)
+    busy = next((d for d in inputs.devices if d.note and d.note.startswith(BUSY_NOTE)), None)
+    if busy is not None and busy.endpoint is not None:
+        raise WorkerBusyError(busy.endpoint, f"{busy.name} is {busy.note}: --verify does not start "
+                              "llama-server on a busy worker", "stop that client first, or plan without "
+                              "--verify", None)
+    argv = list(plan.argv)
+    endpoints = argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
+    names = child_names(inputs.devices, endpoints)
+    ranges = tuple(SlotRange(names[p.device.name], p.device.backend, p.first_slot or 0, p.n_layers)
+                   for p in plan.devices if not p.excluded)
+    per_worker = {endpoint: sum(1 for d in inputs.devices if d.endpoint == endpoint)
+                  for endpoint in endpoints}
+    measured = measure_plan(inputs.toolchain.server.path, argv, Placement(ranges), endpoints, per_worker)
+    used = {names[p.device.name]: p.memory for p in plan.devices if not p.excluded}
+    planned = Estimate(MappingProxyType(used), plan.host)
+    return compare(planned, measured.estimate)

@@ -112,7 +112,7 @@ class SupervisedChild(Protocol):
     """What the supervisor uses of a started child (process.Child, or a test's scripted stand-in)."""
 
     pid: int
-    argv: list[str]
+    argv: list[str]  # as started: the run state records it
 
     def running(self) -> bool: ...
 

@@ -8,14 +8,13 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llamalaunch.launch.logparse import READINESS_MARK, BufferSize, buffer_device, parse_event, parse_line
+from llamalaunch.launch.logparse import (READINESS_MARK, BufferSize, buffer_device, parse_event, parse_line,
+                                         parse_timing)
 from llamalaunch.observe.snapshot import LogEntry
 
 LOG_TAIL_LINES = 200
 
 _LEVEL = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} ([IWED]) ")
-_TIMING = re.compile(r"(prompt eval|eval) time = +[\d.]+ ms / +\d+ tokens \( *[\d.]+ ms per token, +([\d.]+) "
-                     r"tokens per second\)")
 _RUN_START = "llama_server: initializing"
 # llama.cpp's threads sometimes print a line without its newline: the next line's prefix is glued on (seen).
 _GLUED = re.compile(r"(?<=\S)(?=\d+\.\d{2}\.\d{3}\.\d{3} [IWED] )")
@@ -99,9 +98,9 @@ class LogFollower:
             event = parse_event(parse_line(raw))
             if isinstance(event, BufferSize) and not event.at_exit:
                 self.buffers[(event.buffer, event.kind)] = event.bytes
-        elif "print_timing" in raw and (timing := _TIMING.search(raw)) is not None:
-            speed = float(timing.group(2))
-            if timing.group(1) == "eval":
+        elif (timing := parse_timing(raw)) is not None:
+            speed = timing.tokens_per_s
+            if timing.kind == "generation":
                 # a one-token request (the readiness check) samples from the prompt: no generation timing
                 self.last_generation_tokens_per_s = speed or self.last_generation_tokens_per_s
             else:

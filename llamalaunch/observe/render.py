@@ -73,8 +73,9 @@ def speed_line(plan: Plan) -> Text | None:
     if speed.generation_tps is None:
         return Text(f"est. tok/s: unknown ({', '.join(speed.unknown)} not known: give --device-speed or "
                     "--link); placed by memory", style="dim")
+    calibrated = f"; calibrated by earlier runs on {', '.join(speed.calibrated)}" if speed.calibrated else ""
     return Text(f"est. tok/s: generation {format_tps(speed.generation_tps)}, prompt {format_tps(speed.prompt_tps)} "
-                f"(one sequence, {speed.fill_tokens} tokens in context)")
+                f"(one sequence, {speed.fill_tokens} tokens in context{calibrated})")
 
 
 def alternatives_table(plan: Plan) -> Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from llamalaunch.errors import PlanError
 from llamalaunch.model.profile import ModelProfile
@@ -20,14 +21,16 @@ from llamalaunch.units import format_bytes
 
 
 SPILL_CTX_FLOOR = 4096
+Found = TypeVar("Found")
 
 
 def round_ctx(tokens: int) -> int:
     return -(-tokens // CTX_STEP) * CTX_STEP
 
 
-def largest_fitting(low: int, high: int, choose: Callable[[int], Choice | None]) -> tuple[int, Choice] | None:
-    """Largest ctx in [low, high] (multiples of 256) where `choose` finds a choice (fewer as ctx grows)."""
+def largest_fitting(low: int, high: int, choose: Callable[[int], Found | None]) -> tuple[int, Found] | None:
+    """Largest ctx in [low, high] (multiples of 256) where `choose` finds a choice (fewer as ctx grows);
+    also whole plans (the draft model's context search, plan/pipeline.py)."""
     low, high = round_ctx(low), round_ctx(high)
     found = choose(low)
     if found is None:

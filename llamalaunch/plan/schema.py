@@ -39,7 +39,8 @@ def speed_to_dict(speed: SpeedEstimate) -> dict[str, Any]:
             "fill_tokens": speed.fill_tokens, "ubatch_tokens": speed.ubatch_tokens, "unknown": list(speed.unknown),
             "parts": [{"device": p.name, "generation_s": p.generation_s, "prompt_s": p.prompt_s,
                        "read_bytes": p.read_bytes} for p in speed.parts],
-            "hop_generation_s": speed.hop_generation_s, "hop_prompt_s": speed.hop_prompt_s}
+            "hop_generation_s": speed.hop_generation_s, "hop_prompt_s": speed.hop_prompt_s,
+            "calibrated": list(speed.calibrated)}
 
 
 def memory_to_dict(memory: MemoryUse) -> dict[str, int]:

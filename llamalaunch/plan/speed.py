@@ -60,6 +60,7 @@ class SpeedEstimate:
     hop_generation_s: float = 0.0
     hop_prompt_s: float = 0.0
     unknown: tuple[str, ...] = ()
+    calibrated: tuple[str, ...] = ()  # parts whose efficiencies earlier runs calibrated (speed_calibration)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,10 @@ def estimate_speed(profile: ModelProfile, request: Request, ctx_tokens: int, pla
     fill = min(figures.fill_tokens or default_fill(ctx_tokens), ctx_tokens)
     ubatch = max(1, min(request.n_ubatch, request.n_batch, ctx_tokens))
     works, route = _work(profile, request, placement, fill, ubatch)
-    speeds = {**{r.device: figures.devices.get(r.device) for r in placement.ranges}, "host": figures.host}
+    found = {**{r.device: figures.devices.get(r.device) for r in placement.ranges}, "host": figures.host}
+    speeds = {name: speed for name, speed in found.items() if speed is not None}
     unknown = [f"{name} speed" for name, work in works.items()
-               if _busy(work) and (speeds.get(name) is None or not speeds[name].known)]
+               if _busy(work) and (name not in speeds or not speeds[name].known)]
     hop_gen, hop_prompt, link_unknown = _hops(profile, placement, route, figures, ubatch)
     unknown += link_unknown
     if unknown:
@@ -109,7 +111,8 @@ def estimate_speed(profile: ModelProfile, request: Request, ctx_tokens: int, pla
     gen_s = sum(p.generation_s for p in parts) + hop_gen
     prompt_s = sum(p.prompt_s for p in parts) + hop_prompt
     return SpeedEstimate(1 / gen_s if gen_s > 0 else None, ubatch / prompt_s if prompt_s > 0 else None, fill,
-                         ubatch, parts, hop_gen, hop_prompt)
+                         ubatch, parts, hop_gen, hop_prompt,
+                         calibrated=tuple(p.name for p in parts if speeds[p.name].calibrated))
 
 
 def _busy(work: _Work) -> bool:

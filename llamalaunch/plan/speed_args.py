@@ -111,7 +111,7 @@ class SpeedArgs:
     def figures(self, devices: Sequence[Device], host: HostMemory | None) -> SpeedFigures | None:
         if not self.enabled:
             return None
-        from llamalaunch.observe.speed_calibration import calibrated, load_speed_factors
+        from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors
         from llamalaunch.probe.speed import host_speed, speed_figures
 
         names = {d.name for d in devices}

@@ -27,6 +27,7 @@ class DeviceSpeed:
     gen_efficiency: float = 0.0  # 0: the kind's default
     prompt_efficiency: float = 0.0
     slot_overhead_s: float = -1.0  # <0: the kind's default
+    calibrated: bool = False  # the efficiencies were scaled by llama-server's timings of earlier runs
 
     def __post_init__(self) -> None:
         if not self.gen_efficiency:

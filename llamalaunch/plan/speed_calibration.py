@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalaunch.observe.calibration import calibration_key
-from llamalaunch.paths import cache_dir, write_json_atomic
+from llamalaunch.paths import write_json_atomic
+from llamalaunch.plan.overheads import calibration_key, calibration_path
 from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
@@ -31,7 +31,8 @@ class SpeedFactor:
 
 
 def speed_calibration_path() -> Path:
-    return cache_dir() / "speed_calibration.json"
+    """Beside the overhead store (plan/overheads.py), under LLAMALAUNCH_HOME when set."""
+    return calibration_path().with_name("speed_calibration.json")
 
 
 def load_speed_factors(path: Path | None = None) -> dict[str, SpeedFactor]:
@@ -43,7 +44,8 @@ def load_speed_factors(path: Path | None = None) -> dict[str, SpeedFactor]:
         return {}
 
 
-def calibrated(figures: SpeedFigures, devices: Iterable[Device], factors: Mapping[str, SpeedFactor]) -> SpeedFigures:
+def calibrated(figures: SpeedFigures, devices: Iterable[Device],
+               factors: Mapping[str, SpeedFactor]) -> SpeedFigures:
     """The figures with each device's efficiencies scaled by its recorded factors."""
     by_name = {d.name: factors[calibration_key(d)] for d in devices if calibration_key(d) in factors}
     scaled = {name: _scale(speed, by_name[name]) if name in by_name else speed
@@ -55,30 +57,34 @@ def calibrated(figures: SpeedFigures, devices: Iterable[Device], factors: Mappin
 def _scale(speed: DeviceSpeed, factor: SpeedFactor) -> DeviceSpeed:
     return dataclasses.replace(speed, gen_efficiency=speed.gen_efficiency * factor.generation,
                                prompt_efficiency=speed.prompt_efficiency * factor.prompt,
-                               source=f"{speed.source}, calibrated")
+                               source=f"{speed.source}, calibrated", calibrated=True)
 
 
 def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEstimate,
-                 generation_tps: float | None, prompt_tps: float | None, path: Path | None = None) -> dict[str, SpeedFactor]:
-    """Fold one run's measured speeds (llama-server's `timings`) into the factors of the devices it used."""
+                 generation_tps: float | None, prompt_tps: float | None,
+                 path: Path | None = None) -> dict[str, SpeedFactor]:
+    """Fold one run's measured speeds (llama-server's `timings`) into the factors of the devices it used;
+    nothing when neither speed is a usable measurement (a device is then not called calibrated)."""
     target = path or speed_calibration_path()
     factors = load_speed_factors(target)
     gen = _ratio(generation_tps, estimate.generation_tps)
     prompt = _ratio(prompt_tps, estimate.prompt_tps)
+    if gen is None and prompt is None:
+        return {}
     keys = [calibration_key(d) for d in devices] + ([HOST_KEY] if used_host else [])
     for key in keys:
         old = factors.get(key, SpeedFactor())
-        factors[key] = SpeedFactor(old.generation * gen, old.prompt * prompt)
+        factors[key] = SpeedFactor(old.generation * (gen or 1.0), old.prompt * (prompt or 1.0))
     _write(target, factors)
     return {key: factors[key] for key in keys}
 
 
-def _ratio(measured: float | None, estimated: float | None) -> float:
+def _ratio(measured: float | None, estimated: float | None) -> float | None:
     if not measured or not estimated:
-        return 1.0
+        return None
     ratio = measured / estimated
     low, high = PLAUSIBLE_FACTOR
-    return ratio if low <= ratio <= high else 1.0
+    return ratio if low <= ratio <= high else None
 
 
 def _write(target: Path, factors: Mapping[str, SpeedFactor]) -> None:

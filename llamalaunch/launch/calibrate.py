@@ -1,9 +1,9 @@
-"""Calibration: the memory a GPU backend uses outside llama.cpp's own accounting, measured per GPU.
+"""Calibration runs: measuring the memory a GPU backend uses outside llama.cpp's own accounting.
 
 llama.cpp's memory breakdown at exit says how much was still free and how much llama.cpp itself
 held; what the device had free before the launch, less both, is what the CUDA context, cuBLAS
-and the memory pool took. `serve` records it after every run; plans for the same kind of GPU use
-the latest figure instead of the conservative default.
+and the memory pool took. `serve` records it after every run (`RunCalibration`) into the store the
+planner reads (plan/overheads.py).
 
 A device seen for the first time (a local GPU by UUID and driver version, an RPC worker by endpoint and
 device) is calibrated before its first real plan: the demo model loaded on it alone for a moment, and
@@ -12,84 +12,27 @@ the exit breakdown read (`calibrate_new`). A failure is one line and the default
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llamalaunch.errors import LaunchError
-from llamalaunch.launch.logparse import BreakdownRow, parse_event, parse_line
-from llamalaunch.paths import cache_dir, home_dir, read_json_dict, write_json_atomic
+from llamalaunch.launch.logparse import BreakdownRow, parse_event, parse_line, parse_timing, released_tokens
+from llamalaunch.launch.supervisor import SupervisorEvent
+from llamalaunch.paths import cache_dir
+from llamalaunch.plan.overheads import (
+    PLAUSIBLE_OVERHEAD,
+    calibratable,
+    calibration_for,
+    load_calibrations,
+    record_overhead,
+)
+from llamalaunch.plan.speed import SpeedEstimate
+from llamalaunch.plan.speed_calibration import SpeedFactor, record_speed
+from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB, format_bytes
-
-if TYPE_CHECKING:  # `plan` reads the overheads here and never runs a supervisor
-    from llamalaunch.launch.supervisor import SupervisorEvent
-
-# A figure outside this range is another process's doing (memory freed or taken meanwhile).
-PLAUSIBLE_OVERHEAD = (64 * MIB, 4096 * MIB)
-
-
-def calibration_path() -> Path:
-    """Beside the build cache; under LLAMALAUNCH_HOME when set (tests share the build cache, not this)."""
-    home = home_dir()
-    return home / "calibration.json" if home is not None else cache_dir() / "calibration.json"
-
-
-def calibration_key(device: Device) -> str:
-    """The kind of device: a figure measured on one H100 serves another of the same kind."""
-    return f"{device.backend}:{device.description}"
-
-
-def identity_key(device: Device, driver: Callable[[], str] | None = None) -> str:
-    """This very device: an RPC worker's endpoint and device, a local GPU's UUID and driver version."""
-    if device.endpoint is not None:
-        return f"RPC:{device.endpoint}#{device.worker_index or 0}:{device.description}"
-    if device.uuid:
-        return f"{device.backend}:{device.uuid}:driver {(driver or driver_version)()}"
-    return calibration_key(device)
-
-
-def driver_version() -> str:
-    from llamalaunch.probe.nvml import nvml_query
-
-    return str(nvml_query("nvmlSystemGetDriverVersion", default="") or "unknown")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    overhead_bytes: int
-    measured_at: float | None = None  # seconds since the epoch; None in records older than the field
-
-
-def load_calibrations(path: Path | None = None) -> dict[str, Calibration]:
-    try:
-        data = json.loads((path or calibration_path()).read_text())
-        return {str(key): Calibration(int(value["overhead_bytes"]), value.get("measured_at"))
-                for key, value in data.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
-
-
-def load_overheads(path: Path | None = None) -> dict[str, int]:
-    return {key: found.overhead_bytes for key, found in load_calibrations(path).items()}
-
-
-def calibration_for(device: Device, known: Mapping[str, Calibration]) -> Calibration | None:
-    """This device's own calibration, else (local GPUs) one of the same kind."""
-    found = known.get(identity_key(device))
-    if found is None and device.endpoint is None:
-        found = known.get(calibration_key(device))
-    return found
-
-
-def overheads_for(devices: Iterable[Device], known: Mapping[str, int]) -> dict[str, int]:
-    """Per device name: the calibrated overhead of that device or its kind of GPU, where one was measured."""
-    calibrations = {key: Calibration(size) for key, size in known.items()}
-    return {d.name: found.overhead_bytes for d in devices
-            if (found := calibration_for(d, calibrations)) is not None}
 
 
 def measured_overhead(device: Device, row: BreakdownRow) -> int | None:
@@ -99,15 +42,6 @@ def measured_overhead(device: Device, row: BreakdownRow) -> int | None:
     overhead = device.free_bytes - (row.free_mib + row.self_mib) * MIB
     low, high = PLAUSIBLE_OVERHEAD
     return overhead if low <= overhead <= high else None
-
-
-def record_overhead(device: Device, overhead_bytes: int, path: Path | None = None) -> None:
-    target = path or calibration_path()
-    data = read_json_dict(target)
-    entry = {"overhead_bytes": overhead_bytes, "device": device.name, "measured_at": time.time()}
-    keys = {identity_key(device)} | ({calibration_key(device)} if device.endpoint is None else set())
-    data.update({key: entry for key in keys})
-    write_json_atomic(target, data)  # calibration only sharpens later plans: a failed write is no error
 
 
 class Calibrator:
@@ -152,6 +86,95 @@ class RunCalibration:
             self.calibrator = None
 
 
+# --- speed, from llama-server's own timings of the requests a serve run answered ----------------------
+
+# Shorter requests are mostly fixed costs (and the readiness check's one token): not a measure of speed.
+PROMPT_MIN_TOKENS = 32
+GENERATION_MIN_TOKENS = 4
+
+
+@dataclass
+class ServedTokens:
+    """What one child's requests processed and in how long, per llama-server's `print_timing` lines."""
+
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    prompts: int = 0
+    generated_tokens: int = 0
+    generation_s: float = 0.0
+    fill_token_sum: float = 0.0  # the context fill while generating, summed over the generated tokens
+    _pending: tuple[int, float] | None = None  # (tokens, s) of a generation timing until its slot is released
+
+    def feed(self, line: str) -> None:
+        timing = parse_timing(line)
+        if timing is not None and timing.kind == "prompt" and timing.tokens >= PROMPT_MIN_TOKENS:
+            self.prompt_tokens += timing.tokens
+            self.prompt_s += timing.ms / 1000
+            self.prompts += 1
+        elif timing is not None and timing.kind == "generation" and timing.tokens >= GENERATION_MIN_TOKENS:
+            self._pending = (timing.tokens, timing.ms / 1000)
+        elif self._pending is not None and (n_tokens := released_tokens(line)) is not None:
+            tokens, seconds = self._pending
+            self._pending = None
+            self.generated_tokens += tokens
+            self.generation_s += seconds
+            self.fill_token_sum += (n_tokens - tokens / 2) * tokens  # the fill grew by one per token
+
+    def generation_tps(self) -> float | None:
+        return self.generated_tokens / self.generation_s if self.generation_s > 0 else None
+
+    def prompt_tps(self) -> float | None:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else None
+
+    def mean_fill(self) -> int | None:
+        return round(self.fill_token_sum / self.generated_tokens) if self.generated_tokens else None
+
+    def mean_prompt(self) -> int | None:
+        return round(self.prompt_tokens / self.prompts) if self.prompts else None
+
+
+class RunSpeedCalibration:
+    """Folds llama-server's own timings of the requests a serve run answered into the speed calibration
+    (plan/speed_calibration.py) when its child ends, so that the next plan's est. tok/s is calibrated.
+
+    The measured speeds are compared with the plan's estimate for the requests served: at the context
+    fill they had and with their prompt size (`estimate_at(plan, fill, prompt)`), not at the fill the plan
+    states or with whole ubatches."""
+
+    def __init__(self, estimate_at: Callable[[Plan, int, int | None], SpeedEstimate | None],
+                 path: Path | None = None) -> None:
+        self.estimate_at = estimate_at
+        self.path = path
+        self.plan: Plan | None = None
+        self.served = ServedTokens()
+        self.recorded: dict[str, SpeedFactor] = {}
+
+    def on_event(self, event: SupervisorEvent) -> None:
+        if event.plan is not None:
+            self.plan, self.served = event.plan, ServedTokens()
+        elif self.plan is not None and event.kind == "line":
+            self.served.feed(event.message)
+        elif self.plan is not None and event.phase in ("stopped", "restarting", "failed"):
+            self.recorded.update(self.record(self.plan, self.served))
+            self.plan = None
+
+    def record(self, plan: Plan, served: ServedTokens) -> dict[str, SpeedFactor]:
+        generation, prompt = served.generation_tps(), served.prompt_tps()
+        if plan.speed is None or (generation is None and prompt is None):
+            return {}
+        try:
+            fill = served.mean_fill() or plan.speed.fill_tokens
+            estimate = self.estimate_at(plan, fill, served.mean_prompt())
+        except LaunchError:
+            return {}  # a figure no longer known: this run sharpens nothing
+        if estimate is None:
+            return {}
+        used = [p.device for p in plan.devices if not p.excluded and p.n_layers]
+        on_host = plan.n_gpu_layers < plan.model.n_slots or \
+            bool(plan.host_expert_layers or plan.host_expert_parts)
+        return record_speed(used, on_host, estimate, generation, prompt, self.path)
+
+
 # --- calibration on first sight ----------------------------------------------------------------------
 
 CALIBRATION_CTX = 512  # a short context: the load is about the backend's own footprint, not the model's
@@ -167,26 +190,6 @@ class CalibrationError(LaunchError):
     """A calibrating load that did not give a figure; the plan goes on with the default."""
 
 
-@dataclass(frozen=True)
-class OverheadSource:
-    """Where a device's planned overhead came from: measured (when), given (--overhead) or assumed."""
-
-    kind: str  # "measured", "given", "assumed"
-    measured_at: float | None = None
-
-    def describe(self) -> str:
-        if self.kind == "measured" and self.measured_at is not None:
-            return "measured " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at))
-        return self.kind
-
-
-def calibratable(device: Device) -> bool:
-    """Real devices with a backend of their own; what-if devices, the host and busy workers are not."""
-    from llamalaunch.probe.inventory import BUSY_NOTE
-
-    return not device.assumed and device.backend != "CPU" and not (device.note or "").startswith(BUSY_NOTE)
-
-
 def calibration_overhead(device: Device, row: BreakdownRow) -> int:
     """Free before the load, less free at exit, less llama.cpp's own. A device whose free memory did not
     drop by at least half of what llama.cpp took does not track allocations (a CPU worker reports its
@@ -200,8 +203,8 @@ def calibration_overhead(device: Device, row: BreakdownRow) -> int:
     overhead = dropped - own
     low, high = PLAUSIBLE_OVERHEAD
     if not -low <= overhead <= high:
-        raise CalibrationError(f"{device.name}: implausible overhead {format_bytes(overhead)} (another process "
-                               "took or freed memory during the load)")
+        raise CalibrationError(f"{device.name}: implausible overhead {format_bytes(overhead)} (another "
+                               "process took or freed memory during the load)")
     return max(overhead, 0)
 
 
@@ -209,13 +212,14 @@ def calibrate_device(server: Path, model_path: str, device: Device,
                      timeout_s: float = CALIBRATION_TIMEOUT_S) -> int:
     """Load the model on this device alone (`-dev NAME -ngl all --fit off`, a short context), stop it,
     and read the overhead off the exit breakdown. Raises CalibrationError (or another LaunchError)."""
+    from llamalaunch.launch.measure import breakdown_rows, measure_plan
     from llamalaunch.model.estimate import Placement, SlotRange
     from llamalaunch.model.load import load_profile
-    from llamalaunch.launch.measure import breakdown_rows, measure_plan
 
     endpoints = [device.endpoint] if device.endpoint is not None else []
     name = f"RPC{device.worker_index or 0}" if device.endpoint is not None else device.name
-    argv = ["-m", model_path, "--fit", "off", *(["--rpc", endpoints[0]] if endpoints else []),  # --rpc before -dev
+    argv = ["-m", model_path, "--fit", "off",
+            *(["--rpc", endpoints[0]] if endpoints else []),  # --rpc before -dev
             "-dev", name, "-ngl", "all", "-c", str(CALIBRATION_CTX), "-np", "1"]
     slots = load_profile(model_path).n_layer + 1
     placement = Placement((SlotRange(name, device.backend, 0, slots),))
@@ -241,7 +245,8 @@ def calibration_model(cache: Path) -> Path:
         try:
             write_calibration_model(path)
         except OSError as error:
-            raise CalibrationError(f"cannot write a calibration model in {path.parent}: {error.strerror}") from None
+            raise CalibrationError(f"cannot write a calibration model in {path.parent}: "
+                                   f"{error.strerror}") from None
     return path
 
 
@@ -260,11 +265,13 @@ def write_calibration_model(path: Path) -> Path:
     return path
 
 
-def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path, force: bool = False,
-                  path: Path | None = None) -> list[str]:
+def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path | None = None,
+                  force: bool = False, path: Path | None = None) -> list[str]:
     """Calibrate each real device not seen before (every one with `force`); one line per calibration,
-    done ('RPC0: overhead calibrated: ...') or failed (then the default is planned)."""
+    done ('RPC0: overhead calibrated: ...') or failed (then the default is planned). Also what
+    PlanInputs runs for devices seen for the first time (its `calibrate`)."""
     known = load_calibrations(path)
+    cache = cache if cache is not None else cache_dir()
     lines: list[str] = []
     for device in devices:
         if not calibratable(device) or (not force and calibration_for(device, known) is not None):
@@ -275,37 +282,10 @@ def calibrate_new(devices: Sequence[Device], server: Path | None, cache: Path, f
                 raise CalibrationError("no llama-server")
             overhead = calibrate_device(server, str(calibration_model(cache)), device)
         except LaunchError as error:
-            lines.append(f"{device.name}: overhead not calibrated ({error.message}); planned with the default")
+            lines.append(f"{device.name}: overhead not calibrated ({error.message}); "
+                         "planned with the default")
             continue
         record_overhead(device, overhead, path)
         lines.append(f"{device.name}: overhead calibrated: {format_bytes(overhead)} "
                      f"({time.monotonic() - started:.1f} s load of a small model, once per device)")
     return lines
-
-
-def sources_for(devices: Iterable[Device], known: Mapping[str, Calibration],
-                given: Iterable[str] = ()) -> dict[str, OverheadSource]:
-    """Per calibratable device: measured (when), given by --overhead (a name or backend), or assumed."""
-    named = set(given)
-    sources: dict[str, OverheadSource] = {}
-    for device in devices:
-        if device.assumed or device.backend == "CPU":
-            continue
-        found = calibration_for(device, known)
-        if device.name in named or device.backend in named:
-            sources[device.name] = OverheadSource("given")
-        elif found is not None:
-            sources[device.name] = OverheadSource("measured", found.measured_at)
-        else:
-            sources[device.name] = OverheadSource("assumed")
-    return sources
-
-
-def overhead_note(sources: Mapping[str, OverheadSource]) -> str | None:
-    """'overhead: RPC0 measured 2026-12-07 02:41 UTC, CUDA0 assumed (default; `devices --calibrate`)'."""
-    if not sources:
-        return None
-    parts = ", ".join(f"{name} {source.describe()}" for name, source in sources.items())
-    assumed = any(source.kind == "assumed" for source in sources.values())
-    return f"overhead outside llama.cpp's accounting: {parts}" + \
-        (" (assumed = the default; `llamalaunch devices --calibrate` measures it)" if assumed else "")
