@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from llamalaunch.launch.serve import ObservedRun, RunObserver, StateRecorder
-from llamalaunch.launch.state import state_path
-from llamalaunch.launch.supervisor import Supervisor, SupervisorEvent
-from llamalaunch.observe.collector import StatusCollector
-from llamalaunch.observe.metrics import MetricsServer, ServeMetrics, SnapshotCache
-from llamalaunch.observe.snapshot import StatusSnapshot
-from llamalaunch.observe.target import StatusTarget
+
+if TYPE_CHECKING:  # the rest only with --metrics-port: a plain serve loads no prometheus_client, psutil
+    from llamalaunch.launch.supervisor import Supervisor
+    from llamalaunch.observe.snapshot import StatusSnapshot
 
 
 @contextlib.contextmanager
@@ -25,6 +24,9 @@ def serve_metrics(run: ObservedRun) -> Iterator[None]:
     if run.request.metrics_port is None:
         yield
         return
+    from llamalaunch.launch.supervisor import SupervisorEvent
+    from llamalaunch.observe.metrics import MetricsServer, ServeMetrics, SnapshotCache
+
     metrics = MetricsServer(run.request.metrics_host, run.request.metrics_port)
     try:
         snapshots = serve_snapshots(run.request.name, run.supervisor, run.recorder)
@@ -44,6 +46,11 @@ def serve_snapshots(name: str, supervisor: Supervisor,
 
     Its workers are never probed (the collector sees this launcher running): llama-server holds them, or
     the next plan is about to probe them, and a probe of ours could make that one find them busy."""
+    from llamalaunch.launch.state import state_path
+    from llamalaunch.observe.collector import StatusCollector
+    from llamalaunch.observe.snapshot import StatusSnapshot
+    from llamalaunch.observe.target import StatusTarget
+
     collector = StatusCollector(StatusTarget(state_path(name), None), api_key=supervisor.api_key())
 
     def collect() -> StatusSnapshot:
