@@ -171,7 +171,7 @@ PARTS = ("ours", "nommap", "fit", "search", "max")
 
 
 def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
-             saved: "callable[[dict], None]" = lambda record: None) -> dict:
+             saved: callable[[dict], None] = lambda record: None) -> dict:
     """One case; `saved(record)` after each contender, so a run cut short still leaves what it measured."""
     model = models / case.model
     record: dict = {"case": case.name, "ctx": case.ctx}
@@ -184,7 +184,8 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
         if case.rpc_budget_mib:
             port = free_port()
             worker = subprocess.Popen([str(server.parent / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
-                                       "-d", "CUDA0"], stdout=open(logs / "rpc.log", "w"), stderr=subprocess.STDOUT)
+                                       "-d", "CUDA0"], stdout=open(logs / "rpc.log", "w"),  # noqa: SIM115 (the worker keeps it)
+                                      stderr=subprocess.STDOUT)
             time.sleep(3)
             rpc = ["--rpc", f"127.0.0.1:{port}"]
             record["gpu_free_with_worker_mib"] = gpu_free_mib()
@@ -259,7 +260,7 @@ def table(results: list[dict]) -> list[str]:
                 continue
             rows.append(f"{r['case']:<42}{name:<22}{m.get('n_ctx') or 0:>7}{m.get('gen_tps') or 0:>9.1f}"
                         f"{m.get('prompt_tps') or 0:>11.0f}{m.get('load_s') or 0:>8.1f}"
-                        f"{m.get('host_rss_mib') or 0:>9}M{str(m.get('filled', '-')):>8}")
+                        f"{m.get('host_rss_mib') or 0:>9}M{m.get('filled', '-')!s:>8}")
         if r.get("max_ours_ctx"):
             true = r.get("max_true_ctx") or 0
             rows.append(f"{r['case']:<42}{'--ctx max':<22}{r['max_ours_ctx']:>7}  true max {true}  "

@@ -78,7 +78,7 @@ def workers(bin_dir: Path, log_dir: Path, quota: float) -> Iterator[tuple[list[s
         try:
             for index, count in enumerate(threads):
                 port = free_port()
-                log = open(log_dir / f"rpc-{port}.log", "wb")
+                log = open(log_dir / f"rpc-{port}.log", "wb")  # noqa: SIM115 (the worker keeps it)
                 process = subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
                                             "-t", str(count)], stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -129,7 +129,7 @@ class Ballast:
         time.sleep(1.0)
 
 
-def largest_passing(check: "callable[[int], bool]", low: int, high: int, step: int) -> int:
+def largest_passing(check: callable[[int], bool], low: int, high: int, step: int) -> int:
     """Largest value in [low, high] (multiples of step) for which check passes; `low` is known to pass.
     `high` need not fail: the search widens past it while it passes."""
     while check(high):

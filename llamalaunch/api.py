@@ -19,19 +19,19 @@ from __future__ import annotations
 from llamalaunch.errors import LaunchError
 from llamalaunch.launch.logparse import BreakdownRow, BufferSize, parse_events
 from llamalaunch.launch.measure import measure_fit_params, measure_load
-from llamalaunch.plan.pipeline import PlanInputs
 from llamalaunch.model.compare import ComponentRow, compare, within_tolerance
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors, record_speed
 from llamalaunch.paths import cache_dir
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.parse import build_request
+from llamalaunch.plan.pipeline import PlanInputs
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.speed_args import SpeedArgs
+from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors, record_speed
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.host import cpu_model, probe_host

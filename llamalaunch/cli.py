@@ -271,8 +271,8 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
     """Plan, start llama-server, wait until it really answers, and keep it running (extra args after --)."""
     from llamalaunch.launch.http import read_api_key
     from llamalaunch.launch.serve import ServeRequest, run_serve
-    from llamalaunch.plan.parse import parse_listen_host
     from llamalaunch.observe.serve_metrics import SERVE_OBSERVERS
+    from llamalaunch.plan.parse import parse_listen_host
 
     # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
     host = parse_listen_host(host)

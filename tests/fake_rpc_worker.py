@@ -45,7 +45,7 @@ def _serve_like_v7(conn: socket.socket, device_count: int = 1, free: int = 6 << 
                    hello: bytes = HELLO_REPLY_V7) -> None:
     """A well-behaved worker, with the values given."""
     while (request := _read_request(conn)) is not None:
-        cmd, payload = request
+        cmd, _payload = request
         if cmd == 14:
             conn.sendall(hello)
         elif cmd == 15:
@@ -144,7 +144,7 @@ class FakeRpcWorker:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> FakeRpcWorker:
+    def __enter__(self) -> FakeRpcWorker:  # noqa: PYI034 (a final test helper, never subclassed)
         self.thread.start()
         return self
 

@@ -93,7 +93,7 @@ def run_llama_server(bin_dir: Path, argv: list[str], timeout_s: float = 120.0,
 
     port = free_port()
     full = [str(bin_dir / "llama-server"), *argv, "--host", "127.0.0.1", "--port", str(port), "-lv", "5"]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+b")
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+b")  # noqa: SIM115
     process = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     served = False
     deadline = time.monotonic() + timeout_s

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from llamalaunch.launch.logparse import ContextParam, parse_events
-from tests.synthetic import write_preset
 from llamalaunch.units import MIB
 from tests.support import RpcWorker, run_llama_server
+from tests.synthetic import write_preset
 from tests.test_plan_vs_llama import assert_buffers_match, plan_json
 
 pytestmark = pytest.mark.llama

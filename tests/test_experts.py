@@ -19,12 +19,12 @@ from llamalaunch.errors import PlanError
 from llamalaunch.model.gguf_header import read_header
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from tests.synthetic import SyntheticShape, write_synthetic
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.types import Plan
-from tests.test_planner import OPTIONS, assert_consistent, cuda, rpc
 from llamalaunch.units import GIB, MIB
+from tests.synthetic import SyntheticShape, write_synthetic
+from tests.test_planner import OPTIONS, assert_consistent, cuda, rpc
 
 # Qwen3-30B-A3B's shape (issue 17 case a)
 QWEN3_30B_A3B = SyntheticShape(n_layer=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4, n_vocab=151936,

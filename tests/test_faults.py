@@ -19,10 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.synthetic import write_preset
 from llamalaunch.probe import rpc
 from tests.serve_support import REPO_ROOT, ServeRun, StartServe, complete, servers_on_port, wait_gone
 from tests.support import RpcWorker, free_port
+from tests.synthetic import write_preset
 
 pytestmark = pytest.mark.llama
 

@@ -210,6 +210,7 @@ def test_setup_runs_pip_only_when_what_it_installs_changes(setup_copy: Path) -> 
 def test_constraints_pin_everything_llamalaunch_needs() -> None:
     """Every package llamalaunch[test] pulls in, however deep, is pinned, and the venv holds that version."""
     from importlib.metadata import distribution
+
     from packaging.requirements import Requirement
 
     pinned = {}
@@ -225,11 +226,11 @@ def test_constraints_pin_everything_llamalaunch_needs() -> None:
         name, extras = wanted.pop()
         for text in distribution(name).requires or []:
             requirement = Requirement(text)
-            if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
-                                                 for extra in extras | {""}):
-                if normal(requirement.name) not in needed:
-                    needed[normal(requirement.name)] = distribution(requirement.name).version
-                    wanted.append((requirement.name, frozenset(requirement.extras)))
+            if (requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
+                                                  for extra in extras | {""})) \
+                    and normal(requirement.name) not in needed:
+                needed[normal(requirement.name)] = distribution(requirement.name).version
+                wanted.append((requirement.name, frozenset(requirement.extras)))
     assert {"typer", "rich", "numpy", "pytest"} <= needed.keys()
     assert {name: version for name, version in needed.items() if pinned.get(name) != version} == {}
     assert {"pip", "setuptools"} <= pinned.keys()  # the installer and the build backend too

@@ -196,7 +196,7 @@ def test_fuzz_reply_parser(capsys: pytest.CaptureFixture[str]) -> None:
     @given(reply_streams)
     @with_each_outcome
     def fuzz(replies: bytes) -> None:
-        tally.check(lambda: probe_bytes(replies), ENDPOINT)
+        tally.check(lambda replies=replies: probe_bytes(replies), ENDPOINT)
 
     fuzz()
     report(capsys, f"RPC reply fuzz (hypothesis, parser over socketpair): {tally.total} cases in "
@@ -223,7 +223,7 @@ def test_memory_stays_bounded_over_many_mutations(capsys: pytest.CaptureFixture[
                 replies = mutate(rng.choice(SEEDS), edits)
             else:
                 replies = rng.randbytes(rng.randrange(160))
-            tally.check(lambda: probe_bytes(replies), ENDPOINT)
+            tally.check(lambda replies=replies: probe_bytes(replies), ENDPOINT)
         kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

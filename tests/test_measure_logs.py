@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llamalaunch.errors import ServeError
-from llamalaunch.model.estimate import Placement, SlotRange
 from llamalaunch.launch.measure import measure_plan
+from llamalaunch.model.estimate import Placement, SlotRange
 from tests.support import RpcWorker
 
 pytestmark = pytest.mark.llama

@@ -20,9 +20,9 @@ import pytest
 from llamalaunch.errors import ModelError
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from tests.synthetic import SHAPES, write_preset
 from llamalaunch.units import MIB
 from tests.support import RpcWorker, free_port, stop_process
+from tests.synthetic import SHAPES, write_preset
 
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
 # llama.cpp prints MiB with two decimals: a value within half a hundredth of a MiB prints the same.
@@ -179,7 +179,7 @@ def test_load_profile_takes_milliseconds(demo_model: Path, tmp_path: Path) -> No
 def test_llama_70b_slot_bytes(tmp_path: Path) -> None:
     """Hand-computed Q4_0 sizes (18 bytes per 32 weights) of one 70B block and the output slot."""
     profile = load_profile(write_preset(tmp_path / "m.gguf", "llama-70b"))
-    q4 = lambda ne0, ne1: ne0 * ne1 // 32 * 18  # noqa: E731
+    q4 = lambda ne0, ne1: ne0 * ne1 // 32 * 18
     block = 2 * 8192 * 4 + q4(8192, 8192) * 2 + q4(8192, 1024) * 2 + q4(8192, 28672) * 2 + q4(28672, 8192)
     assert profile.slots[0].bytes == block
     assert profile.slots[-1].bytes == q4(8192, 128256) + 8192 * 4
@@ -198,7 +198,7 @@ def test_cuda_padding_rule(tmp_path: Path) -> None:
     )
     # per block: q, k, v, o, gate, up have ne0 = 576 -> +448 elements = 14 Q4_1 blocks = 280 bytes each;
     # down has ne0 = 1536 (a multiple of 512); norms are F32 and padded to 128 instead of 32.
-    q4_1 = lambda ne0, ne1: ne0 * ne1 // 32 * 20  # noqa: E731
+    q4_1 = lambda ne0, ne1: ne0 * ne1 // 32 * 20
     matrices = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536)]
     cuda = sum(-(-(q4_1(*m) + 280) // 128) * 128 for m in matrices) + q4_1(1536, 576) + 2 * 2304
     assert profile.slots[0].bytes + profile.slots[0].cuda_extra_bytes == cuda

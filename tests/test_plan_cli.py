@@ -55,7 +55,7 @@ def test_verify_compares_the_plan_with_a_real_load(demo_model: Path, llama_bin_d
                      "--budget", "RPC0=150MiB", "--budget", "RPC1=300MiB", "--verify",
                      "--llama-server", str(llama_bin_dir / "llama-server"))
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("│ RPC") or line.startswith("│ Host")]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("│ RPC", "│ Host"))]
     verify_rows = [row for row in rows if "weights" in row or " kv " in row or "compute" in row]
     assert len(verify_rows) == 9
     assert all(row.rstrip(" │").endswith("yes") for row in verify_rows), "\n".join(verify_rows)

@@ -9,13 +9,13 @@ import pytest
 from llamalaunch.errors import BadInputError, PlanError
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
-from tests.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.units import GIB, MIB
+from tests.synthetic import write_preset
 
 OPTIONS = ArgvOptions("m.gguf")
 

@@ -132,7 +132,7 @@ def test_mig_instances_replace_their_gpu() -> None:
 
 
 def test_no_gpus_and_no_driver_from_the_reader() -> None:
-    assert probe_local_gpus(lambda: [], {}).reason == "NVML sees no GPU"
+    assert probe_local_gpus(list, {}).reason == "NVML sees no GPU"
 
     def no_driver() -> list[NvmlGpu]:
         raise NvmlUnavailableError("no NVIDIA driver (libnvidia-ml.so not found)")

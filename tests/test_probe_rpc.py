@@ -394,9 +394,9 @@ def test_http_server_is_not_an_rpc_server_and_leaves_no_waiter(http_server: str)
 
 
 def test_server_that_hangs_up_on_a_second_connection_is_not_an_rpc_server() -> None:
-    with FakeRpcWorker("close_after_hello_when_second") as fake:
-        with pytest.raises(WorkerNotRpcError, match="hung up on a second connection"):
-            probe_worker(fake.endpoint, reply_timeout_s=0.3)
+    with FakeRpcWorker("close_after_hello_when_second") as fake, \
+            pytest.raises(WorkerNotRpcError, match="hung up on a second connection"):
+        probe_worker(fake.endpoint, reply_timeout_s=0.3)
     assert rpc.wait_for_keepers(0)
 
 

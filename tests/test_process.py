@@ -10,7 +10,7 @@ from pathlib import Path
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
 
 
-def drain(events: "queue.Queue[ChildEvent]", timeout_s: float = 30.0) -> tuple[int, int | None]:
+def drain(events: queue.Queue[ChildEvent], timeout_s: float = 30.0) -> tuple[int, int | None]:
     lines, deadline = 0, time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         event = events.get(timeout=timeout_s)

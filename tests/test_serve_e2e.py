@@ -24,12 +24,12 @@ from llamalaunch.launch.state import RunState, write_state
 from llamalaunch.units import MIB
 from tests.serve_support import (
     ServeRun,
+    StartServe,
     complete,
     is_alive,
     layer_devices_in_log,
     layer_devices_in_plan,
     servers_on_port,
-    StartServe,
     wait_gone,
 )
 from tests.support import RpcWorker, free_port

@@ -15,9 +15,9 @@ import pytest
 
 from llamalaunch.launch.failures import classify_failure, crash_lesson, describe_exit
 from llamalaunch.launch.supervisor import READINESS_FAILED
-from tests.synthetic import write_preset
 from tests.serve_support import StartServe, complete, wait_gone
 from tests.support import RpcWorker
+from tests.synthetic import write_preset
 
 
 def test_a_key_file_with_windows_line_endings_is_refused_before_anything_starts(tmp_path: Path) -> None:

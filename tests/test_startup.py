@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from llamalaunch.cli import OneLineUsageErrors
 from llamalaunch.cli_values import _NOT_PLAIN, plain_value
 from llamalaunch.model import gguf_header
-from tests.synthetic import write_preset
 from llamalaunch.probe.host import linux_memory, probe_host
 from llamalaunch.toolchain import demo, discover
 from tests.serve_support import ServeRun
+from tests.synthetic import write_preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Packages `plan --json` for what-if devices never needs: the rich tables, psutil and NVML (it probes

@@ -28,7 +28,6 @@ from llamalaunch import cli_status
 from llamalaunch.errors import BadInputError
 from llamalaunch.launch.state import RunState, write_state
 from llamalaunch.model.load import load_profile
-from tests.synthetic import write_preset
 from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.live_memory import MemoryReader
 from llamalaunch.observe.log_follower import LogFollower
@@ -45,6 +44,7 @@ from llamalaunch.probe.nvml import NvmlGpu
 from llamalaunch.units import GIB, MIB
 from tests.serve_support import REPO_ROOT, ServeRun, complete, start_serve, wait_gone
 from tests.support import RpcWorker, free_port
+from tests.synthetic import write_preset
 
 FIXTURE_LOG = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cpu-2rpc-smollm2-ts1-3-verbose.log"
 
@@ -245,7 +245,7 @@ def _status_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProces
     """The real `llamalaunch status`, its stdout a pipe (no terminal, no COLUMNS: rich would take 80)."""
     env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
     return subprocess.run([sys.executable, "-m", "llamalaunch", "status", *args], cwd=REPO_ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          capture_output=True, stdin=subprocess.DEVNULL,
                           timeout=timeout_s)
 
 
@@ -384,7 +384,7 @@ def test_devices_and_plan_into_a_pipe_are_not_cut(rpc_workers: Callable[..., Rpc
     rpc = f"{first.endpoint},{second.endpoint}"
     for args in (["devices", "--rpc", rpc], ["plan", "--demo", "--rpc", rpc, "--ctx", "4k"]):
         done = subprocess.run([sys.executable, "-m", "llamalaunch", *args], cwd=REPO_ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60)
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "…" not in done.stdout, done.stdout
         assert "RPC0" in done.stdout and "RPC1" in done.stdout, done.stdout

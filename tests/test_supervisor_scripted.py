@@ -26,13 +26,13 @@ from llamalaunch.launch.supervisor import (
     _Ready,
 )
 from llamalaunch.model.load import load_profile
-from tests.synthetic import write_preset
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.units import GIB
+from tests.synthetic import write_preset
 
 LOGS = Path(__file__).parent / "fixtures" / "llama-server-logs"
 

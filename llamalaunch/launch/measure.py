@@ -27,8 +27,18 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from llamalaunch.errors import ServeError, ToolchainError
-from llamalaunch.launch.logparse import (HOST, BreakdownRow, BufferSize, Event, Listening, LoadFailed, ModelLoaded,
-                                         OutOfMemory, buffer_device, parse_events)
+from llamalaunch.launch.logparse import (
+    HOST,
+    BreakdownRow,
+    BufferSize,
+    Event,
+    Listening,
+    LoadFailed,
+    ModelLoaded,
+    OutOfMemory,
+    buffer_device,
+    parse_events,
+)
 from llamalaunch.model.compare import ComponentRow, compare
 from llamalaunch.model.estimate import Estimate, MemoryUse, Placement, SlotRange, host_experts_override
 from llamalaunch.plan.argv import child_names

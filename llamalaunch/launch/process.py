@@ -129,7 +129,7 @@ PopenFactory = Callable[..., "subprocess.Popen[bytes]"]
 class Child:
     """A started child; its lines and its exit arrive as ChildEvents on `events`."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], events: "queue.Queue[ChildEvent]",
+    def __init__(self, argv: Sequence[str], env: dict[str, str], events: queue.Queue[ChildEvent],
                  sink: LogSink | None = None, popen: PopenFactory = subprocess.Popen) -> None:
         self.argv = list(argv)
         self.events = events

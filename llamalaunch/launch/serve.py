@@ -22,14 +22,19 @@ from llamalaunch.errors import BadInputError, ServeError
 from llamalaunch.launch.calibrate import RunCalibration, RunSpeedCalibration
 from llamalaunch.launch.ports import pick_port
 from llamalaunch.launch.process import stop_on_signals
-from llamalaunch.launch.state import (RunState, launcher_alive, process_started_at, read_state, state_path,
-                                     write_state)
+from llamalaunch.launch.state import (
+    RunState,
+    launcher_alive,
+    process_started_at,
+    read_state,
+    state_path,
+    write_state,
+)
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
 from llamalaunch.options import DEFAULTS
 from llamalaunch.paths import state_dir
 from llamalaunch.plan.pipeline import PlanInputs
 from llamalaunch.plan.schema import plan_to_dict
-
 
 # Options whose value the plan decides: passing them after -- would contradict it.
 PLANNED_FLAGS = frozenset({

@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model.ggml import types as ggml_types
@@ -61,7 +61,7 @@ class GgufArray:
     values: tuple[object, ...] | None
 
 
-GgufValue = Union[int, float, bool, str, GgufArray]
+GgufValue = int | float | bool | str | GgufArray
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,14 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llamalaunch.launch.logparse import (READINESS_MARK, BufferSize, buffer_device, parse_event, parse_line,
-                                         parse_timing)
+from llamalaunch.launch.logparse import (
+    READINESS_MARK,
+    BufferSize,
+    buffer_device,
+    parse_event,
+    parse_line,
+    parse_timing,
+)
 from llamalaunch.observe.snapshot import LogEntry
 
 LOG_TAIL_LINES = 200

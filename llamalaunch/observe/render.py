@@ -9,10 +9,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from llamalaunch.model.compare import ComponentRow, within_tolerance
 from llamalaunch.plan.types import DevicePlan, Plan
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.toolchain.discover import Binary, Toolchain
-from llamalaunch.model.compare import ComponentRow, within_tolerance
 from llamalaunch.units import MIB, format_bytes
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from llamalaunch.errors import PlanError
 from llamalaunch.model.estimate import Placement, SlotRange
-from llamalaunch.plan.split import Choice, Fitter, device_limit, drop_idle, output_device_orders
 from llamalaunch.plan.speed import Alternative, SpeedEstimate, SpeedFigures, estimate_speed
+from llamalaunch.plan.split import Choice, Fitter, device_limit, drop_idle, output_device_orders
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 

@@ -20,10 +20,22 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.paths import cache_dir
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
-from llamalaunch.plan.companions import (Companion, check_companion_file, draft_companion, mmproj_companion,
-                                         pin_device, with_reservations)
-from llamalaunch.plan.overheads import (calibratable, load_calibrations, overhead_note, parse_overheads,
-                                        planned_overheads, sources_for)
+from llamalaunch.plan.companions import (
+    Companion,
+    check_companion_file,
+    draft_companion,
+    mmproj_companion,
+    pin_device,
+    with_reservations,
+)
+from llamalaunch.plan.overheads import (
+    calibratable,
+    load_calibrations,
+    overhead_note,
+    parse_overheads,
+    planned_overheads,
+    sources_for,
+)
 from llamalaunch.plan.planner import largest_fitting, make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.speed import SpeedEstimate

@@ -7,9 +7,9 @@ from dataclasses import replace
 from typing import TypeVar
 
 from llamalaunch.errors import PlanError
+from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions, build_argv
-from llamalaunch.model.estimate import Estimate, Placement, SlotRange
 from llamalaunch.plan.costs import CostModel
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
 from llamalaunch.plan.request import Request
@@ -18,7 +18,6 @@ from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.speed_figures import SpeedFigures
 from llamalaunch.units import format_bytes
-
 
 SPILL_CTX_FLOOR = 4096
 Found = TypeVar("Found")

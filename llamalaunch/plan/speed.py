@@ -15,6 +15,7 @@ The defaults below are stated as defaults; `efficiency` factors are calibrated f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -210,7 +211,7 @@ def _hops(profile: ModelProfile, placement: Placement, route: Sequence[str], fig
     activation = profile.n_embd * 4  # f32 hidden state per token
     gen = prompt = 0.0
     unknown: list[str] = []
-    for a, b in zip(route, route[1:]):
+    for a, b in itertools.pairwise(route):
         device = b if b != "host" else a
         if backends.get(device) == "RPC":
             link = figures.links.get(device)

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from llamalaunch.errors import BadInputError
-from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.assume import canonical_device_name
+from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import parse_tokens
 

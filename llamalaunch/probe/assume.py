@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.probe.device import Device, HostMemory

@@ -423,7 +423,7 @@ def _connect(endpoint: str, host: str, port: int, timeout_s: float,
         sock.close()
         raise WorkerRefusedError(endpoint, "connection refused: nothing listens on that port",
                                  start_worker_hint(host, port)) from None
-    except socket.timeout:
+    except TimeoutError:
         sock.close()
         if keepers := keeper_pids(endpoint):
             # Its accept queue (listen backlog 1) is full of earlier probes still waiting: busy, not gone.
@@ -534,7 +534,7 @@ class _Exchange:
             self.sock.sendall(data)
         except (ConnectionResetError, BrokenPipeError):
             raise self._reset_error() from None
-        except socket.timeout:
+        except TimeoutError:
             raise self._timeout_error(started=False) from None
 
     def _recv(self, size: int) -> bytes:
@@ -546,7 +546,7 @@ class _Exchange:
                 chunk = self.sock.recv(size - got)
             except ConnectionResetError:
                 raise self._reset_error() from None
-            except socket.timeout:
+            except TimeoutError:
                 raise self._timeout_error(started=got > 0) from None
             if not chunk:
                 raise self._closed_error(got, size)
