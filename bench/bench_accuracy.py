@@ -79,6 +79,10 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "minimax-m2": ("tiny-minimax-m2", {**MID, "head_dim": 64, "n_expert": 8, "n_ff": 512}),
     "nemotron_h": ("tiny-nemotron_h", _NEMOTRON_H),
     "nemotron_h_moe": ("tiny-nemotron_h_moe", {**_NEMOTRON_H, "n_expert": 8, "n_ff_exp": 512, "n_ff_shexp": 1024}),
+    "deepseek4": ("tiny-deepseek4", {**MID, "n_head_kv": 1, "head_dim": 128, "rope_dim": 64, "q_lora_rank": 256,
+                                     "n_expert": 8, "n_ff_exp": 512, "o_groups": 4, "o_lora_rank": 128,
+                                     "indexer_n_head": 8, "indexer_head_dim": 128, "indexer_top_k": 64,
+                                     "compress_ratios": (0, 0, 4, 128, 4, 128, 4, 128)}),
     # long-tail archs, planned with the generic estimate (+25% / -0% on each device's total)
     "smollm3": ("tiny-smollm3", MID),
     "exaone": ("tiny-exaone", MID),
