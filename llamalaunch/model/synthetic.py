@@ -73,7 +73,7 @@ class SyntheticShape:
     n_kv_shared: int = 0  # gemma4: the last blocks reuse earlier blocks' KV cache
     n_embd_per_layer: int = 0  # gemma4: per-layer embedding width (0: none)
     ffn_layers: tuple[int, ...] = field(default=())  # nemotron_h: FFN/MoE blocks (the rest: mamba2 or attention)
-    compress_ratios: tuple[int, ...] = field(default=())  # deepseek4: 0, 4 (CSA + indexer) or 128 (HCA) per block
+    compress_ratios: tuple[int, ...] = field(default=())  # deepseek4: 0, 4 (CSA + indexer) or 128 (HCA), repeated
     hc_mult: int = 4  # deepseek4: hyper-connection copies of the residual stream
     o_groups: int = 2  # deepseek4: grouped low-rank output projection
     o_lora_rank: int = 16
@@ -407,7 +407,7 @@ def _deepseek4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object
             (f"{arch}.attention.indexer.top_k", _T_U32, s.indexer_top_k),
             (f"{arch}.attention.output_group_count", _T_U32, s.o_groups),
             (f"{arch}.attention.output_lora_rank", _T_U32, s.o_lora_rank),
-            (f"{arch}.attention.compress_ratios", _T_ARRAY, (_T_U32, list(s.compress_ratios))),
+            (f"{arch}.attention.compress_ratios", _T_ARRAY, (_T_U32, [_dsv4_ratio(s, i) for i in range(s.n_layer)])),
             (f"{arch}.attention.compress_rope_freq_base", _T_F32, 160000.0),
             (f"{arch}.hyper_connection.count", _T_U32, s.hc_mult),
             (f"{arch}.hyper_connection.sinkhorn_iterations", _T_U32, 20),
@@ -785,8 +785,13 @@ def _deepseek4(s: SyntheticShape) -> list[Tensor]:
     return tensors
 
 
+def _dsv4_ratio(s: SyntheticShape, i: int) -> int:
+    """The shape's ratios repeat over the blocks (so that a preset scales to any block count)."""
+    return s.compress_ratios[i % len(s.compress_ratios)] if s.compress_ratios else 0
+
+
 def _dsv4_compressor(i: int, s: SyntheticShape) -> list[Tensor]:
-    ratio, hd, b = s.compress_ratios[i], s.head_dim_k, f"blk.{i}."
+    ratio, hd, b = _dsv4_ratio(s, i), s.head_dim_k, f"blk.{i}."
     if ratio == 0:
         return []
     width = (2 if ratio == 4 else 1) * hd  # CSA compresses overlapping windows: two rows per block
