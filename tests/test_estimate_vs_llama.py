@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bench.bench_accuracy import FAMILIES, device_totals, even_placement, generic_within
-from llamalaunch.model.estimate import estimate
-from llamalaunch.model.load import load_profile
 from llamalaunch.launch.measure import measure_load
 from llamalaunch.model.compare import compare, within_tolerance
+from llamalaunch.model.estimate import estimate
+from llamalaunch.model.load import load_profile
 from llamalaunch.model.synthetic import write_preset
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB

@@ -22,8 +22,13 @@ from llamalaunch.model.synthetic import write_preset
 from llamalaunch.units import MIB
 from tests.serve_support import ServeRun
 from tests.support import RpcWorker, run_llama_server
-from tests.test_plan_vs_llama import (WORKER_ADDRESS_SPACE_SLACK, buffer_sums, cache_tolerance, child_device_names,
-                                     plan_json)
+from tests.test_plan_vs_llama import (
+    WORKER_ADDRESS_SPACE_SLACK,
+    buffer_sums,
+    cache_tolerance,
+    child_device_names,
+    plan_json,
+)
 
 pytestmark = pytest.mark.llama
 

@@ -299,11 +299,11 @@ def _compress_ratios(keys: Keys, hp: Hparams) -> tuple[int, ...]:
     value = keys.kv.get(f"{keys.arch}.attention.compress_ratios")
     if value is None:
         raise keys.missing(f"{keys.arch}.attention.compress_ratios")
-    ratios = tuple(value.values or ()) if isinstance(value, GgufArray) else ()
+    ratios = tuple(r for r in (value.values or ()) if isinstance(r, int)) if isinstance(value, GgufArray) else ()
     if len(ratios) < hp.n_layer or any(r not in (0, 4, 128) for r in ratios[:hp.n_layer]):
         raise ModelError(f"{keys.path}: key {keys.arch + '.attention.compress_ratios'!r} is not one ratio of "
                          f"0, 4 or 128 per block ({hp.n_layer} blocks)", "the file is damaged")
-    return tuple(int(r) for r in ratios[:hp.n_layer])
+    return ratios[:hp.n_layer]
 
 
 _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {

@@ -22,9 +22,9 @@ from llamalaunch.errors import LaunchError
 from llamalaunch.model.arch_graphs import BUILDERS as _ARCH_BUILDERS
 from llamalaunch.model.arch_graphs import ModelSpec, Reserve
 from llamalaunch.model.deepseek4_graph import DeepSeek4Graph
-from llamalaunch.model.gguf_header import TensorInfo, read_header
 from llamalaunch.model.ggml_sched import Backend, reserve_affine
 from llamalaunch.model.ggml_sim import capture
+from llamalaunch.model.gguf_header import TensorInfo, read_header
 from llamalaunch.model.kv import ContextShape, ContextSpec, swa_cells
 from llamalaunch.model.profile import ModelProfile
 

@@ -10,7 +10,7 @@ CPU and CUDA run the fused HC, HC-comb and lightning-indexer ops, so those are t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llamalaunch.model import ggml_sim as g
 from llamalaunch.model.arch_graphs import Builder, build_moe_ffn
@@ -50,7 +50,9 @@ class DeepSeek4Graph(Builder):
         hc, n_embd = spec.hc_mult, spec.n_embd
         self.n_seq = res.n_seqs  # the cache keeps one stream per sequence, so does the reserve graph
         inp = self.build_inp_embd()
-        self.tokens = inp.src[1]
+        tokens = inp.src[1]  # get_rows(tok_embd, inp_tokens): the hash-routed blocks read the token ids
+        assert tokens is not None
+        self.tokens_in: Tensor = tokens
         inp_pos = self.build_inp_pos()
         out_ids = self.build_inp_out_ids()
         self._build_inp_dsv4()
@@ -84,8 +86,7 @@ class DeepSeek4Graph(Builder):
         self.comp = {name: self._comp_inputs(ratio, name) for name, ratio in
                      (("csa", DSV4_CSA_RATIO), ("hca", DSV4_HCA_RATIO), ("lid", DSV4_CSA_RATIO))}
         for name, width in (("csa", head), ("hca", head), ("lid", spec.indexer_head_dim)):
-            rot = self._rot(width, forced=name == "lid")
-            self.comp[name] = _Comp(**{**self.comp[name].__dict__, "k_rot": rot})
+            self.comp[name] = replace(self.comp[name], k_rot=self._rot(width, forced=name == "lid"))
 
     def _rot(self, head: int, forced: bool = False) -> Tensor | None:
         """The cache's Hadamard input: always for the indexer (and for any cache whose head size equals the
@@ -107,13 +108,13 @@ class DeepSeek4Graph(Builder):
         n_persist = min(n_tokens, state_size * n_seq)
         overlap = 2 if ratio == DSV4_CSA_RATIO else 1
         n_kv = pad(max(1, (self.res.n_kv + ratio - 1) // ratio), CTX_PAD)
-        inputs = [g.new_input("i32", n, name=f"dsv4_{name}") for n in (n_tokens, n_persist, n_persist,
-                                                                         overlap * ratio * n_blocks)]
-        write_idxs = g.new_input("i64", n_blocks, name=f"dsv4_{name}_state_write_idxs")
-        write_pos = g.new_input("i32", n_blocks, name=f"dsv4_{name}_state_write_pos")
+        def i32(n: int) -> Tensor:
+            return g.new_input("i32", n, name=f"dsv4_{name}")
+
         fused_f16 = self.res.flash_attn if name != "lid" else True  # the fused indexer reads an f16 mask
-        mask = self._mask(n_kv, "f16" if fused_f16 else "f32")
-        return _Comp(ratio, *inputs, write_idxs, write_pos, mask, n_kv)
+        return _Comp(ratio, state_pos=i32(n_tokens), persist_src=i32(n_persist), persist_dst=i32(n_persist),
+                     read_idxs=i32(overlap * ratio * n_blocks), write_idxs=g.new_input("i64", n_blocks),
+                     write_pos=i32(n_blocks), kq_mask=self._mask(n_kv, "f16" if fused_f16 else "f32"), n_kv=n_kv)
 
     # -- hyper-connections --
     def _hc_weights(self, il: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -327,7 +328,7 @@ class DeepSeek4Graph(Builder):
         """Routed experts: sqrt(softplus) router; the first `hash_layer_count` blocks pick by token id."""
         spec = self.spec
         hashed = il < spec.n_hash_layers
-        selected = g.get_rows(self.w(il, spec.n_expert_used, spec.n_vocab, type_name="i32"), self.tokens) \
+        selected = g.get_rows(self.w(il, spec.n_expert_used, spec.n_vocab, type_name="i32"), self.tokens_in) \
             if hashed else None
         return build_moe_ffn(self, cur, il, spec.n_ff_exp, spec.expert_weights_norm, False,
                              probs_bias=not hashed, w_scale=spec.expert_weights_scale, sqrt_softplus=True,
