@@ -63,14 +63,14 @@ class DeepSeek4Graph(Builder):
             cur, post, comb = self._hc_pre(inp_l, il)
             cur = self.build_norm(cur, self.norm_w(il), il)
             cur = self._attention(cur, inp_pos, il)
-            inp_l = self._hc_post(cur, residual, post, comb, il)
+            inp_l = self._hc_post(cur, residual, post, comb)
             residual = inp_l
             cur, post, comb = self._hc_pre(inp_l, il)
             for tensor in (residual, post, comb):
                 self.gf.expand(tensor)
             cur = self.build_norm(cur, self.norm_w(il), il)
             cur = g.add(self._moe(cur, il), self.build_ffn_par(cur, il, spec.n_ff_exp * max(spec.n_expert_shared, 1)))
-            inp_l = self._hc_post(cur, residual, post, comb, il)
+            inp_l = self._hc_post(cur, residual, post, comb)
         flat = g.get_rows(g.reshape(inp_l, n_embd * hc, self.n_tokens), out_ids)
         inp_l = g.reshape(flat, n_embd, hc, res.n_outputs)
         self.build_output(self._hc_head(inp_l))
@@ -108,6 +108,7 @@ class DeepSeek4Graph(Builder):
         n_persist = min(n_tokens, state_size * n_seq)
         overlap = 2 if ratio == DSV4_CSA_RATIO else 1
         n_kv = pad(max(1, (self.res.n_kv + ratio - 1) // ratio), CTX_PAD)
+
         def i32(n: int) -> Tensor:
             return g.new_input("i32", n, name=f"dsv4_{name}")
 
@@ -137,7 +138,7 @@ class DeepSeek4Graph(Builder):
         result = g.Tensor("f32", (self.spec.n_embd, nt), "DSV4_HC_PRE", (x, gates[0]))
         return result, gates[1], comb
 
-    def _hc_post(self, x: Tensor, residual: Tensor, post: Tensor, comb: Tensor, il: int) -> Tensor:
+    def _hc_post(self, x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         return g.Tensor("f32", (self.spec.n_embd, self.spec.hc_mult, x.ne[1]), "DSV4_HC_POST",
                         (x, residual, post, comb))
 
@@ -157,16 +158,12 @@ class DeepSeek4Graph(Builder):
         return result
 
     # -- attention --
-    def _cache(self, il: int, which: str, width: int, cells: int) -> Tensor:
+    def _cache(self, il: int, which: str, width: int, rows: int, type_name: str = "") -> Tensor:
+        """A cache (type_k) or compressor state (f32) of block `il`: [width, rows, one stream per sequence]."""
         key = (il, which)
         if key not in self.caches:
-            self.caches[key] = g.cache(self.res.type_k, width, cells, self.n_seq, backend=self.res.layer_backend[il])
-        return self.caches[key]
-
-    def _state(self, il: int, which: str, width: int, rows: int) -> Tensor:
-        key = (il, which)
-        if key not in self.caches:
-            self.caches[key] = g.cache("f32", width, rows, self.n_seq, backend=self.res.layer_backend[il])
+            self.caches[key] = g.cache(type_name or self.res.type_k, width, rows, self.n_seq,
+                                       backend=self.res.layer_backend[il])
         return self.caches[key]
 
     @staticmethod
@@ -184,19 +181,16 @@ class DeepSeek4Graph(Builder):
         row = g.row_size(cache.type, width)
         return g.view_4d(cache, width, 1, n_kv, cache.ne[2], row, row, row * kv_size, 0)
 
-    def _rope(self, t: Tensor, pos: Tensor) -> Tensor:
-        return g.rope(t, pos)
-
     def _attention(self, cur: Tensor, inp_pos: Tensor, il: int) -> Tensor:
         spec = self.spec
         head, n_head, nt = spec.head_dim_k, spec.n_head[il], self.n_tokens
         qr = g.mul_mat(self.w(il, spec.n_embd, spec.q_lora_rank), cur)
         qr = self.build_norm(qr, self.norm_w(il, spec.q_lora_rank), il)
         q = g.mul_mat(self.w(il, spec.q_lora_rank, n_head * head), qr)
-        q = self._rope(g.rms_norm(g.reshape(q, head, n_head, nt)), inp_pos)
+        q = g.rope(g.rms_norm(g.reshape(q, head, n_head, nt)), inp_pos)
         kv = g.mul_mat(self.w(il, spec.n_embd, head), cur)
         kv = self.build_norm(kv, self.norm_w(il, head), il)
-        kv = self._rope(g.reshape(kv, head, 1, nt), inp_pos)
+        kv = g.rope(g.reshape(kv, head, 1, nt), inp_pos)
         ratio = spec.compress_ratios[il]
         if ratio == DSV4_HCA_RATIO:
             self._compress(cur, il, "hca", head)
@@ -223,7 +217,7 @@ class DeepSeek4Graph(Builder):
         state_score = g.add(state_score, g.get_rows(self.w(il, width, inp.ratio, type_name="f32"), inp.state_pos))
         states = []
         for which, current in (("kv", state_kv), ("score", state_score)):
-            stored = self._state(il, f"{name}_{which}", width, state_size)
+            stored = self._cache(il, f"{name}_{which}", width, state_size, "f32")
             all_rows = g.view_2d(stored, width, state_size * self.n_seq, stored.nb[1], 0)
             base = g.view_2d(all_rows, width, state_size * self.n_seq, all_rows.nb[1], 0)
             states.append((all_rows, g.concat(base, current, 1)))
@@ -269,7 +263,7 @@ class DeepSeek4Graph(Builder):
         comp = g.sum_rows(g.mul(values, g.soft_max(scores)))
         comp = g.cont(g.permute(comp, 1, 0, 2, 3))
         comp = self.build_norm(comp, self.norm_w(il, head), il)
-        return self._rope(comp, inp.write_pos)
+        return g.rope(comp, inp.write_pos)
 
     def _attend(self, q: Tensor, kv: Tensor, qr: Tensor, cur: Tensor, inp_pos: Tensor, sinks: Tensor,
                 il: int) -> Tensor:
@@ -298,7 +292,7 @@ class DeepSeek4Graph(Builder):
         spec, inp = self.spec, self.comp["lid"]
         ihd, n_ih, nt, ns = spec.indexer_head_dim, spec.indexer_n_head, self.n_tokens, self.n_seq
         q = g.reshape(g.mul_mat(self.w(il, spec.q_lora_rank, n_ih * ihd), qr), ihd, n_ih, nt)
-        q = self._rope(q, inp_pos)
+        q = g.rope(q, inp_pos)
         assert inp.k_rot is not None
         q = self.hadamard(q, inp.k_rot)
         weights = g.scale(g.mul_mat(self.w(il, spec.n_embd, n_ih), cur))
