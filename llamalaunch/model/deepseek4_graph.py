@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from llamalaunch.model import ggml_sim as g
 from llamalaunch.model.arch_graphs import Builder, build_moe_ffn
 from llamalaunch.model.ggml_sim import Tensor
-from llamalaunch.model.kv import CTX_PAD, DSV4_CSA_RATIO, DSV4_HCA_RATIO, pad
+from llamalaunch.model.kv import DSV4_CSA_RATIO, DSV4_HCA_RATIO, dsv4_comp_cells
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class DeepSeek4Graph(Builder):
         state_size = ratio if ratio == DSV4_HCA_RATIO else 2 * ratio
         n_persist = min(n_tokens, state_size * n_seq)
         overlap = 2 if ratio == DSV4_CSA_RATIO else 1
-        n_kv = pad(max(1, (self.res.n_kv + ratio - 1) // ratio), CTX_PAD)
+        n_kv = dsv4_comp_cells(self.res.n_kv, ratio)
 
         def i32(n: int) -> Tensor:
             return g.new_input("i32", n, name=f"dsv4_{name}")

@@ -205,9 +205,9 @@ def is_dsv4(profile: ModelProfile) -> bool:
     return bool(profile.compress_ratios)
 
 
-def dsv4_comp_cells(profile: ModelProfile, shape: ContextShape, ratio: int) -> int:
+def dsv4_comp_cells(n_ctx_seq: int, ratio: int) -> int:
     """Cells per stream of a compressed cache: pad256(ceil(n_ctx_seq / ratio)) (dsv4_comp_size)."""
-    return pad(max(1, (shape.n_ctx_seq + ratio - 1) // ratio), CTX_PAD)
+    return pad(max(1, (n_ctx_seq + ratio - 1) // ratio), CTX_PAD)
 
 
 def _dsv4_layer_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape, il: int, backend: str) -> int:
@@ -220,7 +220,7 @@ def _dsv4_layer_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextSh
     ratio, align = profile.compress_ratios[il], _alignment(backend)
     heads = (width,) if ratio == DSV4_HCA_RATIO else (width, profile.indexer_head_dim) if ratio else ()
     for head in heads:
-        rows = dsv4_comp_cells(profile, shape, ratio) * n_seq
+        rows = dsv4_comp_cells(shape.n_ctx_seq, ratio) * n_seq
         size += tensor_alloc_bytes(spec.cache_type_k, head, rows, backend)
         state_rows, state_width = (ratio, head) if ratio == DSV4_HCA_RATIO else (2 * ratio, 2 * head)
         size += 2 * pad(state_width * state_rows * n_seq * F32_BYTES, align)
