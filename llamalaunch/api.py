@@ -17,7 +17,7 @@ fix are `LaunchError`s with a hint. Everything else in the package is internal a
 from __future__ import annotations
 
 from llamalaunch.errors import LaunchError
-from llamalaunch.launch.logparse import BreakdownRow, BufferSize, parse_events
+from llamalaunch.launch.logparse import BreakdownRow, BufferSize, buffer_device, parse_events
 from llamalaunch.launch.measure import measure_fit_params, measure_load
 from llamalaunch.model.compare import ComponentRow, compare, within_tolerance
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
@@ -43,10 +43,42 @@ from llamalaunch.toolchain.discover import cached_bin_dir
 from llamalaunch.units import GIB, MIB
 
 __all__ = [  # the stages they belong to: see the imports above
-    "GIB", "MIB", "ArgvOptions", "BreakdownRow", "BufferSize", "ComponentRow", "Device", "LaunchError",
-    "ModelProfile", "Placement", "Plan", "PlanInputs", "Request", "SlotRange", "SpeedArgs", "build_request",
-    "cache_dir", "cached_bin_dir", "calibrated", "compare", "cpu_model", "demo_model_path", "estimate",
-    "estimate_plan", "host_speed", "load_profile", "load_speed_factors", "make_plan", "measure_fit_params",
-    "measure_load", "parse_events", "probe_devices", "probe_host", "probe_worker", "record_speed",
-    "speed_figures", "within_tolerance",
+    "GIB",
+    "MIB",
+    "ArgvOptions",
+    "BreakdownRow",
+    "BufferSize",
+    "ComponentRow",
+    "Device",
+    "LaunchError",
+    "ModelProfile",
+    "Placement",
+    "Plan",
+    "PlanInputs",
+    "Request",
+    "SlotRange",
+    "SpeedArgs",
+    "buffer_device",
+    "build_request",
+    "cache_dir",
+    "cached_bin_dir",
+    "calibrated",
+    "compare",
+    "cpu_model",
+    "demo_model_path",
+    "estimate",
+    "estimate_plan",
+    "host_speed",
+    "load_profile",
+    "load_speed_factors",
+    "make_plan",
+    "measure_fit_params",
+    "measure_load",
+    "parse_events",
+    "probe_devices",
+    "probe_host",
+    "probe_worker",
+    "record_speed",
+    "speed_figures",
+    "within_tolerance",
 ]

@@ -28,7 +28,7 @@ WEIGHT_TYPES = {name: GGML_TYPE_IDS[name] for name in ("F32", "F16", "Q4_0", "Q4
 # general.file_type (LLAMA_FTYPE) for a file whose matrices are all of one type.
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
                "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
-F32, F16 = 0, 1
+F32, F16, I32 = 0, 1, 26
 _T_STRING, _T_ARRAY, _T_U32, _T_I32, _T_F32, _T_BOOL = 8, 9, 4, 5, 6, 7
 
 
@@ -73,6 +73,14 @@ class SyntheticShape:
     n_kv_shared: int = 0  # gemma4: the last blocks reuse earlier blocks' KV cache
     n_embd_per_layer: int = 0  # gemma4: per-layer embedding width (0: none)
     ffn_layers: tuple[int, ...] = field(default=())  # nemotron_h: FFN/MoE blocks (the rest: mamba2 or attention)
+    compress_ratios: tuple[int, ...] = field(default=())  # deepseek4: 0, 4 (CSA + indexer) or 128 (HCA), repeated
+    hc_mult: int = 4  # deepseek4: hyper-connection copies of the residual stream
+    o_groups: int = 2  # deepseek4: grouped low-rank output projection
+    o_lora_rank: int = 16
+    indexer_n_head: int = 4  # deepseek4: lightning indexer of the CSA blocks
+    indexer_head_dim: int = 64
+    indexer_top_k: int = 8
+    n_hash_layers: int = 1  # deepseek4: the first blocks route by token id (ffn_gate_tid2eid)
 
     @property
     def head_dim_k(self) -> int:
@@ -139,6 +147,9 @@ SHAPES: dict[str, SyntheticSpec] = {
     "tiny-granite": SyntheticSpec("granite", _TINY),
     "tiny-seed_oss": SyntheticSpec("seed_oss", replace(_TINY, head_dim=32)),
     "tiny-olmo2": SyntheticSpec("olmo2", _TINY),
+    "tiny-deepseek4": SyntheticSpec("deepseek4", replace(
+        _TINY, head_dim=64, n_head_kv=1, n_expert=4, n_expert_used=2, n_ff_exp=64, n_expert_shared=1,
+        q_lora_rank=32, rope_dim=16, n_swa=128, compress_ratios=(0, 4, 128, 4))),
     "tiny-gemma4": SyntheticSpec("gemma4", replace(_TINY, n_layer=6, head_dim=64, head_dim_swa=32, n_head_kv=2,
                                                    n_head_kv_full=1, tied=True, n_swa=128)),
 }
@@ -198,6 +209,8 @@ def _tensor_type(kind: str, dims: tuple[int, ...], weight_type: int) -> int:
     file's type, or F16 where a row is not a whole number of its blocks (as llama-quantize falls back)."""
     if kind == "f32" or len(dims) < 2:
         return F32
+    if kind == "i32":
+        return I32
     return weight_type if dims[0] % type_block(weight_type)[0] == 0 else F16
 
 
@@ -240,7 +253,7 @@ def _head_kv_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]
     if arch in ("granitehybrid", "lfm2", "nemotron_h", "nemotron_h_moe"):  # a 0 marks a block without attention
         per_layer = [s.n_head_kv if il in s.attention_layers else 0 for il in range(s.n_layer)]
         return [(f"{arch}.attention.head_count_kv", _T_ARRAY, (_T_U32, per_layer))]
-    if arch in ("deepseek2", "gemma4"):
+    if arch in ("deepseek2", "gemma4", "deepseek4"):
         return []  # written with the arch's own keys
     keys: list[tuple[str, int, object]] = []
     if s.n_head:
@@ -373,7 +386,34 @@ def _granite_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]
             (f"{arch}.embedding_scale", _T_F32, 12.0), (f"{arch}.attention.scale", _T_F32, 0.015625)]
 
 
-_ARCH_KEYS = {"deepseek2": _deepseek2_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
+def _deepseek4_keys(arch: str, s: SyntheticShape) -> list[tuple[str, int, object]]:
+    """As conversion/deepseek.py writes them: one K/V head of head_dim, sqrt-softplus routing."""
+    return [(f"{arch}.attention.head_count_kv", _T_U32, 1),
+            (f"{arch}.attention.key_length", _T_U32, s.head_dim_k),
+            (f"{arch}.attention.value_length", _T_U32, s.head_dim_k),
+            (f"{arch}.rope.dimension_count", _T_U32, s.rope_dim),
+            (f"{arch}.attention.q_lora_rank", _T_U32, s.q_lora_rank),
+            (f"{arch}.expert_shared_count", _T_U32, s.n_expert_shared),
+            (f"{arch}.expert_weights_scale", _T_F32, 1.5),
+            (f"{arch}.expert_weights_norm", _T_BOOL, True),
+            (f"{arch}.expert_gating_func", _T_U32, 4),  # sqrt(softplus)
+            (f"{arch}.swiglu_clamp_exp", _T_ARRAY, (_T_F32, [10.0] * s.n_layer)),
+            (f"{arch}.swiglu_clamp_shexp", _T_ARRAY, (_T_F32, [10.0] * s.n_layer)),
+            (f"{arch}.attention.indexer.head_count", _T_U32, s.indexer_n_head),
+            (f"{arch}.attention.indexer.key_length", _T_U32, s.indexer_head_dim),
+            (f"{arch}.attention.indexer.top_k", _T_U32, s.indexer_top_k),
+            (f"{arch}.attention.output_group_count", _T_U32, s.o_groups),
+            (f"{arch}.attention.output_lora_rank", _T_U32, s.o_lora_rank),
+            (f"{arch}.attention.compress_ratios", _T_ARRAY, (_T_U32, [_dsv4_ratio(s, i) for i in range(s.n_layer)])),
+            (f"{arch}.attention.compress_rope_freq_base", _T_F32, 160000.0),
+            (f"{arch}.hyper_connection.count", _T_U32, s.hc_mult),
+            (f"{arch}.hyper_connection.sinkhorn_iterations", _T_U32, 20),
+            (f"{arch}.hyper_connection.epsilon", _T_F32, 1e-6),
+            (f"{arch}.hash_layer_count", _T_U32, s.n_hash_layers),
+            (f"{arch}.embedding_length_out", _T_U32, s.n_embd * s.hc_mult)]
+
+
+_ARCH_KEYS = {"deepseek2": _deepseek2_keys, "deepseek4": _deepseek4_keys, "mamba2": _ssm_keys, "granitehybrid": _ssm_keys,
               "lfm2": _lfm2_keys, "qwen3next": _qwen3next_keys, "qwen35": _qwen3next_keys,
               "qwen35moe": _qwen3next_keys, "glm4moe": _glm4moe_keys, "llama4": _llama4_keys,
               "gpt-oss": _rope_dim_keys, "mistral3": _rope_dim_keys,
@@ -715,7 +755,60 @@ def _olmo2(s: SyntheticShape) -> list[Tensor]:
     return tensors
 
 
+def _deepseek4(s: SyntheticShape) -> list[Tensor]:
+    """src/models/deepseek4.cpp load_arch_tensors: hyper-connection mixers around every sub-block, low-rank Q,
+    one K/V head, grouped low-rank output, compressors on the CSA (ratio 4, with an indexer) and HCA blocks."""
+    hd, hc_dim, hc_mix = s.head_dim_k, s.hc_mult * s.n_embd, (2 + s.hc_mult) * s.hc_mult
+    tensors = _embeddings(s) + [("output_hc_fn.weight", (hc_dim, s.hc_mult), "f32"),
+                                ("output_hc_base.weight", (s.hc_mult,), "f32"), ("output_hc_scale.weight", (1,), "f32")]
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        tensors += [_norm(i, "attn_norm", s.n_embd), (b + "attn_sinks.weight", (s.n_head,), "f32"),
+                    (b + "attn_q_a.weight", (s.n_embd, s.q_lora_rank), "w"), _norm(i, "attn_q_a_norm", s.q_lora_rank),
+                    (b + "attn_q_b.weight", (s.q_lora_rank, s.n_head * hd), "w"),
+                    (b + "attn_kv.weight", (s.n_embd, hd), "w"), _norm(i, "attn_kv_a_norm", hd),
+                    (b + "attn_output_a.weight", (s.n_head * hd // s.o_groups, s.o_groups * s.o_lora_rank), "w"),
+                    (b + "attn_output_b.weight", (s.o_groups * s.o_lora_rank, s.n_embd), "w")]
+        for part in ("attn", "ffn"):
+            tensors += [(f"{b}hc_{part}_fn.weight", (hc_dim, hc_mix), "f32"),
+                        (f"{b}hc_{part}_base.weight", (hc_mix,), "f32"), (f"{b}hc_{part}_scale.weight", (3,), "f32")]
+        tensors += _dsv4_compressor(i, s)
+        if i < s.n_hash_layers:
+            tensors.append((b + "ffn_gate_tid2eid.weight", (s.n_expert_used, s.n_vocab), "i32"))
+        else:
+            tensors.append((b + "exp_probs_b.bias", (s.n_expert,), "f32"))
+        tensors += [_norm(i, "ffn_norm", s.n_embd)] + _experts(i, s, s.n_ff_exp)
+        tensors += _ffn(i, s.n_embd, s.n_ff_exp * s.n_expert_shared, "_shexp")
+    return tensors
+
+
+def _dsv4_ratio(s: SyntheticShape, i: int) -> int:
+    """The shape's ratios repeat over the blocks (so that a preset scales to any block count)."""
+    return s.compress_ratios[i % len(s.compress_ratios)] if s.compress_ratios else 0
+
+
+def _dsv4_compressor(i: int, s: SyntheticShape) -> list[Tensor]:
+    ratio, hd, b = _dsv4_ratio(s, i), s.head_dim_k, f"blk.{i}."
+    if ratio == 0:
+        return []
+    width = (2 if ratio == 4 else 1) * hd  # CSA compresses overlapping windows: two rows per block
+    tensors: list[Tensor] = [(b + "attn_compressor_kv.weight", (s.n_embd, width), "w"),
+                             (b + "attn_compressor_gate.weight", (s.n_embd, width), "w"),
+                             (b + "attn_compressor_ape.weight", (width, ratio), "f32"),
+                             _norm(i, "attn_compressor_norm", hd)]
+    if ratio == 4:
+        ihd = s.indexer_head_dim
+        tensors += [(b + "indexer.proj.weight", (s.n_embd, s.indexer_n_head), "w"),
+                    (b + "indexer.attn_q_b.weight", (s.q_lora_rank, s.indexer_n_head * ihd), "w"),
+                    (b + "indexer_compressor_kv.weight", (s.n_embd, 2 * ihd), "w"),
+                    (b + "indexer_compressor_gate.weight", (s.n_embd, 2 * ihd), "w"),
+                    (b + "indexer_compressor_ape.weight", (2 * ihd, ratio), "f32"),
+                    _norm(i, "indexer_compressor_norm", ihd)]
+    return tensors
+
+
 _TENSORS = {
+    "deepseek4": _deepseek4,
     "llama": _llama_like,
     # long-tail archs (no exact family: planned with the generic estimate), for its accuracy benchmark
     "smollm3": _llama_like,

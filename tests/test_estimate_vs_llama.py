@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from bench.bench_accuracy import FAMILIES, device_totals, even_placement, generic_within
-from llamalaunch.model.estimate import estimate
-from llamalaunch.model.load import load_profile
 from llamalaunch.launch.measure import measure_load
 from llamalaunch.model.compare import compare, within_tolerance
-from tests.synthetic import write_preset
+from llamalaunch.model.estimate import estimate
+from llamalaunch.model.load import load_profile
 from llamalaunch.plan.request import Request
+from llamalaunch.units import MIB
 from tests.support import RpcWorker
+from tests.synthetic import write_preset
+from tests.test_plan_vs_llama import buffer_sums, cache_tolerance
 
 pytestmark = pytest.mark.llama
 
@@ -107,3 +109,33 @@ def test_fit_params_projection_runs(tmp_path: Path, llama_bin_dir: Path,
     for name in ("RPC0", "RPC1"):
         assert projected.estimate.devices[name].weights_bytes // (1 << 20) == ours.devices[name].weights_bytes // (1 << 20)
         assert projected.estimate.devices[name].compute_bytes > 0
+
+
+# deepseek4 (issue 21): every device's cache is seven printed buffers (raw, CSA, HCA and indexer caches, three
+# compressor states), each rounded to 0.01 MiB; the compute buffer is replayed op for op
+DEEPSEEK4_CASES = [(4096, 4, 512, "f16", 2, "auto"), (65536, 1, 2048, "q8_0", 3, "auto"),
+                   (131072, 4, 2048, "q4_0", 1, "auto"), (16384, 1, 512, "f16", 2, "off")]
+
+
+@pytest.mark.parametrize(("ctx", "parallel", "ubatch", "cache", "devices", "flash_attn"), DEEPSEEK4_CASES)
+def test_deepseek4_estimate_equals_llama_server(ctx: int, parallel: int, ubatch: int, cache: str, devices: int,
+                                                flash_attn: str, tmp_path: Path, llama_bin_dir: Path,
+                                                rpc_workers: Callable[..., RpcWorker]) -> None:
+    preset, changes = FAMILIES["deepseek4"]
+    path = str(write_preset(tmp_path / "deepseek4.gguf", preset, **changes))
+    profile = load_profile(path)
+    request = Request(n_parallel=parallel, n_ubatch=ubatch, cache_type_k=cache, cache_type_v=cache,
+                      flash_attn=flash_attn)
+    placement = even_placement(profile.n_slots, devices)
+    endpoints = [rpc_workers().endpoint for _ in range(devices)]
+    measured = measure_load(llama_bin_dir, path, placement, request, ctx, endpoints, log_dir=tmp_path)
+    seen = buffer_sums(list(measured.events), endpoints)
+    rows = compare(estimate(profile, placement, request, ctx), measured.estimate)
+    for row in rows:
+        if row.component == "kv":
+            assert abs(row.error_bytes) <= cache_tolerance(seen, row.device), row
+        else:
+            assert within_tolerance(row), row
+    for total in device_totals(tuple(rows)):
+        assert abs(total.error_bytes) <= max(total.measured_bytes // 100, 32 * MIB), total
+    assert any(row.component == "compute" and row.measured_bytes > 100 * MIB for row in rows)

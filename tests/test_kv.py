@@ -10,8 +10,14 @@ import pytest
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
-from llamalaunch.model.kv import (ContextSpec, context_shape, kv_bytes_per_layer, output_buffer_bytes,
-                                  row_size, swa_cells)
+from llamalaunch.model.kv import (
+    ContextSpec,
+    context_shape,
+    kv_bytes_per_layer,
+    output_buffer_bytes,
+    row_size,
+    swa_cells,
+)
 from llamalaunch.model.profile import ModelProfile, SlotWeights
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
@@ -148,3 +154,19 @@ def test_the_model_layer_sizes_a_context_spec_as_it_sizes_the_request(options: d
     assert kv_bytes_per_layer(smollm2_shape(), spec, 8192) == \
         kv_bytes_per_layer(smollm2_shape(), request, 8192)
     assert estimate(smollm2_shape(), TS_1_3, spec, 8192) == estimate(smollm2_shape(), TS_1_3, request, 8192)
+
+
+def test_deepseek4_caches_as_llama_server_printed() -> None:
+    """tiny-deepseek4 (4 blocks with compress ratios 0, 4, 128, 4; K head 64, indexer head 64, window 128) at
+    -c 4096 -np 4 (one stream per sequence even with a unified KV cache), as the pinned llama-server printed:
+    raw SWA cache 1.50 MiB, CSA 1.00, HCA 0.12, indexer 1.00, compressor states 0.06 + 0.25 + 0.06."""
+    ratios = (0, 4, 128, 4)
+    profile = smollm2_shape(n_layer=4, n_head=(4,) * 4, n_head_kv=(1,) * 4, head_dim_k=64, head_dim_v=64,
+                            n_swa=128, swa_layers=(True,) * 4, recurrent_layers=(False,) * 4,
+                            compress_ratios=ratios, indexer_head_dim=64, arch="deepseek4")
+    raw = 768 * 4 * 64 * 2  # pad256(128 + 512) cells x 4 streams
+    csa = 1024 * 4 * 64 * 2 + 2 * 128 * 8 * 4 * 4  # pad256(4096 / 4) cells; kv + score state [2·64, 8, 4]
+    hca = 256 * 4 * 64 * 2 + 2 * 64 * 128 * 4 * 4  # pad256(4096 / 128) cells; state [64, 128, 4]
+    assert kv_bytes_per_layer(profile, Request(), 4096) == (raw, raw + 2 * csa, raw + hca, raw + 2 * csa)
+    assert sum(kv_bytes_per_layer(profile, Request(), 4096)) == printed(1.50 + 1.00 + 0.125 + 1.00 + 0.0625
+                                                                        + 0.25 + 0.0625)

@@ -7,8 +7,20 @@ from pathlib import Path
 import pytest
 
 from llamalaunch.launch.logparse import (
-    HOST, BreakdownRow, BufferSize, ContextParam, LayerAssigned, LayersOffloaded, Listening, LoadFailed,
-    ModelLoaded, OutOfMemory, buffer_device, parse_events, parse_line)
+    HOST,
+    BreakdownRow,
+    BufferSize,
+    ContextParam,
+    LayerAssigned,
+    LayersOffloaded,
+    Listening,
+    LoadFailed,
+    ModelLoaded,
+    OutOfMemory,
+    buffer_device,
+    parse_events,
+    parse_line,
+)
 from llamalaunch.units import MIB
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llama-server-logs"
@@ -108,8 +120,8 @@ def test_buffer_device(buffer: str, endpoints: tuple[str, ...], counts: dict[str
 
 def test_estimate_from_the_rpc_log() -> None:
     """The measured estimator books the last load's buffer lines per llama.cpp device."""
-    from llamalaunch.model.estimate import Placement, SlotRange
     from llamalaunch.launch.measure import breakdown_rows, estimate_from_events
+    from llamalaunch.model.estimate import Placement, SlotRange
 
     events = events_of(RPC_LOG)
     placement = Placement((SlotRange("RPC0", "RPC", 0, 8), SlotRange("RPC1", "RPC", 8, 23)))
@@ -118,3 +130,10 @@ def test_estimate_from_the_rpc_log() -> None:
     assert abs(measured.devices["RPC1"].compute_bytes - 48.91 * MIB) < MIB // 100  # the real load, not the dry run
     assert abs(measured.host.weights_bytes - 28.69 * MIB) < MIB // 100
     assert [row.name for row in breakdown_rows(events)] == ["RPC0", "RPC1", "Host"]
+
+
+def test_deepseek4_compressor_state_is_cache_memory() -> None:
+    line = "0.00.348.093 I llama_dsv4_comp_state: RPC0[127.0.0.1:33035] DSV4 csa state buffer size =     0.12 MiB"
+    events = list(parse_events([line]))
+    assert events == [BufferSize("rs", "RPC0[127.0.0.1:33035]", events[0].bytes, events[0].precision_bytes)]
+    assert abs(events[0].bytes - 0.12 * MIB) < 0.01 * MIB

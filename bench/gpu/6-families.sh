@@ -9,4 +9,4 @@ if [ ! -x $BIN/llama-server ]; then
     cmake --build /tmp/llama.cpp/build -j 16 --target llama-server > /tmp/build.log 2>&1 || tail -30 /tmp/build.log
 fi
 mkdir -p "$OUT"
-PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 -m bench.gpu.families_cuda $BIN /tmp/families | tee "$OUT/families-cuda.txt"
+PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 -m bench.gpu.families_cuda $BIN /tmp/families "$@" | tee "$OUT/families-cuda.txt"

@@ -1,6 +1,6 @@
 """The 2026 families on one CUDA device: planned weights, KV and compute against the real load.
 
-    python3 -m bench.gpu.families_cuda BIN_DIR OUT_DIR
+    python3 -m bench.gpu.families_cuda BIN_DIR OUT_DIR [FAMILY,...]
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from llamalaunch.api import (
 from tests.synthetic import write_preset
 
 NEW = ("qwen3next", "qwen35", "qwen35moe", "gpt-oss", "glm4moe", "llama4", "mistral3", "gemma4", "gemma4-shared",
-       "gemma4-moe", "gemma4-ple", "minimax-m2", "nemotron_h", "nemotron_h_moe")
+       "gemma4-moe", "gemma4-ple", "minimax-m2", "nemotron_h", "nemotron_h_moe", "deepseek4")
 CASES = ((16384, 1, 512, "f16"), (65536, 4, 2048, "q8_0"))  # ctx, -np, -ub, K/V type
 
 
-def main(bin_dir: Path, out: Path) -> int:
+def main(bin_dir: Path, out: Path, families: tuple[str, ...] = NEW) -> int:
     out.mkdir(parents=True, exist_ok=True)
     worst = 0.0
-    for family in NEW:
+    for family in families:
         preset, changes = FAMILIES[family]
         path = str(write_preset(out / f"{family}.gguf", preset, **changes))
         profile = load_profile(path)
@@ -53,4 +53,4 @@ def main(bin_dir: Path, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else NEW))

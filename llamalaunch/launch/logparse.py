@@ -150,7 +150,8 @@ class LoadFailed:
 Event = (BufferSize | LayerAssigned | LayersOffloaded | ContextParam | BreakdownRow | OutOfMemory
          | Listening | ModelLoaded | LoadFailed)
 
-_BUFFER = re.compile(r"^\s*(\S+)\s+(model|KV|RS|compute|output) +buffer size = +([\d.]+) MiB")
+# deepseek4's compressor states print as `DSV4 csa state buffer size`: cache memory, booked as rs
+_BUFFER = re.compile(r"^\s*(\S+)\s+(model|KV|RS|compute|output|DSV4 \w+ state) +buffer size = +([\d.]+) MiB")
 _BUFFER_EXIT = re.compile(r"^\s*(\S+) compute buffer size is +([\d.]+) MiB")
 _LAYER = re.compile(r"^layer +(\d+) assigned to device (\S+), is_swa = (\d)")
 _OFFLOADED = re.compile(r"^offloaded (\d+)/(\d+) layers to GPU")
@@ -191,7 +192,8 @@ def _buffer_event(line: LogLine) -> BufferSize | None:
     match = _BUFFER.match(line.text)
     if match:
         buffer, kind, mib = match.groups()
-        return BufferSize(kind.lower(), buffer, _mib_bytes(mib), PRINT_2DP_BYTES)
+        kind = "rs" if kind.startswith("DSV4") else kind.lower()
+        return BufferSize(kind, buffer, _mib_bytes(mib), PRINT_2DP_BYTES)
     match = _BUFFER_EXIT.match(line.text)
     if match and line.module == "~llama_context":
         return BufferSize("compute", match.group(1), _mib_bytes(match.group(2)), PRINT_4DP_BYTES, at_exit=True)

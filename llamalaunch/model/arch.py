@@ -8,8 +8,8 @@ every device that holds a layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from llamalaunch.errors import ModelError
 from llamalaunch.model.gguf_header import GgufArray, GgufValue
@@ -37,6 +37,7 @@ SUPPORTED_ARCHS = (
     "minimax-m2",
     "nemotron_h",
     "nemotron_h_moe",
+    "deepseek4",
 )
 # Top-level tensors by the layer llama.cpp assigns them (llama-arch.cpp LLM_TENSOR_INFOS).
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
@@ -60,7 +61,7 @@ F32_BYTES = 4  # recurrent states default to f32 (cparams type_r/type_s)
 # Archs whose NextN/MTP blocks (the last `nextn_predict_layers`) llama.cpp creates with TENSOR_SKIP unless
 # an MTP draft is loaded: llama-server never allocates their weights.
 SKIPS_NEXTN_WEIGHTS = frozenset({"deepseek2", "glm4moe", "qwen3next", "qwen35", "qwen35moe", "nemotron_h",
-                                 "nemotron_h_moe"})
+                                 "nemotron_h_moe", "deepseek4"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class ArchLayout:
     kv_lora_rank: int = 0
     rope_dim: int = 0
     attention_free: tuple[bool, ...] = ()  # neither attention nor state: FFN-only blocks (nemotron_h)
+    compress_ratios: tuple[int, ...] = ()  # deepseek4: 0, 4 (CSA) or 128 (HCA) compressed caches per block
+    indexer_head_dim: int = 0  # deepseek4: key length of the lightning indexer's cache
 
 
 class Keys:
@@ -283,6 +286,26 @@ def _llama4(keys: Keys, hp: Hparams) -> ArchLayout:
     return ArchLayout(n_swa=LLAMA4_CHUNK, swa_layers=_swa_layers(keys, hp.n_layer, 4))
 
 
+def _deepseek4(keys: Keys, hp: Hparams) -> ArchLayout:
+    """A K-only sliding-window cache on every block, plus compressed K caches on the blocks whose
+    compress ratio is 4 (with the indexer's cache) or 128 (llama-kv-cache-dsv4.cpp)."""
+    ratios = _compress_ratios(keys, hp)
+    return ArchLayout(n_swa=keys.number("attention.sliding_window"), swa_layers=(True,) * hp.n_layer,
+                      compress_ratios=ratios, indexer_head_dim=keys.number("attention.indexer.key_length"))
+
+
+def _compress_ratios(keys: Keys, hp: Hparams) -> tuple[int, ...]:
+    """attention.compress_ratios: at least one entry per block (llama.cpp refuses a shorter array)."""
+    value = keys.kv.get(f"{keys.arch}.attention.compress_ratios")
+    if value is None:
+        raise keys.missing(f"{keys.arch}.attention.compress_ratios")
+    ratios = tuple(r for r in (value.values or ()) if isinstance(r, int)) if isinstance(value, GgufArray) else ()
+    if len(ratios) < hp.n_layer or any(r not in (0, 4, 128) for r in ratios[:hp.n_layer]):
+        raise ModelError(f"{keys.path}: key {keys.arch + '.attention.compress_ratios'!r} is not one ratio of "
+                         f"0, 4 or 128 per block ({hp.n_layer} blocks)", "the file is damaged")
+    return ratios[:hp.n_layer]
+
+
 _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "llama": _none,
     "qwen2": _none,
@@ -306,6 +329,7 @@ _LAYOUTS: dict[str, Callable[[Keys, Hparams], ArchLayout]] = {
     "minimax-m2": _none,
     "nemotron_h": _nemotron_h,
     "nemotron_h_moe": _nemotron_h,
+    "deepseek4": _deepseek4,
 }
 
 

@@ -140,6 +140,9 @@ def _replay(profile: ModelProfile, ranges: tuple[tuple[str, str, int, int], ...]
     pipeline = len(ranges) > 1 and full_offload and not any(host_experts)
     sizes, valid = reserve_affine(builder.gf, twin, shape.n_ctx_seq, CELL_STEP, backends, pipeline,
                                   assigned=builder.assigned)
+    if profile.compress_ratios:  # deepseek4: compressed caches grow every 4 and 128 cells, not affinely
+        return _Piece(shape.n_ctx_seq, shape.n_ctx_seq, shape.n_ctx_seq, tuple(b for b, _ in sizes),
+                      tuple(0 for _ in sizes))
     if profile.arch not in BUILDERS or profile.generic_estimate:
         return _Piece(shape.n_ctx_seq, shape.n_ctx_seq, shape.n_ctx_seq,
                       tuple(int(base * GENERIC_MARGIN) for base, _ in sizes), tuple(0 for _ in sizes))
@@ -167,8 +170,9 @@ def layer_kind(spec: ModelSpec, il: int, host_experts: HostExperts = (frozenset(
     shared_kv = bool(spec.kv_source) and spec.kv_source[il] != il
     ffn_only = bool(spec.ffn_layers) and spec.ffn_layers[il]
     split = tuple(sorted(kind for layer, kind in host_experts[1] if layer == il))
+    dsv4 = (spec.compress_ratios[il], il < spec.n_hash_layers) if spec.compress_ratios else ()
     return (spec.swa_layers[il], spec.recurrent_layers[il], spec.n_head[il], spec.n_head_kv[il], spec.n_ff[il], moe,
-            shared_kv, ffn_only, il in host_experts[0], split)
+            shared_kv, ffn_only, il in host_experts[0], split, dsv4)
 
 
 MAX_PERIOD = 8  # layer patterns repeat with a period up to this (hybrids: 4; gemma: 5-6)
@@ -280,6 +284,13 @@ def header_extras(profile: ModelProfile) -> dict[str, object]:
     if arch == "llama4":  # experts on every `step`-th block only
         step = int(number("interleave_moe_layer_step"))
         extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))
+    if arch == "deepseek4":
+        extra.update(compress_ratios=profile.compress_ratios, n_hash_layers=int(number("hash_layer_count")),
+                     hc_mult=int(number("hyper_connection.count")),
+                     o_groups=int(number("attention.output_group_count")),
+                     o_lora_rank=int(number("attention.output_lora_rank")),
+                     indexer_n_head=int(number("attention.indexer.head_count")),
+                     indexer_head_dim=profile.indexer_head_dim, indexer_top_k=int(number("attention.indexer.top_k")))
     types = expert_types(header.tensors)
     if types is not None:
         extra["expert_types"] = types
@@ -292,9 +303,9 @@ def expert_types(tensors: Sequence[TensorInfo]) -> tuple[str, str, str] | None:
     found: dict[str, TensorInfo] = {}
     for tensor in tensors:
         for part in ("up", "gate", "down"):
-            if tensor.name.endswith(f".ffn_{part}_exps.weight"):
-                if part not in found or tensor.nbytes > found[part].nbytes:
-                    found[part] = tensor
+            if tensor.name.endswith(f".ffn_{part}_exps.weight") and (part not in found
+                                                                    or tensor.nbytes > found[part].nbytes):
+                found[part] = tensor
     if len(found) < 3:
         return None
     up, gate, down = (found[part].type_name.lower() for part in ("up", "gate", "down"))

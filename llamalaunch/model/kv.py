@@ -143,7 +143,8 @@ def swa_cells(profile: ModelProfile, spec: ContextSpec, shape: ContextShape) -> 
     """Cells per stream of a sliding-window layer."""
     if spec.swa_full or profile.n_swa <= 0:
         return shape.n_ctx_seq
-    window = profile.n_swa * (shape.n_seq if shape.unified else 1) + shape.n_ubatch
+    unified = shape.unified and not is_dsv4(profile)  # deepseek4 keeps one stream per sequence
+    window = profile.n_swa * (shape.n_seq if unified else 1) + shape.n_ubatch
     return pad(min(shape.n_ctx_seq, window), CTX_PAD)
 
 
@@ -164,6 +165,8 @@ def layer_kv_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape
     """K + V (or the recurrent states) of layer `il` in a buffer of `backend`."""
     if not has_cache(profile, il):
         return 0
+    if is_dsv4(profile):
+        return _dsv4_layer_bytes(profile, spec, shape, il, backend)
     if not has_attention_kv(profile, il):
         rows = shape.n_seq  # max(1, n_seq_max) rows, one per sequence
         return (pad(profile.recurrent_r_bytes_per_seq * rows, alignment(backend))
@@ -172,6 +175,35 @@ def layer_kv_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape
     size = tensor_alloc_bytes(spec.cache_type_k, n_embd_k_gqa(profile, il), rows, backend)
     if not is_mla(profile):
         size += tensor_alloc_bytes(spec.cache_type_v, _v_width(profile, shape, il), rows, backend)
+    return size
+
+
+DSV4_CSA_RATIO, DSV4_HCA_RATIO = 4, 128
+
+
+def is_dsv4(profile: ModelProfile) -> bool:
+    return bool(profile.compress_ratios)
+
+
+def dsv4_comp_cells(n_ctx_seq: int, ratio: int) -> int:
+    """Cells per stream of a compressed cache: pad256(ceil(n_ctx_seq / ratio)) (dsv4_comp_size)."""
+    return pad(max(1, (n_ctx_seq + ratio - 1) // ratio), CTX_PAD)
+
+
+def _dsv4_layer_bytes(profile: ModelProfile, spec: ContextSpec, shape: ContextShape, il: int, backend: str) -> int:
+    """llama_kv_cache_dsv4: every store keeps one stream per sequence, even with a unified KV cache.
+    Raw: a K-only sliding-window cache. Ratio 4 (CSA) adds a compressed K cache, the indexer's K cache and
+    two compressor states (kv and score, f32 [2·head, 8, n_seq]) for each; ratio 128 (HCA) a compressed
+    K cache and its states (f32 [head, 128, n_seq])."""
+    n_seq, width = shape.n_seq, profile.head_dim_k * profile.n_head_kv[il]
+    size = tensor_alloc_bytes(spec.cache_type_k, width, swa_cells(profile, spec, shape) * n_seq, backend)
+    ratio, align = profile.compress_ratios[il], alignment(backend)
+    heads = (width,) if ratio == DSV4_HCA_RATIO else (width, profile.indexer_head_dim) if ratio else ()
+    for head in heads:
+        rows = dsv4_comp_cells(shape.n_ctx_seq, ratio) * n_seq
+        size += tensor_alloc_bytes(spec.cache_type_k, head, rows, backend)
+        state_rows, state_width = (ratio, head) if ratio == DSV4_HCA_RATIO else (2 * ratio, 2 * head)
+        size += 2 * pad(state_width * state_rows * n_seq * F32_BYTES, align)
     return size
 
 

@@ -299,6 +299,8 @@ def _profile(
         head_dim_k_swa=keys.number("attention.key_length_swa", 0),
         head_dim_v_swa=keys.number("attention.value_length_swa", 0),
         n_kv_shared_layers=keys.number("attention.shared_kv_layers", 0) if known else 0,
+        compress_ratios=layout.compress_ratios,
+        indexer_head_dim=layout.indexer_head_dim,
     )
 
 

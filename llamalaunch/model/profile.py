@@ -79,6 +79,8 @@ class ModelProfile:
     head_dim_k_swa: int = 0  # sliding-window layers' head sizes when they differ (gemma4); 0: the same
     head_dim_v_swa: int = 0
     n_kv_shared_layers: int = 0  # the last blocks reuse earlier blocks' cache (gemma4 shared_kv_layers)
+    compress_ratios: tuple[int, ...] = ()  # deepseek4: compressed-cache ratio per block (0, 4 or 128)
+    indexer_head_dim: int = 0  # deepseek4: the lightning indexer's key length
 
     def layer_head_dims(self, il: int) -> tuple[int, int]:
         """(K, V) head size of block `il` (llama_hparams::n_embd_head_k/v(il))."""

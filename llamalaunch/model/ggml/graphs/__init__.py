@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from llamalaunch.model.ggml.graphs.base import Builder, ModelSpec, Reserve
 from llamalaunch.model.ggml.graphs.deepseek2 import DeepSeek2Graph
+from llamalaunch.model.ggml.graphs.deepseek4 import DeepSeek4Graph
 from llamalaunch.model.ggml.graphs.gemma import Gemma4Graph, GemmaGraph
 from llamalaunch.model.ggml.graphs.glm4moe import Glm4MoeGraph
 from llamalaunch.model.ggml.graphs.gpt_oss import GptOssGraph
@@ -29,6 +30,7 @@ GraphBuilder = Callable[[ModelSpec, Reserve], Builder]
 # general.architecture -> the graph llama.cpp builds for it (llama_model::build_graph)
 BUILDERS: dict[str, GraphBuilder] = {
     "deepseek2": DeepSeek2Graph,
+    "deepseek4": DeepSeek4Graph,
     "gemma2": GemmaGraph,
     "gemma3": GemmaGraph,
     "gemma4": Gemma4Graph,

@@ -62,6 +62,14 @@ class ModelSpec:
     n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
     kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
     ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
+    compress_ratios: tuple[int, ...] = ()  # deepseek4 (graphs/deepseek4.py): compressed caches per block
+    n_hash_layers: int = 0  # deepseek4: the first blocks route experts by token id
+    hc_mult: int = 0  # deepseek4: hyper-connection copies of the residual stream
+    o_groups: int = 0  # deepseek4: grouped low-rank output projection
+    o_lora_rank: int = 0
+    indexer_n_head: int = 0  # deepseek4: the lightning indexer of the ratio-4 blocks
+    indexer_head_dim: int = 0
+    indexer_top_k: int = 0
     generic: bool = False  # an arch without an exact graph, replayed as a (superset) llama graph
     generic_iswa: bool = False  # ... whose file names a sliding window
 
@@ -400,20 +408,25 @@ def is_contiguous(t: Tensor) -> bool:
 def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: bool, sigmoid: bool,
                   probs_bias: bool = False, w_scale: bool = False, biases: bool = False,
                   softmax_weight: bool = False, weight_before_ffn: bool = False, gate: bool = True,
-                  logits: Tensor | None = None, relu_sqr: bool = False) -> Tensor:
+                  logits: Tensor | None = None, relu_sqr: bool = False, sqrt_softplus: bool = False,
+                  selected_in: Tensor | None = None) -> Tensor:
     """llm_graph_context::build_moe_ffn: softmax, sigmoid or softmax-of-selected (gpt-oss) gating, optional
-    router and expert biases (gpt-oss), weights applied before the experts (llama4)."""
+    router and expert biases (gpt-oss), weights applied before the experts (llama4); sqrt(softplus) gating and
+    experts chosen by the caller (deepseek4's hash routing)."""
     spec = b.spec
     n_embd, n_expert, n_used, n_tokens = spec.n_embd, spec.n_expert, spec.n_expert_used, cur.ne[1]
     if logits is None:  # gemma4 passes its own router logits (probs_in)
         logits = g.mul_mat(b.w(il, n_embd, n_expert), cur)
     if biases:
         logits = g.add(logits, b.w(il, n_expert, type_name="f32"))
-    probs = logits if softmax_weight else g.unary(logits) if sigmoid else g.soft_max(logits)
+    if sqrt_softplus:
+        probs = g.Tensor(logits.type, logits.ne, "SQRT", (g.unary(logits),))
+    else:
+        probs = logits if softmax_weight else g.unary(logits) if sigmoid else g.soft_max(logits)
     selection = g.add(probs, b.w(il, n_expert, type_name="f32")) if probs_bias else probs
     if weight_before_ffn:  # llama4 selects on the raw logits
         selection = logits
-    selected = g.argsort_top_k(selection, n_used)
+    selected = selected_in if selected_in is not None else g.argsort_top_k(selection, n_used)
     weights = g.get_rows(g.reshape(probs, 1, n_expert, n_tokens), selected)
     if softmax_weight:
         weights = g.reshape(g.soft_max(g.reshape(weights, n_used, n_tokens)), 1, n_used, n_tokens)
