@@ -130,7 +130,7 @@ BAD_INPUT = {
     "dev unknown": ((*PLAN, "-dev", "CUDA9"), ["CUDA9"]),
     "exclude unknown": ((*PLAN, "--exclude", "CUDA9"), ["CUDA9"]),
     # contradictions and vocabulary
-    "quantized V without flash attention": ((*PLAN, "-ctv", "q4_0", "-fa", "off"), ["q4_0", "-fa off"]),
+    "quantized V without flash attention": ((*PLAN, "-ctv", "q4_0", "-fa", "off"), ["q4_0", "--flash-attn off"]),
     "cache type": ((*PLAN, "-ctk", "q9_9"), ["q9_9", "q8_0"]),
     "flash attn": ((*PLAN, "-fa", "maybe"), ["'maybe'", "auto"]),
     "rpc empty list": (("plan", "MODEL", "--rpc", ","), ["--rpc ',' names no worker", "HOST:PORT"]),
@@ -205,6 +205,14 @@ def test_an_inventory_line_is_named_by_file_and_number(invoke: Invoke, files: di
     assert outcome.stderr == (f"error: the inventory {files['BAD_INVENTORY']}, line 3: 'garbage line' is not "
                               "NAME=FREE[/TOTAL] (write one NAME=FREE[/TOTAL] a line, like CUDA0=24GiB or "
                               "RPC0=6GiB/8GiB)\n")
+
+
+def test_a_quantized_v_cache_without_flash_attention_is_the_model_layers_one_rule(invoke: Invoke) -> None:
+    """The command line says it with model/kv.py's check_cache_types, the rule the estimate enforces."""
+    outcome = invoke(*PLAN, "-ctv", "q8_0", "-fa", "off")
+    assert (outcome.code, outcome.stdout) == (2, "")
+    assert outcome.stderr == "error: a q8_0 V cache needs flash attention (drop --flash-attn off or use an f16 V " \
+                             "cache)\n"
 
 
 @pytest.mark.llama

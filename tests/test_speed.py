@@ -21,7 +21,7 @@ from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
-from llamalaunch.plan.speed import estimate_speed
+from llamalaunch.plan.speed import bits_per_weight, estimate_speed
 from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors, record_speed
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.rpc import probe_worker
@@ -80,6 +80,27 @@ def test_a_token_reads_every_weight_and_the_kv_at_the_fill(llama_8b: ModelProfil
                           ).fill_tokens == 8192
     full = estimate_speed(llama_8b, Request(), 16384, whole(llama_8b), dataclasses.replace(figures, fill_tokens=16384))
     assert full.generation_tps < speed.generation_tps
+
+
+# The figures plan/speed.py held in its own table before it read ggml/types.py (Q6_K rounded to 6.56).
+OLD_SINGLE_TYPE_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_0": 5.5, "Q5_1": 6.0,
+                        "Q4_0": 4.5, "Q4_1": 5.0, "IQ4_NL": 4.5, "IQ4_XS": 4.25}
+
+
+@pytest.mark.parametrize(("file_type", "bits"), sorted(OLD_SINGLE_TYPE_BITS.items()))
+def test_a_file_of_one_type_has_its_blocks_bits_per_weight(llama_8b: ModelProfile, file_type: str,
+                                                           bits: float) -> None:
+    assert bits_per_weight(dataclasses.replace(llama_8b, file_type=file_type)) == pytest.approx(bits, abs=0.005)
+
+
+@pytest.mark.parametrize(("file_type", "bits"), [
+    ("MXFP4_MOE", 4.25),  # gpt-oss: its MXFP4 experts (the old table's "MXFP4" named no file type: 4.5)
+    ("IQ2_XXS", 2.0625), ("TQ1_0", 1.6875),  # named by the one type table, no longer the default
+    ("Q4_K_M", 4.85), ("Q2_K", 3.35),  # K-quant mixes: their average, not their blocks' 4.5 and 2.625
+    ("IQ3_M", 4.5), ("GUESSED", 4.5), ("unknown", 4.5)])  # no one type: the default
+def test_mixes_keep_their_average_and_others_come_from_the_type_table(llama_8b: ModelProfile, file_type: str,
+                                                                       bits: float) -> None:
+    assert bits_per_weight(dataclasses.replace(llama_8b, file_type=file_type)) == bits
 
 
 def test_moe_reads_only_the_active_experts_and_the_host_reads_its_own(moe: ModelProfile) -> None:

@@ -25,6 +25,7 @@ from llamalaunch.launch.logparse import READINESS_MARK
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
+from llamalaunch.launch.restart import RestartPolicy, Restarts
 from llamalaunch.options import DEFAULTS
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.inventory import held_elsewhere
@@ -144,9 +145,9 @@ class Supervisor:
         self.queue: queue.Queue[_Item] = queue.Queue()
         self.lessons = Lessons()
         self.attempts: list[Attempt] = []
-        self.restarts = 0
+        self._restarts = Restarts(RestartPolicy(options.backoff_initial_s, options.backoff_max_s, HEALTHY_RESET_S,
+                                                options.max_restarts), clock)
         self.last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
-        self.ready_since: float | None = None
         self.phase = "starting"
         self.child: SupervisedChild | None = None
         self.plan: Plan | None = None
@@ -156,6 +157,11 @@ class Supervisor:
         self._replanning_after: str | None = None  # the OOM lesson the next plan must honour
         self._watchdog_sent_at = float("-inf")
         self._log_error_told = False
+
+    @property
+    def restarts(self) -> int:
+        """Restarts in the current streak (back to 0 after ten minutes ready)."""
+        return self._restarts.streak
 
     @property
     def base_url(self) -> str:
@@ -285,22 +291,19 @@ class Supervisor:
             lesson = failure.message
         else:
             lesson = self.lessons.learn_runtime_oom() if oom else why or describe_exit(returncode)
-            if self.ready_since is not None and self.clock() - self.ready_since > HEALTHY_RESET_S:
-                self.restarts = 0  # a crash a week is not a crash loop
         return self._restart_later(lesson)
 
     def _restart_later(self, lesson: str, hint: str | None = None) -> int | None:
         """Count one restart and back off before the next launch; give up past --max-restarts."""
-        self.restarts += 1
-        if self.restarts > self.options.max_restarts:
-            message = (f"llama-server crashed {self.restarts} times; giving up ({lesson})" if hint is None else
-                       f"{lesson}; giving up after {self.restarts - 1} restarts")
+        restart = self._restarts.died()
+        if restart.delay_s is None:
+            message = (f"llama-server crashed {restart.number} times; giving up ({lesson})" if hint is None else
+                       f"{lesson}; giving up after {restart.number - 1} restarts")
             self._fail(message)
             raise ServeFailed(message, f"{hint or 'see the server log'}; raise --max-restarts to keep trying")
-        delay = min(self.options.backoff_initial_s * 2 ** (self.restarts - 1), self.options.backoff_max_s)
-        self._set_phase("restarting", f"{lesson}; restart {self.restarts} of {self.options.max_restarts} "
-                                      f"in {delay:g} s")
-        return self._wait_backoff(delay)
+        self._set_phase("restarting", f"{lesson}; restart {restart.number} of {self.options.max_restarts} "
+                                      f"in {restart.delay_s:g} s")
+        return self._wait_backoff(restart.delay_s)
 
     def _wait_backoff(self, delay_s: float) -> int | None:
         """Sleep out the backoff unless a stop request comes; stale items (a late readiness answer) wait too."""
@@ -377,7 +380,7 @@ class Supervisor:
     def _mark_ready(self, plan: Plan) -> None:
         if self.child is not None:  # its worker connections are made: they close with a reset even if
             self.child.reset_worker_connections()  # it dies with us (PDEATHSIG) in the middle of a request
-        self.ready_since = self.clock()
+        self._restarts.up()  # ready HEALTHY_RESET_S before a crash: the restart count starts again
         if self.sink is not None:
             self.sink.write(READINESS_MARK)
         self._set_phase("ready", f"{self.base_url} ctx {plan.ctx_tokens}")

@@ -30,6 +30,7 @@ import psutil
 from llamalaunch.errors import BadInputError, LaunchError, ToolchainError
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, PopenFactory, stop_on_signals
+from llamalaunch.launch.restart import RestartPolicy, Restarts
 from llamalaunch.options import DEFAULTS
 from llamalaunch.probe.device import Device
 
@@ -312,16 +313,14 @@ def describe_exit(returncode: int) -> str:
 class _Slot:
     """One worker's running child and its restart bookkeeping."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, policy: RestartPolicy) -> None:
         self.spec = spec
         self.child: Child | None = None
         self.events: queue.Queue[ChildEvent] = queue.Queue()
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
-        self.started_at = 0.0
         self.listening = False
         self.restart_at: float | None = None
-        self.restarts = 0
-        self.quick_failures = 0
+        self.restarts = Restarts(policy)
 
 
 class WorkerPool:
@@ -332,13 +331,11 @@ class WorkerPool:
                  backoff_initial_s: float = BACKOFF_INITIAL_S, backoff_max_s: float = BACKOFF_MAX_S,
                  stable_after_s: float = STABLE_AFTER_S, ready_timeout_s: float = READY_TIMEOUT_S,
                  popen: PopenFactory = subprocess.Popen) -> None:
-        self.slots = [_Slot(spec) for spec in specs]
+        # --max-restarts counts every restart of a worker, however long it ran
+        policy = RestartPolicy(backoff_initial_s, backoff_max_s, stable_after_s, max_restarts, limit_counts_all=True)
+        self.slots = [_Slot(spec, policy) for spec in specs]
         self.on_event = on_event
         self.notifier = notifier or Notifier()
-        self.max_restarts = max_restarts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.stable_after_s = stable_after_s
         self.ready_timeout_s = ready_timeout_s
         self.popen = popen
         self._stop = threading.Event()
@@ -362,7 +359,7 @@ class WorkerPool:
             found.append(WorkerState(slot.spec.label, slot.spec.description, slot.spec.endpoint,
                                      "127.0.0.1" if slot.spec.host == "0.0.0.0" else slot.spec.host,
                                      slot.spec.port, child.pid if child is not None and running else None,
-                                     running and slot.listening, slot.restarts))
+                                     running and slot.listening, slot.restarts.total))
         return tuple(found)
 
     def run(self) -> int:
@@ -389,7 +386,7 @@ class WorkerPool:
         slot.events = queue.Queue()
         # Started from the loop's own (main) thread: the parent-death signal follows the thread that forked.
         slot.child = Child(slot.spec.argv, env, slot.events, popen=self.popen)
-        slot.started_at = time.monotonic()
+        slot.restarts.up()  # up stable_after_s before it dies: the next backoff starts from the first delay
         slot.listening = False
         slot.restart_at = None
         where = f"{slot.spec.description} on {slot.spec.endpoint}"
@@ -446,25 +443,23 @@ class WorkerPool:
             self._schedule_restart(slot, exit_event, now)
         elif not slot.listening and slot.child is not None and _listening(slot.spec):
             slot.listening = True
-            where = f"{slot.spec.endpoint} (restart {slot.restarts})"
+            where = f"{slot.spec.endpoint} (restart {slot.restarts.total})"
             self.on_event(WorkerEvent("ready", slot.spec.label, where, slot.child.pid))
             self.notifier.status(f"{len(self.slots)} RPC worker(s): --rpc {self.rpc}; {slot.spec.label} "
-                                 f"restarted {slot.restarts}x")
+                                 f"restarted {slot.restarts.total}x")
 
     def _schedule_restart(self, slot: _Slot, exit_event: ChildExit, now: float) -> None:
         pid = slot.child.pid if slot.child else None
         self.on_event(WorkerEvent("exited", slot.spec.label, describe_exit(exit_event.returncode), pid))
-        if self.max_restarts is not None and slot.restarts >= self.max_restarts:
+        restart = slot.restarts.died()
+        if restart.delay_s is None:
             raise WorkerGaveUpError(f"{slot.spec.label} worker ({slot.spec.endpoint}) died "
-                                    f"{slot.restarts + 1} times, last {describe_exit(exit_event.returncode)}",
+                                    f"{restart.number} times, last {describe_exit(exit_event.returncode)}",
                                     "look at its output above; raise --max-restarts to keep trying")
-        ran_s = now - slot.started_at
-        slot.quick_failures = 1 if ran_s >= self.stable_after_s else slot.quick_failures + 1
-        delay = min(self.backoff_initial_s * 2 ** (slot.quick_failures - 1), self.backoff_max_s)
-        slot.restarts += 1
+        delay = restart.delay_s
         slot.child = None
         slot.restart_at = now + delay
-        when = f"in {delay:.1f} s (restart {slot.restarts})"
+        when = f"in {delay:.1f} s (restart {restart.number})"
         self.on_event(WorkerEvent("restarting", slot.spec.label, when))
         self.notifier.status(f"{slot.spec.label} worker died ({describe_exit(exit_event.returncode)}); "
                              f"restarting in {delay:.0f} s")

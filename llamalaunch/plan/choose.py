@@ -12,17 +12,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from llamalaunch.errors import PlanError
 from llamalaunch.model.estimate import Placement, SlotRange
+from llamalaunch.plan.search import Planner
 from llamalaunch.plan.speed import Alternative, SpeedEstimate, SpeedFigures, estimate_speed
 from llamalaunch.plan.split import Choice, Fitter, device_limit, drop_idle, output_device_orders
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
-
-if TYPE_CHECKING:  # the planner imports this module
-    from llamalaunch.plan.planner import Planner
 
 BETTER = 1.05  # a candidate must be 5% faster to displace the even-spare split (estimates are rough; a
 # loopback hop under load, for one, is not worth a device kept nearly full)

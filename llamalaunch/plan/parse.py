@@ -6,7 +6,7 @@ import socket
 from collections.abc import Sequence
 
 from llamalaunch.errors import BadInputError
-from llamalaunch.model.kv import CACHE_TYPES
+from llamalaunch.model.kv import CACHE_TYPES, check_cache_types
 from llamalaunch.options import DEFAULTS, checked
 from llamalaunch.plan.request import FLASH_ATTN, Request
 from llamalaunch.probe.assume import parse_device_sizes
@@ -79,8 +79,7 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
     if request.ctx_tokens is not None and request.ctx_tokens < request.ctx_min_tokens:
         raise BadInputError(f"--ctx {request.ctx_tokens} is below --ctx-min {request.ctx_min_tokens}",
                             "raise --ctx or lower --ctx-min")
-    if request.cache_type_v not in ("f16", "f32", "bf16") and request.flash_attn == "off":
-        raise BadInputError(f"a {request.cache_type_v} V cache needs flash attention", "drop -fa off")
+    check_cache_types(request)  # a quantized V cache needs flash attention: said before any model is read
     return request
 
 

@@ -36,8 +36,9 @@ from llamalaunch.plan.overheads import (
     planned_overheads,
     sources_for,
 )
-from llamalaunch.plan.planner import largest_fitting, make_plan
+from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
+from llamalaunch.plan.search import largest_fitting
 from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.plan.speed_args import SpeedArgs
 from llamalaunch.plan.split import CTX_STEP

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llamalaunch.model.ggml.types import is_known, type_block
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.request import Request
 from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
@@ -27,12 +28,11 @@ from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 if TYPE_CHECKING:  # model.estimate imports plan.types, which holds a SpeedEstimate
     from llamalaunch.model.estimate import Placement
 
-# Bits per weight of the bulk of a file type (for FLOPs from bytes); unknown types count as 4.5.
-_BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_0": 5.5, "Q5_1": 6.0,
-                    "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K_S": 4.6, "Q4_K_M": 4.85,
-                    "Q3_K_S": 3.5, "Q3_K_M": 3.9, "Q3_K_L": 4.3, "Q2_K": 3.35, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
-                    "MXFP4": 4.25}
-DEFAULT_BITS_PER_WEIGHT = 4.5
+# K-quant file types mix block types (more bits for some tensors): the mix's average bits per weight, which
+# no one ggml type's block gives (Q4_K_M: 4.85, its Q4_K blocks 4.5). Other file types: ggml/types.py.
+_MIX_BITS_PER_WEIGHT = {"Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q4_K_S": 4.6, "Q4_K_M": 4.85, "Q3_K_S": 3.5, "Q3_K_M": 3.9,
+                        "Q3_K_L": 4.3, "Q2_K": 3.35}
+DEFAULT_BITS_PER_WEIGHT = 4.5  # a file type of neither kind (IQ3_M, a guessed one)
 
 HOST_TO_GPU_BYTES_S = 25e9  # PCIe 4.0 x16 in practice: experts streamed to a GPU for a prompt ubatch
 LOCAL_HOP_S = 10e-6  # a copy between the host and a local GPU
@@ -87,7 +87,16 @@ class _Work:
 
 
 def bits_per_weight(profile: ModelProfile) -> float:
-    return _BITS_PER_WEIGHT.get(profile.file_type.upper(), DEFAULT_BITS_PER_WEIGHT)
+    """Bits per weight of the bulk of the file (for FLOPs from bytes): a K-quant mix's average, else the block
+    of the ggml type the file type names (Q8_0, F16; MXFP4_MOE: its MXFP4 experts)."""
+    name = profile.file_type.upper()
+    if name in _MIX_BITS_PER_WEIGHT:
+        return _MIX_BITS_PER_WEIGHT[name]
+    bulk = name.removesuffix("_MOE")
+    if not is_known(bulk):
+        return DEFAULT_BITS_PER_WEIGHT
+    elements, size = type_block(bulk)
+    return size * 8 / elements
 
 
 def default_fill(ctx_tokens: int) -> int:

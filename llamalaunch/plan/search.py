@@ -1,0 +1,229 @@
+"""The Planner: the context search and CPU spill around the placement search in split.py.
+
+make_plan (planner.py) turns its answer into a Plan; choose.py compares the placements it finds by speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import TypeVar
+
+from llamalaunch.errors import PlanError
+from llamalaunch.model.estimate import Estimate, Placement
+from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.costs import CostModel
+from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
+from llamalaunch.plan.request import Request
+from llamalaunch.plan.split import CTX_STEP, Choice, Fitter, choose_placement, device_limit, select_devices
+from llamalaunch.probe.device import Device
+from llamalaunch.units import format_bytes
+
+SPILL_CTX_FLOOR = 4096
+Found = TypeVar("Found")
+
+
+def round_ctx(tokens: int) -> int:
+    return -(-tokens // CTX_STEP) * CTX_STEP
+
+
+def largest_fitting(low: int, high: int, choose: Callable[[int], Found | None]) -> tuple[int, Found] | None:
+    """Largest ctx in [low, high] (multiples of 256) where `choose` finds a choice (fewer as ctx grows);
+    also whole plans (the draft model's context search, plan/pipeline.py)."""
+    low, high = round_ctx(low), round_ctx(high)
+    found = choose(low)
+    if found is None:
+        return None
+    best = (low, found)
+    top = choose(high)
+    if top is not None:
+        return high, top
+    while high - low > CTX_STEP:
+        middle = round_ctx((low + high) // 2)
+        if middle in (low, high):
+            break
+        choice = choose(middle)
+        if choice is None:
+            high = middle
+        else:
+            low, best = middle, (middle, choice)
+    return best
+
+
+class Planner:
+    """Plans for one model, device set and request; `overhead` is bytes per device name or backend."""
+
+    def __init__(self, profile: ModelProfile, devices: Sequence[Device], request: Request,
+                 overhead: Mapping[str, int] | None = None, host_free_bytes: int | None = None) -> None:
+        self.profile = profile
+        self.all_devices = tuple(devices)
+        self.request = request
+        self.overhead = dict(overhead or {})
+        self.devices = select_devices(devices, request)
+        self.host_free_bytes = host_free_bytes  # available host RAM; None: not known (plans do not check it)
+        experts = profile.expert_layers
+        # --cpu-experts N fixes which experts stay on the host; otherwise the plan decides (expert spill)
+        self.host_experts = forced_host_experts(experts, request.cpu_experts) if request.cpu_experts else frozenset()
+        self.spills_experts = bool(experts) and request.cpu_experts is None and request.n_gpu_layers is None
+
+    def costs(self, ctx_tokens: int, host_experts: frozenset[int] | None = None) -> CostModel:
+        host = self.host_experts if host_experts is None else host_experts
+        return CostModel(self.profile, self.request, ctx_tokens, self.overhead, host)
+
+    def choice_at(self, ctx_tokens: int, n_gpu_layers: int,
+                  host_experts: frozenset[int] | None = None) -> Choice | None:
+        fitter = Fitter(self.costs(ctx_tokens, host_experts), self.request)
+        return choose_placement(fitter, self.devices, n_gpu_layers) if self.devices else None
+
+    def expert_choice(self, ctx_tokens: int, refuse_host: bool = True) -> Choice | None:
+        """Every block on the devices, as many routed experts as fit there, the rest in host memory
+        (a host too small for them: PlanError, or None when not `refuse_host`)."""
+        every = frozenset(self.profile.expert_layers)
+        dense = self.choice_at(ctx_tokens, self.profile.n_slots, every)
+        if dense is None:
+            return None
+        choice = fill_experts(self.costs(ctx_tokens, every), dense)
+        _, estimate = self.placed(ctx_tokens, choice)
+        if any(estimate.devices[d.name].total_bytes > device_limit(d, self.request) for d in choice.order):
+            return None
+        host = estimate.host
+        if not host_within(self.request, self.host_free_bytes, host.total_bytes):
+            if not refuse_host:
+                return None
+            raise PlanError(*self.host_refusal(ctx_tokens, host.total_bytes))
+        return choice
+
+    def placed(self, ctx_tokens: int, choice: Choice) -> tuple[Placement, Estimate]:
+        """The choice's placement (the expert tensors of split blocks where it put them) and its estimate."""
+        costs = self.costs(ctx_tokens, choice.host_expert_layers)
+        placement = Fitter(costs, self.request).placement(choice.order, choice.counts, choice.n_gpu_layers)
+        placement = replace(placement, host_expert_parts=choice.host_expert_parts)
+        return placement, costs.estimate(placement)
+
+    def host_refusal(self, ctx_tokens: int, host_bytes: int) -> tuple[str, str]:
+        free = self.host_free_bytes or 0
+        return (f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} needs "
+                f"{format_bytes(host_bytes)} of host memory for the experts that do not fit on the devices "
+                f"and the host's buffers; {format_bytes(free)} is available",
+                # --ctx max tried every context already
+                "free host memory or add devices" if self.request.ctx_tokens is None
+                else "free host memory, add devices, or lower --ctx")
+
+    def largest_ctx(self, n_gpu_layers: int, low: int, high: int,
+                    host_experts: frozenset[int] | None = None) -> tuple[int, Choice] | None:
+        """Largest ctx in [low, high] (multiples of 256) that fits; feasibility falls as ctx grows."""
+        return largest_fitting(low, high, lambda ctx: self.choice_at(ctx, n_gpu_layers, host_experts))
+
+    def largest_expert_ctx(self, low: int, high: int) -> tuple[int, Choice] | None:
+        """--ctx max with experts spilled: the largest ctx whose experts left on the host fit its memory
+        (a smaller context leaves more room on the devices for experts)."""
+        return largest_fitting(low, high, lambda ctx: self.expert_choice(ctx, refuse_host=False))
+
+    def most_layers(self, ctx_tokens: int) -> Choice | None:
+        """CPU spill: the most trailing slots that fit at this ctx (bisection on -ngl)."""
+        low, high = 0, self.profile.n_slots
+        best: Choice | None = None
+        while low < high:
+            middle = (low + high + 1) // 2
+            choice = self.choice_at(ctx_tokens, middle)
+            if choice is None:
+                high = middle - 1
+            else:
+                low, best = middle, choice
+        return best
+
+    def ctx_ceiling(self) -> int:
+        return max(self.profile.n_ctx_train or CTX_STEP, self.request.ctx_min_tokens)
+
+    def solve(self) -> tuple[int, Choice]:
+        if not self.devices and self.request.devices is None:
+            return self.host_only()
+        full = self.profile.n_slots
+        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        if self.request.n_gpu_layers is not None:
+            full = min(self.request.n_gpu_layers, full)
+        if self.request.ctx_tokens is None:
+            found = self.largest_ctx(full, floor, self.ctx_ceiling())
+            if self.spills_experts and (found is None or found[0] < round_ctx(self.ctx_ceiling())):
+                # --ctx max: the largest context with dense parts and KV on the devices, then the experts
+                spilled = self.largest_ctx(full, floor, self.ctx_ceiling(), frozenset(self.profile.expert_layers))
+                if spilled is not None and (found is None or spilled[0] > found[0]):
+                    experts = self.largest_expert_ctx(found[0] if found else floor, spilled[0])
+                    if experts is not None and (found is None or experts[0] > found[0]):
+                        return experts
+                    if found is None:  # not even the smallest context leaves the host enough: say so
+                        self.expert_choice(floor)
+            if found is not None:
+                return found
+            # Spilling for --ctx max: a useful context (llama.cpp's --fit floor) rather than 256 tokens.
+            return self.spill_or_fail(round_ctx(max(floor, min(SPILL_CTX_FLOOR, self.ctx_ceiling()))))
+        ctx = round_ctx(self.request.ctx_tokens)
+        choice = self.choice_at(ctx, full)
+        if choice is None and self.spills_experts:
+            choice = self.expert_choice(ctx)
+        if choice is not None:
+            return ctx, choice
+        if self.request.ctx_is_target and ctx > floor:
+            found = self.largest_ctx(full, floor, ctx - CTX_STEP)
+            if found is None and self.spills_experts:
+                found = self.largest_ctx(full, floor, ctx - CTX_STEP, frozenset(self.profile.expert_layers))
+                choice = self.expert_choice(found[0]) if found is not None else None
+                found = (found[0], choice) if found is not None and choice is not None else None
+            if found is not None:
+                return found
+        return self.spill_or_fail(ctx)
+
+    def host_only(self) -> tuple[int, Choice]:
+        """No GPU and no worker: llama-server runs every layer on the CPU, as it would by itself."""
+        wanted = self.request.ctx_tokens or self.ctx_ceiling()
+        return round_ctx(wanted), Choice((), (), 0, {})
+
+    def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
+        if self.request.cpu_spill:
+            choice = self.most_layers(ctx_tokens)
+            if choice is not None and choice.n_gpu_layers > 0:
+                return ctx_tokens, choice
+        raise PlanError(*self.refusal(ctx_tokens))
+
+    def refusal(self, ctx_tokens: int) -> tuple[str, str]:
+        if not self.devices:
+            return "no device to place layers on", "give --rpc workers or --assume devices, or leave out -dev " \
+                "to run on the CPU"
+        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        # --ctx max found no context at all: the 4096 tried for CPU spill is not what the user asked for
+        where = f"at any context down to --ctx-min {floor} (--ctx max)" if self.request.ctx_tokens is None \
+            else f"at ctx {ctx_tokens}"
+        costs = CostModel(self.profile, self.request, ctx_tokens, self.overhead)
+        need = f"{self.profile.name or self.profile.arch} {where} does not fit on " + \
+            "; ".join(self.memory_account(device, costs) for device in self.devices)
+        layers = min(self.request.n_gpu_layers or self.profile.n_slots, self.profile.n_slots)
+        found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
+        if found is not None:
+            return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
+        spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
+        if spill is not None and spill.n_gpu_layers > 0:
+            return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: add " \
+                "--cpu-spill"
+        levers = [option for option, taken in self.takers(costs) if taken]
+        return need, "no layer fits even at the smallest context: free memory, add devices" + \
+            (f", or lower {' or '.join(levers)}" if levers else "")
+
+    def takers(self, costs: CostModel) -> list[tuple[str, bool]]:
+        """The options that set what is taken from the devices before the model, and whether any takes some."""
+        return [("--overhead", any(costs.overhead_bytes(d) for d in self.devices)),
+                ("--reserve", any(self.request.reserve_bytes.get(d.name) for d in self.devices)),
+                ("--margin", any(self.request.margin_for(d.free_bytes) for d in self.devices))]
+
+    def memory_account(self, device: Device, costs: CostModel) -> str:
+        """'CUDA0: 300.0 MiB free - 640.0 MiB CUDA overhead (--overhead) - 15.0 MiB margin (--margin) = nothing
+        left': what took the device's memory before the model's layers, KV cache and compute buffer."""
+        budget = self.request.budget_bytes.get(device.name)
+        usable = min(device.free_bytes, device.free_bytes if budget is None else budget)
+        start = f"{format_bytes(device.free_bytes)} free" if usable == device.free_bytes else \
+            f"{format_bytes(usable)} budget (--budget) of {format_bytes(device.free_bytes)} free"
+        taken = [(costs.overhead_bytes(device), f"{device.backend} overhead (--overhead)"),
+                 (self.request.reserve_bytes.get(device.name, 0), "reserved (--reserve, --mmproj, --draft)"),
+                 (self.request.margin_for(usable), "margin (--margin)")]
+        left = device_limit(device, self.request) - costs.overhead_bytes(device)
+        steps = "".join(f" - {format_bytes(size)} {what}" for size, what in taken if size)
+        return f"{device.name}: {start}{steps} = " + (f"{format_bytes(left)} left" if left > 0 else "nothing left")
