@@ -105,6 +105,8 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
 
 def calibrate_first_sight(devices: Sequence[Any], server: Path | None) -> list[str]:
     """PlanInputs' calibration of devices seen for the first time: a short llama-server load (launch/)."""
+    if not devices:  # what-if devices and ones tried already: launch/ is not imported for nothing
+        return []
     from llamalaunch.launch.calibrate import calibrate_new
 
     return calibrate_new(devices, server)
@@ -217,14 +219,17 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
                                               "it allocates (exit 1 out of tolerance).")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
-    from llamalaunch.launch.measure import verify_plan
     from llamalaunch.model.compare import within_tolerance
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
     inputs = plan_inputs(ctx_)
     result = inputs.plan()
-    checked = verify_plan(inputs, result) if verify else None
+    checked = None
+    if verify:
+        from llamalaunch.launch.measure import verify_plan  # starts llama-server: launch/ only for --verify
+
+        checked = verify_plan(inputs, result)
     if as_json:
         print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
