@@ -308,7 +308,8 @@ def main() -> None:
     try:
         only_the_invoked(app, sys.argv[1:])()
     finally:
-        # On the way out: what is left needs no collection to be freed at exit (~10 ms of a short command).
+        # The process ends here (typer exits): what is left needs no collection on the way out, which
+        # otherwise walks every object twice (~10 ms of a short command).
         gc.freeze()
 
 
