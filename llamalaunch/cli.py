@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -10,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
+from typer.main import get_command_name
 
 from llamalaunch import cli_ops, cli_status, cli_values
 from llamalaunch.cli_common import chosen_model, err, opt, out, print_json, reports_errors
@@ -105,6 +109,8 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
 
 def calibrate_first_sight(devices: Sequence[Any], server: Path | None) -> list[str]:
     """PlanInputs' calibration of devices seen for the first time: a short llama-server load (launch/)."""
+    if not devices:  # what-if devices and ones tried already: launch/ is not imported for nothing
+        return []
     from llamalaunch.launch.calibrate import calibrate_new
 
     return calibrate_new(devices, server)
@@ -217,14 +223,17 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
                                               "it allocates (exit 1 out of tolerance).")] = False,
          config: ConfigOpt = None) -> None:
     """Show where every layer and buffer would go, and the exact llama-server command line."""
-    from llamalaunch.launch.measure import verify_plan
     from llamalaunch.model.compare import within_tolerance
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
     inputs = plan_inputs(ctx_)
     result = inputs.plan()
-    checked = verify_plan(inputs, result) if verify else None
+    checked = None
+    if verify:
+        from llamalaunch.launch.measure import verify_plan  # starts llama-server: launch/ only for --verify
+
+        checked = verify_plan(inputs, result)
     if as_json:
         print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
@@ -296,7 +305,53 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
 
 
 def main() -> None:
-    app()
+    try:
+        only_the_invoked(app, sys.argv[1:])()
+    finally:
+        # A short command ends here (typer exits): what is left needs no collection on the way out, which
+        # otherwise walks every object twice (~10 ms). Long-running ones keep the usual finalization.
+        if invoked_name(sys.argv[1:]) not in LONG_RUNNING:
+            gc.freeze()
+
+
+LONG_RUNNING = ("serve", "worker")
+# Root options that take a value: the word after them is not a command's name.
+ROOT_VALUE_OPTIONS = ("--config",)
+# Commands that read their siblings' click commands (systemd checks serve's or worker's options).
+NEEDS_SIBLINGS = ("systemd",)
+
+
+def only_the_invoked(typer_app: typer.Typer, args: Sequence[str]) -> typer.Typer:
+    """`typer_app` with only the command `args` invoke: typer builds the click command of every command it
+    holds (~10 ms, on every start). The whole app where the command is not clear-cut (help, --version,
+    an unknown name, shell completion) or needs its siblings."""
+    name = invoked_name(args)
+    if name is None or name in NEEDS_SIBLINGS or any(k.startswith("_") and k.endswith("_COMPLETE")
+                                                     for k in os.environ):
+        return typer_app
+    commands = [info for info in typer_app.registered_commands
+                if (info.name or get_command_name(getattr(info.callback, "__name__", ""))) == name]
+    groups = [info for info in typer_app.registered_groups if info.name == name]
+    if len(commands) + len(groups) != 1:
+        return typer_app
+    narrowed = copy.copy(typer_app)
+    narrowed.registered_commands, narrowed.registered_groups = commands, groups
+    return narrowed
+
+
+def invoked_name(args: Sequence[str]) -> str | None:
+    """The first word of `args` that is not a root option or its value: the command's name, if any."""
+    words = iter(args)
+    for word in words:
+        if word in ROOT_VALUE_OPTIONS:
+            next(words, None)
+        elif word.startswith(tuple(f"{option}=" for option in ROOT_VALUE_OPTIONS)):
+            continue
+        elif word.startswith("-"):
+            return None  # --help, --version, completion options, `--` or an unknown one: typer decides
+        else:
+            return word
+    return None
 
 
 cli_ops.register(app)

@@ -12,7 +12,7 @@ checked here, so a typo fails at once, naming the file and the key.
 
 from __future__ import annotations
 
-import difflib
+import functools
 import os
 import shlex
 import sys
@@ -22,20 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.model.kv import CACHE_TYPES
 from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, options_of
 from llamalaunch.paths import config_dir
-from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
-from llamalaunch.plan.request import FLASH_ATTN
-from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
-from llamalaunch.probe.assume import canonical_device_name, parse_assumptions, parse_device_sizes
-from llamalaunch.probe.inventory import split_endpoints
-from llamalaunch.units import parse_tokens
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 CONFIG_ENV = "LLAMALAUNCH_CONFIG"
 DEFAULT_PROFILE = "config.toml"
@@ -51,6 +39,8 @@ def _check_choice(allowed: Sequence[str]) -> Callable[[Any], object]:
 
 
 def _check_device_names(value: Any) -> None:
+    from llamalaunch.probe.assume import canonical_device_name
+
     names = value.split(",") if isinstance(value, str) else value
     for name in names:
         canonical_device_name(name, "device name")
@@ -64,27 +54,40 @@ def _check_gpus(value: Any) -> None:
         raise BadInputError(f"{value!r} is not all, cpu or a list of GPU indices like 0,2")
 
 
-# How a value is checked beyond its kind and bounds: each raises BadInputError for a bad value.
-CHECKS: Mapping[str, Callable[[Any], object]] = {
-    "ctx": parse_ctx,
-    "ctx_min": parse_tokens,
-    "cache_type_k": _check_choice(CACHE_TYPES),
-    "cache_type_v": _check_choice(CACHE_TYPES),
-    "flash_attn": _check_choice(FLASH_ATTN),
-    "rpc": split_endpoints,
-    "assume": lambda values: parse_assumptions(values),
-    "device": lambda value: _check_device_names(split_names(value) or ()),
-    "exclude": _check_device_names,
-    "reserve": lambda values: parse_device_sizes(values, "reserve"),
-    "budget": lambda values: parse_device_sizes(values, "budget"),
-    "margin": parse_margin,
-    "prefer": _check_choice(("context", "speed")),
-    "link": lambda values: parse_links(values),
-    "device_speed": lambda values: parse_device_speeds(values),
-    "fill": parse_fill,
-    "overhead": lambda values: parse_device_sizes(values, "overhead"),
-    "worker.gpus": _check_gpus,
-}
+@functools.cache
+def checks() -> Mapping[str, Callable[[Any], object]]:
+    """How a value is checked beyond its kind and bounds: each raises BadInputError for a bad value.
+    Built when a profile or a LLAMALAUNCH_* option is first read: the parsers are not imported for nothing."""
+    from llamalaunch.model.kv import CACHE_TYPES
+    from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
+    from llamalaunch.plan.request import FLASH_ATTN
+    from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
+    from llamalaunch.probe.assume import parse_assumptions, parse_device_sizes
+    from llamalaunch.probe.inventory import split_endpoints
+    from llamalaunch.units import parse_tokens
+
+    return {
+        "ctx": parse_ctx,
+        "ctx_min": parse_tokens,
+        "cache_type_k": _check_choice(CACHE_TYPES),
+        "cache_type_v": _check_choice(CACHE_TYPES),
+        "flash_attn": _check_choice(FLASH_ATTN),
+        "rpc": split_endpoints,
+        "assume": lambda values: parse_assumptions(values),
+        "device": lambda value: _check_device_names(split_names(value) or ()),
+        "exclude": _check_device_names,
+        "reserve": lambda values: parse_device_sizes(values, "reserve"),
+        "budget": lambda values: parse_device_sizes(values, "budget"),
+        "margin": parse_margin,
+        "prefer": _check_choice(("context", "speed")),
+        "link": lambda values: parse_links(values),
+        "device_speed": lambda values: parse_device_speeds(values),
+        "fill": parse_fill,
+        "overhead": lambda values: parse_device_sizes(values, "overhead"),
+        "worker.gpus": _check_gpus,
+    }
+
+
 # Spellings people will type for a key: llama-server's long option names.
 ALIASES = {"ctx_size": "ctx", "batch_size": "batch", "ubatch_size": "ubatch", "n_gpu_layers": "gpu_layers",
            "devices": "device", "gpu_layers_count": "gpu_layers", "parallel_slots": "parallel"}
@@ -134,6 +137,10 @@ def load_profile(path: Path) -> Profile:
         BadInputError: the file is missing or not TOML, or a key is unknown or has a bad value; the
             message names the file and the key, the hint what is allowed.
     """
+    if sys.version_info >= (3, 11):  # here: no profile, no TOML parser imported
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
     try:
         data = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -187,6 +194,8 @@ def _known_key(name: str, where: str) -> Option:
     if full in OPTIONS_BY_NAME:
         return OPTIONS_BY_NAME[full]
     choices = [key.param for key in OPTIONS if key.section == section]
+    import difflib
+
     close = difflib.get_close_matches(bare, choices, n=1)
     where_keys = f" in the {section} table" if section else ""
     hint = f"did you mean {close[0]!r}?" if close else f"allowed keys{where_keys}: " + ", ".join(choices)
@@ -206,7 +215,7 @@ def _convert(key: Option, raw: Any, where: str, base: Path | None, from_env: boo
         raise _bad(key, raw, where) from None
     if key.bounds is not None and key.out_of_bounds(value):
         raise _bad(key, raw, where, "out of range")
-    check = CHECKS.get(key.name)
+    check = checks().get(key.name)
     if check is not None:
         try:
             check(value)

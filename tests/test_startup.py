@@ -20,13 +20,14 @@ from typer._coercion import build_runtime_param, resolve_type_descriptor
 from typer.models import OptionInfo
 from typer.testing import CliRunner
 
-from llamalaunch.cli import OneLineUsageErrors
+from llamalaunch.cli import OneLineUsageErrors, app, only_the_invoked
 from llamalaunch.cli_values import _NOT_PLAIN, plain_value
 from llamalaunch.model import gguf_header
 from llamalaunch.probe.host import linux_memory, probe_host
 from llamalaunch.toolchain import demo, discover
 from tests.serve_support import ServeRun
 from tests.synthetic import write_preset
+from tests.test_help import PATHS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Packages `plan --json` for what-if devices never needs: the rich tables, psutil and NVML (it probes
@@ -45,11 +46,68 @@ def imported_by(argv: list[str]) -> tuple[set[str], str]:
     return {name.split(".")[0] for name in IMPORTED.findall(done.stderr)}, done.stdout
 
 
+def modules_imported_by(argv: list[str], drop_env: tuple[str, ...] = ()) -> tuple[set[str], str]:
+    """Every module a fresh `python -m llamalaunch ARGV` has imported when it exits, and its stdout
+    (sys.modules: -X importtime does not see importlib.import_module)."""
+    env = {key: value for key, value in os.environ.items()
+           if key != "PYTHONDONTWRITEBYTECODE" and key not in drop_env}
+    at_exit = ("import atexit, runpy, sys; atexit.register(lambda: print(*sys.modules, file=sys.stderr)); "
+               "runpy.run_module('llamalaunch', run_name='__main__', alter_sys=True)")
+    done = subprocess.run([sys.executable, "-c", at_exit, *argv], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(done.stderr.split()), done.stdout
+
+
 def test_plan_json_for_what_if_devices_imports_none_of_the_heavy_packages(tmp_path: Path) -> None:
     model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
     packages, stdout = imported_by(["plan", str(model), "--assume", "CUDA0=8GiB", "--json"])
     assert json.loads(stdout)["schema"] == 1
     assert sorted(packages.intersection(NOT_ON_THE_PLAN_PATH)) == []
+
+
+def test_plan_json_for_what_if_devices_imports_what_it_uses(tmp_path: Path) -> None:
+    """One graph family (the model's), no NVML or RPC protocol (nothing is probed), nothing of launch/ (no
+    device to calibrate: the default --calibrate on, as users run it), no TOML parser (no profile)."""
+    model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
+    modules, stdout = modules_imported_by(["plan", str(model), "--assume", "CUDA0=8GiB", "--json"],
+                                          drop_env=("LLAMALAUNCH_CALIBRATE",))
+    assert json.loads(stdout)["schema"] == 1
+    graphs = "llamalaunch.model.ggml.graphs."
+    assert sorted(name for name in modules if name.startswith(graphs)) == [f"{graphs}base", f"{graphs}llama"]
+    unused = {"llamalaunch.probe.nvml", "llamalaunch.probe.gpus", "llamalaunch.probe.rpc", "llamalaunch.launch",
+              "tomllib", "socket"}
+    assert sorted(modules & unused) == []
+
+
+def test_every_graph_family_is_found_where_the_table_says() -> None:
+    from llamalaunch.model.ggml.graphs import BUILDERS, Builder
+
+    assert all(issubclass(BUILDERS[arch], Builder) for arch in BUILDERS)  # type: ignore[arg-type]
+    assert "llama" in BUILDERS and "nosuch" not in BUILDERS and BUILDERS.get("nosuch") is None
+
+
+def test_only_the_invoked_command_is_built() -> None:
+    def built(args: list[str]) -> list[str]:
+        return sorted(typer.main.get_command(only_the_invoked(app, args)).commands)  # type: ignore[attr-defined]
+
+    everything = built([])
+    assert built(["--config", "my.toml", "plan", "m.gguf", "--json"]) == ["plan"]
+    assert built(["--config=my.toml", "toolchain", "install"]) == ["toolchain"]
+    assert built(["status", "--help"]) == ["status"]
+    # help and --version, an unknown or misspelt name, and systemd (it parses serve's options): everything
+    for args in (["--help"], ["--version"], ["plna"], ["systemd", "server", "--", "--ctx", "4k"], ["--", "x"]):
+        assert built(args) == everything
+    assert len(everything) > 5
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda path: " ".join(path) or "llamalaunch")
+def test_a_command_built_alone_says_what_the_whole_app_says(path: tuple[str, ...]) -> None:
+    runner = CliRunner()
+    for args in ([*path, "--help"], [*path, "--no-such-option"]):
+        whole = runner.invoke(app, args, env={"COLUMNS": "120"}, prog_name="llamalaunch")
+        alone = runner.invoke(only_the_invoked(app, args), args, env={"COLUMNS": "120"}, prog_name="llamalaunch")
+        assert (alone.exit_code, alone.stdout, alone.stderr) == (whole.exit_code, whole.stdout, whole.stderr)
 
 
 def test_options_given_as_numbers_need_no_pydantic_either(tmp_path: Path) -> None:

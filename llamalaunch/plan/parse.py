@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 
 from llamalaunch.errors import BadInputError
@@ -26,6 +25,8 @@ def parse_choice(value: str, allowed: Sequence[str], option: str) -> str:
 
 def parse_listen_host(host: str) -> str:
     """--host for llama-server: an address or a name that resolves (llama-server binds it by getaddrinfo)."""
+    import socket  # here: serve's check; plans need no sockets
+
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):

@@ -13,24 +13,17 @@ import subprocess
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from llamalaunch.errors import BadInputError, ProbeError, ToolchainError
 from llamalaunch.probe.assume import parse_assumptions
 from llamalaunch.probe.device import Device, HostMemory
-from llamalaunch.probe.gpus import probe_local_gpus
 from llamalaunch.probe.host import probe_host
-from llamalaunch.probe.nvml import NvmlGpu, read_nvml_gpus
-from llamalaunch.probe.rpc import (
-    RpcProbeError,
-    WorkerBusyError,
-    WorkerReport,
-    describe_holder,
-    holder_of,
-    parse_endpoint,
-    probe_worker,
-)
 from llamalaunch.units import MIB
+
+if TYPE_CHECKING:  # NVML and the RPC protocol are imported where a real probe needs them (not what-if plans)
+    from llamalaunch.probe.nvml import NvmlGpu
+    from llamalaunch.probe.rpc import WorkerBusyError, WorkerReport
 
 BUSY_NOTE = "busy serving another client"
 
@@ -58,6 +51,8 @@ def split_endpoints(rpc: Sequence[str]) -> tuple[str, ...]:
         if not value.replace(",", "").strip():
             raise BadInputError(f"--rpc {value!r} names no worker", "give HOST:PORT, like --rpc 127.0.0.1:50052")
     endpoints = tuple(part.strip() for value in rpc for part in value.split(",") if part.strip())
+    if endpoints:
+        from llamalaunch.probe.rpc import parse_endpoint
     for endpoint in endpoints:
         parse_endpoint(endpoint)
     repeated = sorted({endpoint for endpoint in endpoints if endpoints.count(endpoint) > 1})
@@ -68,7 +63,7 @@ def split_endpoints(rpc: Sequence[str]) -> tuple[str, ...]:
 
 def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpus: bool = True,
                   connect_timeout_s: float = 1.0, reply_timeout_s: float = 2.0,
-                  read_gpus: Callable[[], Sequence[NvmlGpu]] = read_nvml_gpus) -> Inventory:
+                  read_gpus: Callable[[], Sequence[NvmlGpu]] | None = None) -> Inventory:
     """Probe RPC workers, local GPUs and host RAM; with `assume`, probe nothing but host RAM (what-if).
 
     Raises ProbeError for a worker that is down or broken (named, with the fix); a busy worker is not
@@ -81,7 +76,10 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
     devices, problems = _rpc_devices(endpoints, outcomes)
     notes: list[str] = []
     if local_gpus:
-        gpus = probe_local_gpus(read_gpus)
+        from llamalaunch.probe.gpus import probe_local_gpus
+        from llamalaunch.probe.nvml import read_nvml_gpus
+
+        gpus = probe_local_gpus(read_gpus or read_nvml_gpus)
         devices += [dataclasses.replace(gpu, order=len(devices) + gpu.order) for gpu in gpus.devices]
         if gpus.reason:
             notes.append(f"local GPUs: {gpus.reason}")
@@ -110,6 +108,8 @@ def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,
         return []
     from concurrent.futures import ThreadPoolExecutor  # here: what-if planning probes no worker
 
+    from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError, probe_worker
+
     def probe(endpoint: str) -> WorkerReport | RpcProbeError:
         try:
             return probe_worker(endpoint, connect_timeout_s, reply_timeout_s)
@@ -126,6 +126,8 @@ def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,
 
 def _rpc_devices(endpoints: Sequence[str],
                  outcomes: Sequence[WorkerReport | WorkerBusyError]) -> tuple[list[Device], list[str]]:
+    from llamalaunch.probe.rpc import WorkerBusyError
+
     devices: list[Device] = []
     problems: list[str] = []
     for position, (endpoint, outcome) in enumerate(zip(endpoints, outcomes, strict=True)):
@@ -169,6 +171,8 @@ def refuse_busy_workers(inventory: Inventory) -> None:
     """
     if not inventory.unknown_memory:
         return
+    from llamalaunch.probe.rpc import WorkerBusyError, describe_holder
+
     device = inventory.device(inventory.unknown_memory[0])
     assert device.endpoint is not None
     raise WorkerBusyError(device.endpoint, f"{device.name} is serving another client "
@@ -180,6 +184,8 @@ def refuse_busy_workers(inventory: Inventory) -> None:
 def held_elsewhere(devices: Sequence[Device], ignore_pids: Collection[int]) -> str:
     """"RPC0 127.0.0.1:50052 is serving another client (python3, pid 4242)" for each worker this machine
     sees held by a client not in `ignore_pids` (joined by "; "); "" when none is."""
+    from llamalaunch.probe.rpc import holder_of
+
     said: dict[str, str] = {}
     for device in devices:
         if device.endpoint and device.endpoint not in said:
@@ -216,6 +222,8 @@ def list_devices_from_binary(server: Path, rpc: Sequence[str], timeout_s: float 
     Each worker is probed first: llama-server would hang on a busy worker, and killing it then would
     close a socket with a pending HELLO, which kills the worker (SIGPIPE).
     """
+    from llamalaunch.probe.rpc import probe_worker
+
     endpoints = split_endpoints(rpc)
     for endpoint in endpoints:
         probe_worker(endpoint, reply_timeout_s=reply_timeout_s)  # raises WorkerBusyError before we risk it
