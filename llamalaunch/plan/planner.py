@@ -85,8 +85,9 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
 
 def expert_note(profile: ModelProfile, choice: Choice, argv: Sequence[str]) -> str:
     held = len(choice.host_expert_layers)
-    how = "loaded into pinned memory (-lm none: faster prompts than the file mapping)" if "-lm" in argv \
-        else "read through the file mapping"
+    # measured on an H100 (bench/results/h100-2026-12-07*): prompts ~2x, generation 4-6% less, load slower
+    how = ("loaded into pinned memory (-lm none: about twice the prompt speed of the file mapping, a few per "
+           "cent less generation, a slower load)") if "-lm" in argv else "read through the file mapping"
     split = sorted({il for il, _ in choice.host_expert_parts})
     partly = f" (and part of block {', '.join(map(str, split))}'s)" if split else ""
     return (f"experts of {held} of {len(profile.expert_layers)} MoE layers{partly} stay in host memory, {how}; "
