@@ -267,6 +267,7 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
         with target.make_context(command, list(args), parent=root) as sub:
             if choose_model:
                 chosen_model(sub)
+            _check_values(command, sub)
             return dict(sub.params)
     except typer.Exit:
         return {}
@@ -276,6 +277,18 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         raise BadInputError(f"{command} options for the unit: {message}",
                             f"check them with `llamalaunch {command} --help`") from None
+
+
+def _check_values(command: str, sub: Any) -> None:
+    """What the command checks when it starts (bounds, values, serve's arguments after --): at boot a bad
+    value would only show in the journal."""
+    from llamalaunch.config import check_values
+
+    check_values(command, sub.params)
+    if command == "serve":
+        from llamalaunch.launch.serve import check_extra_args
+
+        check_extra_args(sub.args, bool(sub.params.get("force")))
 
 
 # --- registration -------------------------------------------------------------------------------------

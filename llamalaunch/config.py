@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, options_of
+from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, check_params, options_of
 from llamalaunch.paths import config_dir
 
 CONFIG_ENV = "LLAMALAUNCH_CONFIG"
@@ -86,6 +86,21 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
         "overhead": lambda values: parse_device_sizes(values, "overhead"),
         "worker.gpus": _check_gpus,
     }
+
+
+def check_values(command: str, params: Mapping[str, Any]) -> None:
+    """`command`'s parsed options as the command itself would check them when it runs: bounds, then each
+    value's own check (a context, a size, a device name). For `systemd`, whose unit runs them at boot.
+
+    Raises:
+        BadInputError: the first bad value, in the command's own words ("context '0' is out of range").
+    """
+    check_params(command, params)
+    for option in options_of(command):
+        value = params.get(option.param)
+        check = checks().get(option.name)
+        if check is not None and value not in (None, option.default, [], ()):
+            check(value)
 
 
 # Spellings people will type for a key: llama-server's long option names.

@@ -169,6 +169,24 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
     assert result.exit_code == 2 and message in result.stderr, result.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["server", "--demo", "--ctx", "0"], "context '0' is out of range (give a positive count up to 1024m)"),
+    (["server", "--demo", "-np", "0"], "-np/--parallel 0 is out of range (give a value from 1 to 256)"),
+    (["server", "--demo", "--port", "70000"], "--port 70000 is out of range (give a value from 0 to 65535)"),
+    (["server", "--demo", "--assume", "CUDA0=lots"],
+     "--assume CUDA0 free size 'lots' is not a size (write it like 6GiB, 6144MiB, 1.5G or 512M)"),
+    (["server", "--demo", "--", "-ngl", "3"],
+     "-ngl after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, --budget ...) or add "
+     "--force)"),
+    (["worker", "--port-base", "0"], "--port-base 0 is out of range (give a value from 1 to 65535)"),
+])
+def test_systemd_refuses_values_serve_or_worker_would_refuse_at_boot(app: typer.Typer, args: list[str],
+                                                                     message: str) -> None:
+    """A unit that could only fail in the journal is not written: the command's own checks run now."""
+    result = invoke(app, ["systemd", *args])
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"error: {message}\n")
+
+
 def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit starts at boot from its own folder and /tmp: every path is absolute and checked now."""
