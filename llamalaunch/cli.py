@@ -227,7 +227,7 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
-    inputs = plan_inputs(ctx_)
+    inputs = plan_inputs(ctx_, need_toolchain=verify)  # --verify without llama-server: say why it is missing
     result = inputs.plan()
     checked = None
     if verify:

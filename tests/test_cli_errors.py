@@ -236,6 +236,35 @@ def test_serve_with_a_missing_binary_names_the_install(invoke: Invoke, home: Pat
     assert_nothing_written(home)
 
 
+def test_a_missing_binary_given_for_a_what_if_plan_is_an_error_naming_that_path(
+        invoke: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan for what-if devices needs no llama-server, but a wrong path the user typed is a typo to fix (it
+    was a note under the table), and the fix is that path, not the way to give one."""
+    missing = tmp_path / "nope" / "llama-server"
+    outcome = invoke("plan", "MODEL", "--assume", "CUDA0=8GiB", "--llama-server", str(missing))
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {missing} given by --llama-server does not exist (fix the path given by "
+                              "--llama-server, or drop it to use the one found on PATH or built by `llamalaunch "
+                              "toolchain install`)\n")
+    monkeypatch.setenv("LLAMALAUNCH_LLAMA_SERVER", str(missing))  # the variable's value reaches the option
+    outcome = invoke("toolchain")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr.startswith(f"error: {missing} given by LLAMALAUNCH_LLAMA_SERVER does not exist (fix the "
+                                     "path given by LLAMALAUNCH_LLAMA_SERVER, or drop it"), outcome
+
+
+def test_plan_verify_without_a_toolchain_says_where_it_looked(invoke: Invoke, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the bare "--verify needs llama-server": the search that failed, and how to install one."""
+    monkeypatch.setenv("LLAMALAUNCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    outcome = invoke("plan", "MODEL", "--assume", "CUDA0=8GiB", "--verify")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == ("error: llama-server not found (searched --llama-server, LLAMALAUNCH_LLAMA_SERVER, "
+                              f"the config file, PATH and {tmp_path / 'cache' / 'llama.cpp'}) (run `llamalaunch "
+                              "toolchain install` (or pass `--llama-server PATH` / set LLAMALAUNCH_LLAMA_SERVER))\n")
+
+
 # --- the real entry point --------------------------------------------------------------------------
 
 

@@ -96,7 +96,7 @@ class PlanInputs:
         try:
             toolchain: Toolchain | None = find_toolchain(llama_server)
         except ToolchainError as error:
-            if need_toolchain:
+            if need_toolchain or llama_server:  # a path the user gave is a typo to fix, not a note
                 raise
             toolchain = None
             problems.append(f"{error}; the command line assumes a current llama-server")
