@@ -162,7 +162,8 @@ def load_profile(path: Path) -> Profile:
         raise BadInputError(f"config file {path} does not exist",
                             f"check the path given with --config or {CONFIG_ENV}") from None
     except OSError as error:
-        raise BadInputError(f"cannot read config file {path}: {error.strerror}") from None
+        raise BadInputError(f"cannot read config file {path}: {error.strerror}",
+                            f"give --config or {CONFIG_ENV} a TOML file (examples in configs/)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise BadInputError(f"{path} is not valid TOML: {error}", "see the examples in configs/") from None
     base = path.expanduser().resolve().parent

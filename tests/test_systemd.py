@@ -241,6 +241,16 @@ def test_install_writes_the_unit_and_says_what_to_run(app: typer.Typer, user: bo
     assert ("loginctl enable-linger" in result.stdout) == user
 
 
+def test_install_into_a_file_says_how_to_fix_it(app: typer.Typer, tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("mine\n")
+    result = invoke(app, ["systemd", "worker", "--install", "--unit-dir", str(taken)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (f"error: cannot write units to {taken}: File exists (give --unit-dir a folder you can "
+                             "write to, or leave it out for systemd's)\n")
+    assert taken.read_text() == "mine\n"
+
+
 # --- systemd's verdict -------------------------------------------------------------------------------------
 
 

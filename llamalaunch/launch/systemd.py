@@ -305,7 +305,8 @@ def install(units: Sequence[UnitFile], folder: Path) -> list[Path]:
         raise LaunchError(f"cannot write units to {folder}: permission denied",
                           "run it with sudo for a system unit, or add --user for a user unit") from None
     except OSError as error:
-        raise LaunchError(f"cannot write units to {folder}: {error.strerror}") from None
+        raise LaunchError(f"cannot write units to {folder}: {error.strerror}",
+                          "give --unit-dir a folder you can write to, or leave it out for systemd's") from None
     return written
 
 
