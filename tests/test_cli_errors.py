@@ -136,6 +136,8 @@ BAD_INPUT = {
     "rpc empty list": (("plan", "MODEL", "--rpc", ","), ["--rpc ',' names no worker", "HOST:PORT"]),
     "rpc empty": (("devices", "--rpc", " "), ["--rpc ' ' names no worker"]),
     "rpc nonsense": (("plan", "MODEL", "--rpc", "nonsense"), ["'nonsense'", "HOST:PORT"]),
+    "rpc port out of range": (("devices", "--rpc", "127.0.0.1:99999"), ["port 99999 is out of range", "1 to 65535"]),
+    "rpc port 0": (("devices", "--rpc", "127.0.0.1:0"), ["port 0 is out of range"]),
     "unknown option": ((*PLAN, "--frobnicate"), ["--frobnicate", "--help"]),
     "option without value": ((*PLAN, "--ctx"), ["--ctx"]),
     "unknown command": (("frobnicate",), ["frobnicate", "--help"]),
