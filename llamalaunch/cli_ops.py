@@ -23,6 +23,7 @@ from llamalaunch.options import COMMANDS, check_params
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
 _REGISTERED = "_llamalaunch_ops_registered"
+TAKES_NO_OPTIONS = ("status", "demo")  # commands no profile key or LLAMALAUNCH_* option applies to
 
 
 # --- --config ---------------------------------------------------------------------------------------
@@ -56,6 +57,8 @@ def root_callback(ctx: typer.Context,
                       "--version", help="Print llamalaunch's version and exit.", is_eager=True,
                       callback=_on_version_option)] = False
                   ) -> None:
+    if config is None and ctx.invoked_subcommand in TAKES_NO_OPTIONS:
+        return  # a bad LLAMALAUNCH_CTX in the shell must not keep `status` from a running server
     apply_profile(ctx, config)
 
 
