@@ -162,6 +162,8 @@ BAD_INPUT = {
     "serve planned flag after --": ((*SERVE, "--", "-ngl", "5"), ["-ngl", "--force"]),
     "serve own expert placement after --": ((*SERVE, "--", "--n-cpu-moe", "5"), ["--n-cpu-moe", "--force"]),
     "serve cpu-experts negative": ((*SERVE, "--cpu-experts", "-1"), ["--cpu-experts"]),
+    "cpu-experts of a dense model": ((*PLAN, "--cpu-experts", "5"), ["--cpu-experts 5", "no routed experts",
+                                                                      "drop --cpu-experts"]),
     # after --, a word is llama-server's even with --demo: never taken for the MODEL argument
     "serve demo planned flag after --": (("serve", *SERVE[2:], "--demo", "--", "-ngl", "5"), ["-ngl", "--force"]),
 }
