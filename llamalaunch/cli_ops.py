@@ -290,8 +290,16 @@ def _check_values(command: str, sub: Any) -> None:
     check_values(command, sub.params)
     if command == "serve":
         from llamalaunch.launch.serve import check_extra_args
+        from llamalaunch.launch.state import state_path
+        from llamalaunch.plan.parse import parse_listen_host
 
         check_extra_args(sub.args, bool(sub.params.get("force")))
+        parse_listen_host(sub.params["host"])
+        state_path(sub.params["name"])  # the run name must make a file name
+    else:
+        from llamalaunch.launch.worker import check_host
+
+        check_host(sub.params["host"])
 
 
 # --- registration -------------------------------------------------------------------------------------

@@ -179,6 +179,10 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
      "-ngl after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, --budget ...) or add "
      "--force)"),
     (["worker", "--port-base", "0"], "--port-base 0 is out of range (give a value from 1 to 65535)"),
+    (["worker", "--host", "myhost"], "--host 'myhost' is not an IPv4 address (ggml-rpc-server binds an IPv4 "
+                                     "address: 127.0.0.1, a LAN address, or 0.0.0.0)"),
+    (["server", "--demo", "--name", "../x"], "run name '../x' is not usable as a file name (use letters, digits, "
+                                             "- and _)"),
 ])
 def test_systemd_refuses_values_serve_or_worker_would_refuse_at_boot(app: typer.Typer, args: list[str],
                                                                      message: str) -> None:
