@@ -245,6 +245,17 @@ def test_install_writes_the_unit_and_says_what_to_run(app: typer.Typer, user: bo
     assert ("loginctl enable-linger" in result.stdout) == user
 
 
+def test_a_run_as_user_this_machine_lacks_is_said_now(app: typer.Typer) -> None:
+    """A note, not an error: the unit may be written before the account (systemd would fail with 217/USER)."""
+    result = invoke(app, ["systemd", "server", "--demo", "--run-as", "no-such-user-h20"])
+    assert result.exit_code == 0, result.output
+    assert "User=no-such-user-h20" in result.stdout
+    assert result.stderr == ("note: --run-as no-such-user-h20: no such user on this machine; the unit will not start "
+                             "until it exists (create it: useradd --system --create-home no-such-user-h20)\n")
+    known = invoke(app, ["systemd", "server", "--demo", "--run-as", "root"])
+    assert (known.exit_code, known.stderr) == (0, "")
+
+
 def test_install_into_a_file_says_how_to_fix_it(app: typer.Typer, tmp_path: Path) -> None:
     taken = tmp_path / "a-file"
     taken.write_text("mine\n")
