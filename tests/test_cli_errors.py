@@ -257,6 +257,17 @@ def test_a_missing_binary_given_for_a_what_if_plan_is_an_error_naming_that_path(
                                      "path given by LLAMALAUNCH_LLAMA_SERVER, or drop it"), outcome
 
 
+def test_a_missing_binary_from_a_profile_is_named_as_the_profile_s(invoke: Invoke, tmp_path: Path) -> None:
+    """Not "--llama-server": the user looks for the path where it came from."""
+    profile = tmp_path / "p.toml"
+    profile.write_text('llama_server = "/nope/llama-server"\n', encoding="utf-8")
+    outcome = invoke("--config", str(profile), "plan", "MODEL", "--assume", "CUDA0=8GiB")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == ("error: /nope/llama-server given by the config file's llama_server does not exist (fix "
+                              "the path given by the config file's llama_server, or drop it to use the one found on "
+                              "PATH or built by `llamalaunch toolchain install`)\n")
+
+
 def test_plan_verify_without_a_toolchain_says_where_it_looked(invoke: Invoke, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Not the bare "--verify needs llama-server": the search that failed, and how to install one."""
