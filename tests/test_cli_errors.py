@@ -257,6 +257,15 @@ def test_a_missing_binary_given_for_a_what_if_plan_is_an_error_naming_that_path(
                                      "path given by LLAMALAUNCH_LLAMA_SERVER, or drop it"), outcome
 
 
+def test_a_missing_rpc_server_given_to_worker_names_that_path_as_the_fix(invoke: Invoke, tmp_path: Path) -> None:
+    missing = tmp_path / "ggml-rpc-server"
+    outcome = invoke("worker", "--gpus", "cpu", "--rpc-server", str(missing))
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {missing} (from --rpc-server) is not an executable ggml-rpc-server (fix the "
+                              "path given by --rpc-server, or drop it to use the one found on PATH or built by "
+                              "`llamalaunch toolchain install`)\n")
+
+
 def test_a_missing_binary_from_a_profile_is_named_as_the_profile_s(invoke: Invoke, tmp_path: Path) -> None:
     """Not "--llama-server": the user looks for the path where it came from."""
     profile = tmp_path / "p.toml"
