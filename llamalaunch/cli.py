@@ -16,7 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_name
 
 from llamalaunch import cli_ops, cli_status, cli_values
-from llamalaunch.cli_common import chosen_model, err, opt, out, print_json, reports_errors
+from llamalaunch.cli_common import chosen_model, err, given_program, opt, out, print_json, reports_errors
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.observe.console import escape, real_console, surely_not_a_terminal
 from llamalaunch.options import check_params
@@ -98,7 +98,8 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
     model, demo = chosen_model(ctx)
     request = build_request(**{key: params[key] for key in REQUEST_OPTIONS}, devices=params["device"],
                             ctx_is_target=ctx_is_target)
-    return PlanInputs.gather(model=model, demo=demo, llama_server=params["llama_server"],
+    llama_server, config_server = given_program(ctx)
+    return PlanInputs.gather(model=model, demo=demo, llama_server=llama_server, config_server=config_server,
                              rpc=params["rpc"], assume=what_if(params["assume"], params["inventory"]),
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
@@ -130,7 +131,7 @@ def toolchain_show(ctx: typer.Context, llama_server: str | None = opt("llama_ser
     from llamalaunch.toolchain.discover import find_toolchain
     from llamalaunch.toolchain.schema import toolchain_to_dict
 
-    toolchain = find_toolchain(llama_server)
+    toolchain = find_toolchain(*given_program(ctx))
     if as_json:
         print_json(toolchain_to_dict(toolchain))
     else:
@@ -227,7 +228,7 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
-    inputs = plan_inputs(ctx_)
+    inputs = plan_inputs(ctx_, need_toolchain=verify)  # --verify without llama-server: say why it is missing
     result = inputs.plan()
     checked = None
     if verify:

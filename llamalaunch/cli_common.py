@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -52,6 +53,16 @@ def opt(name: str) -> Any:
     if not option.flags:
         return typer.Argument(value, help=option.help)
     return typer.Option(value, *option.flags, help=option.help)
+
+
+def given_program(ctx: Any, name: str = "llama_server") -> tuple[str | None, str | None]:
+    """(command line or environment value, profile value) of a program option: a profile's path reaches
+    the command as the option's, and goes back to find_toolchain as the config file's, so that an error
+    names where the path came from."""
+    value, source = ctx.params.get(name), ctx.get_parameter_source(name)
+    from_profile = (value is not None and source is not None and source.name == "DEFAULT_MAP"
+                    and os.environ.get(OPTIONS_BY_NAME[name].env_var) != value)
+    return (None, value) if from_profile else (value, None)
 
 
 def chosen_model(ctx: Any) -> tuple[str | None, bool]:

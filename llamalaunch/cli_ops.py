@@ -23,6 +23,7 @@ from llamalaunch.options import COMMANDS, check_params
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
 _REGISTERED = "_llamalaunch_ops_registered"
+TAKES_NO_OPTIONS = ("status", "demo")  # commands no profile key or LLAMALAUNCH_* option applies to
 
 
 # --- --config ---------------------------------------------------------------------------------------
@@ -56,6 +57,8 @@ def root_callback(ctx: typer.Context,
                       "--version", help="Print llamalaunch's version and exit.", is_eager=True,
                       callback=_on_version_option)] = False
                   ) -> None:
+    if config is None and ctx.invoked_subcommand in TAKES_NO_OPTIONS:
+        return  # a bad LLAMALAUNCH_CTX in the shell must not keep `status` from a running server
     apply_profile(ctx, config)
 
 
@@ -267,6 +270,7 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
         with target.make_context(command, list(args), parent=root) as sub:
             if choose_model:
                 chosen_model(sub)
+            _check_values(command, sub)
             return dict(sub.params)
     except typer.Exit:
         return {}
@@ -276,6 +280,26 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         raise BadInputError(f"{command} options for the unit: {message}",
                             f"check them with `llamalaunch {command} --help`") from None
+
+
+def _check_values(command: str, sub: Any) -> None:
+    """What the command checks when it starts (bounds, values, serve's arguments after --): at boot a bad
+    value would only show in the journal."""
+    from llamalaunch.config import check_values
+
+    check_values(command, sub.params)
+    if command == "serve":
+        from llamalaunch.launch.serve import check_extra_args
+        from llamalaunch.launch.state import state_path
+        from llamalaunch.plan.parse import parse_listen_host
+
+        check_extra_args(sub.args, bool(sub.params.get("force")))
+        parse_listen_host(sub.params["host"])
+        state_path(sub.params["name"])  # the run name must make a file name
+    else:
+        from llamalaunch.launch.worker import check_host
+
+        check_host(sub.params["host"])
 
 
 # --- registration -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, options_of
+from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, check_params, options_of
 from llamalaunch.paths import config_dir
 
 CONFIG_ENV = "LLAMALAUNCH_CONFIG"
@@ -88,6 +88,21 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
     }
 
 
+def check_values(command: str, params: Mapping[str, Any]) -> None:
+    """`command`'s parsed options as the command itself would check them when it runs: bounds, then each
+    value's own check (a context, a size, a device name). For `systemd`, whose unit runs them at boot.
+
+    Raises:
+        BadInputError: the first bad value, in the command's own words ("context '0' is out of range").
+    """
+    check_params(command, params)
+    for option in options_of(command):
+        value = params.get(option.param)
+        check = checks().get(option.name)
+        if check is not None and value not in (None, option.default, [], ()):
+            check(value)
+
+
 # Spellings people will type for a key: llama-server's long option names.
 ALIASES = {"ctx_size": "ctx", "batch_size": "batch", "ubatch_size": "ubatch", "n_gpu_layers": "gpu_layers",
            "devices": "device", "gpu_layers_count": "gpu_layers", "parallel_slots": "parallel"}
@@ -147,7 +162,8 @@ def load_profile(path: Path) -> Profile:
         raise BadInputError(f"config file {path} does not exist",
                             f"check the path given with --config or {CONFIG_ENV}") from None
     except OSError as error:
-        raise BadInputError(f"cannot read config file {path}: {error.strerror}") from None
+        raise BadInputError(f"cannot read config file {path}: {error.strerror}",
+                            f"give --config or {CONFIG_ENV} a TOML file (examples in configs/)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise BadInputError(f"{path} is not valid TOML: {error}", "see the examples in configs/") from None
     base = path.expanduser().resolve().parent

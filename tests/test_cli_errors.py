@@ -136,6 +136,8 @@ BAD_INPUT = {
     "rpc empty list": (("plan", "MODEL", "--rpc", ","), ["--rpc ',' names no worker", "HOST:PORT"]),
     "rpc empty": (("devices", "--rpc", " "), ["--rpc ' ' names no worker"]),
     "rpc nonsense": (("plan", "MODEL", "--rpc", "nonsense"), ["'nonsense'", "HOST:PORT"]),
+    "rpc port out of range": (("devices", "--rpc", "127.0.0.1:99999"), ["port 99999 is out of range", "1 to 65535"]),
+    "rpc port 0": (("devices", "--rpc", "127.0.0.1:0"), ["port 0 is out of range"]),
     "unknown option": ((*PLAN, "--frobnicate"), ["--frobnicate", "--help"]),
     "option without value": ((*PLAN, "--ctx"), ["--ctx"]),
     "unknown command": (("frobnicate",), ["frobnicate", "--help"]),
@@ -160,6 +162,8 @@ BAD_INPUT = {
     "serve planned flag after --": ((*SERVE, "--", "-ngl", "5"), ["-ngl", "--force"]),
     "serve own expert placement after --": ((*SERVE, "--", "--n-cpu-moe", "5"), ["--n-cpu-moe", "--force"]),
     "serve cpu-experts negative": ((*SERVE, "--cpu-experts", "-1"), ["--cpu-experts"]),
+    "cpu-experts of a dense model": ((*PLAN, "--cpu-experts", "5"), ["--cpu-experts 5", "no routed experts",
+                                                                      "drop --cpu-experts"]),
     # after --, a word is llama-server's even with --demo: never taken for the MODEL argument
     "serve demo planned flag after --": (("serve", *SERVE[2:], "--demo", "--", "-ngl", "5"), ["-ngl", "--force"]),
 }
@@ -234,6 +238,67 @@ def test_serve_with_a_missing_binary_names_the_install(invoke: Invoke, home: Pat
                      "--no-tui", "--ctx", "2k")
     assert_one_error_line(outcome, 1, "nope/llama-server", "llamalaunch toolchain install")
     assert_nothing_written(home)
+
+
+def test_a_missing_binary_given_for_a_what_if_plan_is_an_error_naming_that_path(
+        invoke: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan for what-if devices needs no llama-server, but a wrong path the user typed is a typo to fix (it
+    was a note under the table), and the fix is that path, not the way to give one."""
+    missing = tmp_path / "nope" / "llama-server"
+    outcome = invoke("plan", "MODEL", "--assume", "CUDA0=8GiB", "--llama-server", str(missing))
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {missing} given by --llama-server does not exist (fix the path given by "
+                              "--llama-server, or drop it to use the one found on PATH or built by `llamalaunch "
+                              "toolchain install`)\n")
+    monkeypatch.setenv("LLAMALAUNCH_LLAMA_SERVER", str(missing))  # the variable's value reaches the option
+    outcome = invoke("toolchain")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr.startswith(f"error: {missing} given by LLAMALAUNCH_LLAMA_SERVER does not exist (fix the "
+                                     "path given by LLAMALAUNCH_LLAMA_SERVER, or drop it"), outcome
+
+
+def test_a_missing_rpc_server_given_to_worker_names_that_path_as_the_fix(invoke: Invoke, tmp_path: Path) -> None:
+    missing = tmp_path / "ggml-rpc-server"
+    outcome = invoke("worker", "--gpus", "cpu", "--rpc-server", str(missing))
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {missing} (from --rpc-server) is not an executable ggml-rpc-server (fix the "
+                              "path given by --rpc-server, or drop it to use the one found on PATH or built by "
+                              "`llamalaunch toolchain install`)\n")
+
+
+def test_a_missing_binary_from_a_profile_is_named_as_the_profile_s(invoke: Invoke, tmp_path: Path) -> None:
+    """Not "--llama-server": the user looks for the path where it came from."""
+    profile = tmp_path / "p.toml"
+    profile.write_text('llama_server = "/nope/llama-server"\n', encoding="utf-8")
+    outcome = invoke("--config", str(profile), "plan", "MODEL", "--assume", "CUDA0=8GiB")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == ("error: /nope/llama-server given by the config file's llama_server does not exist (fix "
+                              "the path given by the config file's llama_server, or drop it to use the one found on "
+                              "PATH or built by `llamalaunch toolchain install`)\n")
+
+
+def test_plan_verify_without_a_toolchain_says_where_it_looked(invoke: Invoke, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the bare "--verify needs llama-server": the search that failed, and how to install one."""
+    monkeypatch.setenv("LLAMALAUNCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    outcome = invoke("plan", "MODEL", "--assume", "CUDA0=8GiB", "--verify")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == ("error: llama-server not found (searched --llama-server, LLAMALAUNCH_LLAMA_SERVER, "
+                              f"the config file, PATH and {tmp_path / 'cache' / 'llama.cpp'}) (run `llamalaunch "
+                              "toolchain install` (or pass `--llama-server PATH` / set LLAMALAUNCH_LLAMA_SERVER))\n")
+
+
+def test_a_bad_option_variable_does_not_keep_status_or_demo_from_running(invoke: Invoke,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLAMALAUNCH_CTX=abc in the shell is plan's and serve's problem: `status` of a running server still works."""
+    monkeypatch.setenv("LLAMALAUNCH_CTX", "abc")
+    status = invoke("status", "--once")
+    assert (status.code, status.stdout) == (1, "")
+    assert status.stderr.startswith("error: no server has run here"), status
+    plan = invoke(*PLAN)
+    assert (plan.code, plan.stdout) == (2, "")
+    assert plan.stderr.startswith("error: environment variable LLAMALAUNCH_CTX: ctx = 'abc' is not allowed"), plan
 
 
 # --- the real entry point --------------------------------------------------------------------------

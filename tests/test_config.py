@@ -241,6 +241,13 @@ def test_missing_profile_is_refused(tmp_path: Path) -> None:
         load_profile(tmp_path / "absent.toml")
 
 
+def test_a_folder_given_as_profile_is_one_line_with_the_fix(app: typer.Typer, tmp_path: Path) -> None:
+    result = invoke(app, ["--config", str(tmp_path), "plan", "--demo", "--assume", "CUDA0=1GiB"])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (f"error: cannot read config file {tmp_path}: Is a directory (give --config or "
+                             "LLAMALAUNCH_CONFIG a TOML file (examples in configs/))\n")
+
+
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(BadInputError) as caught:
         environment_settings({"LLAMALAUNCH_PARALLEL": "many"})

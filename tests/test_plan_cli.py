@@ -144,3 +144,17 @@ def test_the_plan_says_when_it_does_other_than_asked(demo_model: Path) -> None:
     assert table.returncode == 0, table.stderr
     for note in notes:
         assert note in table.stdout
+
+
+def test_what_if_workers_that_do_not_match_rpc_say_that_rpc_is_left_out(demo_model: Path) -> None:
+    """--assume RPC0/RPC1 with one --rpc worker: the command line cannot name them, and the plan says so (the
+    note used to be dropped, and --rpc silently went missing from the command line)."""
+    done = run_cli("plan", str(demo_model), "--assume", "RPC0=1GiB", "--assume", "RPC1=1GiB",
+                   "--rpc", "127.0.0.1:50052")
+    assert done.returncode == 0, done.stderr
+    assert "--rpc" not in done.stdout
+    assert done.stderr == ("note: --rpc lists 1 worker(s) but --assume gives RPC0, RPC1: the command line leaves "
+                           "--rpc out (assume RPC0, one device per worker in --rpc order, to match them)\n")
+    matched = run_cli("plan", str(demo_model), "--assume", "RPC0=1GiB", "--rpc", "127.0.0.1:50052")
+    assert (matched.returncode, matched.stderr) == (0, "")
+    assert "--rpc 127.0.0.1:50052" in matched.stdout

@@ -422,10 +422,16 @@ def test_unknown_host() -> None:
         probe_worker("no-such-host.invalid:50052")
 
 
-@pytest.mark.parametrize("endpoint", ["", "localhost", ":50052", "host:", "host:port", "host:0", "host:70000",
+@pytest.mark.parametrize("endpoint", ["", "localhost", ":50052", "host:", "host:port",
                                       "::1:50052", "[::1]:50052", "host:50052:1", "a b:1", "host: 50052"])
 def test_bad_endpoint_syntax(endpoint: str) -> None:
     with pytest.raises(BadInputError, match="is not HOST:PORT"):
+        probe_worker(endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["host:0", "host:70000"])
+def test_endpoint_port_out_of_range_says_so(endpoint: str) -> None:
+    with pytest.raises(BadInputError, match=r"port \d+ is out of range \(give a port from 1 to 65535"):
         probe_worker(endpoint)
 
 

@@ -169,6 +169,28 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
     assert result.exit_code == 2 and message in result.stderr, result.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["server", "--demo", "--ctx", "0"], "context '0' is out of range (give a positive count up to 1024m)"),
+    (["server", "--demo", "-np", "0"], "-np/--parallel 0 is out of range (give a value from 1 to 256)"),
+    (["server", "--demo", "--port", "70000"], "--port 70000 is out of range (give a value from 0 to 65535)"),
+    (["server", "--demo", "--assume", "CUDA0=lots"],
+     "--assume CUDA0 free size 'lots' is not a size (write it like 6GiB, 6144MiB, 1.5G or 512M)"),
+    (["server", "--demo", "--", "-ngl", "3"],
+     "-ngl after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, --budget ...) or add "
+     "--force)"),
+    (["worker", "--port-base", "0"], "--port-base 0 is out of range (give a value from 1 to 65535)"),
+    (["worker", "--host", "myhost"], "--host 'myhost' is not an IPv4 address (ggml-rpc-server binds an IPv4 "
+                                     "address: 127.0.0.1, a LAN address, or 0.0.0.0)"),
+    (["server", "--demo", "--name", "../x"], "run name '../x' is not usable as a file name (use letters, digits, "
+                                             "- and _)"),
+])
+def test_systemd_refuses_values_serve_or_worker_would_refuse_at_boot(app: typer.Typer, args: list[str],
+                                                                     message: str) -> None:
+    """A unit that could only fail in the journal is not written: the command's own checks run now."""
+    result = invoke(app, ["systemd", *args])
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"error: {message}\n")
+
+
 def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit starts at boot from its own folder and /tmp: every path is absolute and checked now."""
@@ -221,6 +243,27 @@ def test_install_writes_the_unit_and_says_what_to_run(app: typer.Typer, user: bo
     assert f"{systemctl} link {path}" in result.stdout  # not systemd's own folder (LLAMALAUNCH_HOME)
     assert re.search(rf"{systemctl} enable --now llamalaunch-worker@(cpu|0)\.service", result.stdout)
     assert ("loginctl enable-linger" in result.stdout) == user
+
+
+def test_a_run_as_user_this_machine_lacks_is_said_now(app: typer.Typer) -> None:
+    """A note, not an error: the unit may be written before the account (systemd would fail with 217/USER)."""
+    result = invoke(app, ["systemd", "server", "--demo", "--run-as", "no-such-user-h20"])
+    assert result.exit_code == 0, result.output
+    assert "User=no-such-user-h20" in result.stdout
+    assert result.stderr == ("note: --run-as no-such-user-h20: no such user on this machine; the unit will not start "
+                             "until it exists (create it: useradd --system --create-home no-such-user-h20)\n")
+    known = invoke(app, ["systemd", "server", "--demo", "--run-as", "root"])
+    assert (known.exit_code, known.stderr) == (0, "")
+
+
+def test_install_into_a_file_says_how_to_fix_it(app: typer.Typer, tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("mine\n")
+    result = invoke(app, ["systemd", "worker", "--install", "--unit-dir", str(taken)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (f"error: cannot write units to {taken}: File exists (give --unit-dir a folder you can "
+                             "write to, or leave it out for systemd's)\n")
+    assert taken.read_text() == "mine\n"
 
 
 # --- systemd's verdict -------------------------------------------------------------------------------------

@@ -232,6 +232,20 @@ def default_run_as() -> str | None:
         return None
 
 
+def unknown_user_note(name: str | None) -> str | None:
+    """A User= this machine does not know: systemd refuses to start the unit (status 217/USER)."""
+    import pwd
+
+    if not name:
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return (f"--run-as {name}: no such user on this machine; the unit will not start until it exists "
+                f"(create it: useradd --system --create-home {name})")
+    return None
+
+
 def unit_environment(kind: str, user_unit: bool, environ: Mapping[str, str], pinned: Mapping[str, str],
                      extra: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """Environment= lines: the LLAMALAUNCH_* options in force now, pinned binaries, then --env.
@@ -305,7 +319,8 @@ def install(units: Sequence[UnitFile], folder: Path) -> list[Path]:
         raise LaunchError(f"cannot write units to {folder}: permission denied",
                           "run it with sudo for a system unit, or add --user for a user unit") from None
     except OSError as error:
-        raise LaunchError(f"cannot write units to {folder}: {error.strerror}") from None
+        raise LaunchError(f"cannot write units to {folder}: {error.strerror}",
+                          "give --unit-dir a folder you can write to, or leave it out for systemd's") from None
     return written
 
 

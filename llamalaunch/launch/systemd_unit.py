@@ -66,8 +66,9 @@ def build_unit(request: UnitRequest, check_options: CheckOptions,
     parsed = check_options(command, (["--gpus", "all"] if kind == "worker" else []) + args,
                            kind == "server" and not {"model", "demo"} & profile_keys)
     args, path_notes = systemd.absolute_paths(args, path_options(command), Path(os.getcwd()))
-    for note in [*notes, *path_notes]:
-        on_note(note)
+    for note in [*notes, *path_notes, systemd.unknown_user_note(request.run_as)]:
+        if note:
+            on_note(note)
     pinned = _pinned_binaries(kind, args, profile_keys, on_note)
     options = systemd.UnitOptions(
         launcher=systemd.launcher_argv(),

@@ -146,7 +146,7 @@ def find_rpc_server(option: str | None = None, llama_server: str | None = None) 
     Raises:
         ToolchainError: none found, or a given path is not an executable file.
     """
-    from llamalaunch.toolchain.discover import INSTALL_HINT, find_toolchain
+    from llamalaunch.toolchain.discover import INSTALL_HINT, find_toolchain, given_by, given_hint
 
     given = option or os.environ.get(RPC_SERVER_ENV)
     if given:
@@ -157,8 +157,8 @@ def find_rpc_server(option: str | None = None, llama_server: str | None = None) 
             path = next((path / name for name in RPC_SERVER_NAMES if (path / name).exists()),
                         path / RPC_SERVER_NAMES[0])
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ToolchainError(f"{path} (from {'--rpc-server' if option else RPC_SERVER_ENV}) is not an "
-                                 "executable ggml-rpc-server", INSTALL_HINT)
+            where = given_by(option, "--rpc-server", RPC_SERVER_ENV) if option else RPC_SERVER_ENV
+            raise ToolchainError(f"{path} (from {where}) is not an executable ggml-rpc-server", given_hint(where))
         return path
     with contextlib.suppress(ToolchainError):
         toolchain = find_toolchain(llama_server)

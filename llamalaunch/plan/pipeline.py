@@ -86,7 +86,7 @@ class PlanInputs:
                assume: Sequence[str], overhead: Sequence[str], request: Request,
                need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None,
                generic_arch: bool = False, speed_args: SpeedArgs | None = None,
-               calibrate: FirstSightCalibration | None = None) -> PlanInputs:
+               calibrate: FirstSightCalibration | None = None, config_server: str | None = None) -> PlanInputs:
         model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
         for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
@@ -94,9 +94,9 @@ class PlanInputs:
                 check_companion_file(path, option)
         problems: list[str] = []
         try:
-            toolchain: Toolchain | None = find_toolchain(llama_server)
+            toolchain: Toolchain | None = find_toolchain(llama_server, config_server)
         except ToolchainError as error:
-            if need_toolchain:
+            if need_toolchain or llama_server or config_server:  # a path the user gave is a typo to fix, not a note
                 raise
             toolchain = None
             problems.append(f"{error}; the command line assumes a current llama-server")

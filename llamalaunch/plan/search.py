@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from llamalaunch.errors import PlanError
+from llamalaunch.errors import BadInputError, PlanError
 from llamalaunch.model.estimate import Estimate, Placement
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.costs import CostModel
@@ -62,6 +62,9 @@ class Planner:
         self.devices = select_devices(devices, request)
         self.host_free_bytes = host_free_bytes  # available host RAM; None: not known (plans do not check it)
         experts = profile.expert_layers
+        if request.cpu_experts and not experts:  # llama.cpp's --n-cpu-moe would do nothing: a mistake to say
+            raise BadInputError(f"--cpu-experts {request.cpu_experts}: {profile.name} has no routed experts (it is "
+                                "not a mixture-of-experts model)", "drop --cpu-experts")
         # --cpu-experts N fixes which experts stay on the host; otherwise the plan decides (expert spill)
         self.host_experts = forced_host_experts(experts, request.cpu_experts) if request.cpu_experts else frozenset()
         self.spills_experts = bool(experts) and request.cpu_experts is None and request.n_gpu_layers is None

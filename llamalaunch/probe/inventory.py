@@ -92,13 +92,17 @@ def _assumed_inventory(assume: Sequence[str], endpoints: Sequence[str]) -> Inven
     devices, assumed_host = parse_assumptions(assume, local_host)
     rpc_names = [device.name for device in devices if device.backend == "RPC"]
     notes = ["what-if: no device was probed"]
-    if endpoints and rpc_names == [f"RPC{i}" for i in range(len(endpoints))]:
+    problems: tuple[str, ...] = ()
+    expected = [f"RPC{i}" for i in range(len(endpoints))]
+    if endpoints and rpc_names == expected:
         # One device per worker is the only reading of the names we can make without asking them.
         devices = tuple(dataclasses.replace(device, endpoint=endpoints[device.order], worker_index=0)
                         if device.backend == "RPC" else device for device in devices)
-    elif endpoints:
-        notes.append("assumed RPC devices are not matched to --rpc endpoints (not RPC0..RPC{n-1})")
-    return Inventory(devices, assumed_host or local_host, (), tuple(notes))
+    elif endpoints:  # a problem, not a note: plan shows it, and its command line has no --rpc
+        assumed = ", ".join(rpc_names) or "no RPC device"
+        problems = (f"--rpc lists {len(endpoints)} worker(s) but --assume gives {assumed}: the command line leaves "
+                    f"--rpc out (assume {', '.join(expected)}, one device per worker in --rpc order, to match them)",)
+    return Inventory(devices, assumed_host or local_host, problems, tuple(notes))
 
 
 def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,

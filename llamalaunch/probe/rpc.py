@@ -164,7 +164,10 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     """(host, port) from 'HOST:PORT', as llama.cpp's --rpc takes it (IPv4 address or hostname)."""
     host, sep, port_text = text.strip().partition(":")
     valid = bool(sep and host and port_text.isdigit() and ":" not in port_text and " " not in host)
-    if not valid or not 0 < int(port_text) < 65536:
+    if valid and not 0 < int(port_text) < 65536:
+        raise BadInputError(f"RPC endpoint {text!r}: port {int(port_text)} is out of range",
+                            "give a port from 1 to 65535, like 192.168.1.5:50052")
+    if not valid:
         raise BadInputError(f"RPC endpoint {text!r} is not HOST:PORT",
                             "write it like 192.168.1.5:50052; llama.cpp's --rpc takes an IPv4 address "
                             "or a hostname")

@@ -33,6 +33,18 @@ RPC_SERVER_NAMES = (RPC_SERVER_BINARY, "rpc-server")
 CACHE_BACKENDS = ("cuda", "cpu")  # a CUDA build in the cache wins over a CPU one
 INSTALL_HINT = (f"run `llamalaunch toolchain install` (or pass `--llama-server PATH` / set {SERVER_ENV})")
 
+
+def given_hint(where: str) -> str:
+    """The fix for a path the user gave that is wrong: that path, not another way to give one."""
+    return (f"fix the path given by {where}, or drop it to use the one found on PATH or built by "
+            "`llamalaunch toolchain install`")
+
+
+def given_by(value: str | None, option: str, env: str) -> str:
+    """Which of `option` and `env` gave `value`: the CLI hands an environment variable's value in as the
+    option's (options.py), so the variable is named when it holds that very value."""
+    return env if value is not None and value == os.environ.get(env) else option
+
 # Shared-library stem -> backend name, for builds that link their GPU backend as a library.
 _BACKEND_LIBRARIES = {
     "libggml-cuda": "CUDA", "libggml-hip": "ROCm", "libggml-vulkan": "Vulkan", "libggml-metal": "Metal",
@@ -119,7 +131,8 @@ def _same_build_version(binary: Binary, server: Binary) -> Binary:
 
 
 def _locate_server(server_option: str | None, config_server: str | None, cache: Path) -> tuple[Path, str]:
-    given = [("option", server_option, "--llama-server"), ("env", os.environ.get(SERVER_ENV), SERVER_ENV),
+    given = [("option", server_option, given_by(server_option, "--llama-server", SERVER_ENV)),
+             ("env", os.environ.get(SERVER_ENV), SERVER_ENV),
              ("config", config_server, "the config file's llama_server")]
     for source, value, where in given:
         if value:
@@ -141,12 +154,12 @@ def _given_server(value: str, where: str) -> Path:
     if "/" not in value and not path.exists():
         found = shutil.which(value)
         if not found:
-            raise ToolchainError(f"{value!r} given by {where} is not a file and not on PATH", INSTALL_HINT)
+            raise ToolchainError(f"{value!r} given by {where} is not a file and not on PATH", given_hint(where))
         path = Path(found)
     if path.is_dir():
         path = path / SERVER_BINARY
     if not path.exists():
-        raise ToolchainError(f"{path} given by {where} does not exist", INSTALL_HINT)
+        raise ToolchainError(f"{path} given by {where} does not exist", given_hint(where))
     if not _is_executable_file(path):
         raise ToolchainError(f"{path} given by {where} is not an executable file",
                              f"check the path, or make it executable: chmod +x {path}")
