@@ -15,6 +15,7 @@ from llamalaunch.model.ggml.graphs.llama import LlamaGraph
 from llamalaunch.model.ggml.sched import Backend, reserve
 from llamalaunch.plan.request import Request
 from llamalaunch.units import MIB
+from tests.synthetic import SHAPES
 from tests.test_kv import smollm2_shape
 
 ONE = Placement((SlotRange("RPC0", "RPC", 0, 31),))
@@ -130,3 +131,23 @@ def test_one_replay_answers_a_range_of_contexts_exactly(flash_attn: str) -> None
         compute._pieces.clear()
         fresh = compute._cached(compute._ProfileKey(profile), ranges, (frozenset(), frozenset()), compute._spec_key(request), shape)
         assert via_ranges == fresh
+
+
+@pytest.mark.parametrize(("preset", "generic"), [(name, False) for name in SHAPES]
+                         + [("tiny-smollm3", True), ("tiny-gemma3", True)])
+def test_an_estimate_never_reads_the_model_file(tmp_path, preset: str, generic: bool) -> None:
+    """The profile carries every header field the replay reads: once loaded, a deleted file estimates
+    exactly as before (the replay used to re-read the header and plan without it when it was gone)."""
+    from llamalaunch.model.load import load_profile
+    from tests.synthetic import write_preset
+
+    path = write_preset(tmp_path / "m.gguf", preset)
+    before, after = (load_profile(path, allow_unknown_arch=True, generic=generic) for _ in range(2))
+    n_slots, experts = before.n_slots, before.expert_layers
+    placement = Placement((SlotRange("CUDA0", "CUDA", 0, n_slots // 2),
+                           SlotRange("CUDA1", "CUDA", n_slots // 2, n_slots - n_slots // 2)),
+                          host_expert_layers=frozenset(experts[::2]))  # op offload copies the host's experts
+    request = Request(n_parallel=2, cache_type_k="f32")
+    expected = estimate(before, placement, request, 8192)  # `after` is a second object: nothing cached for it
+    path.unlink()
+    assert estimate(after, placement, request, 8192) == expected

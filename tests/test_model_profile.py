@@ -297,6 +297,7 @@ def test_split_model_reads_as_one(tmp_path: Path) -> None:
         split = load_profile(part)
         assert split.shard_paths == tuple(str(p) for p in parts)
         assert split.slots == whole.slots and split.host_bytes == whole.host_bytes
+        assert split.graph == whole.graph  # the replay sees every part's tensors, as llama.cpp does
 
 
 @pytest.mark.llama
@@ -349,6 +350,17 @@ def test_unknown_arch_is_named(tmp_path: Path) -> None:
     profile = load_profile(path, allow_unknown_arch=True)
     assert profile.generic_estimate and profile.arch == "frobnicator"
     assert profile.slots == load_profile(tmp_path / "m.gguf").slots
+
+
+@pytest.mark.parametrize(("preset", "names_window"), [("tiny-gemma3", True), ("tiny-smollm3", False)])
+def test_graph_details_come_from_the_header(tmp_path: Path, preset: str, names_window: bool) -> None:
+    """What the compute-buffer replay reads besides the hparams is read once, with the profile."""
+    profile = load_profile(write_preset(tmp_path / "m.gguf", preset), allow_unknown_arch=True, generic=True)
+    assert profile.graph.names_sliding_window == names_window  # a generic estimate plans a second mask
+    assert "blk.0.attn_q.weight" in profile.graph.tensors and "token_embd.weight" in profile.graph.tensors
+    moe = load_profile(write_preset(tmp_path / "moe.gguf", "tiny-qwen3moe"))
+    assert moe.graph.expert_types == ("q4_0", "q4_0", "q4_0")
+    assert load_profile(write_preset(tmp_path / "l.gguf", "tiny-llama")).graph.expert_types is None
 
 
 @pytest.mark.parametrize(

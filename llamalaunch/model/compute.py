@@ -14,15 +14,13 @@ model) answers every later context inside that range by arithmetic (~0.1 ms per 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
-from llamalaunch.errors import LaunchError
 from llamalaunch.model.ggml.buffers import CPU_ALIGNMENT, alignment
 from llamalaunch.model.ggml.graphs import BUILDERS, ModelSpec, Reserve
 from llamalaunch.model.ggml.sched import Backend, reserve_affine
 from llamalaunch.model.ggml.sim import capture
-from llamalaunch.model.gguf_header import TensorInfo, read_header
 from llamalaunch.model.kv import ContextShape, ContextSpec, swa_cells
 from llamalaunch.model.placement import Placement
 from llamalaunch.model.profile import ModelProfile
@@ -218,112 +216,27 @@ def _spec_for(key: _ProfileKey) -> ModelSpec:
     profile = key.profile
     n = profile.n_layer - profile.n_nextn_layers
     weight_type = _weight_type(profile.file_type)
-    extra = header_extras(profile)
-    n_rot = int(extra.pop("n_rot", profile.rope_dim or profile.head_dim_k))  # type: ignore[call-overload]
-    return ModelSpec(**extra,  # type: ignore[arg-type]
+    graph = profile.graph
+    details = {f.name: getattr(graph, f.name) for f in fields(graph) if f.name != "names_sliding_window"}
+    return ModelSpec(**details,
         arch=profile.arch, n_layer=n, n_embd=profile.n_embd, n_head=profile.n_head[:n],
         n_head_kv=profile.n_head_kv[:n], head_dim_k=profile.head_dim_k, head_dim_v=profile.head_dim_v,
-        n_rot=n_rot, n_ff=(profile.n_ff,) * n, n_vocab=profile.n_vocab,
+        n_rot=profile.rope_dim or profile.head_dim_k, n_ff=(profile.n_ff,) * n, n_vocab=profile.n_vocab,
         swa_layers=profile.swa_layers[:n], recurrent_layers=profile.recurrent_layers[:n],
         n_expert=profile.n_expert, n_expert_used=profile.n_expert_used, n_ff_exp=profile.n_ff_exp,
         kv_lora_rank=profile.kv_lora_rank, tied_output=profile.output_is_token_embd,
-        head_dim_k_swa=profile.head_dim_k_swa, head_dim_v_swa=profile.head_dim_v_swa,
+        head_dim_k_swa=profile.head_dim_k_swa, head_dim_v_swa=profile.head_dim_v_swa, kv_source=_kv_source(profile),
+        compress_ratios=profile.compress_ratios, indexer_head_dim=profile.indexer_head_dim,
         weight_type=weight_type, embd_type=weight_type, generic=profile.generic_estimate,
-        generic_iswa=profile.generic_estimate and _names_sliding_window(profile))
+        generic_iswa=profile.generic_estimate and graph.names_sliding_window)
 
 
-def header_extras(profile: ModelProfile) -> dict[str, object]:
-    """Graph details the profile does not carry, read from the GGUF header when the file is here:
-    the tensor names (biases, fused QKV, expert bias) and deepseek2/gemma keys. {} otherwise."""
-    try:
-        header = read_header(profile.path)
-    except LaunchError:
-        return {}
-    arch = profile.arch
-
-    def number(key: str, default: float = 0) -> float:
-        value = header.get(f"{arch}.{key}")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-    n_rot = int(number("rope.dimension_count", profile.rope_dim or profile.head_dim_k))
-    n_expert_shared = int(number("expert_shared_count"))
-    extra: dict[str, object] = {
-        "tensors": frozenset(t.name for t in header.tensors),
-        "n_lora_kv": int(number("attention.kv_lora_rank")),
-        "q_lora_rank": int(number("attention.q_lora_rank")),
-        "head_dim_k_mla": int(number("attention.key_length_mla", profile.head_dim_k)),
-        "head_dim_v_mla": int(number("attention.value_length_mla", profile.head_dim_v)),
-        "n_layer_dense_lead": int(number("leading_dense_block_count")),
-        "n_expert_shared": n_expert_shared,
-        "expert_gating_sigmoid": number("expert_gating_func", 1) == 2,
-        "expert_weights_norm": bool(header.get(f"{arch}.expert_weights_norm", arch not in ("deepseek2", "glm4moe"))),
-        "expert_weights_scale": number("expert_weights_scale", 1.0) not in (0.0, 1.0),
-        "attn_softcap": number("attn_logit_softcapping") > 0 and arch == "gemma2",
-        "final_softcap": number("final_logit_softcapping") > 0 or arch == "gemma2",
-        "ssm_d_conv": int(number("ssm.conv_kernel")),
-        "ssm_d_inner": int(number("ssm.inner_size")),
-        "ssm_d_state": int(number("ssm.state_size")),
-        "ssm_n_group": int(number("ssm.group_count", 1)) or 1,
-        "ssm_dt_rank": int(number("ssm.time_step_rank")),
-        "shortconv_l_cache": int(number("shortconv.l_cache")),
-        "n_ff_shexp": int(number("expert_shared_feed_forward_length")),
-        "n_embd_per_layer": int(number("embedding_length_per_layer_input")) if arch == "gemma4" else 0,
-        "mrope": arch in ("qwen35", "qwen35moe")
-        or (arch == "glm4moe" and _uses_mrope(header.get(f"{arch}.rope.dimension_sections"))),
-    }
-    if arch == "deepseek2":
-        extra["n_rot"] = n_rot
-    if arch == "gemma4" and profile.n_kv_shared_layers:  # llama_model::create_memory's reuse callback
-        start = profile.n_layer - profile.n_kv_shared_layers
-        extra["kv_source"] = tuple(il if il < start else start - (2 if profile.swa_layers[il] else 1)
-                                   for il in range(profile.n_layer))
-    if arch.startswith("nemotron_h"):  # FFN-only blocks: a per-block feed_forward_length above 0
-        ff = header.get(f"{arch}.feed_forward_length")
-        values = getattr(ff, "values", None) or (ff,) * profile.n_layer
-        extra["ffn_layers"] = tuple(isinstance(n, int) and n > 0 for n in values)
-    if arch == "llama4":  # experts on every `step`-th block only
-        step = int(number("interleave_moe_layer_step"))
-        extra["moe_layers"] = tuple(step > 0 and (il + 1) % step == 0 for il in range(profile.n_layer))
-    if arch == "deepseek4":
-        extra.update(compress_ratios=profile.compress_ratios, n_hash_layers=int(number("hash_layer_count")),
-                     hc_mult=int(number("hyper_connection.count")),
-                     o_groups=int(number("attention.output_group_count")),
-                     o_lora_rank=int(number("attention.output_lora_rank")),
-                     indexer_n_head=int(number("attention.indexer.head_count")),
-                     indexer_head_dim=profile.indexer_head_dim, indexer_top_k=int(number("attention.indexer.top_k")))
-    types = expert_types(header.tensors)
-    if types is not None:
-        extra["expert_types"] = types
-    return extra
-
-
-def expert_types(tensors: Sequence[TensorInfo]) -> tuple[str, str, str] | None:
-    """The up, gate and down routed-expert weight types, the widest of each over the blocks (a Q4_K_M
-    file mixes Q4_K and Q6_K); op offload copies these tensors whole, so their sizes set the copy buffers."""
-    found: dict[str, TensorInfo] = {}
-    for tensor in tensors:
-        for part in ("up", "gate", "down"):
-            if tensor.name.endswith(f".ffn_{part}_exps.weight") and (part not in found
-                                                                    or tensor.nbytes > found[part].nbytes):
-                found[part] = tensor
-    if len(found) < 3:
-        return None
-    up, gate, down = (found[part].type_name.lower() for part in ("up", "gate", "down"))
-    return up, gate, down
-
-
-def _names_sliding_window(profile: ModelProfile) -> bool:
-    try:
-        header = read_header(profile.path)
-    except LaunchError:
-        return True  # unknown: plan for the second mask
-    return any(f"{profile.arch}.attention.sliding_window{suffix}" in header.kv for suffix in ("", "_pattern"))
-
-
-def _uses_mrope(sections: object) -> bool:
-    """llama_hparams::use_mrope: the first two rope sections are non-zero."""
-    values = tuple(getattr(sections, "values", None) or ())
-    return len(values) >= 2 and bool(values[0]) and bool(values[1])
+def _kv_source(profile: ModelProfile) -> tuple[int, ...]:
+    """gemma4: the block whose cache each block attends (llama_model::create_memory's reuse callback)."""
+    if profile.arch != "gemma4" or not profile.n_kv_shared_layers:
+        return ()
+    start = profile.n_layer - profile.n_kv_shared_layers
+    return tuple(il if il < start else start - (2 if profile.swa_layers[il] else 1) for il in range(profile.n_layer))
 
 
 def model_spec(profile: ModelProfile) -> ModelSpec:

@@ -25,7 +25,7 @@ from llamalaunch.model.gguf_header import (
     pad,
     read_header,
 )
-from llamalaunch.model.profile import ExpertPart, ModelProfile, SlotWeights
+from llamalaunch.model.profile import ExpertPart, GraphDetails, ModelProfile, SlotWeights
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 _SHARD = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -301,7 +301,84 @@ def _profile(
         n_kv_shared_layers=keys.number("attention.shared_kv_layers", 0) if known else 0,
         compress_ratios=layout.compress_ratios,
         indexer_head_dim=layout.indexer_head_dim,
+        graph=graph_details(keys, tensors, n_layer, head_dim_k, head_dim_v),
     )
+
+
+def graph_details(keys: arches.Keys, tensors: list[TensorInfo], n_layer: int, head_dim_k: int,
+                  head_dim_v: int) -> GraphDetails:
+    """The tensor names (biases, fused QKV, expert bias) and the family keys (deepseek2/4, gemma, SSM)
+    the compute-buffer replay reads. Lenient: a key of the wrong type reads as absent, as llama.cpp's
+    optional keys do."""
+    arch, kv = keys.arch, keys.kv
+
+    def number(key: str, default: float = 0) -> float:
+        value = kv.get(f"{arch}.{key}")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    ffn_layers: tuple[bool, ...] = ()
+    if arch.startswith("nemotron_h"):  # FFN-only blocks: a per-block feed_forward_length above 0
+        ff = kv.get(f"{arch}.feed_forward_length")
+        values = getattr(ff, "values", None) or (ff,) * n_layer
+        ffn_layers = tuple(isinstance(n, int) and n > 0 for n in values)
+    moe_step = int(number("interleave_moe_layer_step")) if arch == "llama4" else 0  # experts every step-th block
+    deepseek4 = arch == "deepseek4"
+    return GraphDetails(
+        tensors=frozenset(t.name for t in tensors),
+        expert_types=expert_types(tensors),
+        n_lora_kv=int(number("attention.kv_lora_rank")),
+        q_lora_rank=int(number("attention.q_lora_rank")),
+        head_dim_k_mla=int(number("attention.key_length_mla", head_dim_k)),
+        head_dim_v_mla=int(number("attention.value_length_mla", head_dim_v)),
+        n_layer_dense_lead=int(number("leading_dense_block_count")),
+        n_expert_shared=int(number("expert_shared_count")),
+        expert_gating_sigmoid=number("expert_gating_func", 1) == 2,
+        expert_weights_norm=bool(kv.get(f"{arch}.expert_weights_norm", arch not in ("deepseek2", "glm4moe"))),
+        expert_weights_scale=number("expert_weights_scale", 1.0) not in (0.0, 1.0),
+        attn_softcap=number("attn_logit_softcapping") > 0 and arch == "gemma2",
+        final_softcap=number("final_logit_softcapping") > 0 or arch == "gemma2",
+        ssm_d_conv=int(number("ssm.conv_kernel")),
+        ssm_d_inner=int(number("ssm.inner_size")),
+        ssm_d_state=int(number("ssm.state_size")),
+        ssm_n_group=int(number("ssm.group_count", 1)) or 1,
+        ssm_dt_rank=int(number("ssm.time_step_rank")),
+        shortconv_l_cache=int(number("shortconv.l_cache")),
+        n_ff_shexp=int(number("expert_shared_feed_forward_length")),
+        n_embd_per_layer=int(number("embedding_length_per_layer_input")) if arch == "gemma4" else 0,
+        mrope=arch in ("qwen35", "qwen35moe")
+        or (arch == "glm4moe" and _uses_mrope(kv.get(f"{arch}.rope.dimension_sections"))),
+        ffn_layers=ffn_layers,
+        moe_layers=tuple(moe_step > 0 and (il + 1) % moe_step == 0 for il in range(n_layer)) if moe_step else (),
+        n_hash_layers=int(number("hash_layer_count")) if deepseek4 else 0,
+        hc_mult=int(number("hyper_connection.count")) if deepseek4 else 0,
+        o_groups=int(number("attention.output_group_count")) if deepseek4 else 0,
+        o_lora_rank=int(number("attention.output_lora_rank")) if deepseek4 else 0,
+        indexer_n_head=int(number("attention.indexer.head_count")) if deepseek4 else 0,
+        indexer_top_k=int(number("attention.indexer.top_k")) if deepseek4 else 0,
+        names_sliding_window=any(f"{arch}.attention.sliding_window{suffix}" in kv
+                                 for suffix in ("", "_pattern")),
+    )
+
+
+def expert_types(tensors: Iterable[TensorInfo]) -> tuple[str, str, str] | None:
+    """The up, gate and down routed-expert weight types, the widest of each over the blocks (a Q4_K_M
+    file mixes Q4_K and Q6_K); op offload copies these tensors whole, so their sizes set the copy buffers."""
+    found: dict[str, TensorInfo] = {}
+    for tensor in tensors:
+        for part in ("up", "gate", "down"):
+            if tensor.name.endswith(f".ffn_{part}_exps.weight") and (part not in found
+                                                                    or tensor.nbytes > found[part].nbytes):
+                found[part] = tensor
+    if len(found) < 3:
+        return None
+    up, gate, down = (found[part].type_name.lower() for part in ("up", "gate", "down"))
+    return up, gate, down
+
+
+def _uses_mrope(sections: object) -> bool:
+    """llama_hparams::use_mrope: the first two rope sections are non-zero."""
+    values = tuple(getattr(sections, "values", None) or ())
+    return len(values) >= 2 and bool(values[0]) and bool(values[1])
 
 
 def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchLayout, known: bool) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,44 @@ class SlotWeights:
 
     def full_bytes(self, backend: str) -> int:
         return self.bytes + (self.cuda_extra_bytes if backend == "CUDA" else 0)
+
+
+@dataclass(frozen=True)
+class GraphDetails:
+    """Header facts only the compute-buffer replay reads, named as its ModelSpec names them (defaults:
+    ModelSpec's, which is what a profile built by hand, without a file, gets)."""
+
+    tensors: frozenset[str] = field(default=frozenset(), repr=False)  # every part's tensor names
+    expert_types: tuple[str, str, str] | None = None  # up, gate, down routed-expert types, widest of each
+    n_lora_kv: int = 0
+    q_lora_rank: int = 0
+    head_dim_k_mla: int = 0
+    head_dim_v_mla: int = 0
+    n_layer_dense_lead: int = 0
+    n_expert_shared: int = 0
+    expert_gating_sigmoid: bool = False
+    expert_weights_norm: bool = True
+    expert_weights_scale: bool = False
+    attn_softcap: bool = False
+    final_softcap: bool = False
+    ssm_d_conv: int = 0
+    ssm_d_inner: int = 0
+    ssm_d_state: int = 0
+    ssm_n_group: int = 1
+    ssm_dt_rank: int = 0
+    shortconv_l_cache: int = 0
+    n_ff_shexp: int = 0
+    n_embd_per_layer: int = 0
+    mrope: bool = False
+    ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
+    moe_layers: tuple[bool, ...] = ()  # llama4: blocks with experts
+    n_hash_layers: int = 0  # deepseek4
+    hc_mult: int = 0
+    o_groups: int = 0
+    o_lora_rank: int = 0
+    indexer_n_head: int = 0
+    indexer_top_k: int = 0
+    names_sliding_window: bool = False  # {arch}.attention.sliding_window(_pattern) is set (generic archs)
 
 
 @dataclass(frozen=True)
@@ -81,6 +119,7 @@ class ModelProfile:
     n_kv_shared_layers: int = 0  # the last blocks reuse earlier blocks' cache (gemma4 shared_kv_layers)
     compress_ratios: tuple[int, ...] = ()  # deepseek4: compressed-cache ratio per block (0, 4 or 128)
     indexer_head_dim: int = 0  # deepseek4: the lightning indexer's key length
+    graph: GraphDetails = GraphDetails()  # what the compute-buffer replay reads besides the above
 
     def layer_head_dims(self, il: int) -> tuple[int, int]:
         """(K, V) head size of block `il` (llama_hparams::n_embd_head_k/v(il))."""
