@@ -207,9 +207,6 @@ class _Reader:
         self.pos += n
 
 
-_FileStamp = tuple[str, int, int, int, int, int]
-_recent: dict[_FileStamp, GgufHeader] = {}  # the last few files read: a plan reads its model's header twice
-_RECENT_FILES = 8
 
 
 def read_header(path: str | Path) -> GgufHeader:
@@ -219,12 +216,7 @@ def read_header(path: str | Path) -> GgufHeader:
         with open(path, "rb") as stream:
             stat = os.fstat(stream.fileno())
             stamp = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-            if (header := _recent.get(stamp)) is None:
-                header = _read_with_known_ends(stream, stat.st_size, str(path), repr(stamp))
-                if len(_recent) >= _RECENT_FILES:
-                    _recent.pop(next(iter(_recent)))
-                _recent[stamp] = header
-            return header
+            return _read_with_known_ends(stream, stat.st_size, str(path), repr(stamp))
     except FileNotFoundError:
         raise ModelError(f"{path}: no such file", "check the model path") from None
     except IsADirectoryError:
