@@ -217,7 +217,7 @@ def _spec_for(key: _ProfileKey) -> ModelSpec:
     n = profile.n_layer - profile.n_nextn_layers
     weight_type = _weight_type(profile.file_type)
     graph = profile.graph
-    details = {f.name: getattr(graph, f.name) for f in fields(graph) if f.name != "names_sliding_window"}
+    details = {f.name: getattr(graph, f.name) for f in fields(graph)}
     return ModelSpec(**details,
         arch=profile.arch, n_layer=n, n_embd=profile.n_embd, n_head=profile.n_head[:n],
         n_head_kv=profile.n_head_kv[:n], head_dim_k=profile.head_dim_k, head_dim_v=profile.head_dim_v,

@@ -42,8 +42,8 @@ class SlotWeights:
 
 @dataclass(frozen=True)
 class GraphDetails:
-    """Header facts only the compute-buffer replay reads, named as its ModelSpec names them (defaults:
-    ModelSpec's, which is what a profile built by hand, without a file, gets)."""
+    """Header facts only the compute-buffer replay reads; its ModelSpec (ggml/graphs/base.py) extends this
+    class, so each is named and defaulted once (a profile built by hand, without a file, gets the defaults)."""
 
     tensors: frozenset[str] = field(default=frozenset(), repr=False)  # every part's tensor names
     expert_types: tuple[str, str, str] | None = None  # up, gate, down routed-expert types, widest of each

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from llamalaunch.model.ggml import sim as g
 from llamalaunch.model.ggml.sim import Tensor
 from llamalaunch.model.ggml.types import row_size, type_block
+from llamalaunch.model.profile import GraphDetails
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The hparams the graph builders read (llama_hparams), per arch."""
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(GraphDetails):
+    """The hparams the graph builders read (llama_hparams), per arch: the profile's header facts for the
+    replay (GraphDetails, defined once there) and what follows from the profile's own fields."""
 
     arch: str
     n_layer: int
@@ -31,45 +33,15 @@ class ModelSpec:
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
-    n_expert_shared: int = 0
-    n_layer_dense_lead: int = 0
     kv_lora_rank: int = 0
-    q_lora_rank: int = 0
-    head_dim_k_mla: int = 0  # deepseek2: per-head K/V lengths after decompression
-    head_dim_v_mla: int = 0
-    n_lora_kv: int = 0  # deepseek2's kv_lora_rank, also when the cache is not MLA
     tied_output: bool = False
     weight_type: str = "q8_0"  # matmul weights (only their size matters, when op offload copies them)
     embd_type: str = "q8_0"
-    tensors: frozenset[str] = frozenset()  # tensor names in the file; empty: assume the arch's usual set
-    expert_types: tuple[str, str, str] | None = None  # up, gate, down routed-expert types (op offload copies them)
-    expert_gating_sigmoid: bool = False
-    expert_weights_norm: bool = True
-    expert_weights_scale: bool = False
-    attn_softcap: bool = False
-    final_softcap: bool = False
-    ssm_d_conv: int = 0
-    ssm_d_inner: int = 0
-    ssm_d_state: int = 0
-    ssm_n_group: int = 1
-    ssm_dt_rank: int = 0
-    shortconv_l_cache: int = 0
-    n_ff_shexp: int = 0  # shared-expert FFN length (qwen3next family)
-    mrope: bool = False  # multi-section RoPE (qwen35, glm4moe with rope sections)
-    moe_layers: tuple[bool, ...] = ()  # layers with experts when not all have them (llama4)
     head_dim_k_swa: int = 0  # gemma4: sliding-window layers have their own head size
     head_dim_v_swa: int = 0
-    n_embd_per_layer: int = 0  # gemma4 per-layer embeddings
     kv_source: tuple[int, ...] = ()  # gemma4 shared KV: the block whose cache each block attends
-    ffn_layers: tuple[bool, ...] = ()  # nemotron_h: FFN-only blocks
     compress_ratios: tuple[int, ...] = ()  # deepseek4 (graphs/deepseek4.py): compressed caches per block
-    n_hash_layers: int = 0  # deepseek4: the first blocks route experts by token id
-    hc_mult: int = 0  # deepseek4: hyper-connection copies of the residual stream
-    o_groups: int = 0  # deepseek4: grouped low-rank output projection
-    o_lora_rank: int = 0
-    indexer_n_head: int = 0  # deepseek4: the lightning indexer of the ratio-4 blocks
     indexer_head_dim: int = 0
-    indexer_top_k: int = 0
     generic: bool = False  # an arch without an exact graph, replayed as a (superset) llama graph
     generic_iswa: bool = False  # ... whose file names a sliding window
 
