@@ -284,7 +284,8 @@ def test_newer_patch_version_is_accepted() -> None:
     ("oversized", WorkerReplyError, "1099511627776-byte reply"),
     ("short_reply", WorkerClosedError, "short reply"),
     ("close_after_hello", WorkerClosedError, "another RPC protocol version"),
-    ("reset", WorkerResetError, "reset the connection"),
+    ("reset", WorkerResetError, "reset the connection at HELLO, before any answer (check that a ggml-rpc-server "
+               "of this llama.cpp version listens there, and its log)"),
     ("stall_after_hello", WorkerStalledError, "stopped answering"),
     ("absurd_count", WorkerReplyError, "claims 1000000 devices"),
     ("zero_devices", WorkerReplyError, "no devices"),

@@ -560,6 +560,10 @@ class _Exchange:
 
     def _reset_error(self) -> RpcProbeError:
         self.owed_bytes = 0
+        if not self.accepted:  # before any answer: as likely no ggml-rpc-server at all as a crashed one
+            return WorkerResetError(self.endpoint, "reset the connection at HELLO, before any answer",
+                                    "check that a ggml-rpc-server of this llama.cpp version listens there, "
+                                    "and its log")
         return WorkerResetError(self.endpoint, "reset the connection",
                                 "the worker may have crashed or restarted: look at its log")
 
