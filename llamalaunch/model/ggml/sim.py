@@ -183,6 +183,10 @@ def sqr(a: Tensor) -> Tensor:
     return _dup(a, "SQR", a)
 
 
+def sqrt(a: Tensor) -> Tensor:
+    return _dup(a, "SQRT", a)
+
+
 def rms_norm(a: Tensor) -> Tensor:
     return _dup(a, "RMS_NORM", a)
 

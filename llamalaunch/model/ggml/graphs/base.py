@@ -392,7 +392,7 @@ def build_moe_ffn(b: Builder, cur: Tensor, il: int, n_ff: int, weights_norm: boo
     if biases:
         logits = g.add(logits, b.w(il, n_expert, type_name="f32"))
     if sqrt_softplus:
-        probs = g.Tensor(logits.type, logits.ne, "SQRT", (g.unary(logits),))
+        probs = g.sqrt(g.unary(logits))
     else:
         probs = logits if softmax_weight else g.unary(logits) if sigmoid else g.soft_max(logits)
     selection = g.add(probs, b.w(il, n_expert, type_name="f32")) if probs_bias else probs
