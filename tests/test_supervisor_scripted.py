@@ -223,3 +223,44 @@ def test_without_the_reset_the_same_crashes_give_up(tmp_path: Path) -> None:
     run = Scripted(tmp_path, [crash_soon] * 3, max_restarts=2, backoff_initial_s=1.0)
     with pytest.raises(ServeFailed, match="crashed 3 times; giving up"):
         run.supervisor.run()
+
+
+# A stop asked for by a signal while the main thread is inside the supervisor's queue (or the worker pool's
+# stop flag): with queue.Queue / threading.Event the handler could block on a lock its own thread held, and
+# serve never stopped. Signals every 0.2 ms for 2 s; a deadlock or a nested-handler crash fails the run.
+SIGNAL_STORM = """
+import signal, sys, time
+from pathlib import Path
+from llamalaunch.launch.notify import Notifier
+from llamalaunch.launch.process import StopFlag
+from llamalaunch.launch.supervisor import ServeOptions, Supervisor
+
+supervisor = Supervisor(ServeOptions(name="t", server=Path("llama-server")), lambda lessons: None, print,
+                        Notifier({}))
+flag = StopFlag()
+asked = 0
+def handler(signum, frame):
+    global asked
+    asked += 1
+    supervisor.request_stop(signum)
+    flag.set()
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+got, end = 0, time.monotonic() + 2
+while time.monotonic() < end:
+    got += supervisor._next_item(0.0003) is not None
+    flag.wait(0.0001)
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+while supervisor._next_item(0) is not None:
+    got += 1
+print(asked == got and flag.is_set())
+"""
+
+
+def test_a_stop_asked_by_a_signal_never_deadlocks_the_loop() -> None:
+    import subprocess
+    import sys
+
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", SIGNAL_STORM], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr[-500:]

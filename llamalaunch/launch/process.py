@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 STOP_TIMEOUT_S = 10.0
 # llama-server runs at -lv 5 (the layer lines are debug level): ~50 KB a short request. The log and its
@@ -41,6 +41,37 @@ class ChildExit:
 
 
 ChildEvent = ChildLine | ChildExit
+
+
+class ChildEvents(Protocol):
+    """Where a child's events go: a queue.SimpleQueue (the supervisor's, which a signal handler also puts
+    into) or a queue.Queue."""
+
+    def put(self, item: ChildEvent, /) -> None: ...
+
+
+class StopFlag:
+    """A stop asked for from a signal handler. threading.Event.set() takes a lock that the interrupted
+    main thread may be holding (inside Event.wait): a deadlock; SimpleQueue.put is reentrant."""
+
+    def __init__(self) -> None:
+        self._asked: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._set = False
+
+    def set(self) -> None:
+        self._asked.put(True)
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once a stop was asked for; waits up to `timeout_s` for one."""
+        if not self._set:
+            try:
+                self._set = self._asked.get(timeout=timeout_s)
+            except queue.Empty:
+                pass
+        return self._set
+
+    def is_set(self) -> bool:
+        return self.wait(0)
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -129,7 +160,7 @@ PopenFactory = Callable[..., "subprocess.Popen[bytes]"]
 class Child:
     """A started child; its lines and its exit arrive as ChildEvents on `events`."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], events: queue.Queue[ChildEvent],
+    def __init__(self, argv: Sequence[str], env: dict[str, str], events: ChildEvents,
                  sink: LogSink | None = None, popen: PopenFactory = subprocess.Popen) -> None:
         self.argv = list(argv)
         self.events = events

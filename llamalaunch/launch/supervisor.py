@@ -24,7 +24,7 @@ from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.logparse import READINESS_MARK
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
-from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, LogSink
+from llamalaunch.launch.process import Child, ChildEvent, ChildEvents, ChildExit, ChildLine, LogSink
 from llamalaunch.launch.restart import RestartPolicy, Restarts
 from llamalaunch.options import DEFAULTS
 from llamalaunch.plan.types import Plan
@@ -125,7 +125,7 @@ class SupervisedChild(Protocol):
 
 
 # Starts a child: (argv, env, the queue its ChildEvents go to, the log sink) → the child.
-ChildFactory = Callable[[Sequence[str], dict[str, str], "queue.Queue[ChildEvent]", LogSink | None],
+ChildFactory = Callable[[Sequence[str], dict[str, str], ChildEvents, LogSink | None],
                         SupervisedChild]
 
 
@@ -142,7 +142,9 @@ class Supervisor:
         self.make_plan = make_plan
         self.on_event = on_event
         self.notifier = notifier or Notifier()
-        self.queue: queue.Queue[_Item] = queue.Queue()
+        # SimpleQueue: request_stop puts into it from a signal handler, and only its put is reentrant (a
+        # queue.Queue's lock may be held by the very thread the signal interrupted: a serve that never stops)
+        self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self.lessons = Lessons()
         self.attempts: list[Attempt] = []
         self._restarts = Restarts(RestartPolicy(options.backoff_initial_s, options.backoff_max_s, HEALTHY_RESET_S,

@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,7 +28,15 @@ import psutil
 
 from llamalaunch.errors import BadInputError, LaunchError, ToolchainError
 from llamalaunch.launch.notify import Notifier
-from llamalaunch.launch.process import Child, ChildEvent, ChildExit, ChildLine, PopenFactory, stop_on_signals
+from llamalaunch.launch.process import (
+    Child,
+    ChildEvent,
+    ChildExit,
+    ChildLine,
+    PopenFactory,
+    StopFlag,
+    stop_on_signals,
+)
 from llamalaunch.launch.restart import RestartPolicy, Restarts
 from llamalaunch.options import DEFAULTS
 from llamalaunch.probe.device import Device
@@ -338,7 +345,7 @@ class WorkerPool:
         self.notifier = notifier or Notifier()
         self.ready_timeout_s = ready_timeout_s
         self.popen = popen
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._signum = 0
 
     @property
