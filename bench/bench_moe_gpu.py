@@ -137,13 +137,15 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
             lines = log.read().decode("utf-8", "replace").splitlines()
     contexts = [int(m.group(1)) for line in lines if (m := N_CTX.search(line))]
     record["n_ctx"] = contexts[-1] if contexts else None
+    record["buffers"] = [line[-120:] for line in lines if "buffer size" in line][:12]
     record["errors"] = [line[-200:] for line in lines if "out of memory" in line or " E " in line][-4:]
     record["ok"] = bool(record.get("ready") and record.get("gen_tps") and record.get("filled", True)
                         and record["returncode"] in (0, -15, 143))
     return record
 
 
-def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Path, rpc: list[str]) -> dict:
+def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Path, rpc: list[str],
+                     fill_ctx: int | None) -> dict:
     """The smallest --n-cpu-moe N that loads and survives a 1,024-token prompt (downward from `start`)."""
     def argv(n: int) -> list[str]:
         return ["-m", str(model), "-c", str(case.ctx), "-ngl", "999", "--n-cpu-moe", str(n), "--fit", "off",
@@ -163,16 +165,20 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
             break
     found = {"tried": tried, "best_n": best}
     if best is not None:
-        found["measured"] = measure(server, argv(best), logs / f"ncmoe-best-{best}.log", case.ctx)
+        found["measured"] = measure(server, argv(best), logs / f"ncmoe-best-{best}.log", fill_ctx)
     return found
 
 
-PARTS = ("ours", "nommap", "fit", "search", "max")
+# Later flags win in llama-server: ours already loads host weights with -lm none (pinned host buffer)
+VARIANTS = {"mapped": ["-lm", "mmap"], "repacked": ["--no-host"]}
+PARTS = ("ours", *VARIANTS, "fit", "search", "max")
 
 
 def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
-             saved: callable[[dict], None] = lambda record: None) -> dict:
-    """One case; `saved(record)` after each contender, so a run cut short still leaves what it measured."""
+             saved: callable[[dict], None] = lambda record: None, fill: bool = True) -> dict:
+    """One case; `saved(record)` after each contender, so a run cut short still leaves what it measured.
+    `fill`: also a prompt filling the context on each contender's load (off: speeds only)."""
+    fill_ctx = case.ctx if fill else None
     model = models / case.model
     record: dict = {"case": case.name, "ctx": case.ctx}
     ballast = Ballast(case.free_mib)
@@ -197,20 +203,21 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
                                                          "overhead_bytes", "headroom_bytes")}
                                   for d in plan.get("devices", [])]
         if "argv" in plan and "ours" in parts:
-            record["ours"] = measure(server, plan["argv"], logs / "ours.log", case.ctx)
+            record["ours"] = measure(server, plan["argv"], logs / "ours.log", fill_ctx)
             print("ours", json.dumps(record["ours"]), flush=True)
             saved(record)
-        if "argv" in plan and "nommap" in parts:
-            record["ours_no_mmap"] = measure(server, [*plan["argv"], "-lm", "none"], logs / "ours-nommap.log", None)
-            print("ours -lm none", json.dumps(record["ours_no_mmap"]), flush=True)
-            saved(record)
+        for variant, extra in VARIANTS.items():  # the same placement, the host's weights held another way
+            if "argv" in plan and variant in parts:
+                record[f"ours_{variant}"] = measure(server, [*plan["argv"], *extra], logs / f"ours-{variant}.log", None)
+                print(f"ours {variant}", json.dumps(record[f"ours_{variant}"]), flush=True)
+                saved(record)
         if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
-            record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", case.ctx)
+            record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", fill_ctx)
             print("fit", json.dumps(record["fit"]), flush=True)
             saved(record)
         start = len(plan.get("host_expert_layers") or []) or 24
         if not case.rpc_budget_mib and "search" in parts:
-            record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc)
+            record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc, fill_ctx)
             print("n-cpu-moe", json.dumps(record["n_cpu_moe"]), flush=True)
             saved(record)
         if "max" in parts:
@@ -251,7 +258,8 @@ def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        contenders = [("ours", r.get("ours")), ("ours -lm none", r.get("ours_no_mmap")), ("--fit", r.get("fit"))]
+        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in VARIANTS),
+                      ("--fit", r.get("fit"))]
         best = (r.get("n_cpu_moe") or {})
         if best.get("measured"):
             contenders.append((f"--n-cpu-moe {best['best_n']}", best["measured"]))
@@ -276,6 +284,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS))
     parser.add_argument("--tag", default="moe", help="name of the result files")
+    parser.add_argument("--no-fill", action="store_true", help="speeds only: no context-filling prompt")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
@@ -285,7 +294,8 @@ def main() -> None:
     for key in args.cases:
         def saved(record: dict) -> None:
             (args.out / f"{args.tag}.json").write_text(json.dumps([*results, record], indent=2) + "\n")
-        results.append(run_case(args.server, models, CASES[key], args.logs, tuple(args.parts.split(",")), saved))
+        results.append(run_case(args.server, models, CASES[key], args.logs, tuple(args.parts.split(",")), saved,
+                                not args.no_fill))
         (args.out / f"{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = table(results)
     (args.out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
