@@ -6,9 +6,8 @@
 # Goal: worst first serve >= 98% of the true maximum, median >= 99%, 0 failed loads or fills.
 # One call may not hold all seven (10 minutes): pass --cases, e.g.
 #   bench/gpu/7-capacity-first-serve.sh --cases dense gqa swa    then    --cases qkv np1 np4-ub2048 moe
-# Not run yet (written on the CPU machine; smoke-tested there on RPC workers with --quick).
 set -o pipefail
-source bench/gpu/env.sh
+source bench/gpu/prepare.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv | tee $OUT/gpu.txt
 python3 -m bench.bench_capacity_gpu --first-serve --server $BIN/llama-server --out $OUT --logs /tmp/first-serve \
     "$@" 2>&1 | tee $OUT/first-serve-run.txt
