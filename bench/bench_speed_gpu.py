@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -114,16 +114,20 @@ class Rig:
 
 
 @contextmanager
-def in_home(path: Path) -> Iterator[None]:
-    old = os.environ.get("LLAMALAUNCH_HOME")
-    os.environ["LLAMALAUNCH_HOME"] = str(path)
+def env_set(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("LLAMALAUNCH_HOME", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["LLAMALAUNCH_HOME"] = old
+            os.environ[name] = old
+
+
+def in_home(path: Path) -> AbstractContextManager[None]:
+    return env_set("LLAMALAUNCH_HOME", str(path))
 
 
 def make_homes(rig: Rig, names: Sequence[str], memory_calibration: Path | None) -> None:
@@ -338,7 +342,7 @@ def write_models(folder: Path, models: dict[str, tuple[str, SyntheticShape, str]
             write_synthetic(folder / name, arch, shape, file_type)
 
 
-def run(rig: Rig, configs: Sequence[Config], out: Path, saved: Callable[[list[dict]], None]) -> list[dict]:
+def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]) -> list[dict]:
     models = rig.work / "models"
     write_models(models, CPU_MODELS if rig.cpu else GPU_MODELS, {c.model for c in configs})
     names = [c.name for c in configs]
@@ -373,9 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="*", help="names (default: all six)")
     args = parser.parse_args(argv)
     all_configs = CPU_CONFIGS if args.cpu else GPU_CONFIGS
+    if unknown := set(args.configs or ()) - {c.name for c in all_configs}:
+        parser.error(f"unknown --configs {', '.join(sorted(unknown))}; known: {', '.join(c.name for c in all_configs)}")
     configs = [c for c in all_configs if not args.configs or c.name in args.configs]
     server = args.server or default_bin_dir() / "llama-server"
-    os.environ.setdefault("LLAMALAUNCH_CACHE", str(api.cache_dir()))  # the host speed probe's cache, shared by all homes
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     rig = Rig(server, args.work, args.cpu)
@@ -383,14 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     def saved(records: list[dict]) -> None:
         (args.out / "speed.json").write_text(json.dumps({"cpu": args.cpu, "configs": records}, indent=2) + "\n")
 
-    try:
-        if args.cpu:
-            rig.cpu_workers = [start_rpc_worker(server.parent, args.work, threads=1)
-                               for _ in range(max(c.workers for c in configs))]
-        records = run(rig, configs, args.out, saved)
-    finally:
-        for worker in rig.cpu_workers:
-            worker.stop()
+    with env_set("LLAMALAUNCH_CACHE", str(api.cache_dir())):  # every home shares one build and host speed probe
+        try:
+            if args.cpu:
+                rig.cpu_workers = [start_rpc_worker(server.parent, args.work, threads=1)
+                                   for _ in range(max(c.workers for c in configs))]
+            records = run(rig, configs, saved)
+        finally:
+            for worker in rig.cpu_workers:
+                worker.stop()
     lines = table(records)
     (args.out / "speed.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
