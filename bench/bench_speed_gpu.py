@@ -43,7 +43,17 @@ from pathlib import Path
 
 from bench.bench_moe_gpu import QWEN3_30B_A3B, gpu_free_mib
 from bench.llama_runs import Ballast, default_bin_dir, free_port, post, stop_process
-from llamalaunch import api
+from llamalaunch.api import (
+    LaunchError,
+    Plan,
+    PlanInputs,
+    RunSpeedCalibration,
+    ServedTokens,
+    SpeedArgs,
+    build_request,
+    cache_dir,
+    load_speed_factors,
+)
 from tests.support import RpcWorker, start_rpc_worker, wait_for_port
 from tests.synthetic import SHAPES, SyntheticShape, write_synthetic
 
@@ -141,7 +151,7 @@ def make_homes(rig: Rig, names: Sequence[str], memory_calibration: Path | None) 
 
 
 def speed_factors(home: Path) -> dict:
-    return {key: asdict(value) for key, value in api.load_speed_factors(home / "speed_calibration.json").items()}
+    return {key: asdict(value) for key, value in load_speed_factors(home / "speed_calibration.json").items()}
 
 
 # --- one configuration's setting: ballast and worker ----------------------------------------------
@@ -171,14 +181,14 @@ def setting(rig: Rig, config: Config, record: dict) -> Iterator[list[str]]:
         yield endpoints
 
 
-def plan_inputs(rig: Rig, model: Path, config: Config, rpc: list[str]) -> api.PlanInputs:
-    request = api.build_request(ctx=str(config.ctx), budget=config.budget, cpu_spill=config.cpu_spill)
-    return api.PlanInputs.gather(model=str(model), demo=False, llama_server=str(rig.server), rpc=rpc, assume=[],
+def plan_inputs(rig: Rig, model: Path, config: Config, rpc: list[str]) -> PlanInputs:
+    request = build_request(ctx=str(config.ctx), budget=config.budget, cpu_spill=config.cpu_spill)
+    return PlanInputs.gather(model=str(model), demo=False, llama_server=str(rig.server), rpc=rpc, assume=[],
                                  overhead=[], request=request,
-                                 speed_args=api.SpeedArgs.parse(fill=str(config.fill_tokens)))
+                                 speed_args=SpeedArgs.parse(fill=str(config.fill_tokens)))
 
 
-def estimate_in(home: Path, inputs: api.PlanInputs, plan: api.Plan, config: Config) -> dict:
+def estimate_in(home: Path, inputs: PlanInputs, plan: Plan, config: Config) -> dict:
     """The plan's estimate for the requests measured, with `home`'s speed calibration (as serve compares)."""
     with in_home(home):
         speed = inputs.speed_at(plan, config.fill_tokens, config.prompt_tokens)
@@ -187,11 +197,11 @@ def estimate_in(home: Path, inputs: api.PlanInputs, plan: api.Plan, config: Conf
             "calibrated": list(speed.calibrated) if speed else []}
 
 
-def plan_in(home: Path, inputs: api.PlanInputs, config: Config) -> tuple[api.Plan | None, dict]:
+def plan_in(home: Path, inputs: PlanInputs, config: Config) -> tuple[Plan | None, dict]:
     with in_home(home):
         try:
             plan = inputs.plan()
-        except api.LaunchError as error:
+        except LaunchError as error:
             return None, {"error": str(error)}
     found = {"argv": list(plan.argv), "ctx": plan.ctx_tokens, "n_gpu_layers": plan.n_gpu_layers,
              "devices": {d.device.name: d.n_layers for d in plan.devices if not d.excluded},
@@ -240,8 +250,8 @@ def measure(server: Path, argv: Sequence[str], prompt_tokens: int, log_path: Pat
     return record, lines
 
 
-def served_tokens(lines: Sequence[str]) -> api.ServedTokens:
-    served = api.ServedTokens()
+def served_tokens(lines: Sequence[str]) -> ServedTokens:
+    served = ServedTokens()
     for line in lines:
         served.feed(line)
     return served
@@ -270,7 +280,7 @@ def pass_one(rig: Rig, models: Path, config: Config, names: Sequence[str], recor
         for home_name in homes:  # each home's own estimate at the run's fill: serve's exact record
             home = rig.home(home_name)
             with in_home(home):
-                calibration = api.RunSpeedCalibration(inputs.speed_at, home / "speed_calibration.json")
+                calibration = RunSpeedCalibration(inputs.speed_at, home / "speed_calibration.json")
                 factors = calibration.record(plan, served)
             record["recorded"][home_name] = {key: asdict(value) for key, value in factors.items()}
 
@@ -347,7 +357,7 @@ def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]
     write_models(models, CPU_MODELS if rig.cpu else GPU_MODELS, {c.model for c in configs})
     names = [c.name for c in configs]
     # the memory calibration store this machine's earlier runs wrote (plan/overheads.py's calibration_path)
-    memory = Path(os.environ.get("LLAMALAUNCH_HOME") or api.cache_dir()) / "calibration.json"
+    memory = Path(os.environ.get("LLAMALAUNCH_HOME") or cache_dir()) / "calibration.json"
     make_homes(rig, ["shared", *(f"before-{n}" for n in names), *(f"loo-{n}" for n in names)], memory)
     records: list[dict] = []
     for config in configs:
@@ -355,14 +365,14 @@ def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]
         records.append(record)
         try:
             pass_one(rig, models, config, names, record)
-        except (api.LaunchError, OSError, TimeoutError) as error:
+        except (LaunchError, OSError, TimeoutError) as error:
             record["failed"] = f"pass 1: {error}"
         print(config.name, json.dumps({k: record.get(k) for k in ("before", "measured", "served")}), flush=True)
         saved(records)
     for config, record in zip(configs, records):
         try:
             pass_two(rig, models, config, record)
-        except (api.LaunchError, OSError, TimeoutError) as error:
+        except (LaunchError, OSError, TimeoutError) as error:
             record["failed"] = f"pass 2: {error}"
         saved(records)
     return records
@@ -388,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def saved(records: list[dict]) -> None:
         (args.out / "speed.json").write_text(json.dumps({"cpu": args.cpu, "configs": records}, indent=2) + "\n")
 
-    with env_set("LLAMALAUNCH_CACHE", str(api.cache_dir())):  # every home shares one build and host speed probe
+    with env_set("LLAMALAUNCH_CACHE", str(cache_dir())):  # every home shares one build and host speed probe
         try:
             if args.cpu:
                 rig.cpu_workers = [start_rpc_worker(server.parent, args.work, threads=1)
