@@ -18,7 +18,9 @@ the out-of-sample figure. Goals (issue 18): within ±25% after calibration, ±50
 
 Estimates compared are the plan's for the requests measured (`PlanInputs.speed_at`: at their mean fill
 while generating, F + 64, prompts in batches of their size), the figure serve calibrates against; it
-equals `plan --json --fill F+64`'s "speed" when the prompt is at least an ubatch. Zero-weight synthetic
+equals `plan --json --fill F+64`'s "speed" when the prompt is at least an ubatch. The table's measured
+figure is the median of the three requests' timings; the calibration folds in what serve would have read from
+the same run's log (tokens over seconds of the three: "served" in the JSON), within noise of it. Zero-weight synthetic
 models. Results are written after every step, so a run cut short keeps what it measured.
 
 Usage (GPU machine): python -m bench.bench_speed_gpu --server BIN/llama-server --out DIR [--configs ...]
@@ -330,8 +332,10 @@ def table(records: Sequence[dict]) -> list[str]:
                         f"{cell((rec.get('before') or {}).get(kind), value)} "
                         f"{cell((two.get('after') or {}).get(kind), value)} {cell((two.get('loo') or {}).get(kind), value)}"
                         f"  {two.get('after_same_argv', '-')}")
-        if error := rec.get("failed") or (rec.get("before_plan") or {}).get("error") or measured.get("failed"):
-            rows.append(f"{rec['config']:<16}failed: {error}")
+        for error in (rec.get("failed"), (rec.get("before_plan") or {}).get("error"), measured.get("failed"),
+                      rec.get("failed_pass2"), (two.get("after_plan") or {}).get("error")):
+            if error:
+                rows.append(f"{rec['config']:<16}failed: {error}")
     for kind, label in (("gen_tps", "generation"), ("prompt_tps", "prompt")):
         rows.append(f"{label}: before {within(records, lambda r: r.get('before'), kind, BEFORE_GOAL)}; "
                     f"after (in-sample) {within(records, lambda r: (r.get('pass2') or {}).get('after'), kind, AFTER_GOAL)}; "
@@ -352,7 +356,11 @@ def write_models(folder: Path, models: dict[str, tuple[str, SyntheticShape, str]
             write_synthetic(folder / name, arch, shape, file_type)
 
 
-def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]) -> list[dict]:
+def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None],
+        pass_one_budget_s: float = float("inf")) -> list[dict]:
+    """Pass 1 over every configuration, then pass 2; a configuration not started in pass 1 within
+    `pass_one_budget_s` is skipped, so that pass 2 (a few seconds per configuration) still runs."""
+    started = time.monotonic()
     models = rig.work / "models"
     write_models(models, CPU_MODELS if rig.cpu else GPU_MODELS, {c.model for c in configs})
     names = [c.name for c in configs]
@@ -363,6 +371,9 @@ def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]
     for config in configs:
         record = {"config": config.name, "setting": asdict(config)}
         records.append(record)
+        if time.monotonic() - started > pass_one_budget_s:
+            record["failed"] = f"skipped: pass 1 ran past --pass-one-budget-s {pass_one_budget_s:.0f}"
+            continue
         try:
             pass_one(rig, models, config, names, record)
         except (LaunchError, OSError, TimeoutError) as error:
@@ -370,10 +381,12 @@ def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]
         print(config.name, json.dumps({k: record.get(k) for k in ("before", "measured", "served")}), flush=True)
         saved(records)
     for config, record in zip(configs, records):
+        if "measured" not in record:
+            continue
         try:
             pass_two(rig, models, config, record)
         except (LaunchError, OSError, TimeoutError) as error:
-            record["failed"] = f"pass 2: {error}"
+            record["failed_pass2"] = str(error)
         saved(records)
     return records
 
@@ -385,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/speed-bench"), help="homes, models, logs")
     parser.add_argument("--cpu", action="store_true", help="smoke run on CPU RPC workers, tiny shapes, no ballast")
     parser.add_argument("--configs", nargs="*", help="names (default: all six)")
+    parser.add_argument("--pass-one-budget-s", type=float, default=240.0,
+                        help="start no more pass-1 loads after this; pass 2 still runs (default 240)")
     args = parser.parse_args(argv)
     all_configs = CPU_CONFIGS if args.cpu else GPU_CONFIGS
     if unknown := set(args.configs or ()) - {c.name for c in all_configs}:
@@ -397,19 +412,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def saved(records: list[dict]) -> None:
         (args.out / "speed.json").write_text(json.dumps({"cpu": args.cpu, "configs": records}, indent=2) + "\n")
+        (args.out / "speed.txt").write_text("\n".join(table(records)) + "\n")
 
     with env_set("LLAMALAUNCH_CACHE", str(cache_dir())):  # every home shares one build and host speed probe
         try:
             if args.cpu:
                 rig.cpu_workers = [start_rpc_worker(server.parent, args.work, threads=1)
                                    for _ in range(max(c.workers for c in configs))]
-            records = run(rig, configs, saved)
+            records = run(rig, configs, saved, args.pass_one_budget_s)
         finally:
             for worker in rig.cpu_workers:
                 worker.stop()
-    lines = table(records)
-    (args.out / "speed.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(table(records)))
     return 0
 
 
