@@ -54,7 +54,6 @@ from llamalaunch.api import (
     SpeedArgs,
     build_request,
     cache_dir,
-    load_speed_factors,
 )
 from tests.support import RpcWorker, start_rpc_worker, wait_for_port
 from tests.synthetic import SHAPES, SyntheticShape, write_synthetic
@@ -152,10 +151,6 @@ def make_homes(rig: Rig, names: Sequence[str], memory_calibration: Path | None) 
             shutil.copy(memory_calibration, home / "calibration.json")
 
 
-def speed_factors(home: Path) -> dict:
-    return {key: asdict(value) for key, value in load_speed_factors(home / "speed_calibration.json").items()}
-
-
 # --- one configuration's setting: ballast and worker ----------------------------------------------
 
 
@@ -186,8 +181,7 @@ def setting(rig: Rig, config: Config, record: dict) -> Iterator[list[str]]:
 def plan_inputs(rig: Rig, model: Path, config: Config, rpc: list[str]) -> PlanInputs:
     request = build_request(ctx=str(config.ctx), budget=config.budget, cpu_spill=config.cpu_spill)
     return PlanInputs.gather(model=str(model), demo=False, llama_server=str(rig.server), rpc=rpc, assume=[],
-                                 overhead=[], request=request,
-                                 speed_args=SpeedArgs.parse(fill=str(config.fill_tokens)))
+                             overhead=[], request=request, speed_args=SpeedArgs.parse(fill=str(config.fill_tokens)))
 
 
 def estimate_in(home: Path, inputs: PlanInputs, plan: Plan, config: Config) -> dict:
@@ -411,7 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rig = Rig(server, args.work, args.cpu)
 
     def saved(records: list[dict]) -> None:
-        (args.out / "speed.json").write_text(json.dumps({"cpu": args.cpu, "configs": records}, indent=2) + "\n")
+        factors = rig.home("shared") / "speed_calibration.json"
+        shared = json.loads(factors.read_text()) if factors.exists() else {}
+        (args.out / "speed.json").write_text(json.dumps({"cpu": args.cpu, "configs": records,
+                                                         "shared_factors": shared}, indent=2) + "\n")
         (args.out / "speed.txt").write_text("\n".join(table(records)) + "\n")
 
     with env_set("LLAMALAUNCH_CACHE", str(cache_dir())):  # every home shares one build and host speed probe

@@ -11,4 +11,6 @@ source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv | tee $OUT/gpu.txt
 python3 -m bench.bench_speed_gpu --server $BIN/llama-server --out $OUT --work /tmp/speed-bench "$@" 2>&1 \
     | tee $OUT/speed-run.txt
-for home in /tmp/speed-bench/homes/shared; do echo "== $home"; cat $home/*.json; done | tee $OUT/homes.txt
+cat /tmp/speed-bench/homes/shared/*.json > $OUT/shared-home.txt 2>&1
+for log in /tmp/speed-bench/*.log; do echo "== $log"; grep -E " E |error|offloaded|n_ctx " "$log" | tail -8; done \
+    > $OUT/log-tails.txt 2>&1
