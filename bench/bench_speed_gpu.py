@@ -19,9 +19,11 @@ the out-of-sample figure. Goals (issue 18): within ±25% after calibration, ±50
 Estimates compared are the plan's for the requests measured (`PlanInputs.speed_at`: at their mean fill
 while generating, F + 64, prompts in batches of their size), the figure serve calibrates against; it
 equals `plan --json --fill F+64`'s "speed" when the prompt is at least an ubatch. The table's measured
-figure is the median of the three requests' timings; the calibration folds in what serve would have read from
-the same run's log (tokens over seconds of the three: "served" in the JSON), within noise of it. Zero-weight synthetic
-models. Results are written after every step, so a run cut short keeps what it measured.
+figure is the median of the three requests' timings, and the calibration folds in those medians (one slow
+request on a shared machine must not decide a factor); what serve itself would have read from the run's log
+(tokens over seconds of all three, llamalaunch's own log parsing) is kept beside them as "served" in the
+JSON. Zero-weight synthetic models. Results are written after every step, so a run cut short keeps what it
+measured.
 
 Usage (GPU machine): python -m bench.bench_speed_gpu --server BIN/llama-server --out DIR [--configs ...]
        (CPU smoke):  python -m bench.bench_speed_gpu --cpu --out DIR   (RPC workers on loopback, --budget
@@ -247,10 +249,20 @@ def measure(server: Path, argv: Sequence[str], prompt_tokens: int, log_path: Pat
 
 
 def served_tokens(lines: Sequence[str]) -> ServedTokens:
+    """What serve reads from a run's log (launch/calibrate.py)."""
     served = ServedTokens()
     for line in lines:
         served.feed(line)
     return served
+
+
+def median_served(measured: dict, config: Config) -> ServedTokens:
+    """The medians as one served request of the measured size: what RunSpeedCalibration records from."""
+    gen, prompt = measured.get("gen_tps"), measured.get("prompt_tps")
+    return ServedTokens(prompt_tokens=config.prompt_tokens if prompt else 0,
+                        prompt_s=config.prompt_tokens / prompt if prompt else 0.0, prompts=1 if prompt else 0,
+                        generated_tokens=GEN_TOKENS if gen else 0, generation_s=GEN_TOKENS / gen if gen else 0.0,
+                        fill_token_sum=config.fill_tokens * GEN_TOKENS if gen else 0.0)
 
 
 # --- the two passes -----------------------------------------------------------------------------------
@@ -277,7 +289,7 @@ def pass_one(rig: Rig, models: Path, config: Config, names: Sequence[str], recor
             home = rig.home(home_name)
             with in_home(home):
                 calibration = RunSpeedCalibration(inputs.speed_at, home / "speed_calibration.json")
-                factors = calibration.record(plan, served)
+                factors = calibration.record(plan, median_served(measured, config))
             record["recorded"][home_name] = {key: asdict(value) for key, value in factors.items()}
 
 
