@@ -87,7 +87,7 @@ def test_speed_proof_runs_on_rpc_workers(llama_bin_dir: Path, tmp_path: Path) ->
         assert record["measured"]["gen_tps"] > 0 and record["measured"]["prompt_tps"] > 0, record
         assert record["before"]["gen_tps"] > 0 and record["before"]["calibrated"] == []
         prompt = record["setting"]["prompt_tokens"]  # serve's own reading of the log agrees on what was served
-        assert record["served"]["mean_prompt"] == prompt and record["served"]["mean_fill"] == prompt + 64
+        assert record["served"]["mean_prompt"] == prompt and abs(record["served"]["mean_fill"] - (prompt + 64)) <= 1
         assert record["served"]["gen_tps"] > 0
         assert set(record["recorded"]) == {"shared", *(f"loo-{c}" for c in configs if c != record["config"])}
         after, loo = record["pass2"]["after"], record["pass2"]["loo"]
