@@ -9,14 +9,16 @@
 
 Stage by stage: probe devices (`probe_devices`), read a model's GGUF header (`load_profile`), estimate
 its memory on a placement (`estimate`), plan (`make_plan`, or `PlanInputs` for probe → model → plan
-in one step), estimate speed (`estimate_plan`), and measure what a real llama-server load allocates
-(`measure_load`) to compare with the estimate (`compare`). Sizes are int bytes. Errors a user can
+in one step), estimate speed (`estimate_plan`; `RunSpeedCalibration` folds llama-server's timings of
+served requests, `ServedTokens`, into the speed calibration as serve does), and measure what a real
+llama-server load allocates (`measure_load`) to compare with the estimate (`compare`). Sizes are int bytes. Errors a user can
 fix are `LaunchError`s with a hint. Everything else in the package is internal and may change.
 """
 
 from __future__ import annotations
 
 from llamalaunch.errors import LaunchError
+from llamalaunch.launch.calibrate import RunSpeedCalibration, ServedTokens
 from llamalaunch.launch.logparse import BreakdownRow, BufferSize, buffer_device, parse_events
 from llamalaunch.launch.measure import measure_fit_params, measure_load
 from llamalaunch.model.compare import ComponentRow, compare, within_tolerance
@@ -56,6 +58,8 @@ __all__ = [  # the stages they belong to: see the imports above
     "Plan",
     "PlanInputs",
     "Request",
+    "RunSpeedCalibration",
+    "ServedTokens",
     "SlotRange",
     "SpeedArgs",
     "buffer_device",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed
+from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed, bench_speed_gpu
 from tests.support import RpcWorker
 
 pytestmark = pytest.mark.llama
@@ -73,3 +73,31 @@ def test_first_serve_capacity_runs_on_rpc_workers(llama_bin_dir: Path, tmp_path:
         assert record["calibrated_same_ctx"] and record["true_ctx"] >= record["first"]["ctx"]
     table = (tmp_path / "first_serve.txt").read_text()
     assert "failed loads or fills: 0" in table
+
+
+def test_speed_proof_runs_on_rpc_workers(llama_bin_dir: Path, tmp_path: Path) -> None:
+    """bench/gpu/9-speed.sh's benchmark with --cpu: each configuration planned uncalibrated, measured, folded
+    into the shared and the other configurations' leave-one-out homes as serve does, planned again in both."""
+    configs = ["dense-partial", "moe-spill", "rpc-same-gpu"]
+    assert bench_speed_gpu.main(["--cpu", "--server", str(llama_bin_dir / "llama-server"), "--out", str(tmp_path),
+                                 "--work", str(tmp_path / "work"), "--configs", *configs]) == 0
+    records = written(tmp_path, "speed")["configs"]
+    assert [r["config"] for r in records] == configs
+    for record in records:
+        assert record["measured"]["gen_tps"] > 0 and record["measured"]["prompt_tps"] > 0, record
+        assert record["before"]["gen_tps"] > 0 and record["before"]["calibrated"] == []
+        prompt = record["setting"]["prompt_tokens"]  # serve's own reading of the log agrees on what was served
+        assert record["served"]["mean_prompt"] == prompt and abs(record["served"]["mean_fill"] - (prompt + 64)) <= 1
+        assert record["served"]["gen_tps"] > 0
+        assert set(record["recorded"]) == {"shared", *(f"loo-{c}" for c in configs if c != record["config"])}
+        after, loo = record["pass2"]["after"], record["pass2"]["loo"]
+        # the same argv is recorded, not required: a calibrated speed may rightly choose another split
+        assert after["gen_tps"] > 0 and after["calibrated"] and record["pass2"]["after_same_argv"] in (True, False)
+        assert loo["gen_tps"] > 0 and loo["calibrated"]
+    partial, moe, two = records
+    assert partial["before_plan"]["devices"]["RPC0"] < 9 and moe["before_plan"]["host_expert_layers"] > 0
+    assert set(two["before_plan"]["devices"]) == {"RPC0", "RPC1"} and all(two["before_plan"]["devices"].values())
+    keys = set(partial["recorded"]["shared"])  # an RPC device's key names its worker's endpoint
+    assert "CPU:host" in keys and any(key.startswith("RPC:") for key in keys)
+    table = (tmp_path / "speed.txt").read_text()
+    assert "generation: before " in table and "leave-one-out" in table
