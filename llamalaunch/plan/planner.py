@@ -100,8 +100,8 @@ _HOST_WEIGHTS_WITH_GPU = {
               "mapping; a few per cent less generation, a slower load",
     "mapped": "read through the file mapping: the fastest load; prompts stream them to the GPU at about half the "
               "speed of pinned memory",
-    "repacked": "repacked into the CPU's own layout: the host computes them, prompts included (never streamed to "
-                "the GPU)",
+    "repacked": "repacked into the CPU's own layout (the types its kernels take; the rest mapped): the host computes "
+                "them, prompts included, never streaming them to the GPU",
 }
 _HOST_WEIGHTS_WITHOUT_GPU = {
     "pinned": "loaded into memory (no GPU of this plan has pinned memory); the host computes them",
@@ -115,7 +115,7 @@ def host_weights_note(mode: str, choice: Choice, options: ArgvOptions) -> str:
     gpu = any(device.backend == "CUDA" for device in choice.order)
     flags = " ".join(host_weights_args(mode, options)) or "no flag"
     how = (_HOST_WEIGHTS_WITH_GPU if gpu else _HOST_WEIGHTS_WITHOUT_GPU)[mode]
-    return f"host weights {mode} ({flags}): {how} (--host-weights pinned, mapped or repacked)"
+    return f"host weights {mode} ({flags}): {how}; --host-weights chooses pinned, mapped or repacked"
 
 
 def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:
