@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from llamalaunch.errors import BadInputError
 from llamalaunch.launch.logparse import HOST as HOST_BUFFERS
 from llamalaunch.launch.logparse import parse_events
+from llamalaunch.launch.serve import check_extra_args
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.planner import make_plan
@@ -250,3 +252,18 @@ def test_a_load_mode_after_the_separator_is_refused_unless_forced(
     assert "(load_mode = mmap)" in forced.log_path.read_text()
     forced.send(signal.SIGTERM)
     assert forced.wait_exit() == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--mlock"], "--mlock after -- would contradict the plan (use llamalaunch's own options (--host-weights "
+                  "pinned, mapped or repacked) or add --force)"),
+    (["--load-mode=mmap", "-ngl", "3"], "--load-mode, -ngl after -- would contradict the plan (use llamalaunch's own "
+                                        "options (--ctx, -dev, --budget ...; --host-weights pinned, mapped or "
+                                        "repacked) or add --force)"),
+])
+def test_load_flags_are_planned_flags_named_with_their_option(extra: list[str], message: str) -> None:
+    with pytest.raises(BadInputError) as refused:
+        check_extra_args(extra, force=False)
+    assert str(refused.value) == message
+    check_extra_args(extra, force=True)
+
