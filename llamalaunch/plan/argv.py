@@ -78,7 +78,9 @@ def host_weights_args(mode: str, options: ArgvOptions) -> list[str]:
     pinned: -lm none (older builds: --no-mmap), so CUDA_Host is not swapped for the mapping. mapped: llama.cpp's
     default (auto: mmap unless a device cannot, like an integrated GPU). repacked: --no-host only: repack
     buffers are allocated copies whatever the load mode, so -lm none would only load the tensors no CPU kernel
-    repacks (norms, token_embd) into memory too, for nothing.
+    repacks (norms, token_embd) into memory too, for nothing. Weights take the same bytes in every mode; the
+    compute estimate keeps, in every mode, the GPU's copies of host experts streamed for a prompt (repacked
+    ones are not streamed: there it reserves more than llama.cpp allocates, never less).
     """
     if mode == "pinned":
         if options.knows("--load-mode"):
