@@ -81,8 +81,8 @@ ROWS = {
         ("--rpc", f"{A},{B}", "-dev", "RPC2,RPC0", "-ts", "16,17", *DEFAULTS, *FIT_OFF)),
     "a what-if worker without an endpoint keeps its name": Row(
         (rpc(0, None), gpu(0)), ("RPC0", "CUDA0"), (16, 17), ("-ts", "16,17", *DEFAULTS, *FIT_OFF)),
-    "nothing offloaded: -dev none, and the host's layers loaded (--host-weights pinned)": Row(
-        (gpu(0),), (), (), ("-dev", "none", *DEFAULTS, "-lm", "none", *FIT_OFF)),
+    "nothing offloaded: -dev none, and no --host-weights flag (nothing is spilled from a device)": Row(
+        (gpu(0),), (), (), ("-dev", "none", *DEFAULTS, *FIT_OFF)),
     "a companion keeps its worker on --rpc though no layer went there": Row(
         (rpc(0, A), gpu(0)), ("CUDA0",), (33,),
         ("--rpc", A, "-dev", "CUDA0", *DEFAULTS, "--mmproj", "p.gguf", "-mmdev", "RPC0", *FIT_OFF),

@@ -89,6 +89,15 @@ def test_the_default_is_pinned_and_nothing_on_the_host_states_no_mode(moe: Model
     assert not {"-lm", "--no-host"} & set(fits.argv) and fits.notes == ()
 
 
+def test_a_machine_without_devices_spills_nothing_and_keeps_llama_cpps_default(demo_model: Path) -> None:
+    """Every weight on the host of a CPU-only machine is not a spill: no mode, no flag, no note (the mapping)."""
+    result = run_cli("plan", str(demo_model), "--assume", "CPU=8GiB", "--host-weights", "pinned", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["n_gpu_layers"], data["host_weights"], data["notes"]) == (0, None, [])
+    assert not {"-lm", "--no-host"} & set(data["argv"])
+
+
 def test_workers_only_have_no_pinned_memory_and_the_note_says_so(moe: ModelProfile) -> None:
     plan = make_plan(moe, [rpc(0, 10 * GIB, "127.0.0.1:1")], Request(ctx_tokens=16384), OPTIONS)
     assert flags_after_ot(plan.argv) == ["-lm", "none"]

@@ -64,10 +64,12 @@ def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> li
 
 
 def holds_host_weights(profile: ModelProfile, choice: Choice) -> bool:
-    """Whether the plan leaves weights in host memory: experts (-ot ...=CPU) or whole layers (-ngl below all).
+    """Whether the plan leaves weights of its devices' model in host memory: experts (-ot ...=CPU) or whole layers
+    (-ngl below all). A plan without devices (a CPU-only machine, -dev none) spills nothing: llama.cpp's default.
 
     token_embd always stays there (DESIGN.md) and does not count: it is one row per token, never streamed."""
-    return bool(choice.host_expert_layers or choice.host_expert_parts) or choice.n_gpu_layers < profile.n_slots
+    spilled = bool(choice.host_expert_layers or choice.host_expert_parts) or choice.n_gpu_layers < profile.n_slots
+    return spilled and bool(choice.order)
 
 
 def host_weights_args(mode: str, options: ArgvOptions) -> list[str]:
