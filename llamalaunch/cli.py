@@ -85,7 +85,7 @@ def what_if(assume: list[str], inventory: Path | None) -> list[str]:
 
 REQUEST_OPTIONS = ("ctx", "ctx_min", "parallel", "kv_unified", "batch", "ubatch", "cache_type_k", "cache_type_v",
                    "flash_attn", "swa_full", "margin", "reserve", "budget", "exclude", "cpu_spill", "gpu_layers",
-                   "cpu_experts", "prefer")
+                   "cpu_experts", "prefer", "host_weights")
 
 
 def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target: bool = False) -> Any:
@@ -218,7 +218,7 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
          draft: str | None = opt("draft"), calibrate: bool = opt("calibrate"),
          generic_arch: bool = opt("generic_arch"), llama_server: str | None = opt("llama_server"),
          link: list[str] = opt("link"), device_speed: list[str] = opt("device_speed"),
-         prefer: str = opt("prefer"),
+         prefer: str = opt("prefer"), host_weights: str = opt("host_weights"),
          fill: str | None = opt("fill"), compare: bool = opt("compare"), as_json: JsonOpt = False,
          verify: Annotated[bool, typer.Option("--verify", help="Load the plan in llama-server, compare what "
                                               "it allocates (exit 1 out of tolerance).")] = False,
@@ -268,7 +268,7 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
           draft: str | None = opt("draft"), calibrate: bool = opt("calibrate"),
           generic_arch: bool = opt("generic_arch"), llama_server: str | None = opt("llama_server"),
           link: list[str] = opt("link"), device_speed: list[str] = opt("device_speed"),
-          prefer: str = opt("prefer"),
+          prefer: str = opt("prefer"), host_weights: str = opt("host_weights"),
           host: str = opt("host"), port: int = opt("port"), name: str = opt("name"),
           api_key_file: Path | None = opt("api_key_file"), max_attempts: int = opt("max_attempts"),
           max_restarts: int = opt("max_restarts"), backoff: float = opt("backoff"),

@@ -60,7 +60,7 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
     Built when a profile or a LLAMALAUNCH_* option is first read: the parsers are not imported for nothing."""
     from llamalaunch.model.kv import CACHE_TYPES
     from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
-    from llamalaunch.plan.request import FLASH_ATTN
+    from llamalaunch.plan.request import FLASH_ATTN, HOST_WEIGHTS
     from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
     from llamalaunch.probe.assume import parse_assumptions, parse_device_sizes
     from llamalaunch.probe.inventory import split_endpoints
@@ -80,6 +80,7 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
         "budget": lambda values: parse_device_sizes(values, "budget"),
         "margin": parse_margin,
         "prefer": _check_choice(("context", "speed")),
+        "host_weights": _check_choice(HOST_WEIGHTS),
         "link": lambda values: parse_links(values),
         "device_speed": lambda values: parse_device_speeds(values),
         "fill": parse_fill,

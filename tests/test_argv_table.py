@@ -81,7 +81,7 @@ ROWS = {
         ("--rpc", f"{A},{B}", "-dev", "RPC2,RPC0", "-ts", "16,17", *DEFAULTS, *FIT_OFF)),
     "a what-if worker without an endpoint keeps its name": Row(
         (rpc(0, None), gpu(0)), ("RPC0", "CUDA0"), (16, 17), ("-ts", "16,17", *DEFAULTS, *FIT_OFF)),
-    "nothing offloaded: -dev none": Row(
+    "nothing offloaded: -dev none, and no --host-weights flag (nothing is spilled from a device)": Row(
         (gpu(0),), (), (), ("-dev", "none", *DEFAULTS, *FIT_OFF)),
     "a companion keeps its worker on --rpc though no layer went there": Row(
         (rpc(0, A), gpu(0)), ("CUDA0",), (33,),
@@ -105,6 +105,29 @@ ROWS = {
     "host experts on a build without --load-mode: --no-mmap": Row(
         (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(3)\\.[^.]*_exps\\.=CPU", "--no-mmap"),
         capabilities=frozenset({"--no-mmap"}), host_expert_layers=frozenset({3})),
+    # --host-weights: how llama.cpp keeps what stays in host memory (experts or whole layers), said only then
+    "host experts mapped: llama.cpp's default, no flag": Row(
+        (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU", *FIT_OFF),
+        request={"host_weights": "mapped"}, host_expert_layers=frozenset({0})),
+    "host experts repacked: --no-host, the file still mapped": Row(
+        (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU", "--no-host", *FIT_OFF),
+        request={"host_weights": "repacked"}, host_expert_layers=frozenset({0})),
+    "host experts repacked on a build without --no-host: no flag": Row(
+        (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU"),
+        request={"host_weights": "repacked"}, capabilities=frozenset({"--load-mode"}),
+        host_expert_layers=frozenset({0})),
+    "host experts on workers only: still the mode's flag (no pinned buffer there: plain memory)": Row(
+        (rpc(0, A),), ("RPC0",), (33,),
+        ("--rpc", A, *DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU", "-lm", "none", *FIT_OFF),
+        host_expert_layers=frozenset({0})),
+    "the first 2 of 5 slots on the host (--cpu-spill), pinned": Row(
+        (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, "-lm", "none", *FIT_OFF)),
+    "the first layers on the host, mapped": Row(
+        (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, *FIT_OFF), request={"host_weights": "mapped"}),
+    "the first layers on the host, repacked": Row(
+        (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, "--no-host", *FIT_OFF), request={"host_weights": "repacked"}),
+    "everything on the devices: no mode's flag, whichever is asked": Row(
+        (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, *FIT_OFF), request={"host_weights": "repacked"}),
 }
 
 

@@ -64,7 +64,7 @@ def test_option_wins_and_reads_capabilities(llama_bin_dir: Path, bare_path: Path
     assert toolchain.source == "option"
     assert toolchain.server.path == llama_bin_dir / "llama-server"
     assert toolchain.server.capabilities == {"--fit", "--rpc", "-dev", "-lv", "--list-devices", "--metrics",
-                                             "--log-file", "--load-mode"}
+                                             "--log-file", "--load-mode", "--no-host"}
     assert toolchain.server.knows("-fitt") and not toolchain.server.knows("--no-such-flag")
     assert toolchain.server.backend == "CPU"
     assert toolchain.server.version.startswith("0.5.0")

@@ -48,6 +48,7 @@ from llamalaunch.units import MIB
 
 if TYPE_CHECKING:
     from llamalaunch.plan.pipeline import PlanInputs
+    from llamalaunch.toolchain.discover import Binary
 
 LOAD_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -261,6 +262,13 @@ def breakdown_rows(events: Iterable[Event]) -> list[BreakdownRow]:
     return last
 
 
+def allocated_host_args(plan: Plan, server: Binary) -> list[str]:
+    """`-lm none` for a plan whose host weights are mapped (--host-weights mapped or repacked): a mapped buffer
+    prints the file range it maps, tensors loaded elsewhere (devices, CPU_REPACK) included, not what it holds.
+    Loaded, each host buffer is exactly its tensors; the devices' buffers are the same either way."""
+    return ["-lm", "none"] if plan.host_weights in ("mapped", "repacked") and server.knows("--load-mode") else []
+
+
 def verify_plan(inputs: PlanInputs, plan: Plan) -> list[ComponentRow]:
     """plan --verify: load the plan's argv in the real llama-server and compare, per device and component."""
     from llamalaunch.probe.inventory import BUSY_NOTE
@@ -281,7 +289,8 @@ def verify_plan(inputs: PlanInputs, plan: Plan) -> list[ComponentRow]:
                    for p in plan.devices if not p.excluded)
     per_worker = {endpoint: sum(1 for d in inputs.devices if d.endpoint == endpoint)
                   for endpoint in endpoints}
-    measured = measure_plan(inputs.toolchain.server.path, argv, Placement(ranges), endpoints, per_worker)
+    measured = measure_plan(inputs.toolchain.server.path, [*argv, *allocated_host_args(plan, inputs.toolchain.server)],
+                            Placement(ranges), endpoints, per_worker)
     used = {names[p.device.name]: p.memory for p in plan.devices if not p.excluded}
     planned = Estimate(MappingProxyType(used), plan.host)
     return compare(planned, measured.estimate)

@@ -46,6 +46,9 @@ PLANNED_FLAGS = frozenset({
     "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "-ot", "--override-tensor",
     "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe",  # expert placement is the plan's (--cpu-experts N forces it)
 })
+# How host-held weights are loaded is the plan's too (--host-weights); older builds' spellings included.
+LOAD_FLAGS = frozenset({"-lm", "--load-mode", "--mmap", "--no-mmap", "--mlock", "--no-host",
+                        "-nr", "--repack", "--no-repack"})
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,15 @@ class ServeRequest:
 
 
 def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
-    clashes = [arg.split("=", 1)[0] for arg in extra_args if arg.split("=", 1)[0] in PLANNED_FLAGS]
+    clashes = [arg.split("=", 1)[0] for arg in extra_args if arg.split("=", 1)[0] in PLANNED_FLAGS | LOAD_FLAGS]
     if "--api-key" in clashes:
         raise BadInputError("--api-key on the command line would show the key in `ps` and the logs",
                             "put the key in a file and pass --api-key-file FILE")
     if clashes and not force:
+        own = [*(["--ctx, -dev, --budget ..."] if set(clashes) - LOAD_FLAGS else []),
+               *(["--host-weights pinned, mapped or repacked"] if set(clashes) & LOAD_FLAGS else [])]
         raise BadInputError(f"{', '.join(clashes)} after -- would contradict the plan",
-                            "use llamalaunch's own options (--ctx, -dev, --budget ...) or add --force")
+                            f"use llamalaunch's own options ({'; '.join(own)}) or add --force")
 
 
 def default_alias(model_path: str, extra_args: Sequence[str]) -> str | None:

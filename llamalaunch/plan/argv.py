@@ -63,17 +63,34 @@ def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> li
     return rpc + unreachable + local
 
 
-def load_host_experts_args(choice: Choice, options: ArgvOptions) -> list[str]:
-    """Load the host's experts into (pinned) memory rather than mapping the file, when a GPU uses them.
+def holds_host_weights(profile: ModelProfile, choice: Choice) -> bool:
+    """Whether the plan leaves weights of its devices' model in host memory: experts (-ot ...=CPU) or whole layers
+    (-ngl below all). A plan without devices (a CPU-only machine, -dev none) spills nothing: llama.cpp's default.
 
-    Prompts stream host experts to the GPU (op offload); from a pinned buffer that ran 1.9x faster than
-    from the mapping (H100, Qwen3-30B-A3B shape, 6,006 vs 3,118 prompt tok/s; generation the same).
+    token_embd always stays there (DESIGN.md) and does not count: it is one row per token, never streamed."""
+    spilled = bool(choice.host_expert_layers or choice.host_expert_parts) or choice.n_gpu_layers < profile.n_slots
+    return spilled and bool(choice.order)
+
+
+def host_weights_args(mode: str, options: ArgvOptions) -> list[str]:
+    """llama-server's flags for `--host-weights` (llama.cpp src/llama-model.cpp make_cpu_buft_list: host tensors
+    take the first of [the first GPU's pinned host buffer unless --no-host, CPU_REPACK, CPU] that can hold them;
+    with mmap, a host buffer becomes the mapped file).
+
+    pinned: -lm none (older builds: --no-mmap), so CUDA_Host is not swapped for the mapping. mapped: llama.cpp's
+    default (auto: mmap unless a device cannot, like an integrated GPU). repacked: --no-host only: repack
+    buffers are allocated copies whatever the load mode, so -lm none would only load the tensors no CPU kernel
+    repacks (norms, token_embd) into memory too, for nothing. Weights take the same bytes in every mode; the
+    compute estimate keeps, in every mode, the GPU's copies of host experts streamed for a prompt (repacked
+    ones are not streamed: there it reserves more than llama.cpp allocates, never less).
     """
-    if not any(device.backend == "CUDA" for device in choice.order):
-        return []
-    if options.knows("--load-mode"):
-        return ["-lm", "none"]
-    return ["--no-mmap"] if options.knows("--no-mmap") else []
+    if mode == "pinned":
+        if options.knows("--load-mode"):
+            return ["-lm", "none"]
+        return ["--no-mmap"] if options.knows("--no-mmap") else []
+    if mode == "repacked" and options.knows("--no-host"):
+        return ["--no-host"]
+    return []
 
 
 def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice: Choice,
@@ -97,7 +114,8 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
         argv.append("--swa-full")
     if choice.host_expert_layers or choice.host_expert_parts:
         argv += ["-ot", host_experts_override(Placement((), choice.host_expert_layers, choice.host_expert_parts))]
-        argv += load_host_experts_args(choice, options)
+    if holds_host_weights(profile, choice):
+        argv += host_weights_args(request.host_weights, options)
     for companion, device in options.companions:
         argv += companion.argv(names[device])
     if options.knows("--fit"):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.kv import CACHE_TYPES, check_cache_types
 from llamalaunch.options import DEFAULTS, checked
-from llamalaunch.plan.request import FLASH_ATTN, Request
+from llamalaunch.plan.request import FLASH_ATTN, HOST_WEIGHTS, Request
 from llamalaunch.probe.assume import parse_device_sizes
 from llamalaunch.units import parse_size, parse_tokens
 
@@ -54,7 +54,8 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
                   reserve: Sequence[str] = (), budget: Sequence[str] = (), devices: str | None = None,
                   exclude: Sequence[str] = (), cpu_spill: bool = DEFAULTS["cpu_spill"],
                   gpu_layers: int | None = DEFAULTS["gpu_layers"], cpu_experts: int | None = DEFAULTS["cpu_experts"],
-                  prefer: str = DEFAULTS["prefer"], ctx_is_target: bool = False) -> Request:
+                  prefer: str = DEFAULTS["prefer"], host_weights: str = DEFAULTS["host_weights"],
+                  ctx_is_target: bool = False) -> Request:
     request = Request(
         ctx_tokens=parse_ctx(ctx),
         ctx_min_tokens=parse_tokens(ctx_min, "--ctx-min"),
@@ -76,6 +77,7 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
         n_gpu_layers=checked("gpu_layers", gpu_layers),
         cpu_experts=checked("cpu_experts", cpu_experts),
         prefer=parse_choice(prefer, ("context", "speed"), "--prefer"),
+        host_weights=parse_choice(host_weights, HOST_WEIGHTS, "--host-weights"),
     )
     if request.ctx_tokens is not None and request.ctx_tokens < request.ctx_min_tokens:
         raise BadInputError(f"--ctx {request.ctx_tokens} is below --ctx-min {request.ctx_min_tokens}",

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from llamalaunch.model.estimate import SlotRange
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.argv import ArgvOptions, build_argv
+from llamalaunch.plan.argv import ArgvOptions, build_argv, holds_host_weights, host_weights_args
 from llamalaunch.plan.choose import alternatives, candidates, pick
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.search import Planner, round_ctx
@@ -77,21 +77,45 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
         plans.append(device_plan(planner.request, device, leave_out_reason(planner, device, choice),
                                  None, 0, MemoryUse()))
     argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
-    notes = (expert_note(planner.profile, choice, argv),) if spilled else ()
+    host_weights = planner.request.host_weights if holds_host_weights(planner.profile, choice) else None
+    notes = (*((expert_note(planner.profile, choice),) if spilled else ()),
+             *((host_weights_note(host_weights, choice, options),) if host_weights else ()))
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
                 choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers,
-                host_expert_parts=choice.host_expert_parts)
+                host_expert_parts=choice.host_expert_parts, host_weights=host_weights)
 
 
-def expert_note(profile: ModelProfile, choice: Choice, argv: Sequence[str]) -> str:
+def expert_note(profile: ModelProfile, choice: Choice) -> str:
     held = len(choice.host_expert_layers)
-    # measured on an H100 (bench/results/h100-2026-12-07*): prompts ~2x, generation 4-6% less, load slower
-    how = ("loaded into pinned memory (-lm none: about twice the prompt speed of the file mapping, a few per "
-           "cent less generation, a slower load)") if "-lm" in argv else "read through the file mapping"
     split = sorted({il for il, _ in choice.host_expert_parts})
     partly = f" (and part of block {', '.join(map(str, split))}'s)" if split else ""
-    return (f"experts of {held} of {len(profile.expert_layers)} MoE layers{partly} stay in host memory, {how}; "
+    return (f"experts of {held} of {len(profile.expert_layers)} MoE layers{partly} stay in host memory; "
             "every layer's attention, shared weights and KV cache are on the devices")
+
+
+# What each --host-weights mode does with a GPU in the plan; measured on an H100 (bench/results/h100-2026-12-07*):
+# prompts from pinned memory 1.9x those from the mapping, generation 4-6% less, the load slower.
+_HOST_WEIGHTS_WITH_GPU = {
+    "pinned": "loaded into pinned memory, which prompts stream to the GPU about twice as fast as from the file "
+              "mapping; a few per cent less generation, a slower load",
+    "mapped": "read through the file mapping: the fastest load; prompts stream them to the GPU at about half the "
+              "speed of pinned memory",
+    "repacked": "repacked into the CPU's own layout (the types its kernels take; the rest mapped): the host computes "
+                "them, prompts included, never streaming them to the GPU",
+}
+_HOST_WEIGHTS_WITHOUT_GPU = {
+    "pinned": "loaded into memory (no GPU of this plan has pinned memory); the host computes them",
+    "mapped": "read through the file mapping: the fastest load; the host computes them",
+    "repacked": "the host computes them (the CPU's own layout, as in every mode without a GPU)",
+}
+
+
+def host_weights_note(mode: str, choice: Choice, options: ArgvOptions) -> str:
+    """The --host-weights mode of a plan that leaves weights in host memory, its flags, and what it trades."""
+    gpu = any(device.backend == "CUDA" for device in choice.order)
+    flags = " ".join(host_weights_args(mode, options)) or "no flag"
+    how = (_HOST_WEIGHTS_WITH_GPU if gpu else _HOST_WEIGHTS_WITHOUT_GPU)[mode]
+    return f"host weights {mode} ({flags}): {how}; --host-weights chooses pinned, mapped or repacked"
 
 
 def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:

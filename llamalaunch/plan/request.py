@@ -7,9 +7,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from llamalaunch.model.kv import ContextSpec
+from llamalaunch.options import DEFAULTS
 from llamalaunch.units import MIB
 
 FLASH_ATTN = ("on", "off", "auto")
+# How llama.cpp keeps weights left in host memory (--host-weights; the default is the option table's):
+# pinned: loaded into the first GPU's pinned host buffer (CUDA_Host), streamed to it for large batches at full
+# speed; mapped: the file mapped (CPU_Mapped, page cache), streamed from pageable memory; repacked: the CPU
+# backend's own layout (CPU_REPACK), never streamed to a GPU: the host computes them.
+HOST_WEIGHTS = ("pinned", "mapped", "repacked")
 # Default safety margin per device. llama.cpp's --fit keeps 1024 MiB; we plan exactly and keep only
 # what run-time allocations outside llama.cpp's accounting needed in measured runs: the CUDA pool's
 # growth (10-50 MiB on an H100), an RPC worker's graph input buffer (2.5 MiB on a small model). A
@@ -43,6 +49,7 @@ class Request(ContextSpec):
     n_gpu_layers: int | None = None  # force a layer count (partial offload); None: as many as fit
     cpu_experts: int | None = None  # MoE: keep the experts of the first N MoE blocks on the host; None: plan it
     prefer: str = "context"  # which wins when placements differ: the larger context, or the faster estimate
+    host_weights: str = DEFAULTS["host_weights"]  # one of HOST_WEIGHTS: how weights left on the host are kept
 
     def margin_for(self, usable_bytes: int) -> int:
         """Free memory kept on a device with `usable_bytes` (free, or its budget)."""

@@ -50,3 +50,4 @@ class Plan:
     speed: SpeedEstimate | None = None  # None: no speed figures were given to the planner
     alternatives: tuple[Alternative, ...] = ()  # placements that fit, the chosen one first (plan --compare)
     overhead_sources: tuple[tuple[str, str], ...] = ()  # device name, "measured <when>" / "given" / "assumed"
+    host_weights: str | None = None  # --host-weights mode; None: no layer or expert is left in host memory

@@ -25,7 +25,7 @@ from llamalaunch.toolchain.pin import FIT_PARAMS_BINARY, LLAMA_CPP_SDIST, RPC_SE
 SERVER_ENV = "LLAMALAUNCH_LLAMA_SERVER"
 # Flags whose presence changes what llamalaunch passes to llama-server (`--fit off`, `-lv 4`, ...).
 CAPABILITY_FLAGS = ("--fit", "-lv", "--rpc", "-dev", "--list-devices", "--metrics", "--log-file", "--load-mode",
-                    "--no-mmap")
+                    "--no-mmap", "--no-host")
 # Options every llama-server lists in --help (and llamalaunch passes it): what tells it from another program.
 SERVER_FLAGS = ("--model", "--port")
 # Older llama.cpp builds named the RPC worker `rpc-server`.
