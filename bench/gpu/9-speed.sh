@@ -3,11 +3,10 @@
 # (dense full offload at fills 1k and 7k, dense partial offload at 3 GiB free, Qwen3-30B-A3B expert spill at
 # 10 GiB free at fills 1k and 12k, an RPC worker on the same GPU), before speed calibration, after it
 # (in-sample) and leave-one-out. Goal: within ±25% after calibration, ±50% before.
-# Assumes $BIN/llama-server exists (an earlier step of the same call built it); about 3-5 minutes on a GPU.
-# Args: bench_speed_gpu.py options (--configs dense-full moe-spill ...). Written on the CPU machine and
-# smoke-tested there with --cpu; not run on a GPU yet.
+# Builds or unpacks the CUDA toolchain (prepare.sh); about 3-5 minutes on a GPU after that.
+# Args: bench_speed_gpu.py options (--configs dense-full moe-spill ...).
 set -o pipefail
-source bench/gpu/env.sh
+source bench/gpu/prepare.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv | tee $OUT/gpu.txt
 python3 -m bench.bench_speed_gpu --server $BIN/llama-server --out $OUT --work /tmp/speed-bench "$@" 2>&1 \
     | tee $OUT/speed-run.txt
