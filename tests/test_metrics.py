@@ -20,6 +20,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llamalaunch.errors import LaunchError
 from llamalaunch.observe.metrics import SnapshotCache, relayed_families, snapshot_families
 from llamalaunch.observe.snapshot import AttemptStatus, DeviceStatus, ServerStats, StatusSnapshot
 from tests.serve_support import StartServe, wait_gone
@@ -144,6 +145,24 @@ def test_concurrent_scrapes_share_one_collection_a_second() -> None:
     for thread in threads:
         thread.join()
     assert calls and len(calls) == 1 and results == [1] * 20
+
+
+def test_a_failing_collection_is_retried_once_a_second_not_at_every_scrape() -> None:
+    now = [100.0]
+    calls: list[float] = []
+
+    def collect() -> int:
+        calls.append(now[0])
+        if len(calls) > 1:
+            raise LaunchError("the state file vanished")  # as between a child's death and its restart
+        return 1
+
+    cache = SnapshotCache(collect, max_age_s=1.0, clock=lambda: now[0])
+    for _ in range(8):  # scrapes every 0.25 s for two seconds
+        now[0] += 0.25
+        cache.get()
+    assert calls == [100.25, 101.25]
+    assert cache.errors == 1 and cache.get() == (1, 1.75)  # the last good snapshot, aging
 
 
 def test_a_scrape_behind_a_stuck_collection_gets_the_last_snapshot_in_bounded_time() -> None:

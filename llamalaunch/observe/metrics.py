@@ -57,7 +57,8 @@ class SnapshotCache(Generic[T]):
         self.clock = clock
         self._lock = threading.Lock()
         self._value: T | None = None
-        self._taken_at = float("-inf")
+        self._taken_at = float("-inf")  # when the snapshot was collected: its age
+        self._tried_at = float("-inf")  # when a collection last ran, failed or not: the rate limit
         self.collections = 0
         self.errors = 0
         self.last_duration_s = 0.0
@@ -67,7 +68,7 @@ class SnapshotCache(Generic[T]):
         """The snapshot and its age in seconds (None before any collection succeeded)."""
         if self._lock.acquire(timeout=self.wait_s):
             try:
-                if self.clock() - self._taken_at >= self.max_age_s:
+                if self.clock() - self._tried_at >= self.max_age_s:
                     self._refresh()
             finally:
                 self._lock.release()
@@ -83,7 +84,8 @@ class SnapshotCache(Generic[T]):
             self.errors += 1
             self.last_error = error.message
         self.collections += 1
-        self.last_duration_s = self.clock() - started
+        self._tried_at = self.clock()  # a failing collection (state file gone mid-restart) is not retried per scrape
+        self.last_duration_s = self._tried_at - started
 
 
 def _scrape_families(cache: SnapshotCache[T], age_s: float) -> Iterator[Metric]:
