@@ -186,13 +186,14 @@ def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b:
     path = tmp_path / "speed.json"
     record_speed([device], False, before, before.generation_tps / 2, before.prompt_tps * 2, path)
     factors = load_speed_factors(path)
-    assert factors["CUDA:what-if"].generation == pytest.approx(0.5)
+    # a little under 0.5: the fixed cost per slot is not scaled, the rest takes all of the difference
+    assert factors["CUDA:what-if"].generation == pytest.approx(0.5, rel=0.05)
     after = estimate_speed(llama_8b, Request(), 4096, whole(llama_8b), calibrated(figures, [device], factors))
-    assert after.generation_tps == pytest.approx(before.generation_tps / 2, rel=0.05)
-    assert after.prompt_tps == pytest.approx(before.prompt_tps * 2, rel=0.05)
+    assert after.generation_tps == pytest.approx(before.generation_tps / 2, rel=1e-3)
+    assert after.prompt_tps == pytest.approx(before.prompt_tps * 2, rel=1e-3)
     # a broken measurement (a thousandfold off) is not recorded
     record_speed([device], False, after, after.generation_tps * 1000, None, path)
-    assert load_speed_factors(path)["CUDA:what-if"].generation == pytest.approx(0.5)
+    assert load_speed_factors(path)["CUDA:what-if"] == factors["CUDA:what-if"]
     # and the host, with only a broken measurement, is not called calibrated
     assert record_speed([], True, after, after.generation_tps * 1000, None, path) == {}
     assert set(load_speed_factors(path)) == {"CUDA:what-if"}

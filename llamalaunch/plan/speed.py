@@ -55,6 +55,9 @@ class DeviceTime:
     generation_s: float
     prompt_s: float  # per ubatch
     read_bytes: int  # per generated token: weights and KV
+    # of the times above, what the device's efficiency does not scale (slot overheads, streamed experts)
+    generation_fixed_s: float = 0.0
+    prompt_fixed_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -215,9 +218,9 @@ def _time(name: str, work: _Work, speed: DeviceSpeed, ubatch: int) -> DeviceTime
     flops = speed.flops or 1.0
     gen = max(work.gen_bytes / bandwidth, work.gen_flops / flops) / speed.gen_efficiency
     prompt = max(work.prompt_bytes / bandwidth, ubatch * work.prompt_flops / flops) / speed.prompt_efficiency
-    prompt += work.streamed_s
     overhead = work.slots * speed.slot_overhead_s
-    return DeviceTime(name, gen + overhead, prompt + overhead, int(work.gen_bytes))
+    return DeviceTime(name, gen + overhead, prompt + work.streamed_s + overhead, int(work.gen_bytes),
+                      overhead, work.streamed_s + overhead)
 
 
 def _hops(profile: ModelProfile, placement: Placement, route: Sequence[str], figures: SpeedFigures,
