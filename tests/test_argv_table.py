@@ -116,9 +116,9 @@ ROWS = {
         (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU"),
         request={"host_weights": "repacked"}, capabilities=frozenset({"--load-mode"}),
         host_expert_layers=frozenset({0})),
-    "host experts on workers only: still the mode's flag (no pinned buffer there: plain memory)": Row(
+    "host experts on workers only: auto maps them (no GPU streams from pinned memory)": Row(
         (rpc(0, A),), ("RPC0",), (33,),
-        ("--rpc", A, *DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU", "-lm", "none", *FIT_OFF),
+        ("--rpc", A, *DEFAULTS, "-ot", "blk\\.(0)\\.[^.]*_exps\\.=CPU", *FIT_OFF),
         host_expert_layers=frozenset({0})),
     "the first 2 of 5 slots on the host (--cpu-spill), pinned": Row(
         (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, "-lm", "none", *FIT_OFF)),

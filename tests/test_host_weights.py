@@ -28,7 +28,7 @@ from llamalaunch.launch.serve import check_extra_args
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.planner import make_plan
-from llamalaunch.plan.request import HOST_WEIGHTS, Request
+from llamalaunch.plan.request import HOST_WEIGHTS, HOST_WEIGHTS_WITH_GPU, Request
 from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.plan.speed import HOST_TO_GPU_BYTES_S, estimate_speed
 from llamalaunch.probe.speed_figures import SpeedFigures
@@ -42,16 +42,17 @@ from tests.test_planner import OPTIONS, cuda, rpc
 from tests.test_speed import FAST_GPU, HOST, whole
 
 FLAGS = {"pinned": ["-lm", "none"], "mapped": [], "repacked": ["--no-host"]}
+MODES = tuple(FLAGS)  # HOST_WEIGHTS less auto, which stands for one of them
 WITH_GPU = {
     "pinned": "host weights pinned (-lm none): loaded into pinned memory, which prompts stream to the GPU about "
               "twice as fast as from the file mapping; a few per cent less generation, a slower load; "
-              "--host-weights chooses pinned, mapped or repacked",
+              "--host-weights chooses auto, pinned, mapped or repacked",
     "mapped": "host weights mapped (no flag): read through the file mapping: the fastest load; prompts stream "
-              "them to the GPU at about half the speed of pinned memory; --host-weights chooses pinned, mapped or "
-              "repacked",
+              "them to the GPU at about half the speed of pinned memory; --host-weights chooses auto, pinned, "
+              "mapped or repacked",
     "repacked": "host weights repacked (--no-host): repacked into the CPU's own layout (the types its kernels "
                 "take; the rest mapped): the host computes them, prompts included, never streaming them to the "
-                "GPU; --host-weights chooses pinned, mapped or repacked",
+                "GPU; --host-weights chooses auto, pinned, mapped or repacked",
 }
 
 
@@ -69,7 +70,7 @@ def flags_after_ot(argv: tuple[str, ...]) -> list[str]:
 # --- the plan: flags, note, JSON ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", HOST_WEIGHTS)
+@pytest.mark.parametrize("mode", MODES)
 def test_a_plan_with_host_experts_states_its_mode_in_the_argv_a_note_and_the_json(moe: ModelProfile,
                                                                                   mode: str) -> None:
     plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, host_weights=mode), OPTIONS)
@@ -82,8 +83,19 @@ def test_a_plan_with_host_experts_states_its_mode_in_the_argv_a_note_and_the_jso
     assert (plan.host, plan.devices) == (default.host, default.devices)
 
 
-def test_the_default_is_pinned_and_nothing_on_the_host_states_no_mode(moe: ModelProfile) -> None:
-    assert Request().host_weights == "pinned"
+def test_auto_pins_for_a_gpu_and_maps_for_workers(moe: ModelProfile) -> None:
+    """Pinned memory only pays where a GPU streams from it; workers compute host experts on the host."""
+    with_gpu = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS)
+    assert Request().host_weights == "auto" and with_gpu.host_weights == HOST_WEIGHTS_WITH_GPU
+    assert flags_after_ot(with_gpu.argv) == FLAGS[HOST_WEIGHTS_WITH_GPU]
+    assert with_gpu.notes[-1] == WITH_GPU[HOST_WEIGHTS_WITH_GPU]
+    workers = make_plan(moe, [rpc(0, 10 * GIB, "127.0.0.1:1")], Request(ctx_tokens=16384), OPTIONS)
+    assert workers.host_weights == "mapped" and flags_after_ot(workers.argv) == []
+    assert workers.notes[-1] == ("host weights mapped (no flag): read through the file mapping: the fastest load; "
+                                 "the host computes them; --host-weights chooses auto, pinned, mapped or repacked")
+
+
+def test_nothing_on_the_host_states_no_mode(moe: ModelProfile) -> None:
     fits = make_plan(moe, [cuda(0, 40 * GIB)], Request(ctx_tokens=16384, host_weights="repacked"), OPTIONS)
     assert fits.host_weights is None and plan_to_dict(fits)["host_weights"] is None
     assert not {"-lm", "--no-host"} & set(fits.argv) and fits.notes == ()
@@ -99,10 +111,10 @@ def test_a_machine_without_devices_spills_nothing_and_keeps_llama_cpps_default(d
 
 
 def test_workers_only_have_no_pinned_memory_and_the_note_says_so(moe: ModelProfile) -> None:
-    plan = make_plan(moe, [rpc(0, 10 * GIB, "127.0.0.1:1")], Request(ctx_tokens=16384), OPTIONS)
+    plan = make_plan(moe, [rpc(0, 10 * GIB, "127.0.0.1:1")], Request(ctx_tokens=16384, host_weights="pinned"), OPTIONS)
     assert flags_after_ot(plan.argv) == ["-lm", "none"]
     assert plan.notes[-1] == ("host weights pinned (-lm none): loaded into memory (no GPU of this plan has pinned "
-                              "memory); the host computes them; --host-weights chooses pinned, mapped or repacked")
+                              "memory); the host computes them; --host-weights chooses auto, pinned, mapped or repacked")
 
 
 def test_layers_left_on_the_host_get_the_mode_too(tmp_path: Path) -> None:
@@ -169,7 +181,7 @@ def test_the_option_a_profile_and_the_environment_choose_the_mode(moe_path: Path
 def test_an_unknown_mode_is_one_line(moe_path: Path) -> None:
     bad = run_cli("plan", str(moe_path), *SPILLS, "--host-weights", "pined")
     assert (bad.returncode, bad.stdout, bad.stderr) == (
-        2, "", "error: --host-weights 'pined' is not allowed (use one of pinned, mapped, repacked)\n")
+        2, "", "error: --host-weights 'pined' is not allowed (use one of auto, pinned, mapped, repacked)\n")
 
 
 # --- real loads on workers ----------------------------------------------------------------------------------
@@ -196,7 +208,7 @@ EXPECTED = {"pinned": ({"CPU", "CPU_REPACK"}, "none"), "mapped": ({"CPU_Mapped",
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("mode", HOST_WEIGHTS)
+@pytest.mark.parametrize("mode", MODES)
 def test_each_mode_reaches_llama_server_which_names_the_host_buffers(
         mode: str, moe_path: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker]) -> None:
     worker = rpc_workers()
@@ -218,7 +230,7 @@ def test_each_mode_reaches_llama_server_which_names_the_host_buffers(
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("mode", HOST_WEIGHTS)
+@pytest.mark.parametrize("mode", MODES)
 def test_layers_spilled_to_the_host_load_as_the_mode_says_and_verify_holds(
         mode: str, tmp_path: Path, llama_bin_dir: Path, rpc_workers: Callable[..., RpcWorker]) -> None:
     """The host's layers: a mapped buffer prints the file range it maps (here 2.79 MiB, the repacked matrices
@@ -247,11 +259,11 @@ def test_layers_spilled_to_the_host_load_as_the_mode_says_and_verify_holds(
 def test_a_load_mode_after_the_separator_is_refused_unless_forced(
         moe_path: Path, serve: Callable[..., ServeRun], rpc_workers: Callable[..., RpcWorker]) -> None:
     worker = rpc_workers()
-    args = ("--rpc", worker.endpoint, "--budget", "RPC0=48MiB", "--ctx", "4096", "-np", "1")
+    args = ("--rpc", worker.endpoint, "--budget", "RPC0=48MiB", "--ctx", "4096", "-np", "1", "--host-weights", "pinned")
     refused = serve(moe_path, *args, extra=["-lm", "mmap"])
     assert refused.wait_exit() == 2
     assert refused.stderr == ["error: -lm after -- would contradict the plan (use llamalaunch's own options "
-                              "(--host-weights pinned, mapped or repacked) or add --force)"], refused.output
+                              "(--host-weights auto, pinned, mapped or repacked) or add --force)"], refused.output
     assert not refused.servers_seen
 
     forced = serve(moe_path, *args, "--force", extra=["-lm", "mmap"])
@@ -265,10 +277,10 @@ def test_a_load_mode_after_the_separator_is_refused_unless_forced(
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mlock"], "--mlock after -- would contradict the plan (use llamalaunch's own options (--host-weights "
-                  "pinned, mapped or repacked) or add --force)"),
+                  "auto, pinned, mapped or repacked) or add --force)"),
     (["--load-mode=mmap", "-ngl", "3"], "--load-mode, -ngl after -- would contradict the plan (use llamalaunch's own "
-                                        "options (--ctx, -dev, --budget ...; --host-weights pinned, mapped or "
-                                        "repacked) or add --force)"),
+                                        "options (--ctx, -dev, --budget ...; --host-weights auto, pinned, "
+                                        "mapped or repacked) or add --force)"),
 ])
 def test_load_flags_are_planned_flags_named_with_their_option(extra: list[str], message: str) -> None:
     with pytest.raises(BadInputError) as refused:

@@ -179,7 +179,7 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
      "-ngl after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, --budget ...) or add "
      "--force)"),
     (["server", "--demo", "--", "--no-host"],
-     "--no-host after -- would contradict the plan (use llamalaunch's own options (--host-weights pinned, mapped "
+     "--no-host after -- would contradict the plan (use llamalaunch's own options (--host-weights auto, pinned, mapped "
      "or repacked) or add --force)"),
     (["worker", "--port-base", "0"], "--port-base 0 is out of range (give a value from 1 to 65535)"),
     (["worker", "--host", "myhost"], "--host 'myhost' is not an IPv4 address (ggml-rpc-server binds an IPv4 "

@@ -78,7 +78,7 @@ def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
                             "put the key in a file and pass --api-key-file FILE")
     if clashes and not force:
         own = [*(["--ctx, -dev, --budget ..."] if set(clashes) - LOAD_FLAGS else []),
-               *(["--host-weights pinned, mapped or repacked"] if set(clashes) & LOAD_FLAGS else [])]
+               *(["--host-weights auto, pinned, mapped or repacked"] if set(clashes) & LOAD_FLAGS else [])]
         raise BadInputError(f"{', '.join(clashes)} after -- would contradict the plan",
                             f"use llamalaunch's own options ({'; '.join(own)}) or add --force")
 

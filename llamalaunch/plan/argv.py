@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from llamalaunch.model.estimate import Placement, host_experts_override
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.companions import Companion
-from llamalaunch.plan.request import Request
+from llamalaunch.plan.request import STREAMING_BACKENDS, Request, resolved_host_weights
 from llamalaunch.plan.split import Choice
 from llamalaunch.probe.device import Device
 
@@ -72,6 +72,13 @@ def holds_host_weights(profile: ModelProfile, choice: Choice) -> bool:
     return spilled and bool(choice.order)
 
 
+def host_weights_mode(profile: ModelProfile, request: Request, choice: Choice) -> str | None:
+    """How the plan keeps the weights it leaves in host memory (`auto` resolved); None: it leaves none."""
+    if not holds_host_weights(profile, choice):
+        return None
+    return resolved_host_weights(request.host_weights, any(d.backend in STREAMING_BACKENDS for d in choice.order))
+
+
 def host_weights_args(mode: str, options: ArgvOptions) -> list[str]:
     """llama-server's flags for `--host-weights` (llama.cpp src/llama-model.cpp make_cpu_buft_list: host tensors
     take the first of [the first GPU's pinned host buffer unless --no-host, CPU_REPACK, CPU] that can hold them;
@@ -114,8 +121,9 @@ def build_argv(profile: ModelProfile, request: Request, ctx_tokens: int, choice:
         argv.append("--swa-full")
     if choice.host_expert_layers or choice.host_expert_parts:
         argv += ["-ot", host_experts_override(Placement((), choice.host_expert_layers, choice.host_expert_parts))]
-    if holds_host_weights(profile, choice):
-        argv += host_weights_args(request.host_weights, options)
+    host_weights = host_weights_mode(profile, request, choice)
+    if host_weights is not None:
+        argv += host_weights_args(host_weights, options)
     for companion, device in options.companions:
         argv += companion.argv(names[device])
     if options.knows("--fit"):

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 from llamalaunch.model.estimate import SlotRange
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.argv import ArgvOptions, build_argv, holds_host_weights, host_weights_args
+from llamalaunch.plan.argv import ArgvOptions, build_argv, host_weights_args, host_weights_mode
 from llamalaunch.plan.choose import alternatives, candidates, pick
-from llamalaunch.plan.request import Request
+from llamalaunch.plan.request import STREAMING_BACKENDS, Request
 from llamalaunch.plan.search import Planner, round_ctx
 from llamalaunch.plan.split import CTX_STEP, Choice, device_limit
 from llamalaunch.plan.types import DevicePlan, MemoryUse, Plan
@@ -77,7 +77,7 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
         plans.append(device_plan(planner.request, device, leave_out_reason(planner, device, choice),
                                  None, 0, MemoryUse()))
     argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
-    host_weights = planner.request.host_weights if holds_host_weights(planner.profile, choice) else None
+    host_weights = host_weights_mode(planner.profile, planner.request, choice)
     notes = (*((expert_note(planner.profile, choice),) if spilled else ()),
              *((host_weights_note(host_weights, choice, options),) if host_weights else ()))
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
@@ -112,10 +112,10 @@ _HOST_WEIGHTS_WITHOUT_GPU = {
 
 def host_weights_note(mode: str, choice: Choice, options: ArgvOptions) -> str:
     """The --host-weights mode of a plan that leaves weights in host memory, its flags, and what it trades."""
-    gpu = any(device.backend == "CUDA" for device in choice.order)
+    gpu = any(device.backend in STREAMING_BACKENDS for device in choice.order)
     flags = " ".join(host_weights_args(mode, options)) or "no flag"
     how = (_HOST_WEIGHTS_WITH_GPU if gpu else _HOST_WEIGHTS_WITHOUT_GPU)[mode]
-    return f"host weights {mode} ({flags}): {how}; --host-weights chooses pinned, mapped or repacked"
+    return f"host weights {mode} ({flags}): {how}; --host-weights chooses auto, pinned, mapped or repacked"
 
 
 def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:

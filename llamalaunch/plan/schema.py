@@ -26,7 +26,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "notes": list(plan.notes),
         "host_expert_layers": sorted(plan.host_expert_layers),
         "host_expert_parts": [list(part) for part in sorted(plan.host_expert_parts)],
-        "host_weights": plan.host_weights,  # pinned, mapped, repacked; None: nothing left in host memory
+        "host_weights": plan.host_weights,  # pinned, mapped, repacked (auto resolved); None: nothing left in host memory
         "speed": speed_to_dict(plan.speed) if plan.speed is not None else None,
         "alternatives": [{"label": a.label, "ctx": a.ctx_tokens, "chosen": a.chosen, **speed_to_dict(a.speed)}
                          for a in plan.alternatives],

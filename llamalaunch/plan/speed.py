@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from llamalaunch.model.ggml.types import is_known, type_block
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.request import Request
+from llamalaunch.plan.request import Request, resolved_host_weights
 from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 
 if TYPE_CHECKING:  # model.estimate imports plan.types, which holds a SpeedEstimate
@@ -167,7 +167,7 @@ def _work(profile: ModelProfile, request: Request, placement: Placement, fill: i
         work.prompt_flops += (dense + (expert_bytes * used if experts_here else 0)) * 8 / bpw * 2 + attention_flops
         _append(route, owner)
         if not experts_here:
-            streamed = STREAM_BYTES_S.get(request.host_weights) if ubatch >= OP_OFFLOAD_MIN_BATCH else None
+            streamed = STREAM_BYTES_S.get(resolved_host_weights(request.host_weights, with_gpu=True)) if ubatch >= OP_OFFLOAD_MIN_BATCH else None
             _host_experts(works, route, owner, backend, slot.expert_bytes, used, bpw, streamed)
     _append(route, "host")  # logits come back to the host
     return works, route
