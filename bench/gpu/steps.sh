@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call, several benchmark scripts: `bench/gpu/steps.sh SECONDS SCRIPT [ARGS...] -- SECONDS SCRIPT ...`.
 # Each step runs under its own time limit (cut short, it keeps what it saved) with its files in a folder of its
-# own; everything comes back as one archive ($OUT/results.tgz: the call returns at most 8 files).
+# own, all of them within STEPS_DEADLINE_S (585) of the call's start; everything comes back as one archive ($OUT/results.tgz: the call returns at most 8 files).
 source bench/gpu/prepare.sh  # once, here: the build (if any) counts against no step's limit
 RESULTS=/tmp/results
 mkdir -p $RESULTS
@@ -11,6 +11,9 @@ while [ $# -gt 0 ]; do
     args=()
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
     [ $# -gt 0 ] && shift
+    left=$(( ${STEPS_DEADLINE_S:-585} - SECONDS - 10 ))  # the archive must be written before the call's limit
+    [ $limit -gt $left ] && limit=$left
+    [ $limit -le 5 ] && { echo "== no time left for: ${args[*]}"; continue; }
     step=$((step + 1))
     mkdir -p $RESULTS/$step
     echo "== step $step (${limit} s): ${args[*]}"
