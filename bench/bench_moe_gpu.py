@@ -32,6 +32,7 @@ from bench.llama_runs import (
     post,
     run_trial,
     stop_process,
+    timed_completions,
 )
 from tests.synthetic import SyntheticShape, write_synthetic
 
@@ -110,24 +111,16 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
             record["ready"] = ready
             record["load_s"] = round(time.monotonic() - started, 2)
             record["gpu_free_after_load_mib"] = gpu_free_mib()
-            gen, prompt = [], []
-            for rep in range(3 if ready else 0):
-                payload = {"prompt": [100 + rep] * PROMPT_TOKENS, "n_predict": GEN_TOKENS, "ignore_eos": True,
-                           "cache_prompt": False}
-                status, body = post(port, "/completion", payload, 600)
-                if status != 200 or not isinstance(body, dict):
-                    record["failed"] = f"speed run {rep}: HTTP {status} {str(body)[:200]}"
-                    break
-                timings = body.get("timings", {})
-                gen.append(timings.get("predicted_per_second", 0.0))
-                prompt.append(timings.get("prompt_per_second", 0.0))
+            gen, prompt, failed = timed_completions(port, PROMPT_TOKENS, GEN_TOKENS, 3 if ready else 0)
+            if failed:
+                record["failed"] = failed
             record["gen_tps"] = round(statistics.median(gen), 2) if gen else None
             record["prompt_tps"] = round(statistics.median(prompt), 1) if prompt else None
             record["gen_tps_all"], record["prompt_tps_all"] = gen, prompt
             record["host_rss_mib"] = round(psutil.Process(process.pid).memory_info().rss / MIB) \
                 if process.poll() is None else None
             if ready and fill_ctx and "failed" not in record:
-                status, body = post(port, "/completion", {"prompt": [100] * (fill_ctx - FILL_MARGIN), "n_predict": 8,
+                status, _ = post(port, "/completion", {"prompt": [100] * (fill_ctx - FILL_MARGIN), "n_predict": 8,
                                                           "ignore_eos": True, "cache_prompt": False}, 900)
                 record["filled"] = status == 200 and process.poll() is None
                 record["gpu_free_after_fill_mib"] = gpu_free_mib()

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.bench_moe_gpu import QWEN3_30B_A3B, gpu_free_mib
-from bench.llama_runs import Ballast, default_bin_dir, free_port, post, stop_process
+from bench.llama_runs import Ballast, default_bin_dir, free_port, post, stop_process, timed_completions
 from llamalaunch.api import (
     LaunchError,
     Plan,
@@ -226,16 +226,9 @@ def measure(server: Path, argv: Sequence[str], prompt_tokens: int, log_path: Pat
                     record["load_s"] = round(time.monotonic() - started, 2)
                     break
                 time.sleep(0.2)
-            gen, prompt = [], []
-            for rep in range(RUNS if "load_s" in record else 0):
-                payload = {"prompt": [100 + rep] * prompt_tokens, "n_predict": GEN_TOKENS, "ignore_eos": True,
-                           "cache_prompt": False}
-                status, body = post(port, "/completion", payload, 600)
-                if status != 200 or not isinstance(body, dict):
-                    record["failed"] = f"request {rep}: HTTP {status} {str(body)[:200]}"
-                    break
-                gen.append(body.get("timings", {}).get("predicted_per_second", 0.0))
-                prompt.append(body.get("timings", {}).get("prompt_per_second", 0.0))
+            gen, prompt, failed = timed_completions(port, prompt_tokens, GEN_TOKENS, RUNS if "load_s" in record else 0)
+            if failed:
+                record["failed"] = failed
         finally:
             record["returncode"] = stop_process(process, 30)
             log.seek(0)

@@ -55,6 +55,23 @@ class Trial:
         return self.ready and self.filled and self.returncode in (None, 0, -15, 143)
 
 
+def timed_completions(port: int, prompt_tokens: int, gen_tokens: int, runs: int) -> tuple[list, list, str | None]:
+    """`runs` requests of `prompt_tokens` (a different token each, no prompt cache) + `gen_tokens` generated:
+    llama-server's own generation and prompt tok/s of each, and why a request failed (None: none did)."""
+    gen: list[float] = []
+    prompt: list[float] = []
+    for rep in range(runs):
+        payload = {"prompt": [100 + rep] * prompt_tokens, "n_predict": gen_tokens, "ignore_eos": True,
+                   "cache_prompt": False}
+        status, body = post(port, "/completion", payload, 600)
+        if status != 200 or not isinstance(body, dict):
+            return gen, prompt, f"request {rep}: HTTP {status} {str(body)[:200]}"
+        timings = body.get("timings", {})
+        gen.append(timings.get("predicted_per_second", 0.0))
+        prompt.append(timings.get("prompt_per_second", 0.0))
+    return gen, prompt, None
+
+
 def run_trial(server: Path, argv: list[str], fill_tokens: int | None, log_path: Path,
               ready_timeout_s: float = 300.0, fill_timeout_s: float = 600.0, token_id: int = 100) -> Trial:
     """Start llama-server with `argv`, wait for a one-token completion, then send a prompt of
