@@ -162,8 +162,9 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
     return found
 
 
-# Later flags win in llama-server: ours already loads host weights with -lm none (pinned host buffer)
-VARIANTS = {"mapped": ["-lm", "mmap"], "repacked": ["--no-host"]}
+# Ours with the host's weights held the other ways (--host-weights); later flags win in llama-server, so each
+# variant's flag overrides whatever the plan's own mode put in its argv.
+VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"]}
 PARTS = ("ours", *VARIANTS, "fit", "search", "max")
 
 

@@ -45,11 +45,11 @@ FLAGS = {"pinned": ["-lm", "none"], "mapped": [], "repacked": ["--no-host"]}
 MODES = tuple(FLAGS)  # HOST_WEIGHTS less auto, which stands for one of them
 WITH_GPU = {
     "pinned": "host weights pinned (-lm none): loaded into pinned memory, which prompts stream to the GPU about "
-              "twice as fast as from the file mapping; a few per cent less generation, a slower load; "
+              "twice as fast as from the file mapping; up to 6% less generation, a slower load; "
               "--host-weights chooses auto, pinned, mapped or repacked",
-    "mapped": "host weights mapped (no flag): read through the file mapping: the fastest load; prompts stream "
-              "them to the GPU at about half the speed of pinned memory; --host-weights chooses auto, pinned, "
-              "mapped or repacked",
+    "mapped": "host weights mapped (no flag): read through the file mapping: the fastest load and generation; "
+              "prompts stream them to the GPU at about half the speed of pinned memory (--host-weights pinned "
+              "for long prompts); --host-weights chooses auto, pinned, mapped or repacked",
     "repacked": "host weights repacked (--no-host): repacked into the CPU's own layout (the types its kernels "
                 "take; the rest mapped): the host computes them, prompts included, never streaming them to the "
                 "GPU; --host-weights chooses auto, pinned, mapped or repacked",

@@ -16,8 +16,11 @@ FLASH_ATTN = ("on", "off", "auto")
 # speed; mapped: the file mapped (CPU_Mapped, page cache), streamed from pageable memory; repacked: the CPU
 # backend's own layout (CPU_REPACK), never streamed to a GPU: the host computes them. auto: HOST_WEIGHTS_WITH_GPU
 # when a GPU of the plan can stream them, else mapped (pinning memory nothing streams from only slows the load).
+# Mapped with a GPU, measured on an H100 against --fit in one run (bench/results/h100-2026-12-07c): the best
+# generation of the three modes (pinned 0-6% less), prompts at least --fit's, the fastest load; pinned prompts
+# are 1.8-2.8x faster, which the plan's note offers.
 HOST_WEIGHTS = ("auto", "pinned", "mapped", "repacked")
-HOST_WEIGHTS_WITH_GPU = "pinned"  # auto's choice with a GPU: measured on an H100 (bench/results/h100-2026-12-07*)
+HOST_WEIGHTS_WITH_GPU = "mapped"  # auto's choice with a GPU (see above)
 STREAMING_BACKENDS = frozenset({"CUDA"})  # devices whose host buffer type llama.cpp puts first for host weights
 
 
