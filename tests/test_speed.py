@@ -21,11 +21,11 @@ from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
-from llamalaunch.plan.speed import bits_per_weight, estimate_speed
+from llamalaunch.plan.speed import HOST_TO_GPU_BYTES_S, bits_per_weight, estimate_speed
 from llamalaunch.plan.speed_calibration import PLAUSIBLE_FACTOR, calibrated, load_speed_factors, record_speed
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.rpc import probe_worker
-from llamalaunch.probe.speed import gpu_speed, host_speed, speed_figures
+from llamalaunch.probe.speed import gpu_speed, host_speed, rpc_speed, speed_figures
 from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import GIB
 from tests.serve_support import ServeRun, complete
@@ -187,7 +187,7 @@ def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b:
     record_speed([device], False, before, before.generation_tps / 2, before.prompt_tps * 2, path)
     factors = load_speed_factors(path)
     # a little under 0.5: the fixed cost per slot is not scaled, the rest takes all of the difference
-    assert factors["CUDA:what-if"].generation == pytest.approx(0.5, rel=0.05)
+    assert 0.45 < factors["CUDA:what-if"].generation < 0.5
     after = estimate_speed(llama_8b, Request(), 4096, whole(llama_8b), calibrated(figures, [device], factors))
     assert after.generation_tps == pytest.approx(before.generation_tps / 2, rel=1e-3)
     assert after.prompt_tps == pytest.approx(before.prompt_tps * 2, rel=1e-3)
@@ -291,7 +291,30 @@ def test_the_host_probe_measures_once_and_is_read_from_disk(tmp_path: Path) -> N
     assert measured.known and measured.source == "probe"
     cached = host_speed(host, path)
     assert cached.source == "probe (cached)" and cached.bandwidth_bytes_s == measured.bandwidth_bytes_s
-    assert json.loads(path.read_text())["test CPU|2"]["flops"] > 0
+    assert json.loads(path.read_text())["v2|test CPU|2"]["flops"] > 0
+
+
+def test_figures_of_the_single_threaded_probe_are_measured_again(tmp_path: Path) -> None:
+    """The first probe read memory with one thread: a tenth of the host's bandwidth on a 16-core machine."""
+    path = tmp_path / "host_speed.json"
+    path.write_text(json.dumps({"test CPU|2": {"bandwidth_bytes_s": 1e9, "flops": 1e9}}))
+    host = HostMemory(GIB, GIB, 2, "test CPU")
+    assert host_speed(host, path, measure=False).source == "unknown"
+    assert host_speed(host, path).source == "probe"
+
+
+def test_a_loopback_worker_on_a_local_gpu_gets_that_gpus_figures() -> None:
+    """On the H100 the worker reported the CUDA runtime's total, 470 MiB under NVML's: it was taken for the
+    host's CPU and estimated at 3 tok/s for 224 measured (bench/results/h100-2026-12-07c)."""
+    mib = 1024 * 1024
+    h100 = Device("CUDA0", "CUDA", "NVIDIA H100 80GB HBM3", 80_000 * mib, 81_559 * mib, 1, compute_capability="9.0",
+                  memory_bus_width_bits=5120, memory_clock_mhz=2619)
+    small = dataclasses.replace(h100, name="CUDA1", description="NVIDIA RTX A2000", total_bytes=6_138 * mib)
+    worker = Device("RPC0", "RPC", "127.0.0.1:50052", 3 * GIB, 81_089 * mib, 0, endpoint="127.0.0.1:50052")
+    found = rpc_speed(worker, [small, h100], HOST)
+    assert found.bandwidth_bytes_s == gpu_speed(h100).bandwidth_bytes_s and found.source == "CUDA0 (same machine)"
+    cpu_worker = dataclasses.replace(worker, total_bytes=64 * GIB)  # the host's RAM: no GPU that size
+    assert rpc_speed(cpu_worker, [small, h100], HOST).source == "host CPU (loopback worker)"
 
 
 def test_given_figures_win_over_probed_ones() -> None:
@@ -382,3 +405,20 @@ def test_compare_lists_smaller_contexts_that_would_be_faster(llama_8b: ModelProf
     assert without[0].speed.generation_tps > plan.speed.generation_tps  # the trade a user sees
     plain = make_plan(llama_8b, devices, Request(ctx_tokens=None), OPTIONS, speed=two_workers(1e9, 40e9))
     assert [a.label for a in plain.alternatives] == [plan.alternatives[0].label]  # not searched without --compare
+
+
+def test_whole_slots_in_host_memory_are_streamed_to_the_gpu_for_prompts(llama_8b: ModelProfile) -> None:
+    """llama.cpp's op offload multiplies host weights on the GPU for a large batch: on the H100, 18 of 33
+    slots of an 8B on the host prompted at 4,333 tok/s, which the host alone was estimated at 34."""
+    on_gpu = llama_8b.n_slots - 18
+    placement = Placement((SlotRange("CUDA0", "CUDA", 18, on_gpu),))
+    figures = SpeedFigures(HOST, {"CUDA0": FAST_GPU})
+    modes = {mode: estimate_speed(llama_8b, Request(host_weights=mode), 4096, placement, figures)
+             for mode in ("pinned", "mapped", "repacked")}
+    parts = {mode: {p.name: p for p in estimate.parts} for mode, estimate in modes.items()}
+    host_bytes = sum(slot.full_bytes("CPU") for slot in llama_8b.slots[:18])
+    assert parts["pinned"]["CUDA0"].prompt_fixed_s >= host_bytes / HOST_TO_GPU_BYTES_S
+    assert parts["repacked"]["CUDA0"].prompt_fixed_s < host_bytes / HOST_TO_GPU_BYTES_S / 100  # never streamed
+    assert parts["pinned"]["host"].prompt_s < parts["repacked"]["host"].prompt_s / 10  # only the attention
+    assert modes["pinned"].prompt_tps > modes["mapped"].prompt_tps > modes["repacked"].prompt_tps  # type: ignore[operator]
+    assert len({estimate.generation_tps for estimate in modes.values()}) == 1  # one token: the host computes

@@ -100,7 +100,15 @@ def test_a_store_of_the_first_format_is_the_prior(tmp_path: Path) -> None:
     assert load_speed_factors(path)[GPU_KEY].prompt == pytest.approx(2.0, rel=1e-3)
     store = load_speed_store(path)
     assert len(store.runs) == 2 and store.prior == {GPU_KEY: SpeedFactor(0.5, 2.0)}
-    assert json.loads(path.read_text())["version"] == 2
+    assert json.loads(path.read_text())["version"] == 3
+
+
+def test_a_store_of_the_previous_estimate_is_dropped(tmp_path: Path) -> None:
+    """Version 2's runs hold raw figures of the single-threaded host probe and the old CUDA defaults."""
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps({"version": 2, "factors": {HOST_KEY: {"generation": 11.4, "prompt": 1.0}},
+                                "prior": {}, "runs": []}))
+    assert load_speed_factors(path) == {}
 
 
 def test_the_history_is_bounded_and_follows_a_changed_machine(tmp_path: Path) -> None:
@@ -124,3 +132,15 @@ def test_a_broken_measurement_is_not_kept(tmp_path: Path) -> None:
     assert kept.generation is None and kept.prompt is not None
     assert load_speed_factors(path)[GPU_KEY].generation == 1.0
     assert load_speed_factors(path)[GPU_KEY].prompt == pytest.approx(0.5, rel=1e-3)
+
+
+def test_a_run_its_fixed_part_overestimates_does_not_decide_the_factors(tmp_path: Path) -> None:
+    """The H100's runs: dense ones 2.5x slower than estimated, a MoE prompt whose streamed experts alone were
+    estimated at 5x the measured time. Fitted together, the GPU's prompt factor went to its bound (50)."""
+    path = tmp_path / "s.json"
+    for _ in range(2):
+        run({"CUDA0": 1e-3}, {"CUDA0": 2.5}, path)
+    overestimated = estimate({"CUDA0": 1e-3}, path, hop_s=5e-3)  # the fixed part: 5 ms per token
+    record_speed([GPU], False, overestimated, 1 / 1e-3, 1 / 1e-3, path)
+    assert load_speed_factors(path)[GPU_KEY].generation == pytest.approx(1 / 2.5, rel=0.01)
+    assert load_speed_factors(path)[GPU_KEY].prompt == pytest.approx(1 / 2.5, rel=0.01)

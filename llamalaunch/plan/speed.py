@@ -151,6 +151,9 @@ def _work(profile: ModelProfile, request: Request, placement: Placement, fill: i
     used = profile.n_expert_used / profile.n_expert if profile.n_expert else 1.0
     works: dict[str, _Work] = {"host": _Work(), **{name: _Work() for name in backends}}
     route = ["host"]  # token embeddings are looked up in host memory
+    mode = resolved_host_weights(request.host_weights, with_gpu=True)
+    stream_bytes_s = STREAM_BYTES_S.get(mode) if ubatch >= OP_OFFLOAD_MIN_BATCH else None
+    streaming_gpu = next((r.device for r in placement.ranges if r.backend == "CUDA"), None)
     for il, slot in enumerate(profile.slots):
         owner = owners[il]
         backend = backends.get(owner, "CPU")
@@ -160,15 +163,26 @@ def _work(profile: ModelProfile, request: Request, placement: Placement, fill: i
         dense = slot.full_bytes(backend) - expert_bytes
         layer_kv = kv[backend][il] if il < profile.n_layer else 0
         attention_flops = _attention_flops(profile, il, fill) if il < profile.n_layer else 0.0
+        # a prompt ubatch ending at the fill: its tokens see half an ubatch fewer cells on average (causal)
+        prompt_attention = _attention_flops(profile, il, max(fill - ubatch // 2, 1)) if il < profile.n_layer else 0.0
+        weight_flops = (dense + (expert_bytes * used if experts_here else 0)) * 8 / bpw * 2
         work.slots += 1
         work.gen_bytes += dense + layer_kv + (expert_bytes * used if experts_here else 0)
-        work.gen_flops += (dense + (expert_bytes * used if experts_here else 0)) * 8 / bpw * 2 + attention_flops
-        work.prompt_bytes += dense + layer_kv + (expert_bytes if experts_here else 0)
-        work.prompt_flops += (dense + (expert_bytes * used if experts_here else 0)) * 8 / bpw * 2 + attention_flops
+        work.gen_flops += weight_flops + attention_flops
         _append(route, owner)
+        if owner == "host" and streaming_gpu is not None and stream_bytes_s is not None:
+            # a whole slot in host memory: a GPU streams its weights in for a prompt ubatch and multiplies
+            # there (op offload); the attention stays with the host's KV cache
+            work.prompt_bytes += layer_kv
+            work.prompt_flops += prompt_attention
+            hand_over = 2 * (LOCAL_HOP_S + profile.n_embd * 4 * ubatch / HOST_TO_GPU_BYTES_S)  # there and back
+            works[streaming_gpu].streamed_s += slot.full_bytes("CPU") / stream_bytes_s + hand_over
+            works[streaming_gpu].prompt_flops += weight_flops
+        else:
+            work.prompt_bytes += dense + layer_kv + (expert_bytes if experts_here else 0)
+            work.prompt_flops += weight_flops + prompt_attention
         if not experts_here:
-            streamed = STREAM_BYTES_S.get(resolved_host_weights(request.host_weights, with_gpu=True)) if ubatch >= OP_OFFLOAD_MIN_BATCH else None
-            _host_experts(works, route, owner, backend, slot.expert_bytes, used, bpw, streamed)
+            _host_experts(works, route, owner, backend, slot.expert_bytes, used, bpw, stream_bytes_s)
     _append(route, "host")  # logits come back to the host
     return works, route
 

@@ -28,8 +28,15 @@ from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 HOST_KEY = "CPU:host"
 PLAUSIBLE_FACTOR = (0.02, 50.0)  # outside: a broken measurement, not a device
 HISTORY_RUNS = 32  # runs kept for the fit: recent ones, so a changed machine is followed
+# A run whose fixed part (hops, streamed weights) the estimate puts at over 90% of the measured time says
+# that part is wrong, not a factor: fitted, it drove the H100's prompt factor to its bound
+# (bench/results/h100-2026-12-07c: a zero-weight MoE prompt streams 8 of 128 experts, estimated as all).
+MIN_SCALED_SHARE = 0.1
 RIDGE = 1e-4  # weight of the pull of each 1/factor toward its prior, against rows of relative error
-STORE_VERSION = 2
+# 3: the estimate changed under the recorded runs (a host probe on every core, CUDA defaults from an H100):
+# a store of version 2 is dropped, its runs' raw figures were another model's; the next served run refits.
+STORE_VERSION = 3
+DROPPED_VERSIONS = (2,)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ def load_speed_store(path: Path | None = None) -> SpeedStore:
     """The store; a file of the first format (key -> factors, no runs) gives its factors as the prior."""
     try:
         data = json.loads((path or speed_calibration_path()).read_text())
+        if data.get("version") in DROPPED_VERSIONS:
+            return SpeedStore({})
         if data.get("version") != STORE_VERSION:
             factors = _factors(data)
             return SpeedStore(factors, factors)
@@ -173,6 +182,8 @@ def _fit_metric(keys: Sequence[str], prior: Sequence[float], samples: Sequence[S
     for sample in samples:
         row = [sample.raw_s.get(key, 0.0) / sample.measured_s for key in keys]
         target = (sample.measured_s - sample.fixed_s) / sample.measured_s
+        if target < MIN_SCALED_SHARE:
+            continue  # the unscaled part alone is (nearly) the whole measurement: no factor can explain it
         for i in range(n):
             vector[i] += row[i] * target
             for j in range(n):

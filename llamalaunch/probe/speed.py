@@ -5,6 +5,7 @@ measured probe (cached on disk), RPC links from the probe's round trips or `--li
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,12 @@ LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
 # A worker's link without a throughput figure: the probe measures only round trips (bulk transfers to a
 # worker allocate its memory); a LAN is taken as 1 Gbit/s, loopback as the host's memory bandwidth.
 ASSUMED_LINK_BYTES_S = 1e9 / 8
-HOST_PROBE_BYTES = 64 * 1024 * 1024
+# Larger than the last-level cache of big server CPUs (up to a few hundred MB), read by one thread per core
+# as llama.cpp's CPU backend reads weights: one thread reached a tenth of what llama-server did on an H100
+# host (bench/results/h100-2026-12-07c).
+HOST_PROBE_BYTES = 256 * 1024 * 1024
+HOST_PROBE_VERSION = 2
+TWIN_RESERVED_BYTES, TWIN_RESERVED_SHARE = 1024 ** 3, 0.05  # at most what a driver keeps of a GPU's memory  # in the cache key: figures of an older probe are measured again
 
 
 def gpu_speed(device: Device) -> DeviceSpeed:
@@ -44,7 +50,7 @@ def host_probe_path() -> Path:
 def host_speed(host: HostMemory | None, path: Path | None = None, measure: bool = True) -> DeviceSpeed:
     """The host's read bandwidth and FLOP/s: measured once per CPU model and count, then read from disk."""
     target = path or host_probe_path()
-    key = f"{host.cpu_description}|{host.cpu_count}" if host is not None else "unknown"
+    key = f"v{HOST_PROBE_VERSION}|{host.cpu_description}|{host.cpu_count}" if host is not None else "unknown"
     try:
         cached = json.loads(target.read_text()).get(key)
         if cached:
@@ -60,24 +66,34 @@ def host_speed(host: HostMemory | None, path: Path | None = None, measure: bool 
     return DeviceSpeed("CPU", figures[0], figures[1], "probe")
 
 
-def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 9) -> tuple[float, float] | None:
-    """(read bytes/s, FLOP/s): a sum over a buffer larger than the caches, and an f32 matrix product on
-    every core; best of `repeats` after a warm-up. None when numpy is missing or a timing is not usable."""
+def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[float, float] | None:
+    """(read bytes/s, FLOP/s): sums over a buffer larger than the caches, a slice per core at once (numpy
+    leaves the GIL while it sums), and an f32 matrix product on every core; best of `repeats` after a
+    warm-up. None when numpy is missing or a timing is not usable."""
     try:
         import numpy
     except ImportError:
         return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = os.cpu_count() or 1
     data = numpy.ones(size_bytes // 4, dtype=numpy.float32)
+    slices = numpy.array_split(data, threads)
     a = numpy.ones((512, 512), dtype=numpy.float32)
-    data.sum(), a @ a  # warm-up: page faults, BLAS threads
-    read = compute = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        data.sum()
-        read = min(read, time.perf_counter() - started)
-        started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        def read_all() -> None:
+            list(pool.map(numpy.sum, slices))
+
+        read_all()  # warm-up: page faults, threads, BLAS
         a @ a
-        compute = min(compute, time.perf_counter() - started)
+        read = compute = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            read_all()
+            read = min(read, time.perf_counter() - started)
+            started = time.perf_counter()
+            a @ a
+            compute = min(compute, time.perf_counter() - started)
     if not (0 < read < 60 and 0 < compute < 60):
         return None
     return size_bytes / read, 2 * 512 ** 3 / compute
@@ -98,10 +114,21 @@ def rpc_speed(device: Device, local: Sequence[Device], host: DeviceSpeed) -> Dev
     Elsewhere: unknown (give --device-speed)."""
     if not is_loopback(device.endpoint):
         return DeviceSpeed("CPU", None, None, "unknown: a remote worker (give --device-speed)")
-    twin = next((d for d in local if d.backend == "CUDA" and d.total_bytes == device.total_bytes), None)
+    twin = _local_twin(device, local)
     if twin is not None:
         return dataclass_replace(gpu_speed(twin), source=f"{twin.name} (same machine)")
     return dataclass_replace(host, source="host CPU (loopback worker)")
+
+
+def _local_twin(worker: Device, local: Sequence[Device]) -> Device | None:
+    """The local GPU a loopback worker serves: the worker reports the CUDA runtime's total, which is NVML's
+    less what the driver reserves (470 MiB of 81,559 on an H100), so the nearest total at or just above."""
+    def gap(gpu: Device) -> int:
+        return gpu.total_bytes - worker.total_bytes
+
+    candidates = [d for d in local if d.backend == "CUDA"
+                  and 0 <= gap(d) <= max(TWIN_RESERVED_BYTES, d.total_bytes * TWIN_RESERVED_SHARE)]
+    return min(candidates, key=gap, default=None)
 
 
 def dataclass_replace(speed: DeviceSpeed, **changes: object) -> DeviceSpeed:
