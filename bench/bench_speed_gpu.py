@@ -190,9 +190,12 @@ def estimate_in(home: Path, inputs: PlanInputs, plan: Plan, config: Config) -> d
     """The plan's estimate for the requests measured, with `home`'s speed calibration (as serve compares)."""
     with in_home(home):
         speed = inputs.speed_at(plan, config.fill_tokens, config.prompt_tokens)
+        figures = inputs.speed_args.figures(inputs.devices, inputs.host)
+    # the parts and the figures behind them: what a wrong estimate is traced back to
     return {"gen_tps": speed.generation_tps if speed else None, "prompt_tps": speed.prompt_tps if speed else None,
             "unknown": list(speed.unknown) if speed else ["no speed figures"],
-            "calibrated": list(speed.calibrated) if speed else []}
+            "calibrated": list(speed.calibrated) if speed else [],
+            "estimate": asdict(speed) if speed else None, "figures": asdict(figures) if figures else None}
 
 
 def plan_in(home: Path, inputs: PlanInputs, config: Config) -> tuple[Plan | None, dict]:

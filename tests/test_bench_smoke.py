@@ -86,6 +86,8 @@ def test_speed_proof_runs_on_rpc_workers(llama_bin_dir: Path, tmp_path: Path) ->
     for record in records:
         assert record["measured"]["gen_tps"] > 0 and record["measured"]["prompt_tps"] > 0, record
         assert record["before"]["gen_tps"] > 0 and record["before"]["calibrated"] == []
+        # what the estimate is made of, so a wrong one can be traced (the host's figures above all)
+        assert record["before"]["figures"]["host"]["bandwidth_bytes_s"] > 0 and record["before"]["estimate"]["parts"]
         prompt = record["setting"]["prompt_tokens"]  # serve's own reading of the log agrees on what was served
         assert record["served"]["mean_prompt"] == prompt and abs(record["served"]["mean_fill"] - (prompt + 64)) <= 1
         assert record["served"]["gen_tps"] > 0
