@@ -165,7 +165,7 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
 # Ours with the host's weights held the other ways (--host-weights); later flags win in llama-server, so each
 # variant's flag overrides whatever the plan's own mode put in its argv.
 VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"]}
-PARTS = ("ours", *VARIANTS, "fit", "search", "max")
+PARTS = ("ours", *VARIANTS, "whole", "fit", "search", "max")  # whole: ours with no block split device/host
 
 
 def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
@@ -205,11 +205,19 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
                 record[f"ours_{variant}"] = measure(server, [*plan["argv"], *extra], logs / f"ours-{variant}.log", None)
                 print(f"ours {variant}", json.dumps(record[f"ours_{variant}"]), flush=True)
                 saved(record)
+        host_blocks = len(plan.get("host_expert_layers") or [])
+        if "argv" in plan and "whole" in parts and host_blocks:  # does a block split between GPU and host cost?
+            whole, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
+                                                "--cpu-experts", str(host_blocks + 1)])
+            if "argv" in whole:
+                record["ours_whole"] = measure(server, whole["argv"], logs / "ours-whole.log", None)
+                print("ours whole", json.dumps(record["ours_whole"]), flush=True)
+                saved(record)
         if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
             record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", fill_ctx)
             print("fit", json.dumps(record["fit"]), flush=True)
             saved(record)
-        start = len(plan.get("host_expert_layers") or []) or 24
+        start = host_blocks or 24
         if not case.rpc_budget_mib and "search" in parts:
             record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc, fill_ctx)
             print("n-cpu-moe", json.dumps(record["n_cpu_moe"]), flush=True)
@@ -252,7 +260,7 @@ def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in VARIANTS),
+        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in (*VARIANTS, "whole")),
                       ("--fit", r.get("fit"))]
         best = (r.get("n_cpu_moe") or {})
         if best.get("measured"):
