@@ -133,7 +133,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("host_weights", "str", PLAN_SERVE, "auto, pinned, mapped or repacked", "auto", ("--host-weights",),
            "Weights left in host memory: pinned (-lm none: fastest prompts on a GPU, slower load), mapped (the "
            "file mapped: fastest load, prompts about half as fast) or repacked (--no-host: the CPU's own layout, "
-           "prompts on the CPU); auto: pinned with a GPU in the plan, else mapped."),
+           "prompts on the CPU); auto: mapped (the best generation measured on a GPU)."),
     Option("prefer", "str", PLAN_SERVE, "context or speed", "context", ("--prefer",),
            "When placements differ: context (the largest context, then the fastest) or speed (the fastest, then "
            "the largest context)."),

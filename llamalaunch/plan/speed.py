@@ -151,7 +151,7 @@ def _work(profile: ModelProfile, request: Request, placement: Placement, fill: i
     used = profile.n_expert_used / profile.n_expert if profile.n_expert else 1.0
     works: dict[str, _Work] = {"host": _Work(), **{name: _Work() for name in backends}}
     route = ["host"]  # token embeddings are looked up in host memory
-    mode = resolved_host_weights(request.host_weights, with_gpu=True)
+    mode = resolved_host_weights(request.host_weights)
     stream_bytes_s = STREAM_BYTES_S.get(mode) if ubatch >= OP_OFFLOAD_MIN_BATCH else None
     streaming_gpu = next((r.device for r in placement.ranges if r.backend == "CUDA"), None)
     for il, slot in enumerate(profile.slots):
