@@ -162,9 +162,9 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
     return found
 
 
-# Ours with the host's weights held the other ways (--host-weights); later flags win in llama-server, so each
-# variant's flag overrides whatever the plan's own mode put in its argv.
-VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"]}
+# Ours (mapped, the default) with the host's weights held the other ways (--host-weights); later flags win in
+# llama-server, so each variant's flag overrides whatever the plan's own mode put in its argv.
+VARIANTS = {"pinned": ["-lm", "none"], "repacked": ["-lm", "mmap", "--no-host"]}
 PARTS = ("ours", *VARIANTS, "whole", "fit", "search", "max")  # whole: ours with no block split device/host
 
 
@@ -191,7 +191,8 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
             record["gpu_free_with_worker_mib"] = gpu_free_mib()
             budget = ["--budget", f"CUDA0={case.cuda_budget_mib}MiB", "--budget", f"RPC0={case.rpc_budget_mib}MiB"]
         plan, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args])
-        record["plan"] = {k: plan.get(k) for k in ("ctx", "n_gpu_layers", "host_expert_layers", "argv", "error")}
+        record["plan"] = {k: plan.get(k) for k in ("ctx", "n_gpu_layers", "host_expert_layers", "host_expert_parts",
+                                                    "argv", "error")}
         record["plan_devices"] = [{k: d.get(k) for k in ("name", "n_layers", "expert_layers", "moe_layers",
                                                          "weights_bytes", "kv_bytes", "compute_bytes",
                                                          "overhead_bytes", "headroom_bytes")}
@@ -206,7 +207,9 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
                 print(f"ours {variant}", json.dumps(record[f"ours_{variant}"]), flush=True)
                 saved(record)
         host_blocks = len(plan.get("host_expert_layers") or [])
-        if "argv" in plan and "whole" in parts and host_blocks:  # does a block split between GPU and host cost?
+        split_blocks = {il for il, _ in plan.get("host_expert_parts") or []}
+        if "argv" in plan and "whole" in parts and len(split_blocks) == 1:  # does the split block cost speed?
+            # the host's experts as whole blocks: the first MoE layers up to and including the split one
             whole, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "--cpu-experts", str(host_blocks + 1)])
             if "argv" in whole:

@@ -315,6 +315,11 @@ def test_a_loopback_worker_on_a_local_gpu_gets_that_gpus_figures() -> None:
     assert found.bandwidth_bytes_s == gpu_speed(h100).bandwidth_bytes_s and found.source == "CUDA0 (same machine)"
     cpu_worker = dataclasses.replace(worker, total_bytes=64 * GIB)  # the host's RAM: no GPU that size
     assert rpc_speed(cpu_worker, [small, h100], HOST).source == "host CPU (loopback worker)"
+    # a host whose RAM total sits just under a GPU's (48 GB beside an RTX A6000): the worker is the CPU
+    a6000 = dataclasses.replace(h100, description="NVIDIA RTX A6000", total_bytes=49_140 * mib)
+    ram = dataclasses.replace(worker, total_bytes=48_900 * mib)
+    assert rpc_speed(ram, [a6000], HOST, host_ram_bytes=48_900 * mib).source == "host CPU (loopback worker)"
+    assert rpc_speed(ram, [a6000], HOST).source == "CUDA0 (same machine)"  # without the host's total: a guess
 
 
 def test_given_figures_win_over_probed_ones() -> None:
@@ -422,3 +427,8 @@ def test_whole_slots_in_host_memory_are_streamed_to_the_gpu_for_prompts(llama_8b
     assert parts["pinned"]["host"].prompt_s < parts["repacked"]["host"].prompt_s / 10  # only the attention
     assert modes["pinned"].prompt_tps > modes["mapped"].prompt_tps > modes["repacked"].prompt_tps  # type: ignore[operator]
     assert len({estimate.generation_tps for estimate in modes.values()}) == 1  # one token: the host computes
+    # the GPU that streams them may hold no slot itself: its streaming is still counted
+    idle_first = Placement((SlotRange("CUDA0", "CUDA", 0, 0), SlotRange("CUDA1", "CUDA", 18, on_gpu)))
+    both = SpeedFigures(HOST, {"CUDA0": FAST_GPU, "CUDA1": FAST_GPU})
+    streamed = estimate_speed(llama_8b, Request(host_weights="pinned"), 4096, idle_first, both)
+    assert {p.name: p for p in streamed.parts}["CUDA0"].prompt_fixed_s >= host_bytes / HOST_TO_GPU_BYTES_S

@@ -141,6 +141,7 @@ def test_a_run_its_fixed_part_overestimates_does_not_decide_the_factors(tmp_path
     for _ in range(2):
         run({"CUDA0": 1e-3}, {"CUDA0": 2.5}, path)
     overestimated = estimate({"CUDA0": 1e-3}, path, hop_s=5e-3)  # the fixed part: 5 ms per token
-    record_speed([GPU], False, overestimated, 1 / 1e-3, 1 / 1e-3, path)
+    assert record_speed([GPU], False, overestimated, 1 / 1e-3, 1 / 1e-3, path) == {}  # kept, but taught nothing
+    assert len(load_speed_store(path).runs) == 3
     assert load_speed_factors(path)[GPU_KEY].generation == pytest.approx(1 / 2.5, rel=0.01)
     assert load_speed_factors(path)[GPU_KEY].prompt == pytest.approx(1 / 2.5, rel=0.01)

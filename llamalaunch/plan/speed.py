@@ -135,7 +135,7 @@ def estimate_speed(profile: ModelProfile, request: Request, ctx_tokens: int, pla
 
 
 def _busy(work: _Work) -> bool:
-    return work.slots > 0 or work.gen_bytes > 0
+    return work.slots > 0 or work.gen_bytes > 0 or work.streamed_s > 0 or work.prompt_flops > 0
 
 
 def _work(profile: ModelProfile, request: Request, placement: Placement, fill: int,

@@ -119,5 +119,6 @@ class SpeedArgs:
             if name != "CPU" and name not in names:
                 raise BadInputError(f"speed figure for unknown device {name!r}",
                                     f"devices here: {', '.join(sorted(names)) or 'none'}")
-        figures = speed_figures(devices, host_speed(host), self.device_speeds, self.links, self.fill_tokens)
+        figures = speed_figures(devices, host_speed(host), self.device_speeds, self.links, self.fill_tokens,
+                                host.total_bytes if host is not None else None)
         return calibrated(figures, devices, load_speed_factors())

@@ -34,9 +34,8 @@ HISTORY_RUNS = 32  # runs kept for the fit: recent ones, so a changed machine is
 MIN_SCALED_SHARE = 0.1
 RIDGE = 1e-4  # weight of the pull of each 1/factor toward its prior, against rows of relative error
 # 3: the estimate changed under the recorded runs (a host probe on every core, CUDA defaults from an H100):
-# a store of version 2 is dropped, its runs' raw figures were another model's; the next served run refits.
+# a store of another version is dropped, its runs' raw figures were another model's; the next served run refits.
 STORE_VERSION = 3
-DROPPED_VERSIONS = (2,)
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def load_speed_store(path: Path | None = None) -> SpeedStore:
     """The store; a file of the first format (key -> factors, no runs) gives its factors as the prior."""
     try:
         data = json.loads((path or speed_calibration_path()).read_text())
-        if data.get("version") in DROPPED_VERSIONS:
+        if "version" in data and data["version"] != STORE_VERSION:
             return SpeedStore({})
         if data.get("version") != STORE_VERSION:
             factors = _factors(data)
@@ -135,7 +134,8 @@ def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEsti
     runs = (*store.runs, run)[-HISTORY_RUNS:]
     factors = fit(store.prior, runs)
     write_json_atomic(target, _store_json(SpeedStore(factors, store.prior, runs)))  # a failed write is no error
-    used = {key for sample in (run.generation, run.prompt) if sample is not None for key in sample.raw_s}
+    used = {key for sample in (run.generation, run.prompt) if sample is not None and _informative(sample)
+            for key in sample.raw_s}
     return {key: factors[key] for key in keys.values() if key in used}
 
 
@@ -182,14 +182,19 @@ def _fit_metric(keys: Sequence[str], prior: Sequence[float], samples: Sequence[S
     for sample in samples:
         row = [sample.raw_s.get(key, 0.0) / sample.measured_s for key in keys]
         target = (sample.measured_s - sample.fixed_s) / sample.measured_s
-        if target < MIN_SCALED_SHARE:
-            continue  # the unscaled part alone is (nearly) the whole measurement: no factor can explain it
+        if not _informative(sample):
+            continue
         for i in range(n):
             vector[i] += row[i] * target
             for j in range(n):
                 matrix[i][j] += row[i] * row[j]
     low, high = PLAUSIBLE_FACTOR
     return [min(max(1 / x, low), high) if x > 0 else high for x in _solve(matrix, vector)]
+
+
+def _informative(sample: Sample) -> bool:
+    """False when the unscaled part alone is (nearly) the whole measurement: no factor can explain it."""
+    return sample.measured_s - sample.fixed_s >= MIN_SCALED_SHARE * sample.measured_s
 
 
 def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:

@@ -24,12 +24,16 @@ LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
 # A worker's link without a throughput figure: the probe measures only round trips (bulk transfers to a
 # worker allocate its memory); a LAN is taken as 1 Gbit/s, loopback as the host's memory bandwidth.
 ASSUMED_LINK_BYTES_S = 1e9 / 8
-# Larger than the last-level cache of big server CPUs (up to a few hundred MB), read by one thread per core
-# as llama.cpp's CPU backend reads weights: one thread reached a tenth of what llama-server did on an H100
-# host (bench/results/h100-2026-12-07c).
-HOST_PROBE_BYTES = 256 * 1024 * 1024
-HOST_PROBE_VERSION = 2
-TWIN_RESERVED_BYTES, TWIN_RESERVED_SHARE = 1024 ** 3, 0.05  # at most what a driver keeps of a GPU's memory  # in the cache key: figures of an older probe are measured again
+# Larger than the last-level cache of big server CPUs (up to 384 MB), read by one thread per usable core as
+# llama.cpp's CPU backend reads weights: one thread reached a tenth of what llama-server did on an H100 host
+# (bench/results/h100-2026-12-07c). Each thread reads its slice a few times per pass, so that starting the
+# threads is not what is timed.
+HOST_PROBE_BYTES = 512 * 1024 * 1024
+HOST_PROBE_READS = 4
+HOST_PROBE_VERSION = 2  # in the cache key: figures of an older probe are measured again
+# A GPU's total as its CUDA runtime reports it (a worker on it) is NVML's less the driver's reserve (470 MiB
+# on an H100); a CPU worker reports the host's RAM, which may sit as close to a GPU's total.
+TWIN_RESERVED_BYTES = 1024 ** 3
 
 
 def gpu_speed(device: Device) -> DeviceSpeed:
@@ -76,13 +80,18 @@ def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[
         return None
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     data = numpy.ones(size_bytes // 4, dtype=numpy.float32)
     slices = numpy.array_split(data, threads)
     a = numpy.ones((512, 512), dtype=numpy.float32)
+
+    def read_slice(part: numpy.ndarray) -> None:
+        for _ in range(HOST_PROBE_READS):
+            part.sum()
+
     with ThreadPoolExecutor(threads) as pool:
         def read_all() -> None:
-            list(pool.map(numpy.sum, slices))
+            list(pool.map(read_slice, slices))
 
         read_all()  # warm-up: page faults, threads, BLAS
         a @ a
@@ -96,7 +105,7 @@ def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[
             compute = min(compute, time.perf_counter() - started)
     if not (0 < read < 60 and 0 < compute < 60):
         return None
-    return size_bytes / read, 2 * 512 ** 3 / compute
+    return size_bytes * HOST_PROBE_READS / read, 2 * 512 ** 3 / compute
 
 
 def _store(target: Path, key: str, value: Mapping[str, float]) -> None:
@@ -109,25 +118,28 @@ def is_loopback(endpoint: str | None) -> bool:
     return bool(endpoint) and endpoint.startswith(LOOPBACK_HOSTS)  # type: ignore[union-attr]
 
 
-def rpc_speed(device: Device, local: Sequence[Device], host: DeviceSpeed) -> DeviceSpeed:
+def rpc_speed(device: Device, local: Sequence[Device], host: DeviceSpeed,
+              host_ram_bytes: int | None = None) -> DeviceSpeed:
     """A worker's device on this machine: the local GPU of the same total memory, else the host's CPU.
     Elsewhere: unknown (give --device-speed)."""
     if not is_loopback(device.endpoint):
         return DeviceSpeed("CPU", None, None, "unknown: a remote worker (give --device-speed)")
-    twin = _local_twin(device, local)
+    twin = _local_twin(device, local, host_ram_bytes)
     if twin is not None:
         return dataclass_replace(gpu_speed(twin), source=f"{twin.name} (same machine)")
     return dataclass_replace(host, source="host CPU (loopback worker)")
 
 
-def _local_twin(worker: Device, local: Sequence[Device]) -> Device | None:
-    """The local GPU a loopback worker serves: the worker reports the CUDA runtime's total, which is NVML's
-    less what the driver reserves (470 MiB of 81,559 on an H100), so the nearest total at or just above."""
+def _local_twin(worker: Device, local: Sequence[Device], host_ram_bytes: int | None) -> Device | None:
+    """The local GPU a loopback worker serves: the nearest total at or just above the worker's (see
+    TWIN_RESERVED_BYTES); none when the worker reports about the host's RAM (a CPU worker)."""
+    if host_ram_bytes is not None and abs(worker.total_bytes - host_ram_bytes) <= TWIN_RESERVED_BYTES:
+        return None
+
     def gap(gpu: Device) -> int:
         return gpu.total_bytes - worker.total_bytes
 
-    candidates = [d for d in local if d.backend == "CUDA"
-                  and 0 <= gap(d) <= max(TWIN_RESERVED_BYTES, d.total_bytes * TWIN_RESERVED_SHARE)]
+    candidates = [d for d in local if d.backend == "CUDA" and 0 <= gap(d) <= TWIN_RESERVED_BYTES]
     return min(candidates, key=gap, default=None)
 
 
@@ -147,8 +159,10 @@ def rpc_link(device: Device, host: DeviceSpeed) -> Link | None:
 
 
 def speed_figures(devices: Sequence[Device], host: DeviceSpeed, given: Mapping[str, DeviceSpeed] | None = None,
-                  links: Mapping[str, Link] | None = None, fill_tokens: int | None = None) -> SpeedFigures:
-    """Every device's figures: given ones (--device-speed, --link) win over probed ones."""
+                  links: Mapping[str, Link] | None = None, fill_tokens: int | None = None,
+                  host_ram_bytes: int | None = None) -> SpeedFigures:
+    """Every device's figures: given ones (--device-speed, --link) win over probed ones. `host_ram_bytes`:
+    the host's total RAM, which tells a loopback CPU worker from one on a local GPU."""
     given = dict(given or {})
     found: dict[str, DeviceSpeed] = {}
     found_links: dict[str, Link] = {}
@@ -156,7 +170,7 @@ def speed_figures(devices: Sequence[Device], host: DeviceSpeed, given: Mapping[s
         if device.backend == "CUDA":
             found[device.name] = gpu_speed(device)
         elif device.backend == "RPC":
-            found[device.name] = rpc_speed(device, devices, host)
+            found[device.name] = rpc_speed(device, devices, host, host_ram_bytes)
             link = rpc_link(device, host)
             if link is not None:
                 found_links[device.name] = link
