@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from llamalaunch.paths import cache_dir, read_json_dict, write_json_atomic
@@ -28,8 +28,8 @@ ASSUMED_LINK_BYTES_S = 1e9 / 8
 # llama.cpp's CPU backend reads weights: one thread reached a tenth of what llama-server did on an H100 host
 # (bench/results/h100-2026-12-07c). Each thread reads its slice a few times per pass, so that starting the
 # threads is not what is timed.
-HOST_PROBE_BYTES = 512 * 1024 * 1024
-HOST_PROBE_READS = 4
+HOST_PROBE_BYTES = 384 * 1024 * 1024
+HOST_PROBE_READS = 2
 HOST_PROBE_VERSION = 2  # in the cache key: figures of an older probe are measured again
 # A GPU's total as its CUDA runtime reports it (a worker on it) is NVML's less the driver's reserve (470 MiB
 # on an H100); a CPU worker reports the host's RAM, which may sit as close to a GPU's total.
@@ -70,7 +70,7 @@ def host_speed(host: HostMemory | None, path: Path | None = None, measure: bool 
     return DeviceSpeed("CPU", figures[0], figures[1], "probe")
 
 
-def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[float, float] | None:
+def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 3) -> tuple[float, float] | None:
     """(read bytes/s, FLOP/s): sums over a buffer larger than the caches, a slice per core at once (numpy
     leaves the GIL while it sums), and an f32 matrix product on every core; best of `repeats` after a
     warm-up. None when numpy is missing or a timing is not usable."""
@@ -81,8 +81,6 @@ def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[
     from concurrent.futures import ThreadPoolExecutor
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    data = numpy.ones(size_bytes // 4, dtype=numpy.float32)
-    slices = numpy.array_split(data, threads)
     a = numpy.ones((512, 512), dtype=numpy.float32)
 
     def read_slice(part: numpy.ndarray) -> None:
@@ -90,22 +88,25 @@ def measure_host(size_bytes: int = HOST_PROBE_BYTES, repeats: int = 5) -> tuple[
             part.sum()
 
     with ThreadPoolExecutor(threads) as pool:
+        # each thread writes its own slice first: the page faults in parallel, the memory near its core
+        slices = list(pool.map(lambda _: numpy.ones(size_bytes // 4 // threads, dtype=numpy.float32), range(threads)))
+
         def read_all() -> None:
             list(pool.map(read_slice, slices))
 
-        read_all()  # warm-up: page faults, threads, BLAS
-        a @ a
-        read = compute = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            read_all()
-            read = min(read, time.perf_counter() - started)
-            started = time.perf_counter()
-            a @ a
-            compute = min(compute, time.perf_counter() - started)
+        read_all()  # warm-up: page faults, threads
+        read = min(_timed(read_all) for _ in range(repeats))
+    a @ a  # warm-up: BLAS threads
+    compute = min(_timed(lambda: a @ a) for _ in range(3 * repeats))  # cheap: more tries against noise
     if not (0 < read < 60 and 0 < compute < 60):
         return None
-    return size_bytes * HOST_PROBE_READS / read, 2 * 512 ** 3 / compute
+    return sum(part.nbytes for part in slices) * HOST_PROBE_READS / read, 2 * 512 ** 3 / compute
+
+
+def _timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def _store(target: Path, key: str, value: Mapping[str, float]) -> None:
