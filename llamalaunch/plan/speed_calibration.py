@@ -77,7 +77,8 @@ def load_speed_factors(path: Path | None = None) -> dict[str, SpeedFactor]:
 
 
 def load_speed_store(path: Path | None = None) -> SpeedStore:
-    """The store; a file of the first format (key -> factors, no runs) gives its factors as the prior."""
+    """The store; a file of the first format (key -> factors, no runs) gives its factors as the prior, one of
+    another version nothing."""
     try:
         data = json.loads((path or speed_calibration_path()).read_text())
         if "version" in data and data["version"] != STORE_VERSION:
@@ -179,11 +180,9 @@ def _fit_metric(keys: Sequence[str], prior: Sequence[float], samples: Sequence[S
     n = len(keys)
     matrix = [[RIDGE if i == j else 0.0 for j in range(n)] for i in range(n)]
     vector = [RIDGE / factor for factor in prior]
-    for sample in samples:
+    for sample in filter(_informative, samples):
         row = [sample.raw_s.get(key, 0.0) / sample.measured_s for key in keys]
         target = (sample.measured_s - sample.fixed_s) / sample.measured_s
-        if not _informative(sample):
-            continue
         for i in range(n):
             vector[i] += row[i] * target
             for j in range(n):

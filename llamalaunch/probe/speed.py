@@ -121,8 +121,8 @@ def is_loopback(endpoint: str | None) -> bool:
 
 def rpc_speed(device: Device, local: Sequence[Device], host: DeviceSpeed,
               host_ram_bytes: int | None = None) -> DeviceSpeed:
-    """A worker's device on this machine: the local GPU of the same total memory, else the host's CPU.
-    Elsewhere: unknown (give --device-speed)."""
+    """A worker's device on this machine: the local GPU it runs on (by its total memory), else the host's
+    CPU. Elsewhere: unknown (give --device-speed)."""
     if not is_loopback(device.endpoint):
         return DeviceSpeed("CPU", None, None, "unknown: a remote worker (give --device-speed)")
     twin = _local_twin(device, local, host_ram_bytes)

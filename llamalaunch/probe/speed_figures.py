@@ -12,7 +12,7 @@ from types import MappingProxyType
 # Defaults, per device kind (calibration replaces the efficiencies): the share of the peak bandwidth a
 # generated token reaches, the share of the peak FLOP/s a prompt ubatch reaches, and a fixed cost per slot.
 # CUDA's from an H100 (bench/results/h100-2026-12-07c): an 8B Q4_K at 264 tok/s generation (0.5 of 3.35 TB/s
-# and 30 us per slot: 267) and 9,469 tok/s prompts (0.16 of 989 TFLOP/s: 10,479). Smaller cards reach a larger
+# and 30 us per slot: 276) and 9,469 tok/s prompts (0.16 of 989 TFLOP/s: 10,631). Smaller cards reach a larger
 # share of the peak; the calibration of a first run corrects both.
 DEFAULT_GEN_EFFICIENCY = MappingProxyType({"CUDA": 0.5, "CPU": 0.7})
 DEFAULT_PROMPT_EFFICIENCY = MappingProxyType({"CUDA": 0.16, "CPU": 0.5})
