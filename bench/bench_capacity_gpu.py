@@ -203,9 +203,10 @@ def load_and_fill(server: Path, plan: dict, logs: Path, label: str, device: str,
 
 
 def first_serve_case(server: Path, name: str, shape: Shape, logs: Path, rpc: list[str]) -> dict:
-    model = logs / "models" / f"{name}.gguf"
+    model = logs / "models-varied" / f"{name}.gguf"  # a MoE prompt streams the experts it uses: all, as in use
     if not model.exists():
-        write_synthetic(model, shape.arch, shape.shape, shape.file_type)
+        model.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic(model, shape.arch, shape.shape, shape.file_type, varied_routing=True)
     os.environ["LLAMALAUNCH_HOME"] = tempfile.mkdtemp(prefix=f"first-serve-{name}-")  # a new machine
     device = "RPC0" if rpc else "CUDA0"
     ballast = None if rpc else Ballast(shape.free_mib)

@@ -33,6 +33,7 @@ from bench.llama_runs import (
     run_trial,
     stop_process,
     timed_completions,
+    varied_tokens,
 )
 from tests.synthetic import SyntheticShape, write_synthetic
 
@@ -81,7 +82,7 @@ def write_models(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, (arch, shape, file_type) in MODELS.items():
         if not (folder / name).exists():
-            write_synthetic(folder / name, arch, shape, file_type)
+            write_synthetic(folder / name, arch, shape, file_type, varied_routing=True)
 
 
 def gpu_free_mib() -> int | None:
@@ -120,7 +121,7 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
             record["host_rss_mib"] = round(psutil.Process(process.pid).memory_info().rss / MIB) \
                 if process.poll() is None else None
             if ready and fill_ctx and "failed" not in record:
-                status, _ = post(port, "/completion", {"prompt": [100] * (fill_ctx - FILL_MARGIN), "n_predict": 8,
+                status, _ = post(port, "/completion", {"prompt": varied_tokens(fill_ctx - FILL_MARGIN), "n_predict": 8,
                                                           "ignore_eos": True, "cache_prompt": False}, 900)
                 record["filled"] = status == 200 and process.poll() is None
                 record["gpu_free_after_fill_mib"] = gpu_free_mib()
@@ -293,7 +294,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
-    models = args.logs / "models"
+    models = args.logs / "models-varied"  # tokens spread over the experts as in a real model
     write_models(models)
     results = []
     for key in args.cases:

@@ -355,7 +355,7 @@ def write_models(folder: Path, models: dict[str, tuple[str, SyntheticShape, str]
     for name in wanted:
         if not (folder / name).exists():
             arch, shape, file_type = models[name]
-            write_synthetic(folder / name, arch, shape, file_type)
+            write_synthetic(folder / name, arch, shape, file_type, varied_routing=True)
 
 
 def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None],
@@ -363,7 +363,7 @@ def run(rig: Rig, configs: Sequence[Config], saved: Callable[[list[dict]], None]
     """Pass 1 over every configuration, then pass 2; a configuration not started in pass 1 within
     `pass_one_budget_s` is skipped, so that pass 2 (a few seconds per configuration) still runs."""
     started = time.monotonic()
-    models = rig.work / "models"
+    models = rig.work / "models-varied"  # tokens spread over the experts as in a real model
     write_models(models, CPU_MODELS if rig.cpu else GPU_MODELS, {c.model for c in configs})
     names = [c.name for c in configs]
     # the memory calibration store this machine's earlier runs wrote (plan/overheads.py's calibration_path)

@@ -55,13 +55,21 @@ class Trial:
         return self.ready and self.filled and self.returncode in (None, 0, -15, 143)
 
 
+def varied_tokens(count: int, seed: int = 0) -> list[int]:
+    """`count` token ids that vary along the prompt (within the first 512 of any vocabulary): a synthetic MoE
+    model written with varied routing (tests/synthetic.py) spreads them over its experts as a real prompt
+    spreads; one token repeated would use the same few experts all along."""
+    return [100 + (i * 37 + seed * 101) % 400 for i in range(count)]
+
+
 def timed_completions(port: int, prompt_tokens: int, gen_tokens: int, runs: int) -> tuple[list, list, str | None]:
-    """`runs` requests of `prompt_tokens` (a different token each, no prompt cache) + `gen_tokens` generated:
-    llama-server's own generation and prompt tok/s of each, and why a request failed (None: none did)."""
+    """`runs` requests of `prompt_tokens` (varied tokens, another sequence each, no prompt cache) +
+    `gen_tokens` generated: llama-server's own generation and prompt tok/s of each, and why a request failed
+    (None: none did)."""
     gen: list[float] = []
     prompt: list[float] = []
     for rep in range(runs):
-        payload = {"prompt": [100 + rep] * prompt_tokens, "n_predict": gen_tokens, "ignore_eos": True,
+        payload = {"prompt": varied_tokens(prompt_tokens, rep), "n_predict": gen_tokens, "ignore_eos": True,
                    "cache_prompt": False}
         status, body = post(port, "/completion", payload, 600)
         if status != 200 or not isinstance(body, dict):
@@ -73,7 +81,7 @@ def timed_completions(port: int, prompt_tokens: int, gen_tokens: int, runs: int)
 
 
 def run_trial(server: Path, argv: list[str], fill_tokens: int | None, log_path: Path,
-              ready_timeout_s: float = 300.0, fill_timeout_s: float = 600.0, token_id: int = 100) -> Trial:
+              ready_timeout_s: float = 300.0, fill_timeout_s: float = 600.0) -> Trial:
     """Start llama-server with `argv`, wait for a one-token completion, then send a prompt of
     `fill_tokens` tokens (the context filled: run-time allocations happen there), then stop it."""
     port = free_port()
@@ -92,7 +100,7 @@ def run_trial(server: Path, argv: list[str], fill_tokens: int | None, log_path: 
                 time.sleep(0.2)
             trial.load_s = time.monotonic() - started
             if trial.ready and fill_tokens:
-                payload = {"prompt": [token_id] * fill_tokens, "n_predict": 1, "cache_prompt": False}
+                payload = {"prompt": varied_tokens(fill_tokens), "n_predict": 1, "cache_prompt": False}
                 status, _ = post(port, "/completion", payload, fill_timeout_s)
                 trial.filled = status == 200 and process.poll() is None
             elif trial.ready:

@@ -163,8 +163,14 @@ def write_preset(path: str | Path, name: str, **changes: object) -> Path:
     return write_synthetic(path, spec.arch, shape, file_type)
 
 
-def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_type: str = "Q4_0") -> Path:
-    """Write a sparse GGUF that llama.cpp loads: header, tensor table, then a hole of zeros."""
+def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_type: str = "Q4_0",
+                    varied_routing: bool = False) -> Path:
+    """Write a sparse GGUF that llama.cpp loads: header, tensor table, then a hole of zeros.
+
+    With zeros every token of a MoE model routes to the same experts (its hidden state and router logits are
+    zero). `varied_routing` writes random token embeddings and routers and norms of ones, so each token picks
+    experts by its own embedding, as tokens of a real model spread over the experts (the rest stays zeros:
+    the hidden state is the embedding in every block)."""
     if arch not in _TENSORS:
         raise ValueError(f"no synthetic layout for arch {arch!r}; known: {', '.join(sorted(_TENSORS))}")
     if file_type not in WEIGHT_TYPES:
@@ -189,11 +195,40 @@ def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_typ
         stream.write(out.data())
         data_offset = pad(stream.tell(), DEFAULT_ALIGNMENT)
         stream.truncate(data_offset + offset)
-        for name, dims, _type in tensors:
-            if name in _ONES:  # F32 tensors that zeros would turn into NaN logits
-                stream.seek(data_offset + offsets[name])
+        for name, dims, ggml_type in tensors:
+            if name in _ONES or (varied_routing and ggml_type == F32 and name.endswith("norm.weight")):
+                stream.seek(data_offset + offsets[name])  # F32 tensors that zeros would turn into NaN logits
                 stream.write(array("f", [1.0] * (_nbytes(dims, F32) // 4)).tobytes())
+            elif varied_routing and (name == "token_embd.weight" or name.endswith(".ffn_gate_inp.weight")):
+                stream.seek(data_offset + offsets[name])
+                stream.write(_random_tensor(name, dims, ggml_type))
     return path
+
+
+# Where a block of each type keeps its f16 scales (byte offsets): random bytes elsewhere are valid quants.
+_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
+                  "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82)}
+
+
+def _random_tensor(name: str, dims: tuple[int, ...], ggml_type: int) -> bytes:
+    """Finite random values (seeded by the name): F32/F16 normal, quantized blocks random with small scales."""
+    import numpy
+
+    generator = numpy.random.default_rng(list(name.encode()))
+    count = 1
+    for ne in dims:
+        count *= ne
+    kind = type_name(ggml_type)
+    if kind in ("F32", "F16"):
+        return generator.normal(0.0, 0.1, count).astype(numpy.float32 if kind == "F32" else numpy.float16).tobytes()
+    if kind not in _SCALE_OFFSETS:
+        raise ValueError(f"no random blocks for {kind}; varied routing knows {', '.join(_SCALE_OFFSETS)}")
+    block_size, type_size = type_block(ggml_type)
+    blocks = generator.integers(0, 256, (count // block_size, type_size), dtype=numpy.uint8)
+    scale = numpy.frombuffer(numpy.float16(0.02).tobytes(), dtype=numpy.uint8)
+    for offset in _SCALE_OFFSETS[kind]:
+        blocks[:, offset:offset + 2] = scale
+    return blocks.tobytes()
 
 
 def _nbytes(dims: tuple[int, ...], ggml_type: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,41 @@ def test_8b_loads(llama_bin_dir: Path, rpc_workers, tmp_path: Path) -> None:
     workers = [rpc_workers(), rpc_workers()]
     served = serve_once(llama_bin_dir, path, workers, "1,3", tmp_path / "server.log", timeout_s=300)
     assert_buffers_match(load_profile(path), served, workers, (1, 3))
+
+
+def _experts_picked(path: Path, tokens: range, layer: int, used: int) -> set[tuple[int, ...]]:
+    """The experts each token's router picks in `layer`, computed as llama.cpp does for a block whose
+    attention and FFN are zeros: top-k of router · rmsnorm(embedding) · ffn_norm."""
+    import gguf
+    import numpy
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    blocks = numpy.asarray(tensors["token_embd.weight"].data, dtype=numpy.uint8).reshape(-1, 18)  # Q4_0
+    scale = blocks[:, :2].copy().view(numpy.float16).astype(numpy.float32)
+    low, high = blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4
+    embeddings = (numpy.concatenate([low, high], axis=1).astype(numpy.float32) - 8) * scale
+    n_embd = tensors["blk.0.ffn_norm.weight"].data.size
+    embeddings = embeddings.reshape(-1, n_embd)
+    router = numpy.asarray(tensors[f"blk.{layer}.ffn_gate_inp.weight"].data).reshape(-1, n_embd)
+    norm = numpy.asarray(tensors[f"blk.{layer}.ffn_norm.weight"].data)
+    picked = set()
+    for token in tokens:
+        hidden = embeddings[token] / numpy.sqrt(numpy.mean(embeddings[token] ** 2) + 1e-5) * norm
+        picked.add(tuple(sorted(numpy.argsort(router @ hidden)[-used:].tolist())))
+    return picked
+
+
+def test_varied_routing_spreads_tokens_over_the_experts(tmp_path: Path, llama_bin_dir: Path) -> None:
+    """Zeros route every token to the same experts, which makes a GPU benchmark of expert placement unlike a
+    real model (a prompt's ubatch streams only the experts it uses): with varied routing tokens spread out."""
+    from tests.support import run_llama_server
+
+    shape = replace(SHAPES["tiny-qwen3moe"].shape, n_expert=16, n_expert_used=2)
+    varied = write_synthetic(tmp_path / "varied.gguf", "qwen3moe", shape, "Q4_0", varied_routing=True)
+    picks = _experts_picked(varied, range(100, 164), layer=1, used=2)
+    assert len(picks) > 16 and len({e for pick in picks for e in pick}) == 16  # 64 tokens: every expert used
+    zeros = write_synthetic(tmp_path / "zeros.gguf", "qwen3moe", shape, "Q4_0")
+    assert len(_experts_picked(zeros, range(100, 164), layer=1, used=2)) == 1  # zeros: one set for all
+    assert zeros.stat().st_size == varied.stat().st_size  # the same tensors, types and sizes
+    run = run_llama_server(llama_bin_dir, ["-m", str(varied), "-c", "256", "-np", "1"], prompt=list(range(100, 164)))
+    assert run.served, run.lines[-20:]
