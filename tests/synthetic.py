@@ -13,6 +13,7 @@ deepseek2 gets q_lora_rank (only the "lite" block counts may omit it).
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from array import array
 from dataclasses import dataclass, field, replace
@@ -196,8 +197,10 @@ def write_synthetic(path: str | Path, arch: str, shape: SyntheticShape, file_typ
         data_offset = pad(stream.tell(), DEFAULT_ALIGNMENT)
         stream.truncate(data_offset + offset)
         for name, dims, ggml_type in tensors:
+            # ones: F32 tensors that zeros would turn into NaN logits; with varied routing, the norms too
+            # (a zero norm weight would zero the router's input)
             if name in _ONES or (varied_routing and ggml_type == F32 and name.endswith("norm.weight")):
-                stream.seek(data_offset + offsets[name])  # F32 tensors that zeros would turn into NaN logits
+                stream.seek(data_offset + offsets[name])
                 stream.write(array("f", [1.0] * (_nbytes(dims, F32) // 4)).tobytes())
             elif varied_routing and (name == "token_embd.weight" or name.endswith(".ffn_gate_inp.weight")):
                 stream.seek(data_offset + offsets[name])
@@ -215,9 +218,7 @@ def _random_tensor(name: str, dims: tuple[int, ...], ggml_type: int) -> bytes:
     import numpy
 
     generator = numpy.random.default_rng(list(name.encode()))
-    count = 1
-    for ne in dims:
-        count *= ne
+    count = math.prod(dims)
     kind = type_name(ggml_type)
     if kind in ("F32", "F16"):
         return generator.normal(0.0, 0.1, count).astype(numpy.float32 if kind == "F32" else numpy.float16).tobytes()
