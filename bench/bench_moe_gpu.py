@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -132,6 +133,7 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
     contexts = [int(m.group(1)) for line in lines if (m := N_CTX.search(line))]
     record["n_ctx"] = contexts[-1] if contexts else None
     record["buffers"] = [line[-120:] for line in lines if "buffer size" in line][:12]
+    record["threads"] = next((line[line.index("n_threads"):][:60] for line in lines if "n_threads =" in line), None)
     record["errors"] = [line[-200:] for line in lines if "out of memory" in line or " E " in line][-4:]
     record["ok"] = bool(record.get("ready") and record.get("gen_tps") and record.get("filled", True)
                         and record["returncode"] in (0, -15, 143))
@@ -165,7 +167,9 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
 
 # Ours (mapped, the default) with the host's weights held the other ways (--host-weights); later flags win in
 # llama-server, so each variant's flag overrides whatever the plan's own mode put in its argv.
-VARIANTS = {"pinned": ["-lm", "none"], "repacked": ["-lm", "mmap", "--no-host"]}
+# threads: one per core this process may run on (llama.cpp's default counts physical cores).
+CORES = str(len(os.sched_getaffinity(0)))
+VARIANTS = {"pinned": ["-lm", "none"], "repacked": ["-lm", "mmap", "--no-host"], "threads": ["-t", CORES, "-tb", CORES]}
 PARTS = ("ours", *VARIANTS, "whole", "fit", "search", "max")  # whole: ours with no block split device/host
 
 
