@@ -422,8 +422,8 @@ def test_whole_slots_in_host_memory_are_streamed_to_the_gpu_for_prompts(llama_8b
              for mode in ("pinned", "mapped", "repacked")}
     parts = {mode: {p.name: p for p in estimate.parts} for mode, estimate in modes.items()}
     host_bytes = sum(slot.full_bytes("CPU") for slot in llama_8b.slots[:18])
-    assert parts["pinned"]["CUDA0"].prompt_fixed_s >= host_bytes / HOST_TO_GPU_BYTES_S
-    assert parts["repacked"]["CUDA0"].prompt_fixed_s < host_bytes / HOST_TO_GPU_BYTES_S / 100  # never streamed
+    assert parts["pinned"]["CUDA0"].prompt_streamed_s >= host_bytes / HOST_TO_GPU_BYTES_S
+    assert parts["repacked"]["CUDA0"].prompt_streamed_s < host_bytes / HOST_TO_GPU_BYTES_S / 100  # never streamed
     assert parts["pinned"]["host"].prompt_s < parts["repacked"]["host"].prompt_s / 10  # only the attention
     assert modes["pinned"].prompt_tps > modes["mapped"].prompt_tps > modes["repacked"].prompt_tps  # type: ignore[operator]
     assert len({estimate.generation_tps for estimate in modes.values()}) == 1  # one token: the host computes
@@ -431,4 +431,11 @@ def test_whole_slots_in_host_memory_are_streamed_to_the_gpu_for_prompts(llama_8b
     idle_first = Placement((SlotRange("CUDA0", "CUDA", 0, 0), SlotRange("CUDA1", "CUDA", 18, on_gpu)))
     both = SpeedFigures(HOST, {"CUDA0": FAST_GPU, "CUDA1": FAST_GPU})
     streamed = estimate_speed(llama_8b, Request(host_weights="pinned"), 4096, idle_first, both)
-    assert {p.name: p for p in streamed.parts}["CUDA0"].prompt_fixed_s >= host_bytes / HOST_TO_GPU_BYTES_S
+    assert {p.name: p for p in streamed.parts}["CUDA0"].prompt_streamed_s >= host_bytes / HOST_TO_GPU_BYTES_S
+    # a calibrated stream efficiency scales the streaming alone
+    slow_link = SpeedFigures(HOST, {"CUDA0": dataclasses.replace(FAST_GPU, stream_efficiency=0.5)})
+    slow = {p.name: p for p in estimate_speed(llama_8b, Request(host_weights="pinned"), 4096, placement,
+                                              slow_link).parts}["CUDA0"]
+    assert slow.prompt_streamed_s == pytest.approx(2 * parts["pinned"]["CUDA0"].prompt_streamed_s)
+    assert slow.prompt_s - slow.prompt_streamed_s == pytest.approx(parts["pinned"]["CUDA0"].prompt_s
+                                                                    - parts["pinned"]["CUDA0"].prompt_streamed_s)

@@ -55,9 +55,10 @@ class DeviceTime:
     generation_s: float
     prompt_s: float  # per ubatch
     read_bytes: int  # per generated token: weights and KV
-    # of the times above, what the device's efficiency does not scale (slot overheads, streamed experts)
+    # of the times above, what the device's efficiency does not scale (slot overheads)
     generation_fixed_s: float = 0.0
     prompt_fixed_s: float = 0.0
+    prompt_streamed_s: float = 0.0  # of prompt_s, streaming host weights in (scaled by its stream_efficiency)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class _Work:
     prompt_bytes: float = 0.0  # bytes read once per ubatch
     prompt_flops: float = 0.0  # per token
     slots: int = 0
-    streamed_s: float = 0.0  # seconds per ubatch streaming host experts to this GPU
+    streamed_s: float = 0.0  # seconds per ubatch streaming host weights to this GPU, at the nominal rate
 
 
 def bits_per_weight(profile: ModelProfile) -> float:
@@ -233,8 +234,9 @@ def _time(name: str, work: _Work, speed: DeviceSpeed, ubatch: int) -> DeviceTime
     gen = max(work.gen_bytes / bandwidth, work.gen_flops / flops) / speed.gen_efficiency
     prompt = max(work.prompt_bytes / bandwidth, ubatch * work.prompt_flops / flops) / speed.prompt_efficiency
     overhead = work.slots * speed.slot_overhead_s
-    return DeviceTime(name, gen + overhead, prompt + work.streamed_s + overhead, int(work.gen_bytes),
-                      overhead, work.streamed_s + overhead)
+    streamed = work.streamed_s / speed.stream_efficiency
+    return DeviceTime(name, gen + overhead, prompt + streamed + overhead, int(work.gen_bytes), overhead, overhead,
+                      streamed)
 
 
 def _hops(profile: ModelProfile, placement: Placement, route: Sequence[str], figures: SpeedFigures,

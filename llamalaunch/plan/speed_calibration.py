@@ -7,7 +7,9 @@ estimate as if uncalibrated (factor 1), and the part no factor scales (hops, slo
 run each key's factor is refitted over them by least squares on the relative error, so a run whose time
 is mostly one device's moves mostly that device, and runs of different mixes tell devices apart; a weak
 pull toward the prior (1, or the factors of a store written before runs were kept) decides what the runs
-leave open: one run alone spreads its error over its devices by their shares.
+leave open: one run alone spreads its error over its devices by their shares. A GPU's streaming of host
+weights for prompts (op offload) is a third factor of its own, fitted in the prompt rows beside the GPU's
+compute as if it were another device (one factor for the link, whichever --host-weights mode was streamed).
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ HISTORY_RUNS = 32  # runs kept for the fit: recent ones, so a changed machine is
 # (bench/results/h100-2026-12-07c: a zero-weight MoE prompt streams 8 of 128 experts, estimated as all).
 MIN_SCALED_SHARE = 0.1
 RIDGE = 1e-4  # weight of the pull of each 1/factor toward its prior, against rows of relative error
-# 3: the estimate changed under the recorded runs (a host probe on every core, CUDA defaults from an H100):
-# a store of another version is dropped, its runs' raw figures were another model's; the next served run refits.
-STORE_VERSION = 3
+# 4: streamed host weights are a factor of their own (3 counted them as fixed): a store of another version is
+# dropped, its runs' raw figures were another model's; the next served run refits.
+STORE_VERSION = 4
+STREAMING = " streaming"  # a GPU key plus this: the unknown its streaming's factor is fitted as
 
 
 @dataclass(frozen=True)
 class SpeedFactor:
     generation: float = 1.0
     prompt: float = 1.0
+    stream: float = 1.0  # a GPU's streaming of host weights for prompts
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ def load_speed_store(path: Path | None = None) -> SpeedStore:
 
 
 def _factors(data: Mapping[str, Any]) -> dict[str, SpeedFactor]:
-    return {str(key): SpeedFactor(float(value["generation"]), float(value["prompt"])) for key, value in data.items()}
+    return {str(key): SpeedFactor(float(value["generation"]), float(value["prompt"]), float(value.get("stream", 1.0)))
+            for key, value in data.items()}
 
 
 def _sample(data: Mapping[str, Any] | None) -> Sample | None:
@@ -116,7 +121,7 @@ def calibrated(figures: SpeedFigures, devices: Iterable[Device],
 def _scale(speed: DeviceSpeed, factor: SpeedFactor) -> DeviceSpeed:
     return dataclasses.replace(speed, gen_efficiency=speed.gen_efficiency * factor.generation,
                                prompt_efficiency=speed.prompt_efficiency * factor.prompt,
-                               source=f"{speed.source}, calibrated", calibrated=True)
+                               stream_efficiency=speed.stream_efficiency * factor.stream, source=f"{speed.source}, calibrated", calibrated=True)
 
 
 def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEstimate,
@@ -128,19 +133,19 @@ def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEsti
     target = path or speed_calibration_path()
     store = load_speed_store(target)
     keys = {d.name: calibration_key(d) for d in devices} | ({"host": HOST_KEY} if used_host else {})
-    run = SpeedRun(_run_sample(estimate, keys, store.factors, generation_tps, "generation"),
-                   _run_sample(estimate, keys, store.factors, prompt_tps, "prompt"))
+    run = SpeedRun(run_sample(estimate, keys, store.factors, generation_tps, "generation"),
+                   run_sample(estimate, keys, store.factors, prompt_tps, "prompt"))
     if run.generation is None and run.prompt is None:
         return {}
     runs = (*store.runs, run)[-HISTORY_RUNS:]
     factors = fit(store.prior, runs)
     write_json_atomic(target, _store_json(SpeedStore(factors, store.prior, runs)))  # a failed write is no error
-    used = {key for sample in (run.generation, run.prompt) if sample is not None and _informative(sample)
-            for key in sample.raw_s}
+    used = {key.removesuffix(STREAMING) for sample in (run.generation, run.prompt)
+            if sample is not None and _informative(sample) for key in sample.raw_s}
     return {key: factors[key] for key in keys.values() if key in used}
 
 
-def _run_sample(estimate: SpeedEstimate, keys: Mapping[str, str], factors: Mapping[str, SpeedFactor],
+def run_sample(estimate: SpeedEstimate, keys: Mapping[str, str], factors: Mapping[str, SpeedFactor],
                 measured_tps: float | None, metric: str) -> Sample | None:
     """The run's `metric` per token; its parts' calibration undone (a part whose device is not among `keys`
     counts as fixed); None when the measurement is missing or implausible."""
@@ -154,25 +159,31 @@ def _run_sample(estimate: SpeedEstimate, keys: Mapping[str, str], factors: Mappi
     for part in estimate.parts:
         total, unscaled = ((part.generation_s, part.generation_fixed_s) if generation
                            else (part.prompt_s, part.prompt_fixed_s))
+        streamed = 0.0 if generation else part.prompt_streamed_s
         key = keys.get(part.name)
         if key is None:
             fixed += total
             continue
         in_force = factors.get(key, SpeedFactor()) if part.name in estimate.calibrated else SpeedFactor()
-        raw[key] = raw.get(key, 0.0) + (total - unscaled) * getattr(in_force, metric) / tokens
+        raw[key] = raw.get(key, 0.0) + (total - unscaled - streamed) * getattr(in_force, metric) / tokens
+        if streamed:
+            raw[key + STREAMING] = raw.get(key + STREAMING, 0.0) + streamed * in_force.stream / tokens
         fixed += unscaled
     return Sample(1 / measured_tps, fixed / tokens, raw)
 
 
 def fit(prior: Mapping[str, SpeedFactor], runs: Sequence[SpeedRun]) -> dict[str, SpeedFactor]:
     """Every key's factors, fitted over `runs` (see the module's docstring), within PLAUSIBLE_FACTOR."""
-    keys = sorted({*prior, *(key for run in runs for s in (run.generation, run.prompt) if s for key in s.raw_s)})
+    keys = sorted({*prior, *(key.removesuffix(STREAMING) for run in runs for s in (run.generation, run.prompt) if s
+                             for key in s.raw_s)})
     default = SpeedFactor()
     generation = _fit_metric(keys, [prior.get(k, default).generation for k in keys],
                              [run.generation for run in runs if run.generation is not None])
-    prompt = _fit_metric(keys, [prior.get(k, default).prompt for k in keys],
+    # the prompt rows' unknowns: each key's compute, then each key's streaming
+    prompt = _fit_metric([*keys, *(key + STREAMING for key in keys)],
+                         [*(prior.get(k, default).prompt for k in keys), *(prior.get(k, default).stream for k in keys)],
                          [run.prompt for run in runs if run.prompt is not None])
-    return {key: SpeedFactor(g, p) for key, g, p in zip(keys, generation, prompt)}
+    return {key: SpeedFactor(g, p, s) for key, g, p, s in zip(keys, generation, prompt, prompt[len(keys):])}
 
 
 def _fit_metric(keys: Sequence[str], prior: Sequence[float], samples: Sequence[Sample]) -> list[float]:
@@ -222,7 +233,7 @@ def _ratio(measured: float | None, estimated: float | None) -> float | None:
 
 def _store_json(store: SpeedStore) -> dict[str, Any]:
     def factors(found: Mapping[str, SpeedFactor]) -> dict[str, dict[str, float]]:
-        return {key: {"generation": f.generation, "prompt": f.prompt} for key, f in found.items()}
+        return {key: {"generation": f.generation, "prompt": f.prompt, "stream": f.stream} for key, f in found.items()}
 
     def sample(found: Sample | None) -> dict[str, Any] | None:
         return None if found is None else {"measured_s": found.measured_s, "fixed_s": found.fixed_s,

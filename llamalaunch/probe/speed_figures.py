@@ -30,6 +30,8 @@ class DeviceSpeed:
     gen_efficiency: float = 0.0  # 0: the kind's default
     prompt_efficiency: float = 0.0
     slot_overhead_s: float = -1.0  # <0: the kind's default
+    # a GPU: the share of the nominal rate (plan/speed.py's STREAM_BYTES_S) at which it streams host weights in
+    stream_efficiency: float = 1.0
     calibrated: bool = False  # the efficiencies were scaled by llama-server's timings of earlier runs
 
     def __post_init__(self) -> None:
