@@ -150,8 +150,9 @@ def test_ctx_max_takes_the_largest_context_whose_host_experts_fit_host_memory(mo
     with pytest.raises(PlanError) as refusal:
         make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=None), OPTIONS, host_free_bytes=4 * GIB)
     assert str(refusal.value) == (
-        "synthetic qwen3moe 48x2048 at ctx 256 needs 7.02 GiB of host memory for the experts that do not fit "
-        "on the devices and the host's buffers; 4.00 GiB is available (free host memory or add devices)")
+        "synthetic qwen3moe 48x2048 at ctx 256 needs 7.02 GiB of host memory for what does not fit on the devices "
+        "(weights 7.02 GiB, KV cache 2.3 MiB, buffers 4.1 MiB); 4.00 GiB is available (the weights alone do not "
+        "fit: add devices, free host memory, or use a smaller quantization)")
 
 
 def test_plan_cli_shows_experts_per_device_and_refuses_a_small_host(moe_path: Path) -> None:

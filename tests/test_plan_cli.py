@@ -95,14 +95,28 @@ def test_an_unknown_architecture_is_named_unless_a_generic_estimate_is_asked_for
     assert any("generic, conservative estimate" in note for note in json.loads(generic.stdout)["notes"])
 
 
-def test_a_plan_beyond_host_memory_says_so(tmp_path: Path) -> None:
+def test_a_plan_beyond_host_memory_is_refused_with_the_numbers(tmp_path: Path) -> None:
+    """CPU only: weights, KV cache and buffers all in host RAM. A 70B whose weights alone exceed it is refused
+    (no context helps); an 8B gets the largest context its RAM holds under --ctx max, and a --ctx beyond it is
+    refused naming that context. Before, each planned the whole context with a note and llama-server was
+    OOM-killed."""
     from tests.synthetic import write_preset
 
-    model = write_preset(tmp_path / "70b.gguf", "llama-70b")
-    result = run_cli("plan", str(model), "--assume", "CPU=8GiB", "--ctx", "32k", "--json")
-    assert result.returncode == 0, result.stderr
-    notes = json.loads(result.stdout)["notes"]
-    assert any(note.startswith("host: the plan needs") and "8.00 GiB is available" in note for note in notes)
+    big = write_preset(tmp_path / "70b.gguf", "llama-70b")
+    refused = run_cli("plan", str(big), "--assume", "CPU=8GiB", "--ctx", "32k", "--json")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: synthetic llama 80x8192 at ctx 32768 needs 47.22 GiB of host memory")
+    assert "(weights 36.97 GiB, KV cache 10.00 GiB, buffers 264.0 MiB); 8.00 GiB is available (the weights " \
+           "alone do not fit: add devices, free host memory, or use a smaller quantization)" in refused.stderr
+    small = write_preset(tmp_path / "8b.gguf", "llama-8b")
+    fitted = run_cli("plan", str(small), "--assume", "CPU=8GiB", "--json")
+    assert fitted.returncode == 0, fitted.stderr
+    plan = json.loads(fitted.stdout)
+    assert 256 <= plan["ctx"] < 131072
+    assert not any(note.startswith("host: the plan needs") for note in plan["notes"])
+    beyond = run_cli("plan", str(small), "--assume", "CPU=8GiB", "--ctx", "128k")
+    assert beyond.returncode == 1
+    assert f"the largest context that fits is {plan['ctx']}: use --ctx {plan['ctx']} or --ctx max" in beyond.stderr
 
 
 @pytest.mark.llama

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from llamalaunch.errors import BadInputError, PlanError
-from llamalaunch.model.estimate import Estimate, Placement
+from llamalaunch.model.estimate import Estimate, MemoryUse, Placement
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.costs import CostModel
 from llamalaunch.plan.experts import fill_experts, forced_host_experts, host_within
@@ -78,6 +78,18 @@ class Planner:
         fitter = Fitter(self.costs(ctx_tokens, host_experts), self.request)
         return choose_placement(fitter, self.devices, n_gpu_layers) if self.devices else None
 
+    def fitting_choice(self, ctx_tokens: int, n_gpu_layers: int) -> Choice | None:
+        """choice_at, with the host's share (layers and experts left there, its KV and buffers) within its RAM."""
+        choice = self.choice_at(ctx_tokens, n_gpu_layers)
+        return choice if choice is not None and self.host_fits(ctx_tokens, choice) else None
+
+    def host_use(self, ctx_tokens: int, choice: Choice) -> MemoryUse:
+        return self.placed(ctx_tokens, choice)[1].host
+
+    def host_fits(self, ctx_tokens: int, choice: Choice) -> bool:
+        return self.host_free_bytes is None or \
+            host_within(self.request, self.host_free_bytes, self.host_use(ctx_tokens, choice).total_bytes)
+
     def expert_choice(self, ctx_tokens: int, refuse_host: bool = True) -> Choice | None:
         """Every block on the devices, as many routed experts as fit there, the rest in host memory
         (a host too small for them: PlanError, or None when not `refuse_host`)."""
@@ -93,7 +105,7 @@ class Planner:
         if not host_within(self.request, self.host_free_bytes, host.total_bytes):
             if not refuse_host:
                 return None
-            raise PlanError(*self.host_refusal(ctx_tokens, host.total_bytes))
+            raise PlanError(*self.host_refusal(ctx_tokens, host))
         return choice
 
     def placed(self, ctx_tokens: int, choice: Choice) -> tuple[Placement, Estimate]:
@@ -103,19 +115,27 @@ class Planner:
         placement = replace(placement, host_expert_parts=choice.host_expert_parts)
         return placement, costs.estimate(placement)
 
-    def host_refusal(self, ctx_tokens: int, host_bytes: int) -> tuple[str, str]:
+    def host_refusal(self, ctx_tokens: int, host: MemoryUse) -> tuple[str, str]:
+        """What the host would hold and what it has; the fix: the context only helps when the rest fits."""
         free = self.host_free_bytes or 0
-        return (f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} needs "
-                f"{format_bytes(host_bytes)} of host memory for the experts that do not fit on the devices "
-                f"and the host's buffers; {format_bytes(free)} is available",
-                # --ctx max tried every context already
-                "free host memory or add devices" if self.request.ctx_tokens is None
-                else "free host memory, add devices, or lower --ctx")
+        usable = free - self.request.margin_for(free)
+        need = (f"{self.profile.name or self.profile.arch} at ctx {ctx_tokens} needs {format_bytes(host.total_bytes)}"
+                f" of host memory for what does not fit on the devices (weights {format_bytes(host.weights_bytes)}, "
+                f"KV cache {format_bytes(host.kv_bytes)}, buffers {format_bytes(host.compute_bytes)}); "
+                f"{format_bytes(free)} is available")
+        if host.weights_bytes + host.compute_bytes > usable:
+            return need, "the weights alone do not fit: add devices, free host memory, or use a smaller quantization"
+        # --ctx max tried every context already
+        return need, "free host memory or add devices" if self.request.ctx_tokens is None \
+            else "free host memory, add devices, or lower --ctx"
 
     def largest_ctx(self, n_gpu_layers: int, low: int, high: int,
                     host_experts: frozenset[int] | None = None) -> tuple[int, Choice] | None:
-        """Largest ctx in [low, high] (multiples of 256) that fits; feasibility falls as ctx grows."""
-        return largest_fitting(low, high, lambda ctx: self.choice_at(ctx, n_gpu_layers, host_experts))
+        """Largest ctx in [low, high] (multiples of 256) that fits; feasibility falls as ctx grows. Given
+        `host_experts` (experts to be filled onto the devices after), the host is not checked here."""
+        if host_experts is not None:
+            return largest_fitting(low, high, lambda ctx: self.choice_at(ctx, n_gpu_layers, host_experts))
+        return largest_fitting(low, high, lambda ctx: self.fitting_choice(ctx, n_gpu_layers))
 
     def largest_expert_ctx(self, low: int, high: int) -> tuple[int, Choice] | None:
         """--ctx max with experts spilled: the largest ctx whose experts left on the host fit its memory
@@ -128,7 +148,7 @@ class Planner:
         best: Choice | None = None
         while low < high:
             middle = (low + high + 1) // 2
-            choice = self.choice_at(ctx_tokens, middle)
+            choice = self.fitting_choice(ctx_tokens, middle)
             if choice is None:
                 high = middle - 1
             else:
@@ -161,7 +181,7 @@ class Planner:
             # Spilling for --ctx max: a useful context (llama.cpp's --fit floor) rather than 256 tokens.
             return self.spill_or_fail(round_ctx(max(floor, min(SPILL_CTX_FLOOR, self.ctx_ceiling()))))
         ctx = round_ctx(self.request.ctx_tokens)
-        choice = self.choice_at(ctx, full)
+        choice = self.fitting_choice(ctx, full)
         if choice is None and self.spills_experts:
             choice = self.expert_choice(ctx)
         if choice is not None:
@@ -177,9 +197,21 @@ class Planner:
         return self.spill_or_fail(ctx)
 
     def host_only(self) -> tuple[int, Choice]:
-        """No GPU and no worker: llama-server runs every layer on the CPU, as it would by itself."""
-        wanted = self.request.ctx_tokens or self.ctx_ceiling()
-        return round_ctx(wanted), Choice((), (), 0, {})
+        """No GPU and no worker: llama-server runs every layer on the CPU, as it would by itself; the context
+        within the host's RAM (--ctx max: the largest; --ctx N: that, or smaller when it is a target)."""
+        everything = Choice((), (), 0, {})
+        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        wanted = round_ctx(self.request.ctx_tokens or self.ctx_ceiling())
+        if self.host_fits(wanted, everything):
+            return wanted, everything
+        found = largest_fitting(floor, max(floor, wanted - CTX_STEP),
+                                lambda ctx: everything if self.host_fits(ctx, everything) else None)
+        if found is not None and (self.request.ctx_tokens is None or self.request.ctx_is_target):
+            return found
+        refused = wanted if self.request.ctx_tokens is not None else round_ctx(floor)
+        need, fix = self.host_refusal(refused, self.host_use(refused, everything))
+        raise PlanError(need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
+                        if found is not None else fix)
 
     def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
         if self.request.cpu_spill:
@@ -193,13 +225,19 @@ class Planner:
             return "no device to place layers on", "give --rpc workers or --assume devices, or leave out -dev " \
                 "to run on the CPU"
         floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        layers = min(self.request.n_gpu_layers or self.profile.n_slots, self.profile.n_slots)
+        on_devices = self.choice_at(ctx_tokens, layers)
+        if on_devices is not None:  # the devices hold their share: the host's RAM is what is short
+            need, fix = self.host_refusal(ctx_tokens, self.host_use(ctx_tokens, on_devices))
+            found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
+            return need, (f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
+                          if found is not None else fix)
         # --ctx max found no context at all: the 4096 tried for CPU spill is not what the user asked for
         where = f"at any context down to --ctx-min {floor} (--ctx max)" if self.request.ctx_tokens is None \
             else f"at ctx {ctx_tokens}"
         costs = CostModel(self.profile, self.request, ctx_tokens, self.overhead)
         need = f"{self.profile.name or self.profile.arch} {where} does not fit on " + \
             "; ".join(self.memory_account(device, costs) for device in self.devices)
-        layers = min(self.request.n_gpu_layers or self.profile.n_slots, self.profile.n_slots)
         found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
         if found is not None:
             return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
