@@ -170,7 +170,10 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
 # threads: one per core this process may run on (llama.cpp's default counts physical cores).
 CORES = str(len(os.sched_getaffinity(0)))
 VARIANTS = {"pinned": ["-lm", "none"], "repacked": ["-lm", "mmap", "--no-host"], "threads": ["-t", CORES, "-tb", CORES]}
-PARTS = ("ours", *VARIANTS, "whole", "fit", "search", "max")  # whole: ours with no block split device/host
+# whole: ours with no block split device/host; ubatch: ours planned with -ub 2048 (a prompt streams the host's
+# experts to the GPU once per ubatch: 4x fewer times, for a larger compute buffer and fewer experts on the GPU)
+PARTS = ("ours", *VARIANTS, "whole", "ubatch", "fit", "search", "max")
+LARGE_UBATCH = "2048"
 
 
 def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
@@ -221,6 +224,15 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
                 record["ours_whole"] = measure(server, whole["argv"], logs / "ours-whole.log", None)
                 print("ours whole", json.dumps(record["ours_whole"]), flush=True)
                 saved(record)
+        if "ubatch" in parts:
+            large, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
+                                                "-ub", LARGE_UBATCH])
+            record["plan_ubatch"] = {k: large.get(k) for k in ("ctx", "host_expert_layers", "host_expert_parts",
+                                                               "error")}
+            if "argv" in large:
+                record["ours_ubatch"] = measure(server, large["argv"], logs / "ours-ubatch.log", fill_ctx)
+                print("ours ubatch", json.dumps(record["ours_ubatch"]), flush=True)
+                saved(record)
         if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
             record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", fill_ctx)
             print("fit", json.dumps(record["fit"]), flush=True)
@@ -268,7 +280,7 @@ def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in (*VARIANTS, "whole")),
+        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in (*VARIANTS, "whole", "ubatch")),
                       ("--fit", r.get("fit"))]
         best = (r.get("n_cpu_moe") or {})
         if best.get("measured"):
