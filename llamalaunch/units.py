@@ -10,7 +10,7 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": 1024, "kb": 1000, "kib": 1024,
     "m": MIB, "mb": 1000**2, "mib": MIB,
     "g": GIB, "gb": 1000**3, "gib": GIB,
@@ -24,9 +24,15 @@ MAX_TOKENS = 1 << 30
 
 
 def parse_size(text: str, what: str = "size") -> int:
-    """Bytes from '6GiB', '6144MiB', '6G' (binary), '6GB' (decimal) or a plain byte count."""
+    """Bytes from '6GiB', '6144MiB', '6G' (binary), '6GB' (decimal) or '512B'.
+
+    A bare number is refused: `--assume CUDA0=24` meant 24 GiB far more often than 24 bytes.
+    """
     match = _NUMBER.match(text)
     unit = match.group(2).lower() if match else ""
+    if match and not unit:
+        number = match.group(1)
+        raise BadInputError(f"{what} {text.strip()!r} has no unit", f"write {number}GiB or {number}MiB")
     if not match or unit not in _SIZE_UNITS:
         raise BadInputError(f"{what} {text!r} is not a size", "write it like 6GiB, 6144MiB, 1.5G or 512M")
     value = int(float(match.group(1)) * _SIZE_UNITS[unit])

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from llamalaunch.errors import BadInputError
-from llamalaunch.probe.assume import canonical_device_name
+from llamalaunch.probe.assume import canonical_device_name, unknown_device
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.probe.speed_figures import DeviceSpeed, Link, SpeedFigures
 from llamalaunch.units import parse_tokens
@@ -16,11 +16,15 @@ from llamalaunch.units import parse_tokens
 _NUMBER = r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
 _RATE = re.compile(_NUMBER + r"\s*([kmgt]?)(i?)(bit|bps|b)(?:/s)?$", re.IGNORECASE)
 _LATENCY = re.compile(_NUMBER + r"\s*(s|ms|us|µs)$", re.IGNORECASE)
-_FLOPS = re.compile(_NUMBER + r"\s*([kmgtp]?)(flops)?$", re.IGNORECASE)
+# The unit is required, as a rate's is: "500" alone would be 500 FLOP/s, an estimate of 0.0 tok/s.
+_FLOPS = re.compile(_NUMBER + r"\s*([kmgtp]?)(?:flops|flop/s)$", re.IGNORECASE)
+# RATE/ROUNDTRIP, the rate perhaps spelled per second ("1Gbit/s/0.3ms"): a third part is a typo, not a rate.
+_LINK = re.compile(r"^([^/]+(?:/s)?)/([^/]+)$", re.IGNORECASE)
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
 _LATENCY_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
 LINK_HINT = "write it like --link RPC0=1Gbit/0.3ms: a rate in bit or B per second, a round trip in s, ms or us"
 SPEED_HINT = "write it like --device-speed RPC0=20GB or RPC0=20GB:500GFLOPS, memory bandwidth per second"
+FLOPS_HINT = "give FLOP/s with a unit, like --device-speed RPC0=20GB:500GFLOPS or RPC0=20GB:2TFLOPS"
 
 
 def _items(values: Sequence[str]) -> list[str]:
@@ -39,21 +43,35 @@ def parse_rate(text: str) -> float | None:
     return value / 8 if bits else value
 
 
+def parse_flops(text: str) -> float | None:
+    """FLOP/s from '500GFLOPS', '2TFLOP/s'; None when it is not a FLOP/s figure (a bare number is not)."""
+    match = _FLOPS.match(text.strip())
+    return None if match is None else float(match.group(1)) * _SCALE[match.group(2).lower()]
+
+
+def _positive(value: float | None, what: str, text: str, noun: str, hint: str) -> float:
+    """`value` parsed from `text`; a BadInputError naming `what` when it is not a `noun`, or not above zero."""
+    if value is None:
+        raise BadInputError(f"{what}: {text!r} is not a {noun}", hint)
+    if value <= 0:
+        raise BadInputError(f"{what}: the {noun} {text!r} must be positive", hint)
+    return value
+
+
 def parse_links(values: Sequence[str]) -> dict[str, Link]:
     """{'RPC0': Link} from ['RPC0=1Gbit/0.3ms']."""
     links: dict[str, Link] = {}
     for item in _items(values):
         name_text, sep, rest = item.partition("=")
-        rate_text, slash, latency_text = rest.rpartition("/")
-        if not sep or not slash:
+        form = _LINK.match(rest.strip())
+        if not sep or form is None:
             raise BadInputError(f"--link value {item!r} is not NAME=RATE/ROUNDTRIP", LINK_HINT)
+        rate_text, latency_text = form.groups()
         name, backend = canonical_device_name(name_text, "--link")
         if backend != "RPC":
             raise BadInputError(f"--link {name}: only RPC devices have a network link", "name an RPC device")
-        rate = parse_rate(rate_text)
+        rate = _positive(parse_rate(rate_text), f"--link {name}", rate_text, "rate", LINK_HINT)
         latency = _LATENCY.match(latency_text.strip())
-        if rate is None or rate <= 0:
-            raise BadInputError(f"--link {name}: {rate_text!r} is not a rate", LINK_HINT)
         if latency is None:
             raise BadInputError(f"--link {name}: {latency_text!r} is not a round-trip time", LINK_HINT)
         if name in links:
@@ -72,15 +90,11 @@ def parse_device_speeds(values: Sequence[str]) -> dict[str, DeviceSpeed]:
         if not sep or not bandwidth_text.strip():
             raise BadInputError(f"--device-speed value {item!r} is not NAME=BANDWIDTH[:FLOPS]", SPEED_HINT)
         name, backend = canonical_device_name(name_text, "--device-speed")
-        bandwidth = parse_rate(bandwidth_text)
-        if bandwidth is None or bandwidth <= 0:
-            raise BadInputError(f"--device-speed {name}: {bandwidth_text!r} is not a bandwidth", SPEED_HINT)
+        what = f"--device-speed {name}"
+        bandwidth = _positive(parse_rate(bandwidth_text), what, bandwidth_text, "bandwidth", SPEED_HINT)
         flops = bandwidth * 25  # a GPU's or a CPU's usual balance: compute-bound only for large batches
         if flops_text.strip():
-            match = _FLOPS.match(flops_text.strip())
-            if match is None or float(match.group(1)) <= 0:
-                raise BadInputError(f"--device-speed {name}: {flops_text!r} is not a FLOP/s figure", SPEED_HINT)
-            flops = float(match.group(1)) * _SCALE[match.group(2).lower()]
+            flops = _positive(parse_flops(flops_text), what, flops_text, "FLOP/s figure", FLOPS_HINT)
         if name in speeds:
             raise BadInputError(f"--device-speed gives {name} twice", "give each device once")
         kind = "CPU" if backend in ("CPU", "RPC") else "CUDA"
@@ -115,10 +129,10 @@ class SpeedArgs:
         from llamalaunch.probe.speed import host_speed, speed_figures
 
         names = {d.name for d in devices}
-        for name in [*self.links, *self.device_speeds]:
-            if name != "CPU" and name not in names:
-                raise BadInputError(f"speed figure for unknown device {name!r}",
-                                    f"devices here: {', '.join(sorted(names)) or 'none'}")
+        for option, given in (("--link", self.links), ("--device-speed", self.device_speeds)):
+            for name in given:
+                if name != "CPU" and name not in names:
+                    raise unknown_device(option, name, sorted(names))
         figures = speed_figures(devices, host_speed(host), self.device_speeds, self.links, self.fill_tokens,
                                 host.total_bytes if host is not None else None)
         return calibrated(figures, devices, load_speed_factors())

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from llamalaunch.errors import BadInputError
@@ -41,6 +41,13 @@ def canonical_device_name(text: str, what: str) -> tuple[str, str]:
         raise BadInputError(f"{what}: {text!r} is not a llama.cpp device name", _NAME_HINT)
     spelling, backend = prefix
     return f"{spelling}{int(match.group(2))}", backend
+
+
+def unknown_device(option: str, name: str, names: Iterable[str]) -> BadInputError:
+    """`option` names a device that is not among `names` (the probed or assumed ones): how to add it."""
+    add = f"--rpc HOST:PORT or --assume {name}=SIZE" if name.startswith("RPC") else f"--assume {name}=SIZE"
+    return BadInputError(f"{option} {name}: no such device here (devices here: {', '.join(names) or 'none'})",
+                         f"add it with {add}, or drop {option} {name}")
 
 
 def _split_values(values: Sequence[str]) -> list[str]:
