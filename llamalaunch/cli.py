@@ -16,7 +16,16 @@ from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_name
 
 from llamalaunch import cli_ops, cli_status, cli_values
-from llamalaunch.cli_common import chosen_model, err, given_program, opt, out, print_json, reports_errors
+from llamalaunch.cli_common import (
+    chosen_model,
+    err,
+    given_program,
+    opt,
+    out,
+    print_json,
+    refuse_what_if,
+    reports_errors,
+)
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.observe.console import escape, real_console, surely_not_a_terminal
 from llamalaunch.options import check_params
@@ -196,7 +205,8 @@ def calibrate_devices(devices: Sequence[Any]) -> None:
 
     real = [d for d in devices if calibratable(d)]
     if not real:
-        err.print("note: nothing to calibrate: what-if devices, busy workers and the CPU are not", highlight=False)
+        err.print("note: nothing to calibrate: only probed GPUs and idle RPC workers are measured, not what-if "
+                  "devices, busy workers or the CPU", highlight=False, soft_wrap=True)
         return
     for line in calibrate_new(real, find_toolchain(None).server.path, cache_dir(), force=True):
         err.print(line if "calibrated:" in line else f"[yellow]note:[/yellow] {line}", highlight=False)
@@ -287,6 +297,7 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
     # Checked before anything starts or is written: a bad value here is a typo, not a failed run.
     host = parse_listen_host(host)
     check_params("serve", ctx_.params)
+    refuse_what_if(ctx_)
     if api_key_file is not None:
         read_api_key(api_key_file)  # a file llama-server would read no key from is refused now
     inputs = plan_inputs(ctx_, need_toolchain=True, ctx_is_target=True)

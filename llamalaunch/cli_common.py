@@ -65,6 +65,31 @@ def given_program(ctx: Any, name: str = "llama_server") -> tuple[str | None, str
     return (None, value) if from_profile else (value, None)
 
 
+def given_by(ctx: Any, name: str) -> str:
+    """How an error names where option `name`'s value came from: `--assume`, `LLAMALAUNCH_ASSUME` or `the
+    config file's assume` (the environment and the profile both reach the command as its default map)."""
+    option = OPTIONS_BY_NAME[name]
+    source = ctx.get_parameter_source(name)
+    if source is None or source.name != "DEFAULT_MAP":
+        return option.label
+    return option.env_var if option.env_var in os.environ else f"the config file's {name}"
+
+
+WHAT_IF_OPTIONS = ("assume", "inventory")
+
+
+def refuse_what_if(ctx: Any) -> None:
+    """serve, and the systemd unit that runs it, load on the devices probed here: what-if devices would plan
+    for memory that is not there (-ngl 31 on a CPU build), wherever they come from."""
+    for name in WHAT_IF_OPTIONS:
+        if ctx.params.get(name):
+            raise what_if_refused(given_by(ctx, name))
+
+
+def what_if_refused(given: str) -> BadInputError:
+    return BadInputError(f"{given} gives what-if devices, for plans only", "drop it to serve on the devices probed here")
+
+
 def chosen_model(ctx: Any) -> tuple[str | None, bool]:
     """(model, demo) for plan, serve and the systemd unit: a model path or --demo, exactly one.
 

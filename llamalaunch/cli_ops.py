@@ -16,7 +16,18 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from llamalaunch.cli_common import chosen_model, err, opt, out, print_error, print_json, reports_errors
+from llamalaunch.cli_common import (
+    WHAT_IF_OPTIONS,
+    chosen_model,
+    err,
+    opt,
+    out,
+    print_error,
+    print_json,
+    refuse_what_if,
+    reports_errors,
+    what_if_refused,
+)
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.options import COMMANDS, check_params
 
@@ -271,6 +282,8 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
             if choose_model:
                 chosen_model(sub)
             _check_values(command, sub)
+            if command == "serve":
+                _refuse_profile_what_if(ctx.params.get("config"))
             return dict(sub.params)
     except typer.Exit:
         return {}
@@ -280,6 +293,18 @@ def _check_options(ctx: typer.Context, command: str, args: list[str], choose_mod
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         raise BadInputError(f"{command} options for the unit: {message}",
                             f"check them with `llamalaunch {command} --help`") from None
+
+
+def _refuse_profile_what_if(config: Path | None) -> None:
+    """The unit's own profile (systemd --config) reaches serve only at boot: its what-if devices, now."""
+    if config is None:
+        return
+    from llamalaunch.config import load_profile
+
+    profile = load_profile(config.expanduser().resolve())
+    for key in WHAT_IF_OPTIONS:
+        if key in profile.settings:
+            raise what_if_refused(f"{profile.path}: {key}")
 
 
 def _check_values(command: str, sub: Any) -> None:
@@ -296,6 +321,7 @@ def _check_values(command: str, sub: Any) -> None:
         check_extra_args(sub.args, bool(sub.params.get("force")))
         parse_listen_host(sub.params["host"])
         state_path(sub.params["name"])  # the run name must make a file name
+        refuse_what_if(sub)
     else:
         from llamalaunch.launch.worker import check_host
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llamalaunch.errors import LaunchError
 from llamalaunch.observe.console import cli_console, escape
+
+if TYPE_CHECKING:
+    from llamalaunch.observe.snapshot import StatusSnapshot
 
 EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
 
@@ -42,6 +45,8 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
         api_key = read_api_key(api_key_file) if api_key_file is not None else None
         collector = StatusCollector(resolve_target(name, url), api_key=api_key)
         snapshot = collector.collect()  # a wrong target is one error line, before any live view starts
+        if not as_json:  # JSON says running: false for scripts; people get the reason, not an empty frame
+            refuse_nothing_there(snapshot)
         if as_json:
             sys.stdout.write(json.dumps(snapshot_to_dict(snapshot), indent=2) + "\n")
         elif once or not out.is_terminal:  # a pipe or a file gets one frame, not a live view's escapes
@@ -56,6 +61,17 @@ def status(name: Annotated[str | None, typer.Option("--name", help="Which serve 
         raise typer.Exit(error.exit_code) from None
     if not snapshot.running:
         raise typer.Exit(EXIT_GONE)
+
+
+class NothingAnswersError(LaunchError):
+    exit_code = EXIT_GONE
+
+
+def refuse_nothing_there(snapshot: StatusSnapshot) -> None:
+    """A bare --url where nothing answers has no run state to show: one line, not a frame of dashes."""
+    if snapshot.source == "url" and not snapshot.running:
+        raise NothingAnswersError(f"nothing answers at {snapshot.url}", "is the server running? `llamalaunch status "
+                                  "--name NAME` for a local run")
 
 
 def register(app: typer.Typer) -> None:

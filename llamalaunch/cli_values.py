@@ -5,7 +5,8 @@ processed, default or not: importing pydantic and building the adapters of one c
 than everything else `plan --json` does. Most values need no conversion at all (a default, a string for a
 `str` option) or a trivial one ("4096" for an `int` option): those are taken here, with the same result
 pydantic gives. Anything else (a malformed number, a value from a profile of another type) goes to typer's
-own conversion unchanged, so its results and error messages stay typer's.
+own conversion unchanged, so its results and error messages stay typer's, but for text that is no number at
+all: "'x' is not a whole number" says what to write where pydantic says how it failed to parse.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ def plain_value(annotation: Any, value: Any) -> Any:
     return _NOT_PLAIN
 
 
+def not_a_number(annotation: Any, value: Any) -> str | None:
+    """What a text `value` for a number option is not ("a whole number"), when it is no number at all:
+    pydantic's own words ("Input should be a valid integer, unable to parse string...") name no fix."""
+    convert, noun = _NUMBER_NOUNS.get(annotation, (None, None))
+    if convert is None or type(value) is not str:
+        return None
+    try:
+        convert(value)
+    except ValueError:
+        return noun
+    return None  # a number out of an option's bounds, say: typer's message says which
+
+
+_NUMBER_NOUNS: dict[Any, tuple[Any, str]] = {int: (int, "a whole number"), float: (float, "a number")}
+
+
 def install(command: Any, ctx: Any) -> None:
     """Give every typer option of `command` and its subcommands (their --help too: `ctx` names it) the
     conversion above, typer's own for the rest. Nothing happens with a typer that converts otherwise."""
@@ -64,6 +81,7 @@ def install(command: Any, ctx: Any) -> None:
 @functools.cache
 def _plain_first_class() -> Any:
     try:
+        from typer._click.exceptions import BadParameter
         from typer._coercion import RuntimeParam, build_runtime_param
         from typer._param_types import coerce_cli_path
         from typer.core import _TyperParameter  # noqa: F401  # install() needs it too
@@ -85,6 +103,12 @@ def _plain_first_class() -> Any:
                     and descriptor.is_path and not descriptor.is_file and info.parser is None):
                 # typer's own path checks (exists, dir_okay...), on the Path pydantic would have made
                 return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
-            return build_runtime_param(descriptor)._coerce_value(value, param=param, ctx=ctx)
+            try:
+                return build_runtime_param(descriptor)._coerce_value(value, param=param, ctx=ctx)
+            except BadParameter:
+                noun = not_a_number(self.annotation, value)
+                if noun is None:
+                    raise
+                raise BadParameter(f"{value!r} is not {noun}", ctx=ctx, param=param) from None
 
     return PlainFirst

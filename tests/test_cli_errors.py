@@ -87,7 +87,7 @@ def assert_nothing_written(home: Path) -> None:
 
 
 PLAN = ("plan", "MODEL", "--assume", "CUDA0=8GiB", "--llama-server", "LLAMA_SERVER")
-SERVE = ("serve", "MODEL", "--assume", "CUDA0=8GiB", "--llama-server", "LLAMA_SERVER", "--no-tui", "--ctx", "2k")
+SERVE = ("serve", "MODEL", "--llama-server", "LLAMA_SERVER", "--no-tui", "--ctx", "2k")  # what-if devices: plans only
 
 BAD_INPUT = {
     # the model file
@@ -118,6 +118,10 @@ BAD_INPUT = {
     "reserve unknown device": ((*PLAN, "--reserve", "CUDA9=1GiB"), ["CUDA9", "CUDA0"]),
     "margin 5XB": ((*PLAN, "--margin", "5XB"), ["--margin"]),
     "overhead not name=size": ((*PLAN, "--overhead", "zz"), ["--overhead", "NAME=SIZE"]),
+    "size without a unit": ((*PLAN, "--budget", "CUDA0=6"), ["--budget CUDA0 '6' has no unit", "6GiB"]),
+    "margin without a unit": ((*PLAN, "--margin", "64"), ["--margin '64' has no unit", "64MiB"]),
+    "overhead without a unit": ((*PLAN, "--overhead", "CUDA=600"), ["--overhead CUDA '600' has no unit"]),
+    "assume without a unit": (("plan", "MODEL", "--assume", "CUDA0=24"), ["'24' has no unit", "24GiB"]),
     "assume lots": (("plan", "MODEL", "--assume", "CUDA0=lots"), ["'lots'"]),
     "assume free above total": (("plan", "MODEL", "--assume", "CUDA0=4GiB/2GiB"), ["larger than total"]),
     "assume twice": (("plan", "MODEL", "--assume", "CUDA0=4GiB", "--assume", "CUDA0=2GiB"), ["twice"]),
@@ -125,6 +129,12 @@ BAD_INPUT = {
     "inventory bad line": (("plan", "MODEL", "--inventory", "BAD_INVENTORY"), ["box.txt, line 3: 'garbage line'"]),
     "inventory device twice": (("plan", "MODEL", "--inventory", "TWICE_INVENTORY"),
                                ["twice.txt, line 3: CUDA0 again (first on line 1)"]),
+    "link for no device": ((*PLAN, "--link", "RPC0=1Gbit/0.3ms"), ["--link RPC0", "--rpc HOST:PORT"]),
+    "link of three parts": ((*PLAN, "--link", "RPC0=1Gbit/0.3ms/2"), ["NAME=RATE/ROUNDTRIP"]),
+    "link rate 0": ((*PLAN, "--link", "RPC0=0Gbit/0.3ms"), ["'0Gbit' must be positive"]),
+    "flops without a unit": ((*PLAN, "--device-speed", "CUDA0=20GB:500"), ["'500' is not a FLOP/s figure",
+                                                                          "500GFLOPS"]),
+    "device speed for no device": ((*PLAN, "--device-speed", "CUDA1=20GB"), ["--device-speed CUDA1", "--assume"]),
     "dev duplicate": ((*PLAN, "-dev", "CUDA0,CUDA0"), ["twice"]),
     "dev empty": ((*PLAN, "-dev", ","), ["names no device"]),
     "dev unknown": ((*PLAN, "-dev", "CUDA9"), ["CUDA9"]),
@@ -162,6 +172,10 @@ BAD_INPUT = {
     "serve planned flag after --": ((*SERVE, "--", "-ngl", "5"), ["-ngl", "--force"]),
     "serve own expert placement after --": ((*SERVE, "--", "--n-cpu-moe", "5"), ["--n-cpu-moe", "--force"]),
     "serve cpu-experts negative": ((*SERVE, "--cpu-experts", "-1"), ["--cpu-experts"]),
+    "cpu-experts not a number": ((*PLAN, "--cpu-experts", "x"), ["--cpu-experts", "'x' is not a whole number"]),
+    "serve backoff not a number": ((*SERVE, "--backoff", "x"), ["--backoff", "'x' is not a number"]),
+    "serve what-if devices": ((*SERVE, "--assume", "CUDA0=8GiB"), ["--assume", "for plans only", "drop it"]),
+    "serve what-if inventory": ((*SERVE, "--inventory", "BAD_INVENTORY"), ["--inventory", "for plans only"]),
     "cpu-experts of a dense model": ((*PLAN, "--cpu-experts", "5"), ["--cpu-experts 5", "no routed experts",
                                                                       "drop --cpu-experts"]),
     # after --, a word is llama-server's even with --demo: never taken for the MODEL argument
@@ -182,10 +196,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(invoke: Invoke, home: P
 @pytest.mark.parametrize("command", ["plan", "serve"])
 def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dict[str, Path], command: str) -> None:
     """No model is an error for both (no demo served by surprise); a model and --demo together is too."""
-    neither = invoke(command, "--assume", "CUDA0=8GiB", "--no-tui" if command == "serve" else "--json")
+    neither = invoke(command, *(("--no-tui",) if command == "serve" else ("--assume", "CUDA0=8GiB", "--json")))
     assert (neither.code, neither.stdout) == (2, "")
     assert neither.stderr == "error: no model given (pass MODEL.gguf, or --demo for the bundled SmolLM2-135M)\n"
-    both = invoke(command, "MODEL", "--demo", "--assume", "CUDA0=8GiB")
+    both = invoke(command, "MODEL", "--demo", *(() if command == "serve" else ("--assume", "CUDA0=8GiB")))
     assert (both.code, both.stdout) == (2, "")
     assert both.stderr == (f"error: both a model ({files['MODEL']}) and --demo given (drop one: MODEL.gguf, or "
                            "--demo for the bundled SmolLM2-135M)\n")
