@@ -174,8 +174,11 @@ BAD_INPUT = {
     "serve cpu-experts negative": ((*SERVE, "--cpu-experts", "-1"), ["--cpu-experts"]),
     "cpu-experts not a number": ((*PLAN, "--cpu-experts", "x"), ["--cpu-experts", "'x' is not a whole number"]),
     "serve backoff not a number": ((*SERVE, "--backoff", "x"), ["--backoff", "'x' is not a number"]),
-    "serve what-if devices": ((*SERVE, "--assume", "CUDA0=8GiB"), ["--assume", "for plans only", "drop it"]),
-    "serve what-if inventory": ((*SERVE, "--inventory", "BAD_INVENTORY"), ["--inventory", "for plans only"]),
+    # a missing binary: a serve that took the what-if devices would fail (exit 1), not start llama-server
+    "serve what-if devices": ((*SERVE, "--assume", "CUDA0=8GiB", "--llama-server", "MISSING"),
+                              ["--assume", "for plans only", "drop it"]),
+    "serve what-if inventory": ((*SERVE, "--inventory", "BAD_INVENTORY", "--llama-server", "MISSING"),
+                                ["--inventory", "for plans only"]),
     "cpu-experts of a dense model": ((*PLAN, "--cpu-experts", "5"), ["--cpu-experts 5", "no routed experts",
                                                                       "drop --cpu-experts"]),
     # after --, a word is llama-server's even with --demo: never taken for the MODEL argument
