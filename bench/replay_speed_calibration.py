@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.bench_speed_gpu import table
-from llamalaunch.plan.speed import DeviceTime, SpeedEstimate
-from llamalaunch.plan.speed_calibration import HOST_KEY, SpeedFactor, SpeedRun, fit, run_sample
+from llamalaunch.api import HOST_KEY, DeviceTime, SpeedEstimate, SpeedFactor, SpeedRun, fit, run_sample
 
 
 def device_time(part: Mapping) -> DeviceTime:

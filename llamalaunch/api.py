@@ -10,7 +10,8 @@
 Stage by stage: probe devices (`probe_devices`), read a model's GGUF header (`load_profile`), estimate
 its memory on a placement (`estimate`), plan (`make_plan`, or `PlanInputs` for probe → model → plan
 in one step), estimate speed (`estimate_plan`; `RunSpeedCalibration` folds llama-server's timings of
-served requests, `ServedTokens`, into the speed calibration as serve does), and measure what a real
+served requests, `ServedTokens`, into the speed calibration as serve does; `fit` and `run_sample` refit
+recorded runs, as bench/replay_speed_calibration.py does), and measure what a real
 llama-server load allocates (`measure_load`) to compare with the estimate (`compare`). Sizes are int bytes. Errors a user can
 fix are `LaunchError`s with a hint. Everything else in the package is internal and may change.
 """
@@ -32,8 +33,18 @@ from llamalaunch.plan.parse import build_request
 from llamalaunch.plan.pipeline import PlanInputs
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
+from llamalaunch.plan.speed import DeviceTime, SpeedEstimate
 from llamalaunch.plan.speed_args import SpeedArgs
-from llamalaunch.plan.speed_calibration import calibrated, load_speed_factors, record_speed
+from llamalaunch.plan.speed_calibration import (
+    HOST_KEY,
+    SpeedFactor,
+    SpeedRun,
+    calibrated,
+    fit,
+    load_speed_factors,
+    record_speed,
+    run_sample,
+)
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.probe.host import cpu_model, probe_host
@@ -46,12 +57,14 @@ from llamalaunch.units import GIB, MIB
 
 __all__ = [  # the stages they belong to: see the imports above
     "GIB",
+    "HOST_KEY",
     "MIB",
     "ArgvOptions",
     "BreakdownRow",
     "BufferSize",
     "ComponentRow",
     "Device",
+    "DeviceTime",
     "LaunchError",
     "ModelProfile",
     "Placement",
@@ -62,6 +75,9 @@ __all__ = [  # the stages they belong to: see the imports above
     "ServedTokens",
     "SlotRange",
     "SpeedArgs",
+    "SpeedEstimate",
+    "SpeedFactor",
+    "SpeedRun",
     "buffer_device",
     "build_request",
     "cache_dir",
@@ -72,6 +88,7 @@ __all__ = [  # the stages they belong to: see the imports above
     "demo_model_path",
     "estimate",
     "estimate_plan",
+    "fit",
     "host_speed",
     "load_profile",
     "load_speed_factors",
@@ -83,6 +100,7 @@ __all__ = [  # the stages they belong to: see the imports above
     "probe_host",
     "probe_worker",
     "record_speed",
+    "run_sample",
     "speed_figures",
     "within_tolerance",
 ]

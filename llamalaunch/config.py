@@ -59,6 +59,7 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
     """How a value is checked beyond its kind and bounds: each raises BadInputError for a bad value.
     Built when a profile or a LLAMALAUNCH_* option is first read: the parsers are not imported for nothing."""
     from llamalaunch.model.kv import CACHE_TYPES
+    from llamalaunch.plan.overheads import parse_overheads
     from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
     from llamalaunch.plan.request import FLASH_ATTN, HOST_WEIGHTS
     from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
@@ -84,7 +85,7 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
         "link": lambda values: parse_links(values),
         "device_speed": lambda values: parse_device_speeds(values),
         "fill": parse_fill,
-        "overhead": lambda values: parse_device_sizes(values, "overhead"),
+        "overhead": parse_overheads,  # a backend (CUDA) or a device (CUDA1), as the command line takes them
         "worker.gpus": _check_gpus,
     }
 

@@ -170,3 +170,48 @@ def test_calibrating_what_if_devices_says_why_there_is_nothing_to_do() -> None:
     assert done.returncode == 0
     assert done.stderr.splitlines()[0] == ("note: nothing to calibrate: only probed GPUs and idle RPC workers are "
                                            "measured, not what-if devices, busy workers or the CPU")
+
+
+# --- 4, 5. a size for a device that is not here names its option ------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--reserve", "CUDA1=1GiB"], "--reserve CUDA1: no such device here (devices here: CUDA0) (add it with --assume "
+                                  "CUDA1=SIZE, or drop --reserve CUDA1)"),
+    (["--budget", "CUDA1=1GiB"], "--budget CUDA1: no such device here (devices here: CUDA0) (add it with --assume "
+                                 "CUDA1=SIZE, or drop --budget CUDA1)"),
+    (["--overhead", "CUDA7=1GiB"], "--overhead CUDA7: no such device here (devices here: CUDA0) (add it with "
+                                   "--assume CUDA7=SIZE, or drop --overhead CUDA7)"),
+    (["--overhead", "ROCm=1GiB"], "--overhead ROCm: no ROCm device here (devices here: CUDA0) (drop --overhead ROCm)"),
+    (["--overhead", "FOO=1GiB"], "--overhead: 'FOO' is not a llama.cpp device name (use llama.cpp's names: CUDA0, "
+                                 "ROCm0, Vulkan0, SYCL0, MTL0, CANN0, RPC0, or CPU for host RAM)"),
+])
+def test_a_size_for_a_device_not_here_names_its_option(args: list[str], message: str) -> None:
+    assert_refused(run_cli("plan", "--demo", "--assume", "CUDA0=8GiB", *args), message)
+
+
+def test_an_overhead_names_a_backend_or_a_device_in_any_case(tmp_path: Path) -> None:
+    """`--overhead cuda=700MiB` went unused (the backend is CUDA); a profile's backend overhead was refused."""
+    for args in (["--overhead", "cuda=700MiB"], ["--overhead", "cuda0=700MiB"]):
+        done = run_cli("plan", "--demo", "--assume", "CUDA0=8GiB", *args, "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["devices"][0]["overhead_bytes"] == 700 * 2**20
+    path = tmp_path / "p.toml"
+    path.write_text('overhead = { CUDA = "700MiB" }\n', encoding="utf-8")
+    done = run_cli("--config", str(path), "plan", "--demo", "--assume", "CUDA0=8GiB", "--json")
+    assert done.returncode == 0, done.stderr
+
+
+# --- 8. status with no --name when none is running -----------------------------------------------------------
+
+
+def test_status_says_none_is_running_and_names_the_past_runs(home: Path) -> None:
+    from llamalaunch.launch.state import RunState, write_state
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in ("a", "b"):
+        write_state(RunState(name=name, launcher_pid=gone.pid, launcher_started_at=0.0, url="http://127.0.0.1:9",
+                             model_path="m.gguf", log_path="", phase="stopped"))
+    assert_refused(run_cli("status", "--once"), "no server is running here (past runs: a, b) (start one with "
+                   "`llamalaunch serve`, or see how one ended with --name NAME)", code=1)

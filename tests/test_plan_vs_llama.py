@@ -81,7 +81,7 @@ def check_plan_against_llama_server(spec: dict, tmp_path: Path, llama_bin_dir: P
                for i, budget in enumerate(budgets)]
     args = ["--rpc", ",".join(w.endpoint for w in workers), "--ctx", str(spec["ctx"]), "-np", str(spec["parallel"])]
     for index, budget in enumerate(budgets):
-        args += ["--budget", f"RPC{index}={budget}"]
+        args += ["--budget", f"RPC{index}={budget}B"]
     try:
         plan = plan_json(model, args, llama_bin_dir)
     except AssertionError as refusal:

@@ -343,7 +343,8 @@ LINK = "write it like --link RPC0=1Gbit/0.3ms: a rate in bit or B per second, a 
     (["--link", "RPC0=1Gbit"], f"error: --link value 'RPC0=1Gbit' is not NAME=RATE/ROUNDTRIP ({LINK})"),
     (["--link", "RPC0=1Gbit/fast"], f"error: --link RPC0: 'fast' is not a round-trip time ({LINK})"),
     (["--link", "CUDA0=1Gbit/1ms"], "error: --link CUDA0: only RPC devices have a network link (name an RPC device)"),
-    (["--link", "RPC7=1Gbit/1ms"], "error: speed figure for unknown device 'RPC7' (devices here: RPC0)"),
+    (["--link", "RPC7=1Gbit/1ms"], "error: --link RPC7: no such device here (devices here: RPC0) (add it with --rpc "
+                                   "HOST:PORT or --assume RPC7=SIZE, or drop --link RPC7)"),
     (["--device-speed", "RPC0=quick"], "error: --device-speed RPC0: 'quick' is not a bandwidth (write it like "
      "--device-speed RPC0=20GB or RPC0=20GB:500GFLOPS, memory bandwidth per second)"),
     (["--prefer", "fast"], "error: --prefer 'fast' is not allowed (use one of context, speed)"),

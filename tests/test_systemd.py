@@ -202,11 +202,11 @@ def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path:
     for name in ("m.gguf", "k", "i"):
         (folder / name).write_text("x\n")
     monkeypatch.chdir(folder)
-    result = invoke(app, ["systemd", "server", "--user", "m.gguf", "--api-key-file", "k", "--inventory=i",
+    result = invoke(app, ["systemd", "server", "--user", "m.gguf", "--api-key-file", "k", "--mmproj=i",
                           "--llama-server", "llama-server", "--", "--alias", "a.gguf"])
     assert result.exit_code == 0, result.output
     assert directives(result.stdout)["ExecStart"][0].endswith(
-        f"serve {folder}/m.gguf --api-key-file {folder}/k --inventory={folder}/i --llama-server llama-server "
+        f"serve {folder}/m.gguf --api-key-file {folder}/k --mmproj={folder}/i --llama-server llama-server "
         "-- --alias a.gguf")
     assert f"note: --api-key-file {folder}/k is under /tmp, which the unit cannot see (PrivateTmp=yes): move it " \
         "elsewhere\n" in result.stderr

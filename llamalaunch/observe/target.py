@@ -61,8 +61,11 @@ def _only_run() -> Path:
     live = [p for p in paths if _is_live(p)]
     if len(live) == 1:
         return live[0]
-    names = ", ".join(p.stem for p in (live or paths))
-    raise NoServerError(f"several servers have run here: {names}", "choose one with --name NAME")
+    if not live:
+        raise NoServerError(f"no server is running here (past runs: {', '.join(p.stem for p in paths)})",
+                            "start one with `llamalaunch serve`, or see how one ended with --name NAME")
+    raise NoServerError(f"several servers are running here: {', '.join(p.stem for p in live)}",
+                        "choose one with --name NAME")
 
 
 def _is_live(path: Path) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.paths import cache_dir, home_dir, read_json_dict, write_json_atomic
+from llamalaunch.probe.assume import canonical_overhead_name, unknown_device
 from llamalaunch.probe.device import Device
 from llamalaunch.units import MIB, parse_size
 
@@ -140,21 +141,36 @@ def overhead_note(sources: Mapping[str, OverheadSource]) -> str | None:
 
 
 def parse_overheads(values: Sequence[str]) -> dict[str, int]:
-    """--overhead CUDA=600MiB (a backend) or CUDA1=700MiB (one device)."""
+    """--overhead CUDA=600MiB (a backend) or CUDA1=700MiB (one device), in llama.cpp's spelling."""
     sizes: dict[str, int] = {}
     for value in values:
         for item in value.split(","):
-            name, sep, size = item.partition("=")
-            if not sep or not name.strip():
+            name_text, sep, size = item.partition("=")
+            if not sep or not name_text.strip():
                 raise BadInputError(f"--overhead {item!r} is not NAME=SIZE",
                                     "write it like --overhead CUDA=600MiB")
+            name = canonical_overhead_name(name_text)
             zero = size.strip() in ("0", "0B")
-            sizes[name.strip()] = 0 if zero else parse_size(size, f"--overhead {name.strip()}")
+            sizes[name] = 0 if zero else parse_size(size, f"--overhead {name}")
     return sizes
+
+
+def check_overhead_names(devices: Sequence[Device], given: Mapping[str, int]) -> None:
+    """Every --overhead names a device here or the backend of one: a typo would change nothing, silently."""
+    names = [d.name for d in devices if not d.is_host]
+    known = {"CPU", *names, *(d.backend for d in devices)}  # the host is always here
+    for name in given:
+        if name in known:
+            continue
+        if name[-1].isdigit():
+            raise unknown_device("--overhead", name, names)
+        raise BadInputError(f"--overhead {name}: no {name} device here (devices here: {', '.join(names) or 'none'})",
+                            f"drop --overhead {name}")
 
 
 def planned_overheads(devices: Sequence[Device], given: Mapping[str, int]) -> dict[str, int]:
     """What calibration measured for these devices, then the user's --overhead (`given`) on top."""
+    check_overhead_names(devices, given)
     calibrated = overheads_for(devices, load_overheads())
     by_backend = {key for key in given if not key[-1].isdigit()}
     calibrated = {name: size for name, size in calibrated.items()

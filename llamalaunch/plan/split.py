@@ -14,6 +14,7 @@ from llamalaunch.errors import BadInputError
 from llamalaunch.model.estimate import Placement, SlotRange
 from llamalaunch.plan.costs import CostModel
 from llamalaunch.plan.request import Request
+from llamalaunch.probe.assume import unknown_device
 from llamalaunch.probe.device import Device
 from llamalaunch.units import format_bytes
 
@@ -28,9 +29,8 @@ def select_devices(devices: Sequence[Device], request: Request) -> tuple[Device,
         if name not in by_name:
             known = ", ".join(by_name) or "none"
             raise BadInputError(f"unknown device {name!r}", f"devices here: {known}")
-    for name in {*request.budget_bytes, *request.reserve_bytes} - set(by_name):
-        raise BadInputError(f"budget or reservation for unknown device {name!r}",
-                            f"devices here: {', '.join(by_name) or 'none'}")
+    for name in sorted({*request.budget_bytes, *request.reserve_bytes} - set(by_name)):
+        raise unknown_device("--budget" if name in request.budget_bytes else "--reserve", name, by_name)
     return tuple(by_name[name] for name in wanted if name not in request.exclude)
 
 

@@ -24,6 +24,7 @@ _PREFIXES: dict[str, tuple[str, str]] = {
     "vulkan": ("Vulkan", "Vulkan"),
     "cann": ("CANN", "CANN"),
 }
+_BACKENDS = {**{prefix: backend for prefix, (_spelling, backend) in _PREFIXES.items()}, "cpu": "CPU"}
 _BACKEND_RANK = {"RPC": 0, "CUDA": 1, "ROCm": 1, "Metal": 2, "SYCL": 3, "Vulkan": 4, "CANN": 5}
 HOST_NAME = "CPU"
 _DEVICE_NAME = re.compile(r"^([A-Za-z]+)(\d+)$")
@@ -41,6 +42,12 @@ def canonical_device_name(text: str, what: str) -> tuple[str, str]:
         raise BadInputError(f"{what}: {text!r} is not a llama.cpp device name", _NAME_HINT)
     spelling, backend = prefix
     return f"{spelling}{int(match.group(2))}", backend
+
+
+def canonical_overhead_name(text: str) -> str:
+    """--overhead's key: a backend ('cuda' → 'CUDA', 'rocm' → 'ROCm') or a device ('cuda1' → 'CUDA1')."""
+    backend = _BACKENDS.get(text.strip().lower())
+    return backend if backend is not None else canonical_device_name(text, "--overhead")[0]
 
 
 def unknown_device(option: str, name: str, names: Iterable[str]) -> BadInputError:
