@@ -119,6 +119,20 @@ def test_a_plan_beyond_host_memory_is_refused_with_the_numbers(tmp_path: Path) -
     assert f"the largest context that fits is {plan['ctx']}: use --ctx {plan['ctx']} or --ctx max" in beyond.stderr
 
 
+def test_a_model_without_a_trained_context_needs_a_ctx(tmp_path: Path) -> None:
+    """context_length 0: --ctx max planned 256 tokens without a word; now it asks for --ctx."""
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "no-ctx.gguf", "llama-8b", n_ctx_train=0)
+    refused = run_cli("plan", str(model), "--assume", "CUDA0=24GiB")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error: synthetic llama 32x4096 does not say the context it was trained for "
+                                      "(llama.context_length is 0 or missing), so --ctx max has no ceiling "
+                                      "(give --ctx N)")
+    given = run_cli("plan", str(model), "--assume", "CUDA0=24GiB", "--ctx", "4k", "--json")
+    assert given.returncode == 0 and json.loads(given.stdout)["ctx"] == 4096
+
+
 @pytest.mark.llama
 def test_verify_names_the_devices_of_a_worker_that_exposes_two(demo_model: Path, llama_bin_dir: Path,
                                                              rpc_workers: Callable[..., RpcWorker]) -> None:

@@ -159,6 +159,10 @@ class Planner:
         return max(self.profile.n_ctx_train or CTX_STEP, self.request.ctx_min_tokens)
 
     def solve(self) -> tuple[int, Choice]:
+        if self.request.ctx_tokens is None and not self.profile.n_ctx_train:  # llama.cpp's -c 0 would be 0 too
+            raise BadInputError(f"{self.profile.name or self.profile.arch} does not say the context it was trained "
+                                f"for ({self.profile.arch}.context_length is 0 or missing), so --ctx max has no "
+                                "ceiling", "give --ctx N")
         if not self.devices and self.request.devices is None:
             return self.host_only()
         full = self.profile.n_slots
