@@ -32,8 +32,8 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def _check_choice(allowed: Sequence[str]) -> Callable[[Any], object]:
-    def check(value: Any) -> None:
-        if value not in allowed:
+    def check(value: Any) -> None:  # in any case, as the command line takes it (plan/parse.py's parse_choice)
+        if not isinstance(value, str) or value.strip().lower() not in {choice.lower() for choice in allowed}:
             raise BadInputError(f"{value!r} is not one of {', '.join(allowed)}")
     return check
 

@@ -177,6 +177,17 @@ def test_the_option_a_profile_and_the_environment_choose_the_mode(moe_path: Path
     assert json.loads(from_env.stdout)["host_weights"] == "repacked"
     table = run_cli("plan", str(moe_path), *SPILLS, "--host-weights", "mapped")
     assert "host weights mapped (no flag): read through the file mapping" in table.stdout
+    # any case, as a user may type it; the plan and the argv spell it as llama-server does
+    shouted = run_cli("plan", str(moe_path), *SPILLS, "--host-weights", "PINNED", "-ctk", "Q8_0", "-fa", "On",
+                      "--json")
+    assert shouted.returncode == 0, shouted.stderr
+    data = json.loads(shouted.stdout)
+    assert data["host_weights"] == "pinned" and ["-ctk", "q8_0"] == data["argv"][data["argv"].index("-ctk"):][:2]
+    shouting_profile = tmp_path / "loud.toml"
+    shouting_profile.write_text('host_weights = "Repacked"\n')
+    loud = run_cli("--config", str(shouting_profile), "plan", str(moe_path), *SPILLS, "--json")
+    assert loud.returncode == 0, loud.stderr
+    assert json.loads(loud.stdout)["host_weights"] == "repacked"
 
 
 def test_an_unknown_mode_is_one_line(moe_path: Path) -> None:

@@ -18,9 +18,11 @@ def parse_ctx(text: str) -> int | None:
 
 
 def parse_choice(value: str, allowed: Sequence[str], option: str) -> str:
-    if value not in allowed:
+    """One of `allowed`, in its spelling (llama-server takes q8_0, not Q8_0): PINNED is pinned."""
+    found = next((choice for choice in allowed if choice.lower() == value.strip().lower()), None)
+    if found is None:
         raise BadInputError(f"{option} {value!r} is not allowed", f"use one of {', '.join(allowed)}")
-    return value
+    return found
 
 
 def parse_listen_host(host: str) -> str:
