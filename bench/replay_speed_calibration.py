@@ -2,7 +2,9 @@
 run's own uncalibrated estimates (their parts) and llama-server's measured medians, no GPU.
 
 A calibrated estimate is the uncalibrated one with each device's scaled parts divided by its factors (the
-estimate is linear in 1/efficiency), so the replay is exact for the same placement; the run's pass 2 planned the
+estimate is linear in 1/efficiency), so the replay is exact for the same placement and devices of distinct
+calibration keys (it keys by device name: two workers of one kind, as in the CPU smoke run, share a factor in
+serve's fit but not here); the run's pass 2 planned the
 same argv for every configuration ("same argv"), which a change of factors could alter: the replay assumes it
 does not. Records of the store-version-3 estimate hold a GPU's streamed host weights inside prompt_fixed_s
 (the slot overheads are generation_fixed_s): they are split out as today's estimate reports them.
@@ -23,10 +25,11 @@ from llamalaunch.api import HOST_KEY, DeviceTime, SpeedEstimate, SpeedFactor, Sp
 
 def device_time(part: Mapping) -> DeviceTime:
     overhead = part["generation_fixed_s"]
-    streamed = part.get("prompt_streamed_s", part["prompt_fixed_s"] - overhead)
-    return DeviceTime(part["name"], part["generation_s"], part["prompt_s"], part["read_bytes"], overhead,
-                      part["prompt_fixed_s"] - streamed if "prompt_streamed_s" not in part else part["prompt_fixed_s"],
-                      streamed)
+    if "prompt_streamed_s" in part:
+        return DeviceTime(part["name"], part["generation_s"], part["prompt_s"], part["read_bytes"], overhead,
+                          part["prompt_fixed_s"], part["prompt_streamed_s"])
+    return DeviceTime(part["name"], part["generation_s"], part["prompt_s"], part["read_bytes"], overhead, overhead,
+                      part["prompt_fixed_s"] - overhead)
 
 
 def recorded_estimate(found: Mapping) -> SpeedEstimate:

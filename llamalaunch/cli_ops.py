@@ -303,7 +303,7 @@ def _refuse_profile_what_if(config: Path | None) -> None:
 
     profile = load_profile(config.expanduser().resolve())
     for key in WHAT_IF_OPTIONS:
-        if key in profile.settings:
+        if profile.settings.get(key):
             raise what_if_refused(f"{profile.path}: {key}")
 
 

@@ -30,12 +30,12 @@ def parse_size(text: str, what: str = "size") -> int:
     """
     match = _NUMBER.match(text)
     unit = match.group(2).lower() if match else ""
-    if match and not unit:
+    if match and not unit and float(match.group(1)) > 0:  # 0 is refused below as out of range
         number = match.group(1)
         raise BadInputError(f"{what} {text.strip()!r} has no unit", f"write {number}GiB or {number}MiB")
-    if not match or unit not in _SIZE_UNITS:
+    if not match or (unit and unit not in _SIZE_UNITS):
         raise BadInputError(f"{what} {text!r} is not a size", "write it like 6GiB, 6144MiB, 1.5G or 512M")
-    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    value = int(float(match.group(1)) * _SIZE_UNITS.get(unit, 0))  # a bare 0 is 0 in any unit
     if value <= 0 or value > MAX_SIZE_BYTES:
         raise BadInputError(f"{what} {text!r} is out of range", "give a positive size below 1 PiB")
     return value

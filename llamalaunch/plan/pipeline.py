@@ -38,7 +38,7 @@ from llamalaunch.plan.overheads import (
 )
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
-from llamalaunch.plan.search import largest_fitting
+from llamalaunch.plan.search import largest_fitting, require_trained_ctx
 from llamalaunch.plan.speed import SpeedEstimate
 from llamalaunch.plan.speed_args import SpeedArgs
 from llamalaunch.plan.split import CTX_STEP
@@ -127,9 +127,6 @@ class PlanInputs:
         sources = sources_for(devices, load_calibrations(), self.overhead)
         if note := overhead_note(sources):
             notes.append(note)
-        if self.host_free_bytes is not None and plan.host.total_bytes > self.host_free_bytes:
-            notes.append(f"host: the plan needs {format_bytes(plan.host.total_bytes)} of host memory but "
-                         f"{format_bytes(self.host_free_bytes)} is available: lower --ctx, or add devices")
         if self.profile.generic_estimate:
             notes.append(f"{self.profile.arch} is not a known architecture: a generic, conservative estimate")
         described = tuple((name, source.describe()) for name, source in sources.items())
@@ -163,6 +160,7 @@ class PlanInputs:
     def largest_with_draft(self, request: Request, devices: Sequence[Device]) -> Plan:
         """--ctx max with a draft model: the draft shares the context, so its reservation grows with it.
         The planner's context search over whole plans, each at one context with the draft sized for it."""
+        require_trained_ctx(self.profile)
         fixed = dataclasses.replace(request, ctx_is_target=False)  # a plan that shrinks would hide the misfit
 
         def plan_or_none(ctx_tokens: int) -> Plan | None:
@@ -172,7 +170,7 @@ class PlanInputs:
                 return None
 
         low = max(request.ctx_min_tokens, CTX_STEP)
-        found = largest_fitting(low, max(low, self.profile.n_ctx_train or low), plan_or_none)
+        found = largest_fitting(low, max(low, self.profile.n_ctx_train), plan_or_none)
         if found is None:  # raises what would fit
             return self.plan_at(dataclasses.replace(fixed, ctx_tokens=low), devices)
         return found[1]

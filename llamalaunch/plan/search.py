@@ -50,6 +50,14 @@ def largest_fitting(low: int, high: int, choose: Callable[[int], Found | None]) 
     return best
 
 
+def require_trained_ctx(profile: ModelProfile) -> None:
+    """--ctx max needs the context the model was trained for as its ceiling (llama.cpp's -c 0 would be 0 too)."""
+    if not profile.n_ctx_train:
+        raise BadInputError(f"{profile.name or profile.arch} does not say the context it was trained for "
+                            f"({profile.arch}.context_length is 0 or missing), so --ctx max has no ceiling",
+                            "give --ctx N")
+
+
 class Planner:
     """Plans for one model, device set and request; `overhead` is bytes per device name or backend."""
 
@@ -123,11 +131,15 @@ class Planner:
                 f" of host memory for what does not fit on the devices (weights {format_bytes(host.weights_bytes)}, "
                 f"KV cache {format_bytes(host.kv_bytes)}, buffers {format_bytes(host.compute_bytes)}); "
                 f"{format_bytes(free)} is available")
+        levers = [*(["raise -ngl"] if self.request.n_gpu_layers is not None else []),
+                  *(["lower --cpu-experts"] if self.request.cpu_experts else [])]
         if host.weights_bytes + host.compute_bytes > usable:
-            return need, "the weights alone do not fit: add devices, free host memory, or use a smaller quantization"
-        # --ctx max tried every context already
-        return need, "free host memory or add devices" if self.request.ctx_tokens is None \
-            else "free host memory, add devices, or lower --ctx"
+            fixes = ["the weights alone do not fit: add devices", *levers, "free host memory",
+                     "or use a smaller quantization"]
+        else:  # --ctx max tried every context already
+            fixes = ["free host memory", "add devices", *levers,
+                     *(["or lower --ctx"] if self.request.ctx_tokens is not None else [])]
+        return need, ", ".join(fixes)
 
     def largest_ctx(self, n_gpu_layers: int, low: int, high: int,
                     host_experts: frozenset[int] | None = None) -> tuple[int, Choice] | None:
@@ -143,12 +155,13 @@ class Planner:
         return largest_fitting(low, high, lambda ctx: self.expert_choice(ctx, refuse_host=False))
 
     def most_layers(self, ctx_tokens: int) -> Choice | None:
-        """CPU spill: the most trailing slots that fit at this ctx (bisection on -ngl)."""
+        """CPU spill: the most trailing slots that fit the devices at this ctx (bisection on -ngl). The host
+        is not checked: it holds the rest, and fewer slots on the devices would only give it more."""
         low, high = 0, self.profile.n_slots
         best: Choice | None = None
         while low < high:
             middle = (low + high + 1) // 2
-            choice = self.fitting_choice(ctx_tokens, middle)
+            choice = self.choice_at(ctx_tokens, middle)
             if choice is None:
                 high = middle - 1
             else:
@@ -156,19 +169,20 @@ class Planner:
         return best
 
     def ctx_ceiling(self) -> int:
-        return max(self.profile.n_ctx_train or CTX_STEP, self.request.ctx_min_tokens)
+        return max(self.profile.n_ctx_train, self.request.ctx_min_tokens)
+
+    def layers_wanted(self) -> int:
+        """-ngl as given (0 included), else every slot."""
+        given = self.request.n_gpu_layers
+        return self.profile.n_slots if given is None else min(given, self.profile.n_slots)
 
     def solve(self) -> tuple[int, Choice]:
-        if self.request.ctx_tokens is None and not self.profile.n_ctx_train:  # llama.cpp's -c 0 would be 0 too
-            raise BadInputError(f"{self.profile.name or self.profile.arch} does not say the context it was trained "
-                                f"for ({self.profile.arch}.context_length is 0 or missing), so --ctx max has no "
-                                "ceiling", "give --ctx N")
+        if self.request.ctx_tokens is None:
+            require_trained_ctx(self.profile)
         if not self.devices and self.request.devices is None:
             return self.host_only()
-        full = self.profile.n_slots
+        full = self.layers_wanted()
         floor = max(self.request.ctx_min_tokens, CTX_STEP)
-        if self.request.n_gpu_layers is not None:
-            full = min(self.request.n_gpu_layers, full)
         if self.request.ctx_tokens is None:
             found = self.largest_ctx(full, floor, self.ctx_ceiling())
             if self.spills_experts and (found is None or found[0] < round_ctx(self.ctx_ceiling())):
@@ -221,6 +235,8 @@ class Planner:
         if self.request.cpu_spill:
             choice = self.most_layers(ctx_tokens)
             if choice is not None and choice.n_gpu_layers > 0:
+                if not self.host_fits(ctx_tokens, choice):
+                    raise PlanError(*self.host_refusal(ctx_tokens, self.host_use(ctx_tokens, choice)))
                 return ctx_tokens, choice
         raise PlanError(*self.refusal(ctx_tokens))
 
@@ -229,10 +245,11 @@ class Planner:
             return "no device to place layers on", "give --rpc workers or --assume devices, or leave out -dev " \
                 "to run on the CPU"
         floor = max(self.request.ctx_min_tokens, CTX_STEP)
-        layers = min(self.request.n_gpu_layers or self.profile.n_slots, self.profile.n_slots)
-        on_devices = self.choice_at(ctx_tokens, layers)
+        layers = self.layers_wanted()
+        at = ctx_tokens if self.request.ctx_tokens is not None else round_ctx(floor)  # --ctx max: the smallest
+        on_devices = self.choice_at(at, layers)
         if on_devices is not None:  # the devices hold their share: the host's RAM is what is short
-            need, fix = self.host_refusal(ctx_tokens, self.host_use(ctx_tokens, on_devices))
+            need, fix = self.host_refusal(at, self.host_use(at, on_devices))
             found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
             return need, (f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
                           if found is not None else fix)
@@ -246,7 +263,7 @@ class Planner:
         if found is not None:
             return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
         spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
-        if spill is not None and spill.n_gpu_layers > 0:
+        if spill is not None and spill.n_gpu_layers > 0 and self.host_fits(ctx_tokens, spill):
             return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: add " \
                 "--cpu-spill"
         levers = [option for option, taken in self.takers(costs) if taken]

@@ -93,7 +93,7 @@ class _Work:
     prompt_bytes: float = 0.0  # bytes read once per ubatch
     prompt_flops: float = 0.0  # per token
     slots: int = 0
-    streamed_s: float = 0.0  # seconds per ubatch streaming host weights to this GPU, at the nominal rate
+    streamed_s: float = 0.0  # seconds per ubatch streaming host weights to this GPU (and the hand-overs), nominal
 
 
 def bits_per_weight(profile: ModelProfile) -> float:

@@ -30,9 +30,9 @@ from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 HOST_KEY = "CPU:host"
 PLAUSIBLE_FACTOR = (0.02, 50.0)  # outside: a broken measurement, not a device
 HISTORY_RUNS = 32  # runs kept for the fit: recent ones, so a changed machine is followed
-# A run whose fixed part (hops, streamed weights) the estimate puts at over 90% of the measured time says
-# that part is wrong, not a factor: fitted, it drove the H100's prompt factor to its bound
-# (bench/results/h100-2026-12-07c: a zero-weight MoE prompt streams 8 of 128 experts, estimated as all).
+# A run whose fixed part (hops, slot overheads) the estimate puts at over 90% of the measured time says that
+# part is wrong, not a factor: fitted, such a run drove the H100's prompt factor to its bound when streamed
+# weights still counted as fixed (bench/results/h100-2026-12-07c).
 MIN_SCALED_SHARE = 0.1
 RIDGE = 1e-4  # weight of the pull of each 1/factor toward its prior, against rows of relative error
 # 4: streamed host weights are a factor of their own (3 counted them as fixed): a store of another version is
@@ -121,7 +121,8 @@ def calibrated(figures: SpeedFigures, devices: Iterable[Device],
 def _scale(speed: DeviceSpeed, factor: SpeedFactor) -> DeviceSpeed:
     return dataclasses.replace(speed, gen_efficiency=speed.gen_efficiency * factor.generation,
                                prompt_efficiency=speed.prompt_efficiency * factor.prompt,
-                               stream_efficiency=speed.stream_efficiency * factor.stream, source=f"{speed.source}, calibrated", calibrated=True)
+                               stream_efficiency=speed.stream_efficiency * factor.stream,
+                               source=f"{speed.source}, calibrated", calibrated=True)
 
 
 def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEstimate,
@@ -146,7 +147,7 @@ def record_speed(devices: Iterable[Device], used_host: bool, estimate: SpeedEsti
 
 
 def run_sample(estimate: SpeedEstimate, keys: Mapping[str, str], factors: Mapping[str, SpeedFactor],
-                measured_tps: float | None, metric: str) -> Sample | None:
+               measured_tps: float | None, metric: str) -> Sample | None:
     """The run's `metric` per token; its parts' calibration undone (a part whose device is not among `keys`
     counts as fixed); None when the measurement is missing or implausible."""
     generation = metric == "generation"
