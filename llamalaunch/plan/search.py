@@ -50,6 +50,11 @@ def largest_fitting(low: int, high: int, choose: Callable[[int], Found | None]) 
     return best
 
 
+def use_largest(ctx_tokens: int) -> str:
+    """The fix when a smaller context fits."""
+    return f"the largest context that fits is {ctx_tokens}: use --ctx {ctx_tokens} or --ctx max"
+
+
 def require_trained_ctx(profile: ModelProfile) -> None:
     """--ctx max needs the context the model was trained for as its ceiling (llama.cpp's -c 0 would be 0 too)."""
     if not profile.n_ctx_train:
@@ -171,6 +176,9 @@ class Planner:
     def ctx_ceiling(self) -> int:
         return max(self.profile.n_ctx_train, self.request.ctx_min_tokens)
 
+    def ctx_floor(self) -> int:
+        return max(self.request.ctx_min_tokens, CTX_STEP)
+
     def layers_wanted(self) -> int:
         """-ngl as given (0 included), else every slot."""
         given = self.request.n_gpu_layers
@@ -182,7 +190,7 @@ class Planner:
         if not self.devices and self.request.devices is None:
             return self.host_only()
         full = self.layers_wanted()
-        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        floor = self.ctx_floor()
         if self.request.ctx_tokens is None:
             found = self.largest_ctx(full, floor, self.ctx_ceiling())
             if self.spills_experts and (found is None or found[0] < round_ctx(self.ctx_ceiling())):
@@ -218,7 +226,7 @@ class Planner:
         """No GPU and no worker: llama-server runs every layer on the CPU, as it would by itself; the context
         within the host's RAM (--ctx max: the largest; --ctx N: that, or smaller when it is a target)."""
         everything = Choice((), (), 0, {})
-        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        floor = self.ctx_floor()
         wanted = round_ctx(self.request.ctx_tokens or self.ctx_ceiling())
         if self.host_fits(wanted, everything):
             return wanted, everything
@@ -228,8 +236,7 @@ class Planner:
             return found
         refused = wanted if self.request.ctx_tokens is not None else round_ctx(floor)
         need, fix = self.host_refusal(refused, self.host_use(refused, everything))
-        raise PlanError(need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
-                        if found is not None else fix)
+        raise PlanError(need, use_largest(found[0]) if found is not None else fix)
 
     def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
         if self.request.cpu_spill:
@@ -244,15 +251,14 @@ class Planner:
         if not self.devices:
             return "no device to place layers on", "give --rpc workers or --assume devices, or leave out -dev " \
                 "to run on the CPU"
-        floor = max(self.request.ctx_min_tokens, CTX_STEP)
+        floor = self.ctx_floor()
         layers = self.layers_wanted()
         at = ctx_tokens if self.request.ctx_tokens is not None else round_ctx(floor)  # --ctx max: the smallest
         on_devices = self.choice_at(at, layers)
         if on_devices is not None:  # the devices hold their share: the host's RAM is what is short
             need, fix = self.host_refusal(at, self.host_use(at, on_devices))
             found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
-            return need, (f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
-                          if found is not None else fix)
+            return need, use_largest(found[0]) if found is not None else fix
         # --ctx max found no context at all: the 4096 tried for CPU spill is not what the user asked for
         where = f"at any context down to --ctx-min {floor} (--ctx max)" if self.request.ctx_tokens is None \
             else f"at ctx {ctx_tokens}"
@@ -261,7 +267,7 @@ class Planner:
             "; ".join(self.memory_account(device, costs) for device in self.devices)
         found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
         if found is not None:
-            return need, f"the largest context that fits is {found[0]}: use --ctx {found[0]} or --ctx max"
+            return need, use_largest(found[0])
         spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
         if spill is not None and spill.n_gpu_layers > 0 and self.host_fits(ctx_tokens, spill):
             return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: add " \
