@@ -3,10 +3,12 @@
 Issue 17's benchmark. For each case (a MoE shape, the free memory a ballast leaves, a context): plan
 with `llamalaunch plan`, then load each contender in the same run and measure, median of three,
 generation and prompt tok/s (a 1,024-token prompt, 128 generated tokens, llama-server's own timings),
-the context it got, host RSS of llama-server, load time; then a prompt that fills the context (the
-run-time allocations happen there). Also `--ctx max` against the true largest context with every
-expert on the host (dense parts + KV on the GPU: what --ctx max promises). Zero-weight synthetic
-models route every token to the same experts: all contenders face that alike.
+the context it got, host RSS of llama-server, load time, on models with varied routing (tokens spread
+over the experts as in a real model). Memory checks run on the zero-weight twin of each model (same
+shapes, so the same buffers; every token routes to the same experts, so prompts stream only those to
+the GPU and are fast): a prompt filling the context with each contender's argv (the run-time
+allocations happen there), the `--n-cpu-moe` search, and `--ctx max` against the true largest context
+with every expert on the host (dense parts + KV on the GPU: what --ctx max promises).
 
 Usage (on the GPU machine): python -m bench.bench_moe_gpu --server BIN/llama-server --out DIR [--cases a d]
 """
@@ -34,7 +36,6 @@ from bench.llama_runs import (
     run_trial,
     stop_process,
     timed_completions,
-    varied_tokens,
 )
 from tests.synthetic import SyntheticShape, write_synthetic
 
@@ -79,11 +80,26 @@ CASES = {
 }
 
 
-def write_models(folder: Path) -> None:
+def write_models(folder: Path, varied_routing: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, (arch, shape, file_type) in MODELS.items():
         if not (folder / name).exists():
-            write_synthetic(folder / name, arch, shape, file_type, varied_routing=True)
+            write_synthetic(folder / name, arch, shape, file_type, varied_routing=varied_routing)
+
+
+def twin_argv(argv: list[str], twin: Path) -> list[str]:
+    """The same load of the zero-weight twin: llama.cpp sizes its buffers from shapes alone, so the twin's memory
+    is the varied model's, and its prompts are fast (a host expert is streamed to the GPU only when a token
+    routes to it: with zero weights, 8 of 128)."""
+    return [str(twin) if previous == "-m" else arg for previous, arg in zip(["", *argv], argv)]
+
+
+def fill_check(server: Path, argv: list[str], twin: Path, ctx: int, log_path: Path) -> dict:
+    """Load the zero-weight twin with `argv` and fill its context: a run-time out of memory shows here."""
+    trial = run_trial(server, twin_argv(argv, twin), ctx - FILL_MARGIN, log_path)
+    return {"filled": trial.ok, "fill_n_ctx": trial.n_ctx, "fill_tail": trial.tail[-3:],
+            "fill_buffers": [line[-120:] for line in log_path.read_text(errors="replace").splitlines()
+                             if "buffer size" in line][:12]}
 
 
 def gpu_free_mib() -> int | None:
@@ -95,8 +111,8 @@ def gpu_free_mib() -> int | None:
     return int(result.stdout.split()[0]) if result.returncode == 0 and result.stdout.strip() else None
 
 
-def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None) -> dict:
-    """One load: ready, 3 x (1,024-token prompt + 128 generated), then a prompt filling the context."""
+def measure(server: Path, argv: list[str], log_path: Path) -> dict:
+    """One load: ready, 3 x (1,024-token prompt + 128 generated)."""
     port = free_port()
     record: dict = {"argv": argv}
     started = time.monotonic()
@@ -121,11 +137,6 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
             record["gen_tps_all"], record["prompt_tps_all"] = gen, prompt
             record["host_rss_mib"] = round(psutil.Process(process.pid).memory_info().rss / MIB) \
                 if process.poll() is None else None
-            if ready and fill_ctx and "failed" not in record:
-                status, _ = post(port, "/completion", {"prompt": varied_tokens(fill_ctx - FILL_MARGIN), "n_predict": 8,
-                                                          "ignore_eos": True, "cache_prompt": False}, 900)
-                record["filled"] = status == 200 and process.poll() is None
-                record["gpu_free_after_fill_mib"] = gpu_free_mib()
         finally:
             record["returncode"] = stop_process(process, 30)
             log.seek(0)
@@ -135,22 +146,22 @@ def measure(server: Path, argv: list[str], log_path: Path, fill_ctx: int | None)
     record["buffers"] = [line[-120:] for line in lines if "buffer size" in line][:12]
     record["threads"] = next((line[line.index("n_threads"):][:60] for line in lines if "n_threads =" in line), None)
     record["errors"] = [line[-200:] for line in lines if "out of memory" in line or " E " in line][-4:]
-    record["ok"] = bool(record.get("ready") and record.get("gen_tps") and record.get("filled", True)
-                        and record["returncode"] in (0, -15, 143))
+    record["ok"] = bool(record.get("ready") and record.get("gen_tps") and record["returncode"] in (0, -15, 143))
     return record
 
 
-def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Path, rpc: list[str],
-                     fill_ctx: int | None) -> dict:
-    """The smallest --n-cpu-moe N that loads and survives a 1,024-token prompt (downward from `start`)."""
+def n_cpu_moe_search(server: Path, models: Models, case: Case, start: int, logs: Path, rpc: list[str]) -> dict:
+    """The smallest --n-cpu-moe N that loads and survives a 1,024-token prompt (downward from `start`; on the
+    zero-weight twin: memory only), then that N measured on the varied model."""
     def argv(n: int) -> list[str]:
-        return ["-m", str(model), "-c", str(case.ctx), "-ngl", "999", "--n-cpu-moe", str(n), "--fit", "off",
-                "-np", "4", "-kvu", *rpc]
+        return ["-m", str(models.varied / case.model), "-c", str(case.ctx), "-ngl", "999", "--n-cpu-moe", str(n),
+                "--fit", "off", "-np", "4", "-kvu", *rpc]
 
     best, tried = None, {}
     n = start
     while 0 <= n <= 64:
-        trial = run_trial(server, argv(n), PROMPT_TOKENS, logs / f"ncmoe-{n}.log", ready_timeout_s=240)
+        trial = run_trial(server, twin_argv(argv(n), models.zero / case.model), PROMPT_TOKENS,
+                          logs / f"ncmoe-{n}.log", ready_timeout_s=240)
         tried[n] = trial.ok
         if trial.ok:
             best = n
@@ -161,7 +172,7 @@ def n_cpu_moe_search(server: Path, model: Path, case: Case, start: int, logs: Pa
             break
     found = {"tried": tried, "best_n": best}
     if best is not None:
-        found["measured"] = measure(server, argv(best), logs / f"ncmoe-best-{best}.log", fill_ctx)
+        found["measured"] = measure(server, argv(best), logs / f"ncmoe-best-{best}.log")
     return found
 
 
@@ -176,18 +187,31 @@ PARTS = ("ours", *VARIANTS, "whole", "ubatch", "fit", "search", "max")
 LARGE_UBATCH = "2048"
 
 
-def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
+@dataclass(frozen=True)
+class Models:
+    varied: Path  # tokens routed over all experts, as in a real model: the speeds
+    zero: Path  # the same shapes with zero weights: the same buffers, fast context-filling prompts
+
+
+def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
              saved: callable[[dict], None] = lambda record: None, fill: bool = True) -> dict:
     """One case; `saved(record)` after each contender, so a run cut short still leaves what it measured.
-    `fill`: also a prompt filling the context on each contender's load (off: speeds only)."""
-    fill_ctx = case.ctx if fill else None
-    model = models / case.model
+    `fill`: also fill the context with each main contender's argv on the zero-weight twin (off: speeds only)."""
+    model = models.varied / case.model
     record: dict = {"case": case.name, "ctx": case.ctx}
     ballast = Ballast(case.free_mib)
     record["ballast_free_mib"] = ballast.free_mib
     worker = None
     rpc: list[str] = []
     budget: list[str] = []
+
+    def contender(key: str, argv: list[str], fills: bool) -> None:
+        record[key] = measure(server, argv, logs / f"{key}.log")
+        if fill and fills and record[key]["ok"]:
+            record[key].update(fill_check(server, argv, models.zero / case.model, case.ctx, logs / f"{key}-fill.log"))
+        print(key, json.dumps(record[key]), flush=True)
+        saved(record)
+
     try:
         if case.rpc_budget_mib:
             port = free_port()
@@ -206,14 +230,10 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
                                                          "overhead_bytes", "headroom_bytes")}
                                   for d in plan.get("devices", [])]
         if "argv" in plan and "ours" in parts:
-            record["ours"] = measure(server, plan["argv"], logs / "ours.log", fill_ctx)
-            print("ours", json.dumps(record["ours"]), flush=True)
-            saved(record)
+            contender("ours", plan["argv"], True)
         for variant, extra in VARIANTS.items():  # the same placement, the host's weights held another way
             if "argv" in plan and variant in parts:
-                record[f"ours_{variant}"] = measure(server, [*plan["argv"], *extra], logs / f"ours-{variant}.log", None)
-                print(f"ours {variant}", json.dumps(record[f"ours_{variant}"]), flush=True)
-                saved(record)
+                contender(f"ours_{variant}", [*plan["argv"], *extra], False)
         host_blocks = len(plan.get("host_expert_layers") or [])
         split_blocks = {il for il, _ in plan.get("host_expert_parts") or []}
         if "argv" in plan and "whole" in parts and len(split_blocks) == 1:  # does the split block cost speed?
@@ -221,29 +241,26 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
             whole, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "--cpu-experts", str(host_blocks + 1)])
             if "argv" in whole:
-                record["ours_whole"] = measure(server, whole["argv"], logs / "ours-whole.log", None)
-                print("ours whole", json.dumps(record["ours_whole"]), flush=True)
-                saved(record)
+                contender("ours_whole", whole["argv"], False)
         if "ubatch" in parts:
             large, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "-ub", LARGE_UBATCH])
             record["plan_ubatch"] = {k: large.get(k) for k in ("ctx", "host_expert_layers", "host_expert_parts",
                                                                "error")}
             if "argv" in large:
-                record["ours_ubatch"] = measure(server, large["argv"], logs / "ours-ubatch.log", fill_ctx)
-                print("ours ubatch", json.dumps(record["ours_ubatch"]), flush=True)
-                saved(record)
+                contender("ours_ubatch", large["argv"], True)
         if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
-            record["fit"] = measure(server, ["-m", str(model), "-c", str(case.ctx)], logs / "fit.log", fill_ctx)
-            print("fit", json.dumps(record["fit"]), flush=True)
-            saved(record)
+            contender("fit", ["-m", str(model), "-c", str(case.ctx)], True)
         start = host_blocks or 24
         if not case.rpc_budget_mib and "search" in parts:
-            record["n_cpu_moe"] = n_cpu_moe_search(server, model, case, start, logs, rpc, fill_ctx)
+            record["n_cpu_moe"] = found = n_cpu_moe_search(server, models, case, start, logs, rpc)
+            if fill and (found.get("measured") or {}).get("ok"):
+                found["measured"].update(fill_check(server, found["measured"]["argv"], models.zero / case.model,
+                                                    case.ctx, logs / "ncmoe-best-fill.log"))
             print("n-cpu-moe", json.dumps(record["n_cpu_moe"]), flush=True)
             saved(record)
         if "max" in parts:
-            record.update(ctx_max(server, model, logs, rpc, budget))
+            record.update(ctx_max(server, models.zero / case.model, logs, rpc, budget))
             saved(record)
     finally:
         if worker is not None:
@@ -254,7 +271,8 @@ def run_case(server: Path, models: Path, case: Case, logs: Path, parts: tuple[st
 
 
 def ctx_max(server: Path, model: Path, logs: Path, rpc: list[str], budget: list[str]) -> dict:
-    """--ctx max against the true largest context with dense parts + KV on the GPU (experts on the host)."""
+    """--ctx max against the true largest context with dense parts + KV on the GPU (experts on the host), on the
+    zero-weight model (memory only: its buffers are the varied model's, its context-filling prompts fast)."""
     plan, _ = plan_cli(model, server, ["--ctx", "max", *rpc, *budget])
     ours_ctx = plan.get("ctx")
     found: dict = {"max_ours_ctx": ours_ctx, "max_ours_error": plan.get("error")}
@@ -310,8 +328,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
-    models = args.logs / "models-varied"  # tokens spread over the experts as in a real model
-    write_models(models)
+    models = Models(args.logs / "models-varied", args.logs / "models")
+    write_models(models.varied, varied_routing=True)
+    write_models(models.zero, varied_routing=False)
     results = []
     for key in args.cases:
         def saved(record: dict) -> None:
