@@ -183,7 +183,7 @@ CORES = str(len(os.sched_getaffinity(0)))
 VARIANTS = {"pinned": ["-lm", "none"], "repacked": ["-lm", "mmap", "--no-host"], "threads": ["-t", CORES, "-tb", CORES]}
 # whole: ours with no block split device/host; ubatch: ours planned with -ub 2048 (a prompt streams the host's
 # experts to the GPU once per ubatch: 4x fewer times, for a larger compute buffer and fewer experts on the GPU)
-PARTS = ("ours", *VARIANTS, "whole", "ubatch", "fit", "search", "max")
+PARTS = ("ours", *VARIANTS, "whole", "ubatch", "ubatch_pinned", "fit", "search", "max")
 LARGE_UBATCH = "2048"
 
 
@@ -242,13 +242,15 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
                                                 "--cpu-experts", str(host_blocks + 1)])
             if "argv" in whole:
                 contender("ours_whole", whole["argv"], False)
-        if "ubatch" in parts:
+        if "ubatch" in parts or "ubatch_pinned" in parts:
             large, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "-ub", LARGE_UBATCH])
             record["plan_ubatch"] = {k: large.get(k) for k in ("ctx", "host_expert_layers", "host_expert_parts",
                                                                "error")}
-            if "argv" in large:
-                contender("ours_ubatch", large["argv"], True)
+        if "ubatch" in parts and "argv" in large:
+            contender("ours_ubatch", large["argv"], True)
+        if "ubatch_pinned" in parts and "argv" in large:
+            contender("ours_ubatch_pinned", [*large["argv"], *VARIANTS["pinned"]], False)
         if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
             contender("fit", ["-m", str(model), "-c", str(case.ctx)], True)
         start = host_blocks or 24
@@ -298,7 +300,7 @@ def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in (*VARIANTS, "whole", "ubatch")),
+        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in (*VARIANTS, "whole", "ubatch", "ubatch_pinned")),
                       ("--fit", r.get("fit"))]
         best = (r.get("n_cpu_moe") or {})
         if best.get("measured"):
