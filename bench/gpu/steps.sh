@@ -19,5 +19,7 @@ while [ $# -gt 0 ]; do
     echo "== step $step (${limit} s): ${args[*]}"
     OUT=$RESULTS/$step timeout --kill-after=10 $limit bash "${args[@]}" > $RESULTS/$step/stdout.txt 2>&1
     echo "   rc=$? after ${SECONDS} s"; tail -12 $RESULTS/$step/stdout.txt
+    # a step cut short leaves its children (a ballast holding GPU memory, servers): the next step starts clean
+    pkill -f bench/ballast.py; pkill -f llama-server; pkill -f ggml-rpc-server; sleep 1
 done
 tar czf $OUT/results.tgz -C $RESULTS .
