@@ -99,8 +99,8 @@ ROWS = {
                  "cache_type_v": "q8_0", "flash_attn": "on", "swa_full": True}),
     "a build without --fit gets no --fit off": Row(
         (gpu(0),), ("CUDA0",), (33,), DEFAULTS, capabilities=frozenset({"--rpc", "-dev"})),
-    "host experts: -ot, then the mode's flag (auto with a GPU: mapped, no flag)": Row(
-        (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0|1)\\.[^.]*_exps\\.=CPU", *FIT_OFF),
+    "host experts: -ot, then the mode's flag (auto with a GPU: pinned, -lm none)": Row(
+        (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0|1)\\.[^.]*_exps\\.=CPU", "-lm", "none", *FIT_OFF),
         host_expert_layers=frozenset({0, 1})),
     "host experts pinned: load them into memory": Row(
         (gpu(0),), ("CUDA0",), (33,), (*DEFAULTS, "-ot", "blk\\.(0|1)\\.[^.]*_exps\\.=CPU", "-lm", "none", *FIT_OFF),
@@ -125,8 +125,8 @@ ROWS = {
         host_expert_layers=frozenset({0})),
     "the first 2 of 5 slots on the host (--cpu-spill), pinned": Row(
         (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, "-lm", "none", *FIT_OFF), request={"host_weights": "pinned"}),
-    "the first layers on the host, auto: mapped": Row(
-        (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, *FIT_OFF)),
+    "the first layers on the host, auto with a GPU: pinned": Row(
+        (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, "-lm", "none", *FIT_OFF)),
     "the first layers on the host, repacked": Row(
         (gpu(0),), ("CUDA0",), (3,), (*DEFAULTS, "--no-host", *FIT_OFF), request={"host_weights": "repacked"}),
     "everything on the devices: no mode's flag, whichever is asked": Row(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from llamalaunch.model.estimate import Placement, host_experts_override
 from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.companions import Companion
-from llamalaunch.plan.request import Request, resolved_host_weights
+from llamalaunch.plan.request import STREAMING_BACKENDS, Request, resolved_host_weights
 from llamalaunch.plan.split import Choice
 from llamalaunch.probe.device import Device
 
@@ -76,7 +76,7 @@ def host_weights_mode(profile: ModelProfile, request: Request, choice: Choice) -
     """How the plan keeps the weights it leaves in host memory (`auto` resolved); None: it leaves none."""
     if not holds_host_weights(profile, choice):
         return None
-    return resolved_host_weights(request.host_weights)
+    return resolved_host_weights(request.host_weights, any(d.backend in STREAMING_BACKENDS for d in choice.order))
 
 
 def host_weights_args(mode: str, options: ArgvOptions) -> list[str]:

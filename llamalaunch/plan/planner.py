@@ -93,13 +93,14 @@ def expert_note(profile: ModelProfile, choice: Choice) -> str:
             "every layer's attention, shared weights and KV cache are on the devices")
 
 
-# What each --host-weights mode does with a GPU in the plan; measured on an H100 (bench/results/h100-2026-12-07c):
-# prompts from pinned memory 1.8-2.8x those from the mapping, generation 0-6% less, the load 5x slower.
+# What each --host-weights mode does with a GPU in the plan; measured on an H100 with models routing over all
+# experts (bench/results/h100-2026-12-07e): prompts from pinned memory 4-6x those from the file mapping,
+# generation the same within the runs' spread, the load 2-5x slower.
 _HOST_WEIGHTS_WITH_GPU = {
-    "pinned": "loaded into pinned memory, which prompts stream to the GPU about twice as fast as from the file "
-              "mapping; up to 6% less generation, a slower load",
-    "mapped": "read through the file mapping: the fastest load and generation; prompts stream them to the GPU at "
-              "about half the speed of pinned memory (--host-weights pinned for long prompts)",
+    "pinned": "loaded into pinned memory, which prompts stream to the GPU 4-6x as fast as from the file mapping; "
+              "a slower load, and the host memory stays locked while it runs",
+    "mapped": "read through the file mapping: the fastest load; prompts stream them to the GPU at a quarter to a "
+              "sixth of the speed of pinned memory",
     "repacked": "repacked into the CPU's own layout (the types its kernels take; the rest mapped): the host computes "
                 "them, prompts included, never streaming them to the GPU",
 }

@@ -14,18 +14,20 @@ FLASH_ATTN = ("on", "off", "auto")
 # How llama.cpp keeps weights left in host memory (--host-weights; the default is the option table's):
 # pinned: loaded into the first GPU's pinned host buffer (CUDA_Host), streamed to it for large batches at full
 # speed; mapped: the file mapped (CPU_Mapped, page cache), streamed from pageable memory; repacked: the CPU
-# backend's own layout (CPU_REPACK), never streamed to a GPU: the host computes them. auto: HOST_WEIGHTS_AUTO.
-# Mapped, measured on an H100 against --fit in one run (bench/results/h100-2026-12-07c): the best generation of
-# the three modes (pinned 0-6% less), prompts at least --fit's, the fastest load; pinned prompts are 1.8-2.8x
-# faster, which the plan's note offers. Without a GPU nothing streams from pinned memory: mapped loads fastest.
+# backend's own layout (CPU_REPACK), never streamed to a GPU: the host computes them. auto: pinned where a GPU
+# of the plan streams host weights, mapped elsewhere (HOST_WEIGHTS_AUTO).
+# Measured on an H100 against --fit with models whose tokens route over all experts (bench/results/
+# h100-2026-12-07e): a prompt streams every host expert to the GPU once per ubatch, from pinned memory at ~37 GB/s,
+# from the mapping at 6-9 GB/s: prompts 4-6x faster pinned, generation the same within the runs' spread, the load
+# 2-5x slower. Without a GPU nothing streams from pinned memory: mapped loads fastest.
 HOST_WEIGHTS = ("auto", "pinned", "mapped", "repacked")
-HOST_WEIGHTS_AUTO = "mapped"
+HOST_WEIGHTS_AUTO = {True: "pinned", False: "mapped"}  # by whether a GPU of the plan streams host weights
 STREAMING_BACKENDS = frozenset({"CUDA"})  # devices whose host buffer type llama.cpp puts first for host weights
 
 
-def resolved_host_weights(mode: str) -> str:
-    """The mode --host-weights names, `auto` resolved."""
-    return HOST_WEIGHTS_AUTO if mode == "auto" else mode
+def resolved_host_weights(mode: str, streaming: bool) -> str:
+    """The mode --host-weights names, `auto` resolved for a plan whose GPU streams host weights (or not)."""
+    return HOST_WEIGHTS_AUTO[streaming] if mode == "auto" else mode
 # Default safety margin per device. llama.cpp's --fit keeps 1024 MiB; we plan exactly and keep only
 # what run-time allocations outside llama.cpp's accounting needed in measured runs: the CUDA pool's
 # growth (10-50 MiB on an H100), an RPC worker's graph input buffer (2.5 MiB on a small model). A

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from llamalaunch.model.ggml.types import is_known, type_block
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.request import Request, resolved_host_weights
+from llamalaunch.plan.request import STREAMING_BACKENDS, Request, resolved_host_weights
 from llamalaunch.probe.speed_figures import DeviceSpeed, SpeedFigures
 
 if TYPE_CHECKING:  # model.estimate imports plan.types, which holds a SpeedEstimate
@@ -37,10 +37,10 @@ DEFAULT_BITS_PER_WEIGHT = 4.5  # a file type of neither kind (IQ3_M, a guessed o
 
 HOST_TO_GPU_BYTES_S = 25e9  # PCIe 4.0 x16 in practice: experts streamed to a GPU for a prompt ubatch
 # Host weights a GPU streams for a prompt ubatch, by --host-weights: pinned memory at the bus's rate; the mapped
-# file (pageable memory, staged by the driver) at about half of it (H100, Qwen3-30B-A3B shape, one run: prompts
-# 3,118 tok/s mapped vs 6,006 pinned); repacked weights are never streamed (ggml's scheduler offloads only ops
-# on weights in a host buffer, and CPU_REPACK is not one): the host computes the prompt.
-STREAM_BYTES_S = {"pinned": HOST_TO_GPU_BYTES_S, "mapped": HOST_TO_GPU_BYTES_S / 2}
+# file (pageable memory, staged by the driver) at about a quarter of it (H100, models routing over all experts,
+# bench/results/h100-2026-12-07e: ~37 GB/s pinned, 6-9 GB/s mapped); repacked weights are never streamed (ggml's
+# scheduler offloads only ops on weights in a host buffer, and CPU_REPACK is not one): the host computes the prompt.
+STREAM_BYTES_S = {"pinned": HOST_TO_GPU_BYTES_S, "mapped": HOST_TO_GPU_BYTES_S / 4}
 LOCAL_HOP_S = 10e-6  # a copy between the host and a local GPU
 # An RPC device gets its graph with every compute call: tensor descriptions, about this much per slot.
 RPC_GRAPH_BYTES_PER_SLOT = 16 * 1024
@@ -152,9 +152,9 @@ def _work(profile: ModelProfile, request: Request, placement: Placement, fill: i
     used = profile.n_expert_used / profile.n_expert if profile.n_expert else 1.0
     works: dict[str, _Work] = {"host": _Work(), **{name: _Work() for name in backends}}
     route = ["host"]  # token embeddings are looked up in host memory
-    mode = resolved_host_weights(request.host_weights)
+    streaming_gpu = next((r.device for r in placement.ranges if r.backend in STREAMING_BACKENDS), None)
+    mode = resolved_host_weights(request.host_weights, streaming_gpu is not None)
     stream_bytes_s = STREAM_BYTES_S.get(mode) if ubatch >= OP_OFFLOAD_MIN_BATCH else None
-    streaming_gpu = next((r.device for r in placement.ranges if r.backend == "CUDA"), None)
     for il, slot in enumerate(profile.slots):
         owner = owners[il]
         backend = backends.get(owner, "CPU")
