@@ -60,7 +60,7 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
     Built when a profile or a LLAMALAUNCH_* option is first read: the parsers are not imported for nothing."""
     from llamalaunch.model.kv import CACHE_TYPES
     from llamalaunch.plan.overheads import parse_overheads
-    from llamalaunch.plan.parse import parse_ctx, parse_margin, split_names
+    from llamalaunch.plan.parse import parse_ctx, parse_gpu_layers, parse_margin, split_names
     from llamalaunch.plan.request import FLASH_ATTN, HOST_WEIGHTS
     from llamalaunch.plan.speed_args import parse_device_speeds, parse_fill, parse_links
     from llamalaunch.probe.assume import parse_assumptions, parse_device_sizes
@@ -80,6 +80,7 @@ def checks() -> Mapping[str, Callable[[Any], object]]:
         "reserve": lambda values: parse_device_sizes(values, "reserve"),
         "budget": lambda values: parse_device_sizes(values, "budget"),
         "margin": parse_margin,
+        "gpu_layers": parse_gpu_layers,
         "prefer": _check_choice(("context", "speed")),
         "host_weights": _check_choice(HOST_WEIGHTS),
         "link": lambda values: parse_links(values),
@@ -336,7 +337,8 @@ def _gpus(raw: Any, from_env: bool, base: Path | None) -> str:
 
 
 _CONVERTERS: dict[str, Callable[[Any, bool, Path | None], Any]] = {
-    "str": _text, "tokens": _text_or_number, "size": _text_or_number, "int": _integer, "float": _number,
+    "str": _text, "tokens": _text_or_number, "size": _text_or_number, "layers": _text_or_number,
+    "int": _integer, "float": _number,
     "bool": _boolean, "switch": _switch, "list": _string_list, "names": _device_names, "sizes": _size_items,
     "path": _path, "program": _program, "args": _arguments, "gpus": _gpus,
 }

@@ -109,7 +109,8 @@ BAD_INPUT = {
     "ctx below ctx-min": ((*PLAN, "--ctx", "4k", "--ctx-min", "8k"), ["--ctx-min"]),
     "np 0": ((*PLAN, "-np", "0"), ["-np", "out of range"]),
     "np not a number": ((*PLAN, "-np", "abc"), ["-np", "--help"]),
-    "ngl -1": ((*PLAN, "-ngl", "-1"), ["-ngl"]),
+    "ngl -1": ((*PLAN, "-ngl", "-1"), ["-ngl", "auto", "all"]),
+    "ngl most": ((*PLAN, "-ngl", "most"), ["-ngl", "'most'", "auto"]),
     "batch 0": ((*PLAN, "-b", "0"), ["-b/--batch-size"]),
     # sizes and devices
     "budget 12XB": ((*PLAN, "--budget", "RPC0=12XB"), ["--budget RPC0", "'12XB'"]),

@@ -216,6 +216,7 @@ def test_profile_values_take_toml_and_command_line_shapes(tmp_path: Path) -> Non
     ("ctx = true\n", "ctx = True is not allowed", 'a context like "16k", 16384 or "max"'),
     ('ctx = "lots"\n', "ctx = 'lots' is not allowed", 'a context like "16k"'),
     ('parallel = "4"\n', "parallel = '4' is not allowed", "a slot count from 1 to 256"),
+    ('gpu_layers = "most"\n', "gpu_layers = 'most' is not allowed", "a layer count, all or auto"),
     ("parallel = 0\n", "out of range", "a slot count from 1 to 256"),
     ('cache_type_k = "q3"\n', "cache_type_k = 'q3' is not allowed", "one of f32, f16"),
     ('rpc = ["nohost"]\n', "rpc = ['nohost'] is not allowed", "a list of workers"),
@@ -281,3 +282,16 @@ def test_keys_and_command_options_agree(app: typer.Typer, command: str) -> None:
     keys = {key.param for key in OPTIONS if command in key.commands}
     assert keys - {"extra_args"} <= set(params), keys - set(params)
     assert set(params) - NOT_STORABLE <= keys, set(params) - NOT_STORABLE - keys
+
+
+def test_gpu_layers_take_llama_cpps_words_from_every_source(app: typer.Typer, tiny_model: Path,
+                                                            tmp_path: Path) -> None:
+    """-ngl all and auto as llama.cpp takes them: every slot, and as many as fit (the default)."""
+    common = ["plan", str(tiny_model), "--assume", "CUDA0=8GiB"]
+    default = plan_json(app, common)["n_gpu_layers"]
+    assert plan_json(app, [*common, "-ngl", "2"])["n_gpu_layers"] == 2
+    assert plan_json(app, [*common, "-ngl", "auto"])["n_gpu_layers"] == default
+    assert plan_json(app, [*common, "-ngl", "ALL"])["n_gpu_layers"] == default == plan_json(app, [*common, "-ngl", "999"])["n_gpu_layers"]
+    from_profile = plan_json(app, ["--config", str(write(tmp_path, "gpu_layers = 1\n")), *common])
+    assert from_profile["n_gpu_layers"] == 1
+    assert plan_json(app, common, env={"LLAMALAUNCH_GPU_LAYERS": "all"})["n_gpu_layers"] == default

@@ -55,7 +55,7 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
                   swa_full: bool = DEFAULTS["swa_full"], margin: str | None = DEFAULTS["margin"],
                   reserve: Sequence[str] = (), budget: Sequence[str] = (), devices: str | None = None,
                   exclude: Sequence[str] = (), cpu_spill: bool = DEFAULTS["cpu_spill"],
-                  gpu_layers: int | None = DEFAULTS["gpu_layers"], cpu_experts: int | None = DEFAULTS["cpu_experts"],
+                  gpu_layers: str | None = DEFAULTS["gpu_layers"], cpu_experts: int | None = DEFAULTS["cpu_experts"],
                   prefer: str = DEFAULTS["prefer"], host_weights: str = DEFAULTS["host_weights"],
                   ctx_is_target: bool = False) -> Request:
     request = Request(
@@ -76,7 +76,7 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
         devices=split_names(devices),
         exclude=tuple(exclude),
         cpu_spill=cpu_spill,
-        n_gpu_layers=checked("gpu_layers", gpu_layers),
+        n_gpu_layers=parse_gpu_layers(gpu_layers),
         cpu_experts=checked("cpu_experts", cpu_experts),
         prefer=parse_choice(prefer, ("context", "speed"), "--prefer"),
         host_weights=parse_choice(host_weights, HOST_WEIGHTS, "--host-weights"),
@@ -86,6 +86,24 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
                             "raise --ctx or lower --ctx-min")
     check_cache_types(request)  # a quantized V cache needs flash attention: said before any model is read
     return request
+
+
+ALL_LAYERS = 100_000  # -ngl all: more slots than any model has (the planner takes every one)
+
+
+def parse_gpu_layers(text: str | None) -> int | None:
+    """-ngl as llama.cpp takes it: a layer count, `all`, or `auto` (as many as fit, the default: None)."""
+    word = "auto" if text is None else text.strip().lower()
+    if word in ("auto", "all"):
+        return None if word == "auto" else ALL_LAYERS
+    try:
+        count = int(word)
+    except ValueError:
+        raise BadInputError(f"-ngl/--gpu-layers {text!r} is not a layer count", "give a count, all or auto") from None
+    if count < 0:  # llama.cpp reads -1 as auto, llama-cpp-python as every layer: neither is guessed
+        raise BadInputError(f"-ngl/--gpu-layers {count} is not a layer count",
+                            "give auto (as many as fit), all, or a count from 0")
+    return count
 
 
 def parse_margin(text: str) -> int:
