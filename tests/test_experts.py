@@ -19,6 +19,7 @@ from llamalaunch.errors import PlanError
 from llamalaunch.model.gguf_header import read_header
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
+from llamalaunch.plan.parse import ALL_LAYERS
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
 from llamalaunch.plan.types import Plan
@@ -113,6 +114,16 @@ def test_cpu_experts_forces_the_first_n_moe_layers_to_the_host(moe: ModelProfile
 def test_a_forced_layer_count_spills_layers_not_experts(moe: ModelProfile) -> None:
     plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, n_gpu_layers=20), OPTIONS)
     assert plan.n_gpu_layers == 20 and plan.host_expert_layers == frozenset()
+
+
+@pytest.mark.parametrize("layers", [ALL_LAYERS, 999])
+def test_every_layer_forced_on_the_devices_still_spills_experts(moe: ModelProfile, layers: int) -> None:
+    """-ngl all (or llama.cpp users' -ngl 999) keeps no layer on the host: the experts still move, as with
+    llama.cpp's -ngl 999 --n-cpu-moe N, and the plan is the one without -ngl."""
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, n_gpu_layers=layers), OPTIONS)
+    default = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS)
+    assert plan.n_gpu_layers == moe.n_slots and plan.host_expert_layers
+    assert plan.argv == default.argv
 
 
 def test_two_devices_each_fill_with_the_experts_of_their_own_layers(moe: ModelProfile) -> None:

@@ -78,9 +78,11 @@ class Planner:
         if request.cpu_experts and not experts:  # llama.cpp's --n-cpu-moe would do nothing: a mistake to say
             raise BadInputError(f"--cpu-experts {request.cpu_experts}: {profile.name} has no routed experts (it is "
                                 "not a mixture-of-experts model)", "drop --cpu-experts")
-        # --cpu-experts N fixes which experts stay on the host; otherwise the plan decides (expert spill)
+        # --cpu-experts N fixes which experts stay on the host; otherwise the plan decides (expert spill), unless
+        # -ngl keeps whole layers on the host (-ngl all keeps none there: llama.cpp's -ngl 999 with --n-cpu-moe)
         self.host_experts = forced_host_experts(experts, request.cpu_experts) if request.cpu_experts else frozenset()
-        self.spills_experts = bool(experts) and request.cpu_experts is None and request.n_gpu_layers is None
+        every_layer = request.n_gpu_layers is None or request.n_gpu_layers >= profile.n_slots
+        self.spills_experts = bool(experts) and request.cpu_experts is None and every_layer
 
     def costs(self, ctx_tokens: int, host_experts: frozenset[int] | None = None) -> CostModel:
         host = self.host_experts if host_experts is None else host_experts
