@@ -301,3 +301,18 @@ def test_load_flags_are_planned_flags_named_with_their_option(extra: list[str], 
     assert str(refused.value) == message
     check_extra_args(extra, force=True)
 
+
+
+@pytest.mark.parametrize(("request_args", "lever"), [
+    ({}, "-ub 2048 streams them 4x less often"),
+    ({"host_weights": "mapped", "n_ubatch": 1024}, "-ub 2048 streams them 2x less often"),
+    ({"n_batch": 512}, "once per ubatch: -b 2048 -ub 2048 streams them 4x less often"),
+    ({"n_ubatch": 2048}, None),  # already
+    ({"host_weights": "repacked"}, None),  # never streamed
+])
+def test_a_streaming_plan_names_the_ubatch_lever(moe: ModelProfile, request_args: dict, lever: str | None) -> None:
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, **request_args), OPTIONS)
+    streaming = [note for note in plan.notes if note.startswith("prompts stream the host's weights")]
+    assert [lever in note for note in streaming] == ([True] if lever else [])
+    workers = make_plan(moe, [rpc(0, 10 * GIB, "127.0.0.1:1")], Request(ctx_tokens=16384, **request_args), OPTIONS)
+    assert not any(note.startswith("prompts stream") for note in workers.notes)  # workers stream nothing
