@@ -72,11 +72,16 @@ def holds_host_weights(profile: ModelProfile, choice: Choice) -> bool:
     return spilled and bool(choice.order)
 
 
+def streams_host_weights(choice: Choice) -> bool:
+    """Whether a GPU of the plan streams weights left in host memory to itself for large batches."""
+    return any(device.backend in STREAMING_BACKENDS for device in choice.order)
+
+
 def host_weights_mode(profile: ModelProfile, request: Request, choice: Choice) -> str | None:
     """How the plan keeps the weights it leaves in host memory (`auto` resolved); None: it leaves none."""
     if not holds_host_weights(profile, choice):
         return None
-    return resolved_host_weights(request.host_weights, any(d.backend in STREAMING_BACKENDS for d in choice.order))
+    return resolved_host_weights(request.host_weights, streams_host_weights(choice))
 
 
 def host_weights_args(mode: str, options: ArgvOptions) -> list[str]:

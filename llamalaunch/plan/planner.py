@@ -8,9 +8,15 @@ from dataclasses import replace
 
 from llamalaunch.model.estimate import SlotRange
 from llamalaunch.model.profile import ModelProfile
-from llamalaunch.plan.argv import ArgvOptions, build_argv, host_weights_args, host_weights_mode
+from llamalaunch.plan.argv import (
+    ArgvOptions,
+    build_argv,
+    host_weights_args,
+    host_weights_mode,
+    streams_host_weights,
+)
 from llamalaunch.plan.choose import alternatives, candidates, pick
-from llamalaunch.plan.request import STREAMING_BACKENDS, Request
+from llamalaunch.plan.request import Request
 from llamalaunch.plan.search import Planner, round_ctx
 from llamalaunch.plan.speed import STREAM_BYTES_S
 from llamalaunch.plan.split import CTX_STEP, Choice, device_limit
@@ -118,8 +124,7 @@ LARGE_UBATCH = 2048  # llama.cpp's default -b: the largest ubatch one prompt bat
 
 def streaming_note(request: Request, mode: str, choice: Choice) -> str:
     """The lever on prompt speed when a GPU streams host weights: it does so once per ubatch ("" if none)."""
-    streams = mode in STREAM_BYTES_S and any(device.backend in STREAMING_BACKENDS for device in choice.order)
-    if not streams or request.n_ubatch >= LARGE_UBATCH:
+    if mode not in STREAM_BYTES_S or not streams_host_weights(choice) or request.n_ubatch >= LARGE_UBATCH:
         return ""
     # measured on an H100 (bench/results/h100-2026-12-07e): 2048 against 512, pinned: prompts 1.7-1.9x
     batch = f" -b {LARGE_UBATCH}" if request.n_batch < LARGE_UBATCH else ""
@@ -130,7 +135,7 @@ def streaming_note(request: Request, mode: str, choice: Choice) -> str:
 
 def host_weights_note(mode: str, choice: Choice, options: ArgvOptions) -> str:
     """The --host-weights mode of a plan that leaves weights in host memory, its flags, and what it trades."""
-    gpu = any(device.backend in STREAMING_BACKENDS for device in choice.order)
+    gpu = streams_host_weights(choice)
     flags = " ".join(host_weights_args(mode, options)) or "no flag"
     how = (_HOST_WEIGHTS_WITH_GPU if gpu else _HOST_WEIGHTS_WITHOUT_GPU)[mode]
     return f"host weights {mode} ({flags}): {how}; --host-weights chooses auto, pinned, mapped or repacked"
