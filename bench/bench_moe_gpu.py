@@ -37,6 +37,7 @@ from bench.llama_runs import (
     stop_process,
     timed_completions,
 )
+from llamalaunch.plan.planner import LARGE_UBATCH
 from tests.synthetic import SyntheticShape, write_synthetic
 
 MIB = 1 << 20
@@ -176,15 +177,14 @@ def n_cpu_moe_search(server: Path, models: Models, case: Case, start: int, logs:
     return found
 
 
-# Ours (mapped, the default) with the host's weights held the other ways (--host-weights); later flags win in
-# llama-server, so each variant's flag overrides whatever the plan's own mode put in its argv.
+# Ours (pinned where a GPU streams host weights: the default) with the host's weights held the other ways
+# (--host-weights); later flags win in llama-server, so each variant's flag overrides the plan's own mode.
 # threads: one per core this process may run on (llama.cpp's default counts physical cores).
 CORES = str(len(os.sched_getaffinity(0)))
-VARIANTS = {"pinned": ["-lm", "none"], "repacked": ["-lm", "mmap", "--no-host"], "threads": ["-t", CORES, "-tb", CORES]}
+VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"], "threads": ["-t", CORES, "-tb", CORES]}
 # whole: ours with no block split device/host; ubatch: ours planned with -ub 2048 (a prompt streams the host's
 # experts to the GPU once per ubatch: 4x fewer times, for a larger compute buffer and fewer experts on the GPU)
 PARTS = ("ours", *VARIANTS, "whole", "ubatch", "ubatch_pinned", "fit", "search", "max")
-LARGE_UBATCH = "2048"
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
                 contender("ours_whole", whole["argv"], False)
         if "ubatch" in parts or "ubatch_pinned" in parts:
             large, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
-                                                "-ub", LARGE_UBATCH])
+                                                "-ub", str(LARGE_UBATCH)])
             record["plan_ubatch"] = {k: large.get(k) for k in ("ctx", "host_expert_layers", "host_expert_parts",
                                                                "error")}
         if "ubatch" in parts and "argv" in large:
