@@ -37,7 +37,6 @@ from bench.llama_runs import (
     stop_process,
     timed_completions,
 )
-from llamalaunch.plan.planner import LARGE_UBATCH
 from tests.synthetic import SyntheticShape, write_synthetic
 
 MIB = 1 << 20
@@ -185,6 +184,7 @@ VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["
 # whole: ours with no block split device/host; ubatch: ours planned with -ub 2048 (a prompt streams the host's
 # experts to the GPU once per ubatch: 4x fewer times, for a larger compute buffer and fewer experts on the GPU)
 PARTS = ("ours", *VARIANTS, "whole", "ubatch", "ubatch_pinned", "fit", "search", "max")
+LARGE_UBATCH = 2048  # the -ub a plan's note names when a GPU streams host weights
 
 
 @dataclass(frozen=True)
