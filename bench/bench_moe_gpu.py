@@ -180,7 +180,8 @@ def n_cpu_moe_search(server: Path, models: Models, case: Case, start: int, logs:
 # (--host-weights); later flags win in llama-server, so each variant's flag overrides the plan's own mode.
 # threads: one per core this process may run on (llama.cpp's default counts physical cores).
 CORES = str(len(os.sched_getaffinity(0)))
-VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"], "threads": ["-t", CORES, "-tb", CORES]}
+VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"],
+            "threads": ["-t", CORES, "-tb", CORES]}
 # whole: ours with no block split device/host; ubatch: ours planned with -ub 2048 (a prompt streams the host's
 # experts to the GPU once per ubatch: 4x fewer times, for a larger compute buffer and fewer experts on the GPU)
 PARTS = ("ours", *VARIANTS, "whole", "ubatch", "ubatch_pinned", "fit", "search", "max")
@@ -205,10 +206,15 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
     rpc: list[str] = []
     budget: list[str] = []
 
+    def fill_twin(measured: dict, key: str) -> None:
+        if fill and measured["ok"]:
+            measured.update(fill_check(server, measured["argv"], models.zero / case.model, case.ctx,
+                                       logs / f"{key}-fill.log"))
+
     def contender(key: str, argv: list[str], fills: bool) -> None:
         record[key] = measure(server, argv, logs / f"{key}.log")
-        if fill and fills and record[key]["ok"]:
-            record[key].update(fill_check(server, argv, models.zero / case.model, case.ctx, logs / f"{key}-fill.log"))
+        if fills:
+            fill_twin(record[key], key)
         print(key, json.dumps(record[key]), flush=True)
         saved(record)
 
@@ -242,6 +248,7 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
                                                 "--cpu-experts", str(host_blocks + 1)])
             if "argv" in whole:
                 contender("ours_whole", whole["argv"], False)
+        large: dict = {}
         if "ubatch" in parts or "ubatch_pinned" in parts:
             large, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "-ub", str(LARGE_UBATCH)])
@@ -256,9 +263,8 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
         start = host_blocks or 24
         if not case.rpc_budget_mib and "search" in parts:
             record["n_cpu_moe"] = found = n_cpu_moe_search(server, models, case, start, logs, rpc)
-            if fill and (found.get("measured") or {}).get("ok"):
-                found["measured"].update(fill_check(server, found["measured"]["argv"], models.zero / case.model,
-                                                    case.ctx, logs / "ncmoe-best-fill.log"))
+            if "measured" in found:
+                fill_twin(found["measured"], "ncmoe-best")
             print("n-cpu-moe", json.dumps(record["n_cpu_moe"]), flush=True)
             saved(record)
         if "max" in parts:
@@ -300,7 +306,8 @@ def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in (*VARIANTS, "whole", "ubatch", "ubatch_pinned")),
+        variants = (*VARIANTS, "whole", "ubatch", "ubatch_pinned")
+        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in variants),
                       ("--fit", r.get("fit"))]
         best = (r.get("n_cpu_moe") or {})
         if best.get("measured"):
