@@ -194,10 +194,19 @@ class Models:
     zero: Path  # the same shapes with zero weights: the same buffers, fast context-filling prompts
 
 
-def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[str, ...] = PARTS,
-             saved: callable[[dict], None] = lambda record: None, fill: bool = True) -> dict:
+@dataclass(frozen=True)
+class Runs:
+    parts: tuple[str, ...] = PARTS
+    fill: bool = True  # also fill the context with each main contender's argv on the zero-weight twin
+    rounds: int = 1  # the contenders' loads again, in the same order: generation moves between loads
+    threads: tuple[int, ...] = ()  # ours again with each of these -t
+
+
+def run_case(server: Path, models: Models, case: Case, logs: Path, runs: Runs = Runs(),
+             saved: callable[[dict], None] = lambda record: None) -> dict:
     """One case; `saved(record)` after each contender, so a run cut short still leaves what it measured.
-    `fill`: also fill the context with each main contender's argv on the zero-weight twin (off: speeds only)."""
+    Round r > 1 stores a contender's load under "key@r" (no fills: memory does not move between loads)."""
+    parts = runs.parts
     model = models.varied / case.model
     record: dict = {"case": case.name, "ctx": case.ctx}
     ballast = Ballast(case.free_mib)
@@ -206,16 +215,18 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
     rpc: list[str] = []
     budget: list[str] = []
 
+    suffix = ""
+
     def fill_twin(measured: dict, key: str) -> None:
-        if fill and measured["ok"]:
+        if runs.fill and not suffix and measured["ok"]:
             measured.update(fill_check(server, measured["argv"], models.zero / case.model, case.ctx,
                                        logs / f"{key}-fill.log"))
 
     def contender(key: str, argv: list[str], fills: bool) -> None:
-        record[key] = measure(server, argv, logs / f"{key}.log")
+        record[key + suffix] = measured = measure(server, argv, logs / f"{key}{suffix}.log")
         if fills:
-            fill_twin(record[key], key)
-        print(key, json.dumps(record[key]), flush=True)
+            fill_twin(measured, key)
+        print(key + suffix, json.dumps(measured), flush=True)
         saved(record)
 
     try:
@@ -235,31 +246,37 @@ def run_case(server: Path, models: Models, case: Case, logs: Path, parts: tuple[
                                                          "weights_bytes", "kv_bytes", "compute_bytes",
                                                          "overhead_bytes", "headroom_bytes")}
                                   for d in plan.get("devices", [])]
-        if "argv" in plan and "ours" in parts:
-            contender("ours", plan["argv"], True)
-        for variant, extra in VARIANTS.items():  # the same placement, the host's weights held another way
-            if "argv" in plan and variant in parts:
-                contender(f"ours_{variant}", [*plan["argv"], *extra], False)
         host_blocks = len(plan.get("host_expert_layers") or [])
         split_blocks = {il for il, _ in plan.get("host_expert_parts") or []}
+        whole: dict = {}
         if "argv" in plan and "whole" in parts and len(split_blocks) == 1:  # does the split block cost speed?
             # the host's experts as whole blocks: the first MoE layers up to and including the split one
             whole, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "--cpu-experts", str(host_blocks + 1)])
-            if "argv" in whole:
-                contender("ours_whole", whole["argv"], False)
         large: dict = {}
         if "ubatch" in parts or "ubatch_pinned" in parts:
             large, _ = plan_cli(model, server, ["--ctx", str(case.ctx), *rpc, *budget, *case.ours_args,
                                                 "-ub", str(LARGE_UBATCH)])
             record["plan_ubatch"] = {k: large.get(k) for k in ("ctx", "host_expert_layers", "host_expert_parts",
                                                                "error")}
-        if "ubatch" in parts and "argv" in large:
-            contender("ours_ubatch", large["argv"], True)
-        if "ubatch_pinned" in parts and "argv" in large:
-            contender("ours_ubatch_pinned", [*large["argv"], *VARIANTS["pinned"]], False)
-        if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
-            contender("fit", ["-m", str(model), "-c", str(case.ctx)], True)
+        variants = {**{name: extra for name, extra in VARIANTS.items() if name in parts},
+                    **{f"t{n}": ["-t", str(n)] for n in runs.threads}}
+        for round_ in range(1, runs.rounds + 1):
+            suffix = "" if round_ == 1 else f"@{round_}"
+            if "argv" in plan and "ours" in parts:
+                contender("ours", plan["argv"], True)
+            for variant, extra in variants.items():  # the same placement, held or run another way
+                if "argv" in plan:
+                    contender(f"ours_{variant}", [*plan["argv"], *extra], False)
+            if "argv" in whole:
+                contender("ours_whole", whole["argv"], False)
+            if "ubatch" in parts and "argv" in large:
+                contender("ours_ubatch", large["argv"], True)
+            if "ubatch_pinned" in parts and "argv" in large:
+                contender("ours_ubatch_pinned", [*large["argv"], *VARIANTS["pinned"]], False)
+            if not case.rpc_budget_mib and "fit" in parts:  # --fit cannot budget a shared GPU between two devices
+                contender("fit", ["-m", str(model), "-c", str(case.ctx)], True)
+        suffix = ""
         start = host_blocks or 24
         if not case.rpc_budget_mib and "search" in parts:
             record["n_cpu_moe"] = found = n_cpu_moe_search(server, models, case, start, logs, rpc)
@@ -302,22 +319,46 @@ def ctx_max(server: Path, model: Path, logs: Path, rpc: list[str], budget: list[
     return found
 
 
+def loads(record: dict) -> list[tuple[str, dict]]:
+    """Each measured load of a case in run order, named as in the table ("ours t8", "--fit @2")."""
+    found = [(key, value) for key, value in record.items() if isinstance(value, dict) and "gen_tps" in value]
+    best = record.get("n_cpu_moe") or {}
+    if best.get("measured"):
+        found.append((f"--n-cpu-moe {best['best_n']}", best["measured"]))
+    return [(label(key), value) for key, value in found]
+
+
+def label(key: str) -> str:
+    """A record key as the table names it: ours_t8@2 -> "ours t8 @2", fit -> "--fit"."""
+    name, _, round_ = key.partition("@")
+    name = "--fit" if name == "fit" else name.replace("ours_", "ours ")
+    return f"{name} @{round_}" if round_ else name
+
+
+def pooled(record: dict) -> dict[str, dict]:
+    """Per contender measured in several rounds: the median over its loads' medians and over all its requests."""
+    by_name: dict[str, list[dict]] = {}
+    for name, measured in loads(record):
+        by_name.setdefault(name.split(" @")[0], []).append(measured)
+    return {name: {"loads": len(group),
+                   "gen_median_of_loads": statistics.median(m["gen_tps"] for m in group if m.get("gen_tps")),
+                   "gen_median_all": statistics.median(g for m in group for g in m.get("gen_tps_all") or []),
+                   "prompt_median_all": statistics.median(p for m in group for p in m.get("prompt_tps_all") or [])}
+            for name, group in by_name.items() if len(group) > 1 and all(m.get("gen_tps") for m in group)}
+
+
 def table(results: list[dict]) -> list[str]:
     rows = [f"{'case':<42}{'contender':<22}{'ctx':>7}{'gen t/s':>9}{'prompt t/s':>11}{'load s':>8}"
             f"{'host RSS':>10}{'filled':>8}"]
     for r in results:
-        variants = (*VARIANTS, "whole", "ubatch", "ubatch_pinned")
-        contenders = [("ours", r.get("ours")), *((f"ours {v}", r.get(f"ours_{v}")) for v in variants),
-                      ("--fit", r.get("fit"))]
-        best = (r.get("n_cpu_moe") or {})
-        if best.get("measured"):
-            contenders.append((f"--n-cpu-moe {best['best_n']}", best["measured"]))
-        for name, m in contenders:
-            if not m:
-                continue
+        for name, m in loads(r):
             rows.append(f"{r['case']:<42}{name:<22}{m.get('n_ctx') or 0:>7}{m.get('gen_tps') or 0:>9.1f}"
                         f"{m.get('prompt_tps') or 0:>11.0f}{m.get('load_s') or 0:>8.1f}"
                         f"{m.get('host_rss_mib') or 0:>9}M{m.get('filled', '-')!s:>8}")
+        for name, summary in pooled(r).items():
+            rows.append(f"{r['case']:<42}{name + ' pooled':<22}{'':>7}{summary['gen_median_of_loads']:>9.1f}"
+                        f"{summary['prompt_median_all']:>11.0f}  ({summary['loads']} loads; all requests' gen "
+                        f"median {summary['gen_median_all']:.1f})")
         if r.get("max_ours_ctx"):
             true = r.get("max_true_ctx") or 0
             rows.append(f"{r['case']:<42}{'--ctx max':<22}{r['max_ours_ctx']:>7}  true max {true}  "
@@ -334,6 +375,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS))
     parser.add_argument("--tag", default="moe", help="name of the result files")
     parser.add_argument("--no-fill", action="store_true", help="speeds only: no context-filling prompt")
+    parser.add_argument("--rounds", type=int, default=1, help="load the contenders this many times, in turn")
+    parser.add_argument("--threads", default="", help="comma-separated -t values to run ours with as well")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
@@ -344,8 +387,9 @@ def main() -> None:
     for key in args.cases:
         def saved(record: dict) -> None:
             (args.out / f"{args.tag}.json").write_text(json.dumps([*results, record], indent=2) + "\n")
-        results.append(run_case(args.server, models, CASES[key], args.logs, tuple(args.parts.split(",")), saved,
-                                not args.no_fill))
+        runs = Runs(tuple(args.parts.split(",")), not args.no_fill, args.rounds,
+                    tuple(int(n) for n in args.threads.split(",") if n))
+        results.append(run_case(args.server, models, CASES[key], args.logs, runs, saved))
         (args.out / f"{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = table(results)
     (args.out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
