@@ -111,6 +111,12 @@ def gpu_free_mib() -> int | None:
     return int(result.stdout.split()[0]) if result.returncode == 0 and result.stdout.strip() else None
 
 
+def pages_reclaimed() -> int:
+    """Pages the kernel has reclaimed since boot (kswapd and direct): reclaim during a run takes CPU time."""
+    with open("/proc/vmstat") as vmstat:
+        return sum(int(value) for key, value in (line.split() for line in vmstat) if key.startswith("pgsteal_"))
+
+
 def measure(server: Path, argv: list[str], log_path: Path) -> dict:
     """One load: ready, 3 x (1,024-token prompt + 128 generated)."""
     port = free_port()
@@ -129,7 +135,10 @@ def measure(server: Path, argv: list[str], log_path: Path) -> dict:
             record["ready"] = ready
             record["load_s"] = round(time.monotonic() - started, 2)
             record["gpu_free_after_load_mib"] = gpu_free_mib()
+            record["host_available_mib"] = round(psutil.virtual_memory().available / MIB)
+            reclaimed_before = pages_reclaimed()
             gen, prompt, failed = timed_completions(port, PROMPT_TOKENS, GEN_TOKENS, 3 if ready else 0)
+            record["pages_reclaimed_during_requests"] = pages_reclaimed() - reclaimed_before
             if failed:
                 record["failed"] = failed
             record["gen_tps"] = round(statistics.median(gen), 2) if gen else None
@@ -180,7 +189,8 @@ def n_cpu_moe_search(server: Path, models: Models, case: Case, start: int, logs:
 # (--host-weights); later flags win in llama-server, so each variant's flag overrides the plan's own mode.
 # threads: one per core this process may run on (llama.cpp's default counts physical cores).
 CORES = str(len(os.sched_getaffinity(0)))
-VARIANTS = {"pinned": ["-lm", "none"], "mapped": ["-lm", "mmap"], "repacked": ["-lm", "mmap", "--no-host"],
+VARIANTS = {"pinned": ["-lm", "none"], "dio": ["-lm", "dio"], "mapped": ["-lm", "mmap"],
+            "repacked": ["-lm", "mmap", "--no-host"],
             "threads": ["-t", CORES, "-tb", CORES]}
 # whole: ours with no block split device/host; ubatch: ours planned with -ub 2048 (a prompt streams the host's
 # experts to the GPU once per ubatch: 4x fewer times, for a larger compute buffer and fewer experts on the GPU)
