@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand
 from typer.main import get_command_name
 
 from llamalaunch import cli_ops, cli_status, cli_values
 from llamalaunch.cli_common import (
+    PLAIN_HELP,
+    WholeCommandHelp,
     chosen_model,
     err,
     given_program,
@@ -47,7 +49,7 @@ def usage_errors_on_one_line() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-class OneLineUsageErrors(TyperGroup):
+class OneLineUsageErrors(WholeCommandHelp):
     """The root command: usage errors of any command below it come out as one line."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
@@ -76,8 +78,9 @@ class ArgsAfterSeparator(TyperCommand):
 
 
 app = typer.Typer(help="Plan and launch llama.cpp's llama-server across uneven GPUs and RPC workers.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineUsageErrors)
-toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True)
+                  no_args_is_help=True, rich_markup_mode=PLAIN_HELP, pretty_exceptions_enable=False, cls=OneLineUsageErrors)
+toolchain_app = typer.Typer(help="Show or build the llama.cpp binaries llamalaunch uses.", invoke_without_command=True,
+                            rich_markup_mode=PLAIN_HELP, cls=WholeCommandHelp)
 app.add_typer(toolchain_app, name="toolchain")
 
 # --- shared options (spellings, defaults and help: options.py) --------------------------------------
@@ -150,8 +153,8 @@ def toolchain_show(ctx: typer.Context, llama_server: str | None = opt("llama_ser
 @toolchain_app.command("install")
 @reports_errors
 def toolchain_install(cuda: Annotated[bool, typer.Option("--cuda", help="Build with CUDA.")] = False,
-                      jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Parallel jobs.")] = None,
-                      sdist: Annotated[Path | None, typer.Option("--sdist", help="Local copy of the pinned "
+                      jobs: Annotated[int | None, typer.Option("-j", "--jobs", metavar="N", help="Parallel jobs.")] = None,
+                      sdist: Annotated[Path | None, typer.Option("--sdist", metavar="DIR", help="Local copy of the pinned "
                                                                                      "sdist.")] = None) -> None:
     """Build llama-server, ggml-rpc-server and llama-fit-params from the pinned llama.cpp sdist."""
     from llamalaunch.toolchain.install import install

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.observe.console import escape, lazy_console
@@ -19,6 +20,21 @@ from llamalaunch.options import OPTIONS_BY_NAME
 out = lazy_console()  # rich is imported when something is printed: never on a --json path
 err = lazy_console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+# --help as click prints it: wrapped to the terminal, nothing cut with "…" in 80 columns or a pipe (typer's
+# rich panels cut option names and squeeze their help into a narrow column there)
+PLAIN_HELP = None
+
+
+class WholeCommandHelp(TyperGroup):
+    """A group whose --help lists each command with its whole first sentence, wrapped (click would cut it
+    to fit one line with "...")."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        commands = [(name, command) for name in self.list_commands(ctx)
+                    if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if commands:
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit=1_000)) for name, command in commands])
 
 
 def reports_errors(command: F) -> F:
@@ -51,8 +67,10 @@ def opt(name: str) -> Any:
     option = OPTIONS_BY_NAME[name]
     value = list(option.default) if isinstance(option.default, tuple) else option.default
     if not option.flags:
-        return typer.Argument(value, help=option.help)
-    return typer.Option(value, *option.flags, help=option.help)
+        return typer.Argument(value, help=option.help, metavar=option.metavar)
+    if option.kind == "bool":
+        return typer.Option(value, *option.flags, help=option.help)
+    return typer.Option(value, *option.flags, help=option.help, metavar=option.metavar)
 
 
 def given_program(ctx: Any, name: str = "llama_server") -> tuple[str | None, str | None]:

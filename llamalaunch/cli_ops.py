@@ -17,7 +17,9 @@ import typer
 from typer.core import TyperCommand
 
 from llamalaunch.cli_common import (
+    PLAIN_HELP,
     WHAT_IF_OPTIONS,
+    WholeCommandHelp,
     chosen_model,
     err,
     opt,
@@ -61,7 +63,7 @@ def _on_version_option(value: bool) -> None:
 
 def root_callback(ctx: typer.Context,
                   config: Annotated[Path | None, typer.Option(
-                      "--config", help="TOML profile with option values (see configs/). Precedence: command "
+                      "--config", metavar="FILE", help="TOML profile with option values (see configs/). Precedence: command "
                                        "line > LLAMALAUNCH_<OPTION> > profile > defaults. Default: "
                                        "$LLAMALAUNCH_CONFIG, else ~/.config/llamalaunch/config.toml.")] = None,
                   version: Annotated[bool, typer.Option(
@@ -87,7 +89,7 @@ def _on_config_option(ctx: typer.Context, value: Path | None) -> Path | None:
 
 # Add `config: ConfigOpt = None` to a command to accept `--config FILE` after its name too.
 ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", is_eager=True, callback=_on_config_option,
+    "--config", metavar="FILE", is_eager=True, callback=_on_config_option,
     help="TOML profile (see configs/); command line > LLAMALAUNCH_<OPTION> > profile > defaults.")]
 
 
@@ -100,7 +102,7 @@ def _settings(ctx: typer.Context) -> tuple[Any, dict[str, Any]]:
 
 
 def config_show(ctx: typer.Context,
-                command: Annotated[str, typer.Option("--for", help="Whose options: serve, plan, devices, "
+                command: Annotated[str, typer.Option("--for", metavar="COMMAND", help="Whose options: serve, plan, devices, "
                                                                    "toolchain or worker.")] = "serve",
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
                 config: ConfigOpt = None) -> None:
@@ -202,18 +204,18 @@ def _worker_view(console: Any, quiet: bool) -> Callable[[Any], None]:
 def systemd_command(
         ctx: typer.Context,
         kind: Annotated[str, typer.Argument(
-            help="server (llamalaunch serve) or worker (llamalaunch worker, a template unit per GPU).")],
+            metavar="KIND",             help="server (llamalaunch serve) or worker (llamalaunch worker, a template unit per GPU).")],
         user: Annotated[bool, typer.Option(
             "--user", help="A user unit (systemctl --user) instead of a system unit.")] = False,
         install_units: Annotated[bool, typer.Option("--install", help="Write the unit instead of printing "
                                                                       "it.")] = False,
-        unit_dir: Annotated[Path | None, typer.Option("--unit-dir", help="Folder to write it to (default: "
+        unit_dir: Annotated[Path | None, typer.Option("--unit-dir", metavar="DIR", help="Folder to write it to (default: "
                                                                          "systemd's).")] = None,
-        run_as: Annotated[str | None, typer.Option("--run-as", help="User= of a system unit (default: "
+        run_as: Annotated[str | None, typer.Option("--run-as", metavar="USER", help="User= of a system unit (default: "
                                                                     "you; root: root).")] = None,
-        env: Annotated[list[str], typer.Option("--env", help="Extra Environment= NAME=VALUE (repeatable).")]
+        env: Annotated[list[str], typer.Option("--env", metavar="NAME=VALUE", help="Extra Environment= NAME=VALUE (repeatable).")]
         = [],  # noqa: B006
-        config: Annotated[Path | None, typer.Option("--config", help="Profile the unit runs with "
+        config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="Profile the unit runs with "
                                                                      "(ExecStart gets its absolute "
                                                                      "path).")] = None) -> None:
     """Print (or --install) a systemd unit running `serve` or `worker` with the options that follow."""
@@ -339,7 +341,7 @@ def register(app: typer.Typer) -> None:
     if app.registered_callback is None:
         app.callback()(reports_errors(root_callback))
     config_app = typer.Typer(help="Show the options a profile and the environment give each command.",
-                             no_args_is_help=True)
+                             no_args_is_help=True, rich_markup_mode=PLAIN_HELP, cls=WholeCommandHelp)
     config_app.command("show")(reports_errors(config_show))
     app.add_typer(config_app, name="config")
     app.command("worker")(reports_errors(worker_command))

@@ -18,15 +18,15 @@ if TYPE_CHECKING:
 EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
 
 
-def status(name: Annotated[str | None, typer.Option("--name", help="Which serve run (see `serve --name`).")]
+def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Which serve run (see `serve --name`).")]
            = None,
-           url: Annotated[str | None, typer.Option("--url", help="Any llama-server, e.g. http://127.0.0.1:8080.")]
+           url: Annotated[str | None, typer.Option("--url", metavar="URL", help="Any llama-server, e.g. http://127.0.0.1:8080.")]
            = None,
            once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
            as_json: Annotated[bool, typer.Option("--json", help="Print the same data as JSON and exit.")] = False,
-           api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="File with the server's "
+           api_key_file: Annotated[Path | None, typer.Option("--api-key-file", metavar="FILE", help="File with the server's "
                                                                                       "API key.")] = None,
-           log_lines: Annotated[int, typer.Option("--log-lines", help="Log lines in a --once frame.")] = 12,
+           log_lines: Annotated[int, typer.Option("--log-lines", metavar="N", help="Log lines in a --once frame.")] = 12,
            ) -> None:
     """Show a running server: memory per device (planned, llama.cpp's, live), slots, tokens/s, log.
 

@@ -61,6 +61,11 @@ class Option:
             return self.allowed
         return f"{self.allowed} from {show_number(self.bounds[0])} to {show_number(self.bounds[1])}"
 
+    @property
+    def metavar(self) -> str:
+        """How --help shows the option's value: `--budget NAME=SIZE`, `-ngl N|all|auto`."""
+        return METAVARS.get(self.name) or KIND_METAVARS.get(self.kind, "TEXT")
+
     def out_of_bounds(self, value: float) -> bool:
         return self.bounds is not None and (math.isnan(value) or not self.bounds[0] <= value <= self.bounds[1])
 
@@ -74,6 +79,15 @@ _TABLE = 'a table of device names to sizes, like { CUDA1 = "1GiB" }'
 _BOOL = "true or false"
 _CACHE_TYPE = "a cache type llama.cpp knows, like f16, q8_0 or q4_0"
 _W = WORKER_SECTION
+# --help's names for values (typer's own would be <str>, <list[str]>): by kind, then by option where it says more
+KIND_METAVARS = {"tokens": "TOKENS", "int": "N", "float": "SECONDS", "size": "SIZE", "sizes": "NAME=SIZE",
+                 "path": "FILE", "program": "PATH", "names": "NAME,...", "list": "NAME", "layers": "N|all|auto",
+                 "switch": "on|off|auto", "gpus": "all|cpu|0,2", "str": "TEXT"}
+METAVARS = {"model": "MODEL", "ctx": "TOKENS|max", "rpc": "HOST:PORT", "assume": "NAME=FREE[/TOTAL]",
+            "link": "NAME=RATE/ROUNDTRIP", "device_speed": "NAME=SPEED", "cache_type_k": "TYPE",
+            "cache_type_v": "TYPE", "host_weights": "auto|pinned|mapped|repacked", "prefer": "context|speed",
+            "host": "ADDRESS", "metrics_host": "ADDRESS", "worker.host": "ADDRESS", "port": "PORT",
+            "metrics_port": "PORT", "worker.port_base": "PORT", "worker.metrics_port": "PORT", "name": "NAME"}
 # No square brackets in help texts: typer renders them as rich markup ("[/TOTAL]" is a closing tag).
 OPTIONS: tuple[Option, ...] = (
     Option("model", "path", PLAN_SERVE, "a GGUF file path (relative to the profile's folder)",

@@ -92,3 +92,25 @@ def test_every_option_the_readme_gives_a_command_is_one_of_its_own() -> None:
         if flags - known:
             wrong[name] = sorted(flags - known)
     assert wrong == {}
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda path: " ".join(path) or "llamalaunch")
+def test_help_in_80_columns_cuts_nothing(path: tuple[str, ...]) -> None:
+    """A terminal of 80 columns or a pipe: every option's value named (no typer <str>/<list[str]>), no name or
+    text cut with "…", each command's whole first sentence in a group's list (click would end it "...")."""
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, prog_name="llamalaunch")
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "╭" not in result.output, result.output
+    names = [re.split(r"\s{2,}", line.strip())[0] for line in result.output.splitlines()
+             if line.lstrip().startswith("-")]
+    assert names and not [name for name in names if "<" in name], names
+    assert not [line for line in result.output.splitlines()
+                if line.endswith("...") and not line.startswith("Usage:")], result.output
+
+
+def test_options_show_the_tables_value_names() -> None:
+    result = CliRunner().invoke(app, ["plan", "--help"], env={"COLUMNS": "80"}, prog_name="llamalaunch")
+    text = " ".join(result.output.split())
+    for shown in ("--budget NAME=SIZE", "-ngl, --gpu-layers N|all|auto", "--rpc HOST:PORT", "-c, --ctx-size, --ctx "
+                  "TOKENS|max", "--host-weights auto|pinned|mapped|repacked", "--assume NAME=FREE[/TOTAL]"):
+        assert shown in text, shown
