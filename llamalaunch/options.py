@@ -87,7 +87,8 @@ METAVARS = {"model": "MODEL", "ctx": "TOKENS|max", "rpc": "HOST:PORT", "assume":
             "link": "NAME=RATE/ROUNDTRIP", "device_speed": "NAME=SPEED", "cache_type_k": "TYPE",
             "cache_type_v": "TYPE", "host_weights": "auto|pinned|mapped|repacked", "prefer": "context|speed",
             "host": "ADDRESS", "metrics_host": "ADDRESS", "worker.host": "ADDRESS", "port": "PORT",
-            "metrics_port": "PORT", "worker.port_base": "PORT", "worker.metrics_port": "PORT", "name": "NAME"}
+            "metrics_port": "PORT", "worker.port_base": "PORT", "worker.metrics_port": "PORT",
+            "worker.metrics_host": "ADDRESS", "name": "NAME"}
 # No square brackets in help texts: typer renders them as rich markup ("[/TOTAL]" is a closing tag).
 OPTIONS: tuple[Option, ...] = (
     Option("model", "path", PLAN_SERVE, "a GGUF file path (relative to the profile's folder)",

@@ -114,3 +114,10 @@ def test_options_show_the_tables_value_names() -> None:
     for shown in ("--budget NAME=SIZE", "-ngl, --gpu-layers N|all|auto", "--rpc HOST:PORT", "-c, --ctx-size, --ctx "
                   "TOKENS|max", "--host-weights auto|pinned|mapped|repacked", "--assume NAME=FREE[/TOTAL]"):
         assert shown in text, shown
+
+
+def test_every_valued_option_has_a_value_name_that_says_more_than_text() -> None:
+    from llamalaunch.options import OPTIONS
+
+    assert [option.name for option in OPTIONS if option.flags and option.kind != "bool"
+            and option.metavar == "TEXT"] == []
