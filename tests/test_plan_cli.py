@@ -43,6 +43,7 @@ def test_table_names_devices_layers_and_the_command_line(demo_model: Path) -> No
     result = run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--ctx", "4k")
     assert result.returncode == 0, result.stderr
     assert "ctx 4096  layers on devices 31/31" in result.stdout
+    assert not [line for line in result.stdout.splitlines() if line != line.rstrip()]  # piped: no padded lines
     assert "│ CUDA0  │ 24.00 GiB │ 0-30  │     31 │" in result.stdout
     assert "-c 4096 -ngl 31" in result.stdout
 

@@ -190,6 +190,10 @@ def test_ctx_max_with_cpu_spill_keeps_a_useful_context(llama_70b: ModelProfile) 
     plan = make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=None, cpu_spill=True), OPTIONS)
     assert plan.ctx_tokens == 4096
     assert 0 < plan.n_gpu_layers < llama_70b.n_slots
+    assert "--ctx max with layers on the CPU: ctx 4096 (llama.cpp --fit's floor: a larger context leaves fewer " \
+           "layers on the devices); --ctx chooses another" in plan.notes  # said, not done silently
+    given = make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=4096, cpu_spill=True), OPTIONS)
+    assert not [note for note in given.notes if "--ctx max" in note]
 
 
 def test_the_suggested_context_respects_a_forced_layer_count(llama_8b: ModelProfile) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -79,3 +79,7 @@ def surely_not_a_terminal(stream: Any) -> bool:
         return os.environ.get("TTY_COMPATIBLE") == "0"
     isatty = getattr(stream, "isatty", None)
     return isatty is None or not isatty()
+
+
+# A table title at the left, unpadded: rich's "left" pads its line to the table's width with trailing spaces.
+TITLE_LEFT: Literal["default"] = "default"

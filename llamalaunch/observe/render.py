@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llamalaunch.model.compare import ComponentRow, within_tolerance
+from llamalaunch.observe.console import TITLE_LEFT
 from llamalaunch.plan.types import DevicePlan, Plan
 from llamalaunch.probe.device import Device, HostMemory
 from llamalaunch.toolchain.discover import Binary, Toolchain
@@ -26,7 +27,7 @@ def plan_table(plan: Plan) -> Table:
     model = plan.model
     title = (f"{model.name or model.arch} ({model.arch}, {model.n_layer} blocks + output)  "
              f"ctx {plan.ctx_tokens}  layers on devices {plan.n_gpu_layers}/{model.n_slots}")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify=TITLE_LEFT)
     reserved = any(device.reserved_bytes for device in plan.devices)
     moe = bool(model.expert_layers)
     columns = ["device", "free", "slots", "layers", *(["experts"] if moe else []), "weights", "KV", "compute",
@@ -80,7 +81,7 @@ def speed_line(plan: Plan) -> Text | None:
 
 def alternatives_table(plan: Plan) -> Table:
     """`plan --compare`: the placements that fit, the chosen one first."""
-    table = Table(title="placements that fit (est. tok/s, one sequence)", title_justify="left")
+    table = Table(title="placements that fit (est. tok/s, one sequence)", title_justify=TITLE_LEFT)
     for column in ("", "placement", "ctx", "generation", "prompt"):
         table.add_column(column, justify="left" if column in ("", "placement") else "right")
     for alternative in plan.alternatives:
@@ -101,7 +102,7 @@ def plan_view(plan: Plan) -> Group:
 
 def devices_table(devices: Sequence[Device], host: HostMemory | None, unknown: Sequence[str] = ()) -> Table:
     """`unknown`: names of devices whose memory could not be read (a busy worker): "?" rather than 0."""
-    table = Table(title="devices in llama.cpp order", title_justify="left")
+    table = Table(title="devices in llama.cpp order", title_justify=TITLE_LEFT)
     for column in ("#", "name", "backend", "description", "free", "total", "where"):
         table.add_column(column, justify="right" if column in ("#", "free", "total") else "left")
     for device in devices:
@@ -117,7 +118,7 @@ def devices_table(devices: Sequence[Device], host: HostMemory | None, unknown: S
 
 
 def toolchain_table(toolchain: Toolchain) -> Table:
-    table = Table(title=f"llama.cpp toolchain (llama-server found via {toolchain.source})", title_justify="left")
+    table = Table(title=f"llama.cpp toolchain (llama-server found via {toolchain.source})", title_justify=TITLE_LEFT)
     for column in ("binary", "path", "version", "backend", "knows"):
         table.add_column(column, overflow="fold")
     binaries: list[tuple[str, Binary | None]] = [
@@ -134,7 +135,7 @@ def toolchain_table(toolchain: Toolchain) -> Table:
 
 def verify_table(rows: Sequence[ComponentRow]) -> Table:
     """`plan --verify`: what the plan said against what llama-server allocated, per device and component."""
-    table = Table(title="planned vs llama-server's own buffers (a real load of the plan's argv)", title_justify="left")
+    table = Table(title="planned vs llama-server's own buffers (a real load of the plan's argv)", title_justify=TITLE_LEFT)
     for column in ("device", "component", "planned", "llama-server", "difference", "within tolerance"):
         table.add_column(column, justify="left" if column in ("device", "component") else "right", no_wrap=True)
     for row in rows:

@@ -14,6 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from llamalaunch.observe.console import TITLE_LEFT
 from llamalaunch.observe.snapshot import DeviceStatus, HostStatus, LogEntry, ServerStats, StatusSnapshot
 from llamalaunch.units import GIB, MIB
 
@@ -135,7 +136,7 @@ WIDE_COLUMNS = 100  # below this many columns the bar gives way to a plain perce
 
 def devices_table(snapshot: StatusSnapshot, bar_width: int = BAR_WIDTH) -> Table:
     """Per device: planned weights/KV/compute, llama.cpp's own total, used/free now; `bar_width` 0: no bar."""
-    table = Table(title="memory per device: planned · llama.cpp's own figures · in use now", title_justify="left",
+    table = Table(title="memory per device: planned · llama.cpp's own figures · in use now", title_justify=TITLE_LEFT,
                   title_style="bold", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, collapse_padding=True,
                   show_edge=False)
     for column in ("device", "layers", "weights", "KV", "compute", "planned", "llama.cpp", "used", "free",
@@ -234,7 +235,7 @@ def server_line(stats: ServerStats) -> Text:
 def attempts_table(snapshot: StatusSnapshot) -> Table | None:
     if not snapshot.attempts:
         return None
-    table = Table(title="OOM ladder: loads that ran out of memory, and what was learnt", title_justify="left",
+    table = Table(title="OOM ladder: loads that ran out of memory, and what was learnt", title_justify=TITLE_LEFT,
                   title_style="bold yellow")
     for column in ("#", "ctx", "ngl", "layers", "outcome"):
         table.add_column(column, justify="right" if column in ("#", "ctx", "ngl") else "left")

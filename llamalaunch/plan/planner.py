@@ -26,10 +26,14 @@ from llamalaunch.probe.speed_figures import SpeedFigures
 from llamalaunch.units import format_bytes
 
 
-def plan_notes(planner: Planner, ctx_tokens: int) -> tuple[str, ...]:
+def plan_notes(planner: Planner, ctx_tokens: int, choice: Choice) -> tuple[str, ...]:
     """What the plan does other than asked, said rather than done silently."""
     request, profile = planner.request, planner.profile
     notes = []
+    if request.ctx_tokens is None and request.cpu_spill and planner.devices \
+            and choice.n_gpu_layers < planner.layers_wanted():
+        notes.append(f"--ctx max with layers on the CPU: ctx {ctx_tokens} (llama.cpp --fit's floor: a larger "
+                     "context leaves fewer layers on the devices); --ctx chooses another")
     if request.ctx_tokens is not None and ctx_tokens < round_ctx(request.ctx_tokens):
         notes.append(f"--ctx {request.ctx_tokens} does not fit: ctx {ctx_tokens} is used, the largest that does "
                      f"(--ctx-min {request.ctx_min_tokens})")
@@ -65,7 +69,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[Device], request: Request
     if on_choice is not None:
         on_choice(ctx_tokens, choice)
     plan = assemble(planner, ctx_tokens, choice, options)
-    plan = replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens)))
+    plan = replace(plan, notes=(*plan.notes, *plan_notes(planner, ctx_tokens, choice)))
     if picked is None:
         return plan
     return replace(plan, speed=picked.speed, alternatives=alternatives(found, picked))
