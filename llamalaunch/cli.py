@@ -272,7 +272,7 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
           kv_unified: bool = opt("kv_unified"), batch: int = opt("batch"), ubatch: int = opt("ubatch"),
           cache_type_k: str = opt("cache_type_k"), cache_type_v: str = opt("cache_type_v"),
           flash_attn: str = opt("flash_attn"), swa_full: bool = opt("swa_full"), rpc: list[str] = opt("rpc"),
-          assume: list[str] = opt("assume"), inventory: Path | None = opt("inventory"),
+          assume: list[str] = opt("assume", hidden=True), inventory: Path | None = opt("inventory", hidden=True),
           device: str | None = opt("device"), exclude: list[str] = opt("exclude"),
           reserve: list[str] = opt("reserve"), budget: list[str] = opt("budget"),
           margin: str | None = opt("margin"), cpu_spill: bool = opt("cpu_spill"),

@@ -61,16 +61,17 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def opt(name: str) -> Any:
+def opt(name: str, hidden: bool = False) -> Any:
     """The typer declaration of option `name` ("ctx", "worker.port_base"): spellings, default and help from
-    the table, so the command line, profiles and the environment agree."""
+    the table, so the command line, profiles and the environment agree. `hidden`: parsed (to be refused with
+    a reason) but not in --help."""
     option = OPTIONS_BY_NAME[name]
     value = list(option.default) if isinstance(option.default, tuple) else option.default
     if not option.flags:
         return typer.Argument(value, help=option.help, metavar=option.metavar)
     if option.kind == "bool":
-        return typer.Option(value, *option.flags, help=option.help)
-    return typer.Option(value, *option.flags, help=option.help, metavar=option.metavar)
+        return typer.Option(value, *option.flags, help=option.help, hidden=hidden)
+    return typer.Option(value, *option.flags, help=option.help, metavar=option.metavar, hidden=hidden)
 
 
 def given_program(ctx: Any, name: str = "llama_server") -> tuple[str | None, str | None]:

@@ -121,3 +121,10 @@ def test_every_valued_option_has_a_value_name_that_says_more_than_text() -> None
 
     assert [option.name for option in OPTIONS if option.flags and option.kind != "bool"
             and option.metavar == "TEXT"] == []
+
+
+def test_serve_help_leaves_out_the_what_if_options_it_refuses() -> None:
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}, prog_name="llamalaunch")
+    assert "--assume" not in result.output and "--inventory" not in result.output
+    refused = CliRunner().invoke(app, ["serve", "--demo", "--assume", "CUDA0=8GiB"])
+    assert refused.exit_code == 2 and "--assume gives what-if devices, for plans only" in refused.output
