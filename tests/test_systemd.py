@@ -194,6 +194,16 @@ def test_systemd_refuses_values_serve_or_worker_would_refuse_at_boot(app: typer.
     assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"error: {message}\n")
 
 
+def test_a_python_under_tmp_is_named_the_unit_cannot_see(app: typer.Typer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv under /tmp: ExecStart's interpreter is hidden by the unit's private /tmp; said now, not at boot."""
+    monkeypatch.setattr(sys, "executable", "/tmp/clone/.venv/bin/python")
+    result = invoke(app, ["systemd", "server", "--user", "--demo"])
+    assert result.exit_code == 0, result.output
+    assert directives(result.stdout)["ExecStart"][0].startswith("/tmp/clone/.venv/bin/python -m llamalaunch ")
+    assert "note: the Python that runs llamalaunch /tmp/clone/.venv/bin/python is under /tmp, which the unit " \
+        "cannot see (PrivateTmp=yes): move it elsewhere\n" in result.stderr
+
+
 def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit starts at boot from its own folder and /tmp: every path is absolute and checked now."""

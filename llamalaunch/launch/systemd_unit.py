@@ -66,12 +66,14 @@ def build_unit(request: UnitRequest, check_options: CheckOptions,
     parsed = check_options(command, (["--gpus", "all"] if kind == "worker" else []) + args,
                            kind == "server" and not {"model", "demo"} & profile_keys)
     args, path_notes = systemd.absolute_paths(args, path_options(command), Path(os.getcwd()))
-    for note in [*notes, *path_notes, systemd.unknown_user_note(request.run_as)]:
+    launcher = systemd.launcher_argv()
+    interpreter = systemd.private_tmp_note("the Python that runs llamalaunch", Path(launcher[0]))
+    for note in [*notes, *path_notes, interpreter, systemd.unknown_user_note(request.run_as)]:
         if note:
             on_note(note)
     pinned = _pinned_binaries(kind, args, profile_keys, on_note)
     options = systemd.UnitOptions(
-        launcher=systemd.launcher_argv(),
+        launcher=launcher,
         args=(*profile_args, command, *(("--gpus", systemd.INSTANCE) if kind == "worker" else ()), *args),
         user_unit=request.user, run_as=None if request.user else (request.run_as or systemd.default_run_as()),
         environment=systemd.unit_environment(kind, request.user, os.environ, pinned, request.env),
