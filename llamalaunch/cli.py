@@ -153,9 +153,10 @@ def toolchain_show(ctx: typer.Context, llama_server: str | None = opt("llama_ser
 @toolchain_app.command("install")
 @reports_errors
 def toolchain_install(cuda: Annotated[bool, typer.Option("--cuda", help="Build with CUDA.")] = False,
-                      jobs: Annotated[int | None, typer.Option("-j", "--jobs", metavar="N", help="Parallel jobs.")] = None,
-                      sdist: Annotated[Path | None, typer.Option("--sdist", metavar="DIR", help="Local copy of the pinned "
-                                                                                     "sdist.")] = None) -> None:
+                      jobs: Annotated[int | None, typer.Option("-j", "--jobs", metavar="N", min=1, help="Parallel jobs.")] = None,
+                      sdist: Annotated[Path | None, typer.Option("--sdist", metavar="PATH", help="Local copy of the pinned "
+                                                                                      "sdist, or a llama.cpp "
+                                                                                      "source folder.")] = None) -> None:
     """Build llama-server, ggml-rpc-server and llama-fit-params from the pinned llama.cpp sdist."""
     from llamalaunch.toolchain.install import install
 

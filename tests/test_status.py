@@ -33,7 +33,7 @@ from llamalaunch.observe.live_memory import MemoryReader
 from llamalaunch.observe.log_follower import LogFollower
 from llamalaunch.observe.server_stats import parse_metrics, with_recent_rates
 from llamalaunch.observe.snapshot import snapshot_to_dict
-from llamalaunch.observe.target import NoServerError, StatusTarget, resolve_target
+from llamalaunch.observe.target import NoServerError, StatusTarget, normalize_url, resolve_target
 from llamalaunch.observe.view import memory_bar, status_view
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
@@ -215,7 +215,9 @@ def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
         resolve_target()
     assert "llamalaunch serve" in (caught.value.hint or "")
     with pytest.raises(BadInputError, match="not a server address"):
-        resolve_target(url="127.0.0.1:8080")
+        resolve_target(url="http://127.0.0.1:8080/v1")
+    assert [normalize_url(url) for url in ("127.0.0.1:8080", "http://127.0.0.1:8080/", " https://h:1 ")] == \
+        ["http://127.0.0.1:8080", "http://127.0.0.1:8080", "https://h:1"]  # llama-server speaks HTTP
     me = psutil.Process()
     for name in ("a", "b"):
         _write_run(cuda_plan, pid=me.pid, started=me.create_time(), name=name)

@@ -24,7 +24,10 @@ class StatusTarget:
 
 
 def normalize_url(url: str) -> str:
+    """`http://HOST:PORT` from that, a trailing slash or HOST:PORT alone (llama-server speaks HTTP)."""
     text = url.strip().rstrip("/")
+    if not re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
+        text = f"http://{text}"
     if not re.match(r"^https?://[^/\s]+$", text):
         raise BadInputError(f"--url {url!r} is not a server address",
                             "write it like http://127.0.0.1:8080 (scheme, host and port, no path)")
