@@ -190,8 +190,10 @@ def _worker_view(console: Any, quiet: bool) -> Callable[[Any], None]:
             text = f"{label}listening on {event.message}"
         elif event.kind == "all-ready":
             text = f"ready; on the main host pass: --rpc {event.message}"
+        elif event.kind == "exited":
+            text = f"{label}{event.message}" + (f" (pid {event.pid})" if event.pid else "")
         else:
-            pid = f" (pid {event.pid})" if event.pid and event.kind in ("started", "exited") else ""
+            pid = f" (pid {event.pid})" if event.pid and event.kind == "started" else ""
             text = f"{label}{event.kind} {event.message}{pid}"
         if text is not None:
             console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -209,7 +209,7 @@ def test_worker_serves_restarts_and_stops_cleanly(llama_bin_dir: Path, start_wor
 
     (first,) = worker.rpc_servers()
     first.kill()  # kill -9 the worker's ggml-rpc-server
-    worker.wait_for("killed by SIGKILL")
+    assert worker.wait_for("killed by SIGKILL").strip() == f"CPU: ggml-rpc-server was killed by SIGKILL (pid {first.pid})"
     worker.wait_for("listening on")
     (second,) = worker.rpc_servers()
     assert second.pid != first.pid
@@ -285,6 +285,6 @@ def test_pool_gives_up_after_max_restarts(llama_bin_dir: Path) -> None:
 
     pool = WorkerPool(specs, kill_each_new_worker, notifier=Notifier({}), max_restarts=1,
                       backoff_initial_s=0.05)
-    with pytest.raises(WorkerGaveUpError, match="CPU worker .* died 2 times, last killed by SIGKILL"):
+    with pytest.raises(WorkerGaveUpError, match="CPU worker .* died 2 times; last: ggml-rpc-server was killed by SIGKILL"):
         pool.run()
     assert [event.kind for event in events].count("restarting") == 1

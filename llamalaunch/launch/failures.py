@@ -52,15 +52,15 @@ def classify_failure(lines: Sequence[str], returncode: int) -> Failure:
                    "see the server log for the full output")
 
 
-def describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int, program: str = "llama-server") -> str:
     """'llama-server exited with code 1', or 'llama-server was killed by SIGABRT' (Popen's -6)."""
     if returncode >= 0:
-        return f"llama-server exited with code {returncode}"
+        return f"{program} exited with code {returncode}"
     try:
         name = signal.Signals(-returncode).name
     except ValueError:
         name = f"signal {-returncode}"
-    return f"llama-server was killed by {name}"
+    return f"{program} was killed by {name}"
 
 
 _LOG_PREFIX = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} [IWED] ")

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from llamalaunch.errors import BadInputError, LaunchError, ToolchainError
+from llamalaunch.launch.failures import describe_exit
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.process import (
     Child,
@@ -309,12 +310,8 @@ def _listening(spec: WorkerSpec) -> bool:
         return False
 
 
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-        return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
+def worker_exit(returncode: int) -> str:
+    return describe_exit(returncode, "ggml-rpc-server")
 
 
 class _Slot:
@@ -412,7 +409,7 @@ class WorkerPool:
                     exited = self._drain(slot, wait_exit=True)  # its last lines come before its exit
                 if exited is not None:
                     raise WorkerStartError(f"{slot.spec.label} worker ({slot.spec.endpoint}) stopped while "
-                                           f"starting, {describe_exit(exited.returncode)}: "
+                                           f"starting, {worker_exit(exited.returncode)}: "
                                            + (" | ".join(slot.tail) or "no output"), _start_hint(slot.tail))
                 if not slot.listening and _listening(slot.spec):
                     slot.listening = True
@@ -457,18 +454,18 @@ class WorkerPool:
 
     def _schedule_restart(self, slot: _Slot, exit_event: ChildExit, now: float) -> None:
         pid = slot.child.pid if slot.child else None
-        self.on_event(WorkerEvent("exited", slot.spec.label, describe_exit(exit_event.returncode), pid))
+        self.on_event(WorkerEvent("exited", slot.spec.label, worker_exit(exit_event.returncode), pid))
         restart = slot.restarts.died()
         if restart.delay_s is None:
             raise WorkerGaveUpError(f"{slot.spec.label} worker ({slot.spec.endpoint}) died "
-                                    f"{restart.number} times, last {describe_exit(exit_event.returncode)}",
+                                    f"{restart.number} times; last: {worker_exit(exit_event.returncode)}",
                                     "look at its output above; raise --max-restarts to keep trying")
         delay = restart.delay_s
         slot.child = None
         slot.restart_at = now + delay
         when = f"in {delay:.1f} s (restart {restart.number})"
         self.on_event(WorkerEvent("restarting", slot.spec.label, when))
-        self.notifier.status(f"{slot.spec.label} worker died ({describe_exit(exit_event.returncode)}); "
+        self.notifier.status(f"{slot.spec.label} worker died ({worker_exit(exit_event.returncode)}); "
                              f"restarting in {delay:.0f} s")
 
     def _stop_all(self) -> None:
