@@ -140,9 +140,9 @@ OPTIONS: tuple[Option, ...] = (
            "8MiB)."),
     Option("cpu_spill", "bool", PLAN_SERVE, _BOOL, False, ("--cpu-spill",),
            "Keep the first layers on the CPU when the model does not fit."),
-    Option("gpu_layers", "layers", PLAN_SERVE, "a layer count, all or auto", None, ("-ngl", "--gpu-layers"),
-           "Layers on the devices, as llama.cpp's -ngl counts them (the output layer included): a count or "
-           "all; auto (the default): as many as fit."),
+    Option("gpu_layers", "layers", PLAN_SERVE, "a layer count, all or auto", "auto", ("-ngl", "--gpu-layers"),
+           "Layers on the devices, as llama.cpp's -ngl counts them (the output layer included): a count, all, "
+           "or auto: as many as fit."),
     Option("cpu_experts", "int", PLAN_SERVE, "a MoE layer count", None, ("--cpu-experts",),
            "MoE: keep the routed experts of the first N MoE layers in host memory (default: as many on the "
            "devices as fit).", bounds=(0, 100_000)),

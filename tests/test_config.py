@@ -173,6 +173,7 @@ def test_config_show_table(app: typer.Typer, tmp_path: Path) -> None:
     assert lines["ctx"] == ["16k", "config"]
     assert lines["margin"] == ["1GiB", "env", "LLAMALAUNCH_MARGIN"]
     assert lines["parallel"] == ["4", "default"]
+    assert lines["gpu_layers"] == ["auto", "default"]  # what the default does, not "-"
 
 
 def test_default_profile_in_the_config_folder_applies(tmp_path: Path) -> None:
