@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llamalaunch.errors import LaunchError
+from llamalaunch.observe import target
 from llamalaunch.observe.console import cli_console, escape
 
 if TYPE_CHECKING:
     from llamalaunch.observe.snapshot import StatusSnapshot
 
-EXIT_GONE = 3  # as LSB `status` actions: the program is not running (its last state is shown)
+EXIT_GONE = target.EXIT_GONE  # the server is not running (its last state is shown, if any)
 
 
 def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Which serve run (see `serve --name`).")]
@@ -31,7 +32,7 @@ def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", he
     """Show a running server: memory per device (planned, llama.cpp's, live), slots, tokens/s, log.
 
     Live until q or Ctrl-C on a terminal; one frame when the output is not a terminal (as --once);
-    exit status 3 with --once/--json when the server is gone.
+    exit status 3 when no server is running (with --once/--json: its last state is shown).
     """
     out = cli_console()
     err = cli_console(stderr=True)

@@ -214,4 +214,4 @@ def test_status_says_none_is_running_and_names_the_past_runs(home: Path) -> None
         write_state(RunState(name=name, launcher_pid=gone.pid, launcher_started_at=0.0, url="http://127.0.0.1:9",
                              model_path="m.gguf", log_path="", phase="stopped"))
     assert_refused(run_cli("status", "--once"), "no server is running here (past runs: a, b) (start one with "
-                   "`llamalaunch serve`, or see how one ended with --name NAME)", code=1)
+                   "`llamalaunch serve`, or see how one ended with --name NAME)", code=3)

@@ -221,11 +221,11 @@ def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
     me = psutil.Process()
     for name in ("a", "b"):
         _write_run(cuda_plan, pid=me.pid, started=me.create_time(), name=name)
-    with pytest.raises(NoServerError, match="several servers are running here: a, b"):
+    with pytest.raises(BadInputError, match="several servers are running here: a, b"):
         resolve_target()
     assert resolve_target(name="b").state_path is not None
     result = run_status("--name", "nope", "--once")
-    assert result.exit_code == 1 and "no server named 'nope'" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "no server named 'nope'" in result.output and "Traceback" not in result.output
 
 
 @pytest.fixture

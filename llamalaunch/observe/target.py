@@ -13,8 +13,13 @@ from llamalaunch.paths import state_dir
 ENDED_PHASES = ("stopped", "failed")
 
 
+EXIT_GONE = 3  # as LSB `status` actions: the program is not running
+
+
 class NoServerError(LaunchError):
-    """No run state to show (or several, and no --name to choose)."""
+    """No run state to show, or no server running."""
+
+    exit_code = EXIT_GONE
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ def _only_run() -> Path:
     if not live:
         raise NoServerError(f"no server is running here (past runs: {', '.join(p.stem for p in paths)})",
                             "start one with `llamalaunch serve`, or see how one ended with --name NAME")
-    raise NoServerError(f"several servers are running here: {', '.join(p.stem for p in live)}",
+    raise BadInputError(f"several servers are running here: {', '.join(p.stem for p in live)}",
                         "choose one with --name NAME")
 
 
