@@ -34,9 +34,11 @@ from llamalaunch.options import check_params
 
 
 @contextlib.contextmanager
-def usage_errors_on_one_line() -> Iterator[None]:
+def usage_errors_on_one_line(root: Any = None) -> Iterator[None]:
     """Click's usage errors (an unknown option, a value of the wrong type) as one `error:` line, exit 2:
-    the same shape as every other bad input, instead of a usage block and a boxed message."""
+    the same shape as every other bad input, instead of a usage block and a boxed message. `root`: the root
+    command's context, whose invoked command the help pointer names when click's error carries no context
+    (an option missing its value)."""
     try:
         yield
     except typer.TyperException as error:  # click's UsageError lives in typer's private copy of click
@@ -44,7 +46,12 @@ def usage_errors_on_one_line() -> Iterator[None]:
         if getattr(error, "exit_code", None) != 2 or type(error).__name__ == "NoArgsIsHelpError":
             raise  # `llamalaunch` alone prints its help
         message = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
-        where = f"`{context.command_path} --help`" if context is not None else "`llamalaunch --help`"
+        if context is not None:
+            where = f"`{context.command_path} --help`"
+        elif root is not None and root.invoked_subcommand:
+            where = f"`{root.command_path} {root.invoked_subcommand} --help`"
+        else:
+            where = "`llamalaunch --help`"
         err.print(f"[red]error:[/red] {escape(message)} (see {where})", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -61,7 +68,7 @@ class OneLineUsageErrors(WholeCommandHelp):
         return super().parse_args(ctx, args)  # type: ignore[no-any-return]
 
     def invoke(self, ctx: Any) -> Any:
-        with usage_errors_on_one_line():
+        with usage_errors_on_one_line(ctx):
             return super().invoke(ctx)
 
 

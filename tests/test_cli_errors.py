@@ -110,6 +110,7 @@ BAD_INPUT = {
     "np 0": ((*PLAN, "-np", "0"), ["-np", "out of range"]),
     "np not a number": ((*PLAN, "-np", "abc"), ["-np", "--help"]),
     "toolchain jobs below one": (("toolchain", "install", "--jobs", "-3"), ["--jobs", "greater than or equal to 1", "--help"]),
+    "ctx without its value": (("plan", "--ctx"), ["--ctx", "requires an argument", "plan --help"]),
     "ngl -1": ((*PLAN, "-ngl", "-1"), ["-ngl", "auto", "all"]),
     "ngl most": ((*PLAN, "-ngl", "most"), ["-ngl", "'most'", "auto"]),
     "batch 0": ((*PLAN, "-b", "0"), ["-b/--batch-size"]),
