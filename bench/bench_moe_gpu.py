@@ -10,7 +10,11 @@ the GPU and are fast): a prompt filling the context with each contender's argv (
 allocations happen there), the `--n-cpu-moe` search, and `--ctx max` against the true largest context
 with every expert on the host (dense parts + KV on the GPU: what --ctx max promises).
 
+Generation moves ±10-15% between loads of the same argv: `--rounds N` loads the contenders N times in turn and
+prints each one's pooled median, so a comparison rests on more than one load of each.
+
 Usage (on the GPU machine): python -m bench.bench_moe_gpu --server BIN/llama-server --out DIR [--cases a d]
+    [--parts ours,fit] [--rounds 3] [--threads 8,12] [--no-fill] [--tag NAME]
 """
 
 from __future__ import annotations
