@@ -9,14 +9,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llamalaunch.errors import LaunchError
-from llamalaunch.observe import target
+from llamalaunch.errors import LaunchError, NotRunningError
 from llamalaunch.observe.console import cli_console, escape
 
 if TYPE_CHECKING:
     from llamalaunch.observe.snapshot import StatusSnapshot
 
-EXIT_GONE = target.EXIT_GONE  # the server is not running (its last state is shown, if any)
+EXIT_GONE = NotRunningError.exit_code  # the server is not running (its last state is shown, if any)
 
 
 def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Which serve run (see `serve --name`).")]
@@ -64,8 +63,8 @@ def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", he
         raise typer.Exit(EXIT_GONE)
 
 
-class NothingAnswersError(LaunchError):
-    exit_code = EXIT_GONE
+class NothingAnswersError(NotRunningError):
+    """A bare --url where nothing answers."""
 
 
 def refuse_nothing_there(snapshot: StatusSnapshot) -> None:

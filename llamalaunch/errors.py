@@ -17,6 +17,12 @@ class LaunchError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+class NotRunningError(LaunchError):
+    """The server asked about is not running (or never ran): exit 3, as an LSB `status` action."""
+
+    exit_code = 3
+
+
 class BadInputError(LaunchError):
     """Something the user gave us (a file, a value, an option) is wrong."""
 

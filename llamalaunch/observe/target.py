@@ -6,20 +6,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.errors import BadInputError, NotRunningError
 from llamalaunch.launch.state import launcher_alive, list_states, read_state, state_path
 from llamalaunch.paths import state_dir
 
 ENDED_PHASES = ("stopped", "failed")
 
 
-EXIT_GONE = 3  # as LSB `status` actions: the program is not running
-
-
-class NoServerError(LaunchError):
+class NoServerError(NotRunningError):
     """No run state to show, or no server running."""
-
-    exit_code = EXIT_GONE
 
 
 @dataclass(frozen=True)
