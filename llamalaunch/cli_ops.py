@@ -206,7 +206,7 @@ def _worker_view(console: Any, quiet: bool) -> Callable[[Any], None]:
 def systemd_command(
         ctx: typer.Context,
         kind: Annotated[str, typer.Argument(
-            metavar="KIND",             help="server (llamalaunch serve) or worker (llamalaunch worker, a template unit per GPU).")],
+            metavar="KIND", help="server (llamalaunch serve) or worker (llamalaunch worker, a template unit per GPU).")],
         user: Annotated[bool, typer.Option(
             "--user", help="A user unit (systemctl --user) instead of a system unit.")] = False,
         install_units: Annotated[bool, typer.Option("--install", help="Write the unit instead of printing "
