@@ -121,6 +121,26 @@ def pages_reclaimed() -> int:
         return sum(int(value) for key, value in (line.split() for line in vmstat) if key.startswith("pgsteal_"))
 
 
+def host_memory(pid: int) -> dict:
+    """Where llama-server's host memory lies: in transparent huge pages, and on which NUMA node (the CPU reads
+    host experts for every token: 4 KiB pages and a remote node both slow it)."""
+    found: dict = {}
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        found["anon_huge_mib"] = next(int(line.split()[1]) // 1024 for line in rollup
+                                      if line.startswith("AnonHugePages:"))
+        by_node: dict[str, int] = {}
+        for line in Path(f"/proc/{pid}/numa_maps").read_text().splitlines():
+            for word in line.split()[2:]:
+                if word[:1] == "N" and "=" in word:
+                    node, pages = word.split("=")
+                    by_node[node] = by_node.get(node, 0) + int(pages)
+        found["pages_by_node"] = by_node
+    except (OSError, StopIteration, ValueError):
+        pass
+    return found
+
+
 def measure(server: Path, argv: list[str], log_path: Path) -> dict:
     """One load: ready, 3 x (1,024-token prompt + 128 generated)."""
     port = free_port()
@@ -150,6 +170,7 @@ def measure(server: Path, argv: list[str], log_path: Path) -> dict:
             record["gen_tps_all"], record["prompt_tps_all"] = gen, prompt
             record["host_rss_mib"] = round(psutil.Process(process.pid).memory_info().rss / MIB) \
                 if process.poll() is None else None
+            record["host_memory"] = host_memory(process.pid) if process.poll() is None else {}
         finally:
             record["returncode"] = stop_process(process, 30)
             log.seek(0)
