@@ -45,7 +45,8 @@ FLAGS = {"pinned": ["-lm", "none"], "mapped": [], "repacked": ["--no-host"]}
 MODES = tuple(FLAGS)  # HOST_WEIGHTS less auto, which stands for one of them
 WITH_GPU = {
     "pinned": "host weights pinned (-lm none): loaded into pinned memory, which prompts stream to the GPU 4-6x as "
-              "fast as from the file mapping; a slower load, and the host memory stays locked while it runs; "
+              "fast as from the file mapping; a slower load, the host memory stays locked while it runs, and on some "
+              "hosts generation is up to 16% slower; "
               "--host-weights chooses auto, pinned, mapped or repacked",
     "mapped": "host weights mapped (no flag): read through the file mapping: the fastest load; prompts stream them "
               "to the GPU at a quarter to a sixth of the speed of pinned memory; --host-weights chooses auto, "

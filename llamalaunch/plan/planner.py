@@ -105,12 +105,14 @@ def expert_note(profile: ModelProfile, choice: Choice) -> str:
             "every layer's attention, shared weights and KV cache are on the devices")
 
 
-# What each --host-weights mode does with a GPU in the plan; measured on an H100 with models routing over all
-# experts (bench/results/h100-2026-12-07e): prompts from pinned memory 4-6x those from the file mapping,
-# generation the same within the runs' spread, the load 2-5x slower.
+# What each --host-weights mode does with a GPU in the plan; measured with models routing over all experts: prompts
+# from pinned memory 4-6x those from the file mapping, the load 2-5x slower (bench/results/h100-2026-12-07e);
+# generation from pinned memory 0.84-0.94x --fit's from the mapping in four loads on one host (an H200's,
+# h200-2026-12-07g), 0.84-1.18x on H100 hosts (h100-2026-12-07f).
 _HOST_WEIGHTS_WITH_GPU = {
     "pinned": "loaded into pinned memory, which prompts stream to the GPU 4-6x as fast as from the file mapping; "
-              "a slower load, and the host memory stays locked while it runs",
+              "a slower load, the host memory stays locked while it runs, and on some hosts generation is up to "
+              "16% slower",
     "mapped": "read through the file mapping: the fastest load; prompts stream them to the GPU at a quarter to a "
               "sixth of the speed of pinned memory",
     "repacked": "repacked into the CPU's own layout (the types its kernels take; the rest mapped): the host computes "

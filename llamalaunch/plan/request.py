@@ -18,8 +18,10 @@ FLASH_ATTN = ("on", "off", "auto")
 # of the plan streams host weights, mapped elsewhere (HOST_WEIGHTS_AUTO).
 # Measured on an H100 against --fit with models whose tokens route over all experts (bench/results/
 # h100-2026-12-07e): a prompt streams every host expert to the GPU once per ubatch, from pinned memory at ~37 GB/s,
-# from the mapping at 6-9 GB/s: prompts 4-6x faster pinned, generation the same within the runs' spread, the load
-# 2-5x slower. Without a GPU nothing streams from pinned memory: mapped loads fastest.
+# from the mapping at 6-9 GB/s: prompts 4-6x faster pinned, the load 2-5x slower; generation moves with the host
+# (0.84-1.18x --fit's on H100 hosts, 0.84-0.94x on an H200's: h200-2026-12-07g). A 1,024-token prompt and 128
+# generated tokens take less than half the time pinned, so auto pins. Without a GPU nothing streams from pinned
+# memory: mapped loads fastest.
 HOST_WEIGHTS = ("auto", "pinned", "mapped", "repacked")
 HOST_WEIGHTS_AUTO = {True: "pinned", False: "mapped"}  # by whether a GPU of the plan streams host weights
 STREAMING_BACKENDS = frozenset({"CUDA"})  # devices whose host buffer type llama.cpp puts first for host weights
