@@ -118,7 +118,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("rpc", "list", PROBING, 'a list of workers like ["10.0.0.5:50052"]', (), ("--rpc",),
            "RPC workers HOST:PORT (comma-separated or repeated)."),
     Option("assume", "sizes", PROBING, 'a table of what-if devices, like { CUDA0 = "24GiB" }', (), ("--assume",),
-           "What-if device NAME=FREE or NAME=FREE/TOTAL, e.g. CUDA0=24GiB; no probe runs."),
+           "What-if device NAME=FREE or NAME=FREE/TOTAL, e.g. CUDA0=24GiB (CPU=SIZE: the host's RAM); no probe runs."),
     Option("generic_arch", "bool", PLAN_SERVE, f"{_BOOL}: plan unknown architectures with a generic estimate",
            False, ("--generic-arch",),
            "Plan an architecture llamalaunch does not know with a conservative generic estimate."),

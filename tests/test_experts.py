@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llamalaunch.errors import PlanError
+from llamalaunch.errors import BadInputError, PlanError
 from llamalaunch.model.gguf_header import read_header
 from llamalaunch.model.load import load_profile
 from llamalaunch.model.profile import ModelProfile
@@ -187,3 +187,69 @@ def test_dense_lead_layers_have_no_experts_to_spill(tmp_path: Path) -> None:
     squeezed = make_plan(profile, [cuda(0, full - 8 * MIB)], Request(ctx_tokens=4096, margin_bytes=0), OPTIONS)
     assert squeezed.host_expert_layers and 0 not in squeezed.host_expert_layers
     assert_consistent(replace(squeezed))
+
+
+def test_a_context_too_large_names_the_largest_with_experts_on_the_host(moe: ModelProfile) -> None:
+    """The hint once searched whole layers only (78,080 on 24 GiB) while moving experts to the host fits far
+    more; beyond the trained context it says that --ctx max stops there."""
+    with pytest.raises(PlanError) as refused:
+        make_plan(moe, [cuda(0, 24 * GIB)], Request(ctx_tokens=1 << 20), OPTIONS)
+    found = re.search(r"the largest context that fits is (\d+): use --ctx \1 \(--ctx max stops at the 40960 the "
+                      r"model was trained for\)", str(refused.value))
+    assert found is not None, str(refused.value)
+    largest = int(found.group(1))
+    assert largest > 200_000
+    plan = make_plan(moe, [cuda(0, 24 * GIB)], Request(ctx_tokens=largest), OPTIONS)
+    assert plan.ctx_tokens == largest and plan.host_expert_layers
+
+
+def test_a_host_short_of_ram_at_this_context_names_the_smaller_one_that_fits(moe: ModelProfile) -> None:
+    """A smaller context leaves the GPU room for more experts, so less for the host: the refusal said "the weights
+    alone do not fit" where --ctx max planned a context."""
+    with pytest.raises(PlanError) as refused:
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS, host_free_bytes=8 * GIB)
+    message = str(refused.value)
+    found = re.search(r"\(the largest context that fits is (\d+): use --ctx \1 or --ctx max\)$", message)
+    assert found is not None and "weights alone" not in message, message
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=int(found.group(1))), OPTIONS,
+                     host_free_bytes=8 * GIB)
+    assert plan.host.total_bytes <= 8 * GIB
+
+
+def test_too_few_cpu_experts_name_the_count_that_fits(moe: ModelProfile) -> None:
+    """--cpu-experts 5 leaves too many experts on the GPU: the fix is a larger count (it said add --cpu-spill)."""
+    with pytest.raises(PlanError) as refused:
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=5), OPTIONS)
+    found = re.search(r"\(--cpu-experts (\d+) fits at ctx 16384 \(more experts on the host\), or leave out "
+                      r"--cpu-experts and the plan chooses\)$", str(refused.value))
+    assert found is not None, str(refused.value)
+    count = int(found.group(1))
+    assert make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=count), OPTIONS).n_gpu_layers \
+        == moe.n_slots
+    with pytest.raises(PlanError):
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=count - 1), OPTIONS)
+
+
+def test_cpu_experts_beyond_the_moe_layers_is_a_bad_input(moe: ModelProfile) -> None:
+    with pytest.raises(BadInputError) as refused:
+        make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=100), OPTIONS)
+    assert str(refused.value) == "--cpu-experts 100: synthetic qwen3moe 48x2048 has 48 MoE layers (give " \
+        "--cpu-experts 0 to 48)"
+
+
+def test_the_expert_note_says_when_whole_layers_are_on_the_host_too(moe: ModelProfile) -> None:
+    """--cpu-experts with --cpu-spill: the note claimed every layer's attention and KV were on the devices."""
+    plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384, cpu_experts=5, cpu_spill=True), OPTIONS)
+    assert plan.n_gpu_layers < moe.n_slots
+    assert plan.notes[0] == (f"experts of 5 of 48 MoE layers stay in host memory; {moe.n_slots - plan.n_gpu_layers} "
+                             f"of {moe.n_slots} layers are on the host whole (-ngl {plan.n_gpu_layers})")
+
+
+def test_a_cpu_spill_the_host_cannot_hold_is_refused_for_the_host(moe: ModelProfile) -> None:
+    """Some layers fit the device, the rest not the host's RAM: the refusal said no layer fits at all."""
+    with pytest.raises(PlanError) as refused:
+        make_plan(moe, [rpc(0, 1 * GIB, "127.0.0.1:1")], Request(ctx_tokens=8192), OPTIONS, host_free_bytes=4 * GIB)
+    message = str(refused.value)
+    assert re.search(r"\(\d+ of 49 layers fit with --cpu-spill, but the host would need [\d.]+ GiB for the rest "
+                     r"and 4\.00 GiB is available: add devices, free host memory, or use a smaller quantization\)$",
+                     message), message

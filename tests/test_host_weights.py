@@ -93,8 +93,10 @@ def test_auto_pins_for_a_gpu_and_maps_for_workers(moe: ModelProfile) -> None:
     assert with_gpu.notes[-1] == WITH_GPU["pinned"]
     workers = make_plan(moe, [rpc(0, 10 * GIB, "127.0.0.1:1")], Request(ctx_tokens=16384), OPTIONS)
     assert workers.host_weights == "mapped" and flags_after_ot(workers.argv) == []
-    assert workers.notes[-1] == ("host weights mapped (no flag): read through the file mapping: the fastest load; "
-                                 "the host computes them; --host-weights chooses auto, pinned, mapped or repacked")
+    assert workers.notes[-1] == ("host weights mapped (no flag): read through the file mapping (the CPU repacks "
+                                 "the types its kernels take into memory, as in every mode without a GPU): the "
+                                 "fastest load; the host computes them; --host-weights chooses auto, pinned, mapped "
+                                 "or repacked")
 
 
 def test_nothing_on_the_host_states_no_mode(moe: ModelProfile) -> None:
@@ -293,8 +295,8 @@ def test_a_load_mode_after_the_separator_is_refused_unless_forced(
     (["--mlock"], "--mlock after -- would contradict the plan (use llamalaunch's own options (--host-weights "
                   "auto, pinned, mapped or repacked) or add --force)"),
     (["--load-mode=mmap", "-ngl", "3"], "--load-mode, -ngl after -- would contradict the plan (use llamalaunch's own "
-                                        "options (--ctx, -dev, --budget ...; --host-weights auto, pinned, "
-                                        "mapped or repacked) or add --force)"),
+                                        "options (-ngl before --; --host-weights auto, pinned, mapped or "
+                                        "repacked) or add --force)"),
 ])
 def test_load_flags_are_planned_flags_named_with_their_option(extra: list[str], message: str) -> None:
     with pytest.raises(BadInputError) as refused:

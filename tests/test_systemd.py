@@ -182,8 +182,10 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
     (["server", "--demo", "--assume", "CUDA0=lots"],
      "--assume CUDA0 free size 'lots' is not a size (write it like 6GiB, 6144MiB, 1.5G or 512M)"),
     (["server", "--demo", "--", "-ngl", "3"],
-     "-ngl after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, --budget ...) or add "
-     "--force)"),
+     "-ngl after -- would contradict the plan (use llamalaunch's own options (-ngl before --) or add --force)"),
+    (["server", "--demo", "--", "-ot", "exps=CPU", "-ts", "3,1"],
+     "-ot, -ts after -- would contradict the plan (use llamalaunch's own options (--cpu-experts N; --ctx, -dev, "
+     "--budget ...) or add --force)"),
     (["server", "--demo", "--", "--no-host"],
      "--no-host after -- would contradict the plan (use llamalaunch's own options (--host-weights auto, pinned, mapped "
      "or repacked) or add --force)"),

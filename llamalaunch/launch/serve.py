@@ -31,11 +31,12 @@ from llamalaunch.launch.state import (
     write_state,
 )
 from llamalaunch.launch.supervisor import ServeOptions, Supervisor, SupervisorEvent
-from llamalaunch.options import DEFAULTS
+from llamalaunch.options import DEFAULTS, OPTIONS
 from llamalaunch.paths import state_dir
 from llamalaunch.plan.pipeline import PlanInputs
 from llamalaunch.plan.schema import plan_to_dict
 
+EXPERT_FLAGS = frozenset({"-ot", "--override-tensor", "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe"})
 # Options whose value the plan decides: passing them after -- would contradict it.
 PLANNED_FLAGS = frozenset({
     "-m", "--model", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers", "-ts", "--tensor-split",
@@ -43,8 +44,8 @@ PLANNED_FLAGS = frozenset({
     "-b", "--batch-size", "-ub", "--ubatch-size", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
     "-fa", "--flash-attn", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--swa-full",
     "-mm", "--mmproj", "-mmdev", "--mmproj-device", "-md", "--model-draft", "-devd", "--device-draft",
-    "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "-ot", "--override-tensor",
-    "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe",  # expert placement is the plan's (--cpu-experts N forces it)
+    "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft",
+    *EXPERT_FLAGS,  # expert placement is the plan's (--cpu-experts N forces it)
 })
 # How host-held weights are loaded is the plan's too (--host-weights); older builds' spellings included.
 LOAD_FLAGS = frozenset({"-lm", "--load-mode", "--mmap", "--no-mmap", "--mlock", "--no-host",
@@ -77,10 +78,19 @@ def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
         raise BadInputError("--api-key on the command line would show the key in `ps` and the logs",
                             "put the key in a file and pass --api-key-file FILE")
     if clashes and not force:
-        own = [*(["--ctx, -dev, --budget ..."] if set(clashes) - LOAD_FLAGS else []),
-               *(["--host-weights auto, pinned, mapped or repacked"] if set(clashes) & LOAD_FLAGS else [])]
         raise BadInputError(f"{', '.join(clashes)} after -- would contradict the plan",
-                            f"use llamalaunch's own options ({'; '.join(own)}) or add --force")
+                            f"use llamalaunch's own options ({'; '.join(own_options(clashes))}) or add --force")
+
+
+def own_options(clashes: Sequence[str]) -> list[str]:
+    """What llamalaunch takes instead of the llama-server flags given after --."""
+    own_flags = {flag for option in OPTIONS for flag in option.flags}
+    same = [flag for flag in clashes if flag in own_flags]
+    rest = set(clashes) - own_flags - EXPERT_FLAGS - LOAD_FLAGS
+    return [*([f"{', '.join(same)} before --"] if same else []),
+            *(["--cpu-experts N"] if set(clashes) & EXPERT_FLAGS else []),
+            *(["--host-weights auto, pinned, mapped or repacked"] if set(clashes) & LOAD_FLAGS else []),
+            *(["--ctx, -dev, --budget ..."] if rest else [])]
 
 
 def default_alias(model_path: str, extra_args: Sequence[str]) -> str | None:

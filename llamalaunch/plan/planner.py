@@ -100,9 +100,12 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
 def expert_note(profile: ModelProfile, choice: Choice) -> str:
     held = len(choice.host_expert_layers)
     split = sorted({il for il, _ in choice.host_expert_parts})
-    partly = f" (and part of block {', '.join(map(str, split))}'s)" if split else ""
-    return (f"experts of {held} of {len(profile.expert_layers)} MoE layers{partly} stay in host memory; "
-            "every layer's attention, shared weights and KV cache are on the devices")
+    blocks = " and ".join(", ".join(map(str, split)).rsplit(", ", 1))
+    partly = f" (and part of block{'s' if len(split) > 1 else ''} {blocks})" if split else ""
+    on_host = profile.n_slots - choice.n_gpu_layers
+    rest = "every layer's attention, shared weights and KV cache are on the devices" if not on_host else \
+        f"{on_host} of {profile.n_slots} layers are on the host whole (-ngl {choice.n_gpu_layers})"
+    return f"experts of {held} of {len(profile.expert_layers)} MoE layers{partly} stay in host memory; {rest}"
 
 
 # What each --host-weights mode does with a GPU in the plan; measured with models routing over all experts: prompts
@@ -120,7 +123,8 @@ _HOST_WEIGHTS_WITH_GPU = {
 }
 _HOST_WEIGHTS_WITHOUT_GPU = {
     "pinned": "loaded into memory (no GPU of this plan has pinned memory); the host computes them",
-    "mapped": "read through the file mapping: the fastest load; the host computes them",
+    "mapped": "read through the file mapping (the CPU repacks the types its kernels take into memory, as in "
+              "every mode without a GPU): the fastest load; the host computes them",
     "repacked": "the host computes them (the CPU's own layout, as in every mode without a GPU)",
 }
 

@@ -50,8 +50,11 @@ def largest_fitting(low: int, high: int, choose: Callable[[int], Found | None]) 
     return best
 
 
-def use_largest(ctx_tokens: int) -> str:
-    """The fix when a smaller context fits."""
+def use_largest(ctx_tokens: int, ceiling: int) -> str:
+    """The fix when a smaller context fits; --ctx max stops at `ceiling` (the context the model was trained for)."""
+    if ctx_tokens > ceiling:
+        return f"the largest context that fits is {ctx_tokens}: use --ctx {ctx_tokens} (--ctx max stops at the " \
+            f"{ceiling} the model was trained for)"
     return f"the largest context that fits is {ctx_tokens}: use --ctx {ctx_tokens} or --ctx max"
 
 
@@ -80,6 +83,9 @@ class Planner:
                                 "not a mixture-of-experts model)", "drop --cpu-experts")
         # --cpu-experts N fixes which experts stay on the host; otherwise the plan decides (expert spill), unless
         # -ngl keeps whole layers on the host (-ngl all keeps none there: llama.cpp's -ngl 999 with --n-cpu-moe)
+        if request.cpu_experts and request.cpu_experts > len(experts):
+            raise BadInputError(f"--cpu-experts {request.cpu_experts}: {profile.name} has {len(experts)} MoE "
+                                "layers", f"give --cpu-experts 0 to {len(experts)}")
         self.host_experts = forced_host_experts(experts, request.cpu_experts) if request.cpu_experts else frozenset()
         every_layer = request.n_gpu_layers is None or request.n_gpu_layers >= profile.n_slots
         self.spills_experts = bool(experts) and request.cpu_experts is None and every_layer
@@ -120,7 +126,10 @@ class Planner:
         if not host_within(self.request, self.host_free_bytes, host.total_bytes):
             if not refuse_host:
                 return None
-            raise PlanError(*self.host_refusal(ctx_tokens, host))
+            need, fix = self.host_refusal(ctx_tokens, host)
+            smaller = self.largest_expert_ctx(self.ctx_floor(), ctx_tokens - CTX_STEP) \
+                if ctx_tokens > self.ctx_floor() else None
+            raise PlanError(need, self.use_largest(smaller[0]) if smaller is not None else fix)
         return choice
 
     def placed(self, ctx_tokens: int, choice: Choice) -> tuple[Placement, Estimate]:
@@ -174,6 +183,9 @@ class Planner:
             else:
                 low, best = middle, choice
         return best
+
+    def use_largest(self, ctx_tokens: int) -> str:
+        return use_largest(ctx_tokens, self.ctx_ceiling())
 
     def ctx_ceiling(self) -> int:
         return max(self.profile.n_ctx_train, self.request.ctx_min_tokens)
@@ -238,7 +250,7 @@ class Planner:
             return found
         refused = wanted if self.request.ctx_tokens is not None else round_ctx(floor)
         need, fix = self.host_refusal(refused, self.host_use(refused, everything))
-        raise PlanError(need, use_largest(found[0]) if found is not None else fix)
+        raise PlanError(need, self.use_largest(found[0]) if found is not None else fix)
 
     def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
         if self.request.cpu_spill:
@@ -260,7 +272,7 @@ class Planner:
         if on_devices is not None:  # the devices hold their share: the host's RAM is what is short
             need, fix = self.host_refusal(at, self.host_use(at, on_devices))
             found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
-            return need, use_largest(found[0]) if found is not None else fix
+            return need, self.use_largest(found[0]) if found is not None else fix
         # --ctx max found no context at all: the 4096 tried for CPU spill is not what the user asked for
         where = f"at any context down to --ctx-min {floor} (--ctx max)" if self.request.ctx_tokens is None \
             else f"at ctx {ctx_tokens}"
@@ -268,15 +280,38 @@ class Planner:
         need = f"{self.profile.name or self.profile.arch} {where} does not fit on " + \
             "; ".join(self.memory_account(device, costs) for device in self.devices)
         found = self.largest_ctx(layers, floor, ctx_tokens) if self.request.ctx_tokens is not None else None
+        if self.spills_experts and self.request.ctx_tokens is not None:  # experts on the host leave room for KV
+            spilled = self.largest_expert_ctx(found[0] if found is not None else floor, ctx_tokens)
+            found = spilled if spilled is not None and (found is None or spilled[0] > found[0]) else found
         if found is not None:
-            return need, use_largest(found[0])
+            return need, self.use_largest(found[0])
+        if self.request.cpu_experts:
+            fewest = self.fewest_cpu_experts(ctx_tokens)
+            if fewest is not None:
+                return need, f"--cpu-experts {fewest} fits at ctx {ctx_tokens} (more experts on the host), or " \
+                    "leave out --cpu-experts and the plan chooses"
         spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
-        if spill is not None and spill.n_gpu_layers > 0 and self.host_fits(ctx_tokens, spill):
-            return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: add " \
-                "--cpu-spill"
+        if spill is not None and spill.n_gpu_layers > 0:
+            if self.host_fits(ctx_tokens, spill):
+                return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: " \
+                    "add --cpu-spill"
+            host = self.host_use(ctx_tokens, spill)
+            return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit with --cpu-spill, but the " \
+                f"host would need {format_bytes(host.total_bytes)} for the rest and " \
+                f"{format_bytes(self.host_free_bytes or 0)} is available: add devices, free host memory, or use " \
+                "a smaller quantization"
         levers = [option for option, taken in self.takers(costs) if taken]
         return need, "no layer fits even at the smallest context: free memory, add devices" + \
             (f", or lower {' or '.join(levers)}" if levers else "")
+
+    def fewest_cpu_experts(self, ctx_tokens: int) -> int | None:
+        """The smallest --cpu-experts above the one given that fits at this context (devices and host)."""
+        experts = self.profile.expert_layers
+        for count in range((self.request.cpu_experts or 0) + 1, len(experts) + 1):
+            choice = self.choice_at(ctx_tokens, self.layers_wanted(), forced_host_experts(experts, count))
+            if choice is not None and self.host_fits(ctx_tokens, choice):
+                return count
+        return None
 
     def takers(self, costs: CostModel) -> list[tuple[str, bool]]:
         """The options that set what is taken from the devices before the model, and whether any takes some."""
