@@ -253,3 +253,14 @@ def test_a_cpu_spill_the_host_cannot_hold_is_refused_for_the_host(moe: ModelProf
     assert re.search(r"\(\d+ of 49 layers fit with --cpu-spill, but the host would need [\d.]+ GiB for the rest "
                      r"and 4\.00 GiB is available: add devices, free host memory, or use a smaller quantization\)$",
                      message), message
+
+
+def test_every_device_takes_experts_in_proportion_to_its_room(moe: ModelProfile) -> None:
+    """Each device takes back only its own blocks' experts: the even spare of the dense parts alone gave a 4 GiB
+    last device 2 blocks and left it 2.27 GiB free while the host held experts of 21 blocks and part of another."""
+    devices = [rpc(0, 3 * GIB, "127.0.0.1:1"), cuda(0, 8 * GIB), cuda(1, 4 * GIB)]
+    plan = make_plan(moe, devices, Request(ctx_tokens=16384), OPTIONS, overhead={"CUDA": 768 * MIB})
+    assert_consistent(plan)
+    spare = {p.device.name: p.device.free_bytes - p.planned_bytes for p in plan.devices}
+    assert max(spare.values()) < 512 * MIB, spare
+    assert plan.host.weights_bytes < 5.5 * GIB  # 7.02 GiB from the even split

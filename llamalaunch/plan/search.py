@@ -118,7 +118,10 @@ class Planner:
         dense = self.choice_at(ctx_tokens, self.profile.n_slots, every)
         if dense is None:
             return None
-        choice = fill_experts(self.costs(ctx_tokens, every), dense)
+        filled = [fill_experts(self.costs(ctx_tokens, every), split)
+                  for split in (dense, self.room_split(ctx_tokens, dense)) if split is not None]
+        # the fewest expert bytes left on the host (on a tie, the even-spare split)
+        choice = min(filled, key=lambda found: self.placed(ctx_tokens, found)[1].host.weights_bytes)
         _, estimate = self.placed(ctx_tokens, choice)
         if any(estimate.devices[d.name].total_bytes > device_limit(d, self.request) for d in choice.order):
             return None
@@ -131,6 +134,22 @@ class Planner:
                 if ctx_tokens > self.ctx_floor() else None
             raise PlanError(need, self.use_largest(smaller[0]) if smaller is not None else fix)
         return choice
+
+    def room_split(self, ctx_tokens: int, dense: Choice) -> Choice | None:
+        """The blocks of `dense` (every expert on the host) dealt out in proportion to each device's room: a device
+        takes back only its own blocks' experts, so an even spare of the dense parts alone can leave a small last
+        device a few blocks and gigabytes free while other blocks' experts stay on the host."""
+        costs = self.costs(ctx_tokens, frozenset(self.profile.expert_layers))
+        rooms = [max(device_limit(d, self.request) - costs.overhead_bytes(d), 0) for d in dense.order]
+        shares = [dense.n_gpu_layers * room / max(sum(rooms), 1) for room in rooms]
+        counts = [int(share) for share in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - counts[i], reverse=True)
+        for index in by_remainder[:dense.n_gpu_layers - sum(counts)]:
+            counts[index] += 1
+        if 0 in counts or tuple(counts) == dense.counts or \
+                not Fitter(costs, self.request).fits(dense.order, counts, dense.n_gpu_layers):
+            return None
+        return replace(dense, counts=tuple(counts))
 
     def placed(self, ctx_tokens: int, choice: Choice) -> tuple[Placement, Estimate]:
         """The choice's placement (the expert tensors of split blocks where it put them) and its estimate."""
