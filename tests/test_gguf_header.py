@@ -76,8 +76,9 @@ def rewrite_gguf(
     drop_keys: Iterable[str] = (),
     set_u32: Mapping[str, int] | None = None,
 ) -> list[Path]:
-    """Copy a (zero-data) model with keys changed, optionally split into parts as gguf-split does:
-    the first part keeps the metadata, every part gets split.no/split.count/split.tensors.count."""
+    """Copy a (zero-data) model with keys changed (`set_u32` adds a key the model lacks), optionally split into
+    parts as gguf-split does: the first part keeps the metadata, every part gets split.no/split.count/
+    split.tensors.count."""
     reader = GGUFReader(source)
     drop, set_u32 = set(drop_keys), dict(set_u32 or {})
     kvs = []
@@ -93,6 +94,7 @@ def rewrite_gguf(
             kvs.append(s(arch + name[len("llama") :]) + value)
         else:
             kvs.append(b"".join(bytes(p) for p in field.parts))
+    kvs += [kv_u32(name, value) for name, value in set_u32.items() if name not in reader.fields]
     tensors = list(reader.tensors)
     chunks = [tensors[i::parts] for i in range(parts)] if parts > 1 else [tensors]
     directory.mkdir(parents=True, exist_ok=True)

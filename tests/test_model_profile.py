@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -424,3 +425,71 @@ def test_impossible_header_plan_exits_with_one_line(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert result.output.startswith("error: ") and "head_count_kv' is 3" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+# --- expert counts llama.cpp aborts on: refused while reading the header, for plan and serve alike ----------
+
+MOE_8 = "but the model has 8 experts per layer (ffn_gate_exps holds 8)"
+INCONSISTENT_EXPERTS = {  # preset, keys set, keys dropped, the problem named
+    "none used": ("tiny-qwen3moe", {"qwen3moe.expert_used_count": 0}, (), f"qwen3moe.expert_used_count is 0 {MOE_8}"),
+    "more used than there are": ("tiny-qwen3moe", {"qwen3moe.expert_used_count": 99}, (),
+                                 f"qwen3moe.expert_used_count is 99 {MOE_8}"),
+    "one expert short": ("tiny-qwen3moe", {"qwen3moe.expert_count": 7}, (), f"qwen3moe.expert_count is 7 {MOE_8}"),
+    "no experts said": ("tiny-qwen3moe", {"qwen3moe.expert_count": 0}, (), f"qwen3moe.expert_count is 0 {MOE_8}"),
+    "expert count missing": ("tiny-qwen3moe", {}, ("qwen3moe.expert_count",),
+                             f"qwen3moe.expert_count is missing {MOE_8}"),
+    "a dense model routing": ("tiny-llama", {"llama.expert_used_count": 2}, (),
+                              "llama.expert_used_count is 2 but llama.expert_count is missing: the model has no "
+                              "experts to route to"),
+}
+
+
+def inconsistent_experts(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """The model of `case` and the error line plan and serve print for it."""
+    from tests.test_gguf_header import rewrite_gguf
+
+    preset, set_u32, drop_keys, problem = INCONSISTENT_EXPERTS[case]
+    path = rewrite_gguf(write_preset(tmp_path / "m.gguf", preset), tmp_path / "x", 1, set_u32=set_u32,
+                        drop_keys=drop_keys)[0]
+    return path, (f"error: {path}: {problem}: the GGUF header is inconsistent (re-convert or re-download the "
+                  "model)")
+
+
+@pytest.mark.parametrize("case", sorted(INCONSISTENT_EXPERTS))
+def test_expert_counts_that_contradict_the_model_are_refused(tmp_path: Path, case: str) -> None:
+    """expert_used_count 0 crashed the compute-buffer replay (IndexError); 99, or an expert_count other than the
+    experts the tensors hold, planned a load llama-server then aborted with GGML_ASSERT."""
+    path, line = inconsistent_experts(tmp_path, case)
+    with pytest.raises(ModelError) as raised:
+        load_profile(path)
+    assert f"error: {raised.value}" == line
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("case", sorted(INCONSISTENT_EXPERTS))
+def test_llama_server_refuses_the_same_expert_counts(llama_bin_dir: Path, tmp_path: Path, case: str) -> None:
+    """What the header check refuses, llama.cpp aborts on (GGML_ASSERT in load_hparams) or refuses to load."""
+    path, _ = inconsistent_experts(tmp_path, case)
+    argv = [str(llama_bin_dir / "llama-server"), "-m", str(path), "--port", str(free_port()), "-c", "512"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "GGML_NO_BACKTRACE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        stop_process(process)
+    text = output.decode(errors="replace")
+    assert process.returncode != 0 and ("GGML_ASSERT" in text or "error loading model" in text), text[-2000:]
+
+
+@pytest.mark.parametrize("command", ["plan", "serve"])
+def test_plan_and_serve_refuse_contradicting_expert_counts_in_one_line(tmp_path: Path, llama_bin_dir: Path,
+                                                                       command: str) -> None:
+    """As a user runs them: one line naming the file, the key and the fix, exit 2, nothing written."""
+    path, line = inconsistent_experts(tmp_path, "none used")
+    args = ["--assume", "CUDA0=1GiB"] if command == "plan" else ["--no-tui"]
+    done = subprocess.run([sys.executable, "-m", "llamalaunch", command, str(path), *args, "--llama-server",
+                           str(llama_bin_dir / "llama-server")], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "80"})
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", line + "\n")
+    home = Path(os.environ["LLAMALAUNCH_HOME"])
+    assert not [p for p in home.rglob("*") if p.is_file() and "cache" not in p.relative_to(home).parts]

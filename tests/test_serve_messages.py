@@ -63,6 +63,49 @@ def test_a_model_llama_cpp_refuses_is_said_in_llama_cpp_words() -> None:
     assert "llamalaunch plan" not in failure.hint  # not the circular "check the file with plan"
 
 
+
+ABORT_LOG = Path(__file__).parent / "fixtures" / "llama-server-logs" / "cpu-qwen3moe-expert-used-99-abort.log"
+
+
+def test_an_abort_before_ready_quotes_the_assert_not_the_debugger_and_names_the_log() -> None:
+    """A GGML_ASSERT is followed by gdb's backtrace, whose last line was quoted: "[Inferior 1 (process 24324)
+    detached]". The real output of llama-server on a header that says 99 experts are used, of 8."""
+    lines = ABORT_LOG.read_text().splitlines()
+    assert lines[-1].startswith("[Inferior 1 (process ")
+    failure = classify_failure(lines, -6, "/home/me/.local/state/llamalaunch/default.log")
+    assert failure.message == ("llama-server was killed by SIGABRT before it was ready: "
+                               "GGML_ASSERT(n_expert_used_max <= hparams.n_expert) failed")
+    assert failure.hint == "see the server log /home/me/.local/state/llamalaunch/default.log for the full output"
+    assert classify_failure(lines, -6).hint == "see the server log for the full output"
+
+
+def test_a_backtrace_frame_s_source_line_is_not_the_reason() -> None:
+    """With debug info gdb prints each frame's source line; the frame of the assert reads GGML_ASSERT too."""
+    from llamalaunch.launch.failures import crash_reason
+
+    lines = ["0.00.009.339 I srv    load_model: loading model 'm.gguf'",
+             "/src/llama.cpp/src/llama-model.cpp:1364: GGML_ASSERT(n_expert_used_max > 0) failed",
+             "[New LWP 27485]", "[Thread debugging using libthread_db enabled]",
+             "#3  0x00007f87794b2d4a in llama_model_base::load_hparams (this=0x55f1, ml=...) at "
+             "/src/llama.cpp/src/llama-model.cpp:1364",
+             "1364\t        GGML_ASSERT(n_expert_used_max > 0);",
+             "[Inferior 1 (process 27468) detached]"]
+    assert crash_reason(lines) == "GGML_ASSERT(n_expert_used_max > 0) failed"
+    symbols = [*lines[:2], "/lib/libggml-base.so.0(+0x1722b)[0x7f0c2c52f22b]",
+               "/lib/libggml-base.so.0(ggml_abort+0x15e)[0x7f0c2c52f5de]"]
+    assert classify_failure(symbols, -6).message.endswith(": GGML_ASSERT(n_expert_used_max > 0) failed")
+
+
+def test_an_error_line_is_quoted_before_the_lines_after_it() -> None:
+    """Without a log prefix to go by (no "E"), a line saying "failed" still beats the clean-up after it."""
+    lines = ["srv    load_model: loading model 'm.gguf'",
+             "common_init_from_params: failed to create context with model 'm.gguf'",
+             "srv    operator(): cleaning up before exit..."]
+    assert classify_failure(lines, 1).message == ("llama-server exited with code 1 before it was ready: "
+                                                  "common_init_from_params: failed to create context with model "
+                                                  "'m.gguf'")
+
+
 # --- against a real llama-server ------------------------------------------------------------------------
 
 

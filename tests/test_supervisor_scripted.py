@@ -225,6 +225,19 @@ def test_without_the_reset_the_same_crashes_give_up(tmp_path: Path) -> None:
         run.supervisor.run()
 
 
+
+def test_an_abort_while_loading_quotes_the_assert_and_names_the_log(tmp_path: Path) -> None:
+    """llama.cpp's real output for a header it asserts on: the GGML_ASSERT line, not gdb's last line."""
+    lines = (LOGS / "cpu-qwen3moe-expert-used-99-abort.log").read_text().splitlines()
+    log = tmp_path / "t.log"
+    run = Scripted(tmp_path, [[*lines, Exit(-6)]], log_path=log)
+    with pytest.raises(ServeFailed) as failed:
+        run.supervisor.run()
+    assert failed.value.message == ("llama-server was killed by SIGABRT before it was ready: "
+                                    "GGML_ASSERT(n_expert_used_max <= hparams.n_expert) failed")
+    assert failed.value.hint == f"see the server log {log} for the full output"
+
+
 # A stop asked for by a signal while the main thread is inside the supervisor's queue (or the worker pool's
 # stop flag): with queue.Queue / threading.Event the handler could block on a lock its own thread held, and
 # serve never stopped. Signals every 0.2 ms for 2 s; a deadlock or a nested-handler crash fails the run.

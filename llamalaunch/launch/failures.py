@@ -6,6 +6,7 @@ import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 # (pattern, message, hint): failures that retrying cannot mend.
 _FATAL = (
@@ -37,8 +38,9 @@ class Failure:
     worker_lost: bool = False  # not fatal as such: probing the workers tells which one, and if it is back
 
 
-def classify_failure(lines: Sequence[str], returncode: int) -> Failure:
-    """The first fatal pattern in the child's output, a lost RPC worker, or its exit code and last line."""
+def classify_failure(lines: Sequence[str], returncode: int, log_path: str | Path | None = None) -> Failure:
+    """The first fatal pattern in the child's output, a lost RPC worker, or its exit code and the line that
+    says why (a GGML_ASSERT, an error; the last line at worst, never a debugger's backtrace)."""
     for line in lines:
         for pattern, message, hint in _FATAL:
             match = pattern.search(line)
@@ -47,9 +49,11 @@ def classify_failure(lines: Sequence[str], returncode: int) -> Failure:
     if any(_WORKER_LOST.search(line) for line in lines):
         return Failure("an RPC worker stopped answering while llama-server loaded onto it",
                        "check the workers with `llamalaunch devices --rpc ...` and their logs", worker_lost=True)
-    last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
-    return Failure(f"{describe_exit(returncode)} before it was ready: {last[:200]}",
-                   "see the server log for the full output")
+    said = _said(lines)
+    why = crash_reason(said) or next((line for line in reversed(said) if _SAYS_WHY.search(line)), None)
+    why = why or next((line.strip() for line in reversed(said or lines) if line.strip()), "no output")
+    log = f"see the server log {log_path}" if log_path else "see the server log"
+    return Failure(f"{describe_exit(returncode)} before it was ready: {why[:200]}", f"{log} for the full output")
 
 
 def describe_exit(returncode: int, program: str = "llama-server") -> str:
@@ -64,6 +68,11 @@ def describe_exit(returncode: int, program: str = "llama-server") -> str:
 
 
 _LOG_PREFIX = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} [IWED] ")
+# What ggml_print_backtrace prints after the reason: gdb attaching, its frames ("#3  0x… in f () at x.cpp:12"),
+# their source lines ("1362\t    GGML_ASSERT(…);"), detaching; or backtrace_symbols' "lib.so(+0x1722b)[0x7f0c]".
+_BACKTRACE = re.compile(r"^(?:\[(?:Inferior \d|New LWP|New Thread|Thread debugging)|Using host libthread_db|#\d+ "
+                        r"|0x[0-9a-f]+ in |(?:warning: )?\d+\t)|\(\S*\)\s*\[0x[0-9a-f]+\]$")
+_SAYS_WHY = re.compile(r"error|failed", re.IGNORECASE)
 _SOURCE_PREFIX = re.compile(r"^\S+\.(?:c|cc|cpp|cu|h):\d+: ")  # ggml_abort's "file.cpp:123: "
 # What a dying llama-server prints, most telling first; a GGML_ABORT is followed by a backtrace.
 _CRASH_LINES = (_WORKER_LOST, re.compile(r"GGML_ASSERT|CUDA error|out of memory|terminate called"),
@@ -78,12 +87,20 @@ def crash_reason(lines: Sequence[str]) -> str | None:
     lost = next((m for line in reversed(lines) if (m := _WORKER_LOST.search(line))), None)
     if lost is not None:
         return lost.group(0)
+    said = _said(lines)
     for pattern in _CRASH_LINES[1:]:
-        found = next((line for line in reversed(lines) if pattern.search(line)), None)
+        found = next((line for line in reversed(said) if pattern.search(line)), None)
         if found is not None:
-            text = _SOURCE_PREFIX.sub("", _LOG_PREFIX.sub("", found.strip()))
+            text = _SOURCE_PREFIX.sub("", _LOG_PREFIX.sub("", found))
             return text[:200]
     return None
+
+
+def _said(lines: Sequence[str]) -> list[str]:
+    """The child's non-empty lines, stripped, without a backtrace's: a frame's source line can read
+    `GGML_ASSERT(…)` too, but only the line before the backtrace says which one failed."""
+    stripped = (line.strip() for line in lines)
+    return [line for line in stripped if line and not _BACKTRACE.search(line)]
 
 
 def crash_lesson(returncode: int, lines: Sequence[str]) -> str:

@@ -285,7 +285,7 @@ class Supervisor:
         if oom is not None and not ready:
             return self._oom_retry(oom, plan)
         if not ready:
-            failure = classify_failure(lines, returncode)
+            failure = classify_failure(lines, returncode, self.options.log_path)
             if not failure.worker_lost:
                 self._fail(failure.message)
                 raise ServeFailed(failure.message, failure.hint)

@@ -262,6 +262,9 @@ def _profile(
         blocks = blocks[:n_layer - n_nextn] + (_Sizes(),) * n_nextn
     n_ff = keys.per_layer("feed_forward_length", n_layer, (0,) * n_layer)
     n_ff_exp = keys.per_layer("expert_feed_forward_length", n_layer, (0,) * n_layer)
+    n_expert = keys.number("expert_count", 0)
+    n_expert_used = max(keys.per_layer("expert_used_count", n_layer, (0,) * n_layer))
+    _check_experts(keys, tensors, n_expert, n_expert_used)
     name = header.get("general.name")
     return ModelProfile(
         path=str(shard_paths[0]),
@@ -289,8 +292,8 @@ def _profile(
         recurrent_layers=layout.recurrent_layers or (False,) * n_layer,
         recurrent_r_bytes_per_seq=layout.recurrent_r_bytes_per_seq,
         recurrent_s_bytes_per_seq=layout.recurrent_s_bytes_per_seq,
-        n_expert=keys.number("expert_count", 0),
-        n_expert_used=max(keys.per_layer("expert_used_count", n_layer, (0,) * n_layer)),
+        n_expert=n_expert,
+        n_expert_used=n_expert_used,
         n_embd_out=keys.number("embedding_length_out", 0),
         generic_estimate=not known,
         per_device_bytes=placement.per_device.cpu,
@@ -403,6 +406,32 @@ def _check_attention(keys: arches.Keys, hp: arches.Hparams, layout: arches.ArchL
         if n_head % n_head_kv:
             raise bad("attention.head_count_kv", n_head_kv,
                       f"{n_head} heads are not a multiple of {n_head_kv} KV heads (layer {il})")
+
+
+_EXPERT_WEIGHT = re.compile(r"^blk\.\d+\.(ffn_(?:gate|up|down|gate_up)_exps)\.weight$")
+
+
+def _check_experts(keys: arches.Keys, tensors: list[TensorInfo], n_expert: int, n_expert_used: int) -> None:
+    """Reject the expert counts llama.cpp would abort on (GGML_ASSERT in load_hparams, a wrong tensor shape):
+    expert_count must be the experts the routed-expert weights hold (their third dimension) and
+    expert_used_count, the most of any layer, between 1 and expert_count on a MoE model, 0 on a dense one."""
+    count_key, used_key = f"{keys.arch}.expert_count", f"{keys.arch}.expert_used_count"
+    count_said = f"is {n_expert}" if keys.has("expert_count") else "is missing"
+    weights = [(match[1], t.shape[2]) for t in tensors
+               if (match := _EXPERT_WEIGHT.match(t.name)) and len(t.shape) == 3]
+    wrong = next(((kind, held) for kind, held in weights if held != n_expert), None)
+    if wrong is not None:
+        kind, held = wrong
+        problem = f"{count_key} {count_said} but the model has {held} experts per layer ({kind} holds {held})"
+    elif n_expert and not 0 < n_expert_used <= n_expert:
+        holds = f" ({weights[0][0]} holds {n_expert})" if weights else ""
+        problem = f"{used_key} is {n_expert_used} but the model has {n_expert} experts per layer{holds}"
+    elif not n_expert and n_expert_used:
+        problem = f"{used_key} is {n_expert_used} but {count_key} {count_said}: the model has no experts to route to"
+    else:
+        return
+    raise ModelError(f"{keys.path}: {problem}: the GGUF header is inconsistent",
+                     "re-convert or re-download the model")
 
 
 def _file_type(header: GgufHeader) -> str:
