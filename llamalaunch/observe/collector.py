@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from llamalaunch.launch.logparse import HOST
 from llamalaunch.launch.state import RunState, launcher_alive, read_state
 from llamalaunch.observe.live_memory import LiveMemory, MemoryReader
 from llamalaunch.observe.log_follower import LOG_TAIL_LINES, LogFollower
+from llamalaunch.observe.plan_devices import host_expert_blocks, moe_blocks, rpc_workers
 from llamalaunch.observe.server_stats import ask_server, with_recent_rates
 from llamalaunch.observe.snapshot import AttemptStatus, DeviceStatus, HostStatus, ServerStats, StatusSnapshot
 from llamalaunch.observe.target import ENDED_PHASES, NoServerError, StatusTarget
@@ -137,8 +138,9 @@ class StatusCollector:
         follower = self._follow(Path(state.log_path)) if state.log_path else None
         plan = state.plan or {}
         devices = [d for d in plan.get("devices", []) if isinstance(d, dict)]
-        endpoints, per_endpoint = _rpc_layout(devices)
-        actual = follower.device_bytes(endpoints, per_endpoint) if follower else {}
+        workers = rpc_workers(devices)
+        actual = follower.device_bytes(list(workers), {e: len(names) for e, names in workers.items()}) \
+            if follower else {}
         actual_totals = {name: sum(kinds.get(k, 0) for k in ("model", "kv", "compute"))
                          for name, kinds in actual.items()}
         live = self.memory.read(devices, actual_totals, workers_in_use=running or server_alive)
@@ -160,7 +162,7 @@ class StatusCollector:
             model_arch=model.get("arch"), model_path=model.get("path") or state.model_path,
             n_layer=model.get("n_layer"), n_slots=model.get("n_slots"), ctx_tokens=plan.get("ctx"),
             n_gpu_layers=plan.get("n_gpu_layers"), estimated_tps=_estimated_tps(plan),
-            host_expert_layers=len(plan.get("host_expert_layers", [])),
+            host_expert_layers=len(host_expert_blocks(plan)), moe_layers=moe_blocks(plan),
             devices=tuple(_device(d, actual.get(d["name"], {}), m) for d, m in zip(devices, live, strict=True)),
             host=_host(plan, actual.get(HOST), _process_rss(state.child_pid) if server_alive and state.child_pid
                        else None),
@@ -189,19 +191,6 @@ def _gone_reason(state: RunState, launcher_ok: bool, note: str | None) -> str:
     if not launcher_ok:
         return f"the launcher (pid {state.launcher_pid}) is not running: it was killed or crashed"
     return "the server is not running"
-
-
-def _rpc_layout(devices: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, int]]:
-    """The --rpc endpoints in order, and how many devices each worker exposes (for buffer names)."""
-    endpoints: list[str] = []
-    counts: dict[str, int] = {}
-    for device in devices:
-        endpoint = device.get("endpoint")
-        if device.get("backend") == "RPC" and endpoint:
-            if endpoint not in counts:
-                endpoints.append(endpoint)
-            counts[endpoint] = counts.get(endpoint, 0) + 1
-    return endpoints, counts
 
 
 def _with_log(stats: ServerStats, follower: LogFollower | None) -> ServerStats:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llamalaunch.observe.plan_devices import rpc_workers
 from llamalaunch.probe.gpus import probe_local_gpus
 from llamalaunch.probe.nvml import NvmlGpu, read_nvml_gpus
 from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError, WorkerReport, probe_worker
@@ -39,13 +40,12 @@ class MemoryReader:
         cuda = ({d.name: d for d in probe_local_gpus(self.read_gpus).devices}
                 if any(d.get("backend") == "CUDA" for d in devices) else {})
         reports: dict[str, WorkerReport | RpcProbeError] = {}
-        worker_index: dict[str, int] = {}
+        workers = rpc_workers(devices)
         found = []
         for device in devices:
             endpoint = device.get("endpoint")
-            index = 0
-            if endpoint:  # the device's index inside its worker: devices of one worker come in its order
-                index = worker_index[endpoint] = worker_index.get(endpoint, -1) + 1
+            names = workers.get(endpoint, []) if endpoint else []
+            index = names.index(device["name"]) if device["name"] in names else 0  # inside its worker
             if device.get("backend") == "CUDA":
                 found.append(self._cuda(device, cuda))
             elif device.get("backend") == "RPC" and endpoint and not device.get("assumed"):

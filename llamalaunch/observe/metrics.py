@@ -163,7 +163,8 @@ def _run_families(snapshot: StatusSnapshot) -> Iterator[Metric]:
     yield _gauge("gpu_layers", "Slots offloaded (-ngl).", snapshot.n_gpu_layers)
     yield _gauge("model_slots", "The model's slots (blocks + the output layer).", snapshot.n_slots)
     yield _gauge("slots_total", "llama-server's slots (-np).", snapshot.stats.slots_total)
-    yield _gauge("host_expert_layers", "MoE layers whose routed experts stay in host memory.",
+    yield _gauge("host_expert_layers", "MoE layers whose routed experts stay in host memory, all or some of them "
+                 "(as the plan counts: with the devices' llamalaunch_device_expert_layers, every MoE layer once).",
                  snapshot.host_expert_layers)
     estimate = GaugeMetricFamily(PREFIX + "estimated_tokens_per_second", "The plan's speed estimate, before "
                                  "launch (compare with llamalaunch_server_*_seconds_total).", labels=["kind"])

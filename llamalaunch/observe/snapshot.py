@@ -134,7 +134,8 @@ class StatusSnapshot:
     n_slots: int | None = None
     ctx_tokens: int | None = None
     n_gpu_layers: int | None = None
-    host_expert_layers: int = 0  # MoE layers whose experts stay in host memory
+    host_expert_layers: int = 0  # MoE blocks whose experts stay in host memory, whole or split (as the plan counts)
+    moe_layers: int = 0  # MoE blocks the plan places (plan_devices.moe_blocks): devices' plus host's expert layers
     devices: tuple[DeviceStatus, ...] = ()
     host: HostStatus | None = None
     argv: tuple[str, ...] = ()

@@ -170,8 +170,11 @@ class DevicesTable:
 
 def _host_row(snapshot: StatusSnapshot, host: HostStatus, bar_width: int) -> list[RenderableType]:
     spilled = (snapshot.n_slots or 0) - (snapshot.n_gpu_layers or 0)
+    layers = str(spilled)
+    if snapshot.host_expert_layers:  # as the plan's table: split blocks count as the host's
+        layers += f" ({snapshot.host_expert_layers}/{snapshot.moe_layers} experts)"
     ours = host.server_rss_bytes or 0
-    return ["host", str(spilled), short_bytes(host.planned_weights_bytes), short_bytes(host.planned_kv_bytes),
+    return ["host", layers, short_bytes(host.planned_weights_bytes), short_bytes(host.planned_kv_bytes),
             short_bytes(host.planned_compute_bytes), short_bytes(host.planned_bytes), short_bytes(host.actual_bytes),
             short_bytes(host.server_rss_bytes), short_bytes(host.free_bytes),
             memory_bar(ours, host.total_bytes - host.free_bytes, host.total_bytes, bar_width)]
