@@ -12,6 +12,7 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
+from llamalaunch.plan.schema import device_to_dict
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device
 from llamalaunch.units import GIB, MIB
@@ -105,6 +106,9 @@ def test_budget_caps_a_device(llama_8b: ModelProfile) -> None:
     assert_consistent(plan)
     rpc_plan = next(p for p in plan.devices if p.device.name == "RPC0")
     assert rpc_plan.planned_bytes <= 1 * GIB - plan.request.margin_for(1 * GIB)
+    # spare is what is left of the budget, not of the 20 GiB free (the plan may use no more); the JSON says both
+    assert rpc_plan.headroom_bytes == 1 * GIB - rpc_plan.planned_bytes
+    assert device_to_dict(rpc_plan)["budget_bytes"] == 1 * GIB
 
 
 def test_too_big_says_what_would_fit(llama_70b: ModelProfile) -> None:

@@ -166,7 +166,7 @@ def device_plan(request: Request, device: Device, reason: str | None, first_slot
     return DevicePlan(device=device, excluded=reason is not None, reason=reason, first_slot=first_slot,
                       n_layers=n_layers, memory=memory, reserved_bytes=request.reserve_bytes.get(device.name, 0),
                       limit_bytes=device_limit(device, request), expert_layers=experts[0],
-                      moe_layers=experts[1])
+                      moe_layers=experts[1], budget_bytes=request.budget_bytes.get(device.name))
 
 
 def expert_counts(profile: ModelProfile, slot_range: SlotRange, host_experts: frozenset[int]) -> tuple[int, int]:

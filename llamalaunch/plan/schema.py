@@ -54,7 +54,7 @@ def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
     return {
         "name": device.name, "backend": device.backend, "description": device.description,
         "endpoint": device.endpoint, "assumed": device.assumed,
-        "free_bytes": device.free_bytes, "total_bytes": device.total_bytes,
+        "free_bytes": device.free_bytes, "total_bytes": device.total_bytes, "budget_bytes": plan.budget_bytes,
         "excluded": plan.excluded, "reason": plan.reason,
         "n_layers": plan.n_layers, "first_slot": plan.first_slot,
         "expert_layers": plan.expert_layers, "moe_layers": plan.moe_layers,

@@ -23,6 +23,13 @@ class DevicePlan:
     limit_bytes: int  # what we allow ourselves to use here: min(free, budget) - reserved - margin
     expert_layers: int = 0  # MoE blocks whose routed experts this device holds
     moe_layers: int = 0  # MoE blocks on this device (their experts are elsewhere when expert_layers is less)
+    budget_bytes: int | None = None  # --budget: the most of its free memory the plan may use here
+
+    @property
+    def usable_bytes(self) -> int:
+        """The device's free memory, or the budget where one is below it."""
+        free = self.device.free_bytes
+        return free if self.budget_bytes is None else min(free, self.budget_bytes)
 
     @property
     def planned_bytes(self) -> int:
@@ -30,9 +37,8 @@ class DevicePlan:
 
     @property
     def headroom_bytes(self) -> int:
-        """Free memory left after the plan and the reservations (the margin is part of it)."""
-        free = self.device.free_bytes
-        return free - self.reserved_bytes - self.planned_bytes
+        """Free memory (within the budget) left after the plan and the reservations (the margin is part of it)."""
+        return self.usable_bytes - self.reserved_bytes - self.planned_bytes
 
 
 @dataclass(frozen=True)
