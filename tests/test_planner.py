@@ -109,6 +109,8 @@ def test_budget_caps_a_device(llama_8b: ModelProfile) -> None:
     # spare is what is left of the budget, not of the 20 GiB free (the plan may use no more); the JSON says both
     assert rpc_plan.headroom_bytes == 1 * GIB - rpc_plan.planned_bytes
     assert device_to_dict(rpc_plan)["budget_bytes"] == 1 * GIB
+    assert "--budget RPC0=1.00 GiB of its 20.00 GiB free: its spare is what the plan leaves of the budget" \
+        in plan.notes
 
 
 def test_too_big_says_what_would_fit(llama_70b: ModelProfile) -> None:

@@ -48,6 +48,9 @@ def plan_notes(planner: Planner, ctx_tokens: int, choice: Choice) -> tuple[str, 
         if budget is not None and budget > device.free_bytes:
             notes.append(f"--budget {device.name}={format_bytes(budget)} is above its "
                          f"{format_bytes(device.free_bytes)} free: the plan uses at most the free memory")
+        elif budget is not None:
+            notes.append(f"--budget {device.name}={format_bytes(budget)} of its {format_bytes(device.free_bytes)} "
+                         "free: its spare is what the plan leaves of the budget")
     return tuple(notes)
 
 
