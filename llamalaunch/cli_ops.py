@@ -324,6 +324,10 @@ def _check_values(command: str, sub: Any) -> None:
 
         check_extra_args(sub.args, bool(sub.params.get("force")))
         parse_listen_host(sub.params["host"])
+        if sub.params.get("model") and Path(sub.params["model"]).is_file():  # a damaged model fails at boot too
+            from llamalaunch.model.load import load_profile
+
+            load_profile(sub.params["model"], allow_unknown_arch=bool(sub.params.get("generic_arch")))
         state_path(sub.params["name"])  # the run name must make a file name
         refuse_what_if(sub)
     else:

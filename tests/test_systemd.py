@@ -28,6 +28,7 @@ from llamalaunch.launch.systemd import (
     render_worker,
     unit_dir,
 )
+from tests.synthetic import write_preset
 
 # Measured with systemd 252 (Debian 12), `systemd-analyze security --offline=true`: system units 1.7,
 # the same as a user unit (no device ACL or capability bounding there) 4.4. 10 is "UNSAFE".
@@ -202,6 +203,16 @@ def test_systemd_refuses_values_serve_or_worker_would_refuse_at_boot(app: typer.
     assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"error: {message}\n")
 
 
+def test_a_damaged_model_is_refused_now_not_at_boot(app: typer.Typer, tmp_path: Path) -> None:
+    """serve reads the model's header first thing: a unit for a damaged file is not written."""
+    whole = write_preset(tmp_path / "whole.gguf", "tiny-qwen3moe").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:1000])
+    result = invoke(app, ["systemd", "server", str(cut)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {cut}: truncated header") and result.stderr.count("\n") == 1
+
+
 def test_a_python_under_tmp_is_named_the_unit_cannot_see(app: typer.Typer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A venv under /tmp: ExecStart's interpreter is hidden by the unit's private /tmp; said now, not at boot."""
     monkeypatch.setattr(sys, "executable", "/tmp/clone/.venv/bin/python")
@@ -217,7 +228,8 @@ def test_systemd_unit_gets_absolute_paths_that_exist(app: typer.Typer, tmp_path:
     """The unit starts at boot from its own folder and /tmp: every path is absolute and checked now."""
     folder = Path(os.environ["LLAMALAUNCH_HOME"]) / "work"  # under pytest's /tmp: the note says so
     folder.mkdir()
-    for name in ("m.gguf", "k", "i"):
+    write_preset(folder / "m.gguf", "tiny-qwen3moe")  # its header is read now, as serve reads it at boot
+    for name in ("k", "i"):
         (folder / name).write_text("x\n")
     monkeypatch.chdir(folder)
     result = invoke(app, ["systemd", "server", "--user", "m.gguf", "--api-key-file", "k", "--mmproj=i",
