@@ -74,6 +74,32 @@ def refuse_nothing_there(snapshot: StatusSnapshot) -> None:
                                   "--name NAME` for a local run")
 
 
+def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Which serve run (see `serve --name`).")]
+         = None,
+         timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
+                                                help="How long to wait for it to stop.")] = 60.0) -> None:
+    """Stop a running `serve` (the only one, or --name) as Ctrl-C would: llama-server first, then the launcher.
+
+    Exit status 3 when no server is running.
+    """
+    out = cli_console()
+    err = cli_console(stderr=True)
+    try:
+        from llamalaunch.launch.stop import stop_run
+        from llamalaunch.observe.target import resolve_target
+
+        target = resolve_target(name)
+        if target.state_path is None:  # resolve_target gives a state file whenever no --url is given
+            raise NotRunningError("no server to stop", "start one with `llamalaunch serve`")
+        state = stop_run(target.state_path, timeout)
+    except LaunchError as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    out.print(f"stopped {escape(state.name)} ({escape(state.url)}, launcher pid {state.launcher_pid})",
+              highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `status` command to the llamalaunch app."""
+    """Add the `status` and `stop` commands to the llamalaunch app."""
     app.command("status")(status)
+    app.command("stop")(stop)

@@ -412,3 +412,21 @@ def test_status_shows_the_experts_each_device_holds(tmp_path: Path) -> None:
     console = Console(width=150, record=True)
     console.print(status_view(snapshot))
     assert re.search(rf"^CUDA0\s+25 \({held}/24 experts\)", console.export_text(), re.MULTILINE)
+
+
+@pytest.mark.llama
+def test_stop_ends_a_serve_from_another_shell(serve_run: Callable[..., ServeRun]) -> None:
+    """`stop` is Ctrl-C from elsewhere: llama-server and the launcher exit, the state says stopped; a second
+    stop finds nothing running (exit 3, as status)."""
+    run = serve_run("--ctx", "2k")
+    _, url, _ = run.wait_ready()
+    server = run.server()
+    stopped = CliRunner().invoke(status_app(), ["stop", "--name", "st"], catch_exceptions=False)
+    assert (stopped.exit_code, stopped.output) == (0, f"stopped st ({url}, launcher pid {run.process.pid})\n")
+    assert run.wait_exit() == 128 + signal.SIGTERM
+    assert not server.is_running() and run.leftover_servers() == []
+    assert run.state()["phase"] == "stopped"
+    again = CliRunner().invoke(status_app(), ["stop"], catch_exceptions=False)
+    assert again.exit_code == cli_status.EXIT_GONE
+    assert again.stderr == "error: server 'st' is not running (last phase: stopped) (see how it ended with " \
+        "`llamalaunch status --name st`)\n"

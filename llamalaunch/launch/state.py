@@ -34,6 +34,7 @@ class RunState:
     updated_at: float = 0.0
 
 
+ENDED_PHASES = ("stopped", "failed")  # a run in these phases has no server, whatever its launcher does
 MAX_NAME_BYTES = 128  # the state file, the log and its rotated copies must stay under NAME_MAX (255)
 
 

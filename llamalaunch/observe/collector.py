@@ -20,13 +20,13 @@ import psutil
 
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.launch.logparse import HOST
-from llamalaunch.launch.state import RunState, launcher_alive, read_state
+from llamalaunch.launch.state import ENDED_PHASES, RunState, launcher_alive, read_state
 from llamalaunch.observe.live_memory import LiveMemory, MemoryReader
 from llamalaunch.observe.log_follower import LOG_TAIL_LINES, LogFollower
 from llamalaunch.observe.plan_devices import host_expert_blocks, moe_blocks, rpc_workers
 from llamalaunch.observe.server_stats import ask_server, with_recent_rates
 from llamalaunch.observe.snapshot import AttemptStatus, DeviceStatus, HostStatus, ServerStats, StatusSnapshot
-from llamalaunch.observe.target import ENDED_PHASES, NoServerError, StatusTarget
+from llamalaunch.observe.target import NoServerError, StatusTarget
 
 
 def _process_alive(pid: int | None, exe_name: str | None = None) -> bool:

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamalaunch.errors import BadInputError, NotRunningError
-from llamalaunch.launch.state import launcher_alive, list_states, read_state, state_path
+from llamalaunch.launch.state import ENDED_PHASES, launcher_alive, list_states, read_state, state_path
 from llamalaunch.paths import state_dir
-
-ENDED_PHASES = ("stopped", "failed")
 
 
 class NoServerError(NotRunningError):
