@@ -287,6 +287,8 @@ def test_a_load_mode_after_the_separator_is_refused_unless_forced(
     argv = forced.server().cmdline()
     assert argv[argv.index("-lm") + 1] == "none" and argv[-2:] == ["-lm", "mmap"]  # the last one is llama.cpp's
     assert "(load_mode = mmap)" in forced.log_path.read_text()
+    assert "--force: -lm after -- override the plan: llama-server may place and size things unlike the plan and " \
+        "status show" in forced.output
     forced.send(signal.SIGTERM)
     assert forced.wait_exit() == 128 + signal.SIGTERM
 

@@ -72,8 +72,13 @@ class ServeRequest:
     metrics_host: str = DEFAULTS["metrics_host"]
 
 
+def planned_clashes(extra_args: Sequence[str]) -> list[str]:
+    """The flags after -- whose value the plan decides."""
+    return [arg.split("=", 1)[0] for arg in extra_args if arg.split("=", 1)[0] in PLANNED_FLAGS | LOAD_FLAGS]
+
+
 def check_extra_args(extra_args: Sequence[str], force: bool) -> None:
-    clashes = [arg.split("=", 1)[0] for arg in extra_args if arg.split("=", 1)[0] in PLANNED_FLAGS | LOAD_FLAGS]
+    clashes = planned_clashes(extra_args)
     if "--api-key" in clashes:
         raise BadInputError("--api-key on the command line would show the key in `ps` and the logs",
                             "put the key in a file and pass --api-key-file FILE")
@@ -139,6 +144,10 @@ def run_serve(inputs: PlanInputs, serve: ServeRequest, on_event: Callable[[Super
     assert inputs.toolchain is not None
     check_extra_args(serve.extra_args, serve.force)
     check_not_running(serve.name)
+    forced = planned_clashes(serve.extra_args)
+    if forced:
+        on_event(SupervisorEvent("warning", f"--force: {', '.join(forced)} after -- override the plan: llama-server "
+                                            "may place and size things unlike the plan and status show"))
     if serve.host not in ("127.0.0.1", "localhost", "::1"):
         on_event(SupervisorEvent("warning", f"llama-server will listen on {serve.host}: reachable from the "
                                             "network" + ("" if serve.api_key_file else " without an API key")))
