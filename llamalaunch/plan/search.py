@@ -118,11 +118,16 @@ class Planner:
         dense = self.choice_at(ctx_tokens, self.profile.n_slots, every)
         if dense is None:
             return None
-        filled = [fill_experts(self.costs(ctx_tokens, every), split)
-                  for split in (dense, self.room_split(ctx_tokens, dense)) if split is not None]
-        # the fewest expert bytes left on the host (on a tie, the even-spare split)
-        choice = min(filled, key=lambda found: self.placed(ctx_tokens, found)[1].host.weights_bytes)
+        choice = fill_experts(self.costs(ctx_tokens, every), dense)
         _, estimate = self.placed(ctx_tokens, choice)
+        roomy = any(device_limit(d, self.request) - estimate.devices[d.name].total_bytes
+                    > device_limit(d, self.request) // 20 for d in choice.order)
+        other = self.room_split(ctx_tokens, dense) if roomy and (choice.host_expert_layers or choice.host_expert_parts) else None
+        if other is not None:  # a device kept room while experts stayed on the host: keep the fewer host bytes
+            filled = fill_experts(self.costs(ctx_tokens, every), other)
+            _, other_estimate = self.placed(ctx_tokens, filled)
+            if other_estimate.host.weights_bytes < estimate.host.weights_bytes:
+                choice, estimate = filled, other_estimate
         if any(estimate.devices[d.name].total_bytes > device_limit(d, self.request) for d in choice.order):
             return None
         host = estimate.host
