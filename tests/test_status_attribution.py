@@ -20,7 +20,7 @@ import pytest
 from llamalaunch.observe.collector import StatusCollector
 from llamalaunch.observe.live_memory import MemoryReader
 from llamalaunch.observe.log_follower import LogFollower
-from llamalaunch.observe.plan_devices import rpc_workers
+from llamalaunch.observe.plan_devices import host_expert_blocks, moe_blocks, rpc_workers
 from llamalaunch.observe.target import StatusTarget
 from llamalaunch.observe.view import short_bytes
 from llamalaunch.probe.rpc import WorkerDevice, WorkerReport
@@ -138,3 +138,13 @@ def test_a_reordered_moe_plan_shows_each_workers_own_buffers_and_the_plans_exper
             got = value(samples, "llamalaunch_device_allocated_bytes", device=name, id=endpoint, component=component)
             assert got is not None and abs(got - size) <= MIB // 200, (name, component, got, size)
     assert value(samples, "llamalaunch_host_expert_layers") == host_experts
+
+
+def test_moe_blocks_left_whole_on_the_host_count_as_the_host_s() -> None:
+    """-ngl below every layer leaves blocks 0-1 (MoE) whole on the host: the plan's table counts their experts as
+    the host's, and so does status, from the model's MoE blocks the plan's JSON lists."""
+    plan = {"model": {"moe_blocks": [0, 1, 2, 3]}, "host_expert_layers": [2], "host_expert_parts": [],
+            "devices": [{"name": "CUDA0", "first_slot": 2, "n_layers": 3, "moe_layers": 2, "expert_layers": 1}]}
+    assert host_expert_blocks(plan) == {0, 1, 2} and moe_blocks(plan) == 4
+    del plan["model"]  # a plan written before the list: the blocks it places and the host's split ones
+    assert host_expert_blocks(plan) == {2} and moe_blocks(plan) == 2

@@ -34,23 +34,34 @@ def rpc_workers(devices: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
 
 
 def host_expert_blocks(plan: Mapping[str, Any]) -> frozenset[int]:
-    """MoE blocks whose routed experts the plan leaves in host memory: whole (`host_expert_layers`) or in part
-    (`host_expert_parts`: a block split between a device and the host counts as the host's). The plan counts
-    them so: a device's `expert_layers` leaves out every one of these blocks (plan.planner)."""
+    """MoE blocks whose routed experts the plan leaves in host memory, as the plan counts them (a device's
+    `expert_layers` leaves out every one of these): whole (`host_expert_layers`), in part (`host_expert_parts`: a
+    block split between a device and the host counts as the host's), and MoE blocks left whole on the host
+    (-ngl below every layer; the model's `moe_blocks`, in plans written since they are listed)."""
     whole = {int(block) for block in plan.get("host_expert_layers", [])}
     split = {int(part[0]) for part in plan.get("host_expert_parts", [])}
-    return frozenset(whole | split)
+    return frozenset(whole | split | (_moe_blocks(plan) - _blocks_on_devices(plan)))
 
 
 def moe_blocks(plan: Mapping[str, Any]) -> int:
-    """The MoE blocks the plan places: those on its devices, plus any whose experts it leaves in host memory
-    without offloading the block. Blocks left whole on the host (-ngl below all) are not in the plan's JSON."""
-    on_devices: set[int] = set()
-    count = 0
-    for device in plan.get("devices", []):
-        if not isinstance(device, Mapping) or device.get("excluded") or device.get("first_slot") is None:
-            continue
-        first = int(device["first_slot"])
-        on_devices.update(range(first, first + int(device.get("n_layers", 0))))
-        count += int(device.get("moe_layers", 0))
-    return count + len(host_expert_blocks(plan) - on_devices)
+    """The model's MoE blocks; from a plan that does not list them, those on its devices and the host's."""
+    listed = _moe_blocks(plan)
+    if listed:
+        return len(listed)
+    on_devices = sum(int(device.get("moe_layers", 0)) for device in _placed_devices(plan))
+    return on_devices + len(host_expert_blocks(plan) - _blocks_on_devices(plan))
+
+
+def _moe_blocks(plan: Mapping[str, Any]) -> set[int]:
+    model = plan.get("model")
+    return {int(block) for block in model.get("moe_blocks", [])} if isinstance(model, Mapping) else set()
+
+
+def _placed_devices(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [device for device in plan.get("devices", []) if isinstance(device, Mapping)
+            and not device.get("excluded") and device.get("first_slot") is not None]
+
+
+def _blocks_on_devices(plan: Mapping[str, Any]) -> set[int]:
+    return {block for device in _placed_devices(plan)
+            for block in range(int(device["first_slot"]), int(device["first_slot"]) + int(device.get("n_layers", 0)))}

@@ -17,7 +17,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
         "model": {"path": model.path, "arch": model.arch, "name": model.name, "n_layer": model.n_layer,
-                  "n_slots": model.n_slots},
+                  "n_slots": model.n_slots, "moe_blocks": list(model.expert_layers)},
         "ctx": plan.ctx_tokens,
         "n_gpu_layers": plan.n_gpu_layers,
         "devices": [device_to_dict(device) for device in plan.devices],
