@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from collections.abc import Iterable, Sequence
+
+    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.segment import Segment
+    from rich.table import Table
 
 # Piped or redirected output (a file, `less`, journald, grep) has no width to fit: rich would take 80
 # columns (or the terminal's, via stdin) and cut names and numbers with "…". Wide enough for any table.
@@ -18,9 +23,16 @@ PIPE_WIDTH = 10_000
 def _console_class() -> type[Console]:
     """CliConsole, made on first use: rich costs ~50 ms to import and `--json` output never needs it."""
     from rich.console import Console, ConsoleDimensions
+    from rich.table import Table
 
     class CliConsole(Console):
-        """A rich Console whose width, when its output is not a terminal, is PIPE_WIDTH whatever COLUMNS says."""
+        """A rich Console whose width, when its output is not a terminal, is PIPE_WIDTH whatever COLUMNS says,
+        and whose tables, at whatever depth they are rendered, never cut a cell to fit a terminal (fitted_table)."""
+
+        def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
+            if isinstance(renderable, Table):
+                renderable = fitted_table(self, renderable, options or self.options)
+            return super().render(renderable, options)
 
         @property  # type: ignore[override]
         def size(self) -> ConsoleDimensions:
@@ -32,6 +44,110 @@ def _console_class() -> type[Console]:
             Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
     return CliConsole
+
+
+def _natural_width(console: Console, table: Table, options: ConsoleOptions) -> int:
+    """How wide `table` is when nothing constrains it."""
+    return table.__rich_measure__(console, options.update_width(PIPE_WIDTH)).maximum
+
+
+def _compact(table: Table, gap: int) -> Table:
+    """A copy of `table` with `gap` columns between cells, no outer frame and a plain rule under the header."""
+    from rich import box
+
+    compact = copy.copy(table)
+    if table.box is not None:
+        compact.box, compact.show_edge = box.SIMPLE_HEAD, False  # its divider is one blank column
+        gap -= 1
+    compact.padding, compact.collapse_padding, compact.pad_edge = (0, gap), True, False
+    return compact
+
+
+def _narrowed(console: Console, table: Table, options: ConsoleOptions, foldable: Sequence[bool],
+              words_first: bool = True) -> Table | None:
+    """`table` with cells that wrap at spaces, the widest column narrowed first, each down to its longest word,
+    the `foldable` ones then down to one character (or, not `words_first`, at once: widest first all the
+    same). Rich narrows every column alike: it folds a header like "overhead", cuts words with "…", or
+    leaves a column out. None where even that is too wide."""
+    from dataclasses import replace
+
+    measured = [table._measure_column(console, options, column) for column in table.columns]
+    widths = [measure.maximum for measure in measured]
+    words = [measure.minimum for measure in measured]
+    letters = [min(word, 1 + table._get_padding_width(i)) if fold else word
+               for i, (word, fold) in enumerate(zip(words, foldable, strict=True))]
+    excess = sum(widths) + table._extra_width - options.max_width
+    for floors in (words, letters) if words_first else (letters,):
+        while excess > 0 and (narrowable := [i for i, floor in enumerate(floors) if widths[i] > floor]):
+            widths[max(narrowable, key=lambda i: widths[i])] -= 1
+            excess -= 1
+    if excess > 0:
+        return None
+    narrowed = copy.copy(table)
+    narrowed.columns = [replace(column, no_wrap=False, overflow="fold", width=width - table._get_padding_width(i))
+                        for i, (column, width) in enumerate(zip(table.columns, widths, strict=True))]
+    return narrowed
+
+
+def _shortest(console: Console, options: ConsoleOptions, tables: Sequence[Table | None]) -> Table | None:
+    """The one of `tables` that takes the fewest lines (the first of those)."""
+    fitting = [table for table in tables if table is not None]
+    if len(fitting) < 2:
+        return fitting[0] if fitting else None
+    return min(fitting, key=lambda table: len(console.render_lines(table, options, pad=False)))
+
+
+def _records(console: Console, table: Table) -> RenderableType:
+    """`table` one row after another, each cell a line beside its column's header (a blank line between
+    rows), under the title wrapped to the terminal: for a terminal too narrow for the columns side by side."""
+    from rich.console import Group
+    from rich.style import Style
+    from rich.table import Table
+
+    records = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False, collapse_padding=True)
+    records.add_column(style=table.header_style)
+    records.add_column()
+    cells = [list(column.cells) for column in table.columns]
+    for index, row in enumerate(table.rows):
+        if index:
+            records.add_row()
+        for column, column_cells in zip(table.columns, cells, strict=True):
+            records.add_row(column.header, column_cells[index], style=row.style)
+    if table.title is None:
+        return records
+    title = table.title
+    if isinstance(title, str):  # as rich renders a title
+        title = console.render_str(title, style=Style.pick_first(table.title_style, "table.title"), highlight=False)
+    return Group(title, records)
+
+
+def fitted_table(console: Console, table: Table, options: ConsoleOptions) -> RenderableType:
+    """What CliConsole prints for `table`, so that no cell is cut whatever `options.max_width` (the terminal's
+    width): rich would cut cells with "…" to fit, and a line wider than the terminal would be cropped or
+    wrapped by the terminal, table and all. The one place that decides this for every table the CLI prints.
+
+    `table` as built where it fits (always on a pipe: PIPE_WIDTH); else the first that fits of the layouts
+    more compact than it (_compact: two blanks between columns, then one); else the most compact with its
+    cells wrapped at spaces, words folded only in the columns built with overflow="fold" (_narrowed); else
+    one row after another (_records), whose two columns fit most any terminal, folding words where they
+    must."""
+    width = _natural_width(console, table, options)
+    if width <= options.max_width:
+        return table
+    layout = table
+    for gap in (2, 1):
+        compact = _compact(table, gap)
+        if (compact_width := _natural_width(console, compact, options)) < width:  # only ever more compact
+            if compact_width <= options.max_width:
+                return compact
+            layout, width = compact, compact_width
+    foldable = [column.overflow == "fold" for column in table.columns]
+    balanced = _narrowed(console, layout, options, foldable, words_first=False) if any(foldable) else None
+    if (narrowed := _shortest(console, options, [_narrowed(console, layout, options, foldable), balanced])):
+        return narrowed
+    if len(table.columns) > 2:
+        return _records(console, table)  # fitted in turn, as every table rendered through CliConsole
+    return _narrowed(console, layout, options, [True] * len(table.columns)) or layout
 
 
 def cli_console(**kwargs: Any) -> Console:

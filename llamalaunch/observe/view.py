@@ -131,7 +131,7 @@ def _ours(device: DeviceStatus, serving: bool) -> int:
     return device.actual_bytes if device.actual_bytes is not None else device.planned_bytes
 
 
-WIDE_COLUMNS = 100  # below this many columns the bar gives way to a plain percentage
+WIDE_COLUMNS = 106  # below this many columns the bar gives way to a plain percentage (106: a MoE layers cell)
 
 
 def devices_table(snapshot: StatusSnapshot, bar_width: int = BAR_WIDTH) -> Table:
