@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from llamalaunch.launch.failures import crash_reason
 from llamalaunch.launch.logparse import (
     HOST,
     BreakdownRow,
@@ -101,8 +102,13 @@ def test_rpc_out_of_memory_line() -> None:
 
 
 def test_every_fixture_parses() -> None:
+    """Each log gives events; one that aborts before loading (GGML_ASSERT on its header) gives its reason."""
     for path in sorted(FIXTURES.glob("*.log")):
-        assert events_of(path), path
+        if path.name.endswith("-abort.log"):
+            reason = crash_reason(path.read_text(errors="replace").splitlines())
+            assert reason is not None and "GGML_ASSERT" in reason, path
+        else:
+            assert events_of(path), path
 
 
 @pytest.mark.parametrize(("buffer", "endpoints", "counts", "device"), [
