@@ -8,6 +8,7 @@ which processes are left (psutil).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,6 +156,37 @@ def test_a_worker_lost_while_serving_ends_the_run_with_one_line(
     assert "giving up after 2 restarts" in run.stderr[0]
     assert run.output.count(" restarting: ") == 2 and run.output.count(" loading: ") == 1
     assert run.state()["phase"] == "failed" and not run.leftover_servers()
+
+
+def test_a_worker_gone_while_idle_is_noticed_before_any_request(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    """/health stays ok after a worker dies (llama-server aborts only on its next request): the health watch
+    finds the worker refusing connections, restarts llama-server, and names the worker when it is not back."""
+    worker = rpc_workers()
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--backoff", "0.2", "--max-restarts", "1",
+                "--health-interval", "0.5")
+    run.wait_ready()
+    worker.process.kill()
+    worker.process.wait()
+    run.wait_for_line(rf" warning: RPC worker {re.escape(worker.endpoint)} is gone \(connection refused\): "
+                      r"killing pid \d+ to restart it$", timeout_s=10)
+    assert run.wait_exit(timeout_s=30) == 1
+    assert len(run.stderr) == 1 and worker.endpoint in run.stderr[0], run.output
+    assert "giving up after 1 restart" in run.stderr[0]
+    assert run.state()["phase"] == "failed" and not run.leftover_servers()
+
+
+def test_the_health_watch_leaves_a_busy_worker_serving(
+        serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    """A worker serving llama-server queues the watch's connections (it serves one client at a time): never
+    taken for a gone one, and llama-server keeps answering through many watches."""
+    worker = rpc_workers()
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--health-interval", "0.2")
+    _, url, _ = run.wait_ready()
+    for _ in range(5):
+        time.sleep(0.5)
+        assert complete(url, n_predict=2)["tokens_predicted"] == 2
+    assert "is gone" not in run.output and " restarting: " not in run.output
 
 
 # --- 4. out of memory: the ladder --------------------------------------------------------------------

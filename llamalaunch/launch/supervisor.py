@@ -24,12 +24,20 @@ from llamalaunch.launch.lessons import Lessons
 from llamalaunch.launch.logparse import READINESS_MARK
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.oom import OomTracker, OutOfMemory
-from llamalaunch.launch.process import Child, ChildEvent, ChildEvents, ChildExit, ChildLine, LogSink
+from llamalaunch.launch.process import (
+    Child,
+    ChildEvent,
+    ChildEvents,
+    ChildExit,
+    ChildLine,
+    LogSink,
+    rpc_endpoints,
+)
 from llamalaunch.launch.restart import RestartPolicy, Restarts
 from llamalaunch.options import DEFAULTS
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.inventory import held_elsewhere
-from llamalaunch.probe.rpc import RpcProbeError
+from llamalaunch.probe.rpc import RpcProbeError, refuses_connections
 
 PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "failed")
 
@@ -87,12 +95,14 @@ class _StopRequest:
 
 
 @dataclass(frozen=True)
-class _Hung:
+class _Broken:
+    """A ready llama-server that cannot serve: it stopped answering /health, or one of its RPC workers is gone."""
+
     pid: int
-    detail: str
+    reason: str
 
 
-_Item = ChildEvent | _Ready | _StopRequest | _Hung
+_Item = ChildEvent | _Ready | _StopRequest | _Broken
 READINESS_FAILED = "llamalaunch: the one-token completion failed"
 HEALTHY_RESET_S = 600.0  # ready this long: the restart count starts again
 
@@ -228,9 +238,9 @@ class Supervisor:
                 continue
             if isinstance(item, _StopRequest):
                 return self._stop(item)
-            if isinstance(item, _Hung):
+            if isinstance(item, _Broken):
                 if self.child is not None and item.pid == self.child.pid and hung is None:
-                    hung = f"llama-server stopped answering ({item.detail})"
+                    hung = item.reason
                     self.on_event(SupervisorEvent("warning", f"{hung}: killing pid {item.pid} to restart it"))
                     self.child.signal_group(signal.SIGKILL)  # hung: a graceful stop would wait for nothing
                 continue
@@ -391,13 +401,16 @@ class Supervisor:
             threading.Thread(target=self._watch_health, args=(self.child,), daemon=True, name="liveness").start()
 
     def _watch_health(self, child: SupervisedChild) -> None:
-        """While `child` runs: /health every interval; `health_misses` unanswered in a row report it hung.
+        """While `child` runs: /health every interval; `health_misses` unanswered in a row report it hung; a
+        worker of its plan that refuses connections reports it broken (llama-server would abort on the next
+        request, while /health still says ok).
 
         /health is answered by llama-server's HTTP threads (more of them than slots), so a busy server still
         answers it; one stopped (SIGSTOP), deadlocked or swapped to death does not.
         """
         interval_s, needed = self.options.health_interval_s, self.options.health_misses
         api_key = self.api_key()
+        workers = rpc_endpoints(self.plan.argv) if self.plan is not None else []
         misses = 0
         while child.running():
             started = self.clock()
@@ -405,8 +418,12 @@ class Supervisor:
             misses = 0 if result.status == 200 else misses + 1
             if misses >= needed:
                 last = result.error or f"HTTP {result.status}"
-                self.queue.put(_Hung(child.pid, f"{misses} /health checks in a row unanswered within "
-                                                f"{interval_s:g} s; last: {last}"))
+                self.queue.put(_Broken(child.pid, f"llama-server stopped answering ({misses} /health checks in a "
+                                                  f"row unanswered within {interval_s:g} s; last: {last})"))
+                return
+            gone = next((endpoint for endpoint in workers if refuses_connections(endpoint)), None)
+            if gone is not None and child.running():  # /health stays ok: its next request would abort on it
+                self.queue.put(_Broken(child.pid, f"RPC worker {gone} is gone (connection refused)"))
                 return
             time.sleep(max(0.0, interval_s - (self.clock() - started)))
 
