@@ -118,16 +118,7 @@ class Planner:
         dense = self.choice_at(ctx_tokens, self.profile.n_slots, every)
         if dense is None:
             return None
-        choice = fill_experts(self.costs(ctx_tokens, every), dense)
-        _, estimate = self.placed(ctx_tokens, choice)
-        roomy = any(device_limit(d, self.request) - estimate.devices[d.name].total_bytes
-                    > device_limit(d, self.request) // 20 for d in choice.order)
-        other = self.room_split(ctx_tokens, dense) if roomy and (choice.host_expert_layers or choice.host_expert_parts) else None
-        if other is not None:  # a device kept room while experts stayed on the host: keep the fewer host bytes
-            filled = fill_experts(self.costs(ctx_tokens, every), other)
-            _, other_estimate = self.placed(ctx_tokens, filled)
-            if other_estimate.host.weights_bytes < estimate.host.weights_bytes:
-                choice, estimate = filled, other_estimate
+        choice, estimate = self.filled(ctx_tokens, dense)
         if any(estimate.devices[d.name].total_bytes > device_limit(d, self.request) for d in choice.order):
             return None
         host = estimate.host
@@ -139,6 +130,24 @@ class Planner:
                 if ctx_tokens > self.ctx_floor() else None
             raise PlanError(need, self.use_largest(smaller[0]) if smaller is not None else fix)
         return choice
+
+    def filled(self, ctx_tokens: int, dense: Choice) -> tuple[Choice, Estimate]:
+        """`dense` with each device's experts taken back (fill_experts) and its estimate; where a device then
+        keeps a twentieth of its room while experts stay on the host, the room split too: the fewer host bytes."""
+        every = frozenset(self.profile.expert_layers)
+        choice = fill_experts(self.costs(ctx_tokens, every), dense)
+        _, estimate = self.placed(ctx_tokens, choice)
+        on_host = choice.host_expert_layers or choice.host_expert_parts
+        roomy = any(device_limit(d, self.request) - estimate.devices[d.name].total_bytes
+                    > device_limit(d, self.request) // 20 for d in choice.order)
+        other = self.room_split(ctx_tokens, dense) if on_host and roomy else None
+        if other is None:
+            return choice, estimate
+        other = fill_experts(self.costs(ctx_tokens, every), other)
+        _, other_estimate = self.placed(ctx_tokens, other)
+        if other_estimate.host.weights_bytes < estimate.host.weights_bytes:
+            return other, other_estimate
+        return choice, estimate
 
     def room_split(self, ctx_tokens: int, dense: Choice) -> Choice | None:
         """The blocks of `dense` (every expert on the host) dealt out in proportion to each device's room: a device
