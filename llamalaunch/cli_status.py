@@ -77,7 +77,7 @@ def refuse_nothing_there(snapshot: StatusSnapshot) -> None:
 def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Which serve run (see `serve --name`).")]
          = None,
          timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
-                                                help="How long to wait for it to stop.")] = 60.0) -> None:
+                                                help="How long to wait for it to stop (0: send and return).")] = 60.0) -> None:
     """Stop a running `serve` (the only one, or --name) as Ctrl-C would: llama-server first, then the launcher.
 
     Exit status 3 when no server is running.
@@ -85,9 +85,13 @@ def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help
     out = cli_console()
     err = cli_console(stderr=True)
     try:
+        from llamalaunch.launch.state import state_path
         from llamalaunch.launch.stop import stop_run
         from llamalaunch.observe.target import resolve_target
 
+        if name is not None and not state_path(name).exists():
+            raise NotRunningError(f"no server named {name!r} has run here",
+                                  "`llamalaunch status` shows the run there is, if any")
         target = resolve_target(name)
         if target.state_path is None:  # resolve_target gives a state file whenever no --url is given
             raise NotRunningError("no server to stop", "start one with `llamalaunch serve`")
@@ -95,7 +99,8 @@ def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help
     except LaunchError as error:
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
-    out.print(f"stopped {escape(state.name)} ({escape(state.url)}, launcher pid {state.launcher_pid})",
+    done = "stopped" if timeout > 0 else "asked to stop (SIGTERM sent, not waited for)"
+    out.print(f"{done} {escape(state.name)} ({escape(state.url)}, launcher pid {state.launcher_pid})",
               highlight=False, soft_wrap=True)
 
 

@@ -119,12 +119,15 @@ def test_devices_and_toolchain_tables() -> None:
     binary = Binary("llama-server", Path("/home/someone/.cache/llamalaunch/llama.cpp/b6000-cuda-12.4/bin/llama-server"),
                     "b6000 (build 6000, commit 0123abc)", "CUDA", frozenset({"--fit", "--rpc", "--list-devices"}))
     tools = toolchain_table(Toolchain(server=binary, rpc_server=None, fit_params=None, source="cache"))
-    text = _terminal(tools, 80)  # the path folds (its column is built so): compared without the line breaks
+    # too wide with its words whole: one row after another, the name whole, the long path folded only where
+    # it is longer than the line (compared without the line breaks)
+    text = _terminal(tools, 80)
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
-    assert re.search(r"^llama-server +/", text, re.MULTILINE), text  # the name whole
+    assert re.search(r"^binary +llama-server *$", text, re.MULTILINE), text
     lines = text.splitlines()
-    start, end = lines[1].index("path"), lines[1].index("version")
-    assert str(binary.path) in "".join(line[start:end].strip() for line in lines[3:]), text
+    first = next(i for i, line in enumerate(lines) if line.startswith("path "))
+    last = next(i for i, line in enumerate(lines) if line.startswith("version "))
+    assert "".join(line[len("path "):].strip() for line in lines[first:last]) == str(binary.path), text
 
 
 def _status_snapshot() -> StatusSnapshot:

@@ -157,6 +157,10 @@ def test_unknown_device_names_are_refused(llama_8b: ModelProfile) -> None:
         make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(devices=("CUDA7",)), OPTIONS)
     with pytest.raises(BadInputError, match="--budget RPC3: no such device here"):
         make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(budget_bytes={"RPC3": GIB}), OPTIONS)
+    with pytest.raises(BadInputError) as host:  # it said "add it with --assume CPU=SIZE", which changed nothing
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(budget_bytes={"CPU": GIB}), OPTIONS)
+    assert str(host.value) == "--budget CPU: the host is not a device the plan fills (to plan for less host " \
+        "memory, give --assume CPU=SIZE)"
 
 
 def test_device_order_and_selection_follow_dev(llama_8b: ModelProfile) -> None:
@@ -230,6 +234,10 @@ def test_a_refusal_names_what_took_the_memory(llama_8b: ModelProfile) -> None:
                                          "margin (--margin) = nothing left")
     assert raised.value.hint == ("no layer fits even at the smallest context: free memory, add devices, or lower "
                                  "--overhead or --margin")
+    with pytest.raises(PlanError) as budgeted:  # a budget below free is the first lever
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=8192, budget_bytes={"CUDA0": 100 * MIB}), OPTIONS)
+    assert budgeted.value.hint == ("no layer fits even at the smallest context: free memory, add devices, raise "
+                                   "--budget CUDA0, or lower --overhead or --margin")
 
 
 def test_a_refusal_at_ctx_max_names_no_context_it_was_not_asked_for(llama_70b: ModelProfile) -> None:

@@ -430,3 +430,27 @@ def test_stop_ends_a_serve_from_another_shell(serve_run: Callable[..., ServeRun]
     assert again.exit_code == cli_status.EXIT_GONE
     assert again.stderr == "error: server 'st' is not running (last phase: stopped) (see how it ended with " \
         "`llamalaunch status --name st`)\n"
+
+
+def test_stop_a_name_that_never_ran_says_so() -> None:
+    """Not status's hint (it offered --url, which stop does not take)."""
+    result = CliRunner().invoke(status_app(), ["stop", "--name", "nope"], catch_exceptions=False)
+    assert (result.exit_code, result.stderr) == (cli_status.EXIT_GONE, "error: no server named 'nope' has run here "
+                                                 "(`llamalaunch status` shows the run there is, if any)\n")
+
+
+def test_stop_with_timeout_0_sends_and_returns(tmp_path: Path) -> None:
+    """--timeout 0: SIGTERM sent, exit 0 at once (it said "did not stop within 0 s", exit 1, and advised kill -9)."""
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(launcher.pid).create_time()
+        write_state(RunState(name="idle", launcher_pid=launcher.pid, launcher_started_at=started,
+                             url="http://127.0.0.1:1", model_path="m.gguf", log_path=str(tmp_path / "l"),
+                             phase="ready"))
+        result = CliRunner().invoke(status_app(), ["stop", "--timeout", "0"], catch_exceptions=False)
+        assert (result.exit_code, result.output) == (
+            0, f"asked to stop (SIGTERM sent, not waited for) idle (http://127.0.0.1:1, launcher pid {launcher.pid})\n")
+        assert launcher.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        launcher.kill()
+        launcher.wait()

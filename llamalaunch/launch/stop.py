@@ -23,11 +23,11 @@ def stop_run(path: Path, timeout_s: float) -> RunState:
     except ProcessLookupError:
         return state
     deadline = time.monotonic() + timeout_s
-    while launcher_alive(state) and not _exited(state.launcher_pid):
+    while timeout_s > 0 and launcher_alive(state) and not _exited(state.launcher_pid):
         if time.monotonic() > deadline:
             raise ServeError(f"server {state.name!r} (launcher pid {state.launcher_pid}) did not stop within "
-                             f"{timeout_s:g} s", f"kill it with `kill -9 {state.launcher_pid}`, or wait and run "
-                             "`llamalaunch stop` again")
+                             f"{timeout_s:g} s", f"wait and run `llamalaunch stop --name {state.name}` again, or "
+                             f"kill it with `kill -9 {state.launcher_pid}`")
         time.sleep(0.1)
     return state
 

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
 
     from rich.console import Console, ConsoleOptions, RenderableType
     from rich.segment import Segment
@@ -63,21 +63,18 @@ def _compact(table: Table, gap: int) -> Table:
     return compact
 
 
-def _narrowed(console: Console, table: Table, options: ConsoleOptions, foldable: Sequence[bool],
-              words_first: bool = True) -> Table | None:
-    """`table` with cells that wrap at spaces, the widest column narrowed first, each down to its longest word,
-    the `foldable` ones then down to one character (or, not `words_first`, at once: widest first all the
-    same). Rich narrows every column alike: it folds a header like "overhead", cuts words with "…", or
-    leaves a column out. None where even that is too wide."""
+def _narrowed(console: Console, table: Table, options: ConsoleOptions, fold: bool) -> Table | None:
+    """`table` with cells that wrap at spaces, the widest column narrowed first, each down to its longest word
+    (with `fold`, then down to one character). Rich narrows every column alike: it folds a header like
+    "overhead", cuts words with "…", or leaves a column out. None where even that is too wide."""
     from dataclasses import replace
 
     measured = [table._measure_column(console, options, column) for column in table.columns]
     widths = [measure.maximum for measure in measured]
     words = [measure.minimum for measure in measured]
-    letters = [min(word, 1 + table._get_padding_width(i)) if fold else word
-               for i, (word, fold) in enumerate(zip(words, foldable, strict=True))]
+    letters = [min(word, 1 + table._get_padding_width(i)) for i, word in enumerate(words)]
     excess = sum(widths) + table._extra_width - options.max_width
-    for floors in (words, letters) if words_first else (letters,):
+    for floors in (words, letters) if fold else (words,):
         while excess > 0 and (narrowable := [i for i, floor in enumerate(floors) if widths[i] > floor]):
             widths[max(narrowable, key=lambda i: widths[i])] -= 1
             excess -= 1
@@ -87,14 +84,6 @@ def _narrowed(console: Console, table: Table, options: ConsoleOptions, foldable:
     narrowed.columns = [replace(column, no_wrap=False, overflow="fold", width=width - table._get_padding_width(i))
                         for i, (column, width) in enumerate(zip(table.columns, widths, strict=True))]
     return narrowed
-
-
-def _shortest(console: Console, options: ConsoleOptions, tables: Sequence[Table | None]) -> Table | None:
-    """The one of `tables` that takes the fewest lines (the first of those)."""
-    fitting = [table for table in tables if table is not None]
-    if len(fitting) < 2:
-        return fitting[0] if fitting else None
-    return min(fitting, key=lambda table: len(console.render_lines(table, options, pad=False)))
 
 
 def _records(console: Console, table: Table) -> RenderableType:
@@ -128,9 +117,8 @@ def fitted_table(console: Console, table: Table, options: ConsoleOptions) -> Ren
 
     `table` as built where it fits (always on a pipe: PIPE_WIDTH); else the first that fits of the layouts
     more compact than it (_compact: two blanks between columns, then one); else the most compact with its
-    cells wrapped at spaces, words folded only in the columns built with overflow="fold" (_narrowed); else
-    one row after another (_records), whose two columns fit most any terminal, folding words where they
-    must."""
+    cells wrapped at spaces, every word whole (_narrowed); else one row after another (_records), whose two
+    columns fit most any terminal, folding a word only where it is longer than the line."""
     width = _natural_width(console, table, options)
     if width <= options.max_width:
         return table
@@ -141,13 +129,12 @@ def fitted_table(console: Console, table: Table, options: ConsoleOptions) -> Ren
             if compact_width <= options.max_width:
                 return compact
             layout, width = compact, compact_width
-    foldable = [column.overflow == "fold" for column in table.columns]
-    balanced = _narrowed(console, layout, options, foldable, words_first=False) if any(foldable) else None
-    if (narrowed := _shortest(console, options, [_narrowed(console, layout, options, foldable), balanced])):
+    # words whole (a path or a binary name split in two cannot be copied), else one row after another
+    if (narrowed := _narrowed(console, layout, options, fold=False)):
         return narrowed
     if len(table.columns) > 2:
         return _records(console, table)  # fitted in turn, as every table rendered through CliConsole
-    return _narrowed(console, layout, options, [True] * len(table.columns)) or layout
+    return _narrowed(console, layout, options, fold=True) or layout
 
 
 def cli_console(**kwargs: Any) -> Console:

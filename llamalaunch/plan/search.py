@@ -334,7 +334,9 @@ class Planner:
                 f"{format_bytes(self.host_free_bytes or 0)} is available: add devices, free host memory, or use " \
                 "a smaller quantization"
         levers = [option for option, taken in self.takers(costs) if taken]
+        budgeted = [d.name for d in self.devices if self.request.budget_bytes.get(d.name, d.free_bytes) < d.free_bytes]
         return need, "no layer fits even at the smallest context: free memory, add devices" + \
+            (f", raise --budget {' and '.join(budgeted)}" if budgeted else "") + \
             (f", or lower {' or '.join(levers)}" if levers else "")
 
     def fewest_cpu_experts(self, ctx_tokens: int) -> int | None:

@@ -52,6 +52,9 @@ def canonical_overhead_name(text: str) -> str:
 
 def unknown_device(option: str, name: str, names: Iterable[str]) -> BadInputError:
     """`option` names a device that is not among `names` (the probed or assumed ones): how to add it."""
+    if name == "CPU":  # the host holds what the devices do not: its RAM is what plans check, not a budget
+        return BadInputError(f"{option} CPU: the host is not a device the plan fills",
+                             "to plan for less host memory, give --assume CPU=SIZE")
     add = f"--rpc HOST:PORT or --assume {name}=SIZE" if name.startswith("RPC") else f"--assume {name}=SIZE"
     return BadInputError(f"{option} {name}: no such device here (devices here: {', '.join(names) or 'none'})",
                          f"add it with {add}, or drop {option} {name}")
