@@ -45,6 +45,9 @@ CASES = {
                 [40], False),
     "glm4moe-shared-expert": ("tiny-glm4moe", {"n_layer": 6, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
                                                "n_vocab": 2048}, [40], False),
+    # --cpu-spill where not even the dense parts fit: whole layers on the host, the device's blocks' experts too
+    "qwen3moe-cpu-spill": ("tiny-qwen3moe", {"n_layer": 10, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
+                                             "n_vocab": 2048}, [20], False),
     # hash-routed first block, compressed caches, hyper-connections; the states are cache memory
     "deepseek4": ("tiny-deepseek4", {"n_layer": 6, "n_embd": 256, "n_expert": 16, "n_ff_exp": 512,
                                      "n_vocab": 2048}, [40], False),
@@ -61,15 +64,20 @@ def test_llama_server_reproduces_the_expert_spill(name: str, tmp_path: Path, lla
     args = ["--rpc", ",".join(w.endpoint for w in workers), "--ctx", "4096", "-np", "1"]
     for index, budget in enumerate(budgets_mib):
         args += ["--budget", f"RPC{index}={budget}MiB"]
-    plan = plan_json(model, args, llama_bin_dir)
+    spills_layers = name.endswith("cpu-spill")
+    plan = plan_json(model, [*args, *(["--cpu-spill"] if spills_layers else [])], llama_bin_dir)
     assert plan["host_expert_layers"] or plan["host_expert_parts"], "the case must spill experts"
-    assert plan["n_gpu_layers"] == plan["model"]["n_slots"]  # every layer stays on the workers
+    if spills_layers:  # whole layers on the host, and the experts of the device's blocks there too (it said none)
+        assert 0 < plan["n_gpu_layers"] < plan["model"]["n_slots"]
+    else:
+        assert plan["n_gpu_layers"] == plan["model"]["n_slots"]  # every layer stays on the workers
     # a prompt of one whole ubatch, with the host's weights loaded (not mapped) so its buffer is exact
     run = run_llama_server(llama_bin_dir, [*plan["argv"], "-lm", "none"], prompt=[7] * 512)
     assert run.served, "\n".join(run.lines[-30:])
 
     names = child_device_names(plan)
-    assigned = {e.layer: e.device for e in parse_events(run.lines) if isinstance(e, LayerAssigned)}
+    assigned = {e.layer: e.device for e in parse_events(run.lines) if isinstance(e, LayerAssigned)
+                and e.device != "CPU"}
     expected = {slot: names[d["name"]] for d in plan["devices"] if not d["excluded"]
                 for slot in range(d["first_slot"], d["first_slot"] + d["n_layers"])}
     assert assigned == expected

@@ -203,14 +203,28 @@ class Planner:
         (a smaller context leaves more room on the devices for experts)."""
         return largest_fitting(low, high, lambda ctx: self.expert_choice(ctx, refuse_host=False))
 
-    def most_layers(self, ctx_tokens: int) -> Choice | None:
-        """CPU spill: the most trailing slots that fit the devices at this ctx (bisection on -ngl). The host
-        is not checked: it holds the rest, and fewer slots on the devices would only give it more."""
+    def spill_choice(self, ctx_tokens: int) -> Choice | None:
+        """CPU spill: the most trailing slots on the devices. For a MoE model whose experts the plan places, also
+        with those slots' experts on the host, taken back where they fit: the one with more blocks on the devices
+        (a block whose attention and KV are on a device beats one run whole on the host)."""
+        layers = self.most_layers(ctx_tokens)
+        if not self.profile.expert_layers or self.request.cpu_experts is not None:
+            return layers
+        slim = self.most_layers(ctx_tokens, frozenset(self.profile.expert_layers))
+        if slim is None or (layers is not None and slim.n_gpu_layers <= layers.n_gpu_layers):
+            return layers
+        choice, estimate = self.filled(ctx_tokens, slim)
+        fits = all(estimate.devices[d.name].total_bytes <= device_limit(d, self.request) for d in choice.order)
+        return choice if fits else layers
+
+    def most_layers(self, ctx_tokens: int, host_experts: frozenset[int] | None = None) -> Choice | None:
+        """The most trailing slots that fit the devices at this ctx (bisection on -ngl), `host_experts` given.
+        The host is not checked: it holds the rest, and fewer slots on the devices would only give it more."""
         low, high = 0, self.profile.n_slots
         best: Choice | None = None
         while low < high:
             middle = (low + high + 1) // 2
-            choice = self.choice_at(ctx_tokens, middle)
+            choice = self.choice_at(ctx_tokens, middle, host_experts)
             if choice is None:
                 high = middle - 1
             else:
@@ -287,7 +301,7 @@ class Planner:
 
     def spill_or_fail(self, ctx_tokens: int) -> tuple[int, Choice]:
         if self.request.cpu_spill:
-            choice = self.most_layers(ctx_tokens)
+            choice = self.spill_choice(ctx_tokens)
             if choice is not None and choice.n_gpu_layers > 0:
                 if not self.host_fits(ctx_tokens, choice):
                     raise PlanError(*self.host_refusal(ctx_tokens, self.host_use(ctx_tokens, choice)))
@@ -323,7 +337,7 @@ class Planner:
             if fewest is not None:
                 return need, f"--cpu-experts {fewest} fits at ctx {ctx_tokens} (more experts on the host), or " \
                     "leave out --cpu-experts and the plan chooses"
-        spill = None if self.request.cpu_spill else self.most_layers(ctx_tokens)
+        spill = None if self.request.cpu_spill else self.spill_choice(ctx_tokens)
         if spill is not None and spill.n_gpu_layers > 0:
             if self.host_fits(ctx_tokens, spill):
                 return need, f"{spill.n_gpu_layers} of {self.profile.n_slots} layers fit at ctx {ctx_tokens}: " \
