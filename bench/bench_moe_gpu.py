@@ -84,10 +84,11 @@ CASES = {
 }
 
 
-def write_models(folder: Path, varied_routing: bool) -> None:
+def write_models(folder: Path, varied_routing: bool, names: set[str]) -> None:
+    """The models named (each takes a minute or so to write on a GPU machine: only those the cases use)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, (arch, shape, file_type) in MODELS.items():
-        if not (folder / name).exists():
+        if name in names and not (folder / name).exists():
             write_synthetic(folder / name, arch, shape, file_type, varied_routing=varied_routing)
 
 
@@ -419,8 +420,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
     models = Models(args.logs / "models-varied", args.logs / "models")
-    write_models(models.varied, varied_routing=True)
-    write_models(models.zero, varied_routing=False)
+    names = {CASES[key].model for key in args.cases}
+    write_models(models.varied, varied_routing=True, names=names)
+    parts = set(args.parts.split(","))
+    if not args.no_fill or parts & {"search", "max"}:  # the zero-weight twins: fills, the search and --ctx max
+        write_models(models.zero, varied_routing=False, names=names)
     results = []
     for key in args.cases:
         def saved(record: dict) -> None:
