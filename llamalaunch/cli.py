@@ -24,6 +24,7 @@ from llamalaunch.cli_common import (
     given_program,
     opt,
     out,
+    print_error,
     print_json,
     refuse_what_if,
     reports_errors,
@@ -191,20 +192,24 @@ def devices(rpc: list[str] = opt("rpc"), assume: list[str] = opt("assume"),
             recalibrate: Annotated[bool, typer.Option("--calibrate", help="Measure each device's overhead outside "
                                                                         "llama.cpp's accounting again, now.")] = False,
             config: ConfigOpt = None) -> None:
-    """Show the free memory of every device llama.cpp would use, in its order."""
+    """Show the free memory of every device llama.cpp would use, in its order (exit 1 when a worker is down)."""
     from llamalaunch.observe.render import devices_table
     from llamalaunch.probe.inventory import probe_devices
     from llamalaunch.probe.schema import inventory_to_dict
 
-    found = probe_devices(rpc=rpc, assume=what_if(assume, inventory))
+    found = probe_devices(rpc=rpc, assume=what_if(assume, inventory), keep_down=True)
     if recalibrate:
         calibrate_devices(found.devices)
     if as_json:
         print_json(inventory_to_dict(found))
-        return
-    out.print(devices_table(found.devices, found.host, found.unknown_memory))
-    for problem in (*found.problems, *found.notes):
-        err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
+    else:
+        out.print(devices_table(found.devices, found.host, found.unknown_memory))
+        for problem in (*found.problems, *found.notes):
+            err.print(f"[yellow]note:[/yellow] {problem}", highlight=False)
+    for worker in found.down:  # listed, then an error each: scripts notice
+        print_error(worker.error)
+    if found.down:
+        raise typer.Exit(1)
 
 
 def calibrate_devices(devices: Sequence[Any]) -> None:

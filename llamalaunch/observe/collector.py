@@ -214,11 +214,16 @@ def _device(raw: dict[str, Any], actual: Mapping[str, int], live: LiveMemory) ->
         planned_weights_bytes=int(raw.get("weights_bytes", 0)), planned_kv_bytes=int(raw.get("kv_bytes", 0)),
         planned_compute_bytes=int(raw.get("compute_bytes", 0)),
         planned_overhead_bytes=int(raw.get("overhead_bytes", 0)), planned_bytes=int(raw.get("planned_bytes", 0)),
-        free_at_plan_bytes=int(raw.get("free_bytes", 0)), total_bytes=int(raw.get("total_bytes", 0)),
+        free_at_plan_bytes=_bytes_or_none(raw.get("free_bytes")), total_bytes=_bytes_or_none(raw.get("total_bytes")),
         actual_weights_bytes=actual.get("model"), actual_kv_bytes=actual.get("kv"),
         actual_compute_bytes=actual.get("compute"), used_bytes=live.used_bytes, free_bytes=live.free_bytes,
         memory_source=live.source, memory_note=live.note, expert_layers=int(raw.get("expert_layers", 0)),
         moe_layers=int(raw.get("moe_layers", 0)), uuid=live.uuid)
+
+
+def _bytes_or_none(value: Any) -> int | None:
+    """A plan's free or total bytes; None where they are unknown (a worker that was down, left out)."""
+    return None if value is None else int(value)
 
 
 def _estimated_tps(plan: dict[str, Any]) -> tuple[float | None, float | None] | None:

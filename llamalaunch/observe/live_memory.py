@@ -46,7 +46,9 @@ class MemoryReader:
             endpoint = device.get("endpoint")
             names = workers.get(endpoint, []) if endpoint else []
             index = names.index(device["name"]) if device["name"] in names else 0  # inside its worker
-            if device.get("backend") == "CUDA":
+            if device.get("error"):  # a worker that was down when planned, left out: not asked again
+                found.append(LiveMemory(None, None, "none", f"down when planned: {device['error']}"))
+            elif device.get("backend") == "CUDA":
                 found.append(self._cuda(device, cuda))
             elif device.get("backend") == "RPC" and endpoint and not device.get("assumed"):
                 if workers_in_use:

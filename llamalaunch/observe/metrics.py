@@ -226,7 +226,8 @@ def _device_families(devices: Sequence[DeviceStatus]) -> Iterator[Metric]:
             used.add_metric(labels, device.used_bytes)
         if device.free_bytes is not None:
             free.add_metric(labels, device.free_bytes)
-        total.add_metric(labels, device.total_bytes)
+        if device.total_bytes is not None:
+            total.add_metric(labels, device.total_bytes)
         source.add_metric([*labels, device.memory_source], 1.0)
         layers.add_metric(labels, device.n_layers)
         experts.add_metric(labels, device.expert_layers)

@@ -36,7 +36,8 @@ def plan_table(plan: Plan) -> Table:
         table.add_column(column, justify="left" if column in ("device", "slots") else "right", no_wrap=True)
     for device in plan.devices:
         if device.excluded:
-            table.add_row(device.device.name, format_bytes(device.device.free_bytes), "-", "0",
+            free = "?" if device.device.error is not None else format_bytes(device.device.free_bytes)  # down
+            table.add_row(device.device.name, free, "-", "0",
                           *(["-"] * (len(columns) - 4)), style="yellow")
             continue
         memory = device.memory
@@ -101,7 +102,7 @@ def plan_view(plan: Plan) -> Group:
 
 
 def devices_table(devices: Sequence[Device], host: HostMemory | None, unknown: Sequence[str] = ()) -> Table:
-    """`unknown`: names of devices whose memory could not be read (a busy worker): "?" rather than 0."""
+    """`unknown`: names of devices whose memory could not be read (a busy or down worker): "?" rather than 0."""
     table = Table(title="devices in llama.cpp order", title_justify=TITLE_LEFT)
     for column in ("#", "name", "backend", "description", "free", "total", "where"):
         table.add_column(column, justify="right" if column in ("#", "free", "total") else "left")

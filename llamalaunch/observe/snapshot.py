@@ -29,8 +29,8 @@ class DeviceStatus:
     planned_compute_bytes: int
     planned_overhead_bytes: int
     planned_bytes: int
-    free_at_plan_bytes: int  # free when the plan was made
-    total_bytes: int
+    free_at_plan_bytes: int | None  # free when the plan was made; None: unknown (a worker that was down)
+    total_bytes: int | None
     actual_weights_bytes: int | None  # llama.cpp's own buffer sizes, from the server log
     actual_kv_bytes: int | None
     actual_compute_bytes: int | None

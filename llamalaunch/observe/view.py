@@ -152,7 +152,7 @@ def devices_table(snapshot: StatusSnapshot, bar_width: int = BAR_WIDTH) -> Table
             short_bytes(device.planned_weights_bytes), short_bytes(device.planned_kv_bytes),
             short_bytes(device.planned_compute_bytes), short_bytes(device.planned_bytes),
             short_bytes(device.actual_bytes), short_bytes(device.used_bytes), short_bytes(device.free_bytes),
-            memory_bar(_ours(device, serving), device.used_bytes, device.total_bytes, bar_width))
+            memory_bar(_ours(device, serving), device.used_bytes, device.total_bytes or 0, bar_width))
     if snapshot.host is not None:
         table.add_row(*_host_row(snapshot, snapshot.host, bar_width), style="dim")
     return table

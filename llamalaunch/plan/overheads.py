@@ -106,19 +106,21 @@ class OverheadSource:
 
 
 def calibratable(device: Device) -> bool:
-    """Real devices with a backend of their own; what-if devices, the host and busy workers are not."""
+    """Real devices with a backend of their own; what-if devices, the host, busy and down workers are not."""
     from llamalaunch.probe.inventory import BUSY_NOTE
 
-    return not device.assumed and device.backend != "CPU" and not (device.note or "").startswith(BUSY_NOTE)
+    return not device.assumed and device.backend != "CPU" and device.error is None \
+        and not (device.note or "").startswith(BUSY_NOTE)
 
 
 def sources_for(devices: Iterable[Device], known: Mapping[str, Calibration],
                 given: Iterable[str] = ()) -> dict[str, OverheadSource]:
-    """Per calibratable device: measured (when), given by --overhead (a name or backend), or assumed."""
+    """Per probed device: measured (when), given by --overhead (a name or backend), or assumed; nothing for
+    what-if devices, the host and down workers (left out by --exclude)."""
     named = set(given)
     sources: dict[str, OverheadSource] = {}
     for device in devices:
-        if device.assumed or device.backend == "CPU":
+        if device.assumed or device.backend == "CPU" or device.error is not None:
             continue
         found = calibration_for(device, known)
         if device.name in named or device.backend in named:

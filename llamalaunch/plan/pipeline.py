@@ -44,7 +44,12 @@ from llamalaunch.plan.speed_args import SpeedArgs
 from llamalaunch.plan.split import CTX_STEP
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.device import Device, HostMemory
-from llamalaunch.probe.inventory import fill_unknown_memory, probe_devices, refuse_busy_workers
+from llamalaunch.probe.inventory import (
+    fill_unknown_memory,
+    probe_devices,
+    refuse_busy_workers,
+    refuse_down_workers,
+)
 from llamalaunch.toolchain.demo import demo_model_path
 from llamalaunch.toolchain.discover import Toolchain, find_toolchain
 from llamalaunch.units import format_bytes
@@ -105,7 +110,8 @@ class PlanInputs:
                    mmproj=mmproj, draft=draft, speed_args=speed_args or SpeedArgs(), calibrate=calibrate)
 
     def probe(self, serving: bool = False) -> tuple[Device, ...]:
-        inventory = probe_devices(rpc=self.rpc, assume=self.assume)
+        inventory = probe_devices(rpc=self.rpc, assume=self.assume, keep_down=True)
+        refuse_down_workers(inventory, self.request.exclude)  # --exclude plans without a worker that is down
         if serving:
             refuse_busy_workers(inventory)
         inventory = fill_unknown_memory(inventory, self.request.budget_bytes)

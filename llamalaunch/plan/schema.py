@@ -50,11 +50,14 @@ def memory_to_dict(memory: MemoryUse) -> dict[str, int]:
 
 
 def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
+    """A worker that is down (left out by --exclude) has `error` set and `free_bytes`/`total_bytes` null."""
     device = plan.device
+    down = device.error is not None
     return {
         "name": device.name, "backend": device.backend, "description": device.description,
         "endpoint": device.endpoint, "assumed": device.assumed,
-        "free_bytes": device.free_bytes, "total_bytes": device.total_bytes, "budget_bytes": plan.budget_bytes,
+        "free_bytes": None if down else device.free_bytes, "total_bytes": None if down else device.total_bytes,
+        "budget_bytes": plan.budget_bytes, "error": device.error,
         "excluded": plan.excluded, "reason": plan.reason,
         "n_layers": plan.n_layers, "first_slot": plan.first_slot,
         "expert_layers": plan.expert_layers, "moe_layers": plan.moe_layers,

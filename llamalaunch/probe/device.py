@@ -29,6 +29,7 @@ class Device:
     assumed: bool = False  # a what-if device typed by the user, not probed
     note: str | None = None  # e.g. "busy: serving another client; figures from the last probe"
     rpc_round_trip_s: float | None = None  # RPC: the fastest tiny round trip the probe timed
+    error: str | None = None  # RPC: why the worker could not be probed (it is down); free/total unknown (0 here)
 
     @property
     def is_host(self) -> bool:

@@ -23,19 +23,36 @@ from llamalaunch.units import MIB
 
 if TYPE_CHECKING:  # NVML and the RPC protocol are imported where a real probe needs them (not what-if plans)
     from llamalaunch.probe.nvml import NvmlGpu
-    from llamalaunch.probe.rpc import WorkerBusyError, WorkerReport
+    from llamalaunch.probe.rpc import RpcProbeError, WorkerReport
 
 BUSY_NOTE = "busy serving another client"
+DOWN_NOTE = "down"
+
+
+@dataclass(frozen=True)
+class DownWorker:
+    """A worker that could not be probed (refused, unreachable, not a worker: anything but busy)."""
+
+    name: str  # its device's name: one device assumed, its count being unknown
+    endpoint: str
+    error: RpcProbeError  # what the probe raised, its hint naming `--exclude name` too
 
 
 @dataclass(frozen=True)
 class Inventory:
     devices: tuple[Device, ...]  # llama.cpp's order; Device.order is the index here
     host: HostMemory
-    problems: tuple[str, ...] = ()  # what planning must know (a busy worker)
+    problems: tuple[str, ...] = ()  # what planning must know (a busy worker; names after a down one)
     notes: tuple[str, ...] = ()  # informative (no NVIDIA driver here)
-    unknown_memory: tuple[str, ...] = ()  # devices whose free/total are unknown (busy workers): 0 in Device,
-    # "?" in tables, null in JSON
+    unknown_memory: tuple[str, ...] = ()  # devices whose free/total are unknown (busy or down workers): 0 in
+    # Device, "?" in tables, null in JSON
+    down: tuple[DownWorker, ...] = ()  # workers that could not be probed, each one device of unknown memory
+
+    @property
+    def busy(self) -> tuple[str, ...]:
+        """Devices of unknown memory whose worker is up, serving another client."""
+        down = {worker.name for worker in self.down}
+        return tuple(name for name in self.unknown_memory if name not in down)
 
     def device(self, name: str) -> Device:
         for device in self.devices:
@@ -63,17 +80,19 @@ def split_endpoints(rpc: Sequence[str]) -> tuple[str, ...]:
 
 def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpus: bool = True,
                   connect_timeout_s: float = 1.0, reply_timeout_s: float = 2.0,
-                  read_gpus: Callable[[], Sequence[NvmlGpu]] | None = None) -> Inventory:
+                  read_gpus: Callable[[], Sequence[NvmlGpu]] | None = None, keep_down: bool = False) -> Inventory:
     """Probe RPC workers, local GPUs and host RAM; with `assume`, probe nothing but host RAM (what-if).
 
-    Raises ProbeError for a worker that is down or broken (named, with the fix); a busy worker is not
-    an error: it shows with unknown memory, listed in `unknown_memory` and `problems`.
+    Raises the RpcProbeError of the first worker that is down or broken (named, with the fix) unless
+    `keep_down`: then each shows as one device of unknown memory, listed in `down` and `unknown_memory`
+    (`refuse_down_workers` decides later). A busy worker is not an error: it shows with unknown memory,
+    listed in `unknown_memory` and `problems`.
     """
     endpoints = split_endpoints(rpc)
     if assume:
         return _assumed_inventory(assume, endpoints)
     outcomes = _probe_workers(endpoints, connect_timeout_s, reply_timeout_s)
-    devices, problems = _rpc_devices(endpoints, outcomes)
+    devices, problems, down = _rpc_devices(endpoints, outcomes)
     notes: list[str] = []
     if local_gpus:
         from llamalaunch.probe.gpus import probe_local_gpus
@@ -83,8 +102,20 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
         devices += [dataclasses.replace(gpu, order=len(devices) + gpu.order) for gpu in gpus.devices]
         if gpus.reason:
             notes.append(f"local GPUs: {gpus.reason}")
-    unknown = tuple(device.name for device in devices if device.note and device.note.startswith("busy"))
-    return Inventory(tuple(devices), probe_host(), tuple(problems), tuple(notes), unknown)
+    unknown = tuple(device.name for device in devices
+                    if device.error is not None or (device.note or "").startswith(BUSY_NOTE))
+    inventory = Inventory(tuple(devices), probe_host(), tuple(problems), tuple(notes), unknown, tuple(down))
+    if not keep_down:
+        refuse_down_workers(inventory)
+    return inventory
+
+
+def refuse_down_workers(inventory: Inventory, exclude: Collection[str] = ()) -> None:
+    """For planning: a worker that is down is an error (its probe's, naming `--exclude`) unless `exclude`
+    leaves it out."""
+    for worker in inventory.down:
+        if worker.name not in exclude:
+            raise worker.error
 
 
 def _assumed_inventory(assume: Sequence[str], endpoints: Sequence[str]) -> Inventory:
@@ -106,13 +137,13 @@ def _assumed_inventory(assume: Sequence[str], endpoints: Sequence[str]) -> Inven
 
 
 def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,
-                   reply_timeout_s: float) -> list[WorkerReport | WorkerBusyError]:
-    """Probe all workers at once (a busy one costs the whole reply timeout); raise the first failure."""
+                   reply_timeout_s: float) -> list[WorkerReport | RpcProbeError]:
+    """Probe all workers at once (a busy or unreachable one costs its whole timeout): a report or the error."""
     if not endpoints:
         return []
     from concurrent.futures import ThreadPoolExecutor  # here: what-if planning probes no worker
 
-    from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError, probe_worker
+    from llamalaunch.probe.rpc import RpcProbeError, probe_worker
 
     def probe(endpoint: str) -> WorkerReport | RpcProbeError:
         try:
@@ -121,40 +152,51 @@ def _probe_workers(endpoints: Sequence[str], connect_timeout_s: float,
             return exc
 
     with ThreadPoolExecutor(max_workers=max(len(endpoints), 1)) as pool:
-        outcomes = list(pool.map(probe, endpoints))
-    for outcome in outcomes:
-        if isinstance(outcome, RpcProbeError) and not isinstance(outcome, WorkerBusyError):
-            raise outcome
-    return outcomes  # type: ignore[return-value]  # only reports and busy workers are left
+        return list(pool.map(probe, endpoints))
 
 
-def _rpc_devices(endpoints: Sequence[str],
-                 outcomes: Sequence[WorkerReport | WorkerBusyError]) -> tuple[list[Device], list[str]]:
-    from llamalaunch.probe.rpc import WorkerBusyError
+def _rpc_devices(endpoints: Sequence[str], outcomes: Sequence[WorkerReport | RpcProbeError]
+                 ) -> tuple[list[Device], list[str], list[DownWorker]]:
+    from llamalaunch.probe.rpc import RpcProbeError, WorkerBusyError
 
     devices: list[Device] = []
     problems: list[str] = []
+    down: list[DownWorker] = []
     for position, (endpoint, outcome) in enumerate(zip(endpoints, outcomes, strict=True)):
+        name = f"RPC{len(devices)}"
+        later = "; later RPC names assume it has one device" if position < len(endpoints) - 1 else ""
         if isinstance(outcome, WorkerBusyError):
-            name = f"RPC{len(devices)}"
             devices.append(Device(name, "RPC", endpoint, 0, 0, len(devices), endpoint=endpoint,
                                   worker_index=0, note=f"{BUSY_NOTE} ({outcome.holder}): memory unknown"))
             problems.append(f"{name} {endpoint} is serving another client ({outcome.holder}): memory unknown; "
-                            f"give --budget {name}=SIZE to plan for it anyway"
-                            + ("; later RPC names assume it has one device" if position < len(endpoints) - 1
-                               else ""))
+                            f"give --budget {name}=SIZE to plan for it anyway{later}")
+            continue
+        if isinstance(outcome, RpcProbeError):
+            devices.append(_down_device(name, endpoint, outcome, len(devices)))
+            down.append(DownWorker(name, endpoint, outcome))
+            if later:  # said only where it matters: the names of the workers after it
+                problems.append(f"{name} {endpoint} is down: its device count is unknown{later}")
             continue
         for worker_device in outcome.devices:
             devices.append(Device(f"RPC{len(devices)}", "RPC", endpoint, worker_device.free_bytes,
                                   worker_device.total_bytes, len(devices), endpoint=endpoint,
                                   worker_index=worker_device.index, rpc_round_trip_s=outcome.round_trip_s))
-    return devices, problems
+    return devices, problems, down
+
+
+def _down_device(name: str, endpoint: str, error: RpcProbeError, order: int) -> Device:
+    """The one device a down worker is taken to have; its probe's error names `--exclude` as a lever."""
+    lever = f"--exclude {name} to plan without it"
+    error.hint = f"{error.hint}, or {lever}" if error.hint else lever
+    return Device(name, "RPC", endpoint, 0, 0, order, endpoint=endpoint, worker_index=0,
+                  note=f"{DOWN_NOTE}: {error.reason}", error=error.reason)
 
 
 def fill_unknown_memory(inventory: Inventory, budgets: Mapping[str, int]) -> Inventory:
-    """For planning: a device of unknown memory takes its --budget as free and total; without one,
-    ProbeError naming it and the fix."""
-    missing = [name for name in inventory.unknown_memory if name not in budgets]
+    """For planning: a device of unknown memory on a busy worker takes its --budget as free and total; without
+    one, ProbeError naming it and the fix. Down workers' devices stay unknown (only --exclude plans past them)."""
+    busy = inventory.busy
+    missing = [name for name in busy if name not in budgets]
     if missing:
         device = inventory.device(missing[0])
         raise ProbeError(f"{', '.join(missing)} {device.endpoint}: {device.note}",
@@ -163,8 +205,9 @@ def fill_unknown_memory(inventory: Inventory, budgets: Mapping[str, int]) -> Inv
     devices = tuple(
         dataclasses.replace(device, free_bytes=budgets[device.name], total_bytes=budgets[device.name],
                             note=f"{device.note}; size from --budget")
-        if device.name in inventory.unknown_memory else device for device in inventory.devices)
-    return dataclasses.replace(inventory, devices=devices, unknown_memory=())
+        if device.name in busy else device for device in inventory.devices)
+    return dataclasses.replace(inventory, devices=devices,
+                               unknown_memory=tuple(name for name in inventory.unknown_memory if name not in busy))
 
 
 def refuse_busy_workers(inventory: Inventory) -> None:
@@ -173,11 +216,11 @@ def refuse_busy_workers(inventory: Inventory) -> None:
     llama-server's HELLO would wait in the worker's queue, and its load hang; stopping it then closes a
     connection with a request pending, which kills the worker later (SIGPIPE).
     """
-    if not inventory.unknown_memory:
+    if not inventory.busy:
         return
     from llamalaunch.probe.rpc import WorkerBusyError, describe_holder
 
-    device = inventory.device(inventory.unknown_memory[0])
+    device = inventory.device(inventory.busy[0])
     assert device.endpoint is not None
     raise WorkerBusyError(device.endpoint, f"{device.name} is serving another client "
                           f"({describe_holder(device.endpoint)}); serve does not start llama-server on a busy "

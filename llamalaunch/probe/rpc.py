@@ -89,6 +89,7 @@ class RpcProbeError(ProbeError):
     def __init__(self, endpoint: str, message: str, hint: str | None = None) -> None:
         super().__init__(f"RPC worker {endpoint}: {message}", hint)
         self.endpoint = endpoint
+        self.reason = message  # what went wrong, without the endpoint ("connection refused: ...")
 
 
 class WorkerRefusedError(RpcProbeError):
