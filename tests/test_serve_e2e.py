@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from llamalaunch.launch.state import RunState, write_state
+from llamalaunch.probe.inventory import BUSY_NOTE, probe_devices
 from llamalaunch.units import MIB
 from tests.serve_support import (
     ServeRun,
@@ -161,15 +162,16 @@ def test_a_worker_lost_while_serving_ends_the_run_with_one_line(
 def test_a_worker_gone_while_idle_is_noticed_before_any_request(
         serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
     """/health stays ok after a worker dies (llama-server aborts only on its next request): the health watch
-    finds the worker refusing connections, restarts llama-server, and names the worker when it is not back."""
+    finds llama-server's connection to it closed, restarts llama-server, and names the worker when it is not
+    back."""
     worker = rpc_workers()
     run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--backoff", "0.2", "--max-restarts", "1",
                 "--health-interval", "0.5")
     run.wait_ready()
     worker.process.kill()
     worker.process.wait()
-    run.wait_for_line(rf" warning: RPC worker {re.escape(worker.endpoint)} is gone \(connection refused\): "
-                      r"killing pid \d+ to restart it$", timeout_s=10)
+    run.wait_for_line(rf" warning: RPC worker {re.escape(worker.endpoint)} is gone "
+                      r"\(llama-server's connection to it closed\): killing pid \d+ to restart it$", timeout_s=10)
     assert run.wait_exit(timeout_s=30) == 1
     assert len(run.stderr) == 1 and worker.endpoint in run.stderr[0], run.output
     assert "giving up after 1 restart" in run.stderr[0]
@@ -178,8 +180,9 @@ def test_a_worker_gone_while_idle_is_noticed_before_any_request(
 
 def test_the_health_watch_leaves_a_busy_worker_serving(
         serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
-    """A worker serving llama-server queues the watch's connections (it serves one client at a time): never
-    taken for a gone one, and llama-server keeps answering through many watches."""
+    """The watch reads llama-server's own connections and leaves the worker alone: a worker serving llama-server
+    (one client at a time) is never taken for a gone one, its accept queue stays free (a probe still finds it
+    busy, not down: connections of the watch's own would fill it) and llama-server keeps answering."""
     worker = rpc_workers()
     run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "2k", "--health-interval", "0.2")
     _, url, _ = run.wait_ready()
@@ -187,6 +190,8 @@ def test_the_health_watch_leaves_a_busy_worker_serving(
         time.sleep(0.5)
         assert complete(url, n_predict=2)["tokens_predicted"] == 2
     assert "is gone" not in run.output and " restarting: " not in run.output
+    found = probe_devices(rpc=[worker.endpoint], local_gpus=False)
+    assert (found.devices[0].note or "").startswith(BUSY_NOTE), found.devices[0]
 
 
 # --- 4. out of memory: the ladder --------------------------------------------------------------------

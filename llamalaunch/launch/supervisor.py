@@ -34,10 +34,11 @@ from llamalaunch.launch.process import (
     rpc_endpoints,
 )
 from llamalaunch.launch.restart import RestartPolicy, Restarts
+from llamalaunch.launch.worker_links import WorkerLinks
 from llamalaunch.options import DEFAULTS
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.inventory import held_elsewhere
-from llamalaunch.probe.rpc import RpcProbeError, refuses_connections
+from llamalaunch.probe.rpc import RpcProbeError
 
 PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "failed")
 
@@ -402,15 +403,15 @@ class Supervisor:
 
     def _watch_health(self, child: SupervisedChild) -> None:
         """While `child` runs: /health every interval; `health_misses` unanswered in a row report it hung; a
-        worker of its plan that refuses connections reports it broken (llama-server would abort on the next
-        request, while /health still says ok).
+        worker of its plan whose connection llama-server lost reports it broken (llama-server would abort on
+        the next request, while /health still says ok).
 
         /health is answered by llama-server's HTTP threads (more of them than slots), so a busy server still
         answers it; one stopped (SIGSTOP), deadlocked or swapped to death does not.
         """
         interval_s, needed = self.options.health_interval_s, self.options.health_misses
         api_key = self.api_key()
-        workers = rpc_endpoints(self.plan.argv) if self.plan is not None else []
+        links = WorkerLinks(child.pid, rpc_endpoints(self.plan.argv) if self.plan is not None else [])
         misses = 0
         while child.running():
             started = self.clock()
@@ -421,9 +422,10 @@ class Supervisor:
                 self.queue.put(_Broken(child.pid, f"llama-server stopped answering ({misses} /health checks in a "
                                                   f"row unanswered within {interval_s:g} s; last: {last})"))
                 return
-            gone = next((endpoint for endpoint in workers if refuses_connections(endpoint)), None)
+            gone = links.lost() if links.endpoints else None
             if gone is not None and child.running():  # /health stays ok: its next request would abort on it
-                self.queue.put(_Broken(child.pid, f"RPC worker {gone} is gone (connection refused)"))
+                self.queue.put(_Broken(child.pid, f"RPC worker {gone} is gone (llama-server's connection to it "
+                                                  "closed)"))
                 return
             time.sleep(max(0.0, interval_s - (self.clock() - started)))
 

@@ -259,22 +259,6 @@ def _second_opinion(endpoint: str, address: str, port: int, pending: socket.sock
         _close_with_reset(second)
 
 
-def refuses_connections(endpoint: str, timeout_s: float = 1.0) -> bool:
-    """True when nothing listens at `endpoint` any more (connection refused). A worker serving llama-server
-    leaves a new connection in its accept queue (it serves one client at a time), or drops the SYN when that
-    queue is full: not a refusal. The connection is reset, never written to: the worker, once free, reads an
-    error and accepts the next."""
-    try:
-        host, port = parse_endpoint(endpoint)
-        sock = socket.create_connection((host, port), timeout=timeout_s)
-    except ConnectionRefusedError:
-        return True
-    except (OSError, BadInputError):
-        return False
-    _close_with_reset(sock)
-    return False
-
-
 def _try_connect(address: str, port: int) -> socket.socket | None:
     """A connection within SECOND_OPINION_S, or None (a full accept queue drops the SYN: no answer)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
