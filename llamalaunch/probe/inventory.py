@@ -91,6 +91,7 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
     endpoints = split_endpoints(rpc)
     if assume:
         return _assumed_inventory(assume, endpoints)
+    _refuse_one_worker_twice(endpoints)
     outcomes = _probe_workers(endpoints, connect_timeout_s, reply_timeout_s)
     devices, problems, down = _rpc_devices(endpoints, outcomes)
     notes: list[str] = []
@@ -108,6 +109,26 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
     if not keep_down:
         refuse_down_workers(inventory)
     return inventory
+
+
+def _refuse_one_worker_twice(endpoints: Sequence[str]) -> None:
+    """One worker under two spellings (localhost:50052 and 127.0.0.1:50052) would be planned as two devices,
+    and llama-server would wait for ever on its second connection (a worker serves one client at a time)."""
+    import socket
+
+    from llamalaunch.probe.rpc import parse_endpoint
+
+    by_address: dict[tuple[str, int], str] = {}
+    for endpoint in endpoints:
+        host, port = parse_endpoint(endpoint)
+        try:
+            address = (socket.gethostbyname(host), port)  # as llama.cpp resolves it; a failure is the probe's
+        except OSError:
+            continue
+        if address in by_address:
+            raise BadInputError(f"--rpc lists {by_address[address]} and {endpoint}: both are the worker at "
+                                f"{address[0]}:{address[1]}", "give each worker once")
+        by_address[address] = endpoint
 
 
 def refuse_down_workers(inventory: Inventory, exclude: Collection[str] = ()) -> None:
