@@ -13,6 +13,8 @@ checked here, so a typo fails at once, naming the file and the key.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import shlex
 import sys
@@ -231,6 +233,10 @@ def _convert(key: Option, raw: Any, where: str, base: Path | None, from_env: boo
     try:
         value = _CONVERTERS[key.kind](raw, from_env, base)
     except (TypeError, ValueError):
+        unquoted = None if from_env else _unquoted(key, raw)
+        if unquoted is not None:
+            raise BadInputError(f"{where}: {key.name} = {json.dumps(raw)} is a string: write it without quotes",
+                                f"{key.param} = {unquoted}") from None
         raise _bad(key, raw, where) from None
     if key.bounds is not None and key.out_of_bounds(value):
         raise _bad(key, raw, where, "out of range")
@@ -241,6 +247,25 @@ def _convert(key: Option, raw: Any, where: str, base: Path | None, from_env: boo
         except LaunchError as error:
             raise _bad(key, raw, where, error.message) from None
     return value
+
+
+def _unquoted(key: Option, raw: Any) -> str | None:
+    """How a TOML string that holds a good value for a number or a flag key is written bare ("8080" → 8080);
+    None where it holds none (then the key's usual "is not allowed" message says what is)."""
+    if not isinstance(raw, str):
+        return None
+    text = raw.strip()
+    if key.kind == "bool":
+        return text.lower() if text.lower() in ("true", "false") else None
+    if key.kind not in ("int", "float"):
+        return None
+    try:
+        value: float = int(text) if key.kind == "int" else float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or key.out_of_bounds(value):
+        return None
+    return str(int(value)) if float(value).is_integer() else repr(value)
 
 
 def _text(raw: Any, from_env: bool, base: Path | None) -> str:

@@ -216,7 +216,8 @@ def test_profile_values_take_toml_and_command_line_shapes(tmp_path: Path) -> Non
     ('zzz = "16k"\n', "unknown key 'zzz'", "allowed keys: model, demo, ctx"),
     ("ctx = true\n", "ctx = True is not allowed", 'a context like "16k", 16384 or "max"'),
     ('ctx = "lots"\n', "ctx = 'lots' is not allowed", 'a context like "16k"'),
-    ('parallel = "4"\n', "parallel = '4' is not allowed", "a slot count from 1 to 256"),
+    ('parallel = "many"\n', "parallel = 'many' is not allowed", "a slot count from 1 to 256"),
+    ('parallel = "999"\n', "parallel = '999' is not allowed", "a slot count from 1 to 256"),
     ('gpu_layers = "most"\n', "gpu_layers = 'most' is not allowed", "a layer count, all or auto"),
     ("parallel = 0\n", "out of range", "a slot count from 1 to 256"),
     ('cache_type_k = "q3"\n', "cache_type_k = 'q3' is not allowed", "one of f32, f16"),
@@ -236,6 +237,22 @@ def test_bad_profiles_are_refused_with_the_file_and_key(tmp_path: Path, text: st
         load_profile(path)
     assert str(path) in caught.value.message and named in caught.value.message
     assert allowed in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ('port = "8080"\n', 'port = "8080" is a string: write it without quotes (port = 8080)'),
+    ('parallel = "4"\n', 'parallel = "4" is a string: write it without quotes (parallel = 4)'),
+    ('load_timeout = "90"\n', 'load_timeout = "90" is a string: write it without quotes (load_timeout = 90)'),
+    ('load_timeout = " 2.5"\n', 'load_timeout = " 2.5" is a string: write it without quotes (load_timeout = 2.5)'),
+    ('kv_unified = "false"\n', 'kv_unified = "false" is a string: write it without quotes (kv_unified = false)'),
+    ('[worker]\nport_base = "50100"\n',
+     'worker.port_base = "50100" is a string: write it without quotes (port_base = 50100)'),
+])
+def test_a_quoted_number_or_flag_is_told_to_lose_its_quotes(app: typer.Typer, tmp_path: Path, text: str,
+                                                             said: str) -> None:
+    path = write(tmp_path, text)
+    result = invoke(app, ["--config", str(path), "plan", "--demo", "--assume", "CUDA0=1GiB"])
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"error: {path}: {said}\n")
 
 
 def test_missing_profile_is_refused(tmp_path: Path) -> None:
