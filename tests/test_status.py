@@ -243,6 +243,31 @@ def test_url_of_something_else_is_an_error_in_one_line(not_llama_server: str, mo
                              "while loading)\n")
 
 
+@pytest.fixture
+def metrics_port_url() -> Iterator[str]:
+    """The URL of llamalaunch's own --metrics-port: it answers /health with HTTP 200 and Prometheus text."""
+    from llamalaunch.observe.metrics import MetricsServer
+
+    class Nothing:
+        def collect(self) -> Iterator[Any]:
+            yield from ()
+
+    server = MetricsServer("127.0.0.1", 0)
+    server.start(Nothing())  # type: ignore[arg-type]
+    yield server.url.removesuffix("/metrics")
+    server.close()
+
+
+@pytest.mark.parametrize("mode", [("--once",), ("--json",)])
+def test_url_of_a_metrics_port_says_the_answer_was_not_llama_servers(metrics_port_url: str,
+                                                                      mode: tuple[str, ...]) -> None:
+    result = run_status("--url", metrics_port_url, *mode)
+    assert result.exit_code == 1
+    assert result.output == (f"error: {metrics_port_url} is not a llama-server: /health answered HTTP 200, but not "
+                             'with llama-server\'s {"status": "ok"} (give llama-server\'s own URL, on serve\'s --port '
+                             "(8080 unless set): not another server's, such as llamalaunch's --metrics-port)\n")
+
+
 def _status_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     """The real `llamalaunch status`, its stdout a pipe (no terminal, no COLUMNS: rich would take 80)."""
     env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}

@@ -24,7 +24,7 @@ from llamalaunch.launch.state import ENDED_PHASES, RunState, launcher_alive, rea
 from llamalaunch.observe.live_memory import LiveMemory, MemoryReader
 from llamalaunch.observe.log_follower import LOG_TAIL_LINES, LogFollower
 from llamalaunch.observe.plan_devices import host_expert_blocks, moe_blocks, rpc_workers
-from llamalaunch.observe.server_stats import ask_server, with_recent_rates
+from llamalaunch.observe.server_stats import NOT_LLAMA_ANSWER, ask_server, with_recent_rates
 from llamalaunch.observe.snapshot import AttemptStatus, DeviceStatus, HostStatus, ServerStats, StatusSnapshot
 from llamalaunch.observe.target import NoServerError, StatusTarget
 
@@ -102,6 +102,11 @@ class StatusCollector:
 
     def _from_url(self, url: str) -> StatusSnapshot:
         stats, notes = self._ask(url, with_props=True)
+        if stats.health == NOT_LLAMA_ANSWER:
+            raise NotLlamaServerError(f"{url} is not a llama-server: /health answered HTTP 200, but not with "
+                                      'llama-server\'s {"status": "ok"}',
+                                      "give llama-server's own URL, on serve's --port (8080 unless set): "
+                                      "not another server's, such as llamalaunch's --metrics-port")
         if stats.health not in LLAMA_HEALTH:
             raise NotLlamaServerError(f"{url} is not a llama-server: /health answered {stats.health}",
                                       "check the address and port: llama-server answers /health with "

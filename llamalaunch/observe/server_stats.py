@@ -57,6 +57,9 @@ def with_recent_rates(stats: ServerStats, before: tuple[float, ...] | None) -> S
         recent_generation_tokens_per_s=generated / generated_s if generated > 0 and generated_s > 0 else None)
 
 
+NOT_LLAMA_ANSWER = "HTTP 200, not llama-server's answer"  # /health's health where its body is another server's
+
+
 def ask_server(url: str, api_key: str | None = None, with_props: bool = False,
                slots_total: int | None = None) -> tuple[ServerStats, list[str]]:
     """/health, then (when it answers) /slots and /metrics; the stats and notes on what did not answer.
@@ -73,7 +76,7 @@ def ask_server(url: str, api_key: str | None = None, with_props: bool = False,
     if health.status != 200:
         return ServerStats(f"HTTP {health.status}"), [f"{url}/health answered HTTP {health.status}"]
     if not (isinstance(health.body, dict) and health.body.get("status") == "ok"):
-        return ServerStats("HTTP 200, not llama-server's answer"), [f"{url}/health answered HTTP 200 but not "
+        return ServerStats(NOT_LLAMA_ANSWER), [f"{url}/health answered HTTP 200 but not "
                                                                    "with llama-server's {\"status\": \"ok\"}"]
     busy = None
     if slots_total is None:
