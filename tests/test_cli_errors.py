@@ -280,6 +280,22 @@ def test_a_missing_binary_given_for_a_what_if_plan_is_an_error_naming_that_path(
                                      "path given by LLAMALAUNCH_LLAMA_SERVER, or drop it"), outcome
 
 
+def test_a_folder_without_llama_server_names_that_folder_not_a_path_never_given(
+        invoke: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMALAUNCH_LLAMA_SERVER", str(tmp_path))
+    outcome = invoke("toolchain")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {tmp_path} given by LLAMALAUNCH_LLAMA_SERVER is a folder with no llama-server "
+                              "in it (give the path of the llama-server binary, or of the folder that holds it)\n")
+
+
+def test_a_folder_without_ggml_rpc_server_names_that_folder(invoke: Invoke, tmp_path: Path) -> None:
+    outcome = invoke("worker", "--gpus", "cpu", "--rpc-server", str(tmp_path))
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {tmp_path} (from --rpc-server) is a folder with no ggml-rpc-server in it "
+                              "(give the path of the ggml-rpc-server binary, or of the folder that holds it)\n")
+
+
 def test_a_missing_rpc_server_given_to_worker_names_that_path_as_the_fix(invoke: Invoke, tmp_path: Path) -> None:
     missing = tmp_path / "ggml-rpc-server"
     outcome = invoke("worker", "--gpus", "cpu", "--rpc-server", str(missing))

@@ -161,11 +161,15 @@ def find_rpc_server(option: str | None = None, llama_server: str | None = None) 
         path = Path(given).expanduser()
         if "/" not in given and not path.exists():
             path = Path(shutil.which(given) or given)
+        where = given_by(option, "--rpc-server", RPC_SERVER_ENV) if option else RPC_SERVER_ENV
         if path.is_dir():
-            path = next((path / name for name in RPC_SERVER_NAMES if (path / name).exists()),
-                        path / RPC_SERVER_NAMES[0])
+            inside = next((path / name for name in RPC_SERVER_NAMES if (path / name).exists()), None)
+            if inside is None:
+                raise ToolchainError(f"{path} (from {where}) is a folder with no {RPC_SERVER_NAMES[0]} in it",
+                                     f"give the path of the {RPC_SERVER_NAMES[0]} binary, or of the folder that "
+                                     "holds it")
+            path = inside
         if not (path.is_file() and os.access(path, os.X_OK)):
-            where = given_by(option, "--rpc-server", RPC_SERVER_ENV) if option else RPC_SERVER_ENV
             raise ToolchainError(f"{path} (from {where}) is not an executable ggml-rpc-server", given_hint(where))
         return path
     with contextlib.suppress(ToolchainError):

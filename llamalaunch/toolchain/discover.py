@@ -157,6 +157,9 @@ def _given_server(value: str, where: str) -> Path:
             raise ToolchainError(f"{value!r} given by {where} is not a file and not on PATH", given_hint(where))
         path = Path(found)
     if path.is_dir():
+        if not (path / SERVER_BINARY).exists():
+            raise ToolchainError(f"{path} given by {where} is a folder with no {SERVER_BINARY} in it",
+                                 f"give the path of the {SERVER_BINARY} binary, or of the folder that holds it")
         path = path / SERVER_BINARY
     if not path.exists():
         raise ToolchainError(f"{path} given by {where} does not exist", given_hint(where))
