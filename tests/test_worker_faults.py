@@ -122,7 +122,7 @@ def test_plan_at_an_http_server_says_so_at_once_and_leaves_no_waiter(http_server
     assert done.returncode == 1 and done.stderr == (
         f"error: RPC worker {http_server}: not a ggml-rpc-server: it answers HTTP (HTTP/1.0 200 OK) and not "
         "HELLO (check the port in --rpc: that one is a web server's (llama-server's?); start a worker "
-        "with `llamalaunch worker`, or --exclude RPC0 to plan without it)\n"), done.stderr
+        "with `llamalaunch worker`, or plan/serve --exclude RPC0 to go without it)\n"), done.stderr
     assert took < 6, took  # start-up, the 2 s HELLO timeout and an instant answer on a second connection
     assert rpc.keeper_pids(http_server) == []  # nothing left holding a connection
 
@@ -133,8 +133,8 @@ def test_connection_refused_suggests_llamalaunch_worker_on_loopback() -> None:
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
         f"error: RPC worker 127.0.0.1:{port}: connection refused: nothing listens on that port (start one with "
-        f"`llamalaunch worker --port-base {port}` (on loopback), or fix the port in --rpc, or --exclude RPC0 to plan "
-        "without it)")
+        f"`llamalaunch worker --port-base {port}` (on loopback), or fix the port in --rpc, or plan/serve "
+        "--exclude RPC0 to go without it)")
 
 
 def test_refused_hint_keeps_the_address_the_user_chose() -> None:

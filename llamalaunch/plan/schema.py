@@ -50,7 +50,8 @@ def memory_to_dict(memory: MemoryUse) -> dict[str, int]:
 
 
 def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
-    """A worker that is down (left out by --exclude) has `error` set and `free_bytes`/`total_bytes` null."""
+    """A worker that is down (left out by --exclude) has `error` set and `free_bytes`/`total_bytes`/`limit_bytes`
+    null."""
     device = plan.device
     down = device.error is not None
     return {
@@ -62,7 +63,7 @@ def device_to_dict(plan: DevicePlan) -> dict[str, Any]:
         "n_layers": plan.n_layers, "first_slot": plan.first_slot,
         "expert_layers": plan.expert_layers, "moe_layers": plan.moe_layers,
         **memory_to_dict(plan.memory),
-        "reserved_bytes": plan.reserved_bytes, "limit_bytes": plan.limit_bytes,
+        "reserved_bytes": plan.reserved_bytes, "limit_bytes": None if down else plan.limit_bytes,
         "planned_bytes": plan.planned_bytes, "headroom_bytes": plan.headroom_bytes,
     }
 

@@ -207,7 +207,7 @@ def _rpc_devices(endpoints: Sequence[str], outcomes: Sequence[WorkerReport | Rpc
 
 def _down_device(name: str, endpoint: str, error: RpcProbeError, order: int) -> Device:
     """The one device a down worker is taken to have; its probe's error names `--exclude` as a lever."""
-    lever = f"--exclude {name} to plan without it"
+    lever = f"plan/serve --exclude {name} to go without it"  # devices has no --exclude: name the command
     error.hint = f"{error.hint}, or {lever}" if error.hint else lever
     return Device(name, "RPC", endpoint, 0, 0, order, endpoint=endpoint, worker_index=0,
                   note=f"{DOWN_NOTE}: {error.reason}", error=error.reason)

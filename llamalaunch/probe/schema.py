@@ -15,7 +15,7 @@ def inventory_to_dict(inventory: Inventory) -> dict[str, Any]:
         "schema": 1,
         "devices": [_device_to_dict(device, device.name in inventory.unknown_memory) for device in inventory.devices],
         "host": dataclasses.asdict(inventory.host),
-        "problems": list(inventory.problems),
+        "problems": [*inventory.problems, *(str(worker.error) for worker in inventory.down)],
         "notes": list(inventory.notes),
         "unknown_memory": list(inventory.unknown_memory),
     }
