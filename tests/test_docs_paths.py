@@ -61,3 +61,19 @@ def test_the_readme_layout_names_every_folder_of_the_package() -> None:
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
     folders = sorted(path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists())
     assert [name for name in folders if f"  {name}/" not in block] == []
+
+
+def test_the_first_example_s_model_is_written_at_the_clone_s_root_and_ignored_by_git() -> None:
+    """`from tests.synthetic import ...` works only from the clone's root, and the 4.5 GB sparse model it
+    writes there must not show in `git status` (the test corpus's small .gguf files stay tracked)."""
+    import subprocess
+
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    written = re.search(r"""run from the clone's root \([^)]*\), `\.venv/bin/python -c 'from tests\.synthetic import """
+                        r"""write_preset; write_preset\("([^"]+)", "llama-8b"\)'` writes it there""", readme)
+    assert written is not None, "the README's first example must say to write its model from the clone's root"
+    model = written.group(1)
+    assert f"$ llamalaunch plan {model} " in readme
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", model, "tests/fuzz_corpus/tiny-llama-header.gguf"],
+                             cwd=ROOT, capture_output=True, text=True, check=False)
+    assert ignored.stdout.splitlines() == [model]
