@@ -267,7 +267,7 @@ def test_layers_spilled_to_the_host_load_as_the_mode_says_and_verify_holds(
                        str(llama_bin_dir / "llama-server"))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     rows = json.loads(verified.stdout)["verify"]
-    host = next(row for row in rows if (row["device"], row["component"]) == ("Host", "weights"))
+    host = next(row for row in rows if (row["device"], row["component"]) == ("host", "weights"))
     assert host["planned_bytes"] == plan["host"]["weights_bytes"] and host["within_tolerance"], host
 
 

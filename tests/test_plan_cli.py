@@ -56,7 +56,7 @@ def test_verify_compares_the_plan_with_a_real_load(demo_model: Path, llama_bin_d
                      "--budget", "RPC0=150MiB", "--budget", "RPC1=300MiB", "--verify",
                      "--llama-server", str(llama_bin_dir / "llama-server"))
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("│ RPC", "│ Host"))]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("│ RPC", "│ host"))]
     verify_rows = [row for row in rows if "weights" in row or " kv " in row or "compute" in row]
     assert len(verify_rows) == 9
     assert all(row.rstrip(" │").endswith("yes") for row in verify_rows), "\n".join(verify_rows)
@@ -143,7 +143,7 @@ def test_verify_names_the_devices_of_a_worker_that_exposes_two(demo_model: Path,
                      "--json", "--llama-server", str(llama_bin_dir / "llama-server"))
     assert result.returncode == 0, result.stderr
     checked = json.loads(result.stdout)["verify"]
-    assert {row["device"] for row in checked} == {"RPC0", "RPC1", "RPC2", "Host"}
+    assert {row["device"] for row in checked} == {"RPC0", "RPC1", "RPC2", "host"}
     assert all(row["within_tolerance"] for row in checked), checked
 
 

@@ -13,6 +13,7 @@ Two projections, not equally true (DESIGN.md §3):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -293,4 +294,7 @@ def verify_plan(inputs: PlanInputs, plan: Plan) -> list[ComponentRow]:
                             Placement(ranges), endpoints, per_worker)
     used = {names[p.device.name]: p.memory for p in plan.devices if not p.excluded}
     planned = Estimate(MappingProxyType(used), plan.host)
-    return compare(planned, measured.estimate)
+    # rows under the plan table's names: llama-server renumbers the workers after one left out of --rpc
+    ours = {names[p.device.name]: p.device.name for p in plan.devices if not p.excluded} | {HOST: "host"}
+    return [dataclasses.replace(row, device=ours.get(row.device, row.device))
+            for row in compare(planned, measured.estimate)]
