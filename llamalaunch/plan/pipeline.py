@@ -91,8 +91,10 @@ class PlanInputs:
                assume: Sequence[str], overhead: Sequence[str], request: Request,
                need_toolchain: bool = False, mmproj: str | None = None, draft: str | None = None,
                generic_arch: bool = False, speed_args: SpeedArgs | None = None,
-               calibrate: FirstSightCalibration | None = None, config_server: str | None = None) -> PlanInputs:
-        model_path = str(demo_model_path(cache_dir())) if demo or model is None else model
+               calibrate: FirstSightCalibration | None = None, config_server: str | None = None,
+               on_progress: Callable[[str], None] | None = None) -> PlanInputs:
+        """`on_progress` gets a line before the demo model is downloaded (a fresh cache: ~98 MB)."""
+        model_path = str(demo_model_path(cache_dir(), on_progress=on_progress)) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
         for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
             if path:  # checked now: companions are sized only once a device is chosen
