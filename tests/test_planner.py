@@ -126,6 +126,17 @@ def test_too_long_context_says_the_largest_that_fits(llama_8b: ModelProfile) -> 
     assert "the largest context that fits is" in str(raised.value)
 
 
+def test_a_raised_ctx_min_names_the_largest_context_below_it(llama_8b: ModelProfile) -> None:
+    """Nothing fits between --ctx-min and --ctx: the refusal says so and names what fits below --ctx-min (it said
+    only "add --cpu-spill", as if no context fitted with every layer on the device)."""
+    fits = make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=None), OPTIONS).ctx_tokens
+    with pytest.raises(PlanError) as raised:
+        make_plan(llama_8b, [cuda(0, 8 * GIB)], Request(ctx_tokens=131072, ctx_min_tokens=fits + 4096), OPTIONS)
+    message = str(raised.value)
+    assert f"; nor does any context down to --ctx-min {fits + 4096} (the largest context that fits is {fits}: " \
+        f"lower --ctx-min to {fits}, or add --cpu-spill)" in message, message
+
+
 def test_cpu_spill_keeps_the_first_slots_on_the_host(llama_70b: ModelProfile) -> None:
     plan = make_plan(llama_70b, [cuda(0, 24 * GIB)], Request(ctx_tokens=8192, cpu_spill=True), OPTIONS)
     assert_consistent(plan)

@@ -332,6 +332,12 @@ class Planner:
             found = spilled if spilled is not None and (found is None or spilled[0] > found[0]) else found
         if found is not None:
             return need, self.use_largest(found[0])
+        below = self.below_ctx_min(layers, floor)
+        if below is not None:
+            return f"{need}; nor does any context down to --ctx-min {floor}", \
+                f"the largest context that fits is {below}: lower --ctx-min to {below}" + \
+                (", or add --cpu-spill" if self.spill_choice(floor) is not None and not self.request.cpu_spill
+                 else "")
         if self.request.cpu_experts:
             fewest = self.fewest_cpu_experts(ctx_tokens)
             if fewest is not None:
@@ -352,6 +358,13 @@ class Planner:
         return need, "no layer fits even at the smallest context: free memory, add devices" + \
             (f", raise --budget {' and '.join(budgeted)}" if budgeted else "") + \
             (f", or lower {' or '.join(levers)}" if levers else "")
+
+    def below_ctx_min(self, layers: int, floor: int) -> int | None:
+        """The largest context under a --ctx-min the user raised that fits with `layers` on the devices."""
+        if floor <= CTX_STEP or self.request.ctx_tokens is None:
+            return None
+        found = self.largest_ctx(layers, CTX_STEP, floor - CTX_STEP)
+        return found[0] if found is not None else None
 
     def fewest_cpu_experts(self, ctx_tokens: int) -> int | None:
         """The smallest --cpu-experts above the one given that fits at this context (devices and host)."""
