@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -200,6 +201,8 @@ def test_serve_without_a_down_worker_then_status_and_metrics(
     assert argv[argv.index("--rpc") + 1] == f"{first.endpoint},{second.endpoint}"
     down = next(d for d in state["plan"]["devices"] if d["name"] == "RPC1")
     assert (down["excluded"], down["free_bytes"], down["error"]) == (True, None, REFUSED)
+    assert re.search(rf" attempt 1: ctx 2048, RPC0=\d+ RPC2=\d+; RPC1: left out by --exclude \(down: "
+                     rf"{re.escape(REFUSED)}\)$", run.output, re.MULTILINE), run.output  # serve's log says it too
 
     once = _status("--once")
     assert once.returncode == 0, once.stderr

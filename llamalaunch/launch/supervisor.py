@@ -349,7 +349,7 @@ class Supervisor:
         env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         self.child = self.child_factory(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
         self.on_event(SupervisorEvent("plan", f"attempt {len(self.attempts) + 1}: ctx {plan.ctx_tokens}, "
-                                              f"{describe_layers(plan)}", plan=plan))
+                                              f"{describe_layers(plan)}{describe_left_out(plan)}", plan=plan))
         self._set_phase("loading", f"pid {self.child.pid}, ctx {plan.ctx_tokens}")
 
     def _runtime_args(self) -> list[str]:
@@ -500,4 +500,9 @@ def describe_layers(plan: Plan) -> str:
     used = [f"{p.device.name}={p.n_layers}" for p in plan.devices if not p.excluded]
     spilled = plan.model.n_slots - plan.n_gpu_layers
     return " ".join(used + ([f"CPU={spilled}"] if spilled else [])) or "all on CPU"
+
+
+def describe_left_out(plan: Plan) -> str:
+    """'; RPC1: left out by --exclude (down: ...)': serve's log says which devices the plan left out, and why."""
+    return "".join(f"; {p.device.name}: {p.reason}" for p in plan.devices if p.excluded)
 
