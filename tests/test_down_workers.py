@@ -75,7 +75,7 @@ def test_plan_excludes_a_down_worker_and_says_why(demo_model: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert row(table.stdout, "RPC0") == ["RPC0", "?", "-", "0", "-", "-", "-", "-", "-", "-"]
     lines = table.stdout.splitlines()
-    assert f"RPC0 left out: left out by --exclude (down: {REFUSED})" in lines
+    assert f"RPC0 left out: named by --exclude (down: {REFUSED})" in lines
     assert "calibrat" not in table.stdout + table.stderr and "overhead outside" not in table.stdout
     assert "--rpc" not in command_line(table.stdout)
     assert table.stderr == ""
@@ -86,7 +86,7 @@ def test_plan_excludes_a_down_worker_and_says_why(demo_model: Path) -> None:
     assert {key: device[key] for key in ("name", "endpoint", "free_bytes", "total_bytes", "limit_bytes", "error",
                                          "excluded", "reason", "n_layers")} == {
         "name": "RPC0", "endpoint": dead, "free_bytes": None, "total_bytes": None, "limit_bytes": None,
-        "error": REFUSED, "excluded": True, "reason": f"left out by --exclude (down: {REFUSED})", "n_layers": 0}
+        "error": REFUSED, "excluded": True, "reason": f"named by --exclude (down: {REFUSED})", "n_layers": 0}
     assert "--rpc" not in json.loads(as_json.stdout)["argv"]
 
 
@@ -121,7 +121,7 @@ def test_plan_without_a_down_worker_between_two_live_ones_renames_as_llama_serve
     assert table.stderr == (f"note: RPC1 {dead} is down: its device count is unknown; later RPC names assume it "
                             "has one device\n")
     assert row(table.stdout, "RPC1")[:4] == ["RPC1", "?", "-", "0"]
-    assert f"RPC1 left out: left out by --exclude (down: {REFUSED})" in table.stdout.splitlines()
+    assert f"RPC1 left out: named by --exclude (down: {REFUSED})" in table.stdout.splitlines()
 
     verified = run_cli(*args, "--verify", "--json")
     assert verified.returncode == 0, verified.stderr
@@ -201,14 +201,14 @@ def test_serve_without_a_down_worker_then_status_and_metrics(
     assert argv[argv.index("--rpc") + 1] == f"{first.endpoint},{second.endpoint}"
     down = next(d for d in state["plan"]["devices"] if d["name"] == "RPC1")
     assert (down["excluded"], down["free_bytes"], down["error"]) == (True, None, REFUSED)
-    assert re.search(rf" attempt 1: ctx 2048, RPC0=\d+ RPC2=\d+; RPC1: left out by --exclude \(down: "
+    assert re.search(rf" attempt 1: ctx 2048, RPC0=\d+ RPC2=\d+; RPC1 left out: named by --exclude \(down: "
                      rf"{re.escape(REFUSED)}\)$", run.output, re.MULTILINE), run.output  # serve's log says it too
 
     once = _status("--once")
     assert once.returncode == 0, once.stderr
     line = next(line for line in once.stdout.splitlines() if line.startswith("RPC1 "))
     assert line.rstrip().split(maxsplit=9) == ["RPC1", "0", *["-"] * 7,
-                                               f"left out: left out by --exclude (down: {REFUSED})"]
+                                               f"left out: named by --exclude (down: {REFUSED})"]
     devices = {d["name"]: d for d in json.loads(_status("--json").stdout)["devices"]}
     assert (devices["RPC1"]["free_at_plan_bytes"], devices["RPC1"]["total_bytes"]) == (None, None)
     assert devices["RPC0"]["n_layers"] + devices["RPC2"]["n_layers"] == state["plan"]["model"]["n_slots"]

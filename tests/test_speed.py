@@ -175,7 +175,7 @@ def test_prefer_speed_trades_context_for_a_faster_plan(llama_8b: ModelProfile) -
     assert quick.ctx_tokens < wide.ctx_tokens
     assert quick.speed.generation_tps > wide.speed.generation_tps
     left_out = next(p for p in quick.devices if p.device.name == "RPC0")
-    assert left_out.reason == "left out: the plan is faster without it (--prefer speed)"
+    assert left_out.reason == "the plan is faster without it (--prefer speed)"
 
 
 def test_calibration_scales_the_estimate_to_what_llama_server_measured(llama_8b: ModelProfile,

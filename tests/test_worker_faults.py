@@ -143,6 +143,16 @@ def test_refused_hint_keeps_the_address_the_user_chose() -> None:
         "the network: keep it on a trusted one), or fix the address in --rpc")
 
 
+def test_refused_hint_for_a_host_name_gives_worker_an_address() -> None:
+    """worker's --host takes an IPv4 address: a name in --rpc gets the address it resolved to, and a name for
+    this machine's loopback (/etc/hosts) gets the loopback hint (it said `--host vm`, which worker refuses)."""
+    assert rpc.start_worker_hint("vm", 50052, "127.0.0.1") == (
+        "start one with `llamalaunch worker --port-base 50052` (on loopback), or fix the port in --rpc")
+    assert rpc.start_worker_hint("box", 50052, "192.168.1.5") == (
+        "start one on box with `llamalaunch worker --port-base 50052 --host 192.168.1.5` (reachable from the "
+        "network: keep it on a trusted one), or fix the address in --rpc")
+
+
 # --- a worker that dies mid-serve ------------------------------------------------------------------------
 
 

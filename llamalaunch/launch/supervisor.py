@@ -503,6 +503,7 @@ def describe_layers(plan: Plan) -> str:
 
 
 def describe_left_out(plan: Plan) -> str:
-    """'; RPC1: left out by --exclude (down: ...)': serve's log says which devices the plan left out, and why."""
-    return "".join(f"; {p.device.name}: {p.reason}" for p in plan.devices if p.excluded)
+    """'; RPC1 left out: named by --exclude (down: ...)': serve's log says which devices the plan left out, and why,
+    as plan's table does."""
+    return "".join(f"; {p.device.name} left out: {p.reason}" for p in plan.devices if p.excluded)
 

@@ -201,7 +201,7 @@ def _without(planner: Planner, device: Device, floor: int, high: int) -> tuple[i
         planner.devices = saved
     if found is None:
         return None
-    why = "left out: the plan is faster without it (--prefer speed)"
+    why = "the plan is faster without it (--prefer speed)"
     return found[0], dataclasses.replace(found[1], excluded={**found[1].excluded, device.name: why})
 
 

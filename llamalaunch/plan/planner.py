@@ -158,7 +158,7 @@ def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:
     if device.name in choice.excluded:
         return choice.excluded[device.name]
     if device.name in planner.request.exclude:
-        return f"left out by --exclude ({device.note})" if device.error is not None else "left out by --exclude"
+        return f"named by --exclude ({device.note})" if device.error is not None else "named by --exclude"
     if device not in planner.devices:
         return "not listed in -dev"
     return "not needed: the other devices hold every layer with more headroom"

@@ -89,9 +89,9 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
     listed in `unknown_memory` and `problems`.
     """
     endpoints = split_endpoints(rpc)
+    _refuse_one_worker_twice(endpoints)  # what-if too: its command line would wait on the worker
     if assume:
         return _assumed_inventory(assume, endpoints)
-    _refuse_one_worker_twice(endpoints)
     outcomes = _probe_workers(endpoints, connect_timeout_s, reply_timeout_s)
     devices, problems, down = _rpc_devices(endpoints, outcomes)
     notes: list[str] = []
@@ -122,9 +122,10 @@ def _refuse_one_worker_twice(endpoints: Sequence[str]) -> None:
     for endpoint in endpoints:
         host, port = parse_endpoint(endpoint)
         try:
-            address = (socket.gethostbyname(host), port)  # as llama.cpp resolves it; a failure is the probe's
+            resolved = socket.gethostbyname(host)  # as llama.cpp resolves it; a failure is the probe's to report
         except OSError:
             continue
+        address = ("127.0.0.1" if resolved == "0.0.0.0" else resolved, port)  # Linux connects 0.0.0.0 locally
         if address in by_address:
             raise BadInputError(f"--rpc lists {by_address[address]} and {endpoint}: both are the worker at "
                                 f"{address[0]}:{address[1]}", "give each worker once")

@@ -426,7 +426,7 @@ def _connect(endpoint: str, host: str, port: int, timeout_s: float,
     except ConnectionRefusedError:
         sock.close()
         raise WorkerRefusedError(endpoint, "connection refused: nothing listens on that port",
-                                 start_worker_hint(host, port)) from None
+                                 start_worker_hint(host, port, address)) from None
     except TimeoutError:
         sock.close()
         if keepers := keeper_pids(endpoint):
@@ -447,15 +447,17 @@ def _connect(endpoint: str, host: str, port: int, timeout_s: float,
     return address, sock
 
 
-def start_worker_hint(host: str, port: int) -> str:
-    """How to start a worker there: llamalaunch's own command, listening where --rpc looks for it.
+def start_worker_hint(host: str, port: int, address: str | None = None) -> str:
+    """How to start a worker there: llamalaunch's own command, listening where --rpc looks for it (`address`:
+    the host resolved; worker's --host takes an IPv4 address, not a name).
 
     A worker has no authentication: it listens on loopback unless the user's --rpc names another address.
     """
     command = f"llamalaunch worker --port-base {port}"
-    if host in ("127.0.0.1", "localhost"):
+    address = address or host
+    if host == "localhost" or address.startswith("127."):
         return f"start one with `{command}` (on loopback), or fix the port in --rpc"
-    return f"start one on {host} with `{command} --host {host}` (reachable from the network: keep it on a " \
+    return f"start one on {host} with `{command} --host {address}` (reachable from the network: keep it on a " \
            "trusted one), or fix the address in --rpc"
 
 
