@@ -268,7 +268,8 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
 
         checked = verify_plan(inputs, result)
     if as_json:
-        print_json({**plan_to_dict(result), **({"verify": verify_to_list(checked)} if checked is not None else {})})
+        print_json({**plan_to_dict(result), "problems": list(inputs.problems),  # the text's notes on stderr
+                    **({"verify": verify_to_list(checked)} if checked is not None else {})})
     else:
         from llamalaunch.observe.render import alternatives_table, command_line, plan_view, verify_table
 

@@ -122,10 +122,14 @@ def test_plan_without_a_down_worker_between_two_live_ones_renames_as_llama_serve
                             "has one device\n")
     assert row(table.stdout, "RPC1")[:4] == ["RPC1", "?", "-", "0"]
     assert f"RPC1 left out: named by --exclude (down: {REFUSED})" in table.stdout.splitlines()
+    assert ("llama-server numbers only the workers on its --rpc: in the command line RPC1 is this plan's RPC2 "
+            f"({second.endpoint})") in table.stdout.splitlines()  # the table's RPC1 is the down worker
 
     verified = run_cli(*args, "--verify", "--json")
     assert verified.returncode == 0, verified.stderr
     data = json.loads(verified.stdout)
+    assert data["problems"] == [f"RPC1 {dead} is down: its device count is unknown; later RPC names assume it has "
+                                "one device"]
     argv = data["argv"]
     assert argv[argv.index("--rpc") + 1] == f"{first.endpoint},{second.endpoint}"
     # the planner may also try the roomier worker last (the output layer's device), llama-server's own order:

@@ -55,6 +55,17 @@ def child_names(all_devices: Sequence[Device], endpoints: Sequence[str]) -> dict
     return names
 
 
+def renaming_note(all_devices: Sequence[Device], argv: Sequence[str]) -> str:
+    """A note when the command line's RPC names differ from the plan's: llama-server numbers only the workers on
+    its --rpc, so a worker left out (down, or not needed) shifts the names of those after it."""
+    endpoints = argv[list(argv).index("--rpc") + 1].split(",") if "--rpc" in argv else []
+    names = child_names(all_devices, endpoints)
+    renamed = [f"{names[d.name]} is this plan's {d.name} ({d.endpoint})" for d in all_devices
+               if d.endpoint in endpoints and names[d.name] != d.name]
+    return f"llama-server numbers only the workers on its --rpc: in the command line {', '.join(renamed)}" \
+        if renamed else ""
+
+
 def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> list[str]:
     """Devices llama-server offloads to when no -dev is given: the workers' devices, then local GPUs."""
     rpc = [d.name for endpoint in endpoints for d in all_devices if d.endpoint == endpoint]

@@ -13,6 +13,7 @@ from llamalaunch.plan.argv import (
     build_argv,
     host_weights_args,
     host_weights_mode,
+    renaming_note,
     streams_host_weights,
 )
 from llamalaunch.plan.choose import alternatives, candidates, pick
@@ -93,8 +94,10 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
     argv = build_argv(planner.profile, planner.request, ctx_tokens, choice, planner.all_devices, options)
     host_weights = host_weights_mode(planner.profile, planner.request, choice)
     streaming = streaming_note(planner.request, host_weights, choice) if host_weights else ""
+    renamed = renaming_note(planner.all_devices, argv)
     notes = (*((expert_note(planner.profile, choice),) if spilled else ()), *((streaming,) if streaming else ()),
-             *((host_weights_note(host_weights, choice, options),) if host_weights else ()))
+             *((host_weights_note(host_weights, choice, options),) if host_weights else ()),
+             *((renamed,) if renamed else ()))
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
                 choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers,
                 host_expert_parts=choice.host_expert_parts, host_weights=host_weights)
