@@ -207,6 +207,9 @@ def _check_swallowed(key: Option, raw: Any, where: str) -> None:
                             "{ NAME = \"SIZE\" } on one line")
 
 
+COMMAND_TABLES = ("serve", "plan", "devices", "status")
+
+
 def _known_key(name: str, where: str) -> Option:
     section, _dot, bare = name.rpartition(".")
     bare = bare.replace("-", "_")
@@ -214,6 +217,10 @@ def _known_key(name: str, where: str) -> Option:
     full = f"{section}.{bare}" if section else bare
     if full in OPTIONS_BY_NAME:
         return OPTIONS_BY_NAME[full]
+    if not section and bare in COMMAND_TABLES:  # [worker] exists, so users try [serve] too
+        raise BadInputError(f"{where}: there is no [{bare}] table",
+                            f"plan and serve read the keys at the top of the file, before any table; only "
+                            f"{WORKER_SECTION} has a table of its own ([{WORKER_SECTION}])")
     choices = [key.param for key in OPTIONS if key.section == section]
     import difflib
 

@@ -227,6 +227,7 @@ def test_profile_values_take_toml_and_command_line_shapes(tmp_path: Path) -> Non
     ('exclude = ["CUDA1", 3]\n', "exclude = ['CUDA1', 3] is not allowed", "a list of device names"),
     ('[reserve]\nCUDA0 = "1GiB"\nport = 8080\n', "the reserve table holds port", "move those keys above"),
     ('[worker]\nport = 1\n', "unknown key 'worker.port'", "did you mean 'port_base'"),
+    ('[serve]\nport = 8080\n', "there is no [serve] table", "plan and serve read the keys at the top of the file"),
     ('[worker]\ngpus = "first"\n', "worker.gpus = 'first' is not allowed", "all, cpu, or GPU indices"),
     ('ctx = "16k\n', "is not valid TOML", "see the examples in configs/"),
 ])
