@@ -294,6 +294,18 @@ def test_a_folder_without_llama_server_names_that_folder_not_a_path_never_given(
                               "in it (give the path of the llama-server binary, or of the folder that holds it)\n")
 
 
+def test_worker_names_a_wrong_llama_server_folder_rather_than_asking_to_set_it(
+        invoke: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker looks for ggml-rpc-server beside the llama-server given: a wrong one is named (it said "not found
+    ... or set LLAMALAUNCH_LLAMA_SERVER", the variable already set). PATH holds no ggml-rpc-server here."""
+    monkeypatch.setenv("LLAMALAUNCH_LLAMA_SERVER", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    outcome = invoke("worker", "--gpus", "cpu")
+    assert (outcome.code, outcome.stdout) == (1, "")
+    assert outcome.stderr == (f"error: {tmp_path} given by LLAMALAUNCH_LLAMA_SERVER is a folder with no llama-server "
+                              "in it (give the path of the llama-server binary, or of the folder that holds it)\n")
+
+
 def test_a_folder_without_ggml_rpc_server_names_that_folder(invoke: Invoke, tmp_path: Path) -> None:
     outcome = invoke("worker", "--gpus", "cpu", "--rpc-server", str(tmp_path))
     assert (outcome.code, outcome.stdout) == (1, "")

@@ -154,7 +154,7 @@ def find_rpc_server(option: str | None = None, llama_server: str | None = None) 
     Raises:
         ToolchainError: none found, or a given path is not an executable file.
     """
-    from llamalaunch.toolchain.discover import INSTALL_HINT, find_toolchain, given_by, given_hint
+    from llamalaunch.toolchain.discover import INSTALL_HINT, SERVER_ENV, find_toolchain, given_by, given_hint
 
     given = option or os.environ.get(RPC_SERVER_ENV)
     if given:
@@ -172,13 +172,18 @@ def find_rpc_server(option: str | None = None, llama_server: str | None = None) 
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise ToolchainError(f"{path} (from {where}) is not an executable ggml-rpc-server", given_hint(where))
         return path
-    with contextlib.suppress(ToolchainError):
+    beside: ToolchainError | None = None
+    try:
         toolchain = find_toolchain(llama_server)
         if toolchain.rpc_server is not None:
             return toolchain.rpc_server.path
+    except ToolchainError as error:
+        beside = error
     for name in RPC_SERVER_NAMES:
         if found := shutil.which(name):
             return Path(found)
+    if beside is not None and (llama_server or os.environ.get(SERVER_ENV)):
+        raise beside  # the llama-server given is wrong: that is what to fix, not a variable to set
     raise ToolchainError("ggml-rpc-server not found (searched --rpc-server, LLAMALAUNCH_RPC_SERVER, beside "
                          "llama-server and PATH)", f"pass --rpc-server PATH, or {INSTALL_HINT}")
 
