@@ -176,6 +176,9 @@ def test_a_worker_gone_while_idle_is_noticed_before_any_request(
     assert len(run.stderr) == 1 and worker.endpoint in run.stderr[0], run.output
     assert "giving up after 1 restart" in run.stderr[0]
     assert run.state()["phase"] == "failed" and not run.leftover_servers()
+    # status says why it restarted: its last exit code is -9, llamalaunch's own kill, not an OOM killer's
+    assert run.state()["last_restart_reason"] == (f"RPC worker {worker.endpoint} is gone (llama-server's connection "
+                                                  "to it closed)"), run.state()
 
 
 def test_the_health_watch_leaves_a_busy_worker_serving(

@@ -210,6 +210,21 @@ def test_gone_launcher_shows_the_last_state(cuda_plan: dict[str, Any]) -> None:
     assert "server gone" in result.output and "phase ready" in result.output and "CUDA1" in result.output
 
 
+def test_status_says_why_llama_server_last_restarted(cuda_plan: dict[str, Any], tmp_path: Path) -> None:
+    """After a restart status shows its reason beside the count (the exit code alone, -9, read like the kernel's
+    out-of-memory killer where llamalaunch had killed llama-server itself for a worker that was gone)."""
+    me = psutil.Process()
+    path = _write_run(cuda_plan, pid=me.pid, started=me.create_time(), log=tmp_path / "none.log")
+    reason = "RPC worker 127.0.0.1:50052 is gone (llama-server's connection to it closed)"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "restarts": 1, "last_exit_code": -9, "last_restart_reason": reason}))
+    snapshot = StatusCollector(StatusTarget(path, None), memory=MemoryReader(read_gpus=_nvml((0, 0)))).collect()
+    assert snapshot_to_dict(snapshot)["last_restart_reason"] == reason
+    console = Console(width=200, record=True)
+    console.print(status_view(snapshot))
+    assert f"restarts 1 (last: {reason})" in console.export_text()
+
+
 def test_which_run_errors_name_the_fix(cuda_plan: dict[str, Any]) -> None:
     with pytest.raises(NoServerError, match="no server has run here") as caught:
         resolve_target()

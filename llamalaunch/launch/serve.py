@@ -206,6 +206,7 @@ class StateRecorder:
             return None  # nothing is written before there is a plan: bad input leaves no trace
         changes: dict[str, Any] = {"url": self.url, "phase": supervisor.phase, "restarts": supervisor.restarts,
                                    "last_exit_code": supervisor.last_exit_code,
+                                   "last_restart_reason": supervisor.last_restart_reason,
                                    "updated_at": time.time(),
                                    "attempts": [dataclasses.asdict(a) for a in supervisor.attempts]}
         if event.kind == "phase":

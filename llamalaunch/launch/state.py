@@ -28,6 +28,7 @@ class RunState:
     ready_at: float | None = None
     restarts: int = 0
     last_exit_code: int | None = None  # llama-server's last exit status (negative: killed by a signal)
+    last_restart_reason: str = ""  # why it was last restarted: a -9 above may be llamalaunch's own kill
     plan: dict[str, Any] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)

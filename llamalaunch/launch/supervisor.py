@@ -161,6 +161,7 @@ class Supervisor:
         self._restarts = Restarts(RestartPolicy(options.backoff_initial_s, options.backoff_max_s, HEALTHY_RESET_S,
                                                 options.max_restarts), clock)
         self.last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
+        self.last_restart_reason = ""  # why llama-server was last restarted (a -9 may be our own kill)
         self.phase = "starting"
         self.child: SupervisedChild | None = None
         self.plan: Plan | None = None
@@ -314,6 +315,7 @@ class Supervisor:
                        f"{lesson}; giving up after {restart.number - 1} restarts")
             self._fail(message)
             raise ServeFailed(message, f"{hint or 'see the server log'}; raise --max-restarts to keep trying")
+        self.last_restart_reason = lesson
         self._set_phase("restarting", f"{lesson}; restart {restart.number} of {self.options.max_restarts} "
                                       f"in {restart.delay_s:g} s")
         return self._wait_backoff(restart.delay_s)

@@ -126,6 +126,7 @@ class StatusSnapshot:
     updated_at: float | None = None
     restarts: int = 0
     last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
+    last_restart_reason: str = ""  # why llama-server was last restarted
     attempts: tuple[AttemptStatus, ...] = ()
     model_name: str | None = None
     model_arch: str | None = None

@@ -66,6 +66,8 @@ def header(snapshot: StatusSnapshot) -> Text:
         text.append(f"  started {format_duration(snapshot.taken_at - snapshot.started_at)} ago")
     if snapshot.source == "state":
         text.append(f"  restarts {snapshot.restarts}", style="yellow" if snapshot.restarts else "")
+        if snapshot.restarts and snapshot.last_restart_reason:
+            text.append(f" (last: {snapshot.last_restart_reason})", style="yellow")
         text.append(f"  attempt {len(snapshot.attempts) + 1}", style="yellow" if snapshot.attempts else "")
     return text
 
