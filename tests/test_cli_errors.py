@@ -157,8 +157,6 @@ BAD_INPUT = {
     "rpc one worker as 0.0.0.0": (("devices", "--rpc", "0.0.0.0:50999,127.0.0.1:50999"),
                                   ["--rpc lists 0.0.0.0:50999 and 127.0.0.1:50999: both are the worker at "
                                    "127.0.0.1:50999"]),
-    "rpc one worker twice what-if": ((*PLAN, "--rpc", "localhost:50999,127.0.0.1:50999"),
-                                     ["--rpc lists localhost:50999 and 127.0.0.1:50999"]),
     "unknown option": ((*PLAN, "--frobnicate"), ["--frobnicate", "--help"]),
     "option without value": ((*PLAN, "--ctx"), ["--ctx"]),
     "unknown command": (("frobnicate",), ["frobnicate", "--help"]),

@@ -89,9 +89,9 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
     listed in `unknown_memory` and `problems`.
     """
     endpoints = split_endpoints(rpc)
-    _refuse_one_worker_twice(endpoints)  # what-if too: its command line would wait on the worker
-    if assume:
+    if assume:  # what-if plans import neither the RPC protocol nor sockets (start-up time)
         return _assumed_inventory(assume, endpoints)
+    _refuse_one_worker_twice(endpoints)
     outcomes = _probe_workers(endpoints, connect_timeout_s, reply_timeout_s)
     devices, problems, down = _rpc_devices(endpoints, outcomes)
     notes: list[str] = []
