@@ -149,6 +149,18 @@ def test_plan_without_a_down_worker_between_two_live_ones_renames_as_llama_serve
     assert all(row["within_tolerance"] for row in data["verify"]), data["verify"]
 
 
+def test_a_down_worker_not_listed_in_dev_is_left_out_too(rpc_workers: Callable[..., RpcWorker],
+                                                          demo_model: Path) -> None:
+    """-dev that names only the live worker leaves the dead one out as --exclude does (it was an error naming
+    --exclude); its row says both."""
+    live, dead = rpc_workers(), dead_endpoint()
+    table = run_cli("plan", str(demo_model), "--rpc", f"{dead},{live.endpoint}", "-dev", "RPC1", "--ctx", "2k")
+    assert table.returncode == 0, table.stderr
+    assert f"RPC0 left out: not listed in -dev (down: {REFUSED})" in table.stdout.splitlines()
+    line = command_line(table.stdout)
+    assert line[line.index("--rpc") + 1] == live.endpoint
+
+
 # --- devices ----------------------------------------------------------------------------------------------
 
 

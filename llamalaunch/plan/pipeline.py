@@ -113,7 +113,10 @@ class PlanInputs:
 
     def probe(self, serving: bool = False) -> tuple[Device, ...]:
         inventory = probe_devices(rpc=self.rpc, assume=self.assume, keep_down=True)
-        refuse_down_workers(inventory, self.request.exclude)  # --exclude plans without a worker that is down
+        # --exclude, or a -dev that does not list it, plans without a worker that is down
+        left_out = {*self.request.exclude, *(d.name for d in inventory.devices
+                                             if self.request.devices is not None and d.name not in self.request.devices)}
+        refuse_down_workers(inventory, left_out)
         if serving:
             refuse_busy_workers(inventory)
         inventory = fill_unknown_memory(inventory, self.request.budget_bytes)

@@ -160,10 +160,11 @@ def host_weights_note(mode: str, choice: Choice, options: ArgvOptions) -> str:
 def leave_out_reason(planner: Planner, device: Device, choice: Choice) -> str:
     if device.name in choice.excluded:
         return choice.excluded[device.name]
+    down = f" ({device.note})" if device.error is not None else ""
     if device.name in planner.request.exclude:
-        return f"named by --exclude ({device.note})" if device.error is not None else "named by --exclude"
+        return f"named by --exclude{down}"
     if device not in planner.devices:
-        return "not listed in -dev"
+        return f"not listed in -dev{down}"
     return "not needed: the other devices hold every layer with more headroom"
 
 
