@@ -9,11 +9,10 @@ full, make every other probe of the worker time out as if it were down.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from llamalaunch.errors import BadInputError
+from llamalaunch.probe.rpc import resolve_endpoint
 
 
 @dataclass
@@ -27,7 +26,7 @@ class WorkerLinks:
 
     def __post_init__(self) -> None:
         self.by_address = {address: endpoint for endpoint in self.endpoints
-                           if (address := _address(endpoint)) is not None}
+                           if (address := resolve_endpoint(endpoint)) is not None}
 
     def lost(self) -> str | None:
         """The first endpoint whose connection llama-server lost since the last look, or None."""
@@ -49,13 +48,3 @@ class WorkerLinks:
         return {self.by_address[(c.raddr.ip, c.raddr.port)] for c in connections
                 if c.status == psutil.CONN_ESTABLISHED and c.raddr and (c.raddr.ip, c.raddr.port) in self.by_address}
 
-
-def _address(endpoint: str) -> tuple[str, int] | None:
-    """The IPv4 address and port llama.cpp connects to (it resolves with gethostbyname, as here)."""
-    from llamalaunch.probe.rpc import parse_endpoint
-
-    try:
-        host, port = parse_endpoint(endpoint)
-        return socket.gethostbyname(host), port
-    except (OSError, BadInputError):
-        return None

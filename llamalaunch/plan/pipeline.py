@@ -113,9 +113,9 @@ class PlanInputs:
 
     def probe(self, serving: bool = False) -> tuple[Device, ...]:
         inventory = probe_devices(rpc=self.rpc, assume=self.assume, keep_down=True)
-        # --exclude, or a -dev that does not list it, plans without a worker that is down
-        left_out = {*self.request.exclude, *(d.name for d in inventory.devices
-                                             if self.request.devices is not None and d.name not in self.request.devices)}
+        left_out = set(self.request.exclude)  # --exclude, or a -dev not listing it, plans without a down worker
+        if self.request.devices is not None:
+            left_out |= {device.name for device in inventory.devices} - set(self.request.devices)
         refuse_down_workers(inventory, left_out)
         if serving:
             refuse_busy_workers(inventory)

@@ -114,18 +114,13 @@ def probe_devices(rpc: Sequence[str] = (), assume: Sequence[str] = (), local_gpu
 def _refuse_one_worker_twice(endpoints: Sequence[str]) -> None:
     """One worker under two spellings (localhost:50052 and 127.0.0.1:50052) would be planned as two devices,
     and llama-server would wait for ever on its second connection (a worker serves one client at a time)."""
-    import socket
-
-    from llamalaunch.probe.rpc import parse_endpoint
+    from llamalaunch.probe.rpc import resolve_endpoint
 
     by_address: dict[tuple[str, int], str] = {}
     for endpoint in endpoints:
-        host, port = parse_endpoint(endpoint)
-        try:
-            resolved = socket.gethostbyname(host)  # as llama.cpp resolves it; a failure is the probe's to report
-        except OSError:
+        address = resolve_endpoint(endpoint)
+        if address is None:  # the probe reports it
             continue
-        address = ("127.0.0.1" if resolved == "0.0.0.0" else resolved, port)  # Linux connects 0.0.0.0 locally
         if address in by_address:
             raise BadInputError(f"--rpc lists {by_address[address]} and {endpoint}: both are the worker at "
                                 f"{address[0]}:{address[1]}", "give each worker once")

@@ -175,6 +175,18 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def resolve_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """The IPv4 address and port a connection to `endpoint` has at both ends, as psutil shows them: resolved as
+    llama.cpp resolves it (gethostbyname), 0.0.0.0 being this machine's 127.0.0.1. None where it does not
+    resolve or is not HOST:PORT (the probe reports those)."""
+    try:
+        host, port = parse_endpoint(endpoint)
+        address = socket.gethostbyname(host)
+    except (OSError, BadInputError):
+        return None
+    return ("127.0.0.1" if address == "0.0.0.0" else address), port
+
+
 def probe_worker(endpoint: str, connect_timeout_s: float = 1.0, reply_timeout_s: float = 2.0) -> WorkerReport:
     """Ask one worker for its version, its devices and their free/total memory (<1 ms idle, loopback).
 
@@ -298,11 +310,13 @@ def holder_of(endpoint: str, ignore_pids: Collection[int] = ()) -> str | None:
     """The client a worker serves, when this machine can tell and it is not one of `ignore_pids`."""
     import psutil  # only on the busy path: listing every connection takes milliseconds
 
+    resolved = resolve_endpoint(endpoint)
+    if resolved is None:
+        return None
+    address, port = resolved
     try:
-        host, port = parse_endpoint(endpoint)
-        address = socket.gethostbyname(host)
         connections = psutil.net_connections(kind="tcp4")
-    except (OSError, BadInputError, psutil.Error):
+    except (OSError, psutil.Error):
         return None
     established = [c for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.raddr]
     # The worker runs here: its own end of the connection it accepted names the client (queued ones have no pid).
@@ -715,11 +729,7 @@ def reset_when_closed(pid: int, endpoints: Sequence[str]) -> int:
     """
     import psutil
 
-    addresses = set()
-    for endpoint in endpoints:
-        with contextlib.suppress(OSError, BadInputError):
-            host, port = parse_endpoint(endpoint)
-            addresses.add((socket.gethostbyname(host), port))
+    addresses = {address for endpoint in endpoints if (address := resolve_endpoint(endpoint)) is not None}
     try:
         held = [c.fd for c in psutil.Process(pid).net_connections(kind="tcp4")
                 if c.raddr and (c.raddr.ip, c.raddr.port) in addresses and c.fd >= 0]
