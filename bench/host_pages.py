@@ -1,0 +1,75 @@
+"""Does this host read memory in 4 KiB pages slower than in 2 MiB pages?
+
+Issue 17: llama.cpp's pinned host buffer (`cudaMallocHost`, what `--host-weights pinned` gives) sits in 4 KiB
+pages, the page cache maps a model file in 2 MiB folios where the filesystem makes them; generation reads the
+host's experts every token. This reads one anonymous mapping per page size with a thread per core (numpy sums
+leave the GIL), best of five after a warm-up, and prints a JSON line: GB/s per page size, the ratio, and how
+much of the huge-page mapping the kernel really gave in 2 MiB pages.
+
+Usage: python -m bench.host_pages [--gib 8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy
+
+GIB = 1 << 30
+
+
+def anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def read_bandwidth(size: int, advice: int, threads: int, pool: ThreadPoolExecutor) -> tuple[float, int]:
+    """(bytes/s, KiB in huge pages) for one mapping of `size` bytes given `advice`."""
+    before = anon_huge_kib()
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(advice)
+    array = numpy.frombuffer(region, dtype=numpy.float32)
+    parts = numpy.array_split(array, threads)
+    list(pool.map(lambda part: part.fill(1.0), parts))  # each thread faults in its own part
+    huge = anon_huge_kib() - before
+    list(pool.map(lambda part: part.sum(), parts))  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        list(pool.map(lambda part: part.sum(), parts))
+        best = min(best, time.perf_counter() - started)
+    del array, parts
+    region.close()
+    return size / best, huge
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=8.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    size = int(args.gib * GIB) // (2 << 20) * (2 << 20)
+    threads = len(os.sched_getaffinity(0))
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    with ThreadPoolExecutor(threads) as pool:
+        small, small_huge = read_bandwidth(size, mmap.MADV_NOHUGEPAGE, threads, pool)
+        large, large_huge = read_bandwidth(size, mmap.MADV_HUGEPAGE, threads, pool)
+    result = {"gib": args.gib, "threads": threads, "thp": thp,
+              "gbps_4k": round(small / 1e9, 2), "gbps_2m": round(large / 1e9, 2),
+              "ratio_4k_to_2m": round(small / large, 3),
+              "huge_mib_4k_mapping": small_huge // 1024, "huge_mib_2m_mapping": large_huge // 1024}
+    print(json.dumps(result), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
