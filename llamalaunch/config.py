@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.options import OPTIONS, OPTIONS_BY_NAME, WORKER_SECTION, Option, check_params, options_of
+from llamalaunch.options import (
+    ENV_PREFIX,
+    OPTIONS,
+    OPTIONS_BY_NAME,
+    OTHER_ENV_VARS,
+    WORKER_SECTION,
+    Option,
+    check_params,
+    options_of,
+)
 from llamalaunch.paths import config_dir
 
 CONFIG_ENV = "LLAMALAUNCH_CONFIG"
@@ -377,8 +386,13 @@ _CONVERTERS: dict[str, Callable[[Any, bool, Path | None], Any]] = {
 
 
 def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, Setting]:
-    """LLAMALAUNCH_<KEY> variables that name a key (others, like LLAMALAUNCH_HOME, are not options)."""
+    """LLAMALAUNCH_<KEY> variables that name a key (others, like LLAMALAUNCH_HOME, are not options).
+
+    Raises:
+        BadInputError: a value is bad, or a LLAMALAUNCH_ variable's name is a near miss of one we read
+            (LLAMALAUNCH_CTXX would otherwise be ignored without a word)."""
     env = os.environ if environ is None else environ
+    _check_env_names(env)
     settings: dict[str, Setting] = {}
     for key in OPTIONS:
         raw = env.get(key.env_var)
@@ -387,6 +401,19 @@ def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
             settings[key.name] = Setting(key.name, _convert(key, raw, where, None, from_env=True), "env",
                                          key.env_var)
     return settings
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    known = {key.env_var for key in OPTIONS} | OTHER_ENV_VARS
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            import difflib
+
+            # only near misses: other programs' (and our tests') own LLAMALAUNCH_ variables stay allowed
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
+            if close:
+                raise BadInputError(f"environment variable {name} is not a llamalaunch setting",
+                                    f"did you mean {close[0]}? Rename it, or unset {name}")
 
 
 def merged_settings(profile: Profile | None, environ: Mapping[str, str] | None = None) -> dict[str, Setting]:

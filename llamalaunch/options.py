@@ -17,6 +17,9 @@ from typing import Any
 from llamalaunch.errors import BadInputError
 
 ENV_PREFIX = "LLAMALAUNCH_"
+# LLAMALAUNCH_* variables that are not options (folders, binaries, the setup script's CUDA switch): not typos
+OTHER_ENV_VARS = frozenset(ENV_PREFIX + name for name in (
+    "HOME", "CACHE", "CONFIG", "LLAMA_SERVER", "CUDA_ARCH", "SYSTEMD_DIR", "CUDA"))
 WORKER_SECTION = "worker"
 LLAMA_SERVER_PORT = 8080  # llama-server's own default: the URL stays the same from run to run
 MAX_COUNT = 1 << 20  # a count nobody means beyond: restarts, batch sizes

@@ -276,6 +276,17 @@ def test_bad_environment_value_names_the_variable() -> None:
     assert environment_settings({"LLAMALAUNCH_HOME": "/x", "LLAMALAUNCH_CPU_SPILL": "yes"})["cpu_spill"].value
 
 
+
+def test_misspelt_environment_variable_is_an_error_not_ignored(app: typer.Typer) -> None:
+    result = invoke(app, ["plan", "--demo", "--assume", "CUDA0=1GiB"], env={"LLAMALAUNCH_CTXX": "8k"})
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == ("error: environment variable LLAMALAUNCH_CTXX is not a llamalaunch setting (did you "
+                             "mean LLAMALAUNCH_CTX? Rename it, or unset LLAMALAUNCH_CTXX)\n")
+    # near misses of the variables that are not options too; names far from every one stay allowed
+    with pytest.raises(BadInputError, match="LLAMALAUNCH_LLAMA_SERVER"):
+        environment_settings({"LLAMALAUNCH_LLAMA_SERVR": "/opt/llama-server"})
+    assert environment_settings({"LLAMALAUNCH_SLOW": "1", "LLAMALAUNCH_HOME": "/x", "LLAMALAUNCH_CUDA": "1"}) == {}
+
 def test_cli_reports_a_bad_profile_in_one_line(app: typer.Typer, tmp_path: Path) -> None:
     path = write(tmp_path, "ctx_mni = 1\n")
     result = invoke(app, ["--config", str(path), "plan", "--assume", "CUDA0=1GiB"])
