@@ -175,6 +175,16 @@ def test_the_plan_says_when_it_does_other_than_asked(demo_model: Path) -> None:
         assert note in table.stdout
 
 
+def test_ctx_max_says_when_the_trained_context_stopped_it(demo_model: Path) -> None:
+    """24 GiB holds far more than the demo model's 8192 trained tokens: --ctx max says the ceiling was the model's."""
+    plan = json.loads(run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--ctx", "max", "--json").stdout)
+    assert plan["ctx"] == 8192
+    assert "--ctx max stops at the 8192 tokens the model was trained on, not at the memory: --ctx N plans a larger " \
+        "one (output past the trained length may degrade)" in plan["notes"]
+    small = json.loads(run_cli("plan", str(demo_model), "--assume", "CUDA0=850MiB", "--ctx", "max", "--json").stdout)
+    assert small["ctx"] < 8192 and not any(note.startswith("--ctx max stops") for note in small["notes"])
+
+
 def test_what_if_workers_that_do_not_match_rpc_say_that_rpc_is_left_out(demo_model: Path) -> None:
     """--assume RPC0/RPC1 with one --rpc worker: the command line cannot name them, and the plan says so (the
     note used to be dropped, and --rpc silently went missing from the command line)."""

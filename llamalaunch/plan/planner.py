@@ -41,6 +41,9 @@ def plan_notes(planner: Planner, ctx_tokens: int, choice: Choice) -> tuple[str, 
     elif request.ctx_tokens is not None and ctx_tokens != request.ctx_tokens:
         notes.append(f"--ctx {request.ctx_tokens} becomes {ctx_tokens}: llama.cpp sizes the context in steps "
                      f"of {CTX_STEP}")
+    if request.ctx_tokens is None and profile.n_ctx_train and ctx_tokens == profile.n_ctx_train:
+        notes.append(f"--ctx max stops at the {ctx_tokens} tokens the model was trained on, not at the memory: "
+                     "--ctx N plans a larger one (output past the trained length may degrade)")
     if profile.n_ctx_train and ctx_tokens > profile.n_ctx_train:
         notes.append(f"ctx {ctx_tokens} is beyond the {profile.n_ctx_train} tokens the model was trained on: "
                      f"llama-server uses {ctx_tokens}, but output past {profile.n_ctx_train} tokens may degrade")
