@@ -4,4 +4,6 @@
 source bench/gpu/prepare.sh
 # the host's memory layout: NUMA nodes and transparent huge pages (the CPU reads host experts every token)
 lscpu | grep -i -E "model name|numa|socket"; cat /sys/kernel/mm/transparent_hugepage/enabled
+# and whether it reads memory in 4 KiB pages (pinned host experts) slower than in 2 MiB pages (the mapping's)
+python3 -m bench.host_pages --gib 16 --out $OUT/host_pages.json
 python3 -m bench.bench_moe_gpu --server $BIN/llama-server --out $OUT "$@"
