@@ -51,11 +51,11 @@ def read_bandwidth(size: int, advice: int, threads: int, pool: ThreadPoolExecuto
     return size / best, huge
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=8.0)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = int(args.gib * GIB) // (2 << 20) * (2 << 20)
     threads = len(os.sched_getaffinity(0))
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
@@ -69,7 +69,8 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     if args.out:
         args.out.write_text(json.dumps(result) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

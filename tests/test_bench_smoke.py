@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed, bench_speed_gpu
+from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed, bench_speed_gpu, host_pages
 from tests.support import RpcWorker
 
 pytestmark = pytest.mark.llama
@@ -103,3 +103,9 @@ def test_speed_proof_runs_on_rpc_workers(llama_bin_dir: Path, tmp_path: Path) ->
     assert "CPU:host" in keys and any(key.startswith("RPC:") for key in keys)
     table = (tmp_path / "speed.txt").read_text()
     assert "generation: before " in table and "leave-one-out" in table
+
+
+def test_host_pages_reads_both_page_sizes(tmp_path: Path) -> None:
+    assert host_pages.main(["--gib", "0.25", "--out", str(tmp_path / "pages.json")]) == 0
+    result = json.loads((tmp_path / "pages.json").read_text())
+    assert result["gbps_4k"] > 0 and result["gbps_2m"] > 0 and result["huge_mib_4k_mapping"] == 0
