@@ -187,6 +187,9 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
     (["server", "--demo", "--", "-ot", "exps=CPU", "-ts", "3,1"],
      "-ot, -ts after -- would contradict the plan (use llamalaunch's own options (--cpu-experts N; --ctx, -dev, "
      "--budget ...) or add --force)"),
+    (["server", "--demo", "--", "-nkvo", "-sm", "row", "--main-gpu=1"],
+     "-nkvo, -sm, --main-gpu after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, "
+     "--budget ...) or add --force)"),
     (["server", "--demo", "--", "--no-host"],
      "--no-host after -- would contradict the plan (use llamalaunch's own options (--host-weights auto, pinned, mapped "
      "or repacked) or add --force)"),

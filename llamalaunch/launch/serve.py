@@ -45,6 +45,11 @@ PLANNED_FLAGS = frozenset({
     "-fa", "--flash-attn", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--swa-full",
     "-mm", "--mmproj", "-mmdev", "--mmproj-device", "-md", "--model-draft", "-devd", "--device-draft",
     "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft",
+    # where the KV cache, the split and host weights' batches go: the plan's memory figures assume its own
+    "-kvo", "--kv-offload", "-nkvo", "--no-kv-offload", "-sm", "--split-mode", "-mg", "--main-gpu",
+    "--op-offload", "--no-op-offload",
+    "-otd", "--override-tensor-draft", "--spec-draft-override-tensor", "-cmoed", "--cpu-moe-draft",
+    "--spec-draft-cpu-moe", "-ncmoed", "--n-cpu-moe-draft", "--spec-draft-n-cpu-moe", "--spec-draft-ncmoe",
     *EXPERT_FLAGS,  # expert placement is the plan's (--cpu-experts N forces it)
 })
 # How host-held weights are loaded is the plan's too (--host-weights); older builds' spellings included.
