@@ -36,7 +36,7 @@ from llamalaunch.options import COMMANDS, check_params
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
 _REGISTERED = "_llamalaunch_ops_registered"
-TAKES_NO_OPTIONS = ("status", "demo")  # commands no profile key or LLAMALAUNCH_* option applies to
+TAKES_NO_OPTIONS = ("status", "stop", "demo")  # commands no profile key or LLAMALAUNCH_* option applies to
 
 
 # --- --config ---------------------------------------------------------------------------------------

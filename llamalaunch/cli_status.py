@@ -92,7 +92,7 @@ def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help
         if name is not None and not state_path(name).exists():
             raise NotRunningError(f"no server named {name!r} has run here",
                                   "`llamalaunch status` shows the run there is, if any")
-        target = resolve_target(name)
+        target = resolve_target(name, takes_url=False)
         if target.state_path is None:  # resolve_target gives a state file whenever no --url is given
             raise NotRunningError("no server to stop", "start one with `llamalaunch serve`")
         state = stop_run(target.state_path, timeout)

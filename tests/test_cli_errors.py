@@ -343,13 +343,16 @@ def test_plan_verify_without_a_toolchain_says_where_it_looked(invoke: Invoke, tm
                               "toolchain install` (or pass `--llama-server PATH` / set LLAMALAUNCH_LLAMA_SERVER))\n")
 
 
-def test_a_bad_option_variable_does_not_keep_status_or_demo_from_running(invoke: Invoke,
+def test_a_bad_option_variable_does_not_keep_status_stop_or_demo_from_running(invoke: Invoke,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """LLAMALAUNCH_CTX=abc in the shell is plan's and serve's problem: `status` of a running server still works."""
     monkeypatch.setenv("LLAMALAUNCH_CTX", "abc")
     status = invoke("status", "--once")
     assert (status.code, status.stdout) == (3, "")  # not running, as an LSB status action says
     assert status.stderr.startswith("error: no server has run here"), status
+    stop = invoke("stop")  # nor stopping one; and stop has no --url to suggest
+    assert (stop.code, stop.stdout) == (3, "")
+    assert stop.stderr.startswith("error: no server has run here") and "--url" not in stop.stderr, stop
     plan = invoke(*PLAN)
     assert (plan.code, plan.stdout) == (2, "")
     assert plan.stderr.startswith("error: environment variable LLAMALAUNCH_CTX: ctx = 'abc' is not allowed"), plan

@@ -32,13 +32,14 @@ def normalize_url(url: str) -> str:
     return text
 
 
-def resolve_target(name: str | None = None, url: str | None = None) -> StatusTarget:
-    """Which run to show: --name, else the run whose URL is --url, else the only (or only live) run."""
+def resolve_target(name: str | None = None, url: str | None = None, takes_url: bool = True) -> StatusTarget:
+    """Which run to show: --name, else the run whose URL is --url, else the only (or only live) run.
+    `takes_url`: whether the command has --url (status does, stop does not), for the hints."""
     if name is not None:
         path = state_path(name)
         if not path.exists():
             raise NoServerError(f"no server named {name!r} has run here ({path} does not exist)",
-                                f"start one with `llamalaunch serve --name {name}`, or pass --url")
+                                f"start one with `llamalaunch serve --name {name}`" + (", or pass --url" * takes_url))
         return StatusTarget(path, normalize_url(url) if url else None)
     if url is not None:
         wanted = normalize_url(url)
@@ -49,14 +50,14 @@ def resolve_target(name: str | None = None, url: str | None = None) -> StatusTar
             except BadInputError:
                 continue
         return StatusTarget(None, wanted)
-    return StatusTarget(_only_run(), None)
+    return StatusTarget(_only_run(takes_url), None)
 
 
-def _only_run() -> Path:
+def _only_run(takes_url: bool) -> Path:
     paths = list_states()
     if not paths:
         raise NoServerError(f"no server has run here (no run state in {state_dir()})",
-                            "start one with `llamalaunch serve`, or pass --url http://HOST:PORT")
+                            "start one with `llamalaunch serve`" + (", or pass --url http://HOST:PORT" * takes_url))
     if len(paths) == 1:
         return paths[0]
     live = [p for p in paths if _is_live(p)]
