@@ -342,11 +342,35 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
 def main() -> None:
     try:
         only_the_invoked(app, sys.argv[1:])()
+    except OSError as error:
+        if not cannot_write(error):
+            raise
+        quit_on_unwritable(error)
     finally:
         # A short command ends here (typer exits): what is left needs no collection on the way out, which
         # otherwise walks every object twice (~10 ms). Long-running ones keep the usual finalization.
         if invoked_name(sys.argv[1:]) not in LONG_RUNNING:
             gc.freeze()
+
+
+def cannot_write(error: OSError) -> bool:
+    """A full disk or a reader gone away (`| head`): the user's to fix, not a bug to show a traceback for."""
+    import errno
+
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE)
+
+
+def quit_on_unwritable(error: OSError) -> None:
+    """One line; nothing more for a reader that went away."""
+    import errno
+
+    # what Python would flush to standard output at exit goes nowhere: no second error on the way out
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if error.errno != errno.EPIPE:
+        where = f" {error.filename}" if error.filename else ""
+        print(f"error: cannot write{where}: {error.strerror} (free some space there, or send the output elsewhere)",
+              file=sys.stderr)
+    raise SystemExit(1)
 
 
 LONG_RUNNING = ("serve", "worker")

@@ -385,3 +385,15 @@ def test_the_real_command_line_without_a_binary(demo_model: Path, tmp_path: Path
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "llamalaunch toolchain install" in done.stderr
     assert_nothing_written(home)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [("plan", "--assume", "CUDA0=8GiB"), ("plan", "--assume", "CUDA0=8GiB", "--json"),
+                                  ("--help",)])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(demo_model: Path, args: tuple[str, ...]) -> None:
+    argv = [*args[:1], str(demo_model), *args[1:]] if args[0] == "plan" else list(args)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "llamalaunch", *argv], cwd=REPO_ROOT, text=True, stdout=full,
+                              stderr=subprocess.PIPE, timeout=60, stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stderr) == (1, "error: cannot write: No space left on device (free some space "
+                                                 "there, or send the output elsewhere)\n")
