@@ -30,6 +30,7 @@ from llamalaunch.cli_common import (
     reports_errors,
 )
 from llamalaunch.cli_ops import ConfigOpt
+from llamalaunch.errors import BadInputError
 from llamalaunch.observe.console import escape, real_console, surely_not_a_terminal
 from llamalaunch.options import check_params
 
@@ -260,6 +261,10 @@ def plan(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = opt
     from llamalaunch.plan.schema import plan_to_dict, verify_to_list
 
     check_params("plan", ctx_.params)
+    if verify and (assume or inventory):
+        given = "--assume" if assume else "--inventory"
+        raise BadInputError(f"--verify loads the plan on this machine's devices, but {given} describes what-if ones",
+                            f"drop {given} to verify on the devices here, or drop --verify")
     inputs = plan_inputs(ctx_, need_toolchain=verify)  # --verify without llama-server: say why it is missing
     result = inputs.plan()
     checked = None

@@ -336,11 +336,19 @@ def test_plan_verify_without_a_toolchain_says_where_it_looked(invoke: Invoke, tm
     """Not the bare "--verify needs llama-server": the search that failed, and how to install one."""
     monkeypatch.setenv("LLAMALAUNCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    outcome = invoke("plan", "MODEL", "--assume", "CUDA0=8GiB", "--verify")
+    outcome = invoke("plan", "MODEL", "--verify")
     assert (outcome.code, outcome.stdout) == (1, "")
     assert outcome.stderr == ("error: llama-server not found (searched --llama-server, LLAMALAUNCH_LLAMA_SERVER, "
                               f"the config file, PATH and {tmp_path / 'cache' / 'llama.cpp'}) (run `llamalaunch "
                               "toolchain install` (or pass `--llama-server PATH` / set LLAMALAUNCH_LLAMA_SERVER))\n")
+
+
+def test_plan_verify_refuses_what_if_devices(invoke: Invoke) -> None:
+    """A load on this machine cannot check a plan for devices it does not have: it read as a wrong estimate."""
+    outcome = invoke("plan", "MODEL", "--assume", "CUDA0=8GiB", "--verify")
+    assert (outcome.code, outcome.stdout) == (2, "")
+    assert outcome.stderr == ("error: --verify loads the plan on this machine's devices, but --assume describes "
+                              "what-if ones (drop --assume to verify on the devices here, or drop --verify)\n")
 
 
 def test_a_bad_option_variable_does_not_keep_status_stop_or_demo_from_running(invoke: Invoke,
