@@ -137,9 +137,10 @@ def overhead_note(sources: Mapping[str, OverheadSource]) -> str | None:
     if not sources:
         return None
     parts = ", ".join(f"{name} {source.describe()}" for name, source in sources.items())
-    assumed = any(source.kind == "assumed" for source in sources.values())
+    assumed = [name for name, source in sources.items() if source.kind == "assumed"]
+    same_rpc = " with the same --rpc" if any(name.startswith("RPC") for name in assumed) else ""
     return f"overhead outside llama.cpp's accounting: {parts}" + \
-        (" (assumed = the default; `llamalaunch devices --calibrate` measures it)" if assumed else "")
+        (f" (assumed = the default; `llamalaunch devices --calibrate`{same_rpc} measures it)" if assumed else "")
 
 
 def parse_overheads(values: Sequence[str]) -> dict[str, int]:
