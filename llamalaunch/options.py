@@ -132,7 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("inventory", "path", PROBING, "a file of what-if devices, one NAME=FREE[/TOTAL] a line", None,
            ("--inventory",), "File of what-if devices, one NAME=FREE or NAME=FREE/TOTAL a line."),
     Option("device", "names", PLAN_SERVE, 'a list of devices in order, like ["CUDA0", "RPC0"]', None,
-           ("-dev", "--device"), "Devices to use, in order: CUDA0,RPC0."),
+           ("-dev", "--device"), "Devices to use, in order: CUDA0,RPC0 (none: the CPU only)."),
     Option("exclude", "list", PLAN_SERVE, 'a list of device names, like ["CUDA1"]', (), ("--exclude",),
            "Leave a device out (repeatable)."),
     Option("reserve", "sizes", PLAN_SERVE, _TABLE, (), ("--reserve",),

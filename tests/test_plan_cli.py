@@ -197,3 +197,17 @@ def test_what_if_workers_that_do_not_match_rpc_say_that_rpc_is_left_out(demo_mod
     matched = run_cli("plan", str(demo_model), "--assume", "RPC0=1GiB", "--rpc", "127.0.0.1:50052")
     assert (matched.returncode, matched.stderr) == (0, "")
     assert "--rpc 127.0.0.1:50052" in matched.stdout
+
+
+def test_dev_reads_names_as_llama_cpp_does(demo_model: Path) -> None:
+    """-dev none (the CPU, as llama.cpp reads it and as our own CPU-only argv writes it) and cuda0 for CUDA0 plan;
+    a device both listed by -dev and left out by --exclude is named as the clash it is."""
+    base = ("plan", str(demo_model), "--assume", "CUDA0=8GiB", "--ctx", "2k", "--json")
+    none = json.loads(run_cli(*base, "-dev", "none").stdout)
+    assert none["n_gpu_layers"] == 0 and none["argv"][none["argv"].index("-dev") + 1] == "none"
+    lower = json.loads(run_cli(*base, "-dev", "cuda0").stdout)
+    assert lower["n_gpu_layers"] > 0 and [d["name"] for d in lower["devices"] if not d["excluded"]] == ["CUDA0"]
+    assert json.loads(run_cli(*base, "--exclude", "cuda0").stdout)["n_gpu_layers"] == 0
+    clash = run_cli(*base, "-dev", "CUDA0", "--exclude", "CUDA0")
+    assert (clash.returncode, clash.stdout, clash.stderr) == (
+        2, "", "error: -dev lists CUDA0, which --exclude leaves out (drop it from -dev or from --exclude)\n")

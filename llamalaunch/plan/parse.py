@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from llamalaunch.errors import BadInputError
 from llamalaunch.model.kv import CACHE_TYPES, check_cache_types
 from llamalaunch.options import DEFAULTS, checked
 from llamalaunch.plan.request import FLASH_ATTN, HOST_WEIGHTS, Request
-from llamalaunch.probe.assume import parse_device_sizes
+from llamalaunch.probe.assume import canonical_device_name, parse_device_sizes
 from llamalaunch.units import parse_size, parse_tokens
 
 
@@ -38,14 +38,29 @@ def parse_listen_host(host: str) -> str:
 
 
 def split_names(value: str | None) -> tuple[str, ...] | None:
+    """-dev's list in llama.cpp's spelling (it matches names in any case); `none` (no device: the CPU) is ()."""
     if value is None:
         return None
-    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if value.strip().lower() == "none":
+        return ()
+    names = device_names(name for name in value.split(",") if name.strip())
     if not names:
         raise BadInputError(f"-dev {value!r} names no device", "list devices in order, like -dev CUDA0,RPC0")
     if len(set(names)) != len(names):
         raise BadInputError(f"-dev {value!r} lists a device twice", "name each device once")
     return names
+
+
+def device_names(names: Iterable[str]) -> tuple[str, ...]:
+    """cuda0 → CUDA0, as llama.cpp reads -dev; a name that is no device's stays as typed (select_devices says so)."""
+    return tuple(_device_name(name.strip()) for name in names)
+
+
+def _device_name(name: str) -> str:
+    try:
+        return canonical_device_name(name, "-dev")[0]
+    except BadInputError:
+        return name
 
 
 def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int = DEFAULTS["parallel"],
@@ -74,7 +89,7 @@ def build_request(*, ctx: str, ctx_min: str = DEFAULTS["ctx_min"], parallel: int
         reserve_bytes=parse_device_sizes(reserve, "--reserve"),
         budget_bytes=parse_device_sizes(budget, "--budget"),
         devices=split_names(devices),
-        exclude=tuple(exclude),
+        exclude=device_names(exclude),
         cpu_spill=cpu_spill,
         n_gpu_layers=parse_gpu_layers(gpu_layers),
         cpu_experts=checked("cpu_experts", cpu_experts),

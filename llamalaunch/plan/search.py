@@ -248,7 +248,7 @@ class Planner:
     def solve(self) -> tuple[int, Choice]:
         if self.request.ctx_tokens is None:
             require_trained_ctx(self.profile)
-        if not self.devices and self.request.devices is None:
+        if not self.devices and not self.request.devices:  # no device here, or -dev none
             return self.host_only()
         full = self.layers_wanted()
         floor = self.ctx_floor()

@@ -31,6 +31,9 @@ def select_devices(devices: Sequence[Device], request: Request) -> tuple[Device,
             raise BadInputError(f"unknown device {name!r}", f"devices here: {known}")
     for name in sorted({*request.budget_bytes, *request.reserve_bytes} - set(by_name)):
         raise unknown_device("--budget" if name in request.budget_bytes else "--reserve", name, by_name)
+    if request.devices and (both := [name for name in request.devices if name in request.exclude]):
+        raise BadInputError(f"-dev lists {', '.join(both)}, which --exclude leaves out",
+                            "drop it from -dev or from --exclude")
     return tuple(by_name[name] for name in wanted if name not in request.exclude)
 
 
