@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,9 +22,31 @@ def plan_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
+def plan_fails(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llamalaunch", "plan", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def write_projector(path: Path, size_bytes: int = 8 * MIB) -> Path:
+    """A header-only multimodal projector as llama.cpp's converters write one (GGUFWriter, arch "clip"), its
+    tensor data a sparse hole up to `size_bytes`."""
+    import numpy
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_tensor("mm.0.weight", numpy.zeros((256, 256), dtype=numpy.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.truncate(path, size_bytes)
+    return path
+
+
 def test_mmproj_is_reserved_on_the_first_device_and_pinned_there(demo_model: Path, tmp_path: Path) -> None:
-    projector = tmp_path / "mmproj.gguf"
-    projector.write_bytes(b"GGUF" + b"\0" * (8 * MIB - 4))
+    projector = write_projector(tmp_path / "mmproj.gguf")
     plan = plan_json(str(demo_model), "--assume", "CUDA0=2GiB", "--assume", "CUDA1=2GiB", "--ctx", "4k",
                      "--mmproj", str(projector))
     first = plan["devices"][0] if plan["devices"][0]["name"] == "CUDA0" else plan["devices"][1]
@@ -51,6 +74,78 @@ def test_a_companion_that_is_not_gguf_is_one_line(demo_model: Path, tmp_path: Pa
         assert (result.returncode, result.stdout) == (2, "")
         assert result.stderr == (f"error: {option} {notes} is not a GGUF file (it starts with b'my n') (give "
                                  f"{option} the .gguf file llama.cpp loads)\n")
+
+
+NO_DEVICE = {"cpu-only": ["--assume", "CPU=8GiB"], "all-excluded": ["--assume", "CUDA0=8GiB", "--exclude", "CUDA0"]}
+
+
+@pytest.mark.parametrize("where", NO_DEVICE.values(), ids=NO_DEVICE.keys())
+def test_companions_of_a_plan_without_devices_stay_in_host_memory(tmp_path: Path, where: list[str]) -> None:
+    """llama-server still gets them, told not to offload them (llama.cpp's `none`), and the plan says so."""
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
+    draft = write_preset(tmp_path / "draft.gguf", "tiny-llama", n_layer=2)
+    projector = write_projector(tmp_path / "mmproj.gguf")
+    plan = plan_json(str(model), *where, "--ctx", "2k", "--mmproj", str(projector), "--draft", str(draft))
+    argv = plan["argv"]
+    assert argv[argv.index("--mmproj"):argv.index("--mmproj") + 4] == ["--mmproj", str(projector), "-mmdev", "none"]
+    assert argv[argv.index("-md"):argv.index("-md") + 6] == ["-md", str(draft), "-devd", "none", "-ngld", "0"]
+    assert argv[-2:] == ["--fit", "off"]
+    assert f"mmproj {projector}: 264.0 MiB reserved in host memory (estimate)" in plan["notes"]
+    assert any(note.startswith(f"draft {draft}: ") and note.endswith(" reserved in host memory (estimate)")
+               for note in plan["notes"])
+
+
+def test_companions_in_host_memory_count_against_it(tmp_path: Path) -> None:
+    """A host with room for the model alone refuses it with a projector beside it, and says what that took."""
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
+    projector = write_projector(tmp_path / "mmproj.gguf")
+    assert plan_json(str(model), "--assume", "CPU=200MiB", "--ctx", "2k")["ctx"] == 2048
+    result = plan_fails(str(model), "--assume", "CPU=200MiB", "--ctx", "2k", "--mmproj", str(projector))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "of host memory for what does not fit on the devices" in result.stderr
+    assert f"is available, after 264.0 MiB of host memory for --mmproj {projector} (" in result.stderr
+
+
+def test_a_truncated_mmproj_is_refused_as_a_truncated_draft_is(tmp_path: Path) -> None:
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(model.read_bytes()[:1000])
+    for option in ("--mmproj", "--draft"):
+        for where in ("CUDA0=2GiB", "CPU=8GiB"):
+            result = plan_fails(str(model), "--assume", where, option, str(bad))
+            assert (result.returncode, result.stdout) == (2, "")
+            assert result.stderr.startswith(f"error: {bad}: truncated header: ")
+            assert result.stderr.endswith("(the file is damaged or not a GGUF model; download it again)\n")
+            assert result.stderr.count("\n") == 1
+
+
+def test_a_language_model_given_as_mmproj_is_one_line(tmp_path: Path) -> None:
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
+    for where in ("CUDA0=2GiB", "CPU=8GiB"):
+        result = plan_fails(str(model), "--assume", where, "--mmproj", str(model))
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (f"error: --mmproj {model} is not a multimodal projector (its general.architecture "
+                                 "is 'llama'; a projector's is 'clip') (give --mmproj the mmproj .gguf file made for "
+                                 "this model)\n")
+
+
+@pytest.mark.llama
+def test_a_draft_in_host_memory_loads_and_serves(demo_model: Path, llama_bin_dir: Path) -> None:
+    plan = plan_json(str(demo_model), "--assume", "CPU=8GiB", "--ctx", "2k", "--draft", str(demo_model),
+                     "--llama-server", str(llama_bin_dir / "llama-server"))
+    argv = plan["argv"]
+    assert argv[argv.index("-md"):argv.index("-md") + 6] == ["-md", str(demo_model), "-devd", "none", "-ngld", "0"]
+    run = run_llama_server(llama_bin_dir, argv)
+    assert run.served, "\n".join(run.lines[-20:])
+    assert any("loading draft model" in line for line in run.lines)
 
 
 @pytest.mark.llama

@@ -1,4 +1,5 @@
-"""Models llama-server loads beside the main one (--mmproj, --draft): reserved and pinned to a device."""
+"""Models llama-server loads beside the main one (--mmproj, --draft): reserved and pinned to a device, or kept in
+host memory when the plan has no device (llama.cpp's `none`: -mmdev none, -devd none)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,29 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from llamalaunch.errors import BadInputError
+from llamalaunch.errors import BadInputError, PlanError
 from llamalaunch.model.estimate import Placement, SlotRange, estimate
-from llamalaunch.model.gguf_header import GGUF_MAGIC
+from llamalaunch.model.gguf_header import GGUF_MAGIC, read_header
 from llamalaunch.model.load import load_profile
 from llamalaunch.plan.request import Request
 from llamalaunch.probe.device import Device
-from llamalaunch.units import MIB
+from llamalaunch.units import MIB, format_bytes
 
 # A projector's compute buffer depends on the image size it is warmed up with; this covers the
 # common encoders (a quarter of the weights, at least 256 MiB). An estimate, said so in the plan.
 MMPROJ_COMPUTE_SHARE = 4
 MMPROJ_COMPUTE_MIN = 256 * MIB
+# general.architecture of a projector: llama.cpp's converters write "clip" (gguf-py MODEL_ARCH.MMPROJ, "dummy
+# arch for clip.cpp"); clip.cpp then wants a vision or audio encoder in it, which a language model has not.
+PROJECTOR_ARCH = "clip"
+# What -mmdev and -devd take for "do not offload" (llama.cpp common/arg.cpp): the companion stays in host memory.
+NO_DEVICE = "none"
 
 
 @dataclass(frozen=True)
 class Companion:
-    """A second model, its llama-server flags, and what it needs on the device it is pinned to."""
+    """A second model, its llama-server flags, and what it needs on the device it is pinned to (or, given
+    NO_DEVICE, in host memory)."""
 
     kind: str  # "mmproj" or "draft"
     path: str
@@ -51,17 +58,42 @@ def check_companion_file(path: str, option: str) -> int:
     return size
 
 
-def mmproj_companion(path: str) -> Companion:
-    """A multimodal projector: its weights (the file) and an encoder compute buffer."""
+def check_projector(path: str) -> int:
+    """The projector's size, once its header reads whole (ModelError otherwise, as for a model) and says it is a
+    projector; BadInputError naming --mmproj otherwise."""
     size = check_companion_file(path, "--mmproj")
+    arch = read_header(path).get("general.architecture")
+    if arch != PROJECTOR_ARCH:
+        what = f"its general.architecture is {arch!r}" if isinstance(arch, str) else "it has no general.architecture"
+        raise BadInputError(f"--mmproj {path} is not a multimodal projector ({what}; a projector's is "
+                            f"{PROJECTOR_ARCH!r})", "give --mmproj the mmproj .gguf file made for this model")
+    return size
+
+
+def check_companion_files(mmproj: str | None, draft: str | None) -> None:
+    """Before planning: each companion given is a file llama.cpp can load as one (a draft's header is read when
+    it is sized)."""
+    if mmproj:
+        check_projector(mmproj)
+    if draft:
+        check_companion_file(draft, "--draft")
+
+
+def mmproj_companion(path: str) -> Companion:
+    """A multimodal projector: its weights (the file) and an encoder compute buffer, wherever it goes."""
+    size = check_projector(path)
     reserve = size + max(size // MMPROJ_COMPUTE_SHARE, MMPROJ_COMPUTE_MIN)
     return Companion("mmproj", path, reserve, "--mmproj", "-mmdev")
 
 
-def draft_companion(path: str, request: Request, ctx_tokens: int, backend: str) -> Companion:
-    """A draft model wholly on one device: weights, KV and compute from our own estimator."""
+def draft_companion(path: str, request: Request, ctx_tokens: int, backend: str | None) -> Companion:
+    """A draft model wholly on one device of `backend`, or wholly in host memory (None): weights, KV and compute
+    from our own estimator."""
     check_companion_file(path, "--draft")
     profile = load_profile(path)
+    if backend is None:
+        use = estimate(profile, Placement(()), request, ctx_tokens).host
+        return Companion("draft", path, use.total_bytes, "-md", "-devd", ("-ngld", "0"))
     placement = Placement((SlotRange("draft", backend, 0, profile.n_slots),))
     use = estimate(profile, placement, request, ctx_tokens, {"draft": 0}).devices["draft"]
     return Companion("draft", path, use.total_bytes, "-md", "-devd", ("-ngld", str(profile.n_slots)))
@@ -78,3 +110,30 @@ def with_reservations(request: Request, device: Device, companions: Sequence[Com
     reserve = dict(request.reserve_bytes)
     reserve[device.name] = reserve.get(device.name, 0) + sum(c.reserve_bytes for c in companions)
     return replace(request, reserve_bytes=reserve)
+
+
+def host_room(host_free_bytes: int | None, on_host: Sequence[Companion]) -> int | None:
+    """Host memory left for the main model once the companions kept there have theirs (None: not known)."""
+    if host_free_bytes is None:
+        return None
+    return max(host_free_bytes - sum(c.reserve_bytes for c in on_host), 0)
+
+
+def with_host_companions(argv: Sequence[str], on_host: Sequence[Companion]) -> tuple[str, ...]:
+    """The plan's argv with the companions kept in host memory, before --fit where it has one (where argv.py puts
+    the companions pinned to a device)."""
+    flags = [flag for companion in on_host for flag in companion.argv(NO_DEVICE)]
+    at = list(argv).index("--fit") if "--fit" in argv else len(argv)
+    return (*argv[:at], *flags, *argv[at:])
+
+
+def companion_notes(companions: Sequence[Companion], pinned: Device | None) -> list[str]:
+    where = f"on {pinned.name}" if pinned is not None else "in host memory"
+    return [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved {where} (estimate)" for c in companions]
+
+
+def host_refusal(error: PlanError, on_host: Sequence[Companion]) -> PlanError:
+    """The planner's refusal, saying that the host memory it names is what the companions kept there left."""
+    names = " and ".join(f"--{c.kind} {c.path}" for c in on_host)
+    taken = format_bytes(sum(c.reserve_bytes for c in on_host))
+    return PlanError(f"{error.message}, after {taken} of host memory for {names}", error.hint)

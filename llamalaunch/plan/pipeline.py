@@ -22,10 +22,14 @@ from llamalaunch.plan.argv import ArgvOptions
 from llamalaunch.plan.choose import estimate_plan
 from llamalaunch.plan.companions import (
     Companion,
-    check_companion_file,
+    check_companion_files,
+    companion_notes,
     draft_companion,
+    host_refusal,
+    host_room,
     mmproj_companion,
     pin_device,
+    with_host_companions,
     with_reservations,
 )
 from llamalaunch.plan.overheads import (
@@ -52,7 +56,6 @@ from llamalaunch.probe.inventory import (
 )
 from llamalaunch.toolchain.demo import demo_model_path
 from llamalaunch.toolchain.discover import Toolchain, find_toolchain
-from llamalaunch.units import format_bytes
 
 # Measures the overhead of devices seen for the first time (launch/calibrate.py's calibrate_first_sight):
 # (devices, llama-server or None) → one line per device.
@@ -96,9 +99,7 @@ class PlanInputs:
         """`on_progress` gets a line before the demo model is downloaded (a fresh cache: ~98 MB)."""
         model_path = str(demo_model_path(cache_dir(), on_progress=on_progress)) if demo or model is None else model
         profile = load_profile(model_path, allow_unknown_arch=generic_arch)
-        for path, option in ((mmproj, "--mmproj"), (draft, "--draft")):
-            if path:  # checked now: companions are sized only once a device is chosen
-                check_companion_file(path, option)
+        check_companion_files(mmproj, draft)  # checked now: companions are sized only once a device is chosen
         problems: list[str] = []
         try:
             toolchain: Toolchain | None = find_toolchain(llama_server, config_server)
@@ -153,20 +154,26 @@ class PlanInputs:
         return self.calibrate(fresh, self.toolchain.server.path if self.toolchain is not None else None)
 
     def plan_at(self, request: Request, devices: Sequence[Device]) -> Plan:
-        """One plan, the companions reserved for this request's context on the device they are pinned to."""
+        """One plan, the companions reserved for this request's context on the device they are pinned to, or in host
+        memory when the plan has no device (a CPU-only machine, every device excluded)."""
         capabilities = self.toolchain.server.capabilities if self.toolchain is not None else None
-        pinned = pin_device(devices, request)
-        companions = self.companions(request, pinned) if pinned is not None else []
+        pinned = pin_device(devices, request)  # None: no device, the companions stay in host memory
+        companions = self.companions(request, pinned)
+        on_host = companions if pinned is None else []
         if companions and pinned is not None:
             request = with_reservations(request, pinned, companions)
         options = ArgvOptions(self.model_path, capabilities,
                               tuple((c, pinned.name) for c in companions) if pinned is not None else ())
-        plan = make_plan(self.profile, devices, request, options, planned_overheads(devices, self.overhead),
-                         host_free_bytes=self.host_free_bytes,
-                         speed=self.speed_args.figures(devices, self.host), compare=self.speed_args.compare)
-        notes = [f"{c.kind} {c.path}: {format_bytes(c.reserve_bytes)} reserved on {pinned.name} (estimate)"
-                 for c in companions if pinned is not None]
-        return dataclasses.replace(plan, notes=(*plan.notes, *notes))
+        try:
+            plan = make_plan(self.profile, devices, request, options, planned_overheads(devices, self.overhead),
+                             host_free_bytes=host_room(self.host_free_bytes, on_host),
+                             speed=self.speed_args.figures(devices, self.host), compare=self.speed_args.compare)
+        except PlanError as error:
+            if not on_host:
+                raise
+            raise host_refusal(error, on_host) from None
+        return dataclasses.replace(plan, argv=with_host_companions(plan.argv, on_host),
+                                   notes=(*plan.notes, *companion_notes(companions, pinned)))
 
     def largest_with_draft(self, request: Request, devices: Sequence[Device]) -> Plan:
         """--ctx max with a draft model: the draft shares the context, so its reservation grows with it.
@@ -186,13 +193,14 @@ class PlanInputs:
             return self.plan_at(dataclasses.replace(fixed, ctx_tokens=low), devices)
         return found[1]
 
-    def companions(self, request: Request, pinned: Device) -> list[Companion]:
+    def companions(self, request: Request, pinned: Device | None) -> list[Companion]:
+        """--mmproj and --draft sized for `request`, on the `pinned` device or (None) in host memory."""
         found = [mmproj_companion(self.mmproj)] if self.mmproj else []
         if self.draft:
             ctx = request.ctx_tokens or self.profile.n_ctx_train or 4096
             # llama-server gives the draft the same -c, with its own cache types (-ctkd/-ctvd, f16)
             draft_request = dataclasses.replace(request, cache_type_k="f16", cache_type_v="f16")
-            found.append(draft_companion(self.draft, draft_request, ctx, pinned.backend))
+            found.append(draft_companion(self.draft, draft_request, ctx, pinned.backend if pinned else None))
         return found
 
     def overheads(self, devices: Sequence[Device]) -> dict[str, int]:
