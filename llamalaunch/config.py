@@ -395,16 +395,25 @@ def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
     _check_env_names(env)
     settings: dict[str, Setting] = {}
     for key in OPTIONS:
-        raw = env.get(key.env_var)
-        if raw is not None and raw.strip():
-            where = f"environment variable {key.env_var}"
-            settings[key.name] = Setting(key.name, _convert(key, raw, where, None, from_env=True), "env",
-                                         key.env_var)
+        given = [name for name in env_names(key) if (env.get(name) or "").strip()]
+        if len(given) > 1:
+            raise BadInputError(f"environment variables {' and '.join(given)} both set {key.name}",
+                                "unset one of them")
+        if given:
+            where = f"environment variable {given[0]}"
+            settings[key.name] = Setting(key.name, _convert(key, env[given[0]], where, None, from_env=True), "env",
+                                         given[0])
     return settings
 
 
+def env_names(key: Option) -> list[str]:
+    """LLAMALAUNCH_CTX, and the profile's aliases in the same form (LLAMALAUNCH_CTX_SIZE)."""
+    aliases = [alias for alias, name in ALIASES.items() if name == key.name and not key.section]
+    return [key.env_var, *(ENV_PREFIX + alias.upper() for alias in aliases)]
+
+
 def _check_env_names(env: Mapping[str, str]) -> None:
-    known = {key.env_var for key in OPTIONS} | OTHER_ENV_VARS
+    known = {name for key in OPTIONS for name in env_names(key)} | OTHER_ENV_VARS
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name not in known:
             import difflib

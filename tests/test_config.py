@@ -287,6 +287,15 @@ def test_misspelt_environment_variable_is_an_error_not_ignored(app: typer.Typer)
         environment_settings({"LLAMALAUNCH_LLAMA_SERVR": "/opt/llama-server"})
     assert environment_settings({"LLAMALAUNCH_SLOW": "1", "LLAMALAUNCH_HOME": "/x", "LLAMALAUNCH_CUDA": "1"}) == {}
 
+
+def test_environment_takes_the_profile_s_aliases() -> None:
+    """A profile takes ctx_size = "2k"; LLAMALAUNCH_CTX_SIZE=2k was ignored without a word."""
+    setting = environment_settings({"LLAMALAUNCH_CTX_SIZE": "2k"})["ctx"]
+    assert (setting.value, setting.origin) == ("2k", "LLAMALAUNCH_CTX_SIZE")
+    assert environment_settings({"LLAMALAUNCH_N_GPU_LAYERS": "3"})["gpu_layers"].value == "3"
+    with pytest.raises(BadInputError, match="LLAMALAUNCH_CTX and LLAMALAUNCH_CTX_SIZE both set ctx"):
+        environment_settings({"LLAMALAUNCH_CTX": "4k", "LLAMALAUNCH_CTX_SIZE": "2k"})
+
 def test_cli_reports_a_bad_profile_in_one_line(app: typer.Typer, tmp_path: Path) -> None:
     path = write(tmp_path, "ctx_mni = 1\n")
     result = invoke(app, ["--config", str(path), "plan", "--assume", "CUDA0=1GiB"])
