@@ -197,6 +197,19 @@ def test_what_if_workers_that_do_not_match_rpc_say_that_rpc_is_left_out(demo_mod
     matched = run_cli("plan", str(demo_model), "--assume", "RPC0=1GiB", "--rpc", "127.0.0.1:50052")
     assert (matched.returncode, matched.stderr) == (0, "")
     assert "--rpc 127.0.0.1:50052" in matched.stdout
+    unnamed = run_cli("plan", str(demo_model), "--assume", "RPC0=100MiB", "--assume", "CUDA0=8GiB", "--ctx", "2k")
+    assert unnamed.returncode == 0 and "--rpc" not in unnamed.stdout and "-ts " in unnamed.stdout
+    assert unnamed.stderr == ("note: --assume gives RPC0 but no --rpc names their worker: the command line leaves "
+                              "--rpc out (add --rpc HOST:PORT for each, in order)\n")
+
+
+def test_a_what_if_gpu_numbered_past_0_gets_its_dev(demo_model: Path) -> None:
+    """--assume CUDA1 alone: llama-server would offload to the machine's CUDA0 too without -dev CUDA1."""
+    alone = json.loads(run_cli("plan", str(demo_model), "--assume", "CUDA1=8GiB", "--ctx", "2k", "--json").stdout)
+    assert alone["argv"][alone["argv"].index("-dev") + 1] == "CUDA1"
+    both = json.loads(run_cli("plan", str(demo_model), "--assume", "CUDA0=8GiB", "--assume", "CUDA1=8GiB", "--ctx",
+                              "2k", "--json").stdout)
+    assert "-dev" not in both["argv"]
 
 
 def test_dev_reads_names_as_llama_cpp_does(demo_model: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,7 +72,18 @@ def default_order(all_devices: Sequence[Device], endpoints: Sequence[str]) -> li
     rpc = [d.name for endpoint in endpoints for d in all_devices if d.endpoint == endpoint]
     unreachable = [d.name for d in all_devices if d.backend == "RPC" and not d.endpoint]
     local = [d.name for d in all_devices if d.backend != "RPC" and not d.is_host]
-    return rpc + unreachable + local
+    return rpc + unreachable + with_lower_numbers(local)
+
+
+def with_lower_numbers(names: Sequence[str]) -> list[str]:
+    """A what-if CUDA1 alone stands for a machine whose CUDA0 the plan does not use: llama-server numbers a
+    backend's GPUs from 0 and would offload to CUDA0 too, so the default order counts it (and -dev is written)."""
+    implied: list[str] = []
+    for name in names:
+        match = re.fullmatch(r"([A-Za-z]+)(\d+)", name)
+        if match is not None:
+            implied += [f"{match.group(1)}{i}" for i in range(int(match.group(2)))]
+    return list(dict.fromkeys([*implied, *names])) if set(implied) - set(names) else list(names)
 
 
 def holds_host_weights(profile: ModelProfile, choice: Choice) -> bool:

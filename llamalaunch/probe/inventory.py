@@ -150,6 +150,9 @@ def _assumed_inventory(assume: Sequence[str], endpoints: Sequence[str]) -> Inven
         assumed = ", ".join(rpc_names) or "no RPC device"
         problems = (f"--rpc lists {len(endpoints)} worker(s) but --assume gives {assumed}: the command line leaves "
                     f"--rpc out (assume {', '.join(expected)}, one device per worker in --rpc order, to match them)",)
+    elif rpc_names:  # the plan places layers on workers the command line cannot reach
+        problems = (f"--assume gives {', '.join(rpc_names)} but no --rpc names their worker: the command line "
+                    "leaves --rpc out (add --rpc HOST:PORT for each, in order)",)
     return Inventory(devices, assumed_host or local_host, problems, tuple(notes))
 
 
