@@ -37,6 +37,11 @@ def test_json_keeps_the_documented_schema(demo_model: Path) -> None:
     assert small["excluded"] and small["reason"].startswith("cannot hold one layer")
     assert {"weights_bytes", "kv_bytes", "compute_bytes"} <= set(data["host"])
     assert data["argv"][:2] == ["-m", str(demo_model)]
+    # the host's memory as the planner checked it, like a device's free and spare
+    host = json.loads(run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--assume", "CPU=16GiB", "--ctx",
+                              "8k", "--json").stdout)["host"]
+    used = host["weights_bytes"] + host["kv_bytes"] + host["compute_bytes"]
+    assert host["free_bytes"] == 16 * 1024 ** 3 and 0 < host["spare_bytes"] < host["free_bytes"] - used
 
 
 def test_table_names_devices_layers_and_the_command_line(demo_model: Path) -> None:
@@ -69,10 +74,10 @@ def test_verify_compares_the_plan_with_a_real_load(demo_model: Path, llama_bin_d
 
 def test_an_inventory_file_plans_like_the_same_assume_options(demo_model: Path, tmp_path: Path) -> None:
     inventory = tmp_path / "box.txt"
-    inventory.write_text("# the seed's box\nCUDA0=24GiB\nCUDA1=6GiB  # the small card\n")
+    inventory.write_text("# the seed's box\nCUDA0=24GiB\nCUDA1=6GiB  # the small card\nCPU=16GiB\n")
     from_file = run_cli("plan", str(demo_model), "--inventory", str(inventory), "--ctx", "8k", "--json")
-    typed = run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--assume", "CUDA1=6GiB", "--ctx", "8k",
-                    "--json")
+    typed = run_cli("plan", str(demo_model), "--assume", "CUDA0=24GiB", "--assume", "CUDA1=6GiB", "--assume",
+                    "CPU=16GiB", "--ctx", "8k", "--json")  # the host's too: its free memory is in the plan
     assert from_file.returncode == 0, from_file.stderr
     assert json.loads(from_file.stdout) == json.loads(typed.stdout)
     empty = tmp_path / "empty.txt"

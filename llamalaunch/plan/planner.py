@@ -103,7 +103,8 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
              *((renamed,) if renamed else ()))
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
                 choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers,
-                host_expert_parts=choice.host_expert_parts, host_weights=host_weights)
+                host_expert_parts=choice.host_expert_parts, host_weights=host_weights,
+                host_free_bytes=planner.host_free_bytes)
 
 
 def expert_note(profile: ModelProfile, choice: Choice) -> str:

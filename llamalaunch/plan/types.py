@@ -57,3 +57,11 @@ class Plan:
     alternatives: tuple[Alternative, ...] = ()  # placements that fit, the chosen one first (plan --compare)
     overhead_sources: tuple[tuple[str, str], ...] = ()  # device name, "measured <when>" / "given" / "assumed"
     host_weights: str | None = None  # --host-weights mode; None: no layer or expert is left in host memory
+    host_free_bytes: int | None = None  # host RAM available when planned; None: not known (not checked)
+
+    @property
+    def host_spare_bytes(self) -> int | None:
+        """What the host keeps beyond its share and the margin, as a device's spare."""
+        if self.host_free_bytes is None:
+            return None
+        return self.host_free_bytes - self.request.margin_for(self.host_free_bytes) - self.host.total_bytes
