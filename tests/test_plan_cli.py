@@ -229,3 +229,17 @@ def test_dev_reads_names_as_llama_cpp_does(demo_model: Path) -> None:
     clash = run_cli(*base, "-dev", "CUDA0", "--exclude", "CUDA0")
     assert (clash.returncode, clash.stdout, clash.stderr) == (
         2, "", "error: -dev lists CUDA0, which --exclude leaves out (drop it from -dev or from --exclude)\n")
+
+
+@pytest.mark.llama
+def test_verify_of_a_cpu_only_plan_measures_what_the_host_holds(tmp_path: Path, llama_bin_dir: Path) -> None:
+    """Mapped, a host buffer prints the file range it maps, padding between tensors included: the project's own
+    tiny model read 0.2 MiB against 0.1 planned, NO, exit 1. --verify loads such plans (-lm none) as it does
+    --host-weights mapped ones."""
+    from tests.synthetic import write_preset
+
+    model = write_preset(tmp_path / "tiny.gguf", "tiny-llama")
+    done = run_cli("plan", str(model), "--verify", "--json", "--llama-server", str(llama_bin_dir / "llama-server"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(done.stdout)["verify"]
+    assert {row["component"] for row in rows if row["device"] == "host"} == {"weights", "kv", "compute"}

@@ -264,10 +264,12 @@ def breakdown_rows(events: Iterable[Event]) -> list[BreakdownRow]:
 
 
 def allocated_host_args(plan: Plan, server: Binary) -> list[str]:
-    """`-lm none` for a plan whose host weights are mapped (--host-weights mapped or repacked): a mapped buffer
-    prints the file range it maps, tensors loaded elsewhere (devices, CPU_REPACK) included, not what it holds.
-    Loaded, each host buffer is exactly its tensors; the devices' buffers are the same either way."""
-    return ["-lm", "none"] if plan.host_weights in ("mapped", "repacked") and server.knows("--load-mode") else []
+    """`-lm none` for a plan whose host weights are mapped (--host-weights mapped or repacked, or a plan with no
+    device: llama.cpp's default): a mapped buffer prints the file range it maps, the padding between tensors and
+    tensors loaded elsewhere (devices, CPU_REPACK) included, not what it holds. Loaded, each host buffer is
+    exactly its tensors; the devices' buffers are the same either way."""
+    mapped = plan.host_weights in ("mapped", "repacked") or not any(p.n_layers for p in plan.devices if not p.excluded)
+    return ["-lm", "none"] if mapped and server.knows("--load-mode") else []
 
 
 def verify_plan(inputs: PlanInputs, plan: Plan) -> list[ComponentRow]:
