@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_capacity_cpu, bench_capacity_gpu, bench_launch, bench_plan_speed, bench_speed_gpu, host_pages
+from bench import (
+    bench_capacity_cpu,
+    bench_capacity_gpu,
+    bench_launch,
+    bench_plan_speed,
+    bench_speed_gpu,
+    host_pages,
+)
 from tests.support import RpcWorker
 
 pytestmark = pytest.mark.llama
