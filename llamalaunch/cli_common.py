@@ -45,7 +45,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except LaunchError as error:
-            print_error(error)
+            print_error(error, as_json=bool(kwargs.get("as_json")))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -53,8 +53,11 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def print_error(error: LaunchError) -> None:
-    err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+def print_error(error: LaunchError, as_json: bool = False, console: Any = err) -> None:
+    """One line on stderr; with --json also the error as JSON on stdout: a script reading it gets JSON either way."""
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({"error": error.message, "hint": error.hint, "exit_code": error.exit_code})
 
 
 def print_json(data: Any) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from llamalaunch.cli_common import print_error
 from llamalaunch.errors import LaunchError, NotRunningError
 from llamalaunch.observe.console import cli_console, escape
 
@@ -57,7 +58,7 @@ def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", he
             run_status_view(out, collector)
             return
     except LaunchError as error:
-        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        print_error(error, as_json, err)
         raise typer.Exit(error.exit_code) from None
     if not snapshot.running:
         raise typer.Exit(EXIT_GONE)

@@ -209,7 +209,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(invoke: Invoke, home: P
 def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dict[str, Path], command: str) -> None:
     """No model is an error for both (no demo served by surprise); a model and --demo together is too."""
     neither = invoke(command, *(("--no-tui",) if command == "serve" else ("--assume", "CUDA0=8GiB", "--json")))
-    assert (neither.code, neither.stdout) == (2, "")
+    assert neither.code == 2
+    assert neither.stdout == ("" if command == "serve" else json.dumps(  # --json: the error as JSON too
+        {"error": "no model given", "hint": "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M", "exit_code": 2},
+        indent=2) + "\n")
     assert neither.stderr == "error: no model given (pass MODEL.gguf, or --demo for the bundled SmolLM2-135M)\n"
     both = invoke(command, "MODEL", "--demo", *(() if command == "serve" else ("--assume", "CUDA0=8GiB")))
     assert (both.code, both.stdout) == (2, "")

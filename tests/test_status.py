@@ -249,11 +249,20 @@ def not_llama_server(http_server: str) -> str:
     return f"http://{http_server}"
 
 
+def assert_json_error_or_nothing(result: Any, mode: tuple[str, ...]) -> None:
+    """--json: the error as JSON on stdout too (a script reading it gets JSON either way); else nothing there."""
+    if "--json" in mode:
+        assert json.loads(result.stdout)["exit_code"] == result.exit_code
+    else:
+        assert result.stdout == ""
+
+
 @pytest.mark.parametrize("mode", [(), ("--once",), ("--json",)])
 def test_url_of_something_else_is_an_error_in_one_line(not_llama_server: str, mode: tuple[str, ...]) -> None:
     result = run_status("--url", not_llama_server, *mode)
     assert result.exit_code == 1
-    assert result.output == (f"error: {not_llama_server} is not a llama-server: /health answered HTTP 404 "
+    assert_json_error_or_nothing(result, mode)
+    assert result.stderr == (f"error: {not_llama_server} is not a llama-server: /health answered HTTP 404 "
                              "(check the address and port: llama-server answers /health with HTTP 200, or 503 "
                              "while loading)\n")
 
@@ -278,7 +287,8 @@ def test_url_of_a_metrics_port_says_the_answer_was_not_llama_servers(metrics_por
                                                                       mode: tuple[str, ...]) -> None:
     result = run_status("--url", metrics_port_url, *mode)
     assert result.exit_code == 1
-    assert result.output == (f"error: {metrics_port_url} is not a llama-server: /health answered HTTP 200, but not "
+    assert_json_error_or_nothing(result, mode)
+    assert result.stderr == (f"error: {metrics_port_url} is not a llama-server: /health answered HTTP 200, but not "
                              'with llama-server\'s {"status": "ok"} (give llama-server\'s own URL, on serve\'s --port '
                              "(8080 unless set): not another server's, such as llamalaunch's --metrics-port)\n")
 
