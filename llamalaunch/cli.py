@@ -31,7 +31,7 @@ from llamalaunch.cli_common import (
 )
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError
-from llamalaunch.observe.console import escape, real_console, surely_not_a_terminal
+from llamalaunch.observe.console import escape, outliving_readers, real_console, surely_not_a_terminal
 from llamalaunch.options import check_params
 
 
@@ -340,7 +340,7 @@ def serve(ctx_: typer.Context, model: str | None = opt("model"), demo: bool = op
                                           load_timeout_s=load_timeout, health_interval_s=health_interval,
                                           health_misses=health_misses, metrics_port=metrics_port,
                                           metrics_host=metrics_host),
-                     view.handle, on_supervisor=view.attach, observers=SERVE_OBSERVERS)
+                     outliving_readers(view.handle), on_supervisor=view.attach, observers=SERVE_OBSERVERS)
     raise typer.Exit(code)
 
 

@@ -31,6 +31,7 @@ from llamalaunch.cli_common import (
     what_if_refused,
 )
 from llamalaunch.errors import BadInputError, LaunchError
+from llamalaunch.observe.console import outliving_readers
 from llamalaunch.options import COMMANDS, check_params
 
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
@@ -159,7 +160,7 @@ def worker_command(
                             llama_server=llama_server, max_restarts=max_restarts)
     specs = prepare_workers(request, _say)
     attach = None if metrics_port is None else functools.partial(_worker_metrics, metrics_host, metrics_port)
-    raise typer.Exit(run_workers(specs, _worker_view(out, quiet), max_restarts, attach))
+    raise typer.Exit(run_workers(specs, outliving_readers(_worker_view(out, quiet)), max_restarts, attach))
 
 
 def _say(kind: str, text: str) -> None:

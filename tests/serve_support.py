@@ -198,9 +198,9 @@ def servers_on_port(port: int) -> list[psutil.Process]:
     return found
 
 
-def start_serve(model: Path | str, *args: str, home: Path, llama_server: Path, name: str = "t",
-                env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> ServeRun:
-    """`python -m llamalaunch serve MODEL --name NAME --no-tui ARGS [-- EXTRA]`, output piped."""
+def serve_command(model: Path | str, *args: str, home: Path, llama_server: Path, name: str = "t",
+                  env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of `python -m llamalaunch serve MODEL --name NAME --no-tui ARGS [-- EXTRA]`."""
     argv = [sys.executable, "-m", "llamalaunch", "serve", str(model), "--name", name, "--no-tui", *args]
     if "--port" not in args:
         argv += ["--port", "0"]  # not the default 8080: tests run side by side
@@ -210,6 +210,12 @@ def start_serve(model: Path | str, *args: str, home: Path, llama_server: Path, n
                    "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     if "NOTIFY_SOCKET" not in (env or {}):
         environment.pop("NOTIFY_SOCKET", None)  # a test run under systemd must not notify it
+    return argv, environment
+
+
+def start_serve(model: Path | str, *args: str, name: str = "t", home: Path, **kwargs: Any) -> ServeRun:
+    """serve_command's, output piped."""
+    argv, environment = serve_command(model, *args, name=name, home=home, **kwargs)
     process = subprocess.Popen(argv, cwd=REPO_ROOT, env=environment, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     return ServeRun(process, home, name)

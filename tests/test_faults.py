@@ -20,7 +20,15 @@ import psutil
 import pytest
 
 from llamalaunch.probe import rpc
-from tests.serve_support import REPO_ROOT, ServeRun, StartServe, complete, servers_on_port, wait_gone
+from tests.serve_support import (
+    REPO_ROOT,
+    ServeRun,
+    StartServe,
+    complete,
+    serve_command,
+    servers_on_port,
+    wait_gone,
+)
 from tests.support import RpcWorker, free_port
 from tests.synthetic import write_preset
 
@@ -161,6 +169,37 @@ def test_sighup_stops_cleanly_with_129(
     assert run.wait_exit(timeout_s=20) == 128 + signal.SIGHUP
     assert wait_gone(server.pid, 5) and not run.leftover_servers()
     assert run.state()["phase"] == "stopped" and "Traceback" not in run.output
+
+
+def test_serve_outlives_the_reader_of_its_output(demo_model: Path, llama_bin_dir: Path, home: Path,
+                                                 tmp_path: Path) -> None:
+    """`serve | tee log` and Ctrl-C reaches tee first; `serve | head -2`: the next line hit a closed pipe and
+    serve died (exit 1, no word), llama-server with it, and status called it a crash. Now it serves on, and
+    a later Ctrl-C stops it as one: 130, phase stopped."""
+    from llamalaunch.launch.state import read_state, state_path
+
+    argv, env = serve_command(demo_model, "--ctx", "1k", home=home, llama_server=llama_bin_dir / "llama-server",
+                              name="piped")
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True)
+    try:
+        assert " starting: " in process.stdout.readline()  # type: ignore[union-attr]
+        process.stdout.close()  # type: ignore[union-attr]  # the reader goes away
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            if state_path("piped").exists() and read_state(state_path("piped")).phase == "ready":
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, (tmp_path / "stderr").read_text()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 128 + signal.SIGINT
+        assert read_state(state_path("piped")).phase == "stopped"
+        assert "Traceback" not in (tmp_path / "stderr").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_a_second_serve_on_the_same_port_fails_and_the_first_keeps_serving(

@@ -3,6 +3,7 @@ command: probe, kill -9 → restarted, SIGTERM → nothing left, sd_notify on a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llamalaunch.errors import BadInputError, ToolchainError
+from llamalaunch.errors import BadInputError, LaunchError, ToolchainError
 from llamalaunch.launch.notify import Notifier
 from llamalaunch.launch.worker import (
     WorkerEvent,
@@ -288,3 +289,32 @@ def test_pool_gives_up_after_max_restarts(llama_bin_dir: Path) -> None:
     with pytest.raises(WorkerGaveUpError, match="CPU worker .* died 2 times; last: ggml-rpc-server was killed by SIGKILL"):
         pool.run()
     assert [event.kind for event in events].count("restarting") == 1
+
+
+@pytest.mark.llama
+def test_worker_outlives_the_reader_of_its_output(llama_bin_dir: Path) -> None:
+    """`worker | head -1`: the next line hit a closed pipe and worker died (exit 1), its ggml-rpc-servers too."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", CLI, "worker", "--rpc-server",
+                                str(llama_bin_dir / "ggml-rpc-server"), "--port-base", str(port), "-t", "1"],
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        process.stdout.close()  # the reader goes away before the --rpc line
+        endpoint = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(LaunchError):  # not listening yet
+                if probe_worker(endpoint).devices:
+                    break
+            time.sleep(0.3)
+        time.sleep(1)  # the lines after the --rpc one
+        assert process.poll() is None
+        assert len(probe_worker(endpoint).devices) == 1
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 128 + signal.SIGINT
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

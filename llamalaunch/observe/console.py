@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Literal, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
 # Piped or redirected output (a file, `less`, journald, grep) has no width to fit: rich would take 80
 # columns (or the terminal's, via stdin) and cut names and numbers with "…". Wide enough for any table.
 PIPE_WIDTH = 10_000
+T = TypeVar("T")
 
 
 @functools.cache
@@ -42,6 +45,10 @@ def _console_class() -> type[Console]:
         @size.setter
         def size(self, new_size: tuple[int, int]) -> None:
             Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+        def on_broken_pipe(self) -> None:
+            # rich would exit(1) here, a long-running serve or worker too: the caller decides (outliving_readers)
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
     return CliConsole
 
@@ -186,3 +193,35 @@ def surely_not_a_terminal(stream: Any) -> bool:
 
 # A table title at the left, unpadded: rich's "left" pads its line to the table's width with trailing spaces.
 TITLE_LEFT: Literal["default"] = "default"
+
+
+def outliving_readers(show: Callable[[T], None]) -> Callable[[T], None]:
+    """`show` for a long-running command (serve, worker), which must not die with whatever reads its output:
+    `serve | tee log` and Ctrl-C (tee goes first), `worker | head -1`. A write into a pipe whose reader is
+    gone (or a terminal hung up) points that stream at /dev/null and the command goes on: its run state and
+    logs still say everything."""
+
+    def guarded(event: T) -> None:
+        try:
+            show(event)
+        except OSError as error:
+            if error.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            silence_gone_readers()
+
+    return guarded
+
+
+def silence_gone_readers() -> None:
+    """Standard output and error whose reader has gone (poll says error or hang-up) now write to /dev/null."""
+    import select
+
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, select.POLLOUT)
+    gone = [fd for fd, mask in poller.poll(0) if mask & (select.POLLERR | select.POLLHUP)]
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
