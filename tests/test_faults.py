@@ -202,6 +202,25 @@ def test_serve_outlives_the_reader_of_its_output(demo_model: Path, llama_bin_dir
             process.wait()
 
 
+def test_a_binary_gone_before_a_restart_is_one_line_not_a_traceback(serve: StartServe, demo_model: Path,
+                                                                     llama_bin_dir: Path, tmp_path: Path) -> None:
+    """A rebuild or reinstall moved llama-server away while serving; then it crashed: the restart raised
+    FileNotFoundError through the whole stack."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "llama-server").symlink_to(llama_bin_dir / "llama-server")
+    run = serve(demo_model, "--ctx", "1k", "--backoff", "0.2",
+                env={"LLAMALAUNCH_LLAMA_SERVER": str(bin_dir / "llama-server")})
+    run.wait_ready()
+    server = run.server()
+    (bin_dir / "llama-server").unlink()
+    server.kill()
+    assert run.wait_exit(timeout_s=20) == 1
+    assert run.stderr == [f"error: cannot start {bin_dir / 'llama-server'}: No such file or directory (it was moved "
+                          "or removed while serving: put it back, or serve again with --llama-server PATH)"]
+    assert run.state()["phase"] == "failed" and not run.leftover_servers()
+
+
 def test_a_second_serve_on_the_same_port_fails_and_the_first_keeps_serving(
         serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
     port = free_port()

@@ -349,7 +349,13 @@ class Supervisor:
     def _start(self, plan: Plan) -> None:
         argv = [str(self.options.server), *plan.argv, *self._runtime_args(), *self.options.extra_args]
         env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        self.child = self.child_factory(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
+        try:
+            self.child = self.child_factory(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
+        except OSError as error:  # checked at serve's start: gone since (a rebuild, a reinstall)
+            message = f"cannot start {argv[0]}: {error.strerror}"
+            self._fail(message)
+            raise ServeFailed(message, "it was moved or removed while serving: put it back, or serve again with "
+                                       "--llama-server PATH") from None
         self.on_event(SupervisorEvent("plan", f"attempt {len(self.attempts) + 1}: ctx {plan.ctx_tokens}, "
                                               f"{describe_layers(plan)}{describe_left_out(plan)}", plan=plan))
         self._set_phase("loading", f"pid {self.child.pid}, ctx {plan.ctx_tokens}")
