@@ -10,7 +10,7 @@ bounds and defaults; the value checks beyond kind and bounds are config.py's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,8 +256,18 @@ def checked(name: str, value: Any) -> Any:
 
 
 def check_params(command: str, params: Mapping[str, Any]) -> None:
-    """Every bounded option of `command` among its parsed parameters, in the table's order."""
+    """Every bounded option of `command` among its parsed parameters, in the table's order; then that /metrics
+    does not take the port of what it watches."""
     for option in options_of(command):
         value = params.get(option.param)
         if option.bounds is not None and value is not None:
             check_bounds(option, value)
+    own = {"serve": ("port", "serve's --port"), "worker": ("port_base", "a worker's port (--port-base)")}.get(command)
+    if own is not None:
+        check_metrics_port(params.get("metrics_port"), [params.get(own[0])], own[1])
+
+
+def check_metrics_port(metrics_port: int | None, ports: Sequence[int | None], whose: str) -> None:
+    """--metrics-port on a port the server or a worker listens on would fail only once it starts."""
+    if metrics_port and metrics_port in ports:
+        raise BadInputError(f"--metrics-port {metrics_port} is {whose} too", "give /metrics a port of its own")

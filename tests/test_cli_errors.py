@@ -262,6 +262,13 @@ def test_serve_with_an_unknown_device_writes_nothing(invoke: Invoke, home: Path)
     assert_nothing_written(home)
 
 
+def test_serve_with_metrics_on_its_own_port_is_refused_before_anything_starts(invoke: Invoke, home: Path) -> None:
+    """It loaded, then failed on 'port in use' that our own /metrics held."""
+    outcome = invoke(*SERVE, "--port", "18081", "--metrics-port", "18081")
+    assert_one_error_line(outcome, 2, "--metrics-port 18081 is serve's --port too")
+    assert_nothing_written(home)
+
+
 def test_serve_with_a_missing_binary_names_the_install(invoke: Invoke, home: Path, tmp_path: Path) -> None:
     outcome = invoke("serve", "MODEL", "--llama-server", str(tmp_path / "nope" / "llama-server"),
                      "--no-tui", "--ctx", "2k")

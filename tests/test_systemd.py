@@ -194,6 +194,10 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
      "--no-host after -- would contradict the plan (use llamalaunch's own options (--host-weights auto, pinned, mapped "
      "or repacked) or add --force)"),
     (["worker", "--port-base", "0"], "--port-base 0 is out of range (give a value from 1 to 65535)"),
+    (["server", "--demo", "--port", "18081", "--metrics-port", "18081"],
+     "--metrics-port 18081 is serve's --port too (give /metrics a port of its own)"),
+    (["worker", "--port-base", "51052", "--metrics-port", "51052"],
+     "--metrics-port 51052 is a worker's port (--port-base) too (give /metrics a port of its own)"),
     (["worker", "--host", "myhost"], "--host 'myhost' is not an IPv4 address (ggml-rpc-server binds an IPv4 "
                                      "address: 127.0.0.1, a LAN address, or 0.0.0.0)"),
     (["server", "--demo", "--name", "../x"], "run name '../x' is not usable as a file name (use letters, digits, "
