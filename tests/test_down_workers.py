@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -254,3 +255,30 @@ def test_inventory_keeps_a_down_worker_as_one_device_of_unknown_memory(
     assert str(caught.value.hint).endswith(", or plan/serve --exclude RPC1 to go without it")
     with pytest.raises(ProbeError, match=REFUSED):  # without keep_down, as before: the probe's own error
         probe_devices(endpoints, local_gpus=False)
+
+
+@pytest.mark.llama
+def test_a_stopped_worker_is_down_and_named_so(rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
+    """A ggml-rpc-server stopped with SIGSTOP (Ctrl-Z) accepts connections and answers nothing: it was called
+    'serving another client (a llama-server?)', with a fix (stop that client) for a client there was not."""
+    import signal
+
+    worker = rpc_workers()
+    pid = worker.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        listed = run_cli("devices", "--rpc", worker.endpoint)
+        planned = run_cli("plan", str(demo_model), "--rpc", worker.endpoint, "--ctx", "1k")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    said = (f"error: RPC worker {worker.endpoint}: does not answer: its ggml-rpc-server (pid {pid}) is stopped "
+            f"(`kill -CONT {pid}` resumes it, or restart it, or plan/serve --exclude RPC0 to go without it)")
+    assert listed.returncode == 1 and listed.stderr.splitlines()[-1] == said, listed.stderr
+    assert f"(down: does not answer: its ggml-rpc-server (pid {pid}) is stopped)" in listed.stdout
+    assert planned.returncode != 0 and planned.stderr.splitlines()[-1] == said, planned.stderr
+    # resumed, it answers the probes queued meanwhile, then ours: nothing was broken (probed by the CLI: a
+    # busy answer in this process would leave its keepers to the next tests)
+    deadline = time.monotonic() + 20
+    while run_cli("devices", "--rpc", worker.endpoint).returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -114,11 +114,23 @@ class WorkerBusyError(RpcProbeError):
         self.holder = holder
 
 
-def _busy_error(endpoint: str, why: str, keeper_pid: int | None) -> WorkerBusyError:
+def _busy_error(endpoint: str, why: str, keeper_pid: int | None) -> WorkerBusyError | WorkerStoppedError:
+    if (stopped := stopped_worker(endpoint)) is not None:
+        return WorkerStoppedError(endpoint, stopped)
     holder = describe_holder(endpoint)
     return WorkerBusyError(endpoint, f"busy serving another client ({holder}): {why}", "stop the other "
                            "client, e.g. a running llama-server, or give this worker's size with --assume or "
                            "--budget", keeper_pid, holder)
+
+
+class WorkerStoppedError(RpcProbeError):
+    """Not busy but down: the worker's process on this machine is stopped (SIGSTOP, Ctrl-Z), so it accepts
+    connections and answers nothing."""
+
+    def __init__(self, endpoint: str, pid: int) -> None:
+        super().__init__(endpoint, f"does not answer: its ggml-rpc-server (pid {pid}) is stopped",
+                         f"`kill -CONT {pid}` resumes it, or restart it")
+        self.pid = pid
 
 
 class WorkerNotRpcError(RpcProbeError):
@@ -299,6 +311,22 @@ def _not_rpc_error(endpoint: str, second: socket.socket) -> WorkerNotRpcError:
                                  f"({line!r}) but not HELLO", hint)
     return WorkerNotRpcError(endpoint, "not a ggml-rpc-server: it did not answer HELLO and hung up on a second "
                              "connection", hint)
+
+
+def stopped_worker(endpoint: str) -> int | None:
+    """The pid of the process listening on `endpoint` on this machine when it is stopped; else None."""
+    import psutil
+
+    resolved = resolve_endpoint(endpoint)
+    if resolved is None:
+        return None
+    try:
+        listeners = [c.pid for c in psutil.net_connections(kind="tcp4")
+                     if c.status == psutil.CONN_LISTEN and c.laddr and c.pid
+                     and c.laddr.port == resolved[1] and c.laddr.ip in (resolved[0], "0.0.0.0")]
+        return next((pid for pid in listeners if psutil.Process(pid).status() == psutil.STATUS_STOPPED), None)
+    except (OSError, psutil.Error):
+        return None
 
 
 def describe_holder(endpoint: str) -> str:
