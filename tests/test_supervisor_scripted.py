@@ -194,11 +194,12 @@ def test_ooms_past_max_attempts_give_up(tmp_path: Path) -> None:
 
 def test_a_crash_loop_backs_off_doubling_to_the_cap_then_gives_up(tmp_path: Path) -> None:
     crash: list[Step] = ["loading", Ready(), "serving", Exit(-11)]
-    run = Scripted(tmp_path, [crash] * 5, max_restarts=4, backoff_initial_s=1.0, backoff_max_s=5.0)
+    log = tmp_path / "server.log"
+    run = Scripted(tmp_path, [crash] * 5, max_restarts=4, backoff_initial_s=1.0, backoff_max_s=5.0, log_path=log)
     with pytest.raises(ServeFailed) as failed:
         run.supervisor.run()
     assert failed.value.message == "llama-server crashed 5 times; giving up (llama-server was killed by SIGSEGV)"
-    assert failed.value.hint == "see the server log; raise --max-restarts to keep trying"
+    assert failed.value.hint == f"see the server log {log}; raise --max-restarts to keep trying"  # which log
     restarting = [message for phase, message in run.phases() if phase == "restarting"]
     assert restarting == [f"llama-server was killed by SIGSEGV; restart {n} of 4 in {delay} s"
                           for n, delay in ((1, 1), (2, 2), (3, 4), (4, 5))]

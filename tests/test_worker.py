@@ -286,8 +286,10 @@ def test_pool_gives_up_after_max_restarts(llama_bin_dir: Path) -> None:
 
     pool = WorkerPool(specs, kill_each_new_worker, notifier=Notifier({}), max_restarts=1,
                       backoff_initial_s=0.05)
-    with pytest.raises(WorkerGaveUpError, match="CPU worker .* died 2 times; last: ggml-rpc-server was killed by SIGKILL"):
+    with pytest.raises(WorkerGaveUpError, match="CPU worker .* died 2 times; last: ggml-rpc-server was killed by SIGKILL"
+                       ) as gave_up:
         pool.run()
+    assert gave_up.value.hint is not None and "run without -q to see it" in gave_up.value.hint  # -q hid it
     assert [event.kind for event in events].count("restarting") == 1
 
 

@@ -314,7 +314,8 @@ class Supervisor:
             message = (f"llama-server crashed {restart.number} times; giving up ({lesson})" if hint is None else
                        f"{lesson}; giving up after {restart.number - 1} restarts")
             self._fail(message)
-            raise ServeFailed(message, f"{hint or 'see the server log'}; raise --max-restarts to keep trying")
+            log = f"see the server log {self.options.log_path}" if self.options.log_path else "see the server log"
+            raise ServeFailed(message, f"{hint or log}; raise --max-restarts to keep trying")
         self.last_restart_reason = lesson
         self._set_phase("restarting", f"{lesson}; restart {restart.number} of {self.options.max_restarts} "
                                       f"in {restart.delay_s:g} s")

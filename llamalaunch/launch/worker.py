@@ -468,7 +468,8 @@ class WorkerPool:
         if restart.delay_s is None:
             raise WorkerGaveUpError(f"{slot.spec.label} worker ({slot.spec.endpoint}) died "
                                     f"{restart.number} times; last: {worker_exit(exit_event.returncode)}",
-                                    "look at its output above; raise --max-restarts to keep trying")
+                                    "its own output above says why (run without -q to see it); raise "
+                                    "--max-restarts to keep trying")
         delay = restart.delay_s
         slot.child = None
         slot.restart_at = now + delay
