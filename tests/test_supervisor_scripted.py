@@ -279,3 +279,11 @@ def test_a_stop_asked_by_a_signal_never_deadlocks_the_loop() -> None:
     for _ in range(3):
         done = subprocess.run([sys.executable, "-c", SIGNAL_STORM], capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr[-500:]
+
+
+def test_a_stop_while_a_restart_waits_does_not_pass_the_crash_off_as_how_it_stopped(tmp_path: Path) -> None:
+    """`stop` during the backoff after a kill -9 said "stopped: llama-server was killed by SIGKILL"."""
+    run = Scripted(tmp_path, [["loading", Ready(), "serving", Exit(-9), "quit"]], backoff_initial_s=20.0)
+    assert run.supervisor.run() == 0
+    assert run.phases()[-1] == ("stopped", "llama-server was not running (a restart was waiting after: llama-server "
+                                           "was killed by SIGKILL)")

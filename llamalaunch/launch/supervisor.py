@@ -487,12 +487,19 @@ class Supervisor:
         """A clean stop: 128 + the signal that asked for it, or 0 when the user asked in the view (q)."""
         self._set_phase("stopping", request.reason or f"signal {signal.Signals(request.signum or 0).name}")
         self.notifier.stopping()
+        was_running = self.child is not None and self.child.running()
         returncode = self._stop_child()
         self.last_exit_code = returncode if returncode is not None else self.last_exit_code
         self._pass_on_last_lines()
-        self._set_phase("stopped", "llama-server was not running" if returncode is None
-                        else describe_exit(returncode))
+        self._set_phase("stopped", describe_exit(returncode) if was_running and returncode is not None
+                        else self._not_running())
         return 0 if request.signum is None else 128 + request.signum
+
+    def _not_running(self) -> str:
+        """A stop between a crash and its restart: the crash is not how this stop went (it read as a SIGKILL)."""
+        if self.child is not None and self.last_restart_reason:
+            return f"llama-server was not running (a restart was waiting after: {self.last_restart_reason})"
+        return "llama-server was not running"
 
     def _pass_on_last_lines(self) -> None:
         """What the child printed while stopping (its memory breakdown) still reaches the listeners."""
