@@ -71,8 +71,10 @@ class NothingAnswersError(NotRunningError):
 def refuse_nothing_there(snapshot: StatusSnapshot) -> None:
     """A bare --url where nothing answers has no run state to show: one line, not a frame of dashes."""
     if snapshot.source == "url" and not snapshot.running:
-        raise NothingAnswersError(f"nothing answers at {snapshot.url}", "is the server running? `llamalaunch status "
-                                  "--name NAME` for a local run")
+        plain = snapshot.url.replace("https://", "http://", 1)
+        raise NothingAnswersError(f"nothing answers at {snapshot.url}", (
+            f"llama-server speaks plain HTTP unless built with SSL: try --url {plain}" if plain != snapshot.url else
+            "is the server running? `llamalaunch status --name NAME` for a local run"))
 
 
 def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Which serve run (see `serve --name`).")]

@@ -163,6 +163,9 @@ def test_status_of_a_url_where_nothing_answers_is_one_line() -> None:
         url = f"http://127.0.0.1:{probe.getsockname()[1]}"
     assert_refused(run_cli("status", "--url", url, "--once"), f"nothing answers at {url} (is the server running? "
                    "`llamalaunch status --name NAME` for a local run)", code=3)
+    secure = url.replace("http://", "https://")  # llama-server without SSL: the scheme is what is wrong
+    assert_refused(run_cli("status", "--url", secure, "--once"), f"nothing answers at {secure} (llama-server speaks "
+                   f"plain HTTP unless built with SSL: try --url {url})", code=3)
 
 
 def test_calibrating_what_if_devices_says_why_there_is_nothing_to_do() -> None:
