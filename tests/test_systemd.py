@@ -88,9 +88,28 @@ def invoke(app: typer.Typer, args: list[str], env: dict[str, str] | None = None)
 
 
 def other_lines(stderr: str) -> str:
-    """stderr less the note on this interpreter, which a checkout under /tmp (CI's) gets on every unit."""
+    """stderr less the notes on this interpreter and the fixtures' binaries, which a checkout and pytest's folders
+    under /tmp (CI's) get on every unit."""
     return "".join(line for line in stderr.splitlines(keepends=True)
-                   if not line.startswith("note: the Python that runs llamalaunch"))
+                   if not line.startswith(("note: the Python that runs llamalaunch", "note: LLAMALAUNCH_RPC_SERVER ",
+                                           "note: LLAMALAUNCH_LLAMA_SERVER ")))
+
+
+def test_a_binary_from_the_environment_under_tmp_gets_the_note_a_flag_gets(app: typer.Typer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLAMALAUNCH_LLAMA_SERVER=/tmp/... was pinned next to PrivateTmp=yes without a word; --llama-server got one."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))  # /tmp itself, whatever TMPDIR says
+    server = folder / "llama-server"
+    server.write_text("#!/bin/sh\n")
+    server.chmod(0o755)
+    monkeypatch.setenv("LLAMALAUNCH_LLAMA_SERVER", str(server))
+    result = invoke(app, ["systemd", "server", "--demo"])
+    shutil.rmtree(folder)
+    assert f"note: LLAMALAUNCH_LLAMA_SERVER {server} is under /tmp, which the unit cannot see (PrivateTmp=yes): " \
+        "move it elsewhere" in result.stderr.splitlines(), result.stderr
 
 
 # --- rendering ---------------------------------------------------------------------------------------------

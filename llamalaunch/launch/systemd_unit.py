@@ -72,11 +72,15 @@ def build_unit(request: UnitRequest, check_options: CheckOptions,
         if note:
             on_note(note)
     pinned = _pinned_binaries(kind, args, profile_keys, on_note)
+    environment = systemd.unit_environment(kind, request.user, os.environ, pinned, request.env)
+    for name, value in environment:  # LLAMALAUNCH_LLAMA_SERVER=/tmp/... from this shell, say
+        if value.startswith("/") and (note := systemd.private_tmp_note(name, Path(value))):
+            on_note(note)
     options = systemd.UnitOptions(
         launcher=launcher,
         args=(*profile_args, command, *(("--gpus", systemd.INSTANCE) if kind == "worker" else ()), *args),
         user_unit=request.user, run_as=None if request.user else (request.run_as or systemd.default_run_as()),
-        environment=systemd.unit_environment(kind, request.user, os.environ, pinned, request.env),
+        environment=environment,
         read_write_paths=systemd.read_write_paths(kind, request.user), working_directory=os.getcwd(),
         description=f"llamalaunch: {'llama-server' if kind == 'server' else 'ggml-rpc-server worker'}",
         port_base=int(parsed.get("port_base") or DEFAULTS["worker.port_base"]))
