@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llamalaunch.cli_common import print_error
-from llamalaunch.errors import LaunchError, NotRunningError
+from llamalaunch.errors import BadInputError, LaunchError, NotRunningError
 from llamalaunch.observe.console import cli_console, escape
 
 if TYPE_CHECKING:
@@ -88,16 +88,21 @@ def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help
     out = cli_console()
     err = cli_console(stderr=True)
     try:
-        from llamalaunch.launch.state import state_path
+        from llamalaunch.launch.state import find_state, is_system_run
         from llamalaunch.launch.stop import stop_run
+        from llamalaunch.launch.systemd import SERVER_UNIT
         from llamalaunch.observe.target import resolve_target
 
-        if name is not None and not state_path(name).exists():
+        if name is not None and find_state(name) is None:
             raise NotRunningError(f"no server named {name!r} has run here",
                                   "`llamalaunch status` shows the run there is, if any")
         target = resolve_target(name, takes_url=False)
         if target.state_path is None:  # resolve_target gives a state file whenever no --url is given
             raise NotRunningError("no server to stop", "start one with `llamalaunch serve`")
+        if is_system_run(target.state_path):  # stopped behind its back, systemd would not know why
+            raise BadInputError(f"server {target.state_path.stem!r} runs as the systemd service "
+                                f"{SERVER_UNIT.removesuffix('.service')}",
+                                f"stop it with `sudo systemctl stop {SERVER_UNIT.removesuffix('.service')}`")
         state = stop_run(target.state_path, timeout)
     except LaunchError as error:
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)

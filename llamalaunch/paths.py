@@ -28,6 +28,16 @@ def config_dir() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "llamalaunch"
 
 
+SYSTEM_HOME = Path("/var/lib/llamalaunch")  # a system unit's LLAMALAUNCH_HOME (`llamalaunch systemd server`)
+
+
+def state_dirs() -> list[Path]:
+    """Where `status` and `stop` look for runs: this user's state, then a system unit's (readable when the
+    unit runs as this user, its default): a service started at boot is a run here too."""
+    system = SYSTEM_HOME / "state"
+    return [state_dir()] + ([system] if system != state_dir() else [])
+
+
 def state_dir() -> Path:
     """Run state files and child logs (private to the user)."""
     if home := home_dir():

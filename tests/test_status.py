@@ -76,6 +76,10 @@ def run_status(*args: str) -> Any:
     return CliRunner().invoke(status_app(), ["status", *args], catch_exceptions=False)
 
 
+def run_stop(*args: str) -> Any:
+    return CliRunner().invoke(status_app(), ["stop", *args], catch_exceptions=False)
+
+
 @pytest.fixture(autouse=True)
 def _wide(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "150")  # rich sizes its console from COLUMNS when output is not a terminal
@@ -504,3 +508,24 @@ def test_stop_with_timeout_0_sends_and_returns(tmp_path: Path) -> None:
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_a_system_unit_s_run_is_found_by_status_and_left_to_systemctl_by_stop(
+        cuda_plan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit keeps its state in /var/lib/llamalaunch: `status` in a shell said 'no server' (or showed an old
+    run of its own) while the service served, and `stop` said 'not running'."""
+    from llamalaunch import paths
+
+    monkeypatch.setattr(paths, "SYSTEM_HOME", tmp_path / "var-lib-llamalaunch")
+    me = psutil.Process()
+    with monkeypatch.context() as unit:  # as the unit writes it
+        unit.setenv("LLAMALAUNCH_HOME", str(paths.SYSTEM_HOME))
+        _write_run(cuda_plan, pid=me.pid, started=me.create_time(), log=tmp_path / "none.log", name="default")
+    _write_run(cuda_plan, pid=me.pid, started=me.create_time(), phase="stopped", name="old")  # this user's own
+    shown = run_status("--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["name"] == "default"
+    stopped = run_stop()
+    assert stopped.exit_code == 2
+    assert stopped.stderr == ("error: server 'default' runs as the systemd service llamalaunch-server (stop it with "
+                              "`sudo systemctl stop llamalaunch-server`)\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalaunch.errors import BadInputError
-from llamalaunch.paths import state_dir
+from llamalaunch.paths import state_dir, state_dirs
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,32 @@ def read_state(path: Path) -> RunState:
 
 
 def list_states() -> list[Path]:
-    folder = state_dir()
-    return sorted(folder.glob("*.json")) if folder.exists() else []
+    """Every run's state file: this user's, then a system unit's (paths.state_dirs)."""
+    found: list[Path] = []
+    for folder in state_dirs():
+        try:
+            found += sorted(folder.glob("*.json"))
+        except OSError:  # another user's unit: not ours to read
+            continue
+    return found
+
+
+def find_state(name: str) -> Path | None:
+    """The state file of run `name`: this user's, else a system unit's; None when neither exists."""
+    mine = state_path(name)
+    return next((path for path in (mine, *(d / mine.name for d in state_dirs()[1:])) if _exists(path)), None)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def is_system_run(path: Path) -> bool:
+    """Whether a run is a system unit's (`systemctl` starts and stops it), not this user's."""
+    return path.parent != state_dir()
 
 
 def launcher_alive(state: RunState) -> bool:

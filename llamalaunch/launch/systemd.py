@@ -19,13 +19,13 @@ from pathlib import Path
 from string import Template
 
 from llamalaunch.errors import BadInputError, LaunchError
-from llamalaunch.paths import cache_dir, home_dir, state_dir
+from llamalaunch.paths import SYSTEM_HOME, cache_dir, home_dir, state_dir
 
 SERVER_UNIT = "llamalaunch-server.service"
 WORKER_UNIT = "llamalaunch-worker@.service"
 UNIT_DIR_ENV = "LLAMALAUNCH_SYSTEMD_DIR"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
-SYSTEM_STATE_DIR = "/var/lib/llamalaunch"
+SYSTEM_STATE_DIR = str(SYSTEM_HOME)
 INSTANCE = "%i"  # the worker template's instance: a GPU index or "cpu"
 # A user manager cannot attach device filters or drop capabilities it does not hold.
 _SYSTEM_ONLY = ("DevicePolicy=", "DeviceAllow=", "CapabilityBoundingSet=", "AmbientCapabilities=")

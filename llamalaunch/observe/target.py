@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamalaunch.errors import BadInputError, NotRunningError
-from llamalaunch.launch.state import ENDED_PHASES, launcher_alive, list_states, read_state, state_path
+from llamalaunch.launch.state import (
+    ENDED_PHASES,
+    find_state,
+    launcher_alive,
+    list_states,
+    read_state,
+    state_path,
+)
 from llamalaunch.paths import state_dir
 
 
@@ -36,11 +43,12 @@ def resolve_target(name: str | None = None, url: str | None = None, takes_url: b
     """Which run to show: --name, else the run whose URL is --url, else the only (or only live) run.
     `takes_url`: whether the command has --url (status does, stop does not), for the hints."""
     if name is not None:
-        path = state_path(name)
-        if not path.exists():
+        found = find_state(name)
+        if found is None:
+            path = state_path(name)
             raise NoServerError(f"no server named {name!r} has run here ({path} does not exist)",
                                 f"start one with `llamalaunch serve --name {name}`" + (", or pass --url" * takes_url))
-        return StatusTarget(path, normalize_url(url) if url else None)
+        return StatusTarget(found, normalize_url(url) if url else None)
     if url is not None:
         wanted = normalize_url(url)
         for path in list_states():
