@@ -91,9 +91,10 @@ def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[st
                           env={**os.environ, "COLUMNS": "200"})
 
 
-def test_devices_on_a_worker_that_never_answers_returns_in_time_saying_busy(
+def test_devices_on_a_worker_that_never_answers_returns_in_time_saying_why(
         rpc_workers: Callable[..., RpcWorker]) -> None:
-    """A stopped ggml-rpc-server: the kernel accepts the connection, nobody ever answers HELLO."""
+    """A stopped ggml-rpc-server: the kernel accepts the connection, nobody ever answers HELLO. On this machine
+    its process is seen stopped: down, said so (test_down_workers has the whole message)."""
     frozen, healthy = rpc_workers(), rpc_workers()
     frozen.process.send_signal(signal.SIGSTOP)
     try:
@@ -103,7 +104,8 @@ def test_devices_on_a_worker_that_never_answers_returns_in_time_saying_busy(
         assert took < 8, took  # the probe's reply timeout (2 s) plus start-up, not a hang
         assert "Traceback" not in done.stderr
         said = done.stdout + done.stderr
-        assert frozen.endpoint in said and "busy" in said, said
+        assert frozen.endpoint in said and f"(pid {frozen.process.pid}) is stopped" in said, said
+        assert done.returncode == 1  # down, as devices says of any worker that is
         assert healthy.endpoint in done.stdout  # the other worker is still shown
         keepers = rpc.keeper_pids(frozen.endpoint)
         assert len(keepers) == 1  # our HELLO waits there, so the stopped worker is not hit by SIGPIPE later
