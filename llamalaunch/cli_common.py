@@ -119,6 +119,9 @@ def chosen_model(ctx: Any) -> tuple[str | None, bool]:
     error; otherwise the command line wins, as it does for every option (--demo over a profile's model).
     """
     model, demo = ctx.params.get("model"), bool(ctx.params.get("demo"))
+    if model is not None and model.startswith("-"):  # `plan --demo -- -nkvo`: a flag after -- lands here
+        raise BadInputError(f"{model!r} is not a model file: {ctx.info_name} takes no llama-server flags after --",
+                            "serve takes them after --; the plan's command line is the same without them")
     if model is None and not demo:
         raise BadInputError("no model given", "pass MODEL.gguf, or --demo for the bundled SmolLM2-135M")
     if model is None or not demo:

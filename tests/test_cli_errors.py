@@ -220,6 +220,14 @@ def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dic
                            "--demo for the bundled SmolLM2-135M)\n")
 
 
+def test_plan_names_a_flag_after_separator_as_what_it_is(invoke: Invoke) -> None:
+    """`plan --demo -- -nkvo` said "both a model (-nkvo) and --demo given"."""
+    outcome = invoke("plan", "--demo", "--assume", "CUDA0=8GiB", "--", "-nkvo")
+    assert (outcome.code, outcome.stdout) == (2, "")
+    assert outcome.stderr == ("error: '-nkvo' is not a model file: plan takes no llama-server flags after -- (serve "
+                              "takes them after --; the plan's command line is the same without them)\n")
+
+
 def test_the_command_line_wins_over_a_profile_or_environment_model(invoke: Invoke, files: dict[str, Path],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """`scripts/run-demo` (serve --demo) with a default profile naming a model: --demo, as given, wins."""
