@@ -418,11 +418,13 @@ def _check_env_names(env: Mapping[str, str]) -> None:
         if name.startswith(ENV_PREFIX) and name not in known:
             import difflib
 
-            # only near misses: other programs' (and our tests') own LLAMALAUNCH_ variables stay allowed
-            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
+            # only near misses of what follows the prefix (CTXX, PARALEL, HOMR); other programs' (and our
+            # tests') own LLAMALAUNCH_ variables stay allowed (DEBUG, MODEL_DIR, DATA)
+            suffixes = sorted(known_name[len(ENV_PREFIX):] for known_name in known)
+            close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1, cutoff=0.75)
             if close:
                 raise BadInputError(f"environment variable {name} is not a llamalaunch setting",
-                                    f"did you mean {close[0]}? Rename it, or unset {name}")
+                                    f"did you mean {ENV_PREFIX}{close[0]}? Rename it, or unset {name}")
 
 
 def merged_settings(profile: Profile | None, environ: Mapping[str, str] | None = None) -> dict[str, Setting]:

@@ -76,7 +76,8 @@ def test_a_companion_that_is_not_gguf_is_one_line(demo_model: Path, tmp_path: Pa
                                  f"{option} the .gguf file llama.cpp loads)\n")
 
 
-NO_DEVICE = {"cpu-only": ["--assume", "CPU=8GiB"], "all-excluded": ["--assume", "CUDA0=8GiB", "--exclude", "CUDA0"]}
+NO_DEVICE = {"cpu-only": ["--assume", "CPU=8GiB"], "all-excluded": ["--assume", "CUDA0=8GiB", "--exclude", "CUDA0"],
+             "dev-none": ["--assume", "CUDA0=8GiB", "-dev", "none"]}
 
 
 @pytest.mark.parametrize("where", NO_DEVICE.values(), ids=NO_DEVICE.keys())

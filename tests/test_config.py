@@ -286,6 +286,11 @@ def test_misspelt_environment_variable_is_an_error_not_ignored(app: typer.Typer)
     with pytest.raises(BadInputError, match="LLAMALAUNCH_LLAMA_SERVER"):
         environment_settings({"LLAMALAUNCH_LLAMA_SERVR": "/opt/llama-server"})
     assert environment_settings({"LLAMALAUNCH_SLOW": "1", "LLAMALAUNCH_HOME": "/x", "LLAMALAUNCH_CUDA": "1"}) == {}
+    # every name shares the prefix: only what follows it counts (DEBUG is not a near miss of BUDGET)
+    others = ("DEBUG", "URL", "TEST", "LOGS", "ROOT", "DATA", "CPU", "MODEL_DIR", "STATE_DIR", "CACHE_DIR")
+    assert environment_settings({f"LLAMALAUNCH_{name}": "1" for name in others}) == {}
+    with pytest.raises(BadInputError, match="did you mean LLAMALAUNCH_HOME"):
+        environment_settings({"LLAMALAUNCH_HOMR": "/x"})
 
 
 def test_environment_takes_the_profile_s_aliases() -> None:

@@ -379,3 +379,12 @@ def test_exposure_recorded_by_systemd_analyze_security(app: typer.Typer, systemd
     for name, exposure in exposures.items():
         limit = MAX_USER_EXPOSURE if name.endswith("-user") else MAX_SYSTEM_EXPOSURE
         assert exposure <= limit, f"{name}: exposure {exposure} > {limit}"
+
+
+def test_an_alias_variable_reaches_the_unit_as_config_show_says(app: typer.Typer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLAMALAUNCH_CTX_SIZE=32k: `config show` said ctx 32k from env, and the unit left it out (it ran with max)."""
+    monkeypatch.setenv("LLAMALAUNCH_CTX_SIZE", "32k")
+    result = invoke(app, ["systemd", "server", "--demo"])
+    assert result.exit_code == 0, result.output
+    assert '"LLAMALAUNCH_CTX_SIZE=32k"' in result.stdout

@@ -253,10 +253,10 @@ def unit_environment(kind: str, user_unit: bool, environ: Mapping[str, str], pin
     Option variables (LLAMALAUNCH_CTX, ...) are options too (command line > env > config), so the
     unit gets the ones set here. A system unit keeps its state in /var/lib/llamalaunch.
     """
-    from llamalaunch.config import CONFIG_ENV
+    from llamalaunch.config import CONFIG_ENV, env_names
     from llamalaunch.options import OPTIONS
 
-    names = [key.env_var for key in OPTIONS] + [CONFIG_ENV]
+    names = [name for key in OPTIONS for name in env_names(key)] + [CONFIG_ENV]  # aliases too (LLAMALAUNCH_CTX_SIZE)
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1", "LLAMALAUNCH_CACHE": str(cache_dir())}
     if not user_unit:
         env["LLAMALAUNCH_HOME"] = SYSTEM_STATE_DIR

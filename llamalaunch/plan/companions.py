@@ -101,7 +101,8 @@ def draft_companion(path: str, request: Request, ctx_tokens: int, backend: str |
 
 def pin_device(devices: Sequence[Device], request: Request) -> Device | None:
     """Where llama-server puts companions by default: the first device it is given."""
-    names = request.devices or tuple(d.name for d in devices if not d.is_host and d.name not in request.exclude)
+    names = request.devices if request.devices is not None else \
+        tuple(d.name for d in devices if not d.is_host and d.name not in request.exclude)  # -dev none: ()
     by_name = {d.name: d for d in devices}
     return next((by_name[name] for name in names if name in by_name), None)
 
