@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -119,7 +120,7 @@ def chosen_model(ctx: Any) -> tuple[str | None, bool]:
     error; otherwise the command line wins, as it does for every option (--demo over a profile's model).
     """
     model, demo = ctx.params.get("model"), bool(ctx.params.get("demo"))
-    if model is not None and model.startswith("-"):  # `plan --demo -- -nkvo`: a flag after -- lands here
+    if model is not None and model.startswith("-") and not Path(model).exists():  # `plan --demo -- -nkvo`
         raise BadInputError(f"{model!r} is not a model file: {ctx.info_name} takes no llama-server flags after --",
                             "serve takes them after --; the plan's command line is the same without them")
     if model is None and not demo:

@@ -88,7 +88,7 @@ def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help
     out = cli_console()
     err = cli_console(stderr=True)
     try:
-        from llamalaunch.launch.state import find_state, is_system_run
+        from llamalaunch.launch.state import find_state, is_live, is_system_run
         from llamalaunch.launch.stop import stop_run
         from llamalaunch.launch.systemd import SERVER_UNIT
         from llamalaunch.observe.target import resolve_target
@@ -99,7 +99,7 @@ def stop(name: Annotated[str | None, typer.Option("--name", metavar="NAME", help
         target = resolve_target(name, takes_url=False)
         if target.state_path is None:  # resolve_target gives a state file whenever no --url is given
             raise NotRunningError("no server to stop", "start one with `llamalaunch serve`")
-        if is_system_run(target.state_path):  # stopped behind its back, systemd would not know why
+        if is_system_run(target.state_path) and is_live(target.state_path):  # systemd would not know why it ended
             raise BadInputError(f"server {target.state_path.stem!r} runs as the systemd service "
                                 f"{SERVER_UNIT.removesuffix('.service')}",
                                 f"stop it with `sudo systemctl stop {SERVER_UNIT.removesuffix('.service')}`")

@@ -529,3 +529,10 @@ def test_a_system_unit_s_run_is_found_by_status_and_left_to_systemctl_by_stop(
     assert stopped.exit_code == 2
     assert stopped.stderr == ("error: server 'default' runs as the systemd service llamalaunch-server (stop it with "
                               "`sudo systemctl stop llamalaunch-server`)\n")
+    # this user's own "default" ended, the unit's serves: --name default is the live one
+    _write_run(cuda_plan, pid=me.pid, started=me.create_time(), phase="stopped", name="default")
+    assert json.loads(run_status("--name", "default", "--json").stdout)["running"] is True
+    with monkeypatch.context() as unit:  # the unit's run ended: stop says not running, not "use systemctl"
+        unit.setenv("LLAMALAUNCH_HOME", str(paths.SYSTEM_HOME))
+        _write_run(cuda_plan, pid=me.pid, started=me.create_time(), phase="stopped", name="default")
+    assert run_stop("--name", "default").exit_code == 3

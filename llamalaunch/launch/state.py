@@ -85,9 +85,20 @@ def list_states() -> list[Path]:
 
 
 def find_state(name: str) -> Path | None:
-    """The state file of run `name`: this user's, else a system unit's; None when neither exists."""
+    """The state file of run `name`: the live one of this user's and a system unit's (both default to the name
+    "default"), else this user's, else the unit's; None when neither exists."""
     mine = state_path(name)
-    return next((path for path in (mine, *(d / mine.name for d in state_dirs()[1:])) if _exists(path)), None)
+    found = [path for path in (mine, *(d / mine.name for d in state_dirs()[1:])) if _exists(path)]
+    return next((path for path in found if is_live(path)), found[0] if found else None)
+
+
+def is_live(path: Path) -> bool:
+    """Whether the run of this state file is going on: its launcher alive, its phase not an ended one."""
+    try:
+        state = read_state(path)
+    except BadInputError:
+        return False
+    return launcher_alive(state) and state.phase not in ENDED_PHASES
 
 
 def _exists(path: Path) -> bool:

@@ -162,6 +162,7 @@ class Supervisor:
                                                 options.max_restarts), clock)
         self.last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
         self.last_restart_reason = ""  # why llama-server was last restarted (a -9 may be our own kill)
+        self._restart_waits_after: str | None = None  # the reason of a restart now waiting out its backoff
         self.phase = "starting"
         self.child: SupervisedChild | None = None
         self.plan: Plan | None = None
@@ -319,7 +320,11 @@ class Supervisor:
         self.last_restart_reason = lesson
         self._set_phase("restarting", f"{lesson}; restart {restart.number} of {self.options.max_restarts} "
                                       f"in {restart.delay_s:g} s")
-        return self._wait_backoff(restart.delay_s)
+        self._restart_waits_after = lesson
+        try:
+            return self._wait_backoff(restart.delay_s)
+        finally:
+            self._restart_waits_after = None
 
     def _wait_backoff(self, delay_s: float) -> int | None:
         """Sleep out the backoff unless a stop request comes; stale items (a late readiness answer) wait too."""
@@ -352,11 +357,13 @@ class Supervisor:
         env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         try:
             self.child = self.child_factory(argv, env, self.queue, self.sink)  # type: ignore[arg-type]
-        except OSError as error:  # checked at serve's start: gone since (a rebuild, a reinstall)
+        except OSError as error:  # checked at serve's start: changed since (a rebuild, a reinstall)
             message = f"cannot start {argv[0]}: {error.strerror}"
             self._fail(message)
+            moved = isinstance(error, (FileNotFoundError, PermissionError))
             raise ServeFailed(message, "it was moved or removed while serving: put it back, or serve again with "
-                                       "--llama-server PATH") from None
+                                       "--llama-server PATH" if moved else "check that file (and this machine's "
+                                       "free memory and open files), then serve again") from None
         self.on_event(SupervisorEvent("plan", f"attempt {len(self.attempts) + 1}: ctx {plan.ctx_tokens}, "
                                               f"{describe_layers(plan)}{describe_left_out(plan)}", plan=plan))
         self._set_phase("loading", f"pid {self.child.pid}, ctx {plan.ctx_tokens}")
@@ -492,14 +499,15 @@ class Supervisor:
         self.last_exit_code = returncode if returncode is not None else self.last_exit_code
         self._pass_on_last_lines()
         self._set_phase("stopped", describe_exit(returncode) if was_running and returncode is not None
-                        else self._not_running())
+                        else self._not_running(returncode))
         return 0 if request.signum is None else 128 + request.signum
 
-    def _not_running(self) -> str:
-        """A stop between a crash and its restart: the crash is not how this stop went (it read as a SIGKILL)."""
-        if self.child is not None and self.last_restart_reason:
-            return f"llama-server was not running (a restart was waiting after: {self.last_restart_reason})"
-        return "llama-server was not running"
+    def _not_running(self, returncode: int | None) -> str:
+        """A stop between a crash and its restart: the crash is not how this stop went (it read as a SIGKILL).
+        A child that died just now, its exit not taken yet, is said as it died."""
+        if self._restart_waits_after:
+            return f"llama-server was not running (a restart was waiting after: {self._restart_waits_after})"
+        return describe_exit(returncode) if returncode is not None else "llama-server was not running"
 
     def _pass_on_last_lines(self) -> None:
         """What the child printed while stopping (its memory breakdown) still reaches the listeners."""

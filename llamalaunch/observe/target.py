@@ -8,9 +8,9 @@ from pathlib import Path
 
 from llamalaunch.errors import BadInputError, NotRunningError
 from llamalaunch.launch.state import (
-    ENDED_PHASES,
     find_state,
-    launcher_alive,
+    is_live,
+    is_system_run,
     list_states,
     read_state,
     state_path,
@@ -68,19 +68,16 @@ def _only_run(takes_url: bool) -> Path:
                             "start one with `llamalaunch serve`" + (", or pass --url http://HOST:PORT" * takes_url))
     if len(paths) == 1:
         return paths[0]
-    live = [p for p in paths if _is_live(p)]
+    live = [p for p in paths if is_live(p)]
     if len(live) == 1:
         return live[0]
     if not live:
-        raise NoServerError(f"no server is running here (past runs: {', '.join(p.stem for p in paths)})",
+        raise NoServerError(f"no server is running here (past runs: {', '.join(map(run_label, paths))})",
                             "start one with `llamalaunch serve`, or see how one ended with --name NAME")
-    raise BadInputError(f"several servers are running here: {', '.join(p.stem for p in live)}",
+    raise BadInputError(f"several servers are running here: {', '.join(map(run_label, live))}",
                         "choose one with --name NAME")
 
 
-def _is_live(path: Path) -> bool:
-    try:
-        state = read_state(path)
-    except BadInputError:
-        return False
-    return launcher_alive(state) and state.phase not in ENDED_PHASES
+def run_label(path: Path) -> str:
+    """A run's name as lists show it: "default", or "default (system unit)" for one of the unit's."""
+    return f"{path.stem} (system unit)" if is_system_run(path) else path.stem

@@ -318,7 +318,7 @@ def stopped_worker(endpoint: str) -> int | None:
     import psutil
 
     resolved = resolve_endpoint(endpoint)
-    if resolved is None:
+    if resolved is None or not _is_this_machine(resolved[0]):  # a remote worker's state is not visible here
         return None
     try:
         listeners = [c.pid for c in psutil.net_connections(kind="tcp4")
@@ -327,6 +327,17 @@ def stopped_worker(endpoint: str) -> int | None:
         return next((pid for pid in listeners if psutil.Process(pid).status() == psutil.STATUS_STOPPED), None)
     except (OSError, psutil.Error):
         return None
+
+
+def _is_this_machine(address: str) -> bool:
+    import psutil
+
+    if address.startswith("127."):
+        return True
+    try:
+        return any(entry.address == address for entries in psutil.net_if_addrs().values() for entry in entries)
+    except OSError:
+        return False
 
 
 def describe_holder(endpoint: str) -> str:
