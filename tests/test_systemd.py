@@ -207,8 +207,8 @@ def test_systemd_refuses_bad_options_now_not_at_boot(app: typer.Typer, args: lis
      "-ot, -ts after -- would contradict the plan (use llamalaunch's own options (--cpu-experts N; --ctx, -dev, "
      "--budget ...) or add --force)"),
     (["server", "--demo", "--", "-nkvo", "-sm", "row", "--main-gpu=1"],
-     "-nkvo, -sm, --main-gpu after -- would contradict the plan (use llamalaunch's own options (--ctx, -dev, "
-     "--budget ...) or add --force)"),
+     "-nkvo, -sm, --main-gpu after -- would contradict the plan (use llamalaunch's own options (none for the KV "
+     "cache and the split: the plan assumes llama.cpp's defaults) or add --force)"),
     (["server", "--demo", "--", "--no-host"],
      "--no-host after -- would contradict the plan (use llamalaunch's own options (--host-weights auto, pinned, mapped "
      "or repacked) or add --force)"),

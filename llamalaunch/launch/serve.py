@@ -38,6 +38,10 @@ from llamalaunch.plan.schema import plan_to_dict
 
 EXPERT_FLAGS = frozenset({"-ot", "--override-tensor", "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe"})
 # Options whose value the plan decides: passing them after -- would contradict it.
+# Away from llama.cpp's defaults, which the plan's memory figures assume (KV cache and host weights' batches
+# on the devices, layers split by layer): no option of ours sets them, only --force passes them.
+LAYOUT_FLAGS = frozenset({"-nkvo", "--no-kv-offload", "-sm", "--split-mode", "-mg", "--main-gpu",
+                          "--no-op-offload"})
 PLANNED_FLAGS = frozenset({
     "-m", "--model", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers", "-ts", "--tensor-split",
     "-dev", "--device", "--rpc", "--host", "--port", "-np", "--parallel", "-fit", "--fit", "--api-key",
@@ -45,9 +49,7 @@ PLANNED_FLAGS = frozenset({
     "-fa", "--flash-attn", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--swa-full",
     "-mm", "--mmproj", "-mmdev", "--mmproj-device", "-md", "--model-draft", "-devd", "--device-draft",
     "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft",
-    # where the KV cache, the split and host weights' batches go: the plan's memory figures assume its own
-    "-kvo", "--kv-offload", "-nkvo", "--no-kv-offload", "-sm", "--split-mode", "-mg", "--main-gpu",
-    "--op-offload", "--no-op-offload",
+    *LAYOUT_FLAGS,
     "-otd", "--override-tensor-draft", "--spec-draft-override-tensor", "-cmoed", "--cpu-moe-draft",
     "--spec-draft-cpu-moe", "-ncmoed", "--n-cpu-moe-draft", "--spec-draft-n-cpu-moe", "--spec-draft-ncmoe",
     *EXPERT_FLAGS,  # expert placement is the plan's (--cpu-experts N forces it)
@@ -96,10 +98,12 @@ def own_options(clashes: Sequence[str]) -> list[str]:
     """What llamalaunch takes instead of the llama-server flags given after --."""
     own_flags = {flag for option in OPTIONS for flag in option.flags}
     same = [flag for flag in clashes if flag in own_flags]
-    rest = set(clashes) - own_flags - EXPERT_FLAGS - LOAD_FLAGS
+    rest = set(clashes) - own_flags - EXPERT_FLAGS - LOAD_FLAGS - LAYOUT_FLAGS
     return [*([f"{', '.join(same)} before --"] if same else []),
             *(["--cpu-experts N"] if set(clashes) & EXPERT_FLAGS else []),
             *(["--host-weights auto, pinned, mapped or repacked"] if set(clashes) & LOAD_FLAGS else []),
+            *(["none for the KV cache and the split: the plan assumes llama.cpp's defaults"]
+              if set(clashes) & LAYOUT_FLAGS else []),
             *(["--ctx, -dev, --budget ..."] if rest else [])]
 
 
