@@ -46,12 +46,19 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except LaunchError as error:
-            print_error(error, as_json=bool(kwargs.get("as_json")))
+            print_error(error, as_json=bool(kwargs["as_json"]) if "as_json" in kwargs else json_asked())
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def json_asked() -> bool:
+    """Whether the command line asks for --json: for errors before the command runs (a bad LLAMALAUNCH_* value
+    or profile, read by the root), whose own parameters are not parsed yet."""
+    words = sys.argv[1:]
+    return "--json" in (words[:words.index("--")] if "--" in words else words)
 
 
 def print_error(error: LaunchError, as_json: bool = False, console: Any = err) -> None:

@@ -22,6 +22,7 @@ from llamalaunch.cli_common import (
     WholeCommandHelp,
     chosen_model,
     err,
+    json_asked,
     opt,
     out,
     print_error,
@@ -83,7 +84,7 @@ def _on_config_option(ctx: typer.Context, value: Path | None) -> Path | None:
     try:
         apply_profile(ctx, value, ctx.info_name or "")
     except LaunchError as error:
-        print_error(error)
+        print_error(error, json_asked())
         raise typer.Exit(error.exit_code) from None
     return value
 

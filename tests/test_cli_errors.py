@@ -220,6 +220,15 @@ def test_model_or_demo_is_one_rule_for_plan_and_serve(invoke: Invoke, files: dic
                            "--demo for the bundled SmolLM2-135M)\n")
 
 
+def test_json_gets_json_for_a_bad_variable_read_before_the_command_runs(demo_model: Path) -> None:
+    """LLAMALAUNCH_CTX=abc plan --json: the root reads the environment, before plan's own --json is parsed."""
+    env = {**os.environ, "LLAMALAUNCH_CTX": "abc"}
+    done = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", str(demo_model), "--json"], cwd=REPO_ROOT,
+                          env=env, text=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert json.loads(done.stdout)["error"].startswith("environment variable LLAMALAUNCH_CTX: ctx = 'abc'")
+
+
 def test_plan_names_a_flag_after_separator_as_what_it_is(invoke: Invoke) -> None:
     """`plan --demo -- -nkvo` said "both a model (-nkvo) and --demo given"."""
     outcome = invoke("plan", "--demo", "--assume", "CUDA0=8GiB", "--", "-nkvo")
