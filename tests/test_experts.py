@@ -58,6 +58,20 @@ def test_profile_splits_each_block_into_dense_part_and_experts(moe: ModelProfile
     assert moe.slots[moe.output_slot].expert_bytes == 0
 
 
+def test_a_small_second_gpu_that_keeps_the_plan_from_fitting_is_left_out(moe: ModelProfile) -> None:
+    """A 1 GiB card beside a 10 GiB one could hold only the output layer, and with it the dense parts no longer
+    fitted past ctx 14080 (40960 on the big card alone): --ctx max and --ctx 16k are what the big card gives."""
+    alone = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=None), OPTIONS, host_free_bytes=64 * GIB)
+    both = make_plan(moe, [cuda(0, 10 * GIB), cuda(1, 1 * GIB)], Request(ctx_tokens=None), OPTIONS,
+                     host_free_bytes=64 * GIB)
+    assert both.ctx_tokens == alone.ctx_tokens == 40960
+    small = next(p for p in both.devices if p.device.name == "CUDA1")
+    assert small.excluded and small.reason == "the plan fits without it, not with it"
+    target = make_plan(moe, [cuda(0, 10 * GIB), cuda(1, 1 * GIB)], Request(ctx_tokens=16384), OPTIONS,
+                       host_free_bytes=64 * GIB)
+    assert target.ctx_tokens == 16384 and target.n_gpu_layers == moe.n_slots
+
+
 def test_a_moe_model_that_does_not_fit_keeps_every_layer_and_spills_experts(moe: ModelProfile) -> None:
     plan = make_plan(moe, [cuda(0, 10 * GIB)], Request(ctx_tokens=16384), OPTIONS)
     assert_consistent(plan)

@@ -177,6 +177,12 @@ def choose_placement(fitter: Fitter, devices: Sequence[Device], n_gpu_layers: in
         if spare > best_spare:
             best = Choice(order, counts, n_gpu_layers, excluded, fitter.costs.host_expert_layers)
             best_spare = spare
+    if best is None and len(usable) > 1:  # a small device that holds a layer can still keep the rest from fitting
+        smallest = min(usable, key=lambda d: device_limit(d, fitter.request))
+        rest = choose_placement(fitter, [d for d in usable if d is not smallest], n_gpu_layers)
+        if rest is not None:
+            why = "the plan fits without it, not with it"
+            return replace(rest, excluded={**excluded, smallest.name: why, **rest.excluded})
     return drop_idle(best) if best is not None else None
 
 
