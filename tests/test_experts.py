@@ -58,6 +58,18 @@ def test_profile_splits_each_block_into_dense_part_and_experts(moe: ModelProfile
     assert moe.slots[moe.output_slot].expert_bytes == 0
 
 
+def test_cpu_spill_keeps_the_ngl_given(moe: ModelProfile) -> None:
+    """-ngl 30 that does not fit whole: the hint said "49 of 49 layers fit: add --cpu-spill", and with it the
+    plan put 49 layers on the GPU, -ngl 30 dropped without a word. Now at most the -ngl given."""
+    request = Request(ctx_tokens=16384, n_gpu_layers=30)
+    with pytest.raises(PlanError) as refused:
+        make_plan(moe, [cuda(0, 10 * GIB)], request, OPTIONS, host_free_bytes=64 * GIB)
+    assert refused.value.hint == "30 of 49 layers fit at ctx 16384: add --cpu-spill"
+    spilled = make_plan(moe, [cuda(0, 10 * GIB)], replace(request, cpu_spill=True), OPTIONS,
+                        host_free_bytes=64 * GIB)
+    assert spilled.n_gpu_layers == 30 and "-ngl" in spilled.argv and spilled.argv[spilled.argv.index("-ngl") + 1] == "30"
+
+
 def test_a_small_second_gpu_that_keeps_the_plan_from_fitting_is_left_out(moe: ModelProfile) -> None:
     """A 1 GiB card beside a 10 GiB one could hold only the output layer, and with it the dense parts no longer
     fitted past ctx 14080 (40960 on the big card alone): --ctx max and --ctx 16k are what the big card gives."""

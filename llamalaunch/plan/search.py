@@ -218,9 +218,10 @@ class Planner:
         return choice if fits else layers
 
     def most_layers(self, ctx_tokens: int, host_experts: frozenset[int] | None = None) -> Choice | None:
-        """The most trailing slots that fit the devices at this ctx (bisection on -ngl), `host_experts` given.
-        The host is not checked: it holds the rest, and fewer slots on the devices would only give it more."""
-        low, high = 0, self.profile.n_slots
+        """The most trailing slots that fit the devices at this ctx (bisection on -ngl, at most the -ngl given),
+        `host_experts` given. The host is not checked: it holds the rest, and fewer slots on the devices would
+        only give it more."""
+        low, high = 0, self.layers_wanted()
         best: Choice | None = None
         while low < high:
             middle = (low + high + 1) // 2
