@@ -22,6 +22,7 @@ from llamalaunch.model.profile import ModelProfile
 from llamalaunch.plan.parse import ALL_LAYERS
 from llamalaunch.plan.planner import make_plan
 from llamalaunch.plan.request import Request
+from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.plan.types import Plan
 from llamalaunch.units import GIB, MIB
 from tests.synthetic import SyntheticShape, write_synthetic
@@ -68,6 +69,8 @@ def test_cpu_spill_keeps_the_ngl_given(moe: ModelProfile) -> None:
     spilled = make_plan(moe, [cuda(0, 10 * GIB)], replace(request, cpu_spill=True), OPTIONS,
                         host_free_bytes=64 * GIB)
     assert spilled.n_gpu_layers == 30 and "-ngl" in spilled.argv and spilled.argv[spilled.argv.index("-ngl") + 1] == "30"
+    # the JSON says how many MoE layers keep their experts on the host, whole layers (-ngl) included
+    assert plan_to_dict(spilled)["host"]["expert_layers"] == 48 - spilled.devices[0].expert_layers > 19
 
 
 def test_a_small_second_gpu_that_keeps_the_plan_from_fitting_is_left_out(moe: ModelProfile) -> None:

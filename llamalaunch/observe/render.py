@@ -49,11 +49,10 @@ def plan_table(plan: Plan) -> Table:
                       format_bytes(device.planned_bytes), format_bytes(device.headroom_bytes))
     host = plan.host
     spilled = model.n_slots - plan.n_gpu_layers
-    host_experts = len(model.expert_layers) - sum(d.expert_layers for d in plan.devices)
     host_free, host_spare = plan.host_free_bytes, plan.host_spare_bytes
     table.add_row("host", format_bytes(host_free) if host_free is not None else "",
                   f"0-{spilled - 1}" if spilled else "-", str(spilled),
-                  *([f"{host_experts}/{len(model.expert_layers)}"] if moe else []),
+                  *([f"{plan.host_moe_layers}/{len(model.expert_layers)}"] if moe else []),
                   format_bytes(host.weights_bytes), format_bytes(host.kv_bytes), format_bytes(host.compute_bytes), "",
                   *([""] if reserved else []), format_bytes(host.total_bytes),
                   format_bytes(host_spare) if host_spare is not None else "", style="dim")

@@ -21,8 +21,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "ctx": plan.ctx_tokens,
         "n_gpu_layers": plan.n_gpu_layers,
         "devices": [device_to_dict(device) for device in plan.devices],
-        "host": {**memory_to_dict(plan.host), "free_bytes": plan.host_free_bytes,
-                 "spare_bytes": plan.host_spare_bytes},  # null: not known
+        "host": {**memory_to_dict(plan.host), "free_bytes": plan.host_free_bytes,  # free, spare: null if not known
+                 "spare_bytes": plan.host_spare_bytes, "expert_layers": plan.host_moe_layers},
         "argv": list(plan.argv),
         "notes": list(plan.notes),
         "host_expert_layers": sorted(plan.host_expert_layers),

@@ -60,6 +60,12 @@ class Plan:
     host_free_bytes: int | None = None  # host RAM available when planned; None: not known (not checked)
 
     @property
+    def host_moe_layers(self) -> int:
+        """MoE layers whose routed experts sit in host memory: those of blocks left there whole (-ngl), those
+        spilled from the devices, and split blocks (as the table's experts column counts them)."""
+        return len(self.model.expert_layers) - sum(device.expert_layers for device in self.devices)
+
+    @property
     def host_spare_bytes(self) -> int | None:
         """What the host keeps beyond its share and the margin, as a device's spare."""
         if self.host_free_bytes is None:
