@@ -32,7 +32,7 @@ from llamalaunch.plan.request import HOST_WEIGHTS, HOST_WEIGHTS_AUTO, Request
 from llamalaunch.plan.schema import plan_to_dict
 from llamalaunch.plan.speed import HOST_TO_GPU_BYTES_S, estimate_speed
 from llamalaunch.probe.speed_figures import SpeedFigures
-from llamalaunch.units import GIB, MIB
+from llamalaunch.units import GIB, MIB, format_bytes
 from tests.serve_support import ServeRun
 from tests.support import RpcWorker, run_llama_server
 from tests.synthetic import write_preset, write_synthetic
@@ -97,6 +97,18 @@ def test_auto_pins_for_a_gpu_and_maps_for_workers(moe: ModelProfile) -> None:
                                  "the types its kernels take into memory, as in every mode without a GPU): the "
                                  "fastest load; the host computes them; --host-weights chooses auto, pinned, mapped "
                                  "or repacked")
+
+
+def test_pinned_weights_taking_most_of_the_ram_get_a_note(moe: ModelProfile) -> None:
+    """A 12 GiB host with 11.9 GiB of experts pinned: locked, nothing else on the machine can have it back."""
+    tight = make_plan(moe, [cuda(0, 6 * GIB)], Request(ctx_tokens=8192), OPTIONS, host_free_bytes=12 * GIB)
+    assert tight.host_weights == "pinned"
+    assert tight.notes[-1].startswith(f"pinned host weights lock {format_bytes(tight.host.weights_bytes)} of the "
+                                      "12.00 GiB of RAM available")
+    roomy = make_plan(moe, [cuda(0, 6 * GIB)], Request(ctx_tokens=8192), OPTIONS, host_free_bytes=64 * GIB)
+    mapped = make_plan(moe, [cuda(0, 6 * GIB)], Request(ctx_tokens=8192, host_weights="mapped"), OPTIONS,
+                       host_free_bytes=12 * GIB)
+    assert not [note for note in (*roomy.notes, *mapped.notes) if note.startswith("pinned host weights lock")]
 
 
 def test_nothing_on_the_host_states_no_mode(moe: ModelProfile) -> None:

@@ -98,13 +98,26 @@ def assemble(planner: Planner, ctx_tokens: int, choice: Choice, options: ArgvOpt
     host_weights = host_weights_mode(planner.profile, planner.request, choice)
     streaming = streaming_note(planner.request, host_weights, choice) if host_weights else ""
     renamed = renaming_note(planner.all_devices, argv)
+    locked = locked_note(host_weights, estimate.host.weights_bytes, planner.host_free_bytes)
     notes = (*((expert_note(planner.profile, choice),) if spilled else ()), *((streaming,) if streaming else ()),
              *((host_weights_note(host_weights, choice, options),) if host_weights else ()),
-             *((renamed,) if renamed else ()))
+             *((locked,) if locked else ()), *((renamed,) if renamed else ()))
     return Plan(planner.profile, planner.request, ctx_tokens, tuple(plans), estimate.host,
                 choice.n_gpu_layers, argv, notes, host_expert_layers=choice.host_expert_layers,
                 host_expert_parts=choice.host_expert_parts, host_weights=host_weights,
                 host_free_bytes=planner.host_free_bytes)
+
+
+LOCKED_SHARE = 0.8  # pinned host weights above this share of the available RAM get a note
+
+
+def locked_note(host_weights: str | None, weights_bytes: int, host_free_bytes: int | None) -> str | None:
+    """Pinned memory cannot be paged out: most of the host's RAM locked for llama-server is worth a word."""
+    if host_weights != "pinned" or not host_free_bytes or weights_bytes <= LOCKED_SHARE * host_free_bytes:
+        return None
+    return (f"pinned host weights lock {format_bytes(weights_bytes)} of the {format_bytes(host_free_bytes)} of RAM "
+            "available: everything else on this machine shares the rest; --host-weights mapped leaves them to "
+            "the page cache instead")
 
 
 def expert_note(profile: ModelProfile, choice: Choice) -> str:
