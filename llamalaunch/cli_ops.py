@@ -33,7 +33,7 @@ from llamalaunch.cli_common import (
 )
 from llamalaunch.errors import BadInputError, LaunchError
 from llamalaunch.observe.console import outliving_readers
-from llamalaunch.options import COMMANDS, check_metrics_port, check_params
+from llamalaunch.options import COMMANDS, check_metrics_port, check_params, same_address
 
 PROFILE_META = "llamalaunch.profile"  # ctx.meta: (Profile | None, settings) of this invocation
 RAW_ARGS_META = "llamalaunch.systemd.raw_args"
@@ -160,7 +160,8 @@ def worker_command(
     request = WorkerRequest(gpus=gpus, port_base=port_base, host=host, threads=threads, rpc_server=rpc_server,
                             llama_server=llama_server, max_restarts=max_restarts)
     specs = prepare_workers(request, _say)
-    check_metrics_port(metrics_port, [spec.port for spec in specs], "a worker's port (one per GPU from --port-base)")
+    if same_address(host, metrics_host):
+        check_metrics_port(metrics_port, [spec.port for spec in specs], "a worker's port (one per GPU from --port-base)")
     attach = None if metrics_port is None else functools.partial(_worker_metrics, metrics_host, metrics_port)
     raise typer.Exit(run_workers(specs, outliving_readers(_worker_view(out, quiet)), max_restarts, attach))
 

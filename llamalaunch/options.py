@@ -263,8 +263,13 @@ def check_params(command: str, params: Mapping[str, Any]) -> None:
         if option.bounds is not None and value is not None:
             check_bounds(option, value)
     own = {"serve": ("port", "serve's --port"), "worker": ("port_base", "a worker's port (--port-base)")}.get(command)
-    if own is not None:
+    if own is not None and same_address(params.get("host"), params.get("metrics_host")):
         check_metrics_port(params.get("metrics_port"), [params.get(own[0])], own[1])
+
+
+def same_address(host: str | None, other: str | None) -> bool:
+    """Whether two listen addresses can clash on one port: the same, either every interface, or unknown."""
+    return host is None or other is None or host == other or "0.0.0.0" in (host, other)
 
 
 def check_metrics_port(metrics_port: int | None, ports: Sequence[int | None], whose: str) -> None:

@@ -388,3 +388,10 @@ def test_an_alias_variable_reaches_the_unit_as_config_show_says(app: typer.Typer
     result = invoke(app, ["systemd", "server", "--demo"])
     assert result.exit_code == 0, result.output
     assert '"LLAMALAUNCH_CTX_SIZE=32k"' in result.stdout
+
+
+def test_metrics_on_the_same_port_of_another_address_is_allowed(app: typer.Typer) -> None:
+    """--host 10.0.0.5 --port 8080 beside --metrics-host 127.0.0.1 --metrics-port 8080 binds fine."""
+    result = invoke(app, ["systemd", "server", "--demo", "--host", "10.0.0.5", "--port", "8080", "--metrics-host",
+                          "127.0.0.1", "--metrics-port", "8080"])
+    assert result.exit_code == 0, result.output
