@@ -253,22 +253,23 @@ def not_llama_server(http_server: str) -> str:
     return f"http://{http_server}"
 
 
-def assert_json_error_or_nothing(result: Any, mode: tuple[str, ...]) -> None:
-    """--json: the error as JSON on stdout too (a script reading it gets JSON either way); else nothing there."""
+def assert_url_refused(url: str, mode: tuple[str, ...], message: str) -> None:
+    """status --url URL: exit 1 and one error line; with --json the error as JSON on stdout too (a script reading
+    it gets JSON either way), else nothing there."""
+    result = run_status("--url", url, *mode)
+    assert result.exit_code == 1
     if "--json" in mode:
         assert json.loads(result.stdout)["exit_code"] == result.exit_code
     else:
         assert result.stdout == ""
+    assert result.stderr == f"error: {message}\n"
 
 
 @pytest.mark.parametrize("mode", [(), ("--once",), ("--json",)])
 def test_url_of_something_else_is_an_error_in_one_line(not_llama_server: str, mode: tuple[str, ...]) -> None:
-    result = run_status("--url", not_llama_server, *mode)
-    assert result.exit_code == 1
-    assert_json_error_or_nothing(result, mode)
-    assert result.stderr == (f"error: {not_llama_server} is not a llama-server: /health answered HTTP 404 "
-                             "(check the address and port: llama-server answers /health with HTTP 200, or 503 "
-                             "while loading)\n")
+    assert_url_refused(not_llama_server, mode, f"{not_llama_server} is not a llama-server: /health answered HTTP "
+                       "404 (check the address and port: llama-server answers /health with HTTP 200, or 503 while "
+                       "loading)")
 
 
 @pytest.fixture
@@ -289,12 +290,9 @@ def metrics_port_url() -> Iterator[str]:
 @pytest.mark.parametrize("mode", [("--once",), ("--json",)])
 def test_url_of_a_metrics_port_says_the_answer_was_not_llama_servers(metrics_port_url: str,
                                                                       mode: tuple[str, ...]) -> None:
-    result = run_status("--url", metrics_port_url, *mode)
-    assert result.exit_code == 1
-    assert_json_error_or_nothing(result, mode)
-    assert result.stderr == (f"error: {metrics_port_url} is not a llama-server: /health answered HTTP 200, but not "
-                             'with llama-server\'s {"status": "ok"} (give llama-server\'s own URL, on serve\'s --port '
-                             "(8080 unless set): not another server's, such as llamalaunch's --metrics-port)\n")
+    assert_url_refused(metrics_port_url, mode, f"{metrics_port_url} is not a llama-server: /health answered HTTP "
+                       '200, but not with llama-server\'s {"status": "ok"} (give llama-server\'s own URL, on serve\'s '
+                       "--port (8080 unless set): not another server's, such as llamalaunch's --metrics-port)")
 
 
 def _status_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
