@@ -223,6 +223,25 @@ def test_a_binary_gone_before_a_restart_is_one_line_not_a_traceback(serve: Start
     assert run.state()["phase"] == "failed" and not run.leftover_servers()
 
 
+def test_a_worker_stopped_while_serving_is_said_once(serve: StartServe, rpc_workers: Callable[..., RpcWorker],
+                                                    demo_model: Path) -> None:
+    """Ctrl-Z on a worker's terminal: its connection stays up and /health says ok, while every request hangs."""
+    worker = rpc_workers()
+    run = serve(demo_model, "--rpc", worker.endpoint, "--ctx", "1k", "--health-interval", "0.5")
+    run.wait_ready()
+    pid = worker.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        run.wait_for_line(rf"warning: RPC worker {worker.endpoint}: its ggml-rpc-server \(pid {pid}\) is stopped; "
+                          rf"requests wait until `kill -CONT {pid}` resumes it", timeout_s=15)
+        time.sleep(1.5)  # three more looks: said once
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert sum("is stopped; requests wait" in line for line in run.stdout) == 1
+    run.send(signal.SIGINT)
+    assert run.wait_exit(timeout_s=20) == 128 + signal.SIGINT
+
+
 def test_a_second_serve_on_the_same_port_fails_and_the_first_keeps_serving(
         serve: StartServe, rpc_workers: Callable[..., RpcWorker], demo_model: Path) -> None:
     port = free_port()

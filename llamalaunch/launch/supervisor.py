@@ -38,7 +38,7 @@ from llamalaunch.launch.worker_links import WorkerLinks
 from llamalaunch.options import DEFAULTS
 from llamalaunch.plan.types import Plan
 from llamalaunch.probe.inventory import held_elsewhere
-from llamalaunch.probe.rpc import RpcProbeError
+from llamalaunch.probe.rpc import RpcProbeError, stopped_worker
 
 PHASES = ("starting", "loading", "ready", "restarting", "stopping", "stopped", "failed")
 
@@ -103,7 +103,16 @@ class _Broken:
     reason: str
 
 
-_Item = ChildEvent | _Ready | _StopRequest | _Broken
+@dataclass(frozen=True)
+class _WorkerStopped:
+    """A worker of a ready llama-server is stopped (SIGSTOP) on this machine: its requests wait, nothing to
+    restart (a new llama-server would wait on the same worker); said once until it resumes."""
+
+    pid: int
+    message: str
+
+
+_Item = ChildEvent | _Ready | _StopRequest | _Broken | _WorkerStopped
 READINESS_FAILED = "llamalaunch: the one-token completion failed"
 HEALTHY_RESET_S = 600.0  # ready this long: the restart count starts again
 
@@ -246,6 +255,10 @@ class Supervisor:
                     hung = item.reason
                     self.on_event(SupervisorEvent("warning", f"{hung}: killing pid {item.pid} to restart it"))
                     self.child.signal_group(signal.SIGKILL)  # hung: a graceful stop would wait for nothing
+                continue
+            if isinstance(item, _WorkerStopped):
+                if self.child is not None and item.pid == self.child.pid:
+                    self.on_event(SupervisorEvent("warning", item.message))
                 continue
             if isinstance(item, ChildLine):
                 last_progress = self.clock()
@@ -428,6 +441,7 @@ class Supervisor:
         interval_s, needed = self.options.health_interval_s, self.options.health_misses
         api_key = self.api_key()
         links = WorkerLinks(child.pid, rpc_endpoints(self.plan.argv) if self.plan is not None else [])
+        stopped: set[str] = set()
         misses = 0
         while child.running():
             started = self.clock()
@@ -443,7 +457,21 @@ class Supervisor:
                 self.queue.put(_Broken(child.pid, f"RPC worker {gone} is gone (llama-server's connection to it "
                                                   "closed)"))
                 return
+            self._say_stopped_workers(child, links.endpoints, stopped)
             time.sleep(max(0.0, interval_s - (self.clock() - started)))
+
+    def _say_stopped_workers(self, child: SupervisedChild, endpoints: Sequence[str], said: set[str]) -> None:
+        """A worker stopped on this machine (Ctrl-Z, SIGSTOP) keeps its connection: /health and the links stay
+        fine while every request hangs. Said once per stop."""
+        for endpoint in endpoints:
+            pid = stopped_worker(endpoint)
+            if pid is None:
+                said.discard(endpoint)
+            elif endpoint not in said:
+                said.add(endpoint)
+                self.queue.put(_WorkerStopped(child.pid, f"RPC worker {endpoint}: its ggml-rpc-server (pid {pid}) "
+                                                         f"is stopped; requests wait until `kill -CONT {pid}` "
+                                                         "resumes it"))
 
     def _record_attempt(self, plan: Plan, outcome: str) -> None:
         self.attempts.append(Attempt(len(self.attempts) + 1, plan.ctx_tokens, plan.n_gpu_layers,
