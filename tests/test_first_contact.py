@@ -178,7 +178,8 @@ def run_setup(tree: Path) -> subprocess.CompletedProcess[str]:
 
 
 def pip_calls(log: Path) -> list[str]:
-    calls = [line for line in log.read_text().splitlines() if " -m pip " in line] if log.exists() else []
+    # installs only: `-m pip --version` is setup's look whether the venv has pip at all
+    calls = [line for line in log.read_text().splitlines() if " -m pip install " in line] if log.exists() else []
     log.unlink(missing_ok=True)
     return calls
 
