@@ -22,6 +22,7 @@ from llamalaunch.cli_common import (
     chosen_model,
     err,
     given_program,
+    json_asked,
     opt,
     out,
     print_error,
@@ -31,7 +32,7 @@ from llamalaunch.cli_common import (
 )
 from llamalaunch.cli_ops import ConfigOpt
 from llamalaunch.errors import BadInputError
-from llamalaunch.observe.console import escape, outliving_readers, real_console, surely_not_a_terminal
+from llamalaunch.observe.console import outliving_readers, real_console, surely_not_a_terminal
 from llamalaunch.options import check_params
 
 
@@ -54,7 +55,7 @@ def usage_errors_on_one_line(root: Any = None) -> Iterator[None]:
             where = f"`{root.command_path} {root.invoked_subcommand} --help`"
         else:
             where = "`llamalaunch --help`"
-        err.print(f"[red]error:[/red] {escape(message)} (see {where})", highlight=False, soft_wrap=True)
+        print_error(BadInputError(message, f"see {where}"), json_asked())
         raise typer.Exit(2) from None
 
 

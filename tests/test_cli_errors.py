@@ -229,6 +229,15 @@ def test_json_gets_json_for_a_bad_variable_read_before_the_command_runs(demo_mod
     assert json.loads(done.stdout)["error"].startswith("environment variable LLAMALAUNCH_CTX: ctx = 'abc'")
 
 
+def test_json_gets_json_for_a_usage_error_too() -> None:
+    """click's own errors (an unknown option, a missing value) printed nothing on stdout under --json."""
+    done = subprocess.run([sys.executable, "-m", "llamalaunch", "plan", "--demo", "--json", "--bogus"], cwd=REPO_ROOT,
+                          text=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stderr.startswith("error: No such option: --bogus")
+    assert json.loads(done.stdout) == {"error": "No such option: --bogus",
+                                       "hint": "see `python -m llamalaunch plan --help`", "exit_code": 2}
+
+
 def test_plan_names_a_flag_after_separator_as_what_it_is(invoke: Invoke) -> None:
     """`plan --demo -- -nkvo` said "both a model (-nkvo) and --demo given"."""
     outcome = invoke("plan", "--demo", "--assume", "CUDA0=8GiB", "--", "-nkvo")
