@@ -67,7 +67,7 @@ class Plan:
 
     @property
     def host_spare_bytes(self) -> int | None:
-        """What the host keeps beyond its share and the margin, as a device's spare."""
+        """What the host keeps beyond its share, as a device's spare (free less planned)."""
         if self.host_free_bytes is None:
             return None
-        return self.host_free_bytes - self.request.margin_for(self.host_free_bytes) - self.host.total_bytes
+        return self.host_free_bytes - self.host.total_bytes
