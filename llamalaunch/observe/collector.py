@@ -56,6 +56,7 @@ def _process_rss(pid: int) -> int | None:
 
 
 UNRESPONSIVE = "not answering"  # the phase shown for a ready server whose /health does not answer
+GONE = "gone"  # the phase shown for a run whose launcher died mid-run (its state file says otherwise)
 LLAMA_HEALTH = ("ok", "loading", "unreachable")  # what /health of a llama-server (or of nothing) answers
 
 
@@ -155,11 +156,13 @@ class StatusCollector:
         phase = state.phase
         if running and phase == "ready" and stats.health != "ok":
             phase = UNRESPONSIVE  # the state file says ready; a server that does not answer is not
+        elif not running and phase not in ENDED_PHASES:
+            phase = GONE  # a script reading "ready" would take a dead server for a live one
         model = plan.get("model", {})
         return StatusSnapshot(
             taken_at=self.clock(), source="state", name=state.name, url=url, running=running,
             gone_reason=None if running else _gone_reason(state, launcher_ok, note),
-            phase=phase, phase_detail=state.phase_detail, launcher_pid=state.launcher_pid,
+            phase=phase, phase_detail=state.phase_detail, recorded_phase=state.phase, launcher_pid=state.launcher_pid,
             server_pid=state.child_pid, server_alive=server_alive, started_at=state.started_at or None,
             ready_at=state.ready_at, updated_at=state.updated_at or None, restarts=state.restarts,
             last_exit_code=state.last_exit_code, last_restart_reason=state.last_restart_reason,
@@ -185,7 +188,7 @@ class StatusCollector:
 
 
 def _url_phase(health: str) -> str:
-    return {"ok": "ready", "loading": "loading", "unreachable": "gone"}.get(health, health)
+    return {"ok": "ready", "loading": "loading", "unreachable": GONE}.get(health, health)
 
 
 def _gone_reason(state: RunState, launcher_ok: bool, note: str | None) -> str:

@@ -116,8 +116,9 @@ class StatusSnapshot:
     url: str
     running: bool  # the launcher (or, for --url, the server) is there
     gone_reason: str | None  # why it is not, when it is not
-    phase: str  # last phase recorded ("ready", ...); for --url: from /health
+    phase: str  # the run's phase ("ready", ...; "gone" when its launcher died mid-run); for --url: from /health
     phase_detail: str = ""
+    recorded_phase: str = ""  # the phase its state file last recorded (a gone run's "ready" stays here)
     launcher_pid: int | None = None
     server_pid: int | None = None
     server_alive: bool = False

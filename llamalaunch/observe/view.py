@@ -55,7 +55,7 @@ def header(snapshot: StatusSnapshot) -> Text:
         text.append(f"● {phase}", style=PHASE_STYLE.get(phase, "bold"))
     else:
         text.append("○ server gone", style="bold red")
-        text.append(f" (last phase {snapshot.phase})", style="red")
+        text.append(f" (last phase {snapshot.recorded_phase or snapshot.phase})", style="red")
     if snapshot.name:
         text.append(f"  {snapshot.name}", style="bold")
     if snapshot.url:
@@ -79,7 +79,8 @@ def gone_banner(snapshot: StatusSnapshot) -> Text | None:
     text = Text(f"{snapshot.gone_reason or 'the server is not running'}.", style="red")
     if snapshot.source == "state":
         detail = f" — {snapshot.phase_detail}" if snapshot.phase_detail else ""
-        text.append(f"\nLast state, recorded {when}: phase {snapshot.phase}{detail}", style="dim")
+        text.append(f"\nLast state, recorded {when}: phase {snapshot.recorded_phase or snapshot.phase}{detail}",
+                    style="dim")
     return text
 
 
