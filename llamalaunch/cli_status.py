@@ -27,7 +27,7 @@ def status(name: Annotated[str | None, typer.Option("--name", metavar="NAME", he
            as_json: Annotated[bool, typer.Option("--json", help="Print the same data as JSON and exit.")] = False,
            api_key_file: Annotated[Path | None, typer.Option("--api-key-file", metavar="FILE", help="File with the server's "
                                                                                       "API key.")] = None,
-           log_lines: Annotated[int, typer.Option("--log-lines", metavar="N", help="Log lines in a --once frame.")] = 12,
+           log_lines: Annotated[int, typer.Option("--log-lines", metavar="N", min=0, help="Log lines in a --once frame.")] = 12,
            ) -> None:
     """Show a running server: memory per device (planned, llama.cpp's, live), slots, tokens/s, log.
 

@@ -536,3 +536,9 @@ def test_a_system_unit_s_run_is_found_by_status_and_left_to_systemctl_by_stop(
         unit.setenv("LLAMALAUNCH_HOME", str(paths.SYSTEM_HOME))
         _write_run(cuda_plan, pid=me.pid, started=me.create_time(), phase="stopped", name="default")
     assert run_stop("--name", "default").exit_code == 3
+
+
+def test_a_negative_log_line_count_is_refused() -> None:
+    """--log-lines -5 printed an empty log box and exit 0."""
+    result = run_status("--once", "--log-lines", "-5")
+    assert result.exit_code == 2 and "--log-lines" in result.stderr
