@@ -338,3 +338,13 @@ def test_real_sdist_download_extract_and_configure(tmp_path: Path) -> None:
     finally:
         shutil.rmtree(tmp_path / "src", ignore_errors=True)  # 176 MB
         shutil.rmtree(tmp_path / "build", ignore_errors=True)
+
+
+def test_a_cudacxx_that_is_no_program_is_said_before_anything_is_unpacked(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """cmake failed on it after the 76 MB sdist was unpacked, with a hint about apt-get install cmake."""
+    monkeypatch.setenv("CUDACXX", str(tmp_path / "nvcc"))
+    with pytest.raises(ToolchainError, match=r"CUDACXX=.*/nvcc is not an executable nvcc") as refused:
+        install(True, lambda _: None, cache=tmp_path / "cache")
+    assert refused.value.hint is not None and "unset it" in refused.value.hint
+    assert not (tmp_path / "cache").exists()

@@ -273,7 +273,11 @@ def _find_build_tools(cuda: bool) -> dict[str, str]:
         raise ToolchainError("no C++ compiler (c++, g++ or clang++) is installed",
                              f"install the build tools: {DEBIAN_BUILD_PACKAGES}")
     if cuda:
-        nvcc = os.environ.get("CUDACXX") or _which("nvcc") or _existing("/usr/local/cuda/bin/nvcc")
+        given = os.environ.get("CUDACXX")
+        if given and not _existing(given):  # cmake would fail on it after the sdist is unpacked
+            raise ToolchainError(f"CUDACXX={given} is not an executable nvcc",
+                                 "point CUDACXX at nvcc (e.g. /usr/local/cuda/bin/nvcc), or unset it")
+        nvcc = given or _which("nvcc") or _existing("/usr/local/cuda/bin/nvcc")
         if not nvcc:
             raise ToolchainError("nvcc (the CUDA toolkit) is not installed",
                                  "install the CUDA toolkit (Debian: sudo apt-get install "
