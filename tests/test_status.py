@@ -469,6 +469,38 @@ def test_status_shows_the_experts_each_device_holds(tmp_path: Path) -> None:
 
 
 @pytest.mark.llama
+def test_the_tokens_of_a_request_still_running_move(serve_run: Callable[..., ServeRun]) -> None:
+    """A long request: status showed "1 generated" and no rate for all of it (llama-server's counters move only
+    when a request ends); now the running request's tokens and the rate they come at."""
+    import contextlib
+    import threading
+    import urllib.request
+
+    run = serve_run("--ctx", "2k")
+    _, url, _ = run.wait_ready()
+    body = json.dumps({"prompt": "Tell me a story", "n_predict": 1500, "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
+    def ask() -> None:
+        with contextlib.suppress(OSError):  # cut when the run stops at the end
+            urllib.request.urlopen(request, timeout=120).read()
+
+    threading.Thread(target=ask, daemon=True).start()
+    collector = StatusCollector(resolve_target("st"))
+    deadline = time.monotonic() + 30
+    first = collector.collect().stats
+    while not first.decoding_tokens and time.monotonic() < deadline:
+        time.sleep(0.3)
+        first = collector.collect().stats
+    time.sleep(1.0)
+    snapshot = collector.collect()
+    second = snapshot.stats
+    assert first.decoding_tokens and second.decoding_tokens and second.decoding_tokens > first.decoding_tokens
+    assert second.recent_generation_tokens_per_s is not None and second.recent_generation_tokens_per_s > 0
+    console = Console(width=200, record=True)
+    console.print(status_view(snapshot, log_lines=0))
+    assert f"(+{second.decoding_tokens} in the requests running)" in console.export_text()
+
+
 def test_stop_ends_a_serve_from_another_shell(serve_run: Callable[..., ServeRun]) -> None:
     """`stop` is Ctrl-C from elsewhere: llama-server and the launcher exit, the state says stopped; a second
     stop finds nothing running (exit 3, as status)."""

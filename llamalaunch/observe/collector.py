@@ -84,16 +84,29 @@ class StatusCollector:
         self._counters: tuple[float, ...] | None = None
         self._slots_total: dict[str, int] = {}  # per URL: asked of /slots once, then busy comes from /metrics
         self._last: ServerStats | None = None
+        self._decoding: tuple[float, int] | None = None  # when, and how far the running requests had got
 
     def _ask(self, url: str, with_props: bool = False) -> tuple[ServerStats, list[str]]:
         known = self._slots_total.get(url)
         stats, notes = ask_server(url, self.api_key, with_props, known if stats_have_busy(self._last) else None)
         stats = with_recent_rates(stats, self._counters)
+        stats = self._with_running_rate(stats)
         self._counters = stats.counters or self._counters
         self._last = stats
         if stats.slots_total is not None:
             self._slots_total[url] = stats.slots_total
         return stats, notes
+
+    def _with_running_rate(self, stats: ServerStats) -> ServerStats:
+        """While a request runs the counters stand still: the "now" generation rate from how far the running
+        requests got since the last look (the same requests: their count grew)."""
+        now, before = self.clock(), self._decoding
+        self._decoding = (now, stats.decoding_tokens) if stats.decoding_tokens else None
+        if stats.recent_generation_tokens_per_s is not None or before is None or not stats.decoding_tokens:
+            return stats
+        grown, elapsed = stats.decoding_tokens - before[1], now - before[0]
+        return dataclasses.replace(stats, recent_generation_tokens_per_s=grown / elapsed) \
+            if grown > 0 and elapsed > 0 else stats
 
     def collect(self) -> StatusSnapshot:
         if self.target.state_path is None:

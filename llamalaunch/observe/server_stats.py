@@ -95,9 +95,21 @@ def ask_server(url: str, api_key: str | None = None, with_props: bool = False,
         generated_tokens_total=_as_int(metrics.get("llamacpp:tokens_predicted_total")),
         requests_processing=processing, requests_deferred=_as_int(metrics.get("llamacpp:requests_deferred")),
         counters=_counters(metrics), metrics_text=metrics_result.body if metrics else None)
+    if processing:  # a request runs: /slots says how far (only then: each ask is lines in a -lv 5 log)
+        stats = dataclasses.replace(stats, decoding_tokens=_decoding(url, api_key))
     if with_props:
         stats = _with_props(stats, http.get_json(url, "/props", api_key))
     return stats, notes
+
+
+def _decoding(url: str, api_key: str | None) -> int | None:
+    """Tokens the busy slots have generated so far in their requests."""
+    slots = http.get_json(url, "/slots", api_key)
+    if slots.status != 200 or not isinstance(slots.body, list):
+        return None
+    return sum(int(slot.get("next_token", [{}])[0].get("n_decoded", 0) if isinstance(slot.get("next_token"), list)
+                   else slot.get("n_decoded", 0))
+               for slot in slots.body if isinstance(slot, dict) and slot.get("is_processing"))
 
 
 def _ask_slots(url: str, api_key: str | None, notes: list[str]) -> tuple[int | None, int | None]:

@@ -89,6 +89,8 @@ class ServerStats:
     ctx_tokens: int | None = None  # /props, for --url
     model_path: str | None = None  # /props, for --url
     counters: tuple[float, ...] | None = None  # the raw /metrics counters the rates come from
+    decoding_tokens: int | None = None  # generated so far by the requests running now (/slots), not yet counted:
+    # llama-server's counters move only when a request ends
     metrics_text: str | None = None  # /metrics as llama-server wrote it (relayed by `serve --metrics-port`)
 
 

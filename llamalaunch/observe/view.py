@@ -233,6 +233,8 @@ def server_line(stats: ServerStats) -> Text:
     if stats.generated_tokens_total is not None:
         text.append("   tokens ", style="dim")
         text.append(f"{stats.prompt_tokens_total or 0} prompt, {stats.generated_tokens_total} generated")
+        if stats.decoding_tokens:
+            text.append(f" (+{stats.decoding_tokens} in the requests running)")
     text.append("   health ", style="dim")
     text.append(stats.health, style="green" if stats.health == "ok" else "yellow")
     return text
