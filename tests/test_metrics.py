@@ -389,6 +389,7 @@ def test_a_real_serve_through_an_oom_replan_and_a_restart_under_concurrent_scrap
         wait_for(port, lambda s: phase(s) in ("restarting", "planning", "loading"), timeout_s=20)
         after = wait_for(port, lambda s: phase(s) == "ready" and value(s, "llamalaunch_restarts") == 1)
         assert value(after, "llamalaunch_last_exit_code") == -signal.SIGKILL
+        assert value(after, "llamalaunch_restarts_made_total") == 1  # a counter a dashboard can rate()
         assert worker.process.poll() is None  # never probed while busy: a stray HELLO could kill it (SIGPIPE)
     finally:
         scrapers.finish()

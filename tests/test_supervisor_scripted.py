@@ -200,6 +200,7 @@ def test_a_crash_loop_backs_off_doubling_to_the_cap_then_gives_up(tmp_path: Path
         run.supervisor.run()
     assert failed.value.message == "llama-server crashed 5 times; giving up (llama-server was killed by SIGSEGV)"
     assert failed.value.hint == f"see the server log {log}; raise --max-restarts to keep trying"  # which log
+    assert (run.supervisor.restarts, run.supervisor.restarts_total) == (4, 4)
     restarting = [message for phase, message in run.phases() if phase == "restarting"]
     assert restarting == [f"llama-server was killed by SIGSEGV; restart {n} of 4 in {delay} s"
                           for n, delay in ((1, 1), (2, 2), (3, 4), (4, 5))]
@@ -217,6 +218,7 @@ def test_ready_for_ten_minutes_resets_the_restart_count(tmp_path: Path) -> None:
     restarting = [message for phase, message in run.phases() if phase == "restarting"]
     assert [message.split("; ")[1] for message in restarting] == [
         "restart 1 of 2 in 1 s", "restart 2 of 2 in 2 s", "restart 1 of 2 in 1 s", "restart 2 of 2 in 2 s"]
+    assert (run.supervisor.restarts, run.supervisor.restarts_total) == (2, 4)  # the streak resets, the total not
 
 
 def test_without_the_reset_the_same_crashes_give_up(tmp_path: Path) -> None:

@@ -214,6 +214,7 @@ class StateRecorder:
         if event.kind == "line" or (event.plan is None and not self.state.plan):
             return None  # nothing is written before there is a plan: bad input leaves no trace
         changes: dict[str, Any] = {"url": self.url, "phase": supervisor.phase, "restarts": supervisor.restarts,
+                                   "restarts_total": supervisor.restarts_total,
                                    "last_exit_code": supervisor.last_exit_code,
                                    "last_restart_reason": supervisor.last_restart_reason,
                                    "updated_at": time.time(),

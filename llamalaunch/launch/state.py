@@ -27,6 +27,7 @@ class RunState:
     started_at: float = 0.0
     ready_at: float | None = None
     restarts: int = 0
+    restarts_total: int = 0  # every restart of this run, the streak's reset notwithstanding
     last_exit_code: int | None = None  # llama-server's last exit status (negative: killed by a signal)
     last_restart_reason: str = ""  # why it was last restarted: a -9 above may be llamalaunch's own kill
     plan: dict[str, Any] = field(default_factory=dict)

@@ -188,6 +188,11 @@ class Supervisor:
         return self._restarts.streak
 
     @property
+    def restarts_total(self) -> int:
+        """Every restart of this run."""
+        return self._restarts.total
+
+    @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "") else self.options.host
         return f"http://{host}:{self.options.port}"

@@ -178,6 +178,7 @@ class StatusCollector:
             phase=phase, phase_detail=state.phase_detail, recorded_phase=state.phase, launcher_pid=state.launcher_pid,
             server_pid=state.child_pid, server_alive=server_alive, started_at=state.started_at or None,
             ready_at=state.ready_at, updated_at=state.updated_at or None, restarts=state.restarts,
+            restarts_total=state.restarts_total,
             last_exit_code=state.last_exit_code, last_restart_reason=state.last_restart_reason,
             attempts=tuple(_attempt(a) for a in state.attempts), model_name=model.get("name"),
             model_arch=model.get("arch"), model_path=model.get("path") or state.model_path,

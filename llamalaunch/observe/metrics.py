@@ -156,6 +156,10 @@ def _run_families(snapshot: StatusSnapshot) -> Iterator[Metric]:
                  snapshot.ready_at if snapshot.phase == "ready" else None)
     yield _gauge("restarts", "Restarts after crashes in the current streak (back to 0 after 10 minutes "
                  "ready).", snapshot.restarts)
+    made = CounterMetricFamily(PREFIX + "restarts_made", "Restarts of llama-server in this run, every one (a "
+                               "counter: rate() over it counts crashes).")
+    made.add_metric([], snapshot.restarts_total)
+    yield made
     yield _gauge("last_exit_code", "llama-server's last exit status (negative: killed by that signal).",
                  snapshot.last_exit_code)
     yield from _oom_families(snapshot)

@@ -128,6 +128,7 @@ class StatusSnapshot:
     ready_at: float | None = None
     updated_at: float | None = None
     restarts: int = 0
+    restarts_total: int = 0
     last_exit_code: int | None = None  # llama-server's last exit status (negative: a signal)
     last_restart_reason: str = ""  # why llama-server was last restarted
     attempts: tuple[AttemptStatus, ...] = ()
