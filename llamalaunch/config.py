@@ -414,17 +414,19 @@ def env_names(key: Option) -> list[str]:
 
 def _check_env_names(env: Mapping[str, str]) -> None:
     known = {name for key in OPTIONS for name in env_names(key)} | OTHER_ENV_VARS
-    for name in sorted(env):
-        if name.startswith(ENV_PREFIX) and name not in known:
-            import difflib
+    unknown = sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    if not unknown:
+        return
+    import difflib
 
-            # only near misses of what follows the prefix (CTXX, PARALEL, HOMR); other programs' (and our
-            # tests') own LLAMALAUNCH_ variables stay allowed (DEBUG, MODEL_DIR, DATA)
-            suffixes = sorted(known_name[len(ENV_PREFIX):] for known_name in known)
-            close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1, cutoff=0.75)
-            if close:
-                raise BadInputError(f"environment variable {name} is not a llamalaunch setting",
-                                    f"did you mean {ENV_PREFIX}{close[0]}? Rename it, or unset {name}")
+    suffixes = sorted(known_name[len(ENV_PREFIX):] for known_name in known)
+    for name in unknown:
+        # only near misses of what follows the prefix (CTXX, PARALEL, HOMR); other programs' (and our
+        # tests') own LLAMALAUNCH_ variables stay allowed (DEBUG, MODEL_DIR, DATA)
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1, cutoff=0.75)
+        if close:
+            raise BadInputError(f"environment variable {name} is not a llamalaunch setting",
+                                f"did you mean {ENV_PREFIX}{close[0]}? Rename it, or unset {name}")
 
 
 def merged_settings(profile: Profile | None, environ: Mapping[str, str] | None = None) -> dict[str, Setting]:

@@ -527,17 +527,15 @@ class Supervisor:
         """A clean stop: 128 + the signal that asked for it, or 0 when the user asked in the view (q)."""
         self._set_phase("stopping", request.reason or f"signal {signal.Signals(request.signum or 0).name}")
         self.notifier.stopping()
-        was_running = self.child is not None and self.child.running()
         returncode = self._stop_child()
         self.last_exit_code = returncode if returncode is not None else self.last_exit_code
         self._pass_on_last_lines()
-        self._set_phase("stopped", describe_exit(returncode) if was_running and returncode is not None
-                        else self._not_running(returncode))
+        self._set_phase("stopped", self._how_it_stopped(returncode))
         return 0 if request.signum is None else 128 + request.signum
 
-    def _not_running(self, returncode: int | None) -> str:
-        """A stop between a crash and its restart: the crash is not how this stop went (it read as a SIGKILL).
-        A child that died just now, its exit not taken yet, is said as it died."""
+    def _how_it_stopped(self, returncode: int | None) -> str:
+        """How llama-server ended; a stop between a crash and its restart says so: the crash is not how this
+        stop went (it read as a SIGKILL)."""
         if self._restart_waits_after:
             return f"llama-server was not running (a restart was waiting after: {self._restart_waits_after})"
         return describe_exit(returncode) if returncode is not None else "llama-server was not running"
